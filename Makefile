@@ -1,0 +1,45 @@
+# Two entry points for a newcomer: `make demo` and `make test`. Both create .venv when it is
+# missing and install everything rsray needs, so a fresh machine needs only Python 3.11 + make.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+
+# torch and torchvision must come as a matching pair from the public registry. Some machines
+# carry a CPU-only torch wheel in a local find-links folder that pip would prefer; registry
+# torchvision cannot load its ops against that build. `--isolated` ignores local pip config so
+# the pair comes from the registry (the CUDA build; it runs on CPU too).
+TORCH_PAIR := torch==2.13.0 torchvision==0.28.0
+CERT := $(wildcard /etc/ssl/certs/ca-certificates.crt)
+ISOLATED_PIP := $(PIP) --isolated $(if $(CERT),--cert $(CERT))
+
+.PHONY: venv demo test test-unit test-integration bench-prepare clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PY) -c "import torch, torchvision.ops" 2>/dev/null || $(ISOLATED_PIP) install -q $(TORCH_PAIR)
+	$(PIP) install -q -e ".[dev]"
+	$(PY) -c "import torch, torchvision.ops, timm, transformers, ray, mlflow, pyarrow, boto3, moto"
+	@rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+demo: venv
+	$(VENV)/bin/rsray demo
+
+test: venv
+	$(PY) -m pytest tests
+
+test-unit: venv
+	$(PY) -m pytest tests/unit
+
+test-integration: venv
+	$(PY) -m pytest tests/integration
+
+bench-prepare: venv
+	$(PY) -m benchmarks.prepare_throughput --images 5000 --size 256
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

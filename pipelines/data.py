@@ -1,0 +1,74 @@
+"""`rsray data inspect TARGET [--json]`: dataset statistics to check against the papers, no images needed.
+
+TARGET is a dataset config (YAML or a conf/ name), an annotation folder (format detected), or a
+prepared output with manifest.json (local or s3://). Overrides such as
+`data.vocab_splits=[train,test]` apply as in every stage.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from rsray.cli import run_cli, setup_logging, stage_parser
+from rsray.config import load_config
+
+
+def inspect_target(target: str, overrides: list[str]) -> dict:
+    from rsray.data.formats import detect_format, read_records
+    from rsray.data.stats import dataset_statistics
+
+    if target.startswith("s3://") or (Path(target) / "manifest.json").is_file():
+        cfg = load_config(None, overrides)
+        return manifest_statistics(target, cfg.prepare.s3_endpoint)
+    if Path(target).is_dir():
+        fmt, annotations = detect_format(target)
+        cfg = load_config(None, [f"data.root={target}", f"data.format={fmt}",
+                                 f"data.annotations={annotations}", *overrides])
+    else:
+        cfg = load_config(target, overrides)
+    records = read_records(cfg.data)
+    stats = dataset_statistics(records, vocab_splits=tuple(cfg.data.vocab_splits),
+                               vocab_min_count=cfg.data.vocab_min_count)
+    return {"dataset": cfg.data.name, "source": str(target), **stats}
+
+
+def manifest_statistics(uri: str, s3_endpoint: str | None) -> dict:
+    """The same keys as for annotations, read from a prepared output's manifest."""
+    from rsray.data.prepare import read_manifest
+
+    m = read_manifest(uri, s3_endpoint)
+    return {
+        "dataset": m["dataset"], "source": uri,
+        "splits": {k: {"images": v["images"], "captions": v["captions"]} for k, v in m["splits"].items()},
+        "scenes": m["scenes"],
+        "vocab_size": len(m["vocab"]["words"]) if "words" in m["vocab"] else None,
+        "counts": m["counts"],
+        "rejected": len(m["rejected"]),
+        "image_size": m["image_size"],
+    }
+
+
+def main(argv=None) -> int:
+    parser = stage_parser("rsray data", "Dataset tools. `rsray data inspect TARGET [--json] [key=value ...]` "
+                          "prints records and captions per split, scenes and their counts, caption "
+                          "lengths and the vocabulary size under the reference recipe.")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    ns = parser.parse_args(argv)
+    setup_logging()
+    if not ns.args or ns.args[0] != "inspect" or len(ns.args) < 2:
+        parser.error("usage: rsray data inspect TARGET [--json] [key=value ...]")
+    target, overrides = ns.args[1], ns.args[2:]
+
+    def show() -> int:
+        from rsray.data.stats import format_statistics
+
+        stats = inspect_target(target, overrides)
+        print(json.dumps(stats, indent=1) if ns.json else format_statistics(stats))
+        return 0
+
+    return run_cli(show)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

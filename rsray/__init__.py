@@ -1,0 +1,1 @@
+"""rsray: remote-sensing image-text retrieval on Ray."""

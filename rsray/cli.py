@@ -1,0 +1,82 @@
+"""The `rsray` command: one entry point that dispatches to the stage functions in `pipelines/`.
+
+`rsray prepare conf.yaml key=value` and `python -m pipelines.prepare conf.yaml key=value` run the
+same code. Every stage takes an optional config file (a path, or a name under conf/ such as
+`presets/cpu-tiny`) followed by `key=value` overrides. Errors a user can fix are printed as one
+line and exit non-zero, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Callable, Sequence
+
+from rsray.config import Config, ConfigError, load_config
+
+# subcommand -> (module with main(argv), one-line summary)
+STAGES: dict[str, tuple[str, str]] = {
+    "sample": ("pipelines.sample", "draw the embedded sample dataset (aerial-like scenes + captions)"),
+    "prepare": ("pipelines.prepare", "validate, resize and tokenize a dataset into Parquet shards (Ray Data)"),
+    "data": ("pipelines.data", "dataset tools: `rsray data inspect TARGET [--json]`"),
+    "demo": ("pipelines.demo", "run the whole pipeline on the embedded sample"),
+}
+
+EPILOG = """config: a YAML file or a name under conf/ (e.g. presets/cpu-tiny), then key=value
+overrides such as data.root=/data/rsitmd prepare.image_size=256. Run `rsray STAGE --help`."""
+
+
+def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """An argument parser with the shared `[config] [key=value ...]` positional arguments."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("args", nargs="*", metavar="[config.yaml] [key=value ...]",
+                        help="optional config file, then overrides (dotted keys)")
+    return parser
+
+
+def config_from_args(args: Sequence[str], default: str | None = "presets/sample") -> Config:
+    """First positional argument without '=' is the config file; the rest are overrides."""
+    args = list(args)
+    path = args.pop(0) if args and "=" not in args[0] else default
+    return load_config(path, args)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="rsray: %(message)s",
+                        stream=sys.stderr, force=True)
+
+
+def run_cli(fn: Callable[[], int | None]) -> int:
+    """Run a stage, turning errors a user can fix into one line and a non-zero exit code."""
+    from rsray.data.formats import AnnotationError
+    from rsray.data.prepare import TooManyRejections
+
+    try:
+        return fn() or 0
+    except (ConfigError, AnnotationError, FileNotFoundError, ValueError) as exc:
+        print(f"rsray: error: {exc}", file=sys.stderr)
+        return 2
+    except TooManyRejections as exc:
+        print(f"rsray: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("rsray: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
+        lines = [f"  {name:<9} {summary}" for name, (_, summary) in STAGES.items()]
+        print("usage: rsray STAGE [config.yaml] [key=value ...]\n\n"
+              "rsray trains and compares remote-sensing image-text retrieval models on Ray.\n\n"
+              "stages:\n" + "\n".join(lines) + "\n\n" + EPILOG)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(STAGES[argv[0]][0])
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

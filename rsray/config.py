@@ -1,0 +1,286 @@
+"""Typed configuration: YAML files plus `key=value` overrides, refused early with one clear line.
+
+A config file may start with `defaults: [other.yaml, ...]` (paths relative to that file); they are
+merged first and the file's own keys win, then the command-line overrides win over everything.
+Every key remembers where it was set, so an error names both the key and the file (or the
+command line) a user has to fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+COMMAND_LINE = "command line"
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; the message is one line naming the key and its source."""
+
+
+# ----------------------------------------------------------------------------- sections
+
+@dataclass
+class ValidationConfig:
+    """Where validation images come from: a fixed split in the annotations, or k folds of train."""
+    mode: str = "folds"  # "folds": fold `fold` of `folds` drawn from train with `seed`; "fixed"
+    folds: int = 5  # 5 folds = the protocol's 80/20 train/validation
+    fold: int = 0
+    seed: int = 0
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.mode not in ("folds", "fixed"):
+            yield "mode", f"must be 'folds' or 'fixed', got {self.mode!r}"
+        if self.folds < 2:
+            yield "folds", f"must be at least 2, got {self.folds}"
+        if not 0 <= self.fold < self.folds:
+            yield "fold", f"must be in [0, {self.folds}), got {self.fold}"
+
+
+@dataclass
+class DataConfig:
+    """A dataset as the user has it on disk: annotation format, where files are, scene rule."""
+    name: str = "rsray_sample"
+    format: str = "karpathy"  # karpathy | precomp | pir | table
+    root: str = "data/sample"  # folder holding the annotations
+    annotations: str = "dataset_rsray_sample.json"  # file in root (karpathy, table); pir: train file
+    eval_annotations: str = ""  # pir: the eval/test JSON list, in root
+    images: str = "images"  # image folder, relative to root unless absolute
+    scenes: str = "filename"  # filename | index (UCM-style numbering) | column | none
+    scene_names: list[str] = field(default_factory=list)  # index rule: classes, alphabetical order
+    images_per_scene: int = 100  # index rule: consecutive files per class
+    captions_per_image: int = 5
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    vocab_splits: list[str] = field(default_factory=lambda: ["train"])
+    vocab_min_count: int = 5
+    tokenizer: str | None = None  # local path of a BERT-family tokenizer (nothing downloads)
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.format not in ("karpathy", "precomp", "pir", "table"):
+            yield "format", f"must be karpathy, precomp, pir or table, got {self.format!r}"
+        if self.scenes not in ("filename", "index", "column", "none"):
+            yield "scenes", f"must be filename, index, column or none, got {self.scenes!r}"
+        if self.scenes == "index" and not self.scene_names:
+            yield "scene_names", "the 'index' scene rule needs the class names in order"
+        if self.images_per_scene < 1:
+            yield "images_per_scene", f"must be positive, got {self.images_per_scene}"
+        if self.captions_per_image < 1:
+            yield "captions_per_image", f"must be positive, got {self.captions_per_image}"
+        if self.vocab_min_count < 1:
+            yield "vocab_min_count", f"must be positive, got {self.vocab_min_count}"
+        unknown = set(self.vocab_splits) - {"train", "val", "test"}
+        if unknown or not self.vocab_splits:
+            yield "vocab_splits", f"must be a non-empty subset of train, val, test, got {self.vocab_splits}"
+
+
+@dataclass
+class PrepareConfig:
+    """How the prepare stage writes shards: size, encoding, destination, tolerance for bad input."""
+    output: str = "data/prepared/rsray_sample"  # local folder or s3://bucket/prefix
+    image_size: int = 128  # images are resized (shorter side, then centre crop) once, here
+    image_encoding: str = "jpeg"  # jpeg | png: re-encoded once at the prepared size
+    jpeg_quality: int = 95
+    rows_per_file: int = 2000  # Parquet rows per shard file
+    max_reject_fraction: float = 0.01  # above this the command exits non-zero
+    s3_endpoint: str | None = None  # else AWS_ENDPOINT_URL_S3 / AWS defaults
+    parallelism: int | None = None  # Ray Data tasks for decoding; None = one per CPU
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.image_size < 16:
+            yield "image_size", f"must be at least 16, got {self.image_size}"
+        if self.image_encoding not in ("jpeg", "png"):
+            yield "image_encoding", f"must be jpeg or png, got {self.image_encoding!r}"
+        if not 1 <= self.jpeg_quality <= 100:
+            yield "jpeg_quality", f"must be in [1, 100], got {self.jpeg_quality}"
+        if self.rows_per_file < 1:
+            yield "rows_per_file", f"must be positive, got {self.rows_per_file}"
+        if not 0.0 <= self.max_reject_fraction <= 1.0:
+            yield "max_reject_fraction", f"must be in [0, 1], got {self.max_reject_fraction}"
+        if self.parallelism is not None and self.parallelism < 1:
+            yield "parallelism", f"must be positive, got {self.parallelism}"
+
+
+@dataclass
+class SampleConfig:
+    """The embedded sample dataset: drawn procedurally, so the demo needs no download."""
+    images: int = 1000
+    image_size: int = 128
+    seed: int = 0
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.images < 10:
+            yield "images", f"must be at least 10, got {self.images}"
+        if self.image_size < 32:
+            yield "image_size", f"must be at least 32, got {self.image_size}"
+
+
+@dataclass
+class Config:
+    """Everything one rsray command needs; sections are added as stages land."""
+    data: DataConfig = field(default_factory=DataConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    origins: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        return iter(())  # sections check themselves; cross-section rules go here
+
+    def source_of(self, key: str) -> str:
+        """The file (or 'command line') that set `key`, else 'defaults'."""
+        return self.origins.get(key, "defaults")
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        """A one-line error about `key`, naming where it was set."""
+        return ConfigError(f"{self.source_of(key)}: {key}: {problem}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain data (what gets written out and logged)."""
+        return {f.name: dataclasses.asdict(getattr(self, f.name))
+                for f in dataclasses.fields(self) if f.name != "origins"}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read `path` (with its defaults chain), apply `key=value` overrides, type-check, validate."""
+    tree: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    if path is not None:
+        _merge_file(Path(path), tree, origins, seen=())
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{COMMAND_LINE}: {item!r}: expected key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        _merge(tree, _nest(key.strip(), value), origins, COMMAND_LINE, prefix="")
+    cfg = _build(Config, tree, prefix="", origins=origins)
+    cfg.origins = origins
+    return cfg
+
+
+def _merge_file(path: Path, tree: dict, origins: dict, seen: tuple[Path, ...]) -> None:
+    path = _resolve_config_path(path)
+    if path in seen:
+        raise ConfigError(f"{path}: defaults: cycle through {' -> '.join(map(str, seen))}")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    defaults = loaded.pop("defaults", [])
+    if not isinstance(defaults, list):
+        raise ConfigError(f"{path}: defaults: expected a list of YAML files")
+    for parent in defaults:
+        _merge_file(path.parent / str(parent), tree, origins, seen + (path,))
+    _merge(tree, loaded, origins, str(path), prefix="")
+
+
+def _resolve_config_path(path: Path) -> Path:
+    """Accept a path as given, or relative to the project's conf/ folder (`presets/cpu-tiny`)."""
+    for candidate in (path, path.with_suffix(".yaml"), CONF_DIR / path, (CONF_DIR / path).with_suffix(".yaml")):
+        if candidate.is_file():
+            return candidate.resolve()
+    return path
+
+
+def _nest(dotted: str, value: Any) -> dict:
+    node: Any = value
+    for part in reversed(dotted.split(".")):
+        node = {part: node}
+    return node
+
+
+def _merge(tree: dict, update: dict, origins: dict, source: str, prefix: str) -> None:
+    for key, value in update.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            _merge(tree[key], value, origins, source, prefix=f"{dotted}.")
+        else:
+            tree[key] = value
+        if not isinstance(value, dict):
+            origins[dotted] = source
+        else:
+            origins.setdefault(dotted, source)
+            _record_leaves(value, origins, source, f"{dotted}.")
+
+
+def _record_leaves(node: dict, origins: dict, source: str, prefix: str) -> None:
+    for key, value in node.items():
+        origins[f"{prefix}{key}"] = source
+        if isinstance(value, dict):
+            _record_leaves(value, origins, source, f"{prefix}{key}.")
+
+
+def _build(cls: type, data: Any, prefix: str, origins: dict[str, str]):
+    """Construct dataclass `cls` from plain data, refusing unknown keys and wrong types."""
+    def fail(key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{origins.get(key, origins.get(prefix.rstrip('.'), 'defaults'))}: {key}: {problem}")
+
+    if not isinstance(data, dict):
+        raise fail(prefix.rstrip("."), f"expected a mapping, got {_kind(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "origins"}
+    for key in data:
+        if key not in fields:
+            close = ", ".join(sorted(fields))
+            raise fail(f"{prefix}{key}", f"unknown key (known keys here: {close})")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{key}.", origins)
+        else:
+            kwargs[name] = _coerce(value, hint, key, fail)
+    obj = cls(**kwargs)
+    for name, problem in obj.check():
+        raise fail(f"{prefix}{name}", problem)
+    return obj
+
+
+def _coerce(value: Any, hint: Any, key: str, fail) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, fail)
+    if origin is list:
+        if not isinstance(value, list):
+            raise fail(key, f"expected a list, got {_kind(value)}")
+        return [_coerce(v, args[0], key, fail) for v in value]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # names such as `name=2024` are strings
+    if hint is bool and not isinstance(value, bool):
+        raise fail(key, f"expected true or false, got {_kind(value)}")
+    if hint is int and isinstance(value, bool):
+        raise fail(key, f"expected int, got {_kind(value)}")
+    if not isinstance(value, hint):
+        raise fail(key, f"expected {hint.__name__}, got {_kind(value)}")
+    return value
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return f"{type(value).__name__} {value!r}" if not isinstance(value, (dict, list)) else type(value).__name__

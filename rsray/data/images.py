@@ -1,0 +1,62 @@
+"""Decode, validate, resize and re-encode one image: the per-record work of the prepare stage.
+
+Kept free of Ray so the same function runs inside Ray Data tasks, in the benchmark's plain loop
+and in unit tests. Images are resized once here (shorter side to `size`, centre crop to a square),
+so training never pays for decoding full-size TIFFs again.
+"""
+from __future__ import annotations
+
+import io
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Modes that carry an RGB picture in another encoding: converted, not rejected.
+CONVERTIBLE_MODES = frozenset({"L", "LA", "P", "PA", "RGBA", "RGBX", "CMYK", "YCbCr", "1"})
+ENCODINGS = {"jpeg": "JPEG", "png": "PNG"}
+# Refuse decompression bombs early with a clear reason instead of a warning.
+MAX_PIXELS = 20_000 * 20_000
+
+
+class ImageRejected(ValueError):
+    """This image cannot be used; the message is the reason recorded in the manifest."""
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode fully (so truncated files fail here, not later) and return an RGB image."""
+    if not data:
+        raise ImageRejected("empty image file")
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > MAX_PIXELS:
+            raise ImageRejected(f"image too large: {image.width}x{image.height}")
+        image.load()
+    except ImageRejected:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageRejected(f"cannot decode image: {exc}") from None
+    if image.mode == "RGB":
+        return image
+    if image.mode in CONVERTIBLE_MODES:
+        return image.convert("RGB")
+    raise ImageRejected(f"unsupported image mode {image.mode} (expected RGB or a mode convertible to RGB)")
+
+
+def resize_square(image: Image.Image, size: int) -> Image.Image:
+    """Shorter side to `size`, then centre crop: remote-sensing tiles are square or nearly so."""
+    if image.size == (size, size):
+        return image
+    return ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC)
+
+
+def encode_image(image: Image.Image, encoding: str = "jpeg", quality: int = 95) -> bytes:
+    out = io.BytesIO()
+    if encoding == "jpeg":
+        image.save(out, format="JPEG", quality=quality)
+    else:
+        image.save(out, format=ENCODINGS[encoding], optimize=False)
+    return out.getvalue()
+
+
+def process_image(data: bytes, size: int, encoding: str = "jpeg", quality: int = 95) -> bytes:
+    """Raw file bytes -> validated, resized, re-encoded bytes (or ImageRejected with a reason)."""
+    return encode_image(resize_square(decode_image(data), size), encoding, quality)

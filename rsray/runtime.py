@@ -1,0 +1,34 @@
+"""Start or join Ray the same way from every command, laptop or cluster.
+
+With `RAY_ADDRESS` set (or inside `ray job submit`) we join that cluster. Otherwise we start a
+local Ray with more logical CPUs than cores: on a 2-core machine, Ray Data tasks and Train
+workers that each ask for a whole CPU would otherwise wait on each other forever.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger("rsray.runtime")
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Initialise Ray once per process; a no-op when it is already running."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        log.info("joined Ray cluster at %s", os.environ["RAY_ADDRESS"])
+        return
+    cpus = num_cpus or max(4, 2 * (os.cpu_count() or 1))
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    log.info("started a local Ray with %d logical CPUs", cpus)
+
+
+def configure_data_context() -> None:
+    """Deterministic row order, so re-running the prepare stage writes identical shards."""
+    from ray.data import DataContext
+
+    DataContext.get_current().execution_options.preserve_order = True

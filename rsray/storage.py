@@ -1,0 +1,93 @@
+"""One way to address files: a local path or an `s3://bucket/key` URI, as a pyarrow filesystem.
+
+Ray Data, Parquet and our manifests all speak pyarrow filesystems, so a stage written against
+`resolve()` runs unchanged on a laptop folder, AWS S3, or any S3 endpoint (MinIO, moto) named
+by `AWS_ENDPOINT_URL_S3` or the config's `s3_endpoint`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+@dataclass(frozen=True)
+class Location:
+    """A filesystem plus a path inside it (no scheme)."""
+    fs: pafs.FileSystem
+    path: str
+    uri: str
+
+    def join(self, *parts: str) -> "Location":
+        path = "/".join([self.path.rstrip("/"), *parts])
+        uri = "/".join([self.uri.rstrip("/"), *parts])
+        return Location(self.fs, path, uri)
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def s3_endpoint(explicit: str | None = None) -> str | None:
+    """The S3 endpoint to use: config value first, then the AWS SDKs' environment variables."""
+    return explicit or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def resolve(uri: str | Path, endpoint: str | None = None) -> Location:
+    """Turn a local path or s3:// URI into a Location usable from the driver and Ray workers."""
+    uri = str(uri)
+    if is_s3(uri):
+        endpoint = s3_endpoint(endpoint)
+        kwargs = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+        if endpoint:
+            kwargs["endpoint_override"] = endpoint
+            if endpoint.startswith("http://"):
+                kwargs["scheme"] = "http"
+        return Location(pafs.S3FileSystem(**kwargs), uri[len("s3://"):].rstrip("/"), uri.rstrip("/"))
+    path = str(Path(uri).expanduser().resolve())
+    return Location(pafs.LocalFileSystem(), path, path)
+
+
+def read_bytes(loc: Location) -> bytes:
+    with loc.fs.open_input_stream(loc.path) as stream:
+        return stream.read()
+
+
+def write_bytes(loc: Location, data: bytes) -> None:
+    parent = loc.path.rsplit("/", 1)[0]
+    if parent:
+        loc.fs.create_dir(parent, recursive=True)
+    with loc.fs.open_output_stream(loc.path) as stream:
+        stream.write(data)
+
+
+def exists(loc: Location) -> bool:
+    return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
+
+
+def remove_tree(loc: Location) -> None:
+    """Delete a folder (or S3 prefix) if it exists; used to replace a previous output cleanly."""
+    info = loc.fs.get_file_info(loc.path)
+    if info.type == pafs.FileType.Directory:
+        loc.fs.delete_dir(loc.path)
+    elif info.type == pafs.FileType.File:
+        loc.fs.delete_file(loc.path)
+
+
+def list_files(loc: Location, suffix: str = "") -> list[str]:
+    """Paths (inside the filesystem) of the files under `loc`, sorted, optionally by suffix."""
+    if not exists(loc):
+        return []
+    infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+
+
+def sha256_of(fs: pafs.FileSystem, path: str, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with fs.open_input_stream(path) as stream:
+        while block := stream.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,92 @@
+"""Config: YAML + overrides, defaults chains, and one-line errors naming key and file."""
+import pytest
+import yaml
+
+from rsray.config import CONF_DIR, Config, ConfigError, load_config
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_defaults_when_no_file():
+    cfg = load_config(None)
+    assert isinstance(cfg, Config)
+    assert cfg.data.captions_per_image == 5 and cfg.data.validation.folds == 5
+
+
+def test_file_then_overrides_win(tmp_path):
+    f = write(tmp_path / "c.yaml", "data:\n  name: mine\n  vocab_min_count: 3\nprepare:\n  image_size: 64\n")
+    cfg = load_config(f, ["prepare.image_size=96", "data.vocab_splits=[train,test]"])
+    assert cfg.data.name == "mine" and cfg.data.vocab_min_count == 3
+    assert cfg.prepare.image_size == 96
+    assert cfg.data.vocab_splits == ["train", "test"]
+    assert cfg.source_of("prepare.image_size") == "command line"
+    assert cfg.source_of("data.name") == str(f.resolve())
+
+
+def test_defaults_chain_is_merged_in_order(tmp_path):
+    write(tmp_path / "base.yaml", "data:\n  name: base\n  images: imgs\n")
+    f = write(tmp_path / "child.yaml", "defaults: [base.yaml]\ndata:\n  name: child\n")
+    cfg = load_config(f)
+    assert (cfg.data.name, cfg.data.images) == ("child", "imgs")
+    assert cfg.source_of("data.images").endswith("base.yaml")
+
+
+def test_every_shipped_config_loads():
+    files = sorted(CONF_DIR.rglob("*.yaml"))
+    assert files
+    for f in files:
+        load_config(f)
+
+
+def test_config_names_resolve_under_conf():
+    assert load_config("presets/cpu-tiny").sample.images == 200
+
+
+@pytest.mark.parametrize("text, override, needle", [
+    ("data:\n  colour: red\n", [], "data.colour: unknown key"),
+    ("prepare:\n  image_size: big\n", [], "prepare.image_size: expected int, got str 'big'"),
+    ("prepare:\n  image_size: 4\n", [], "prepare.image_size: must be at least 16"),
+    ("prepare:\n  max_reject_fraction: -0.5\n", [], "prepare.max_reject_fraction: must be in [0, 1]"),
+    ("data:\n  validation:\n    fold: 7\n", [], "data.validation.fold: must be in [0, 5)"),
+    ("data:\n  format: xml\n", [], "data.format: must be karpathy"),
+    ("colours: {}\n", [], "colours: unknown key"),
+])
+def test_bad_values_name_key_and_file(tmp_path, text, override, needle):
+    f = write(tmp_path / "bad.yaml", text)
+    with pytest.raises(ConfigError) as err:
+        load_config(f, override)
+    message = str(err.value)
+    assert needle in message and str(f.resolve()) in message
+    assert "\n" not in message
+
+
+def test_bad_override_names_command_line():
+    with pytest.raises(ConfigError, match=r"^command line: prepare.rows_per_file: must be positive"):
+        load_config(None, ["prepare.rows_per_file=0"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(None, ["prepare.rows_per_file"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    f = write(tmp_path / "broken.yaml", "data:\n  name: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: line \d+, column \d+ invalid YAML"):
+        load_config(f)
+
+
+def test_error_helper_names_source(tmp_path):
+    f = write(tmp_path / "c.yaml", "data:\n  root: /nowhere\n")
+    cfg = load_config(f)
+    assert str(cfg.error("data.root", "path does not exist")) == f"{f.resolve()}: data.root: path does not exist"
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config("presets/cpu-tiny", ["data.name=x"])
+    cfg.save(tmp_path / "resolved.yaml")
+    again = load_config(tmp_path / "resolved.yaml")
+    assert again.to_dict() == cfg.to_dict()
+    assert "origins" not in yaml.safe_load((tmp_path / "resolved.yaml").read_text())
