@@ -1,0 +1,129 @@
+"""Caption text: words, the word vocabulary of the GRU models, and BERT-family tokenizers.
+
+The vocabulary follows the protocol's recipe (lower-case, drop punctuation and stop words, keep
+words seen `min_count` times); `encode` applies the very same steps, so a caption is always
+mapped the way the vocabulary was counted.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+PAD, UNK = "<pad>", "<unk>"
+PAD_ID, UNK_ID = 0, 1
+
+# Function words that say nothing about what an image shows. Written for rsray: articles and
+# determiners, pronouns, prepositions, auxiliaries and modals, conjunctions, a few adverbs and the
+# negative contractions. Numbers, colours and sizes ("two", "red", "large") are content.
+STOP_WORDS: frozenset[str] = frozenset("""
+    a an the this that these those each every either neither any all both some such
+    another other same own no not nor only
+    i me my myself we us our ourselves you your yourself yourselves
+    he him his himself she her herself it its itself they them their themselves
+    what which who whom whose
+    about above across after against along among around at before behind below
+    beside between beyond by down during except for from in inside into near of off on
+    out outside over past since through to toward towards under until up upon with within
+    without
+    am is are was were be been being have has had having do does did doing
+    will would shall should can could may might must
+    and but or yet so if then because as while whereas although though unless whether
+    than once when where why how
+    here there again further also very just too quite rather even still already
+    more most much
+    isn't aren't wasn't weren't hasn't haven't hadn't don't doesn't didn't won't wouldn't
+    shouldn't can't cannot couldn't s t
+""".split())
+
+# A word: letters/digits, possibly joined by inner hyphens or apostrophes ("blue-green", "isn't").
+_WORD = re.compile(r"[^\W_]+(?:[-'\u2019][^\W_]+)*")
+_POSSESSIVE = re.compile(r"['\u2019]s$")
+
+
+def words(caption: str) -> list[str]:
+    """Lower-cased words of a caption with punctuation stripped ("Airport." -> "airport")."""
+    out = []
+    for token in _WORD.findall(caption.lower()):
+        token = _POSSESSIVE.sub("", token).replace("\u2019", "'")  # "water's" -> "water"
+        if token:
+            out.append(token)
+    return out
+
+
+def content_words(caption: str) -> list[str]:
+    """Words minus stop words: what the word vocabulary counts and encodes."""
+    return [w for w in words(caption) if w not in STOP_WORDS]
+
+
+class Vocabulary:
+    """Word -> id map: 0 = <pad>, 1 = <unk>, then words by descending count, ties alphabetical."""
+
+    def __init__(self, itos: Sequence[str], min_count: int = 5):
+        if list(itos[:2]) != [PAD, UNK]:
+            raise ValueError(f"a vocabulary must start with {PAD}, {UNK}; got {list(itos[:2])}")
+        self.itos = list(itos)
+        self.stoi = {w: i for i, w in enumerate(self.itos)}
+        if len(self.stoi) != len(self.itos):
+            raise ValueError("a vocabulary must not repeat a word")
+        self.min_count = min_count
+
+    @classmethod
+    def build(cls, captions: Iterable[str], min_count: int = 5) -> "Vocabulary":
+        counts = Counter(w for caption in captions for w in content_words(caption))
+        kept = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
+        return cls([PAD, UNK, *kept], min_count=min_count)
+
+    def encode(self, caption: str) -> list[int]:
+        """Ids of the caption's content words; words outside the vocabulary map to <unk>."""
+        return [self.stoi.get(w, UNK_ID) for w in content_words(caption)]
+
+    def decode(self, ids: Iterable[int]) -> list[str]:
+        return [self.itos[i] for i in ids]
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def __contains__(self, word: str) -> bool:
+        return word in self.stoi
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Vocabulary) and self.itos == other.itos and self.min_count == other.min_count
+
+    def __repr__(self) -> str:
+        return f"Vocabulary({len(self)} entries, min_count={self.min_count})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"min_count": self.min_count, "words": list(self.itos)}  # words[i] has id i, <pad> and <unk> first
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Vocabulary":
+        return cls(data["words"], min_count=int(data.get("min_count", 5)))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Vocabulary":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def build_vocabulary(records: Iterable[Any], splits: Sequence[str] = ("train",), min_count: int = 5) -> Vocabulary:
+    """The vocabulary of the captions of `records` whose split is in `splits` (train only: no leakage)."""
+    wanted = set(splits)
+    return Vocabulary.build((c for r in records if r.split in wanted for c in r.captions), min_count=min_count)
+
+
+def load_tokenizer(path: str | Path):
+    """A BERT-family tokenizer from a local folder; never downloads (missing folder -> ValueError)."""
+    if not path or not Path(path).exists():
+        raise ValueError(f"tokenizer folder {path!s} does not exist (data.tokenizer must be a local path)")
+    from transformers import AutoTokenizer  # slow import: only when a BERT-family model needs it
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        reason = " ".join(str(exc).split())  # one line, whatever transformers wrote
+        raise ValueError(f"tokenizer folder {path!s}: cannot load a tokenizer: {reason}") from None

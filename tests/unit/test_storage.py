@@ -1,0 +1,36 @@
+"""Local side of the storage layer (the S3 side runs against moto's server in integration tests)."""
+import hashlib
+
+import pyarrow.fs as pafs
+
+from rsray import storage
+
+
+def test_local_paths_resolve_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    loc = storage.resolve("out/x")
+    assert isinstance(loc.fs, pafs.LocalFileSystem)
+    assert loc.path == str(tmp_path / "out" / "x")
+
+
+def test_write_read_list_remove(tmp_path):
+    root = storage.resolve(tmp_path / "root")
+    storage.write_bytes(root.join("a", "one.parquet"), b"1")
+    storage.write_bytes(root.join("two.txt"), b"22")
+    assert storage.read_bytes(root.join("a", "one.parquet")) == b"1"
+    assert [p.rsplit("/", 1)[1] for p in storage.list_files(root)] == ["one.parquet", "two.txt"]
+    assert len(storage.list_files(root, ".parquet")) == 1
+    assert storage.sha256_of(root.fs, root.join("two.txt").path) == hashlib.sha256(b"22").hexdigest()
+    storage.remove_tree(root)
+    assert not storage.exists(root) and storage.list_files(root) == []
+    storage.remove_tree(root)  # removing twice is fine
+
+
+def test_s3_uri_uses_endpoint_from_config_or_environment(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
+    loc = storage.resolve("s3://bucket/prefix/")
+    assert isinstance(loc.fs, pafs.S3FileSystem)
+    assert (loc.path, loc.uri) == ("bucket/prefix", "s3://bucket/prefix")
+    assert loc.join("m.json").uri == "s3://bucket/prefix/m.json"
+    assert storage.s3_endpoint("http://other:1") == "http://other:1"
+    assert storage.s3_endpoint() == "http://127.0.0.1:9"
