@@ -15,16 +15,17 @@ from rsray.config import load_config
 
 
 def inspect_target(target: str, overrides: list[str]) -> dict:
-    from rsray.data.formats import detect_format, read_records
+    from rsray.data.formats import detect_data_config, read_records
     from rsray.data.stats import dataset_statistics
 
     if target.startswith("s3://") or (Path(target) / "manifest.json").is_file():
         cfg = load_config(None, overrides)
         return manifest_statistics(target, cfg.prepare.s3_endpoint)
     if Path(target).is_dir():
-        fmt, annotations = detect_format(target)
-        cfg = load_config(None, [f"data.root={target}", f"data.format={fmt}",
-                                 f"data.annotations={annotations}", *overrides])
+        found = detect_data_config(target)
+        detected = [f"data.{key}={getattr(found, key)}"
+                    for key in ("root", "format", "annotations", "eval_annotations")]
+        cfg = load_config(None, [f"data.name={Path(target).resolve().name}", *detected, *overrides])
     else:
         cfg = load_config(target, overrides)
     records = read_records(cfg.data)

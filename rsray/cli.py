@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -61,6 +62,9 @@ def run_cli(fn: Callable[[], int | None]) -> int:
     except TooManyRejections as exc:
         print(f"rsray: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # output piped into `head` and closed early: not an error
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except KeyboardInterrupt:
         print("rsray: interrupted", file=sys.stderr)
         return 130
