@@ -12,8 +12,10 @@ import hashlib
 import json
 import logging
 import math
+import os
+import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -60,6 +62,7 @@ class PrepareResult:
     output: str
     skipped: bool  # True when the output was already up to date
     seconds: float
+    workers: list[str] = field(default_factory=list)  # host:pid of the processes that did the work
 
 
 # ----------------------------------------------------------------------------- per-batch work
@@ -73,7 +76,10 @@ class ImageBatchProcessor:
         self.vocab = Vocabulary.from_dict(vocab)
         self.tokenizer = load_tokenizer(tokenizer) if tokenizer else None
         self.s3_endpoint = s3_endpoint
-        self.schema = shard_schema(self.tokenizer is not None).append(pa.field("reject_reason", pa.string()))
+        self.schema = (shard_schema(self.tokenizer is not None)
+                       .append(pa.field("reject_reason", pa.string()))
+                       .append(pa.field("worker", pa.string())))  # which process did it (dropped)
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -89,6 +95,7 @@ class ImageBatchProcessor:
             out["image"].append(image)
             out["image_format"].append(self.encoding)
             out["reject_reason"].append(reason)
+            out["worker"].append(self.worker)
             if self.tokenizer is not None:
                 out["caption_input_ids"].append(self.tokenizer(row["captions"])["input_ids"])
         return pa.Table.from_pydict(out, schema=self.schema)
@@ -111,6 +118,7 @@ class ImageBatchProcessor:
 def prepare(cfg: Config, force: bool = False) -> PrepareResult:
     """Run the prepare stage for `cfg.data` into `cfg.prepare.output`; idempotent unless `force`."""
     import ray
+    from ray.data.expressions import col
 
     from rsray.runtime import configure_data_context, ensure_ray
 
@@ -140,7 +148,8 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
         storage.remove_tree(out.join(split))
     storage.remove_tree(out.join(MANIFEST))
 
-    n_blocks = max(1, min(len(accepted), (prep.parallelism or _cluster_cpus()) * 4))
+    workers = prep.parallelism or _cluster_cpus()
+    n_blocks = max(1, min(len(accepted), workers * 4))
     items = [_record_row(r) for r in accepted]
     processed = (
         ray.data.from_items(items, override_num_blocks=n_blocks)
@@ -149,26 +158,29 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
             fn_constructor_kwargs=dict(size=prep.image_size, encoding=prep.image_encoding,
                                        quality=prep.jpeg_quality, vocab=vocab.to_dict(),
                                        tokenizer=data_cfg.tokenizer, s3_endpoint=prep.s3_endpoint),
-            batch_format="pyarrow", batch_size=32, concurrency=prep.parallelism or _cluster_cpus(),
+            batch_format="pyarrow", batch_size=max(1, min(32, len(items) // n_blocks)),
+            compute=ray.data.ActorPoolStrategy(size=workers),
         )
         .materialize()
     )
-    for row in processed.filter(expr="reject_reason is not null").select_columns(
-            ["image_id", "split", "source_path", "reject_reason"]).take_all():
-        rejected.append({"image_id": row["image_id"], "split": row["split"],
-                         "path": row["source_path"], "reason": row["reject_reason"]})
+    outcome = processed.select_columns(["image_id", "split", "source_path", "reject_reason", "worker"]).take_all()
+    workers = sorted({row["worker"] for row in outcome})  # now: the processes that did the work
+    rejected += [{"image_id": row["image_id"], "split": row["split"], "path": row["source_path"],
+                  "reason": row["reject_reason"]} for row in outcome if row["reject_reason"] is not None]
 
-    good = processed.filter(expr="reject_reason is null").drop_columns(["reject_reason"])
+    good = processed.filter(expr=col("reject_reason").is_null()).drop_columns(["reject_reason", "worker"])
     split_info = {}
     for split in SPLITS:
-        rows = good.filter(expr=f"split == '{split}'")
+        rows = good.filter(expr=col("split") == split)
         split_info[split] = _write_split(rows, out.join(split), split, prep.rows_per_file)
 
     manifest = _manifest(cfg, records, rejected, split_info, vocab, fingerprint)
     storage.write_bytes(out.join(MANIFEST), json.dumps(manifest, indent=1).encode())
     counts = manifest["counts"]
-    log.info("wrote %d images to %s (%d rejected)", counts["written"], out.uri, counts["rejected"])
-    result = PrepareResult(manifest, out.uri, skipped=False, seconds=time.perf_counter() - started)
+    log.info("wrote %d images to %s (%d rejected; images processed by %d Ray workers)",
+             counts["written"], out.uri, counts["rejected"], len(workers))
+    result = PrepareResult(manifest, out.uri, skipped=False, seconds=time.perf_counter() - started,
+                           workers=workers)
     fraction = counts["rejected"] / max(1, counts["read"])
     if fraction > prep.max_reject_fraction:
         raise TooManyRejections(
@@ -205,6 +217,7 @@ def _record_row(record: Record) -> dict:
 
 def _write_split(rows, loc: storage.Location, split: str, rows_per_file: int) -> dict:
     """Write one split as deterministic files part-00000.parquet, ... and describe them."""
+    from ray.data import SaveMode
     from ray.data.datasource import FilenameProvider
 
     class _SplitFiles(FilenameProvider):
@@ -217,7 +230,7 @@ def _write_split(rows, loc: storage.Location, split: str, rows_per_file: int) ->
     n_files = math.ceil(n_rows / rows_per_file)
     rows.repartition(n_files).write_parquet(
         loc.uri if storage.is_s3(loc.uri) else loc.path, filesystem=loc.fs,
-        filename_provider=_SplitFiles())
+        filename_provider=_SplitFiles(), mode=SaveMode.OVERWRITE)  # names are fixed, so overwrite
     files = []
     for path in storage.list_files(loc, ".parquet"):
         meta = pq.read_metadata(path, filesystem=loc.fs)

@@ -1,0 +1,156 @@
+"""The prepare stage end to end on Ray: bad input, local and S3 outputs, idempotence, the CLI."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from rsray import storage
+from rsray.config import load_config
+from rsray.data.prepare import TooManyRejections, prepare, read_manifest
+from rsray.data.synthetic import ANNOTATION_FILE, generate_sample
+
+pytestmark = pytest.mark.integration
+
+BAD_RECORDS = {  # file name -> (what is wrong, expected words in the reason)
+    "corrupt_1.jpg": "cannot decode image",
+    "missing_1.jpg": "image file not found",
+    "sixteenbit_1.tif": "unsupported image mode",
+    "fourcaps_1.png": "expected 5 captions, got 4",
+    "emptycap_1.png": "empty",
+    "badbytes_1.png": "not valid UTF-8",
+}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """The embedded sample (small) plus one record for each kind of bad input, in Karpathy JSON."""
+    root = tmp_path_factory.mktemp("sample")
+    generate_sample(root, n_images=60, image_size=72, seed=3, progress=False)
+    images = root / "images"
+    (images / "corrupt_1.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    Image.fromarray(np.full((16, 16), 40000, dtype=np.uint16)).save(images / "sixteenbit_1.tif")
+    for name in ("fourcaps_1.png", "emptycap_1.png", "badbytes_1.png"):
+        Image.new("RGB", (20, 20), "green").save(images / name)
+    ann = json.loads((root / ANNOTATION_FILE).read_text())
+    five = [{"raw": f"caption number {k} of a bad record."} for k in range(5)]
+    extra = {name: list(five) for name in BAD_RECORDS}
+    extra["fourcaps_1.png"] = five[:4]
+    extra["emptycap_1.png"] = five[:4] + [{"raw": "   "}]
+    extra["badbytes_1.png"] = five[:4] + [{"raw": "BADBYTES"}]
+    for i, (name, sentences) in enumerate(extra.items()):
+        ann["images"].append({"filename": name, "imgid": 10_000 + i, "split": "train", "sentences": sentences})
+    text = json.dumps(ann).encode().replace(b"BADBYTES", b"caf\xe9 ol\xe9")  # Latin-1 bytes
+    (root / ANNOTATION_FILE).write_bytes(text)
+    return root
+
+
+def config(dataset, output, **overrides):
+    items = [f"data.root={dataset}", f"prepare.output={output}", "prepare.image_size=48",
+             "prepare.rows_per_file=20", "prepare.max_reject_fraction=0.2", "prepare.parallelism=2"]
+    return load_config("presets/cpu-tiny", items + [f"{k}={v}" for k, v in overrides.items()])
+
+
+def read_split(uri: str, split: str):
+    loc = storage.resolve(uri).join(split)
+    return pq.read_table(loc.path, filesystem=loc.fs).sort_by("image_id")
+
+
+@pytest.fixture(scope="module")
+def local_run(ray_cluster, dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared") / "local"
+    return prepare(config(dataset, out))
+
+
+def test_every_record_is_written_or_rejected_with_reason(local_run, dataset):
+    m = local_run.manifest
+    counts = m["counts"]
+    assert counts == {"read": 66, "written": 60, "rejected": 6}
+    reasons = {r["image_id"]: r["reason"] for r in m["rejected"]}
+    assert set(reasons) == set(BAD_RECORDS)
+    for name, needle in BAD_RECORDS.items():
+        assert needle in reasons[name], (name, reasons[name])
+    assert sum(info["images"] for info in m["splits"].values()) == 60
+    assert m["splits"]["train"]["images"] == 48 and m["splits"]["test"]["images"] == 6
+
+
+def test_shards_hold_resized_images_and_the_annotation_captions(local_run, dataset):
+    ann = {e["filename"]: e for e in json.loads((dataset / ANNOTATION_FILE).read_bytes().decode("utf-8", "replace"))["images"]}
+    vocab = local_run.manifest["vocab"]
+    for split in ("train", "val", "test"):
+        table = read_split(local_run.output, split)
+        assert table.num_rows == local_run.manifest["splits"][split]["images"]
+        for row in table.to_pylist():
+            source = ann[row["image_id"]]
+            assert source["split"] == split == row["split"]
+            assert row["captions"] == [s["raw"] for s in source["sentences"]]
+            assert row["scene"] == row["image_id"].split("_")[0]
+            assert len(row["caption_tokens"]) == 5 and all(row["caption_tokens"])
+            image = Image.open(io.BytesIO(row["image"]))
+            assert (image.format, image.size, image.mode) == ("JPEG", (48, 48), "RGB")
+    assert vocab and local_run.manifest["vocab_splits"] == ["train"]
+
+
+def test_manifest_records_split_files_and_checksums(local_run):
+    m = read_manifest(local_run.output)
+    assert m["schema_version"] == 1 and m["dataset"] == "rsray_sample" and m["image_size"] == 48
+    assert m["validation"]["mode"] == "fixed"
+    train_files = m["splits"]["train"]["files"]
+    assert len(train_files) == 3  # 48 rows at rows_per_file=20
+    assert all(re.fullmatch(r"train/part-\d{5}(-\d+)?\.parquet", f["path"]) for f in train_files)
+    assert all(len(f["sha256"]) == 64 and f["bytes"] > 0 for f in train_files)
+    assert sum(f["rows"] for f in train_files) == 48
+    assert len(m["splits"]["val"]["image_ids"]) == m["splits"]["val"]["images"]
+
+
+def test_rerun_is_a_no_op_and_forced_rerun_is_identical(local_run, dataset):
+    again = prepare(config(dataset, local_run.output))
+    assert again.skipped and again.manifest == local_run.manifest
+    forced = prepare(config(dataset, local_run.output), force=True)
+    assert not forced.skipped
+    assert forced.manifest["splits"] == local_run.manifest["splits"]  # same files, same sha256
+
+
+def test_ran_on_at_least_two_ray_worker_processes(local_run):
+    assert len(local_run.workers) >= 2
+    assert str(os.getpid()) not in {w.split(":")[1] for w in local_run.workers}  # not the driver
+
+
+def test_s3_output_matches_local_output(local_run, dataset, s3_bucket):
+    uri = f"s3://{s3_bucket}/prepared/sample"
+    result = prepare(config(dataset, uri))
+    assert result.output == uri
+    assert result.manifest["counts"] == local_run.manifest["counts"]
+    for split in ("train", "val", "test"):
+        assert read_split(uri, split).equals(read_split(local_run.output, split))
+        s3_files = result.manifest["splits"][split]["files"]
+        assert [f["sha256"] for f in s3_files] == [f["sha256"] for f in local_run.manifest["splits"][split]["files"]]
+    assert read_manifest(uri)["counts"]["written"] == 60
+
+
+def test_too_many_rejections_fails_after_writing_the_manifest(ray_cluster, dataset, tmp_path):
+    with pytest.raises(TooManyRejections, match=r"6 of 66 records rejected"):
+        prepare(config(dataset, tmp_path / "strict", **{"prepare.max_reject_fraction": 0.05}))
+    assert read_manifest(str(tmp_path / "strict"))["counts"]["rejected"] == 6
+
+
+def test_cli_joins_the_cluster_and_exits_non_zero_on_rejections(ray_cluster, dataset, tmp_path):
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
+    args = [sys.executable, "-m", "pipelines.prepare", "presets/cpu-tiny", f"data.root={dataset}",
+            f"prepare.output={tmp_path / 'cli'}", "prepare.max_reject_fraction=0.01"]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("rsray: error: 6 of 66 records rejected")
+    proc = subprocess.run(args[:-1] + ["prepare.max_reject_fraction=0.2"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "prepared" in proc.stdout and "60 images" in proc.stdout
