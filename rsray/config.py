@@ -86,7 +86,7 @@ class PrepareConfig:
     image_size: int = 128  # images are resized (shorter side, then centre crop) once, here
     image_encoding: str = "jpeg"  # jpeg | png: re-encoded once at the prepared size
     jpeg_quality: int = 95
-    rows_per_file: int = 2000  # Parquet rows per shard file
+    rows_per_file: int = 1000  # at most this many rows per Parquet shard file
     max_reject_fraction: float = 0.01  # above this the command exits non-zero
     s3_endpoint: str | None = None  # else AWS_ENDPOINT_URL_S3 / AWS defaults
     parallelism: int | None = None  # Ray Data tasks for decoding; None = one per CPU

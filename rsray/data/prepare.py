@@ -8,6 +8,7 @@ in the manifest with its reason, and `read == written + rejected` is checked bef
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -15,6 +16,7 @@ import math
 import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,7 +70,7 @@ class PrepareResult:
 # ----------------------------------------------------------------------------- per-batch work
 
 class ImageBatchProcessor:
-    """Ray Data UDF: one batch of records in, one Arrow table of shard rows (or reasons) out."""
+    """One batch of records in, shard rows and rejections out; the same code with or without Ray."""
 
     def __init__(self, size: int, encoding: str, quality: int, vocab: dict, tokenizer: str | None,
                  s3_endpoint: str | None):
@@ -76,16 +78,18 @@ class ImageBatchProcessor:
         self.vocab = Vocabulary.from_dict(vocab)
         self.tokenizer = load_tokenizer(tokenizer) if tokenizer else None
         self.s3_endpoint = s3_endpoint
-        self.schema = (shard_schema(self.tokenizer is not None)
-                       .append(pa.field("reject_reason", pa.string()))
-                       .append(pa.field("worker", pa.string())))  # which process did it (dropped)
+        self.schema = shard_schema(self.tokenizer is not None)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
+    def __call__(self, batch: pa.Table) -> tuple[pa.Table, list[dict]]:
         out: dict[str, list] = {name: [] for name in self.schema.names}
-        for row in rows:
+        rejected = []
+        for row in batch.to_pylist():
             image, reason = self._image(row["path"])
+            if reason is not None:
+                rejected.append({"image_id": row["image_id"], "split": row["split"], "path": row["path"],
+                                 "reason": reason})
+                continue
             out["image_id"].append(row["image_id"])
             out["split"].append(row["split"])
             out["scene"].append(row["scene"])
@@ -94,11 +98,9 @@ class ImageBatchProcessor:
             out["caption_tokens"].append([self.vocab.encode(c) for c in row["captions"]])
             out["image"].append(image)
             out["image_format"].append(self.encoding)
-            out["reject_reason"].append(reason)
-            out["worker"].append(self.worker)
             if self.tokenizer is not None:
                 out["caption_input_ids"].append(self.tokenizer(row["captions"])["input_ids"])
-        return pa.Table.from_pydict(out, schema=self.schema)
+        return pa.Table.from_pydict(out, schema=self.schema), rejected
 
     def _image(self, path: str) -> tuple[bytes, str | None]:
         try:
@@ -113,12 +115,50 @@ class ImageBatchProcessor:
             return b"", str(exc)
 
 
+@functools.lru_cache(maxsize=4)
+def _processor_for(settings: str) -> ImageBatchProcessor:
+    """One processor per worker process and settings: the vocabulary and tokenizer load once."""
+    return ImageBatchProcessor(**json.loads(settings))
+
+
+def _process_batch(batch: pa.Table, settings: str, ledger) -> pa.Table:
+    """Ray Data task body: process a batch; rejections (rare) go to the ledger, not the shards."""
+    import ray
+
+    processor = _processor_for(settings)
+    table, rejected = processor(batch)
+    table = table.append_column(_FOLDER, table["split"])
+    first_batch_here = ledger not in _REPORTED_TO
+    if rejected or first_batch_here:
+        ray.get(ledger.record.remote(processor.worker, rejected))
+        _REPORTED_TO.append(ledger)
+    return table
+
+
+_REPORTED_TO: list = []  # ledgers this process has already introduced itself to
+
+
+class BatchLedger:
+    """A Ray actor that hears from the batches: rejections, and which processes did the work.
+
+    Rejections leave the data stream here, so shards hold only good rows and nothing is lost."""
+
+    def __init__(self):
+        self.rejected, self.workers = [], set()
+
+    def record(self, worker: str, rejected: list[dict]) -> None:
+        self.rejected += rejected
+        self.workers.add(worker)
+
+    def summary(self) -> tuple[list[dict], list[str]]:
+        return self.rejected, sorted(self.workers)
+
+
 # ----------------------------------------------------------------------------- the stage
 
 def prepare(cfg: Config, force: bool = False) -> PrepareResult:
     """Run the prepare stage for `cfg.data` into `cfg.prepare.output`; idempotent unless `force`."""
     import ray
-    from ray.data.expressions import col
 
     from rsray.runtime import configure_data_context, ensure_ray
 
@@ -128,56 +168,39 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
     data_cfg, prep = cfg.data, cfg.prepare
     out = storage.resolve(prep.output, prep.s3_endpoint)
 
+    ledger = ray.remote(num_cpus=0)(BatchLedger).remote()  # its process starts while we read
     records = read_records(data_cfg)
     if not records:
         raise cfg.error("data.root", f"no records found in {data_cfg.root}")
     accepted, rejected = _check_captions(records, data_cfg.captions_per_image)
-    fingerprint = _fingerprint(cfg, records)
+    previous = _previous_manifest(cfg, out)
 
-    if not force:
-        previous = _existing_manifest(out)
-        if previous and previous.get("input_fingerprint") == fingerprint and _files_intact(out, previous):
+    with ThreadPoolExecutor(max_workers=1) as background:
+        fingerprint = background.submit(_fingerprint, cfg, records)  # stats every image: overlap it
+        if not force and previous and previous.get("input_fingerprint") == fingerprint.result() \
+                and _files_intact(out, previous):
             log.info("%s is up to date (same input and config); nothing to do", out.uri)
+            ray.kill(ledger)
             return PrepareResult(previous, out.uri, skipped=True, seconds=time.perf_counter() - started)
 
-    vocab = build_vocabulary(accepted, splits=tuple(data_cfg.vocab_splits), min_count=data_cfg.vocab_min_count)
-    log.info("read %d records (%d rejected by caption checks); vocabulary: %d entries",
-             len(records), len(rejected), len(vocab))
+        vocab = build_vocabulary(accepted, splits=tuple(data_cfg.vocab_splits),
+                                 min_count=data_cfg.vocab_min_count)
+        log.info("read %d records (%d rejected by caption checks); vocabulary: %d entries",
+                 len(records), len(rejected), len(vocab))
+        storage.remove_tree(out)  # ours (checked above): no manifest until complete, no stale shards
 
-    for split in SPLITS:  # replace a previous output cleanly: no stale shards survive
-        storage.remove_tree(out.join(split))
-    storage.remove_tree(out.join(MANIFEST))
+        settings = json.dumps(dict(size=prep.image_size, encoding=prep.image_encoding,
+                                   quality=prep.jpeg_quality, vocab=vocab.to_dict(),
+                                   tokenizer=data_cfg.tokenizer, s3_endpoint=prep.s3_endpoint))
+        _process_and_write([_record_row(r) for r in accepted], out, settings, ledger, prep)
+        image_rejections, workers = ray.get(ledger.summary.remote())
+        ray.kill(ledger)
+        split_info = {split: _describe_split(out.join(split), split) for split in SPLITS}
+        manifest = _manifest(cfg, records, rejected + image_rejections, split_info, vocab, fingerprint.result())
 
-    workers = prep.parallelism or _cluster_cpus()
-    n_blocks = max(1, min(len(accepted), workers * 4))
-    items = [_record_row(r) for r in accepted]
-    processed = (
-        ray.data.from_items(items, override_num_blocks=n_blocks)
-        .map_batches(
-            ImageBatchProcessor,
-            fn_constructor_kwargs=dict(size=prep.image_size, encoding=prep.image_encoding,
-                                       quality=prep.jpeg_quality, vocab=vocab.to_dict(),
-                                       tokenizer=data_cfg.tokenizer, s3_endpoint=prep.s3_endpoint),
-            batch_format="pyarrow", batch_size=max(1, min(32, len(items) // n_blocks)),
-            compute=ray.data.ActorPoolStrategy(size=workers),
-        )
-        .materialize()
-    )
-    outcome = processed.select_columns(["image_id", "split", "source_path", "reject_reason", "worker"]).take_all()
-    workers = sorted({row["worker"] for row in outcome})  # now: the processes that did the work
-    rejected += [{"image_id": row["image_id"], "split": row["split"], "path": row["source_path"],
-                  "reason": row["reject_reason"]} for row in outcome if row["reject_reason"] is not None]
-
-    good = processed.filter(expr=col("reject_reason").is_null()).drop_columns(["reject_reason", "worker"])
-    split_info = {}
-    for split in SPLITS:
-        rows = good.filter(expr=col("split") == split)
-        split_info[split] = _write_split(rows, out.join(split), split, prep.rows_per_file)
-
-    manifest = _manifest(cfg, records, rejected, split_info, vocab, fingerprint)
     storage.write_bytes(out.join(MANIFEST), json.dumps(manifest, indent=1).encode())
     counts = manifest["counts"]
-    log.info("wrote %d images to %s (%d rejected; images processed by %d Ray workers)",
+    log.info("wrote %d images to %s (%d rejected; images processed by %d Ray worker processes)",
              counts["written"], out.uri, counts["rejected"], len(workers))
     result = PrepareResult(manifest, out.uri, skipped=False, seconds=time.perf_counter() - started,
                            workers=workers)
@@ -187,6 +210,61 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
             f"{counts['rejected']} of {counts['read']} records rejected ({fraction:.1%}), above "
             f"prepare.max_reject_fraction={prep.max_reject_fraction}; reasons in {out.join(MANIFEST).uri}")
     return result
+
+
+def _process_and_write(items: list[dict], out: storage.Location, settings: str, ledger, prep) -> None:
+    """All splits in one Ray Data job: parallel map tasks, each writing its rows to <output>/<split>/.
+
+    Blocks never mix splits (one input dataset per split, then a union), so each map task writes
+    one file of at most `rows_per_file` rows into its split's folder. The folder comes from a
+    copy of the split column used as a directory partition; the `split` column stays in the file."""
+    import ray
+
+    per_task = _rows_per_task(len(items), prep)
+    parts = []
+    for split in SPLITS:
+        table = pa.Table.from_pylist([item for item in items if item["split"] == split], schema=_RECORD_SCHEMA)
+        if table.num_rows:
+            parts.append(ray.data.from_arrow([table.slice(i, per_task) for i in range(0, table.num_rows, per_task)]))
+    dataset = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    (
+        dataset
+        .map_batches(_process_batch, fn_kwargs=dict(settings=settings, ledger=ledger), batch_format="pyarrow",
+                     batch_size=min(32, per_task), concurrency=prep.parallelism)
+        .write_parquet(out.path, filesystem=out.fs, partition_cols=[_FOLDER], partitioning_flavor=None,
+                       filename_provider=_shard_names(), max_rows_per_file=prep.rows_per_file,
+                       mode=_overwrite(), compression=_COMPRESSION)
+    )
+
+
+def _rows_per_task(n_rows: int, prep) -> int:
+    """Enough tasks to keep every CPU busy (x8: short tasks leave little idle tail), none larger
+    than one shard file."""
+    tasks = (prep.parallelism or _cluster_cpus()) * 8
+    return max(1, min(prep.rows_per_file, math.ceil(n_rows / tasks)))
+
+
+_FOLDER = "_folder"  # a copy of `split` naming the output folder; not stored in the files
+
+
+# Encoded JPEG/PNG bytes do not compress: spend no CPU on the image column.
+_COMPRESSION = {"image": "none", "captions": "snappy", "caption_tokens": "snappy"}
+
+
+def _overwrite():
+    from ray.data import SaveMode
+    return SaveMode.OVERWRITE  # file names are fixed (part-NNNNN), so a rewrite replaces them
+
+
+def _shard_names():
+    """Deterministic shard names (part-00000-0.parquet, ...) so a rewrite gives the same files."""
+    from ray.data.datasource import FilenameProvider
+
+    class ShardNames(FilenameProvider):
+        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+            return f"part-{task_index:05d}"
+
+    return ShardNames()
 
 
 def _check_captions(records: list[Record], per_image: int) -> tuple[list[Record], list[dict]]:
@@ -210,40 +288,26 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+_RECORD_SCHEMA = pa.schema([("image_id", pa.string()), ("path", pa.string()), ("split", pa.string()),
+                            ("scene", pa.string()), ("captions", pa.list_(pa.string()))])
+
+
 def _record_row(record: Record) -> dict:
     return {"image_id": record.image_id, "path": record.path, "split": record.split,
             "scene": record.scene, "captions": list(record.captions)}
 
 
-def _write_split(rows, loc: storage.Location, split: str, rows_per_file: int) -> dict:
-    """Write one split as deterministic files part-00000.parquet, ... and describe them."""
-    from ray.data import SaveMode
-    from ray.data.datasource import FilenameProvider
-
-    class _SplitFiles(FilenameProvider):
-        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-            return f"part-{task_index:05d}.parquet"
-
-    n_rows = rows.count()
-    if n_rows == 0:
-        return {"images": 0, "captions": 0, "files": []}
-    n_files = math.ceil(n_rows / rows_per_file)
-    rows.repartition(n_files).write_parquet(
-        loc.uri if storage.is_s3(loc.uri) else loc.path, filesystem=loc.fs,
-        filename_provider=_SplitFiles(), mode=SaveMode.OVERWRITE)  # names are fixed, so overwrite
-    files = []
-    for path in storage.list_files(loc, ".parquet"):
-        meta = pq.read_metadata(path, filesystem=loc.fs)
-        files.append({"path": f"{split}/{path.rsplit('/', 1)[1]}", "rows": meta.num_rows,
-                      "sha256": storage.sha256_of(loc.fs, path),
-                      "bytes": loc.fs.get_file_info(path).size})
-    table = pq.read_table(loc.path, filesystem=loc.fs, columns=["image_id", "captions"])
-    return {
-        "images": table.num_rows,
-        "captions": int(pc.sum(pc.list_value_length(table["captions"])).as_py() or 0),
-        "image_ids": sorted(table["image_id"].to_pylist()),
-        "files": files,
-    }
+def _describe_split(loc: storage.Location, split: str) -> dict:
+    """Counts, image ids and per-file checksums of one split's shards, read back from storage."""
+    paths = storage.list_files(loc, ".parquet")
+    tables = [pq.read_table(path, filesystem=loc.fs, columns=["image_id", "captions"]) for path in paths]
+    with ThreadPoolExecutor(max_workers=8) as pool:  # hashing releases the GIL; S3 reads overlap
+        digests = list(pool.map(lambda path: storage.sha256_of(loc.fs, path), paths))
+    files = [{"path": f"{split}/{path.rsplit('/', 1)[1]}", "rows": table.num_rows, "sha256": digest,
+              "bytes": loc.fs.get_file_info(path).size} for path, table, digest in zip(paths, tables, digests)]
+    image_ids = sorted(i for table in tables for i in table["image_id"].to_pylist())
+    captions = sum(int(pc.sum(pc.list_value_length(t["captions"])).as_py() or 0) for t in tables)
+    return {"images": len(image_ids), "captions": captions, "image_ids": image_ids, "files": files}
 
 
 def _manifest(cfg: Config, records, rejected, split_info, vocab: Vocabulary, fingerprint: str) -> dict:
@@ -294,14 +358,18 @@ def _fingerprint(cfg: Config, records: list[Record]) -> str:
     return digest.hexdigest()
 
 
-def _existing_manifest(out: storage.Location) -> dict | None:
+def _previous_manifest(cfg: Config, out: storage.Location) -> dict | None:
+    """The manifest of an earlier run at `out`; refuse to overwrite a folder that is not ours."""
     loc = out.join(MANIFEST)
-    if not storage.exists(loc):
-        return None
-    try:
-        return json.loads(storage.read_bytes(loc))
-    except (ValueError, OSError):
-        return None
+    if storage.exists(loc):
+        try:
+            return json.loads(storage.read_bytes(loc))
+        except (ValueError, OSError):
+            return None
+    if storage.list_files(out):
+        raise cfg.error("prepare.output", f"{out.uri} holds files but no {MANIFEST}: refusing to "
+                        "overwrite something that is not an rsray output; choose an empty folder")
+    return None
 
 
 def _files_intact(out: storage.Location, manifest: dict) -> bool:

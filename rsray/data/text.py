@@ -24,19 +24,19 @@ STOP_WORDS: frozenset[str] = frozenset("""
     i me my myself we us our ourselves you your yourself yourselves
     he him his himself she her herself it its itself they them their themselves
     what which who whom whose
-    about above across after against along among around at before behind below
-    beside between beyond by down during except for from in inside into near of off on
-    out outside over past since through to toward towards under until up upon with within
-    without
+    about above after against at before below between by down during for from in into
+    of off on out over through to under until up with
     am is are was were be been being have has had having do does did doing
-    will would shall should can could may might must
-    and but or yet so if then because as while whereas although though unless whether
-    than once when where why how
-    here there again further also very just too quite rather even still already
-    more most much
+    will should can
+    and but or so if then because as while than once when where why how
+    here there again further very just too
+    more most
     isn't aren't wasn't weren't hasn't haven't hadn't don't doesn't didn't won't wouldn't
     shouldn't can't cannot couldn't s t
 """.split())
+
+# Spatial words that are not plain prepositions ("near", "beside", "around", "across", "along",
+# "behind") stay: remote-sensing captions use them to say where things are.
 
 # A word: letters/digits, possibly joined by inner hyphens or apostrophes ("blue-green", "isn't").
 _WORD = re.compile(r"[^\W_]+(?:[-'\u2019][^\W_]+)*")
