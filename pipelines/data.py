@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from rsray.cli import run_cli, setup_logging, stage_parser
-from rsray.config import load_config
+from rsray.config import CONF_DIR, load_config
 
 
 def inspect_target(target: str, overrides: list[str]) -> dict:
@@ -21,17 +21,37 @@ def inspect_target(target: str, overrides: list[str]) -> dict:
     if target.startswith("s3://") or (Path(target) / "manifest.json").is_file():
         cfg = load_config(None, overrides)
         return manifest_statistics(target, cfg.prepare.s3_endpoint)
+    if not Path(target).exists() and not Path(target).with_suffix(".yaml").exists() \
+            and not (CONF_DIR / target).with_suffix(".yaml").exists():
+        raise FileNotFoundError(f"{target}: no such dataset folder, prepared output or config")
     if Path(target).is_dir():
         found = detect_data_config(target)
         detected = [f"data.{key}={getattr(found, key)}"
                     for key in ("root", "format", "annotations", "eval_annotations")]
-        cfg = load_config(None, [f"data.name={Path(target).resolve().name}", *detected, *overrides])
+        detected.append(f"data.name={Path(target).resolve().name}")
+        if not any(o.startswith("data.validation") for o in overrides) and _has_val_split(detected):
+            detected.append("data.validation.mode=fixed")  # show the files' own split as given
+        cfg = load_config(None, [*detected, *overrides])
     else:
         cfg = load_config(target, overrides)
     records = read_records(cfg.data)
     stats = dataset_statistics(records, vocab_splits=tuple(cfg.data.vocab_splits),
                                vocab_min_count=cfg.data.vocab_min_count)
-    return {"dataset": cfg.data.name, "source": str(target), **stats}
+    v = cfg.data.validation
+    validation = "fixed (from the annotations)" if v.mode == "fixed" else f"fold {v.fold} of {v.folds}, seed {v.seed}"
+    return {"dataset": cfg.data.name, "source": str(target), "validation": validation, **stats}
+
+
+def _has_val_split(detected: list[str]) -> bool:
+    """Whether the detected annotations carry a validation split of their own."""
+    from rsray.data.formats import read_records
+
+    cfg = load_config(None, [*detected, "data.validation.mode=fixed"])
+    try:
+        read_records(cfg.data)
+    except ValueError:  # fixed mode without a val split
+        return False
+    return True
 
 
 def manifest_statistics(uri: str, s3_endpoint: str | None) -> dict:
@@ -55,7 +75,7 @@ def main(argv=None) -> int:
                           "prints records and captions per split, scenes and their counts, caption "
                           "lengths and the vocabulary size under the reference recipe.")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    ns = parser.parse_args(argv)
+    ns = parser.parse_intermixed_args(argv)
     setup_logging()
     if not ns.args or ns.args[0] != "inspect" or len(ns.args) < 2:
         parser.error("usage: rsray data inspect TARGET [--json] [key=value ...]")

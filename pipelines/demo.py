@@ -26,7 +26,7 @@ def run(cfg) -> int:
 def main(argv=None) -> int:
     parser = stage_parser("rsray demo", "Run the pipeline on the embedded sample dataset: generate it, "
                           "prepare shards with Ray Data, and (once built) train, evaluate and record in MLflow.")
-    ns = parser.parse_args(argv)
+    ns = parser.parse_intermixed_args(argv)
     setup_logging()
     return run_cli(lambda: run(config_from_args(ns.args)))
 

@@ -27,7 +27,7 @@ def main(argv=None) -> int:
                           "Parquet shards per split plus manifest.json to prepare.output (a folder or "
                           "s3://bucket/prefix). Re-running on unchanged input does nothing.")
     parser.add_argument("--force", action="store_true", help="rewrite even if the output is up to date")
-    ns = parser.parse_args(argv)
+    ns = parser.parse_intermixed_args(argv)
     setup_logging()
     return run_cli(lambda: run(config_from_args(ns.args), force=ns.force) and 0)
 

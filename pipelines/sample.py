@@ -23,7 +23,7 @@ def run(cfg) -> Path:
 def main(argv=None) -> int:
     parser = stage_parser("rsray sample", "Draw the embedded sample dataset: aerial-like scenes with "
                           "5 captions each, written as images + Karpathy JSON into data.root.")
-    ns = parser.parse_args(argv)
+    ns = parser.parse_intermixed_args(argv)
     setup_logging()
     return run_cli(lambda: run(config_from_args(ns.args)) and 0)
 

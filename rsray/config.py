@@ -57,6 +57,7 @@ class DataConfig:
     images_per_scene: int = 100  # index rule: consecutive files per class
     captions_per_image: int = 5
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    # splits whose captions build the word vocabulary; [train, val, test] = the reference vocabularies
     vocab_splits: list[str] = field(default_factory=lambda: ["train"])
     vocab_min_count: int = 5
     tokenizer: str | None = None  # local path of a BERT-family tokenizer (nothing downloads)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 log = logging.getLogger("rsray.runtime")
 
@@ -24,7 +25,18 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         return
     cpus = num_cpus or max(4, 2 * (os.cpu_count() or 1))
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    _wait_for_cpus(cpus)
     log.info("started a local Ray with %d logical CPUs", cpus)
+
+
+def _wait_for_cpus(expected: int, timeout_s: float = 10.0) -> None:
+    """A fresh local Ray reports its CPUs a moment after init; Ray Data would otherwise warn that
+    the cluster has none and might hang."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0) < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def configure_data_context() -> None:

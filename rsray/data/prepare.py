@@ -18,6 +18,7 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -162,6 +163,7 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
 
     from rsray.runtime import configure_data_context, ensure_ray
 
+    check_input_paths(cfg)
     ensure_ray()
     configure_data_context()
     started = time.perf_counter()
@@ -265,6 +267,16 @@ def _shard_names():
             return f"part-{task_index:05d}"
 
     return ShardNames()
+
+
+def check_input_paths(cfg: Config) -> None:
+    """Refuse a missing dataset folder before starting anything, naming the key and its file."""
+    root = Path(cfg.data.root)
+    if not root.is_dir():
+        raise cfg.error("data.root", f"folder {root} does not exist")
+    images = Path(cfg.data.images) if Path(cfg.data.images).is_absolute() else root / cfg.data.images
+    if not images.is_dir():
+        raise cfg.error("data.images", f"folder {images} does not exist")
 
 
 def _check_captions(records: list[Record], per_image: int) -> tuple[list[Record], list[dict]]:

@@ -42,7 +42,13 @@ def dataset_statistics(records: Sequence[Record], vocab_splits: Sequence[str] = 
 def format_statistics(stats: dict[str, Any]) -> str:
     """The statistics as a small text report for a terminal. Sections whose keys are missing are
     left out, so the smaller dict read back from a prepared manifest prints too."""
-    lines = [f"{'split':<8}{'images':>10}{'captions':>10}"]
+    lines = []
+    if stats.get("dataset"):
+        lines.append(f"dataset: {stats['dataset']}  ({stats.get('source', '')})")
+    if stats.get("validation"):
+        lines.append(f"validation: {stats['validation']}")
+    lines += ["" if lines else None, f"{'split':<8}{'images':>10}{'captions':>10}"]
+    lines = [line for line in lines if line is not None]
     total_images = total_captions = 0
     for split, n in stats.get("splits", {}).items():
         lines.append(f"{split:<8}{n['images']:>10,}{n['captions']:>10,}")
