@@ -64,3 +64,20 @@ def s3_bucket(s3_endpoint):
 
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="rsray-test")
     return "rsray-test"
+
+
+TINY_WORDPIECES = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "the", "is", "there", "plane", "##s", "air",
+                   "##port", "at", "near", "two", "red", "green", "sea", "beach", "river", "tree", "road", "park",
+                   "##ing", "lot", "many", "building", ".", ","]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory) -> Path:
+    """A real BERT WordPiece tokenizer with a 30-piece vocabulary, saved like a hub checkpoint."""
+    from transformers import BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    (folder / "vocab.txt").write_text("\n".join(TINY_WORDPIECES) + "\n")
+    # transformers 5 takes the vocab.txt path as `vocab` (it ignores `vocab_file`)
+    BertTokenizerFast(vocab=str(folder / "vocab.txt")).save_pretrained(folder / "tok")
+    return folder / "tok"

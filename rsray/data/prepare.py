@@ -171,34 +171,34 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
     out = storage.resolve(prep.output, prep.s3_endpoint)
 
     ledger = ray.remote(num_cpus=0)(BatchLedger).remote()  # its process starts while we read
-    records = read_records(data_cfg)
-    if not records:
-        raise cfg.error("data.root", f"no records found in {data_cfg.root}")
-    accepted, rejected = _check_captions(records, data_cfg.captions_per_image)
-    previous = _previous_manifest(cfg, out)
+    try:
+        records = read_records(data_cfg)
+        if not records:
+            raise cfg.error("data.root", f"no records found in {data_cfg.root}")
+        accepted, rejected = _check_captions(records, data_cfg.captions_per_image)
+        previous = _previous_manifest(cfg, out)
+        with ThreadPoolExecutor(max_workers=1) as background:
+            fingerprint = background.submit(_fingerprint, cfg, records)  # stats every image: overlap it
+            if not force and previous and previous.get("input_fingerprint") == fingerprint.result() \
+                    and _files_intact(out, previous):
+                log.info("%s is up to date (same input and config); nothing to do", out.uri)
+                return PrepareResult(previous, out.uri, skipped=True, seconds=time.perf_counter() - started)
 
-    with ThreadPoolExecutor(max_workers=1) as background:
-        fingerprint = background.submit(_fingerprint, cfg, records)  # stats every image: overlap it
-        if not force and previous and previous.get("input_fingerprint") == fingerprint.result() \
-                and _files_intact(out, previous):
-            log.info("%s is up to date (same input and config); nothing to do", out.uri)
-            ray.kill(ledger)
-            return PrepareResult(previous, out.uri, skipped=True, seconds=time.perf_counter() - started)
-
-        vocab = build_vocabulary(accepted, splits=tuple(data_cfg.vocab_splits),
-                                 min_count=data_cfg.vocab_min_count)
-        log.info("read %d records (%d rejected by caption checks); vocabulary: %d entries",
-                 len(records), len(rejected), len(vocab))
-        storage.remove_tree(out)  # ours (checked above): no manifest until complete, no stale shards
-
-        settings = json.dumps(dict(size=prep.image_size, encoding=prep.image_encoding,
-                                   quality=prep.jpeg_quality, vocab=vocab.to_dict(),
-                                   tokenizer=data_cfg.tokenizer, s3_endpoint=prep.s3_endpoint))
-        _process_and_write([_record_row(r) for r in accepted], out, settings, ledger, prep)
-        image_rejections, workers = ray.get(ledger.summary.remote())
+            vocab = build_vocabulary(accepted, splits=tuple(data_cfg.vocab_splits),
+                                     min_count=data_cfg.vocab_min_count)
+            log.info("read %d records (%d rejected by caption checks); vocabulary: %d entries",
+                     len(records), len(rejected), len(vocab))
+            storage.remove_tree(out)  # ours (checked above): no manifest until complete, no stale shards
+            settings = json.dumps(dict(size=prep.image_size, encoding=prep.image_encoding,
+                                       quality=prep.jpeg_quality, vocab=vocab.to_dict(),
+                                       tokenizer=data_cfg.tokenizer, s3_endpoint=prep.s3_endpoint))
+            _process_and_write([_record_row(r) for r in accepted], out, settings, ledger, prep)
+            image_rejections, workers = ray.get(ledger.summary.remote())
+            split_info = {split: _describe_split(out.join(split), split) for split in SPLITS}
+            manifest = _manifest(cfg, records, rejected + image_rejections, split_info, vocab,
+                                 fingerprint.result())
+    finally:
         ray.kill(ledger)
-        split_info = {split: _describe_split(out.join(split), split) for split in SPLITS}
-        manifest = _manifest(cfg, records, rejected + image_rejections, split_info, vocab, fingerprint.result())
 
     storage.write_bytes(out.join(MANIFEST), json.dumps(manifest, indent=1).encode())
     counts = manifest["counts"]

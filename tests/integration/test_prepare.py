@@ -160,3 +160,10 @@ def test_cli_joins_the_cluster_and_exits_non_zero_on_rejections(ray_cluster, dat
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "prepared" in proc.stdout and "60 images" in proc.stdout
+
+
+def test_bert_tokenizer_ids_are_attached_when_configured(ray_cluster, dataset, tmp_path, tiny_tokenizer):
+    result = prepare(config(dataset, tmp_path / "tok", **{"data.tokenizer": tiny_tokenizer}))
+    assert result.manifest["tokenizer"] == str(tiny_tokenizer)
+    row = read_split(result.output, "test").to_pylist()[0]
+    assert len(row["caption_input_ids"]) == 5 and all(ids[0] == 2 for ids in row["caption_input_ids"])

@@ -64,16 +64,8 @@ def test_build_vocabulary_uses_chosen_splits():
     assert build_vocabulary(records, splits=("train", "test")).itos[2:] == ["boats", "desert", "dunes", "harbour"]
 
 
-def test_tokenizer_loads_from_local_folder(tmp_path):
-    from transformers import BertTokenizerFast
-
-    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "the", "is", "there", "plane", "##s", "air",
-              "##port", "at", "near", "two", "red", "green", "sea", "beach", "river", "tree", "##s", "road",
-              "park", "##ing", "lot", "many", "building", ".", ","]
-    (tmp_path / "vocab.txt").write_text("\n".join(dict.fromkeys(pieces)) + "\n")
-    # transformers 5 takes the vocab.txt path as `vocab` (it ignores `vocab_file`)
-    BertTokenizerFast(vocab=str(tmp_path / "vocab.txt")).save_pretrained(tmp_path / "tok")
-    tokenizer = load_tokenizer(tmp_path / "tok")
+def test_tokenizer_loads_from_local_folder(tiny_tokenizer):
+    tokenizer = load_tokenizer(tiny_tokenizer)
     ids = tokenizer("two planes at the airport.")["input_ids"]
     assert tokenizer.convert_ids_to_tokens(ids) == ["[CLS]", "two", "plane", "##s", "at", "the", "air", "##port",
                                                     ".", "[SEP]"]
