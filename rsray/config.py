@@ -7,6 +7,7 @@ command line) a user has to fix.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -127,6 +128,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    # Typed by the model registry from `model.name` (rsray.models): each model owns its dataclass.
+    model: dict[str, Any] = field(default_factory=dict)
     origins: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def check(self) -> Iterator[tuple[str, str]]:
@@ -140,10 +143,17 @@ class Config:
         """A one-line error about `key`, naming where it was set."""
         return ConfigError(f"{self.source_of(key)}: {key}: {problem}")
 
+    def typed_section(self, name: str, cls: type, skip: tuple[str, ...] = ("name",)):
+        """Build dataclass `cls` from the free-form section `name` (e.g. a model's own config),
+        with the same checks and one-line errors as the fixed sections."""
+        data = {k: v for k, v in getattr(self, name).items() if k not in skip}
+        return _build(cls, data, prefix=f"{name}.", origins=self.origins)
+
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain data (what gets written out and logged)."""
-        return {f.name: dataclasses.asdict(getattr(self, f.name))
-                for f in dataclasses.fields(self) if f.name != "origins"}
+        def plain(value):
+            return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "origins"}
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -264,6 +274,10 @@ def _coerce(value: Any, hint: Any, key: str, fail) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key, fail)
+    if origin is dict or hint is Any:
+        if origin is dict and not isinstance(value, dict):
+            raise fail(key, f"expected a mapping, got {_kind(value)}")
+        return value
     if origin is list:
         if not isinstance(value, list):
             raise fail(key, f"expected a list, got {_kind(value)}")

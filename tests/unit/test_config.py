@@ -90,3 +90,27 @@ def test_resolved_config_round_trips(tmp_path):
     again = load_config(tmp_path / "resolved.yaml")
     assert again.to_dict() == cfg.to_dict()
     assert "origins" not in yaml.safe_load((tmp_path / "resolved.yaml").read_text())
+
+
+def test_free_form_section_is_typed_on_demand(tmp_path):
+    from dataclasses import dataclass
+
+    @dataclass
+    class Tiny:
+        width: int = 8
+        margin: float = 0.2
+
+        def check(self):
+            if self.margin < 0:
+                yield "margin", f"must not be negative, got {self.margin}"
+
+    f = write(tmp_path / "m.yaml", "model:\n  name: tiny\n  width: 16\n")
+    cfg = load_config(f, ["model.margin=0.3"])
+    assert cfg.typed_section("model", Tiny) == Tiny(width=16, margin=0.3)
+    with pytest.raises(ConfigError, match=r"^command line: model.margin: must not be negative"):
+        load_config(f, ["model.margin=-1"]).typed_section("model", Tiny)
+    with pytest.raises(ConfigError, match=r"^command line: model.depth: unknown key"):
+        load_config(f, ["model.depth=2"]).typed_section("model", Tiny)
+    g = write(tmp_path / "g.yaml", "model:\n  name: tiny\n  depth: 2\n")
+    with pytest.raises(ConfigError, match=r"g.yaml: model.depth: unknown key"):
+        load_config(g).typed_section("model", Tiny)
