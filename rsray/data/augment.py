@@ -1,12 +1,36 @@
 """Image augmentation as a model's config declares it (SWAN: resize 278, rotate 0-90, crop 256).
 
 Shards hold images already resized once by the prepare stage; what happens here runs per sample
-at load time, on CPU workers, with torchvision transforms.
+at load time, on CPU workers, with torchvision transforms (v2).
+
+Pipelines (both accept a PIL image or a uint8 tensor [3, H, W]; tensors are turned into PIL first,
+which is faster for these operations and the only way bicubic works everywhere):
+
+  train: Resize(train_resize, shorter side) -> RandomRotation([0, rotation]) if rotation > 0
+         -> RandomCrop(crop) -> RandomHorizontalFlip if hflip -> RandAugment(num_ops, magnitude)
+         if rand_augment -> float tensor in [0, 1] -> Normalize(MEANS[normalize]) (a plain torch.Tensor)
+         With `random_resized_crop: [min, max]`, RandomResizedCrop(crop, scale=(min, max)) replaces
+         Resize + RandomCrop (CLIP style); rotation, if any, still comes before it.
+  eval:  Resize((eval_resize, eval_resize)) -> float tensor -> Normalize. No randomness.
+
+`interpolation` applies to resizing, cropping and RandAugment. Rotation always interpolates
+bilinearly (rotating with bicubic buys nothing visible); the corners it uncovers are black.
+
+Randomness and determinism. torchvision's v2 transforms draw from torch's global CPU generator
+and take no generator argument. rsray therefore seeds *per sample*: `apply(transform, image,
+seed)` (and `seeded_rng`, for many samples in a row) sets the global CPU generator to `seed` for
+the call and restores the previous state afterwards, so the caller's own random stream (dropout
+on CPU, samplers) is untouched, and a sample's augmentation depends only on its seed: the same
+for any number of DataLoader workers, any batching, with or without Ray. The loader draws these
+seeds from a numpy Generator seeded by (seed, epoch) in the main process (see `rsray.data.loader`).
+Only the CPU generator is touched (never CUDA's), so this is safe in a process that trains on a GPU.
+Calling a transform directly (seed=None) just uses the global generator, as torchvision does.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 MEANS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
          "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))}
@@ -39,3 +63,96 @@ class AugmentConfig:
             yield "random_resized_crop", "expected [min_scale, max_scale]"
         if self.rand_augment and len(self.rand_augment) != 2:
             yield "rand_augment", "expected [num_ops, magnitude]"
+
+
+Transform = Callable[[Any], Any]  # PIL image or uint8 tensor [3, H, W] -> float tensor [3, H, W]
+
+
+def _mode(cfg: AugmentConfig):
+    from torchvision.transforms.v2 import InterpolationMode
+
+    return InterpolationMode.BICUBIC if cfg.interpolation == "bicubic" else InterpolationMode.BILINEAR
+
+
+def _checked(cfg: AugmentConfig) -> None:
+    problems = [f"augment.{key}: {why}" for key, why in cfg.check()]
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _to_pil():
+    from torchvision.transforms import v2
+
+    return v2.ToPILImage()  # tensors -> PIL; a PIL image passes through unchanged
+
+
+def _finish(cfg: AugmentConfig) -> list:
+    import torch
+    from torchvision.transforms import v2
+
+    mean, std = MEANS[cfg.normalize]
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std)),
+            v2.ToPureTensor()]
+
+
+def train_transform(cfg: AugmentConfig) -> Transform:
+    """The random training pipeline of `cfg` (see the module docstring for the order)."""
+    from torchvision.transforms import v2
+
+    _checked(cfg)
+    mode = _mode(cfg)
+    steps: list = [_to_pil()]
+    if not cfg.random_resized_crop:
+        steps.append(v2.Resize(cfg.train_resize, interpolation=mode, antialias=True))
+    if cfg.rotation > 0:
+        steps.append(v2.RandomRotation((0.0, float(cfg.rotation)), interpolation=v2.InterpolationMode.BILINEAR))
+    if cfg.random_resized_crop:
+        low, high = (float(x) for x in cfg.random_resized_crop)
+        steps.append(v2.RandomResizedCrop(cfg.crop, scale=(low, high), interpolation=mode, antialias=True))
+    else:
+        steps.append(v2.RandomCrop(cfg.crop))
+    if cfg.hflip:
+        steps.append(v2.RandomHorizontalFlip(0.5))
+    if cfg.rand_augment:
+        num_ops, magnitude = (int(x) for x in cfg.rand_augment)
+        steps.append(v2.RandAugment(num_ops=num_ops, magnitude=magnitude, interpolation=mode))
+    return v2.Compose(steps + _finish(cfg))
+
+
+def eval_transform(cfg: AugmentConfig) -> Transform:
+    """The deterministic evaluation pipeline: resize to an eval_resize square, normalise."""
+    from torchvision.transforms import v2
+
+    _checked(cfg)
+    size = (cfg.eval_resize, cfg.eval_resize)
+    return v2.Compose([_to_pil(), v2.Resize(size, interpolation=_mode(cfg), antialias=True)] + _finish(cfg))
+
+
+@contextlib.contextmanager
+def seeded_rng():
+    """Save torch's global CPU generator state on entry and restore it on exit.
+
+    Inside, call `reseed(seed)` before each sample: its random draws then depend on `seed` only."""
+    import torch
+
+    state = torch.get_rng_state()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
+
+
+def reseed(seed: int) -> None:
+    """Set torch's global CPU generator (not CUDA's) to `seed`; use inside `seeded_rng()`."""
+    import torch
+
+    torch.default_generator.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+
+
+def apply(transform: Transform, image, seed: int | None = None):
+    """`transform(image)`, with its randomness fixed by `seed` when one is given (caller's RNG kept)."""
+    if seed is None:
+        return transform(image)
+    with seeded_rng():
+        reseed(seed)
+        return transform(image)
