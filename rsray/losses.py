@@ -1,0 +1,115 @@
+"""Retrieval losses shared by the models: hinge triplet, InfoNCE, intra-class, affiliation.
+
+Conventions, used by every function here:
+  scores      [B, B] similarities; row i is the image of pair i, column j the caption of pair j,
+              so the matched pairs lie on the diagonal.
+  image_ids   [B] which image each pair shows. Two pairs of the same image are positives of each
+              other (five captions per image, or one image drawn twice in a batch): no loss ever
+              pushes them apart. None means every row is a different image.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def positive_mask(image_ids: torch.Tensor | None, n: int, device: torch.device | None = None) -> torch.Tensor:
+    """[n, n] bool, True where rows i and j show the same image (the diagonal always)."""
+    if image_ids is None:
+        return torch.eye(n, dtype=torch.bool, device=device)
+    if image_ids.shape != (n,):
+        raise ValueError(f"image_ids must have shape [{n}], got {list(image_ids.shape)}")
+    return image_ids[:, None] == image_ids[None, :]
+
+
+def triplet_loss(scores: torch.Tensor, image_ids: torch.Tensor | None = None, margin: float = 0.2,
+                 max_violation: bool = True) -> torch.Tensor:
+    """Bidirectional hinge triplet loss (VSE++), summed over the batch.
+
+    Image-to-text: for image i, every caption j of another image costs
+    max(0, margin + s[i, j] - s[i, i]); text-to-image: for caption j, every image i of another
+    image costs max(0, margin + s[i, j] - s[j, j]). `max_violation` keeps only the hardest
+    negative of each query (VSE++, the SWAN paper); otherwise all negatives are summed (the SWAN
+    release). Summing over the batch, not averaging, is what VSE++ and SWAN's code do.
+    """
+    n = scores.shape[0]
+    if scores.shape != (n, n):
+        raise ValueError(f"triplet_loss needs square scores (pair i on the diagonal), got {list(scores.shape)}")
+    positive = scores.diag()
+    not_negative = positive_mask(image_ids, n, scores.device)
+    cost_i2t = (margin + scores - positive[:, None]).clamp(min=0).masked_fill(not_negative, 0)  # row i: image i
+    cost_t2i = (margin + scores - positive[None, :]).clamp(min=0).masked_fill(not_negative, 0)  # column j: caption j
+    if max_violation:
+        return cost_i2t.max(dim=1).values.sum() + cost_t2i.max(dim=0).values.sum()
+    return cost_i2t.sum() + cost_t2i.sum()
+
+
+class LogitScale(nn.Module):
+    """Learnable inverse temperature, CLIP style: stored as a log, returned as exp(log), clamped.
+
+    Initialised to 1 / `temperature` (0.07 -> 14.29); never above `max_scale` (100, as CLIP).
+    """
+
+    def __init__(self, temperature: float = 0.07, max_scale: float = 100.0, learnable: bool = True):
+        super().__init__()
+        if not 0 < temperature:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.max_log = math.log(max_scale)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)), requires_grad=learnable)
+
+    def forward(self) -> torch.Tensor:
+        return self.log_scale.clamp(max=self.max_log).exp()
+
+
+def info_nce_loss(scores: torch.Tensor, logit_scale: torch.Tensor | float,
+                  image_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE with multi-positive targets, averaged over rows and both directions.
+
+    Logits are `logit_scale * scores`. Each row's target is spread evenly over its positives: all
+    in-batch captions of the same image (for a caption, all rows showing its image); the even
+    split is our choice (the spec says only that they all count as positives). With distinct
+    images this is CLIP's cross-entropy against the diagonal.
+    """
+    n = scores.shape[0]
+    if scores.shape != (n, n):
+        raise ValueError(f"info_nce_loss needs square scores, got {list(scores.shape)}")
+    targets = positive_mask(image_ids, n, scores.device).to(scores.dtype)
+    targets = targets / targets.sum(dim=1, keepdim=True)  # symmetric mask: same for columns
+    logits = logit_scale * scores
+    i2t = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    t2i = -(targets * F.log_softmax(logits.t(), dim=1)).sum(dim=1).mean()
+    return (i2t + t2i) / 2
+
+
+def intra_class_loss(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """CMPAGL's intra-class term: mean over matched pairs of 1 - cos(v_i, t_i)."""
+    return (1 - F.cosine_similarity(image_emb, text_emb, dim=-1)).mean()
+
+
+def affiliation_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scene_ids: torch.Tensor,
+                     logit_scale: torch.Tensor | float) -> torch.Tensor:
+    """PriorCLIP's affiliation loss: pull each sample towards its scene's centre in the other modality.
+
+    Per batch, the centre of scene c is the mean image embedding (resp. mean text embedding) of
+    the rows labelled c; rows with scene -1 are skipped, and only scenes present in the batch
+    are classes. Image rows are classified against the text centres and text rows against the
+    image centres, logits = `logit_scale` * dot product, cross-entropy with the row's own scene;
+    the loss is the mean of the two directions (our choice: the spec names both terms but not
+    how they combine). Centres are plain means, not re-normalised, and keep their gradient (as
+    specified). Same-image rows share a scene, so they are never each other's negatives.
+    """
+    valid = scene_ids >= 0
+    if not bool(valid.any()):
+        return (image_emb.sum() + text_emb.sum()) * 0.0  # no labelled rows: zero, still in the graph
+    images, texts = image_emb[valid], text_emb[valid]
+    _, target = torch.unique(scene_ids[valid], return_inverse=True)  # class index among present scenes
+    n_classes = int(target.max()) + 1
+    counts = torch.bincount(target, minlength=n_classes).to(images.dtype)[:, None]
+    image_centres = images.new_zeros(n_classes, images.shape[1]).index_add(0, target, images) / counts
+    text_centres = texts.new_zeros(n_classes, texts.shape[1]).index_add(0, target, texts) / counts
+    image_to_text = F.cross_entropy(logit_scale * images @ text_centres.t(), target)
+    text_to_image = F.cross_entropy(logit_scale * texts @ image_centres.t(), target)
+    return (image_to_text + text_to_image) / 2

@@ -1,0 +1,191 @@
+"""Encoders the models share: a timm image backbone, word embeddings (GloVe file optional), a BiGRU.
+
+Nothing here downloads: pretrained image weights come from a local checkpoint file, word
+vectors from a local GloVe-format text file.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import timm
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- image backbone
+
+class TimmBackbone(nn.Module):
+    """A timm model as a feature extractor returning the maps at `out_indices` (timm's numbering).
+
+    For ResNets, index 0 is the stem (`act1`, stride 2, before the max-pool) and 1..4 are
+    layer1..layer4 (strides 4..32). With `pool_stem=True` index 0 is instead taken after the
+    network's own max-pool, i.e. exactly the map layer1 receives (stride 4): timm's feature
+    wrapper keeps the `maxpool` module, and it has no parameters, so applying it to the stem map
+    is the same computation the backbone does next. Backbones without a max-pool refuse it.
+
+    `freeze=True`: no parameter is trained, the backbone stays in eval mode (BatchNorm uses its
+    running statistics whatever `model.train()` says) and runs without autograd.
+    `checkpoint`: a local file of the full model's weights (`torch.save(model.state_dict())`, or
+    a dict holding it under `state_dict` / `model`, or .safetensors); the classifier is dropped,
+    every other weight must be present.
+    """
+
+    def __init__(self, name: str, out_indices: Sequence[int] = (4,), freeze: bool = False,
+                 checkpoint: str | Path | None = None, pool_stem: bool = False):
+        super().__init__()
+        self.name, self.frozen, self.pool_stem = name, freeze, pool_stem
+        self.out_indices = tuple(out_indices)
+        kwargs = dict(features_only=True, out_indices=self.out_indices)
+        if checkpoint is not None:
+            state = load_backbone_state_dict(name, checkpoint)
+            kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(state_dict=state))
+        self.body = timm.create_model(name, **kwargs)
+        info = self.body.feature_info
+        self.channels: list[int] = list(info.channels())
+        self.reductions: list[int] = list(info.reduction())
+        if pool_stem:
+            if 0 not in self.out_indices:
+                raise ValueError("pool_stem=True needs feature index 0 (the stem) in out_indices")
+            maxpool = getattr(self.body, "maxpool", None)
+            if maxpool is None or isinstance(maxpool, nn.Identity):
+                raise ValueError(f"backbone {name!r} has no stem max-pool: pool_stem needs a ResNet-style stem")
+            self.reductions[self.out_indices.index(0)] *= 2  # the max-pool halves the stem map
+        if freeze:
+            for p in self.body.parameters():
+                p.requires_grad_(False)
+            self.body.eval()
+
+    def train(self, mode: bool = True) -> "TimmBackbone":
+        super().train(mode)
+        if self.frozen:
+            self.body.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            features = list(self.body(images))
+            if self.pool_stem:
+                i = self.out_indices.index(0)
+                features[i] = self.body.maxpool(features[i])
+        return features
+
+
+def load_backbone_state_dict(name: str, path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights of timm model `name` from a local file, checked against the model's own keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone checkpoint not found: {path}")
+    state = timm.models.load_state_dict(str(path), weights_only=True)  # unwraps state_dict/model, strips module.
+    with torch.device("meta"):  # the key list only: no memory, no init cost
+        reference = timm.create_model(name)
+    classifier = reference.pretrained_cfg.get("classifier") or ()
+    classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    needed = [k for k in reference.state_dict()
+              if not k.endswith("num_batches_tracked") and not any(k.startswith(c + ".") for c in classifier)]
+    missing = [k for k in needed if k not in state]
+    if missing:
+        found = ", ".join(list(state)[:3])
+        raise ValueError(f"backbone checkpoint {path}: {len(missing)} of {len(needed)} {name} weights missing "
+                         f"(first: {missing[0]}); the file's keys start: {found}")
+    return {k: v for k, v in state.items() if not any(k.startswith(c + ".") for c in classifier)}
+
+
+# ----------------------------------------------------------------------------- text
+
+def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """[B, max_len] bool, True at valid positions."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x [B, L, D] over positions where mask [B, L] is True (at least one per row)."""
+    weights = mask.to(x.dtype).unsqueeze(-1)
+    return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
+def last_valid(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """x [B, L, D] at position lengths - 1 of each row."""
+    return x[torch.arange(x.shape[0], device=x.device), lengths.to(x.device) - 1]
+
+
+class WordEmbedding(nn.Embedding):
+    """Word vectors with <pad> (id 0) fixed at zero; random init U(-0.1, 0.1), or GloVe when loaded."""
+
+    def __init__(self, vocab_size: int, dim: int):
+        super().__init__(vocab_size, dim, padding_idx=0)
+        nn.init.uniform_(self.weight, -0.1, 0.1)
+        with torch.no_grad():
+            self.weight[0].zero_()
+
+    def load_vectors(self, path: str | Path, itos: Sequence[str]) -> int:
+        """Copy vectors from a GloVe-format text file (`word v1 ... vD` per line) for the words
+        in `itos` (id -> word, the model's vocabulary); other words keep their random init.
+        Returns how many vocabulary words were found."""
+        if itos is None:
+            raise ValueError(f"loading word vectors from {path} needs the vocabulary (id -> word)")
+        if len(itos) != self.num_embeddings:
+            raise ValueError(f"vocabulary has {len(itos)} words, the embedding {self.num_embeddings}")
+        vectors = read_word_vectors(path, itos, self.embedding_dim)
+        with torch.no_grad():
+            for i, vector in vectors.items():
+                if i != self.padding_idx:
+                    self.weight[i] = vector
+        log.info("word vectors: %d of %d vocabulary words found in %s", len(vectors), len(itos), path)
+        return len(vectors)
+
+
+def read_word_vectors(path: str | Path, itos: Sequence[str], dim: int) -> dict[int, torch.Tensor]:
+    """{word id: vector} for the vocabulary words present in a GloVe-format file.
+
+    Only lines whose word is in the vocabulary are parsed (GloVe 840B has 2.2M lines). A word may
+    itself contain spaces (840B has a few), so the vector is the last `dim` fields of the line;
+    the first occurrence of a word wins.
+    """
+    stoi = {w: i for i, w in enumerate(itos)}
+    found: dict[int, torch.Tensor] = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line_no, line in enumerate(f, 1):
+            word, _, rest = line.partition(" ")
+            fields = rest.split()
+            if len(fields) != dim:  # a word with spaces, or a wrong-sized file
+                parts = line.rstrip("\n").rsplit(" ", dim)
+                word, fields = parts[0], parts[1:]
+                if len(fields) != dim:
+                    raise ValueError(f"{path}:{line_no}: expected a word and {dim} numbers")
+            i = stoi.get(word)
+            if i is not None and i not in found:
+                try:
+                    found[i] = torch.tensor([float(v) for v in fields])
+                except ValueError:
+                    raise ValueError(f"{path}:{line_no}: expected a word and {dim} numbers") from None
+    return found
+
+
+class BiGRU(nn.Module):
+    """1-layer bidirectional GRU over padded word vectors, run on packed sequences.
+
+    `merge="mean"` returns one [B, L, H] sequence, the two directions averaged (SWAN, VSE++);
+    `merge="separate"` returns (forward, backward), each [B, L, H] (DOVE's DTGA gates them).
+    Positions past a row's length are zero.
+    """
+
+    def __init__(self, input_dim: int, hidden: int, merge: str = "mean"):
+        super().__init__()
+        if merge not in ("mean", "separate"):
+            raise ValueError(f"merge must be mean or separate, got {merge!r}")
+        self.merge, self.hidden = merge, hidden
+        self.rnn = nn.GRU(input_dim, hidden, num_layers=1, batch_first=True, bidirectional=True)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor):
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.rnn(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        forward, backward = out[..., :self.hidden], out[..., self.hidden:]
+        if self.merge == "separate":
+            return forward, backward
+        return (forward + backward) / 2

@@ -1,0 +1,68 @@
+"""Model registry: each model file registers its class with its config dataclass; one factory builds any.
+
+    @register_model("swan", SwanConfig)
+    class Swan(RetrievalModel): ...
+
+    model = build_model(load_config("model/swan-tiny"), vocab=vocab.itos)
+
+A model class is constructed as `cls(config, vocab_size=..., vocab=...)`, where `config` is its
+own dataclass typed from the `model:` section (everything but `name`).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from rsray.config import Config
+from rsray.models.base import RetrievalModel
+
+_MODELS: dict[str, tuple[type[RetrievalModel], type]] = {}
+
+
+def register_model(name: str, config_cls: type) -> Callable[[type[RetrievalModel]], type[RetrievalModel]]:
+    """Class decorator: make `name` buildable from a config whose `model.name` is `name`."""
+    def decorate(cls: type[RetrievalModel]) -> type[RetrievalModel]:
+        if name in _MODELS and _MODELS[name][0] is not cls:
+            raise ValueError(f"model name {name!r} is already registered by {_MODELS[name][0].__qualname__}")
+        _MODELS[name] = (cls, config_cls)
+        cls.model_name = name
+        cls.config_cls = config_cls
+        return cls
+    return decorate
+
+
+def registered_models() -> list[str]:
+    """Names a config's `model.name` may take, sorted."""
+    return sorted(_MODELS)
+
+
+def _lookup(cfg: Config) -> tuple[type[RetrievalModel], type]:
+    name = cfg.model.get("name")
+    if name is None:
+        raise cfg.error("model.name", f"missing: choose one of {', '.join(registered_models())}")
+    if name not in _MODELS:
+        raise cfg.error("model.name", f"unknown model {name!r}; known: {', '.join(registered_models())}")
+    return _MODELS[name]
+
+
+def model_config(cfg: Config) -> Any:
+    """The `model:` section typed as the named model's config dataclass (checked, one-line errors)."""
+    _, config_cls = _lookup(cfg)
+    return cfg.typed_section("model", config_cls)
+
+
+def build_model(cfg: Config, vocab_size: int | None = None, vocab: Sequence[str] | None = None) -> RetrievalModel:
+    """The model `cfg.model["name"]` with its typed config.
+
+    `vocab` (the word list, id -> word) is needed only when the config names a word-vectors file
+    (`glove_path`); it also gives `vocab_size` when that is not passed.
+    """
+    cls, config_cls = _lookup(cfg)
+    config = cfg.typed_section("model", config_cls)
+    if vocab is not None:
+        vocab = list(vocab)
+        if vocab_size is not None and vocab_size != len(vocab):
+            raise ValueError(f"vocab_size {vocab_size} disagrees with the {len(vocab)}-word vocabulary")
+        vocab_size = len(vocab)
+    if getattr(config, "glove_path", None) and vocab is None:
+        raise cfg.error("model.glove_path", "loading word vectors needs the vocabulary: pass vocab= to build_model")
+    return cls(config, vocab_size=vocab_size, vocab=vocab)
