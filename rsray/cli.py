@@ -22,6 +22,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "prepare": ("pipelines.prepare", "validate, resize and tokenize a dataset into Parquet shards (Ray Data)"),
     "data": ("pipelines.data", "dataset tools: `rsray data inspect TARGET [--json]`"),
     "demo": ("pipelines.demo", "run the whole pipeline on the embedded sample"),
+    "metrics": ("pipelines.metrics", "R@K, mR, ranks, SR@K (and SMR) from a saved similarity matrix (.npy)"),
 }
 
 EPILOG = """config: a YAML file or a name under conf/ (e.g. presets/cpu-tiny), then key=value
