@@ -17,28 +17,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 
 def plain_loop(cfg, out_dir: Path) -> int:
     """The same per-batch work as the Ray stage, in one process, one batch after another."""
-    from rsray.data.formats import read_records
-    from rsray.data.prepare import _COMPRESSION, ImageBatchProcessor, _record_row
-    from rsray.data.text import build_vocabulary
+    from rsray.data.prepare import _COMPRESSION, prepare_in_process
 
-    records = read_records(cfg.data)
-    vocab = build_vocabulary(records, splits=tuple(cfg.data.vocab_splits), min_count=cfg.data.vocab_min_count)
-    process = ImageBatchProcessor(cfg.prepare.image_size, cfg.prepare.image_encoding, cfg.prepare.jpeg_quality,
-                                  vocab.to_dict(), None, None)
-    rows = pa.Table.from_pylist([_record_row(r) for r in records])
-    tables = [process(rows.slice(start, 32))[0] for start in range(0, rows.num_rows, 32)]
-    table = pa.concat_tables(tables)
+    tables, _ = prepare_in_process(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "val", "test"):
-        part = table.filter(pa.compute.equal(table["split"], split))
-        pq.write_table(part, out_dir / f"{split}.parquet", compression=_COMPRESSION)
-    return table.num_rows
+    for split, table in tables.items():
+        pq.write_table(table, out_dir / f"{split}.parquet", compression=_COMPRESSION)
+    return sum(t.num_rows for t in tables.values())
 
 
 def main(argv=None) -> None:

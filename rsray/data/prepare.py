@@ -269,6 +269,21 @@ def _shard_names():
     return ShardNames()
 
 
+def prepare_in_process(cfg: Config, batch_size: int = 32) -> tuple[dict[str, pa.Table], Vocabulary]:
+    """The stage's per-batch work in this process, without Ray or files: shard tables per split.
+
+    For the prepare benchmark's baseline and for single-process tests; rejected records are
+    simply left out here (the Ray stage is the one that reports them)."""
+    records = read_records(cfg.data)
+    accepted, _ = _check_captions(records, cfg.data.captions_per_image)
+    vocab = build_vocabulary(accepted, splits=tuple(cfg.data.vocab_splits), min_count=cfg.data.vocab_min_count)
+    process = ImageBatchProcessor(cfg.prepare.image_size, cfg.prepare.image_encoding, cfg.prepare.jpeg_quality,
+                                  vocab.to_dict(), cfg.data.tokenizer, cfg.prepare.s3_endpoint)
+    rows = pa.Table.from_pylist([_record_row(r) for r in accepted], schema=_RECORD_SCHEMA)
+    table = pa.concat_tables([process(rows.slice(i, batch_size))[0] for i in range(0, rows.num_rows, batch_size)])
+    return {split: table.filter(pc.equal(table["split"], split)) for split in SPLITS}, vocab
+
+
 def check_input_paths(cfg: Config) -> None:
     """Refuse a missing dataset folder before starting anything, naming the key and its file."""
     root = Path(cfg.data.root)

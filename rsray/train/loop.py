@@ -1,0 +1,95 @@
+"""The per-worker training core in plain PyTorch: optimizer, one epoch, evaluation.
+
+Ray Train runs these functions inside each worker; they also run as an ordinary process (tests,
+GPU throughput measurements), so nothing here imports Ray.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import pyarrow as pa
+import torch
+from torch import nn
+
+from rsray.data.loader import caption_image_index, eval_captions, eval_images, image_scenes
+from rsray.eval.metrics import retrieval_metrics
+from rsray.eval.rerank import SMRConfig, smr_rerank
+from rsray.eval.scoring import score_matrix
+from rsray.models.base import Batch, RetrievalModel
+
+
+def make_optimizer(model: nn.Module, model_cfg: Any) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The model config's optimizer over trainable parameters, with its step decay per epoch."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[model_cfg.optimizer]
+    optimizer = optimizer_cls(params, lr=model_cfg.lr)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=model_cfg.decay_every, gamma=model_cfg.lr_decay)
+    return optimizer, schedule
+
+
+def to_device(batch: Batch, device: torch.device | str) -> Batch:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@dataclass
+class EpochStats:
+    losses: dict[str, float]  # mean of each loss term over the epoch
+    pairs: int
+    seconds: float
+
+    @property
+    def pairs_per_second(self) -> float:
+        return self.pairs / max(self.seconds, 1e-9)
+
+
+def train_epoch(model: RetrievalModel, batches: Iterable[Batch], optimizer: torch.optim.Optimizer,
+                device: torch.device | str = "cpu", grad_clip: float | None = 2.0,
+                amp_dtype: torch.dtype | None = None) -> EpochStats:
+    """One pass over `batches`: loss, backward, clip, step. `amp_dtype=torch.bfloat16` on GPU."""
+    model.train()
+    sums: dict[str, float] = {}
+    steps = pairs = 0
+    started = time.perf_counter()
+    for batch in batches:
+        batch = to_device(batch, device)
+        with torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            losses = model.loss(batch)
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+        optimizer.step()
+        for name, value in losses.items():
+            sums[name] = sums.get(name, 0.0) + float(value.detach())
+        steps += 1
+        pairs += int(batch["images"].shape[0])
+    return EpochStats({k: v / max(steps, 1) for k, v in sums.items()}, pairs, time.perf_counter() - started)
+
+
+@torch.no_grad()
+def encode_split(model: RetrievalModel, table: pa.Table, augment: Any, device: torch.device | str = "cpu",
+                 image_batch: int = 64, caption_batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of every image (table order) and every caption (image 0's captions first, ...)."""
+    model.eval()
+    images = [model.encode_images(to_device(b, device)) for b in eval_images(table, augment, image_batch)]
+    texts = [model.encode_texts(to_device(b, device)) for b in eval_captions(table, caption_batch)]
+    return torch.cat(images), torch.cat(texts)
+
+
+@torch.no_grad()
+def evaluate(model: RetrievalModel, table: pa.Table, augment: Any, device: torch.device | str = "cpu",
+             smr: SMRConfig | None = None) -> dict[str, float]:
+    """The protocol's numbers on one split's whole gallery (scene recall where scenes exist);
+    with `smr`, the same again after SMR re-ranking under `smr_` names."""
+    image_features, text_features = encode_split(model, table, augment, device)
+    scores = score_matrix(model, image_features, text_features).float()
+    caption_image = caption_image_index(table).to(scores.device)
+    scenes = image_scenes(table)
+    scenes = scenes if any(s is not None for s in scenes) else None
+    metrics = retrieval_metrics(scores, caption_image, scenes)
+    if smr is not None:
+        reranked = smr_rerank(scores, k=smr.k, w=smr.w, beta=smr.beta)
+        metrics.update({f"smr_{k}": v for k, v in retrieval_metrics(reranked, caption_image, scenes).items()})
+    return metrics
