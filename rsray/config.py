@@ -123,6 +123,57 @@ class SampleConfig:
 
 
 @dataclass
+class TrainConfig:
+    """How a model is trained on Ray Train: workers, epochs, batches, checkpoints, fault tolerance."""
+    data: str = "data/prepared/rsray_sample"  # a prepared output (folder or s3://) with manifest.json
+    epochs: int = 10
+    batch_size: int = 32  # per worker
+    num_workers: int = 2  # Ray Train workers (one per GPU on a cluster)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    storage_path: str = "runs"  # checkpoints and Ray Train results: folder or s3://
+    run_name: str = ""  # default: <model>-<dataset>-<time>
+    seed: int = 0
+    grad_clip: float = 2.0  # 0 = off
+    amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | off
+    max_failures: int = 2  # worker-group restarts Ray Train may make, resuming from the last checkpoint
+    keep_checkpoints: int = 2  # best by validation mR are kept
+    eval_batch_size: int = 64
+    loader_workers: int = 0  # torch DataLoader processes per Ray worker (0: decode in the worker)
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        for name in ("epochs", "batch_size", "num_workers", "keep_checkpoints", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                yield name, f"must be positive, got {getattr(self, name)}"
+        if self.cpus_per_worker <= 0:
+            yield "cpus_per_worker", f"must be positive, got {self.cpus_per_worker}"
+        if self.grad_clip < 0:
+            yield "grad_clip", f"must be >= 0, got {self.grad_clip}"
+        if self.amp not in ("auto", "bf16", "off"):
+            yield "amp", f"must be auto, bf16 or off, got {self.amp!r}"
+        if self.max_failures < -1:
+            yield "max_failures", f"must be >= -1 (-1: retry forever), got {self.max_failures}"
+        if self.loader_workers < 0:
+            yield "loader_workers", f"must be >= 0, got {self.loader_workers}"
+
+
+@dataclass
+class TrackingConfig:
+    """Where runs are recorded: MLflow tracking URI (a local SQLite file or an http:// server)."""
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "rsray"
+    enabled: bool = True
+    retries: int = 5  # a transient failure mid-run is retried this many times, then skipped
+    system_metrics: bool = True
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if not self.uri:
+            yield "uri", "must not be empty (sqlite:///mlflow.db or http://host:port)"
+        if self.retries < 0:
+            yield "retries", f"must be >= 0, got {self.retries}"
+
+
+@dataclass
 class Config:
     """Everything one rsray command needs; sections are added as stages land."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -130,6 +181,8 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     # Typed by the model registry from `model.name` (rsray.models): each model owns its dataclass.
     model: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     origins: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def check(self) -> Iterator[tuple[str, str]]:
