@@ -14,7 +14,7 @@ TORCH_PAIR := torch==2.13.0 torchvision==0.28.0
 CERT := $(wildcard /etc/ssl/certs/ca-certificates.crt)
 ISOLATED_PIP := $(PIP) --isolated $(if $(CERT),--cert $(CERT))
 
-.PHONY: venv demo test test-unit test-integration bench-prepare clean
+.PHONY: venv demo test test-unit test-integration bench-prepare bench-eval clean
 
 venv: $(STAMP)
 
@@ -40,6 +40,9 @@ test-integration: venv
 
 bench-prepare: venv
 	$(PY) -m benchmarks.prepare_throughput --images 5000 --size 256
+
+bench-eval: venv
+	$(PY) -m benchmarks.eval_throughput
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
