@@ -21,6 +21,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "sample": ("pipelines.sample", "draw the embedded sample dataset (aerial-like scenes + captions)"),
     "prepare": ("pipelines.prepare", "validate, resize and tokenize a dataset into Parquet shards (Ray Data)"),
     "data": ("pipelines.data", "dataset tools: `rsray data inspect TARGET [--json]`"),
+    "train": ("pipelines.train", "train a model on Ray Train (DDP workers), checkpoint every epoch"),
     "demo": ("pipelines.demo", "run the whole pipeline on the embedded sample"),
     "metrics": ("pipelines.metrics", "R@K, mR, ranks, SR@K (and SMR) from a saved similarity matrix (.npy)"),
 }

@@ -1,0 +1,40 @@
+"""`rsray train`: train one model on Ray Train (DDP workers), checkpointing every epoch."""
+from __future__ import annotations
+
+import sys
+
+from rsray.cli import config_from_args, run_cli, setup_logging, stage_parser
+
+
+def run(cfg):
+    from rsray.train.run import TrainingFailed, train
+
+    try:
+        result = train(cfg)
+    except TrainingFailed as exc:
+        print(f"rsray: error: {exc}", file=sys.stderr)
+        return 1
+    history = result.return_value or ([m for _, m in result.best_checkpoints or []])
+    for m in history:
+        terms = ", ".join(f"{k[len('train/'):]} {v:.4f}" for k, v in m.items() if k.startswith("train/"))
+        print(f"epoch {int(m['epoch'])}: {terms}; lr {m['lr']:.2e}; {m['pairs_per_s']:.0f} pairs/s; "
+              f"val mR {m.get('val/mR', float('nan')):.2f} (i2t R@1 {m.get('val/i2t_R1', float('nan')):.1f}, "
+              f"t2i R@1 {m.get('val/t2i_R1', float('nan')):.1f})")
+    best = result.get_best_checkpoint("val/mR", "max") if result.best_checkpoints else None
+    print(f"run folder: {result.path}")
+    print(f"best checkpoint (val mR): {best.path if best else 'none'}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = stage_parser("rsray train", "Train the configured model on the prepared output train.data with "
+                          "Ray Train: train.num_workers DDP workers read equal shards of the train split, "
+                          "rank 0 scores the whole validation split each epoch, and every epoch's "
+                          "checkpoint goes to train.storage_path/train.run_name (best by val mR kept).")
+    ns = parser.parse_intermixed_args(argv)
+    setup_logging()
+    return run_cli(lambda: run(config_from_args(ns.args, default="train/cpu-tiny")))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

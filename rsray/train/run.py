@@ -1,0 +1,352 @@
+"""Ray Train: one model trained data-parallel (DDP) on `train.num_workers` workers.
+
+    result = train(load_config("train/cpu-tiny"))   # ensures Ray, fits, returns ray.train.Result
+
+How data reaches the workers
+----------------------------
+The driver reads the prepared output's manifest and builds one Ray Dataset over the train split's
+Parquet files (local folder or s3://), exploded to (image, caption) pair rows by
+`rsray.data.loader.explode_pairs` in Ray Data tasks. `DataConfig(datasets_to_split=["train"])`
+hands each worker an equal streaming shard; the worker shuffles it locally (seeded by seed, epoch,
+rank) and decodes + augments each batch with `batch_from_arrow` (the same function the local
+DataLoader path uses). The validation split is not a Ray Dataset: rank 0 reads it whole with
+`read_split` and scores the whole gallery with `rsray.train.loop.evaluate`; other ranks skip it.
+
+Every epoch every worker calls `ray.train.report`; rank 0 attaches a checkpoint folder holding
+`state.pt` (model, optimizer, scheduler, epoch, RNG states, metric history: plain tensors and
+dicts, loadable with `torch.load(..., weights_only=True)`) and `config.yaml` (the resolved
+config, loadable with `rsray.config.load_config`). A restarted worker group resumes from
+`ray.train.get_checkpoint()` at the next epoch.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from rsray import storage
+from rsray.config import Config, load_config
+
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.yaml"
+SHUFFLE_BUFFER_BATCHES = 8  # local shuffle buffer per worker, in batches (at least 1000 pairs)
+
+
+class TrainingFailed(RuntimeError):
+    """The Ray Train run ended in error (after its allowed restarts); the message is one line."""
+
+
+# ----------------------------------------------------------------------------- config in workers
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """A resolved config (`Config.to_dict()`) back as a typed, checked Config.
+
+    Goes through a YAML file and `load_config`, the one public way in, so workers get the same
+    checks as the command line."""
+    with tempfile.TemporaryDirectory(prefix="rsray-config-") as folder:
+        path = Path(folder) / CONFIG_FILE
+        path.write_text(_yaml_dump(data))
+        return load_config(path)
+
+
+def _yaml_dump(data: dict[str, Any]) -> str:
+    import yaml
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _absolute_paths(cfg: Config) -> Config:
+    """Local paths a worker reads, made absolute (workers need not share the driver's cwd)."""
+    def absolute(value):
+        if isinstance(value, str) and value and not storage.is_s3(value) and not os.path.isabs(value) \
+                and os.path.exists(value):
+            return os.path.abspath(value)
+        return value
+
+    cfg.train.data = absolute(cfg.train.data)
+    cfg.data.tokenizer = absolute(cfg.data.tokenizer)
+    for key, value in list(cfg.model.items()):
+        if key.endswith(("_path", "_checkpoint")):
+            cfg.model[key] = absolute(value)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- per worker
+
+class _LossForward(nn.Module):
+    """`forward(batch) = model.loss(batch)`, so DistributedDataParallel sees the loss computation
+    (DDP synchronises gradients only for calls through its forward)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return self.model.loss(batch)
+
+
+class _Distributed(nn.Module):
+    """What `rsray.train.loop.train_epoch` needs (`loss`, `train`, `parameters`) on a DDP model."""
+
+    def __init__(self, wrapped: nn.Module):
+        super().__init__()
+        self.wrapped = wrapped
+
+    def loss(self, batch):
+        return self.wrapped(batch)
+
+
+def _seed_everything(*parts: int) -> None:
+    seed = int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    """RNG states as plain tensors, ints and lists (what `weights_only=True` loads)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def _pair_batches(shard, batch_size: int, augment, seed: int, epoch: int, rank: int):
+    """Training batches of one epoch from this worker's shard of pair rows."""
+    from rsray.data.augment import train_transform
+    from rsray.data.loader import batch_from_arrow
+
+    transform = train_transform(augment)  # built once per epoch, not per batch
+    rng = np.random.default_rng([seed, epoch, rank])  # one augmentation seed per pair is drawn from it
+    shuffle_seed = int(np.random.SeedSequence([seed, epoch, rank, 1]).generate_state(1)[0])
+    for pairs in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=True,
+                                    local_shuffle_buffer_size=max(1000, SHUFFLE_BUFFER_BATCHES * batch_size),
+                                    local_shuffle_seed=shuffle_seed):
+        yield batch_from_arrow(pairs, transform, rng)
+
+
+def _mean_across_workers(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    tensor /= dist.get_world_size()
+    return dict(zip(keys, tensor.tolist()))
+
+
+def _sum_across_workers(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
+    """The Ray Train worker function. `config`: {"config": Config.to_dict(), "tracking": bool}.
+
+    Returns (on every rank; Ray keeps rank 0's) the per-epoch metrics of the whole run."""
+    import ray.train
+    import ray.train.torch
+
+    from rsray.data.loader import read_split, vocab_size
+    from rsray.data.prepare import read_manifest
+    from rsray.models import build_model, model_config
+    from rsray.train.loop import evaluate, make_optimizer, train_epoch
+
+    cfg = config_from_dict(config["config"])
+    tc = cfg.train
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    device = ray.train.torch.get_device()
+    if isinstance(device, list):
+        device = device[0]
+
+    manifest = read_manifest(tc.data, cfg.prepare.s3_endpoint)
+    _seed_everything(tc.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = build_model(cfg, vocab_size=vocab_size(manifest), vocab=manifest["vocab"]["words"])
+    model_cfg = model_config(cfg)
+
+    start_epoch, history, saved = 0, [], None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            saved = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["model"])
+        start_epoch, history = int(saved["epoch"]) + 1, list(saved["history"])
+
+    distributed = _Distributed(ray.train.torch.prepare_model(_LossForward(model)))
+    optimizer, scheduler = make_optimizer(model, model_cfg)
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+    if saved is not None and rank == 0:
+        _set_rng_state(saved["rng"])  # the saved states are rank 0's
+    else:
+        _seed_everything(tc.seed, rank, start_epoch)
+
+    val = read_split(tc.data, "val", cfg.prepare.s3_endpoint) if rank == 0 else None
+    shard = ray.train.get_dataset_shard("train")
+    amp_dtype = _amp_dtype(tc.amp, device)
+
+    # MLflow hook (rsray.tracking, not wired yet): rank 0 creates the tracker here, e.g.
+    #     tracker = Tracker.start(cfg, ...) if config.get("tracking") and rank == 0 else NullTracker()
+    # and logs each epoch's `metrics` below with tracker.log_metrics(metrics, step=epoch).
+    tracker = None
+
+    for epoch in range(start_epoch, tc.epochs):
+        lr = float(scheduler.get_last_lr()[0])
+        stats = train_epoch(distributed, _pair_batches(shard, tc.batch_size, model_cfg.augment, tc.seed, epoch, rank),
+                            optimizer, device=device, grad_clip=tc.grad_clip or None, amp_dtype=amp_dtype)
+        scheduler.step()
+        losses = _mean_across_workers(stats.losses, device)
+        pairs, = _sum_across_workers([float(stats.pairs)], device)
+        seconds, = _sum_across_workers([stats.seconds], device, op="max")
+        metrics: dict[str, float] = {"epoch": epoch, "lr": lr, "pairs_per_s": pairs / max(seconds, 1e-9)}
+        metrics.update({f"train/{'loss' if k == 'total' else k}": v for k, v in losses.items()})
+        if rank == 0:
+            started = time.perf_counter()
+            scores = evaluate(model, val, model_cfg.augment, device=device)
+            metrics.update({f"val/{k}": v for k, v in scores.items()})
+            metrics["val_seconds"] = time.perf_counter() - started
+            history.append(dict(metrics))
+            if tracker is not None:  # MLflow hook, see above
+                tracker.log_metrics(metrics, step=epoch)
+            with tempfile.TemporaryDirectory(prefix="rsray-ckpt-") as folder:
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": _rng_state(),
+                            "metrics": dict(metrics), "history": history}, Path(folder) / STATE_FILE)
+                (Path(folder) / CONFIG_FILE).write_text(_yaml_dump(config["config"]))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        else:
+            ray.train.report(metrics)
+    return history
+
+
+# ----------------------------------------------------------------------------- driver
+
+def default_run_name(cfg: Config) -> str:
+    return f"{cfg.model.get('name', 'model')}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def train_dataset(cfg: Config):
+    """The train split's shard files as a Ray Dataset of (image, caption) pair rows."""
+    import ray.data
+
+    from rsray.data.loader import explode_pairs, image_numbers, scene_index
+    from rsray.data.prepare import read_manifest
+
+    manifest = read_manifest(cfg.train.data, cfg.prepare.s3_endpoint)
+    files = manifest["splits"].get("train", {}).get("files")
+    if not files:
+        raise cfg.error("train.data", f"{cfg.train.data} has no train split to train on")
+    pairs = manifest["splits"]["train"]["captions"]
+    if pairs < cfg.train.batch_size * cfg.train.num_workers:
+        raise cfg.error("train.batch_size", f"{pairs} training pairs give no full batch of {cfg.train.batch_size} "
+                        f"on each of {cfg.train.num_workers} workers")
+    root = storage.resolve(cfg.train.data, cfg.prepare.s3_endpoint)
+    columns = ["image_id", "scene", "caption_tokens", "image"]
+    if manifest.get("tokenizer"):
+        columns.append("caption_input_ids")
+    dataset = ray.data.read_parquet([root.join(*f["path"].split("/")).path for f in files], filesystem=root.fs)
+    return (dataset
+            .select_columns(columns)
+            .randomize_block_order(seed=ray.data.RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True))
+            .map_batches(explode_pairs, batch_format="pyarrow",
+                         fn_kwargs={"scenes": scene_index(manifest), "image_index": image_numbers(manifest, "train")}))
+
+
+def build_trainer(cfg: Config, tracking: bool = False):
+    """The TorchTrainer for `cfg` (does not start training)."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from rsray.models import model_config
+
+    model_config(cfg)  # a bad model section fails here, in one line, before any worker starts
+    cfg = _absolute_paths(copy.deepcopy(cfg))
+    tc = cfg.train
+    if not tc.run_name:
+        tc.run_name = default_run_name(cfg)
+    store = storage.resolve(tc.storage_path)
+    run_config = RunConfig(
+        name=tc.run_name,
+        storage_path=store.path,
+        storage_filesystem=store.fs if storage.is_s3(tc.storage_path) else None,
+        failure_config=FailureConfig(max_failures=tc.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints, checkpoint_score_attribute="val/mR",
+                                           checkpoint_score_order="max"),
+    )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "tracking": tracking},
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
+        run_config=run_config,
+        datasets={"train": train_dataset(cfg)},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def train(cfg: Config, tracking: bool = False):
+    """Start or join Ray, train, and return the `ray.train.Result` (raises TrainingFailed)."""
+    from ray.train import TrainingFailedError
+
+    from rsray.runtime import ensure_ray
+
+    ensure_ray()
+    trainer = build_trainer(cfg, tracking=tracking)
+    name = trainer.run_config.name
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as exc:
+        raise TrainingFailed(f"training run {name} failed: {_summary(exc)}") from exc
+    if result.error:  # fit() raises in Ray 2.60; kept in case a version returns the error instead
+        raise TrainingFailed(f"training run {name} failed: {_summary(result.error)}")
+    return result
+
+
+def _summary(exc: BaseException) -> str:
+    """One line for an error that may carry a worker's traceback: its last non-empty line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def load_checkpoint_state(checkpoint) -> dict[str, Any]:
+    """The `state.pt` dict of a `ray.train.Checkpoint` (tensors on CPU)."""
+    with checkpoint.as_directory() as folder:
+        return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
