@@ -234,6 +234,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
+def config_from_dict(data: dict[str, Any], source: str = "resolved config") -> Config:
+    """A resolved config (`Config.to_dict()`, e.g. sent to Ray workers or read from a checkpoint)
+    back as a typed, checked Config; errors name `source`."""
+    origins: dict[str, str] = {}
+    _record_leaves(data, origins, source, "")
+    cfg = _build(Config, copy.deepcopy(data), prefix="", origins=origins)
+    cfg.origins = origins
+    return cfg
+
+
 def _merge_file(path: Path, tree: dict, origins: dict, seen: tuple[Path, ...]) -> None:
     path = _resolve_config_path(path)
     if path in seen:

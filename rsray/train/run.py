@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from rsray import storage
-from rsray.config import Config, load_config
+from rsray.config import Config, config_from_dict
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
@@ -45,22 +45,6 @@ class TrainingFailed(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- config in workers
-
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """A resolved config (`Config.to_dict()`) back as a typed, checked Config.
-
-    Goes through a YAML file and `load_config`, the one public way in, so workers get the same
-    checks as the command line."""
-    with tempfile.TemporaryDirectory(prefix="rsray-config-") as folder:
-        path = Path(folder) / CONFIG_FILE
-        path.write_text(_yaml_dump(data))
-        return load_config(path)
-
-
-def _yaml_dump(data: dict[str, Any]) -> str:
-    import yaml
-    return yaml.safe_dump(data, sort_keys=False)
-
 
 def _absolute_paths(cfg: Config) -> Config:
     """Local paths a worker reads, made absolute (workers need not share the driver's cwd)."""
@@ -250,7 +234,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": _rng_state(),
                             "metrics": dict(metrics), "history": history}, Path(folder) / STATE_FILE)
-                (Path(folder) / CONFIG_FILE).write_text(_yaml_dump(config["config"]))
+                config_from_dict(config["config"]).save(Path(folder) / CONFIG_FILE)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
             ray.train.report(metrics)

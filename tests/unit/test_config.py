@@ -114,3 +114,15 @@ def test_free_form_section_is_typed_on_demand(tmp_path):
     g = write(tmp_path / "g.yaml", "model:\n  name: tiny\n  depth: 2\n")
     with pytest.raises(ConfigError, match=r"g.yaml: model.depth: unknown key"):
         load_config(g).typed_section("model", Tiny)
+
+
+def test_resolved_dict_round_trips_with_checks():
+    from rsray.config import config_from_dict
+
+    cfg = load_config("presets/cpu-tiny", ["model.name=vsepp", "train.epochs=3"])
+    again = config_from_dict(cfg.to_dict())
+    assert again.to_dict() == cfg.to_dict()
+    bad = cfg.to_dict()
+    bad["train"]["epochs"] = 0
+    with pytest.raises(ConfigError, match=r"^resolved config: train.epochs: must be positive"):
+        config_from_dict(bad)

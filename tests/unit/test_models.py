@@ -12,7 +12,7 @@ from rsray.models import build_model, model_config, registered_models
 from rsray.models.base import RetrievalModel
 from rsray.models.blocks import JRU, WSA
 from rsray.models.encoders import BiGRU, TimmBackbone, WordEmbedding, read_word_vectors
-from rsray.models.swan import SFGS, VMSF, SwanVisualEncoder
+from rsray.models.swan import SwanVisualEncoder
 
 VOCAB = 40
 MODELS = registered_models()
