@@ -81,3 +81,52 @@ def tiny_tokenizer(tmp_path_factory) -> Path:
     # transformers 5 takes the vocab.txt path as `vocab` (it ignores `vocab_file`)
     BertTokenizerFast(vocab=str(folder / "vocab.txt")).save_pretrained(folder / "tok")
     return folder / "tok"
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
+    """Until `url` answers 200 (a server can listen before its app is ready)."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"{url} did not answer 200 after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory, s3_endpoint, s3_bucket):
+    """A real `mlflow server` on 127.0.0.1: runs in a SQLite file, artifacts proxied to
+    s3://<bucket>/mlflow on the moto server. Yields the tracking URI (http://127.0.0.1:PORT)."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
+    log = open(folder / "mlflow-server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+         "--artifacts-destination", f"s3://{s3_bucket}/mlflow", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{uri}/health", proc)
+    except Exception:
+        proc.terminate()
+        log.close()
+        raise RuntimeError(f"mlflow server did not start; log:\n{(folder / 'mlflow-server.log').read_text()[-3000:]}")
+    yield uri
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+    log.close()

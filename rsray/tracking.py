@@ -1,0 +1,387 @@
+"""MLflow tracking: one run per training (or sweep), logged from rank 0 only.
+
+`Tracker.start` opens a run in the configured experiment (a SQLite file by default, or any
+`http://` MLflow server) and logs the resolved config as flat params and the tags. Everything
+logged afterwards goes through one retry helper: a transient failure mid-run is retried with
+exponential backoff and then skipped with a warning, so tracking never kills a training. Only
+the start is strict: a server that cannot be reached then is a clear `TrackingUnavailable`.
+
+Ranks other than 0, and `tracking.enabled: false`, use `NullTracker` (same methods, no effect);
+`open_tracker` picks the right one.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("rsray.tracking")
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # opens the runs table (training view) in the UI
+PARENT_RUN_TAG = "mlflow.parentRunId"  # how MLflow nests a child run under its parent
+SECRET_WORDS = ("secret", "password", "passwd", "token", "credential")  # matched as whole `_` words
+SECRET_PARTS = ("key_id", "access_key", "api_key", "private_key")  # matched anywhere in a key
+MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+DEFAULT_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local SQLite store
+# MLflow's own HTTP client retries up to 7 times with long backoff; our helper does the retrying,
+# so a dead server stalls one call for seconds, not minutes. Users may still override both.
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store cannot be used at the start of a run; the message is one line."""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"train.epochs": "10", ...}: dotted keys, string values, secrets dropped."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        if is_secret(str(key)):
+            continue
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, f"{dotted}."))
+        else:
+            flat[dotted] = _redact_url(str(value))[:MAX_PARAM_LENGTH]
+    return flat
+
+
+def is_secret(key: str) -> bool:
+    """True for names that hold credentials (aws_secret_access_key, hf_token, password, ...);
+    `data.tokenizer` or `max_tokens` are not secrets."""
+    key = key.lower()
+    words = re.split(r"[_\-.\s]+", key)
+    return any(w in words for w in SECRET_WORDS) or any(p in key for p in SECRET_PARTS)
+
+
+def _redact_url(value: str) -> str:
+    """Drop a password written into a URL (scheme://user:password@host)."""
+    return re.sub(r"(\w+://[^/\s:@]+):[^/\s@]+@", r"\1:***@", value)
+
+
+def metric_name(name: str) -> str:
+    """A name MLflow accepts: `@` dropped (i2t_R@1 -> i2t_R1), `/` kept, anything else odd -> `_`."""
+    return re.sub(r"[^\w\-. :/]", "_", name.replace("@", ""))
+
+
+def with_retries(fn: Callable[..., Any], *args: Any, retries: int = 5, base_delay: float = 1.0,
+                 max_delay: float = 30.0, what: str = "", **kwargs: Any) -> Any:
+    """Call `fn`; on an exception wait base_delay * 2**attempt (capped) and try again, `retries`
+    more times. After the last failure log one warning and return None: never raises."""
+    for attempt in range(retries + 1):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - tracking must never end a training
+            if attempt == retries:
+                log.warning("MLflow: %s failed after %d attempt(s), skipped: %s",
+                            what or getattr(fn, "__name__", "call"), attempt + 1, _one_line(exc))
+                return None
+            time.sleep(min(base_delay * 2 ** attempt, max_delay))
+    return None
+
+
+def _number(value: Any) -> float | None:
+    """float(value) for ints, floats, numpy and 0-d torch numbers; None for anything else."""
+    if value is None or isinstance(value, (bool, str, bytes)):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+def default_tags() -> dict[str, str]:
+    """Where a run came from: git commit of the code, Ray job id (when Ray is up), host name."""
+    tags = {"host": socket.gethostname(), "git_commit": git_commit()}
+    tags["mlflow.source.git.commit"] = tags["git_commit"]  # shown by the MLflow UI
+    job_id = ray_job_id()
+    if job_id:
+        tags["ray_job_id"] = job_id
+    return tags
+
+
+def git_commit() -> str:
+    """HEAD of the repository holding this code, else of the working directory, else unknown."""
+    for where in (Path(__file__).resolve().parent, Path.cwd()):
+        try:
+            out = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True,
+                                 text=True, timeout=5, check=False)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    return "unknown"
+
+
+def ray_job_id() -> str | None:
+    """The current Ray job id, without importing Ray when this process never used it."""
+    if "ray" not in sys.modules:
+        return None
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - a tag is not worth failing over
+        return None
+
+
+def metric_history(run_id: str, key: str, tracking_uri: str | None = None) -> list[tuple[int, float]]:
+    """[(step, value)] of one metric of a run, in step order."""
+    from mlflow import MlflowClient
+
+    history = MlflowClient(tracking_uri).get_metric_history(run_id, metric_name(key))
+    return [(m.step, m.value) for m in sorted(history, key=lambda m: (m.step, m.timestamp))]
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """For an http(s) tracking URI, one quick request; raise TrackingUnavailable if nothing answers.
+    Any HTTP answer (even an error status) means a server is there."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingUnavailable(
+            f"MLflow tracking server {uri} is not reachable ({reason}); start it or set tracking.uri "
+            f"(e.g. tracking.uri=sqlite:///mlflow.db)") from None
+
+
+def tracking_section(cfg: Any) -> Any:
+    """The TrackingConfig from a TrackingConfig, a whole Config, or their plain-dict forms
+    (`Config.to_dict()` is what reaches Ray workers)."""
+    from rsray.config import TrackingConfig
+
+    if isinstance(cfg, Mapping):
+        cfg = cfg.get("tracking", cfg)
+        return TrackingConfig(**cfg) if isinstance(cfg, Mapping) else cfg
+    return getattr(cfg, "tracking", cfg)
+
+
+# ----------------------------------------------------------------------------- trackers
+
+class Tracker:
+    """One MLflow run. Use `Tracker.start(...)`; as a context manager the run ends FINISHED, or
+    FAILED when the block raises."""
+
+    def __init__(self, client: Any, uri: str, run_id: str, experiment_id: str, retries: int,
+                 base_delay: float = 1.0):
+        self.client = client
+        self.uri = uri
+        self.run_id = run_id
+        self.experiment_id = experiment_id
+        self.retries = retries
+        self.base_delay = base_delay
+        self._monitor: Any = None
+        self._ended = False
+
+    @classmethod
+    def start(cls, tracking_cfg: Any, run_name: str, params: Mapping[str, Any] | None = None,
+              tags: Mapping[str, Any] | None = None, parent_run_id: str | None = None,
+              base_delay: float = 1.0) -> Tracker:
+        """Open a run in `tracking_cfg.experiment` at `tracking_cfg.uri`; `params` is the nested
+        resolved config (flattened here), `tags` are added to `default_tags()`; with
+        `parent_run_id` the run is nested under that run (sweeps)."""
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        tracking_cfg = tracking_section(tracking_cfg)
+        uri = tracking_cfg.uri
+        for name, value in MLFLOW_HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+        check_reachable(uri)
+        all_tags = {**default_tags(), **{k: str(v) for k, v in (tags or {}).items()}}
+        if parent_run_id:
+            all_tags[PARENT_RUN_TAG] = parent_run_id
+        try:
+            client = MlflowClient(uri)
+            experiment_id = _experiment(client, tracking_cfg.experiment)
+            run = client.create_run(experiment_id, run_name=run_name or None, tags=all_tags)
+        except (MlflowException, OSError) as exc:
+            raise TrackingUnavailable(f"MLflow tracking store {uri} cannot be used ({_one_line(exc)}); "
+                                      f"check tracking.uri") from None
+        tracker = cls(client, uri, run.info.run_id, experiment_id, tracking_cfg.retries, base_delay)
+        tracker.log_params(params or {})
+        if getattr(tracking_cfg, "system_metrics", False):
+            tracker._start_system_metrics()
+        log.info("MLflow run %s in experiment %s (%s)", tracker.run_id, experiment_id, uri)
+        return tracker
+
+    # -- logging (every call goes through `_call`, which never raises)
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return with_retries(fn, *args, retries=self.retries, base_delay=self.base_delay, what=what, **kwargs)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = [Param(k, v) for k, v in flatten_params(params).items()]
+        for i in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
+            self._call("log params", self.client.log_batch, self.run_id, params=flat[i:i + 100])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self._call("set tags", self.client.log_batch, self.run_id,
+                   tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int, prefix: str = "") -> None:
+        """Numbers only (None and non-numbers are left out), names made MLflow-safe."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(metric_name(f"{prefix}{k}"), x, now, int(step))
+                 for k, v in metrics.items() if (x := _number(v)) is not None]
+        for i in range(0, len(batch), 1000):
+            self._call(f"log metrics (step {step})", self.client.log_batch, self.run_id, metrics=batch[i:i + 1000])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """A local file, or every file under a local folder (e.g. a checkpoint directory)."""
+        path = Path(path)
+        if path.is_dir():
+            self._call(f"log artifacts {path}", self.client.log_artifacts, self.run_id, str(path), artifact_path)
+        else:
+            self._call(f"log artifact {path}", self.client.log_artifact, self.run_id, str(path), artifact_path)
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        """`obj` as JSON (name ending .json) or YAML (.yaml/.yml) at artifact path `name`."""
+        self._call(f"log {name}", self.client.log_dict, self.run_id, obj, name)
+
+    def log_figure(self, fig: Any, name: str) -> None:
+        """A matplotlib figure as an image artifact (e.g. figures/loss.png)."""
+        self._call(f"log figure {name}", self.client.log_figure, self.run_id, fig, name)
+
+    def log_text(self, text: str, name: str) -> None:
+        self._call(f"log {name}", self.client.log_text, self.run_id, text, name)
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Stop system metrics and mark the run FINISHED, FAILED or KILLED (once)."""
+        if self._ended:
+            return
+        self._ended = True
+        if self._monitor is not None:
+            self._call("stop system metrics", self._monitor.finish)
+            self._monitor = None
+        self._call(f"end run ({status})", self.client.set_terminated, self.run_id, status)
+
+    # -- reading back and linking
+
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        return metric_history(self.run_id, key, self.uri)
+
+    def ui_link(self, host_base: str | None = None) -> str:
+        """The experiment's runs table in the MLflow UI (training view), this run among them.
+        `host_base` defaults to the tracking server, or `mlflow ui`'s address for a local store."""
+        base = host_base or (self.uri if self.uri.startswith(("http://", "https://")) else DEFAULT_UI)
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
+
+    def run_link(self, host_base: str | None = None) -> str:
+        """This run's own page in the MLflow UI."""
+        return self.ui_link(host_base).split("?")[0] + f"/{self.run_id}"
+
+    def _start_system_metrics(self) -> None:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import (
+                SystemMetricsMonitor,
+            )
+
+            self._monitor = SystemMetricsMonitor(self.run_id, tracking_uri=self.uri)
+            self._monitor.start()
+        except Exception as exc:  # noqa: BLE001 - e.g. psutil missing: train without them
+            log.warning("MLflow: system metrics disabled: %s", _one_line(exc))
+            self._monitor = None
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is KeyboardInterrupt:
+            self.end("KILLED")
+        else:
+            self.end("FAILED" if exc_type else "FINISHED")
+
+
+def _experiment(client: Any, name: str) -> str:
+    """The experiment's id, created (and tagged as a training experiment) when missing."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            experiment_id = client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException:  # another process created it first
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+            experiment_id = experiment.experiment_id
+    else:
+        experiment_id = experiment.experiment_id
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment_id
+
+
+class NullTracker:
+    """A Tracker that records nothing: ranks other than 0, or `tracking.enabled: false`."""
+
+    run_id: str | None = None
+    experiment_id: str | None = None
+    uri = ""
+
+    @classmethod
+    def start(cls, *args: Any, **kwargs: Any) -> NullTracker:
+        return cls()
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, float], step: int, prefix: str = "") -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def log_dict(self, obj: Any, name: str) -> None: ...
+    def log_figure(self, fig: Any, name: str) -> None: ...
+    def log_text(self, text: str, name: str) -> None: ...
+    def end(self, status: str = "FINISHED") -> None: ...
+
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        return []
+
+    def ui_link(self, host_base: str | None = None) -> str:
+        return ""
+
+    def run_link(self, host_base: str | None = None) -> str:
+        return ""
+
+    def __enter__(self) -> NullTracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        return None
+
+
+def open_tracker(tracking_cfg: Any, run_name: str, params: Mapping[str, Any] | None = None,
+                 tags: Mapping[str, Any] | None = None, parent_run_id: str | None = None,
+                 rank: int = 0) -> Tracker | NullTracker:
+    """A real Tracker on rank 0 when tracking is enabled, else a NullTracker."""
+    tracking_cfg = tracking_section(tracking_cfg)
+    if rank != 0 or not tracking_cfg.enabled:
+        return NullTracker()
+    return Tracker.start(tracking_cfg, run_name, params, tags, parent_run_id)
