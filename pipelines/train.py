@@ -9,9 +9,11 @@ from rsray.cli import config_from_args, run_cli, setup_logging, stage_parser
 def run(cfg):
     from rsray.train.run import TrainingFailed, train
 
+    from rsray.tracking import TrackingUnavailable
+
     try:
         result = train(cfg)
-    except TrainingFailed as exc:
+    except (TrainingFailed, TrackingUnavailable) as exc:
         print(f"rsray: error: {exc}", file=sys.stderr)
         return 1
     history = result.return_value or ([m for _, m in result.best_checkpoints or []])
@@ -23,6 +25,10 @@ def run(cfg):
     best = result.get_best_checkpoint("val/mR", "max") if result.best_checkpoints else None
     print(f"run folder: {result.path}")
     print(f"best checkpoint (val mR): {best.path if best else 'none'}")
+    if getattr(result, "mlflow_link", ""):
+        print(f"MLflow run {result.mlflow_run_id}: {result.mlflow_link}"
+              + ("   (start the UI with: mlflow ui --backend-store-uri " + cfg.tracking.uri + ")"
+                 if cfg.tracking.uri.startswith("sqlite") else ""))
     return 0
 
 

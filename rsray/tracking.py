@@ -227,6 +227,20 @@ class Tracker:
         log.info("MLflow run %s in experiment %s (%s)", tracker.run_id, experiment_id, uri)
         return tracker
 
+    @classmethod
+    def attach(cls, tracking_cfg: Any, run_id: str, experiment_id: str = "", base_delay: float = 1.0) -> Tracker:
+        """A run opened elsewhere (by the driver), for logging from a Ray worker: creates nothing
+        and never ends the run, so a restarted worker keeps writing into the same run."""
+        from mlflow import MlflowClient
+
+        tracking_cfg = tracking_section(tracking_cfg)
+        for name, value in MLFLOW_HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+        tracker = cls(MlflowClient(tracking_cfg.uri), tracking_cfg.uri, run_id, experiment_id,
+                      tracking_cfg.retries, base_delay)
+        tracker._ended = True  # the owner ends it
+        return tracker
+
     # -- logging (every call goes through `_call`, which never raises)
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -54,6 +54,9 @@ def _absolute_paths(cfg: Config) -> Config:
             return os.path.abspath(value)
         return value
 
+    uri = cfg.tracking.uri  # sqlite:///relative.db is relative to the cwd: pin it to the driver's
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        cfg.tracking.uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
     cfg.train.data = absolute(cfg.train.data)
     cfg.data.tokenizer = absolute(cfg.data.tokenizer)
     for key, value in list(cfg.model.items()):
@@ -161,7 +164,7 @@ def _sum_across_workers(values: list[float], device: torch.device, op: str = "su
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
-    """The Ray Train worker function. `config`: {"config": Config.to_dict(), "tracking": bool}.
+    """The Ray Train worker function. `config`: {"config": Config.to_dict(), "mlflow_run_id": str | None}.
 
     Returns (on every rank; Ray keeps rank 0's) the per-epoch metrics of the whole run."""
     import ray.train
@@ -207,10 +210,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     shard = ray.train.get_dataset_shard("train")
     amp_dtype = _amp_dtype(tc.amp, device)
 
-    # MLflow hook (rsray.tracking, not wired yet): rank 0 creates the tracker here, e.g.
-    #     tracker = Tracker.start(cfg, ...) if config.get("tracking") and rank == 0 else NullTracker()
-    # and logs each epoch's `metrics` below with tracker.log_metrics(metrics, step=epoch).
-    tracker = None
+    tracker = _worker_tracker(cfg, config.get("mlflow_run_id"), rank)
+    _log_history_gaps(tracker, history)  # epochs a failed worker group checkpointed but never logged
 
     for epoch in range(start_epoch, tc.epochs):
         lr = float(scheduler.get_last_lr()[0])
@@ -228,17 +229,36 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
             metrics.update({f"val/{k}": v for k, v in scores.items()})
             metrics["val_seconds"] = time.perf_counter() - started
             history.append(dict(metrics))
-            if tracker is not None:  # MLflow hook, see above
-                tracker.log_metrics(metrics, step=epoch)
             with tempfile.TemporaryDirectory(prefix="rsray-ckpt-") as folder:
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": _rng_state(),
                             "metrics": dict(metrics), "history": history}, Path(folder) / STATE_FILE)
                 config_from_dict(config["config"]).save(Path(folder) / CONFIG_FILE)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            # After the checkpoint: a crash in between leaves a gap that the next attempt fills from
+            # the checkpoint's history (never a duplicate step).
+            tracker.log_metrics(metrics, step=epoch)
         else:
             ray.train.report(metrics)
     return history
+
+
+def _worker_tracker(cfg: Config, run_id: str | None, rank: int):
+    """Rank 0 logs into the driver's MLflow run; every other rank (or no run) logs nothing."""
+    from rsray.tracking import NullTracker, Tracker
+
+    if rank != 0 or not run_id:
+        return NullTracker()
+    return Tracker.attach(cfg.tracking, run_id)
+
+
+def _log_history_gaps(tracker, history: list[dict[str, float]]) -> None:
+    if not history:
+        return
+    logged = {step for step, _ in tracker.metric_history("val/mR")}
+    for metrics in history:
+        if int(metrics["epoch"]) not in logged:
+            tracker.log_metrics(metrics, step=int(metrics["epoch"]))
 
 
 # ----------------------------------------------------------------------------- driver
@@ -274,7 +294,7 @@ def train_dataset(cfg: Config):
                          fn_kwargs={"scenes": scene_index(manifest), "image_index": image_numbers(manifest, "train")}))
 
 
-def build_trainer(cfg: Config, tracking: bool = False):
+def build_trainer(cfg: Config, mlflow_run_id: str | None = None):
     """The TorchTrainer for `cfg` (does not start training)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -297,7 +317,7 @@ def build_trainer(cfg: Config, tracking: bool = False):
     )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "tracking": tracking},
+        train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": mlflow_run_id},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=run_config,
@@ -306,22 +326,55 @@ def build_trainer(cfg: Config, tracking: bool = False):
     )
 
 
-def train(cfg: Config, tracking: bool = False):
-    """Start or join Ray, train, and return the `ray.train.Result` (raises TrainingFailed)."""
+def train(cfg: Config):
+    """Start or join Ray, train, record the run in MLflow (`tracking.enabled`), and return the
+    `ray.train.Result` (raises TrainingFailed). The driver owns the MLflow run: rank 0 of every
+    worker-group attempt logs into the same run, so a restart adds no second run. The returned
+    Result also carries `mlflow_run_id` and `mlflow_link` (the runs table in the MLflow UI)."""
     from ray.train import TrainingFailedError
 
     from rsray.runtime import ensure_ray
+    from rsray.tracking import NullTracker, Tracker
 
+    cfg = _absolute_paths(copy.deepcopy(cfg))
+    if not cfg.train.run_name:
+        cfg.train.run_name = default_run_name(cfg)
+    tracker = NullTracker()
+    if cfg.tracking.enabled:  # an unreachable server fails here, before any worker starts
+        tracker = Tracker.start(cfg.tracking, cfg.train.run_name, params=cfg.to_dict(),
+                                tags={"model": cfg.model.get("name", ""), "dataset": cfg.data.name})
     ensure_ray()
-    trainer = build_trainer(cfg, tracking=tracking)
+    trainer = build_trainer(cfg, mlflow_run_id=tracker.run_id)
     name = trainer.run_config.name
     try:
         result = trainer.fit()
+        if result.error:  # fit() raises in Ray 2.60; kept in case a version returns the error instead
+            raise TrainingFailed(f"training run {name} failed: {_summary(result.error)}")
     except TrainingFailedError as exc:
+        tracker.end("FAILED")
         raise TrainingFailed(f"training run {name} failed: {_summary(exc)}") from exc
-    if result.error:  # fit() raises in Ray 2.60; kept in case a version returns the error instead
-        raise TrainingFailed(f"training run {name} failed: {_summary(result.error)}")
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    _log_run_artifacts(tracker, cfg, result)
+    tracker.end("FINISHED")
+    result.mlflow_run_id, result.mlflow_link = tracker.run_id, tracker.ui_link()
     return result
+
+
+def _log_run_artifacts(tracker, cfg: Config, result) -> None:
+    """What a person opens in MLflow after a run: config, final metrics, curves, best checkpoint."""
+    from rsray.figures import loss_and_mr_curves
+
+    history = result.return_value or []
+    tracker.log_dict(cfg.to_dict(), "config.yaml")
+    tracker.log_dict({"final": result.metrics, "history": history}, "metrics.json")
+    if history:
+        tracker.log_figure(loss_and_mr_curves(history), "figures/loss_and_mr.png")
+    if result.best_checkpoints:
+        best, _ = max(result.best_checkpoints, key=lambda item: item[1].get("val/mR", float("-inf")))
+        with best.as_directory() as folder:
+            tracker.log_artifact(folder, "best_checkpoint")
 
 
 def _summary(exc: BaseException) -> str:

@@ -34,10 +34,11 @@ def prepared(ray_cluster, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(prepared, tmp_path_factory):
+def trained(prepared, tmp_path_factory, mlflow_server):
     storage_path = tmp_path_factory.mktemp("runs")
     cfg = load_config("train/cpu-tiny", [f"train.data={prepared}", f"train.storage_path={storage_path}",
-                                         f"train.epochs={EPOCHS}", "train.run_name=vsepp-tiny-test"])
+                                         f"train.epochs={EPOCHS}", "train.run_name=vsepp-tiny-test",
+                                         f"tracking.uri={mlflow_server}", "tracking.experiment=train-test"])
     started = time.perf_counter()
     result = train(cfg)
     print(f"2 workers x {EPOCHS} epochs: {time.perf_counter() - started:.1f}s")
@@ -88,3 +89,22 @@ def test_a_rerun_with_the_same_name_resumes_from_the_last_checkpoint(trained):
     assert history[:EPOCHS] == first.return_value  # carried in the checkpoint, not trained again
     assert load_checkpoint_state(result.checkpoint)["epoch"] == EPOCHS
     assert len(result.best_checkpoints) == cfg.train.keep_checkpoints
+
+
+def test_mlflow_holds_params_per_epoch_metrics_and_artifacts(trained, mlflow_server):
+    """The real MLflow server (artifacts on moto's S3) has the run as a person would browse it."""
+    from mlflow import MlflowClient
+
+    cfg, result = trained
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "vsepp-tiny-test"
+    assert run.data.params["model.name"] == "vsepp" and run.data.params["train.epochs"] == str(EPOCHS)
+    assert run.data.tags["model"] == "vsepp" and run.data.tags["dataset"] == cfg.data.name
+    for key in ("val/mR", "train/loss", "val/i2t_R1"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == list(range(EPOCHS)), key  # one value per epoch: no gaps, no duplicates
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "metrics.json", "figures", "best_checkpoint"} <= artifacts
+    assert "best_checkpoint/state.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "best_checkpoint")}
+    assert result.mlflow_link.endswith("?workflowType=machine_learning")
