@@ -34,9 +34,8 @@ from torch import nn
 
 from rsray import storage
 from rsray.config import Config, config_from_dict
+from rsray.eval.checkpoint import CONFIG_FILE, STATE_FILE
 
-STATE_FILE = "state.pt"
-CONFIG_FILE = "config.yaml"
 SHUFFLE_BUFFER_BATCHES = 8  # local shuffle buffer per worker, in batches (at least 1000 pairs)
 
 

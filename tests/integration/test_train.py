@@ -108,3 +108,22 @@ def test_mlflow_holds_params_per_epoch_metrics_and_artifacts(trained, mlflow_ser
     assert {"config.yaml", "metrics.json", "figures", "best_checkpoint"} <= artifacts
     assert "best_checkpoint/state.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "best_checkpoint")}
     assert result.mlflow_link.endswith("?workflowType=machine_learning")
+
+
+def test_rsray_evaluate_scores_the_checkpoint_with_and_without_smr(trained, tmp_path, capsys):
+    import json
+
+    from rsray.cli import main
+
+    _, result = trained
+    checkpoint, reported = result.best_checkpoints[-1]
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", checkpoint.path, "--split", "val", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "without SMR" in printed and "with SMR (K=30" in printed
+    report = json.loads(out.read_text())
+    assert report["metrics"]["mR"] == pytest.approx(reported["val/mR"], abs=1e-6)
+    assert set(report["smr_metrics"]) == set(report["metrics"])
+    assert len(report["ranks"]["t2i"]) == 5 * len(report["ranks"]["i2t"]) == 5 * len(report["image_ids"])
+    assert main(["evaluate", str(tmp_path / "nowhere")]) == 2
+    assert "not found" in capsys.readouterr().err

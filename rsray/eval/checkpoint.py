@@ -1,0 +1,71 @@
+"""Evaluate a trained checkpoint on one split of its prepared data: the protocol's numbers with
+and without SMR, and every query's rank (so two runs can be compared query by query).
+
+A checkpoint folder holds `state.pt` (loaded with `weights_only=True`: tensors and plain data
+only, never arbitrary pickles) and `config.yaml` (the resolved config it was trained with).
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rsray import storage
+from rsray.config import load_config
+from rsray.eval.metrics import retrieval_metrics, retrieval_ranks
+from rsray.eval.rerank import SMRConfig, smr_rerank
+
+STATE_FILE, CONFIG_FILE = "state.pt", "config.yaml"
+
+
+def load_checkpoint(uri: str, s3_endpoint: str | None = None):
+    """(model in eval mode, resolved Config, state dict) from a checkpoint folder, local or s3://."""
+    from rsray.data.loader import vocab_size
+    from rsray.data.prepare import read_manifest
+    from rsray.models import build_model
+
+    source = storage.resolve(uri, s3_endpoint)
+    with tempfile.TemporaryDirectory(prefix="rsray-eval-") as folder:
+        for name in (STATE_FILE, CONFIG_FILE):
+            if not storage.exists(source.join(name)):
+                raise FileNotFoundError(f"{source.join(name).uri}: not found (is {uri} an rsray checkpoint folder?)")
+            (Path(folder) / name).write_bytes(storage.read_bytes(source.join(name)))
+        cfg = load_config(Path(folder) / CONFIG_FILE)
+        state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+    manifest = read_manifest(cfg.train.data, cfg.prepare.s3_endpoint)
+    model = build_model(cfg, vocab_size=vocab_size(manifest))
+    model.load_state_dict(state["model"])
+    return model.eval(), cfg, state
+
+
+@torch.no_grad()
+def evaluate_checkpoint(uri: str, split: str = "test", data: str | None = None, smr: SMRConfig | None = None,
+                        device: str = "cpu") -> dict[str, Any]:
+    """Scores `split` of the checkpoint's prepared data (or `data`) and returns
+    {"checkpoint", "epoch", "split", "data", "metrics", "smr_metrics", "smr", "ranks"}."""
+    from rsray.data.loader import caption_image_index, image_scenes, read_split
+    from rsray.eval.scoring import score_matrix
+    from rsray.models import model_config
+    from rsray.train.loop import encode_split
+
+    model, cfg, state = load_checkpoint(uri)
+    model.to(device)
+    data = data or cfg.train.data
+    table = read_split(data, split, cfg.prepare.s3_endpoint)
+    image_features, text_features = encode_split(model, table, model_config(cfg).augment, device)
+    scores = score_matrix(model, image_features, text_features).float()
+    caption_image = caption_image_index(table).to(scores.device)
+    scenes = image_scenes(table)
+    scenes = scenes if any(s is not None for s in scenes) else None
+    smr = smr or SMRConfig()
+    reranked = smr_rerank(scores, k=smr.k, w=smr.w, beta=smr.beta)
+    return {
+        "checkpoint": uri, "epoch": int(state["epoch"]), "split": split, "data": data,
+        "metrics": retrieval_metrics(scores, caption_image, scenes),
+        "smr_metrics": retrieval_metrics(reranked, caption_image, scenes),
+        "smr": {"k": smr.k, "w": smr.w, "beta": smr.beta},
+        "ranks": retrieval_ranks(scores, caption_image),  # 0-based, i2t per image, t2i per caption
+        "image_ids": table["image_id"].to_pylist(),
+    }
