@@ -20,17 +20,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+def wait_until(ready, proc: subprocess.Popen, what: str, timeout: float) -> None:
+    """Poll `ready()` until it is true; fail early if the server process exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited early with code {proc.returncode}")
+        if ready():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} not ready after {timeout}s")
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    def listening() -> bool:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
+                return True
         except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+            return False
+    wait_until(listening, proc, f"127.0.0.1:{port}", timeout)
 
 
 @pytest.fixture(scope="session")
@@ -88,18 +97,13 @@ def wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> No
     import urllib.error
     import urllib.request
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited early with code {proc.returncode}")
+    def healthy() -> bool:
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
+                return response.status == 200
         except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.25)
-    raise TimeoutError(f"{url} did not answer 200 after {timeout}s")
+            return False
+    wait_until(healthy, proc, url, timeout)
 
 
 @pytest.fixture(scope="session")

@@ -45,27 +45,22 @@ def evaluate_checkpoint(uri: str, split: str = "test", data: str | None = None, 
                         device: str = "cpu") -> dict[str, Any]:
     """Scores `split` of the checkpoint's prepared data (or `data`) and returns
     {"checkpoint", "epoch", "split", "data", "metrics", "smr_metrics", "smr", "ranks"}."""
-    from rsray.data.loader import caption_image_index, image_scenes, read_split
-    from rsray.eval.scoring import score_matrix
+    from rsray.data.loader import read_split
     from rsray.models import model_config
-    from rsray.train.loop import encode_split
+    from rsray.train.loop import score_split
 
     model, cfg, state = load_checkpoint(uri)
     model.to(device)
     data = data or cfg.train.data
     table = read_split(data, split, cfg.prepare.s3_endpoint)
-    image_features, text_features = encode_split(model, table, model_config(cfg).augment, device)
-    scores = score_matrix(model, image_features, text_features).float()
-    caption_image = caption_image_index(table).to(scores.device)
-    scenes = image_scenes(table)
-    scenes = scenes if any(s is not None for s in scenes) else None
+    scored = score_split(model, table, model_config(cfg).augment, device)
     smr = smr or SMRConfig()
-    reranked = smr_rerank(scores, k=smr.k, w=smr.w, beta=smr.beta)
+    reranked = smr_rerank(scored.scores, k=smr.k, w=smr.w, beta=smr.beta)
     return {
         "checkpoint": uri, "epoch": int(state["epoch"]), "split": split, "data": data,
-        "metrics": retrieval_metrics(scores, caption_image, scenes),
-        "smr_metrics": retrieval_metrics(reranked, caption_image, scenes),
+        "metrics": retrieval_metrics(scored.scores, scored.caption_image, scored.scenes),
+        "smr_metrics": retrieval_metrics(reranked, scored.caption_image, scored.scenes),
         "smr": {"k": smr.k, "w": smr.w, "beta": smr.beta},
-        "ranks": retrieval_ranks(scores, caption_image),  # 0-based, i2t per image, t2i per caption
+        "ranks": retrieval_ranks(scored.scores, scored.caption_image),  # 0-based: i2t per image, t2i per caption
         "image_ids": table["image_id"].to_pylist(),
     }

@@ -78,18 +78,34 @@ def encode_split(model: RetrievalModel, table: pa.Table, augment: Any, device: t
     return torch.cat(images), torch.cat(texts)
 
 
+@dataclass
+class SplitScores:
+    """A split's whole similarity matrix and what the protocol needs to read it."""
+    scores: torch.Tensor  # [n_images, n_captions]
+    caption_image: torch.Tensor  # caption j -> its image row
+    scenes: list[str | None] | None  # one per image; None when the split has no scenes at all
+
+
+@torch.no_grad()
+def score_split(model: RetrievalModel, table: pa.Table, augment: Any,
+                device: torch.device | str = "cpu") -> SplitScores:
+    """Encode every image and caption of a split and score them all (blocked, bounded memory)."""
+    image_features, text_features = encode_split(model, table, augment, device)
+    scores = score_matrix(model, image_features, text_features).float()
+    scenes = image_scenes(table)
+    return SplitScores(scores, caption_image_index(table).to(scores.device),
+                       scenes if any(s is not None for s in scenes) else None)
+
+
 @torch.no_grad()
 def evaluate(model: RetrievalModel, table: pa.Table, augment: Any, device: torch.device | str = "cpu",
              smr: SMRConfig | None = None) -> dict[str, float]:
     """The protocol's numbers on one split's whole gallery (scene recall where scenes exist);
     with `smr`, the same again after SMR re-ranking under `smr_` names."""
-    image_features, text_features = encode_split(model, table, augment, device)
-    scores = score_matrix(model, image_features, text_features).float()
-    caption_image = caption_image_index(table).to(scores.device)
-    scenes = image_scenes(table)
-    scenes = scenes if any(s is not None for s in scenes) else None
-    metrics = retrieval_metrics(scores, caption_image, scenes)
+    split = score_split(model, table, augment, device)
+    metrics = retrieval_metrics(split.scores, split.caption_image, split.scenes)
     if smr is not None:
-        reranked = smr_rerank(scores, k=smr.k, w=smr.w, beta=smr.beta)
-        metrics.update({f"smr_{k}": v for k, v in retrieval_metrics(reranked, caption_image, scenes).items()})
+        reranked = smr_rerank(split.scores, k=smr.k, w=smr.w, beta=smr.beta)
+        metrics.update({f"smr_{k}": v for k, v in
+                        retrieval_metrics(reranked, split.caption_image, split.scenes).items()})
     return metrics
