@@ -1,0 +1,67 @@
+"""Gathering with gradients across two real gloo processes equals one process on the whole batch."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from rsray.distributed import gather_no_grad, gather_with_grad, world_size
+from rsray.losses import info_nce_loss
+
+WORLD, LOCAL, DIM = 2, 4, 8
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, images: torch.Tensor, texts: torch.Tensor, ids: torch.Tensor, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        rows = slice(rank * LOCAL, (rank + 1) * LOCAL)
+        local_images = images[rows].clone().requires_grad_(True)
+        local_texts = texts[rows].clone().requires_grad_(True)
+        all_images, all_texts = gather_with_grad(local_images), gather_with_grad(local_texts)
+        all_ids = gather_no_grad(ids[rows])
+        loss = info_nce_loss(all_images @ all_texts.t(), 10.0, all_ids)
+        loss.backward()
+        out[rank] = (float(loss.detach()), local_images.grad.clone(), local_texts.grad.clone(), all_ids.clone())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_single_process_returns_input():
+    x = torch.randn(3, 2)
+    assert world_size() == 1
+    assert gather_with_grad(x) is x and gather_no_grad(x) is x
+
+
+def test_two_workers_see_all_negatives_and_get_full_batch_gradients():
+    torch.manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(WORLD * LOCAL, DIM), dim=1)
+    texts = torch.nn.functional.normalize(torch.randn(WORLD * LOCAL, DIM), dim=1)
+    ids = torch.tensor([0, 0, 1, 2, 3, 4, 4, 5])  # image 0 and image 4 have two captions each
+
+    whole_images, whole_texts = images.clone().requires_grad_(True), texts.clone().requires_grad_(True)
+    whole = info_nce_loss(whole_images @ whole_texts.t(), 10.0, ids)
+    whole.backward()
+
+    out = mp.Manager().dict()
+    mp.spawn(_worker, args=(_free_port(), images, texts, ids, out), nprocs=WORLD, join=True)
+
+    for rank in range(WORLD):
+        loss, image_grad, text_grad, gathered_ids = out[rank]
+        rows = slice(rank * LOCAL, (rank + 1) * LOCAL)
+        assert loss == pytest.approx(float(whole.detach()), rel=1e-6)  # the loss over all 8 pairs, not 4
+        assert torch.equal(gathered_ids, ids)
+        # Each worker's rows receive the gradient of every worker's (identical) loss; DDP's average
+        # over workers then equals the single-process gradient.
+        torch.testing.assert_close(image_grad, WORLD * whole_images.grad[rows])
+        torch.testing.assert_close(text_grad, WORLD * whole_texts.grad[rows])
