@@ -38,7 +38,28 @@ def take_rows(features: Features, start: int, stop: int) -> Features:
         return features[start:stop]
     if isinstance(features, Mapping):
         return {key: take_rows(value, start, stop) for key, value in features.items()}
-    return type(features)(take_rows(value, start, stop) for value in features)
+    parts = [take_rows(value, start, stop) for value in features]
+    return type(features)(*parts) if hasattr(features, "_fields") else type(features)(parts)  # NamedTuple or not
+
+
+def concat_rows(parts: Sequence[Features]) -> Features:
+    """Features of several batches as one, concatenated along dim 0 (what `encode_split` needs).
+
+    Tensors whose later dims differ between batches are sequences padded to their batch's longest
+    (a pairwise model's word features and their mask): they are zero-padded (False for masks) to
+    the longest of all, which the model's own masks already ignore."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        shape = [max(sizes) for sizes in zip(*(p.shape[1:] for p in parts))]
+        padded = []
+        for p in parts:
+            pad = [a for dim in reversed(range(1, p.dim())) for a in (0, shape[dim - 1] - p.shape[dim])]
+            padded.append(torch.nn.functional.pad(p, pad) if any(pad) else p)
+        return torch.cat(padded)
+    if isinstance(first, Mapping):
+        return {key: concat_rows([p[key] for p in parts]) for key in first}
+    columns = [concat_rows(list(column)) for column in zip(*parts)]
+    return type(first)(*columns) if hasattr(first, "_fields") else type(first)(columns)
 
 
 def score_block(model: RetrievalModel | None, image_features: Features, text_features: Features) -> torch.Tensor:

@@ -8,6 +8,7 @@ import timm
 import torch
 
 from rsray.config import ConfigError, load_config
+from rsray.eval.scoring import take_rows
 from rsray.models import build_model, model_config, registered_models
 from rsray.models.base import RetrievalModel
 from rsray.models.blocks import JRU, WSA
@@ -44,7 +45,7 @@ def random_batch(batch: int = 8, max_len: int = 9, size: int = 64, seed: int = 0
 @pytest.mark.parametrize("name", MODELS)
 def test_tiny_model_trains_a_step(name):
     model = build_tiny(name)
-    assert isinstance(model, RetrievalModel) and model.two_tower
+    assert isinstance(model, RetrievalModel)
     model.train()
     batch = random_batch()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -66,6 +67,8 @@ def test_tiny_model_trains_a_step(name):
 @pytest.mark.parametrize("name", MODELS)
 def test_tiny_model_embeddings_and_scores(name):
     model = build_tiny(name).eval()
+    if not model.two_tower:
+        pytest.skip("pairwise score: test_tiny_pairwise_model_scores")
     batch = random_batch()
     with torch.no_grad():
         img, txt = model.encode_images(batch), model.encode_texts(batch)
@@ -79,6 +82,22 @@ def test_tiny_model_embeddings_and_scores(name):
     longer = dict(batch, tokens=torch.nn.functional.pad(batch["tokens"], (0, 4)))
     with torch.no_grad():
         assert torch.allclose(model.encode_texts(longer), txt, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_tiny_pairwise_model_scores(name):
+    """Pairwise models: score has the block's shape, and is the same whatever the captions' padding."""
+    model = build_tiny(name).eval()
+    if model.two_tower:
+        pytest.skip("two-tower: test_tiny_model_embeddings_and_scores")
+    batch = random_batch()
+    longer = dict(batch, tokens=torch.nn.functional.pad(batch["tokens"], (0, 4)))
+    with torch.no_grad():
+        img, txt = model.encode_images(batch), model.encode_texts(batch)
+        scores = model.score(img, take_rows(txt, 0, 5))
+        padded = model.score(img, take_rows(model.encode_texts(longer), 0, 5))
+    assert scores.shape == (8, 5) and torch.isfinite(scores).all()
+    assert torch.allclose(padded, scores, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", MODELS)

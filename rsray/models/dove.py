@@ -1,0 +1,306 @@
+"""DOVE (TGRS 2024): region-oriented visual-semantic alignment with a pairwise (image-guided) score.
+
+No code was released, so most of the structure is ours (see the spec, models.md "DOVE"):
+
+Image: SWAN's multi-scale visual encoder (reused, without SFGS) gives the VMSF token grid
+  (16x16 of D at 256 px) and its pooled vector V_d. RoI encoder: `roi_align` on the layer-3 map
+  with the batch's boxes, or else a fixed multi-scale grid (1x1 + 2x2 + 3x3 = 14 boxes), then a
+  linear map to D: regional features R [B, K, D].
+  IFA: R queries a cross-attention over the VMSF tokens (residual, LayerNorm), mean over
+  regions, visual head -> L2 norm = the image embedding v (independent of any caption).
+Text: word embedding -> dropout -> BiGRU with the two directions kept apart (Hf, Hb) -> DTGA:
+  g = sigmoid(W[A; B] + b), H = g*A + (1-g)*B with (A, B) = `dtga_inputs` of (Hf, Hb); one
+  single-head self-attention with residual (LayerNorm); H are the word features, their mean over
+  valid words the caption vector t_g.
+IGA: the image's pooled regional vector (projected) is the query of a single-head attention
+  pooling over the caption's words (keys projected, values the word features); text head ->
+  L2 norm = the caption embedding *for that image*, c_ij. Score s_ij = v_i . c_ij: pairwise.
+Loss: triplet(s) + lambda_g * triplet(global), global = cos(V_d, t_g), both sides independent.
+
+Boxes from the data (batch key "boxes", our format): float [B, K, 4], (x1, y1, x2, y2) as
+fractions of the image the model sees (0..1, so they survive resizing), K the same for every
+image of a batch (a detector's top K; pad with the whole image [0, 0, 1, 1]). Whoever feeds them
+must move them with any crop/rotation of the image. Without the key the fixed grid is used.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import roi_align
+
+from rsray.data.augment import AugmentConfig
+from rsray.losses import triplet_loss
+from rsray.models.base import Batch, RetrievalModel
+from rsray.models.encoders import BiGRU, WordEmbedding, length_mask, masked_mean
+from rsray.models.registry import register_model
+from rsray.models.swan import SwanVisualEncoder
+from rsray.models.vsepp import check_common
+
+HEADS = ("linear", "mlp")
+STREAMS = ("f", "b")
+
+
+@dataclass
+class DoveConfig:
+    """Every DOVE hyper-parameter. Paper numbers where it gives them (SWAN's training, 512-d);
+    the rest is our choice, each a switch. Optimizer fields are read by the training loop."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # SWAN's pipeline
+    embed_dim: int = 512
+    backbone: str = "resnet50"  # a ResNet-style timm model (SWAN's encoder)
+    backbone_checkpoint: str | None = None  # local weights file; null = random init
+    freeze_backbone: bool = True
+    vmsf_hidden: int = 1024
+    vmsf_dropout: float = 0.2
+    # RoI encoder (ours)
+    roi_grid: list[int] = field(default_factory=lambda: [1, 2, 3])  # n x n boxes per level when the batch has none
+    roi_size: int = 2  # roi_align output (roi_size x roi_size), flattened, then linear to embed_dim
+    # ROAM
+    ifa_heads: int = 8  # our choice: IFA cross-attention heads (the spec fixes DTGA's at one, not IFA's)
+    attn_dropout: float = 0.1  # attention weights in IFA and DTGA
+    roam_heads: list[str] = field(default_factory=lambda: ["mlp", "mlp"])  # [visual, text], each linear | mlp
+    head_hidden: int = 1024  # mlp heads: embed_dim -> head_hidden -> embed_dim
+    head_dropout: float = 0.1
+    iga_query: str = "regions"  # our choice: IGA's query is mean(R) (regions) or the IFA output (fused)
+    # text
+    word_dim: int = 300
+    glove_path: str | None = None
+    gru_hidden: int = 512  # must equal embed_dim
+    word_dropout: float = 0.4
+    dtga_inputs: list[str] = field(default_factory=lambda: ["f", "b"])  # ablations [f, f], [b, b]
+    # scoring: at most this many (image, caption) pairs' head activations at once (bounds memory)
+    score_chunk_pairs: int = 16384
+    # loss and optimisation (SWAN's)
+    lambda_g: float = 1.0  # weight of the global triplet term (paper sweeps 0.01..100)
+    margin: float = 0.2
+    max_violation: bool = True
+    optimizer: str = "adam"
+    lr: float = 2e-4
+    lr_decay: float = 0.7
+    decay_every: int = 20
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        yield from check_common(self)
+        if not self.roi_grid or any(n < 1 for n in self.roi_grid):
+            yield "roi_grid", f"needs at least one positive grid size, got {self.roi_grid}"
+        for name in ("roi_size", "vmsf_hidden", "head_hidden", "score_chunk_pairs"):
+            if getattr(self, name) < 1:
+                yield name, f"must be positive, got {getattr(self, name)}"
+        if self.ifa_heads < 1 or self.embed_dim % self.ifa_heads:
+            yield "ifa_heads", f"must divide embed_dim ({self.embed_dim}), got {self.ifa_heads}"
+        if len(self.roam_heads) != 2 or any(h not in HEADS for h in self.roam_heads):
+            yield "roam_heads", f"expected [visual, text], each linear or mlp, got {self.roam_heads}"
+        if len(self.dtga_inputs) != 2 or any(s not in STREAMS for s in self.dtga_inputs):
+            yield "dtga_inputs", f"expected two of f (forward) / b (backward), got {self.dtga_inputs}"
+        if self.iga_query not in ("regions", "fused"):
+            yield "iga_query", f"must be regions or fused, got {self.iga_query!r}"
+        if self.lambda_g < 0:
+            yield "lambda_g", f"must not be negative, got {self.lambda_g}"
+
+
+class DoveImageFeatures(NamedTuple):
+    embedding: torch.Tensor  # v [N, D], L2-normalised IFA output
+    query: torch.Tensor  # IGA query [N, D] (projected pooled regional vector)
+
+
+class DoveTextFeatures(NamedTuple):
+    words: torch.Tensor  # DTGA word features [M, L, D], zero at padding
+    valid: torch.Tensor  # [M, L] bool, True at real words
+    sentence: torch.Tensor  # t_g [M, D], L2-normalised mean of the word features
+
+
+# ----------------------------------------------------------------------------- parts
+
+def grid_boxes(levels: Sequence[int]) -> torch.Tensor:
+    """[sum n^2, 4] boxes (x1, y1, x2, y2) in image fractions: an n x n grid for each level, row-major."""
+    boxes = []
+    for n in levels:
+        edges = torch.linspace(0, 1, n + 1)
+        boxes += [[edges[c], edges[r], edges[c + 1], edges[r + 1]] for r in range(n) for c in range(n)]
+    return torch.tensor(boxes, dtype=torch.float32)
+
+
+class RoIEncoder(nn.Module):
+    """Regional features [B, K, D]: roi_align on a feature map, flattened, linear to D.
+
+    Boxes are image fractions (see the module docstring); they are scaled to the map's size and
+    aligned (pixel centres at +0.5), so [0, 0, 1, 1] covers the whole map whatever its stride."""
+
+    def __init__(self, in_channels: int, dim: int, levels: Sequence[int] = (1, 2, 3), output_size: int = 2):
+        super().__init__()
+        self.output_size = output_size
+        self.register_buffer("grid", grid_boxes(levels), persistent=False)
+        self.project = nn.Linear(in_channels * output_size ** 2, dim)
+
+    def forward(self, feature_map: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
+        b, _, h, w = feature_map.shape
+        if boxes is None:
+            boxes = self.grid.expand(b, -1, -1)
+        if boxes.dim() != 3 or boxes.shape[0] != b or boxes.shape[2] != 4:
+            raise ValueError(f"boxes must be [batch={b}, K, 4] (x1, y1, x2, y2 in 0..1), got {list(boxes.shape)}")
+        scale = torch.tensor([w, h, w, h], dtype=feature_map.dtype, device=feature_map.device)
+        rois = list((boxes.to(feature_map.dtype) * scale).unbind(0))
+        pooled = roi_align(feature_map, rois, self.output_size, spatial_scale=1.0, aligned=True)
+        return self.project(pooled.flatten(1)).view(b, boxes.shape[1], -1)
+
+
+class IFA(nn.Module):
+    """Intra-modal fusion: regions query the multi-scale tokens (cross-attention, residual, post-LN),
+    then the mean over regions [B, D]."""
+
+    def __init__(self, dim: int, heads: int = 8, dropout: float = 0.1):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, regions: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        attended, _ = self.attn(regions, tokens, tokens, need_weights=False)
+        return self.norm(regions + attended).mean(dim=1)
+
+
+class DTGA(nn.Module):
+    """Dual-flow text gating: H = g*A + (1-g)*B, g = sigmoid(W[A; B] + b), (A, B) picked from the
+    forward / backward GRU sequences by `inputs`; then one single-head self-attention layer with
+    residual and LayerNorm (our choice of norm). Returns the word features (zero at padding)."""
+
+    def __init__(self, dim: int, inputs: Sequence[str] = ("f", "b"), dropout: float = 0.1):
+        super().__init__()
+        self.inputs = tuple(inputs)
+        self.gate = nn.Linear(2 * dim, dim)
+        self.attn = nn.MultiheadAttention(dim, 1, dropout=dropout, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, forward: torch.Tensor, backward: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        streams = {"f": forward, "b": backward}
+        a, b = streams[self.inputs[0]], streams[self.inputs[1]]
+        g = torch.sigmoid(self.gate(torch.cat([a, b], dim=-1)))
+        h = g * a + (1 - g) * b
+        attended, _ = self.attn(h, h, h, key_padding_mask=~valid, need_weights=False)
+        return self.norm(h + attended) * valid.unsqueeze(-1)
+
+
+class Head(nn.Module):
+    """A ROAM decoding head: `linear` (one Linear D -> D) or `mlp` (Linear -> ReLU -> dropout ->
+    Linear). Kept as `first` (a Linear) and `rest` so the text side can apply `first` to each word
+    before the attention pooling: a Linear commutes with a convex combination, so that is exact
+    and costs L x hidden per pair instead of D x hidden."""
+
+    def __init__(self, kind: str, dim: int, hidden: int, dropout: float):
+        super().__init__()
+        if kind == "linear":
+            self.first, self.rest = nn.Linear(dim, dim), nn.Identity()
+        elif kind == "mlp":
+            self.first = nn.Linear(dim, hidden)
+            self.rest = nn.Sequential(nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
+        else:
+            raise ValueError(f"head must be linear or mlp, got {kind!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rest(self.first(x))
+
+
+# ----------------------------------------------------------------------------- the model
+
+@register_model("dove", DoveConfig)
+class DOVE(RetrievalModel):
+    """DOVE with SWAN's multi-scale encoder, an RoI encoder, DTGA text, ROAM (IFA + IGA) and the
+    global constraint; the score is pairwise (the caption embedding depends on the image)."""
+
+    two_tower = False
+
+    def __init__(self, config: DoveConfig, vocab_size: int | None = None, vocab: Sequence[str] | None = None):
+        super().__init__()
+        if vocab_size is None:
+            raise ValueError("DOVE needs vocab_size for its word embedding")
+        self.config = config
+        d = config.embed_dim
+        self.visual = SwanVisualEncoder(config.backbone, config.backbone_checkpoint, config.freeze_backbone, d,
+                                        vmsf_hidden=config.vmsf_hidden, vmsf_dropout=config.vmsf_dropout,
+                                        fine_grained=False)
+        layer3_channels = self.visual.backbone.channels[2]
+        self.roi = RoIEncoder(layer3_channels, d, config.roi_grid, config.roi_size)
+        self.ifa = IFA(d, config.ifa_heads, config.attn_dropout)
+        self.visual_head = Head(config.roam_heads[0], d, config.head_hidden, config.head_dropout)
+        self.iga_query = nn.Linear(d, d)
+        self.iga_key = nn.Linear(d, d)
+        self.text_head = Head(config.roam_heads[1], d, config.head_hidden, config.head_dropout)
+        self.embed = WordEmbedding(vocab_size, config.word_dim)
+        if config.glove_path:
+            self.embed.load_vectors(config.glove_path, vocab)
+        self.word_dropout = nn.Dropout(config.word_dropout)
+        self.gru = BiGRU(config.word_dim, config.gru_hidden, merge="separate")
+        self.dtga = DTGA(d, config.dtga_inputs, config.attn_dropout)
+
+    # --- encoders
+
+    def image_parts(self, batch: Batch) -> tuple[DoveImageFeatures, torch.Tensor, torch.Tensor]:
+        """(features for `score`, the L2-normalised pooled multi-scale vector V_d for the global
+        loss, the regional features R)."""
+        visual = self.visual(batch["images"])
+        regions = self.roi(visual.maps[2], batch.get("boxes"))  # maps: stem, layer2, layer3, layer4
+        fused = self.ifa(regions, visual.tokens)
+        embedding = F.normalize(self.visual_head(fused), dim=-1)
+        query = self.iga_query(regions.mean(dim=1) if self.config.iga_query == "regions" else fused)
+        return DoveImageFeatures(embedding, query), F.normalize(visual.multi_scale, dim=-1), regions
+
+    def encode_images(self, batch: Batch) -> DoveImageFeatures:
+        return self.image_parts(batch)[0]
+
+    def encode_texts(self, batch: Batch) -> DoveTextFeatures:
+        tokens, lengths = batch["tokens"], batch["lengths"]
+        valid = length_mask(lengths.to(tokens.device), tokens.shape[1])
+        forward, backward = self.gru(self.word_dropout(self.embed(tokens)), lengths)
+        words = self.dtga(forward, backward, valid)
+        return DoveTextFeatures(words, valid, F.normalize(masked_mean(words, valid), dim=-1))
+
+    # --- pairwise score
+
+    def score(self, image_features: DoveImageFeatures, text_features: DoveTextFeatures) -> torch.Tensor:
+        """s[i, j] = v_i . L2norm(text_head(sum_l a_ijl w_jl)), a_ij = softmax over caption j's valid
+        words of (query_i . key(w_jl)) / sqrt(D). Computed in chunks of at most `score_chunk_pairs`
+        pairs, so only [chunk, hidden] activations exist at once, never [n_img, n_txt, D]."""
+        embedding, query = image_features
+        words, valid = text_features.words, text_features.valid
+        n_img, n_txt = query.shape[0], words.shape[0]
+        keys = self.iga_key(words)  # [T, L, D]
+        values = self.text_head.first(words)  # [T, L, H]: the head's first Linear, per word (exact, see Head)
+        padding = ~valid[None]
+        scale = 1.0 / math.sqrt(query.shape[-1])
+        pairs = self.config.score_chunk_pairs
+        text_step = max(1, min(n_txt, pairs))
+        image_step = max(1, pairs // max(text_step, 1))
+        rows = []
+        for i0 in range(0, n_img, image_step):
+            q, v = query[i0:i0 + image_step], embedding[i0:i0 + image_step]
+            cols = []
+            for t0 in range(0, n_txt, text_step):
+                t1 = t0 + text_step
+                logits = torch.einsum("id,tld->itl", q, keys[t0:t1]) * scale
+                attention = logits.masked_fill(padding[:, t0:t1], float("-inf")).softmax(dim=-1)
+                pooled = torch.einsum("itl,tlh->ith", attention, values[t0:t1])
+                caption = F.normalize(self.text_head.rest(pooled), dim=-1)  # [i, t, D]
+                cols.append(torch.einsum("id,itd->it", v, caption))
+            rows.append(torch.cat(cols, dim=1))
+        if not rows:
+            return query.new_zeros((n_img, n_txt))
+        return torch.cat(rows, dim=0)
+
+    # --- training
+
+    def batch_scores(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, B] pairwise scores, [B, B] global cosine scores) of a training batch: what the loss sees."""
+        image, image_global, _ = self.image_parts(batch)
+        text = self.encode_texts(batch)
+        return self.score(image, text), image_global @ text.sentence.t()
+
+    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        final, global_ = self.batch_scores(batch)
+        image_ids, margin, hardest = batch.get("image_ids"), self.config.margin, self.config.max_violation
+        triplet = triplet_loss(final, image_ids, margin, hardest)
+        global_triplet = triplet_loss(global_, image_ids, margin, hardest)
+        return {"total": triplet + self.config.lambda_g * global_triplet, "triplet": triplet,
+                "global": global_triplet}
