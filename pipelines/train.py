@@ -7,7 +7,9 @@ from rsray.cli import config_from_args, run_cli, setup_logging, stage_parser
 
 
 def run(cfg):
-    from rsray.train.run import TrainingFailed, train
+    from rsray.models import model_config
+    from rsray.train.loop import selection_metric
+    from rsray.train.run import TrainingFailed, best_checkpoint, train
 
     from rsray.tracking import TrackingUnavailable
 
@@ -22,9 +24,9 @@ def run(cfg):
         print(f"epoch {int(m['epoch'])}: {terms}; lr {m['lr']:.2e}; {m['pairs_per_s']:.0f} pairs/s; "
               f"val mR {m.get('val/mR', float('nan')):.2f} (i2t R@1 {m.get('val/i2t_R1', float('nan')):.1f}, "
               f"t2i R@1 {m.get('val/t2i_R1', float('nan')):.1f})")
-    best = result.get_best_checkpoint("val/mR", "max") if result.best_checkpoints else None
+    best = best_checkpoint(result, cfg)
     print(f"run folder: {result.path}")
-    print(f"best checkpoint (val mR): {best.path if best else 'none'}")
+    print(f"best checkpoint ({selection_metric(model_config(cfg))}): {best.path if best else 'none'}")
     if getattr(result, "mlflow_link", ""):
         print(f"MLflow run {result.mlflow_run_id}: {result.mlflow_link}"
               + ("   (start the UI with: mlflow ui --backend-store-uri " + cfg.tracking.uri + ")"
@@ -36,7 +38,14 @@ def main(argv=None) -> int:
     parser = stage_parser("rsray train", "Train the configured model on the prepared output train.data with "
                           "Ray Train: train.num_workers DDP workers read equal shards of the train split, "
                           "rank 0 scores the whole validation split each epoch, and every epoch's "
-                          "checkpoint goes to train.storage_path/train.run_name (best by val mR kept).")
+                          "checkpoint goes to train.storage_path/train.run_name (the best by val mR, or by "
+                          "the model's own selection metric, are kept). "
+                          "Models that start from an earlier stage train it first in the same command when "
+                          "its checkpoint key says `train`: e.g. model/priorclip with "
+                          "model.instruction_checkpoint=train trains model.instruction_stage (model/scene_prior, "
+                          "its own run <run_name>-scene_prior, best by val accuracy) and then PriorCLIP from "
+                          "that checkpoint; model/priorclip_open does the same for clip_checkpoint (stage 1, "
+                          "model/clip).")
     ns = parser.parse_intermixed_args(argv)
     setup_logging()
     return run_cli(lambda: run(config_from_args(ns.args, default="train/cpu-tiny")))

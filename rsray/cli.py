@@ -22,6 +22,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "prepare": ("pipelines.prepare", "validate, resize and tokenize a dataset into Parquet shards (Ray Data)"),
     "data": ("pipelines.data", "dataset tools: `rsray data inspect TARGET [--json]`"),
     "train": ("pipelines.train", "train a model on Ray Train (DDP workers), checkpoint every epoch"),
+    "sweep": ("pipelines.sweep", "sweep hyperparameters: Ray Tune over Ray Train runs, ASHA, MLflow parent/child runs"),
     "evaluate": ("pipelines.evaluate", "score a checkpoint on the test split, with and without SMR"),
     "demo": ("pipelines.demo", "run the whole pipeline on the embedded sample"),
     "metrics": ("pipelines.metrics", "R@K, mR, ranks, SR@K (and SMR) from a saved similarity matrix (.npy)"),

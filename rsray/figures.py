@@ -143,6 +143,40 @@ def embedding_projection(image_emb: torch.Tensor | np.ndarray, text_emb: torch.T
     return fig
 
 
+def split_figures(scores: torch.Tensor, caption_image: torch.Tensor, table: Any, image_features: Any = None,
+                  text_features: Any = None, queries: int = 4, k: int = 5, seed: int = 0) -> dict[str, Figure]:
+    """The figures a person looks at after a run, from one scored split (`rsray.train.loop.SplitScores`
+    fields and its Arrow table with `image`, `captions`, `scene`): t2i and i2t top-k grids for
+    `queries` sample queries drawn with `seed` (the same queries every run, so runs compare), and
+    the embedding projection when the features are embeddings (pairwise models' are not)."""
+    images = table.column("image").to_pylist()
+    captions = [c for row in table.column("captions").to_pylist() for c in row]
+    scenes = table.column("scene").to_pylist() if "scene" in table.column_names else [None] * len(images)
+    owner = caption_image.cpu().tolist()
+    scores = scores.float().cpu()
+    rng = np.random.default_rng(seed)
+    k = min(k, len(images), len(captions))
+    figures: dict[str, Figure] = {}
+
+    text_queries = sorted(rng.choice(len(captions), min(queries, len(captions)), replace=False).tolist())
+    top_images = [scores[:, j].topk(k).indices.tolist() for j in text_queries]
+    figures["retrieval_t2i.png"] = retrieval_grid(
+        [captions[j] for j in text_queries], [[images[i] for i in row] for row in top_images],
+        [[i == owner[j] for i in row] for j, row in zip(text_queries, top_images)])
+
+    image_queries = sorted(rng.choice(len(images), min(queries, len(images)), replace=False).tolist())
+    top_captions = [scores[i].topk(k).indices.tolist() for i in image_queries]
+    figures["retrieval_i2t.png"] = retrieval_grid_i2t(
+        [images[i] for i in image_queries], [[captions[j] for j in row] for row in top_captions],
+        [[owner[j] == i for j in row] for i, row in zip(image_queries, top_captions)])
+
+    if torch.is_tensor(image_features) and torch.is_tensor(text_features) \
+            and image_features.shape[-1] == text_features.shape[-1]:
+        figures["embedding_projection.png"] = embedding_projection(
+            image_features, text_features, scenes, [scenes[i] for i in owner], seed=seed)
+    return figures
+
+
 # ----------------------------------------------------------------------------- helpers
 
 def _as_2d(x: torch.Tensor | np.ndarray) -> torch.Tensor:

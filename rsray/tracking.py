@@ -118,7 +118,8 @@ def default_tags() -> dict[str, str]:
 
 
 def git_commit() -> str:
-    """HEAD of the repository holding this code, else of the working directory, else unknown."""
+    """HEAD of the repository holding this code, else of the working directory, else
+    $RSRAY_GIT_COMMIT (container images carry no .git; cluster/Dockerfile sets it), else unknown."""
     for where in (Path(__file__).resolve().parent, Path.cwd()):
         try:
             out = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True,
@@ -127,7 +128,7 @@ def git_commit() -> str:
             continue
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip()
-    return "unknown"
+    return os.environ.get("RSRAY_GIT_COMMIT") or "unknown"
 
 
 def ray_job_id() -> str | None:
@@ -148,6 +149,33 @@ def metric_history(run_id: str, key: str, tracking_uri: str | None = None) -> li
 
     history = MlflowClient(tracking_uri).get_metric_history(run_id, metric_name(key))
     return [(m.step, m.value) for m in sorted(history, key=lambda m: (m.step, m.timestamp))]
+
+
+def find_runs(tracking_cfg: Any, tags: Mapping[str, str]) -> list[Any]:
+    """Active (not deleted) runs of the configured experiment carrying every tag in `tags`,
+    oldest first: how a resumed sweep finds the parent and trial runs it opened before."""
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    tracking_cfg = tracking_section(tracking_cfg)
+    client = MlflowClient(tracking_cfg.uri)
+    experiment = client.get_experiment_by_name(tracking_cfg.experiment)
+    if experiment is None:
+        return []
+    query = " and ".join(f"tags.`{key}` = '{_quoted(str(value))}'" for key, value in tags.items())
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment.experiment_id], filter_string=query, run_view_type=ViewType.ACTIVE_ONLY,
+                                  max_results=1000, order_by=["attributes.start_time ASC"], page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _quoted(value: str) -> str:
+    """A value inside an MLflow filter string's single quotes."""
+    return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -194,6 +222,7 @@ class Tracker:
         self.base_delay = base_delay
         self._monitor: Any = None
         self._ended = False
+        self.resumed = False  # True when `start_or_resume` found the run instead of opening it
 
     @classmethod
     def start(cls, tracking_cfg: Any, run_name: str, params: Mapping[str, Any] | None = None,
@@ -239,6 +268,36 @@ class Tracker:
         tracker = cls(MlflowClient(tracking_cfg.uri), tracking_cfg.uri, run_id, experiment_id,
                       tracking_cfg.retries, base_delay)
         tracker._ended = True  # the owner ends it
+        return tracker
+
+    @classmethod
+    def start_or_resume(cls, tracking_cfg: Any, run_name: str, key_tags: Mapping[str, str],
+                        params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None,
+                        parent_run_id: str | None = None, base_delay: float = 1.0) -> Tracker:
+        """The run carrying every tag in `key_tags` (an interrupted sweep or trial run again),
+        owned again and marked RUNNING; else a new run with those tags. A resumed job therefore
+        never opens a second run for the same thing. `resumed` tells which happened."""
+        from mlflow.exceptions import MlflowException
+
+        tracking_cfg = tracking_section(tracking_cfg)
+        check_reachable(tracking_cfg.uri)
+        try:
+            found = find_runs(tracking_cfg, key_tags)
+        except (MlflowException, OSError) as exc:
+            raise TrackingUnavailable(f"MLflow tracking store {tracking_cfg.uri} cannot be searched "
+                                      f"({_one_line(exc)}); check tracking.uri") from None
+        if not found:
+            return cls.start(tracking_cfg, run_name, params, {**(tags or {}), **key_tags}, parent_run_id, base_delay)
+        run = found[0]
+        tracker = cls.attach(tracking_cfg, run.info.run_id, run.info.experiment_id, base_delay)
+        tracker._ended = False  # owned here from now on
+        tracker.resumed = True
+        tracker._call("reopen run", tracker.client.update_run, run.info.run_id, status="RUNNING")
+        tracker.log_params(params or {})  # identical values are accepted again
+        if getattr(tracking_cfg, "system_metrics", False):
+            tracker._start_system_metrics()
+        log.info("MLflow run %s resumed in experiment %s (%s)", tracker.run_id, run.info.experiment_id,
+                 tracking_cfg.uri)
         return tracker
 
     # -- logging (every call goes through `_call`, which never raises)
@@ -361,6 +420,7 @@ class NullTracker:
     run_id: str | None = None
     experiment_id: str | None = None
     uri = ""
+    resumed = False
 
     @classmethod
     def start(cls, *args: Any, **kwargs: Any) -> NullTracker:

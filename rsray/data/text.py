@@ -117,7 +117,12 @@ def build_vocabulary(records: Iterable[Any], splits: Sequence[str] = ("train",),
 
 
 def load_tokenizer(path: str | Path):
-    """A BERT-family tokenizer from a local folder; never downloads (missing folder -> ValueError)."""
+    """A BERT-family tokenizer from a local folder, or a packaged model's name (`minilm`);
+    never downloads (missing folder -> ValueError)."""
+    from rsray.pretrained import PACKAGED, packaged_path
+
+    if path in PACKAGED:
+        path = packaged_path(path)
     if not path or not Path(path).exists():
         raise ValueError(f"tokenizer folder {path!s} does not exist (data.tokenizer must be a local path)")
     from transformers import AutoTokenizer  # slow import: only when a BERT-family model needs it

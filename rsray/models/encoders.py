@@ -1,13 +1,14 @@
-"""Encoders the models share: a timm image backbone, word embeddings (GloVe file optional), a BiGRU.
+"""Encoders the models share: a timm image backbone, word embeddings (GloVe file optional), a BiGRU,
+a BERT-family text transformer.
 
 Nothing here downloads: pretrained image weights come from a local checkpoint file, word
-vectors from a local GloVe-format text file.
+vectors from a local GloVe-format text file, text transformers from a local folder.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import timm
 import torch
@@ -189,3 +190,85 @@ class BiGRU(nn.Module):
         if self.merge == "separate":
             return forward, backward
         return (forward + backward) / 2
+
+
+# ----------------------------------------------------------------------------- BERT-family text transformer
+
+class TransformerTextEncoder(nn.Module):
+    """A BERT-family text transformer (`transformers` AutoModel) returning every token's features.
+
+    Weights come from a local folder (`checkpoint`: the save_pretrained layout, or an alias of
+    `rsray.pretrained` such as `minilm`; nothing downloads), or the model is built with
+    random weights from `config`, a dict of config fields whose `model_type` defaults to "bert"
+    (how tiny test presets get a text transformer without any file). Models that pool on top
+    (PriorCLIP takes position 0 and its own attention rounds, a CLIP-style tower may mean-pool)
+    share this class and differ only in what they do with the tokens.
+
+    The transformer's own pooler (BERT's next-sentence head input) is dropped: it is never used,
+    and unused parameters would stall DistributedDataParallel. `freeze=True`: no parameter
+    trains, the model stays in eval mode (no dropout) and runs without autograd.
+
+    forward(input_ids [B, L], attention_mask [B, L]) -> (tokens [B, L, width], valid [B, L] bool).
+    """
+
+    def __init__(self, checkpoint: str | Path | None = None, config: dict | None = None, freeze: bool = False):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel  # slow import: only for models that need it
+
+        if checkpoint and config:
+            raise ValueError("give a text checkpoint folder or a text config, not both")
+        if checkpoint:
+            from rsray.pretrained import resolve_local
+
+            self.model = AutoModel.from_pretrained(str(resolve_local(checkpoint)), local_files_only=True,
+                                                   dtype=torch.float32)
+        else:
+            fields = dict(config or {})
+            model_type = fields.pop("model_type", "bert")
+            self.model = AutoModel.from_config(AutoConfig.for_model(model_type, **fields))
+        if getattr(self.model, "pooler", None) is not None:
+            self.model.pooler = None
+        model_config = self.model.config
+        self.width: int = model_config.hidden_size
+        self.vocab_size: int = model_config.vocab_size
+        self.max_positions: int | None = getattr(model_config, "max_position_embeddings", None)
+        self.frozen = freeze
+        if freeze:
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+            self.model.eval()
+
+    def train(self, mode: bool = True) -> "TransformerTextEncoder":
+        super().train(mode)
+        if self.frozen:
+            self.model.eval()
+        return self
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.max_positions is not None and input_ids.shape[1] > self.max_positions:
+            raise ValueError(f"captions of {input_ids.shape[1]} ids exceed the text transformer's "
+                             f"{self.max_positions} positions: truncate them first")
+        top = int(input_ids.max()) if input_ids.numel() else 0
+        if top >= self.vocab_size:
+            raise ValueError(f"caption id {top} is outside the text transformer's {self.vocab_size}-entry "
+                             "vocabulary: data.tokenizer must be the tokenizer of the text checkpoint")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            tokens = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return tokens, attention_mask.bool()
+
+
+def check_text_config(fields: dict, key: str = "text_config") -> Iterator[tuple[str, str]]:
+    """(key, problem) for names a transformers config of `fields["model_type"]` (default bert) does
+    not define: transformers accepts unknown keywords silently, so a typo would go unnoticed."""
+    if not fields:
+        return
+    from transformers import AutoConfig
+
+    model_type = fields.get("model_type", "bert")
+    try:
+        known = set(AutoConfig.for_model(model_type).to_dict())
+    except ValueError:
+        yield f"{key}.model_type", f"not a transformers model type: {model_type!r}"
+        return
+    for name in sorted(set(fields) - known - {"model_type"}):
+        yield f"{key}.{name}", f"not a {model_type} config field"

@@ -16,17 +16,42 @@ from torch import nn
 from rsray.data.loader import caption_image_index, eval_captions, eval_images, image_scenes
 from rsray.eval.metrics import retrieval_metrics
 from rsray.eval.rerank import SMRConfig, smr_rerank
-from rsray.eval.scoring import score_matrix
+from rsray.eval.scoring import concat_rows, score_matrix
 from rsray.models.base import Batch, RetrievalModel
 
 
-def make_optimizer(model: nn.Module, model_cfg: Any) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """The model config's optimizer over trainable parameters, with its step decay per epoch."""
+def make_optimizer(model: nn.Module, model_cfg: Any, total_steps: int | None = None
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The model config's optimizer over trainable parameters, and its learning-rate schedule.
+
+    Read from the model config, each with a default for configs that do not name it (so VSE++ and
+    SWAN get exactly Adam(lr) with their step decay): `optimizer` adam | adamw, `lr`,
+    `weight_decay` (0), `betas` ([0.9, 0.999]), and `schedule`:
+      step           x `lr_decay` every `decay_every` epochs; the caller steps it once per epoch.
+      linear_warmup  linear warm-up from 0 over the first `warmup` fraction of `total_steps`
+                     optimizer steps, then linear decay to 0 (transformers' linear schedule, as
+                     PriorCLIP trains); stepped after every batch: see `steps_per_batch`.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[model_cfg.optimizer]
-    optimizer = optimizer_cls(params, lr=model_cfg.lr)
+    betas = tuple(getattr(model_cfg, "betas", (0.9, 0.999)))
+    weight_decay = getattr(model_cfg, "weight_decay", 0.0)
+    optimizer = optimizer_cls(params, lr=model_cfg.lr, betas=betas, weight_decay=weight_decay)
+    if steps_per_batch(model_cfg):
+        from transformers import get_linear_schedule_with_warmup
+
+        if not total_steps or total_steps < 1:
+            raise ValueError("schedule linear_warmup needs the run's total number of optimizer steps")
+        warmup_steps = round(getattr(model_cfg, "warmup", 0.0) * total_steps)
+        return optimizer, get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=model_cfg.decay_every, gamma=model_cfg.lr_decay)
     return optimizer, schedule
+
+
+def steps_per_batch(model_cfg: Any) -> bool:
+    """True when the config's schedule advances every optimizer step (linear_warmup), False when
+    the caller steps it once per epoch (step, the default)."""
+    return getattr(model_cfg, "schedule", "step") == "linear_warmup"
 
 
 def to_device(batch: Batch, device: torch.device | str) -> Batch:
@@ -46,8 +71,10 @@ class EpochStats:
 
 def train_epoch(model: RetrievalModel, batches: Iterable[Batch], optimizer: torch.optim.Optimizer,
                 device: torch.device | str = "cpu", grad_clip: float | None = 2.0,
-                amp_dtype: torch.dtype | None = None) -> EpochStats:
-    """One pass over `batches`: loss, backward, clip, step. `amp_dtype=torch.bfloat16` on GPU."""
+                amp_dtype: torch.dtype | None = None,
+                scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> EpochStats:
+    """One pass over `batches`: loss, backward, clip, step. `amp_dtype=torch.bfloat16` on GPU.
+    A `scheduler` given here is stepped after every optimizer step (per-batch schedules)."""
     model.train()
     sums: dict[str, float] = {}
     steps = pairs = 0
@@ -61,6 +88,8 @@ def train_epoch(model: RetrievalModel, batches: Iterable[Batch], optimizer: torc
         if grad_clip:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         for name, value in losses.items():
             sums[name] = sums.get(name, 0.0) + float(value.detach())
         steps += 1
@@ -75,7 +104,7 @@ def encode_split(model: RetrievalModel, table: pa.Table, augment: Any, device: t
     model.eval()
     images = [model.encode_images(to_device(b, device)) for b in eval_images(table, augment, image_batch)]
     texts = [model.encode_texts(to_device(b, device)) for b in eval_captions(table, caption_batch)]
-    return torch.cat(images), torch.cat(texts)
+    return concat_rows(images), concat_rows(texts)  # tensors, or a pairwise model's feature tuples
 
 
 @dataclass
@@ -84,6 +113,8 @@ class SplitScores:
     scores: torch.Tensor  # [n_images, n_captions]
     caption_image: torch.Tensor  # caption j -> its image row
     scenes: list[str | None] | None  # one per image; None when the split has no scenes at all
+    image_features: Any = None  # what the model encoded (embeddings for two-tower models)
+    text_features: Any = None
 
 
 @torch.no_grad()
@@ -94,18 +125,29 @@ def score_split(model: RetrievalModel, table: pa.Table, augment: Any,
     scores = score_matrix(model, image_features, text_features).float()
     scenes = image_scenes(table)
     return SplitScores(scores, caption_image_index(table).to(scores.device),
-                       scenes if any(s is not None for s in scenes) else None)
+                       scenes if any(s is not None for s in scenes) else None, image_features, text_features)
 
 
 @torch.no_grad()
 def evaluate(model: RetrievalModel, table: pa.Table, augment: Any, device: torch.device | str = "cpu",
              smr: SMRConfig | None = None) -> dict[str, float]:
     """The protocol's numbers on one split's whole gallery (scene recall where scenes exist);
-    with `smr`, the same again after SMR re-ranking under `smr_` names."""
+    with `smr`, the same again after SMR re-ranking under `smr_` names. A model that defines
+    `validation_metrics(split, table) -> {name: value}` adds its own numbers, computed from the
+    features already encoded here (the scene prior adds its classification accuracy)."""
     split = score_split(model, table, augment, device)
     metrics = retrieval_metrics(split.scores, split.caption_image, split.scenes)
+    own_metrics = getattr(model, "validation_metrics", None)
+    if own_metrics is not None:
+        metrics.update(own_metrics(split, table))
     if smr is not None:
         reranked = smr_rerank(split.scores, k=smr.k, w=smr.w, beta=smr.beta)
         metrics.update({f"smr_{k}": v for k, v in
                         retrieval_metrics(reranked, split.caption_image, split.scenes).items()})
     return metrics
+
+
+def selection_metric(model_cfg: Any) -> str:
+    """The reported metric that picks a run's best checkpoint (higher is better): `val/mR`, unless
+    the model's config declares another as `selection_metric` (the scene prior: accuracy)."""
+    return "val/" + getattr(model_cfg, "selection_metric", "mR")

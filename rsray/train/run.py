@@ -26,11 +26,13 @@ import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+from ray.train import UserCallback
 
 from rsray import storage
 from rsray.config import Config, config_from_dict
@@ -58,9 +60,14 @@ def _absolute_paths(cfg: Config) -> Config:
         cfg.tracking.uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
     cfg.train.data = absolute(cfg.train.data)
     cfg.data.tokenizer = absolute(cfg.data.tokenizer)
-    for key, value in list(cfg.model.items()):
-        if key.endswith(("_path", "_checkpoint")):
-            cfg.model[key] = absolute(value)
+    def absolute_model_paths(section: dict) -> None:  # nested too (priorclip_open's clip: {checkpoint})
+        for key, value in list(section.items()):
+            if isinstance(value, dict):
+                absolute_model_paths(value)
+            elif key.endswith(("_path", "_checkpoint")) or key in ("checkpoint", "path"):
+                section[key] = absolute(value)
+
+    absolute_model_paths(cfg.model)
     return cfg
 
 
@@ -163,7 +170,7 @@ def _sum_across_workers(values: list[float], device: torch.device, op: str = "su
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
-    """The Ray Train worker function. `config`: {"config": Config.to_dict(), "mlflow_run_id": str | None}.
+    """The Ray Train worker function. `config`: {"config": Config.to_dict()}.
 
     Returns (on every rank; Ray keeps rank 0's) the per-epoch metrics of the whole run."""
     import ray.train
@@ -172,7 +179,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     from rsray.data.loader import read_split, vocab_size
     from rsray.data.prepare import read_manifest
     from rsray.models import build_model, model_config
-    from rsray.train.loop import evaluate, make_optimizer, train_epoch
+    from rsray.train.loop import evaluate, make_optimizer, steps_per_batch, train_epoch
 
     cfg = config_from_dict(config["config"])
     tc = cfg.train
@@ -196,7 +203,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
         start_epoch, history = int(saved["epoch"]) + 1, list(saved["history"])
 
     distributed = _Distributed(ray.train.torch.prepare_model(_LossForward(model)))
-    optimizer, scheduler = make_optimizer(model, model_cfg)
+    optimizer, scheduler = make_optimizer(model, model_cfg, total_steps=tc.epochs * _steps_per_epoch(manifest, tc))
+    per_batch_schedule = steps_per_batch(model_cfg)
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -209,14 +217,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     shard = ray.train.get_dataset_shard("train")
     amp_dtype = _amp_dtype(tc.amp, device)
 
-    tracker = _worker_tracker(cfg, config.get("mlflow_run_id"), rank)
-    _log_history_gaps(tracker, history)  # epochs a failed worker group checkpointed but never logged
-
     for epoch in range(start_epoch, tc.epochs):
         lr = float(scheduler.get_last_lr()[0])
         stats = train_epoch(distributed, _pair_batches(shard, tc.batch_size, model_cfg.augment, tc.seed, epoch, rank),
-                            optimizer, device=device, grad_clip=tc.grad_clip or None, amp_dtype=amp_dtype)
-        scheduler.step()
+                            optimizer, device=device, grad_clip=tc.grad_clip or None, amp_dtype=amp_dtype,
+                            scheduler=scheduler if per_batch_schedule else None)
+        if not per_batch_schedule:
+            scheduler.step()
         losses = _mean_across_workers(stats.losses, device)
         pairs, = _sum_across_workers([float(stats.pairs)], device)
         seconds, = _sum_across_workers([stats.seconds], device, op="max")
@@ -234,30 +241,39 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
                             "metrics": dict(metrics), "history": history}, Path(folder) / STATE_FILE)
                 config_from_dict(config["config"]).save(Path(folder) / CONFIG_FILE)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-            # After the checkpoint: a crash in between leaves a gap that the next attempt fills from
-            # the checkpoint's history (never a duplicate step).
-            tracker.log_metrics(metrics, step=epoch)
         else:
             ray.train.report(metrics)
     return history
 
 
-def _worker_tracker(cfg: Config, run_id: str | None, rank: int):
-    """Rank 0 logs into the driver's MLflow run; every other rank (or no run) logs nothing."""
-    from rsray.tracking import NullTracker, Tracker
-
-    if rank != 0 or not run_id:
-        return NullTracker()
-    return Tracker.attach(cfg.tracking, run_id)
+def _steps_per_epoch(manifest: dict, tc) -> int:
+    """Optimizer steps of one epoch on each worker: the train pairs split evenly over the workers,
+    in full batches (Ray Train's shards are equal and read with drop_last)."""
+    return max(1, manifest["splits"]["train"]["captions"] // tc.num_workers // tc.batch_size)
 
 
-def _log_history_gaps(tracker, history: list[dict[str, float]]) -> None:
-    if not history:
-        return
-    logged = {step for step, _ in tracker.metric_history("val/mR")}
-    for metrics in history:
-        if int(metrics["epoch"]) not in logged:
-            tracker.log_metrics(metrics, step=int(metrics["epoch"]))
+class EpochLogger(UserCallback):
+    """Logs each epoch's metrics (rank 0's, which include validation) to the run's MLflow run.
+
+    It runs in the Ray Train controller, after Ray has registered the epoch's checkpoint. That
+    makes the MLflow history agree with the checkpoints whatever fails: a worker killed after its
+    report but before Ray registered the checkpoint retrains that epoch from the previous
+    checkpoint, and the epoch is logged once, when its checkpoint counts (logging from the worker
+    would log it twice, measured in the fault test). The controller survives worker-group restarts,
+    so nothing is logged by a worker and nothing needs filling in afterwards."""
+
+    def __init__(self, tracking_cfg: Any, run_id: str):
+        self.tracking_cfg, self.run_id = tracking_cfg, run_id
+        self._tracker = None
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        from rsray.tracking import Tracker
+
+        if checkpoint is None or not metrics:
+            return
+        if self._tracker is None:
+            self._tracker = Tracker.attach(self.tracking_cfg, self.run_id)
+        self._tracker.log_metrics(metrics[0], step=int(metrics[0]["epoch"]))
 
 
 # ----------------------------------------------------------------------------- driver
@@ -293,15 +309,18 @@ def train_dataset(cfg: Config):
                          fn_kwargs={"scenes": scene_index(manifest), "image_index": image_numbers(manifest, "train")}))
 
 
-def build_trainer(cfg: Config, mlflow_run_id: str | None = None):
-    """The TorchTrainer for `cfg` (does not start training)."""
+def build_trainer(cfg: Config, mlflow_run_id: str | None = None, callbacks: Sequence[Any] = ()):
+    """The TorchTrainer for `cfg` (does not start training). `callbacks`: Ray Train UserCallbacks,
+    e.g. the one a sweep trial uses to pass each epoch's metrics on to Ray Tune."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from rsray.models import model_config
+    from rsray.train.loop import selection_metric
 
     model_config(cfg)  # a bad model section fails here, in one line, before any worker starts
     cfg = _absolute_paths(copy.deepcopy(cfg))
+    _fill_model_from_data(cfg)
     tc = cfg.train
     if not tc.run_name:
         tc.run_name = default_run_name(cfg)
@@ -311,12 +330,14 @@ def build_trainer(cfg: Config, mlflow_run_id: str | None = None):
         storage_path=store.path,
         storage_filesystem=store.fs if storage.is_s3(tc.storage_path) else None,
         failure_config=FailureConfig(max_failures=tc.max_failures),
-        checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints, checkpoint_score_attribute="val/mR",
+        checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints,
+                                           checkpoint_score_attribute=selection_metric(model_config(cfg)),
                                            checkpoint_score_order="max"),
+        callbacks=([EpochLogger(cfg.tracking, mlflow_run_id)] if mlflow_run_id else []) + list(callbacks) or None,
     )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": mlflow_run_id},
+        train_loop_config={"config": cfg.to_dict()},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=run_config,
@@ -325,25 +346,80 @@ def build_trainer(cfg: Config, mlflow_run_id: str | None = None):
     )
 
 
-def train(cfg: Config):
+def _fill_model_from_data(cfg: Config) -> None:
+    """Model keys that follow from the prepared data, filled in before any worker starts so that
+    every worker and the checkpoint's config.yaml agree. A model config may define
+    `check_data(manifest)` (yields (key, problem), like `check`) and `from_data(manifest)` (returns
+    {key: value}); the scene prior sizes its classifier to the manifest's scenes this way."""
+    from rsray.data.prepare import read_manifest
+    from rsray.models import model_config
+
+    typed = model_config(cfg)
+    if not hasattr(typed, "from_data"):
+        return
+    manifest = read_manifest(cfg.train.data, cfg.prepare.s3_endpoint)
+    for key, problem in getattr(typed, "check_data", lambda _: ())(manifest):
+        raise cfg.error(f"model.{key}", problem)
+    cfg.model.update(typed.from_data(manifest))
+    model_config(cfg)
+
+
+TRAIN_FIRST = "train"  # `model.<stage checkpoint key>: train` trains that earlier stage first
+
+
+def _train_earlier_stages(cfg: Config) -> Config:
+    """Train the stages a model starts from when its config says so, and point it at their results.
+
+    A model config may declare `earlier_stages = {checkpoint_key: stage_key}` (PriorCLIP:
+    {"instruction_checkpoint": "instruction_stage"}). When `model.<checkpoint_key>` is "train",
+    the model section of the config file named by `model.<stage_key>` (e.g. model/scene_prior) is
+    trained first with this run's data, train and tracking sections, as its own run
+    `<run_name>-<stage model>` (Ray Train and MLflow alike), and its best checkpoint by its own
+    selection metric becomes `model.<checkpoint_key>`. Returns the updated copy of `cfg`."""
+    from rsray.config import load_config
+    from rsray.models import model_config
+    from rsray.train.loop import selection_metric
+
+    cfg = copy.deepcopy(cfg)
+    for checkpoint_key, stage_key in getattr(model_config(cfg), "earlier_stages", {}).items():
+        if cfg.model.get(checkpoint_key) != TRAIN_FIRST:
+            continue
+        stage_file = load_config(cfg.model[stage_key])
+        stage = copy.deepcopy(cfg)
+        stage.model = stage_file.model
+        stage.origins.update({k: v for k, v in stage_file.origins.items() if k.startswith("model.")})
+        stage.train.run_name = f"{cfg.train.run_name}-{stage.model.get('name')}" if cfg.train.run_name else ""
+        result = train(stage)
+        best = result.get_best_checkpoint(selection_metric(model_config(stage)), "max")
+        if best is None:
+            raise TrainingFailed(f"stage {stage.model.get('name')} reported no checkpoint for model.{checkpoint_key}")
+        cfg.model[checkpoint_key] = f"s3://{best.path}" if storage.is_s3(stage.train.storage_path) else best.path
+        cfg.origins[f"model.{checkpoint_key}"] = f"stage {stage.train.run_name or stage.model.get('name')}"
+    return cfg
+
+
+def train(cfg: Config, tracker=None, callbacks: Sequence[Any] = ()):
     """Start or join Ray, train, record the run in MLflow (`tracking.enabled`), and return the
-    `ray.train.Result` (raises TrainingFailed). The driver owns the MLflow run: rank 0 of every
-    worker-group attempt logs into the same run, so a restart adds no second run. The returned
-    Result also carries `mlflow_run_id` and `mlflow_link` (the runs table in the MLflow UI)."""
+    `ray.train.Result` (raises TrainingFailed). The driver owns the MLflow run; each epoch is logged
+    into it by `EpochLogger` in the Ray Train controller, so a worker-group restart adds no second run. The returned
+    Result also carries `mlflow_run_id` and `mlflow_link` (the runs table in the MLflow UI).
+    A sweep trial passes its own `tracker` (its child run, which this function ends) and
+    `callbacks` for `build_trainer`."""
     from ray.train import TrainingFailedError
 
     from rsray.runtime import ensure_ray
     from rsray.tracking import NullTracker, Tracker
 
-    cfg = _absolute_paths(copy.deepcopy(cfg))
+    cfg = _absolute_paths(_train_earlier_stages(cfg))
     if not cfg.train.run_name:
         cfg.train.run_name = default_run_name(cfg)
-    tracker = NullTracker()
-    if cfg.tracking.enabled:  # an unreachable server fails here, before any worker starts
-        tracker = Tracker.start(cfg.tracking, cfg.train.run_name, params=cfg.to_dict(),
-                                tags={"model": cfg.model.get("name", ""), "dataset": cfg.data.name})
+    if tracker is None:
+        tracker = NullTracker()
+        if cfg.tracking.enabled:  # an unreachable server fails here, before any worker starts
+            tracker = Tracker.start(cfg.tracking, cfg.train.run_name, params=cfg.to_dict(),
+                                    tags={"model": cfg.model.get("name", ""), "dataset": cfg.data.name})
     ensure_ray()
-    trainer = build_trainer(cfg, mlflow_run_id=tracker.run_id)
+    trainer = build_trainer(cfg, mlflow_run_id=tracker.run_id, callbacks=callbacks)
     name = trainer.run_config.name
     try:
         result = trainer.fit()
@@ -355,14 +431,26 @@ def train(cfg: Config):
     except BaseException:
         tracker.end("FAILED")
         raise
+    _log_earlier_epochs(tracker, result.return_value or [])
     _log_run_artifacts(tracker, cfg, result)
     tracker.end("FINISHED")
     result.mlflow_run_id, result.mlflow_link = tracker.run_id, tracker.ui_link()
     return result
 
 
+def _log_earlier_epochs(tracker, history: list[dict[str, float]]) -> None:
+    """Epochs this MLflow run lacks because they were trained by an earlier run of the same name
+    (Ray resumed from its checkpoints): logged from the checkpointed history, so each run's
+    curves start at epoch 0. Runs after fit, when no EpochLogger is logging any more."""
+    logged = {step for step, _ in tracker.metric_history("epoch")} if history else set()
+    for metrics in history:
+        if int(metrics["epoch"]) not in logged:
+            tracker.log_metrics(metrics, step=int(metrics["epoch"]))
+
+
 def _log_run_artifacts(tracker, cfg: Config, result) -> None:
-    """What a person opens in MLflow after a run: config, final metrics, curves, best checkpoint."""
+    """What a person opens in MLflow after a run: config, final metrics, curves, best checkpoint,
+    top-5 retrieval grids and the embedding projection on the validation split."""
     from rsray.figures import loss_and_mr_curves
 
     history = result.return_value or []
@@ -371,9 +459,44 @@ def _log_run_artifacts(tracker, cfg: Config, result) -> None:
     if history:
         tracker.log_figure(loss_and_mr_curves(history), "figures/loss_and_mr.png")
     if result.best_checkpoints:
-        best, _ = max(result.best_checkpoints, key=lambda item: item[1].get("val/mR", float("-inf")))
+        best = best_checkpoint(result, cfg)
         with best.as_directory() as folder:
             tracker.log_artifact(folder, "best_checkpoint")
+            for name, figure in _validation_figures(folder, cfg).items():
+                tracker.log_figure(figure, f"figures/{name}")
+
+
+def best_checkpoint(result, cfg: Config):
+    """The kept checkpoint with the best value of the model's selection metric (val/mR for
+    retrieval models, val/accuracy for the scene prior), or None when none was kept."""
+    from rsray.models import model_config
+    from rsray.train.loop import selection_metric
+
+    if not result.best_checkpoints:
+        return None
+    return result.get_best_checkpoint(selection_metric(model_config(cfg)), "max")
+
+
+def _validation_figures(checkpoint_folder: str, cfg: Config) -> dict[str, Any]:
+    """Retrieval grids and the embedding projection of the best checkpoint on the validation split.
+    Training has finished by now, so a failure here is reported on stderr and never fails the run."""
+    import sys
+
+    from rsray.data.loader import read_split
+    from rsray.eval.checkpoint import load_checkpoint
+    from rsray.figures import split_figures
+    from rsray.models import model_config
+    from rsray.train.loop import score_split
+
+    try:
+        model, checkpoint_cfg, _ = load_checkpoint(checkpoint_folder)
+        table = read_split(cfg.train.data, "val", cfg.prepare.s3_endpoint)
+        scored = score_split(model, table, model_config(checkpoint_cfg).augment)
+        return split_figures(scored.scores, scored.caption_image, table, scored.image_features,
+                             scored.text_features, seed=cfg.train.seed)
+    except Exception as exc:  # noqa: BLE001 - figures are a convenience, the run's results are saved
+        print(f"rsray: warning: no retrieval figures for {checkpoint_folder}: {_summary(exc)}", file=sys.stderr)
+        return {}
 
 
 def _summary(exc: BaseException) -> str:

@@ -16,6 +16,7 @@ from rsray.data.prepare import prepare, read_manifest
 from rsray.data.synthetic import generate_sample
 from rsray.models import build_model, model_config
 from rsray.train.loop import evaluate
+from rsray.tracking import metric_history
 from rsray.train.run import CONFIG_FILE, load_checkpoint_state, train
 
 pytestmark = pytest.mark.integration
@@ -89,6 +90,9 @@ def test_a_rerun_with_the_same_name_resumes_from_the_last_checkpoint(trained):
     assert history[:EPOCHS] == first.return_value  # carried in the checkpoint, not trained again
     assert load_checkpoint_state(result.checkpoint)["epoch"] == EPOCHS
     assert len(result.best_checkpoints) == cfg.train.keep_checkpoints
+    # the new MLflow run shows the whole curve: epochs it trained, and the earlier ones from the checkpoint
+    logged = metric_history(result.mlflow_run_id, "val/mR", tracking_uri=cfg.tracking.uri)
+    assert [step for step, _ in logged] == list(range(EPOCHS + 1))
 
 
 def test_mlflow_holds_params_per_epoch_metrics_and_artifacts(trained, mlflow_server):
@@ -107,6 +111,9 @@ def test_mlflow_holds_params_per_epoch_metrics_and_artifacts(trained, mlflow_ser
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "metrics.json", "figures", "best_checkpoint"} <= artifacts
     assert "best_checkpoint/state.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "best_checkpoint")}
+    figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert {f"figures/{name}" for name in ("loss_and_mr.png", "retrieval_t2i.png", "retrieval_i2t.png",
+                                           "embedding_projection.png")} <= figures
     assert result.mlflow_link.endswith("?workflowType=machine_learning")
 
 
@@ -127,3 +134,64 @@ def test_rsray_evaluate_scores_the_checkpoint_with_and_without_smr(trained, tmp_
     assert len(report["ranks"]["t2i"]) == 5 * len(report["ranks"]["i2t"]) == 5 * len(report["image_ids"])
     assert main(["evaluate", str(tmp_path / "nowhere")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def _training_worker_pids() -> set[int]:
+    """PIDs of this test's live Ray Train worker processes. The module's Ray was started by this
+    process, so its workers are our descendants (other Ray instances on the machine are not)."""
+    import psutil
+
+    pids = set()
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if process.cmdline()[:1] and process.cmdline()[0].startswith("ray::RayTrainWorker"):
+                pids.add(process.pid)
+        except psutil.Error:  # exited while we looked
+            pass
+    return pids
+
+
+def test_a_killed_worker_process_resumes_from_the_last_checkpoint(prepared, tmp_path_factory, mlflow_server):
+    """SIGKILL one Ray Train worker process after the first checkpoint: Ray restarts the worker group, it
+    resumes after the last checkpoint, and every epoch appears exactly once in the history and in MLflow."""
+    import os
+    import signal
+    import threading
+
+    epochs = 4
+    storage_path = tmp_path_factory.mktemp("fault-runs")
+    cfg = load_config("train/cpu-tiny", [f"train.data={prepared}", f"train.storage_path={storage_path}",
+                                         f"train.epochs={epochs}", "train.run_name=fault", "train.max_failures=2",
+                                         f"tracking.uri={mlflow_server}", "tracking.experiment=fault-test"])
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = train(cfg)
+        except BaseException as exc:  # surfaced by the main thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    run_folder = storage_path / "fault"
+    deadline = time.monotonic() + 300
+    while not list(run_folder.glob("checkpoint_*")) and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.5)
+    assert list(run_folder.glob("checkpoint_*")), f"no checkpoint within 300 s: {outcome.get('error')}"
+    first_group = _training_worker_pids()
+    assert len(first_group) == cfg.train.num_workers
+    victim = sorted(first_group)[-1]
+    os.kill(victim, signal.SIGKILL)
+    thread.join(timeout=600)
+    assert not thread.is_alive(), "training did not finish within 600 s of the kill"
+    assert "error" not in outcome, outcome.get("error")
+
+    result = outcome["result"]
+    history = result.return_value
+    assert [int(m["epoch"]) for m in history] == list(range(epochs))
+    assert result.metrics["epoch"] == epochs - 1
+    # MLflow: one value per epoch (a restart from scratch would log epoch 0 twice; a lost epoch leaves a gap)
+    logged = metric_history(result.mlflow_run_id, "val/mR", tracking_uri=mlflow_server)
+    assert sorted(step for step, _ in logged) == list(range(epochs))
+    assert [value for _, value in sorted(logged)] == pytest.approx([m["val/mR"] for m in history])
+    assert victim not in _training_worker_pids()  # the victim really died (Ray started a new group)

@@ -62,3 +62,32 @@ def test_embedding_projection(tmp_path):
     assert saved(again, tmp_path, "embed2.png") == first  # deterministic picture
     with pytest.raises(ValueError, match="differ in size"):
         figures.embedding_projection(images, torch.randn(5, 8), scenes, ["beach"] * 5)
+
+
+def test_split_figures_mark_hits_from_the_scores(tmp_path):
+    import pyarrow as pa
+
+    n = 6
+    table = pa.table({"image": [encoded(i) for i in range(n)],
+                      "captions": [[f"caption {i}.{c}" for c in range(2)] for i in range(n)],
+                      "scene": ["a", "b"] * (n // 2)})
+    owner = torch.arange(n).repeat_interleave(2)
+    scores = torch.eye(n)[:, owner]  # every caption scores highest with its own image
+    image_emb, text_emb = torch.randn(n, 4), torch.randn(2 * n, 4)
+    made = figures.split_figures(scores, owner, table, image_emb, text_emb, queries=3, k=3)
+    assert set(made) == {"retrieval_t2i.png", "retrieval_i2t.png", "embedding_projection.png"}
+    for name, fig in made.items():
+        saved(fig, tmp_path, name)
+    # t2i: the correct image is ranked first for every query -> the first frame of each row is green
+    t2i_frames = [ax for ax in made["retrieval_t2i.png"].axes if ax.images]
+    first_column = t2i_frames[::3]
+    assert all(ax.spines["left"].get_edgecolor()[:3] == matplotlib_rgb(figures.HIT) for ax in first_column)
+    assert all(ax.spines["left"].get_edgecolor()[:3] == matplotlib_rgb(figures.MISS) for ax in t2i_frames[1::3])
+    # pairwise features (not [n, d] embeddings of one size) give no projection, and no error
+    assert "embedding_projection.png" not in figures.split_figures(scores, owner, table, object(), object())
+
+
+def matplotlib_rgb(colour) -> tuple[float, float, float]:
+    from matplotlib.colors import to_rgb
+
+    return to_rgb(colour)

@@ -200,3 +200,16 @@ def test_start_accepts_whole_config_or_its_dict(local_cfg):
     with Tracker.start(cfg.to_dict(), "dict", params={}, tags={}) as from_dict:
         pass
     assert from_config.experiment_id == from_dict.experiment_id
+
+
+def test_git_commit_falls_back_to_the_image_label(tmp_path, monkeypatch):
+    """No .git (a container image): the commit baked in as RSRAY_GIT_COMMIT is reported."""
+    import rsray.tracking as tracking
+
+    monkeypatch.setattr(tracking, "__file__", str(tmp_path / "rsray" / "tracking.py"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    monkeypatch.setenv("RSRAY_GIT_COMMIT", "abc123")
+    assert tracking.git_commit() == "abc123"
+    monkeypatch.delenv("RSRAY_GIT_COMMIT")
+    assert tracking.git_commit() == "unknown"

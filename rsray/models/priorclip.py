@@ -1,0 +1,428 @@
+"""PriorCLIP, closed domain (PIR, ACM MM 2023; PriorCLIP 2024), from the paper and the authors' release.
+
+Image: Swin-T (timm) -> final feature map as tokens [pooled, 7x7 patches] (50 at 224 px) ->
+  linear to D. Instruction: a frozen scene-classification CNN (the `scene_prior` stage's
+  backbone) -> pooled -> linear to D. Spatial-PAE: belief = softmax over tokens of
+  token . instruction; `belief: hard` keeps the `filter_size` most believed tokens (PIR), `soft`
+  keeps all, each scaled by belief + 1/sqrt(rank) (PriorCLIP); then `instru_num` rounds of
+  self-attention followed by cross-attention whose query is a per-round linear map of the
+  instruction. Embedding: L2norm(token 0 before the rounds + linear(token 0 after them)).
+Text: a BERT-family transformer (local folder, or built from `text_config`) -> linear to D ->
+  Temporal-PAE: `cycle_num` rounds of self-attention then cross-attention whose queries are a
+  linear map of the previous round's tokens, padding masked throughout (the release attends to
+  padding; we pass the mask). Embedding: L2norm(CLS + linear(CLS after the rounds)).
+Loss: multi-positive symmetric InfoNCE (learnable temperature) + lambda_cs * affiliation loss
+  (scene centres, its own learnable temperature), on embeddings gathered across Ray Train
+  workers (`gather_across_workers`: contrastive losses want every worker's negatives; the
+  triplet models stay per-worker).
+
+The instruction encoder's weights come from a scene-prior checkpoint folder
+(`instruction_checkpoint`, loaded with weights_only=True), or are trained first by the same
+command when it says `train` (see `rsray train --help`); null leaves a random frozen CNN, which is
+only good for tests. Open-domain PriorCLIP (stage 2 on a CLIP dual encoder) is
+`rsray.models.priorclip_open`.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from rsray import storage
+from rsray.data.augment import AugmentConfig
+from rsray.distributed import gather_no_grad, gather_with_grad
+from rsray.losses import LogitScale, affiliation_loss, info_nce_loss
+from rsray.models.base import Batch, RetrievalModel
+from rsray.models.blocks import SelfAttentionBlock
+from rsray.models.encoders import TimmBackbone, TransformerTextEncoder, check_text_config, length_mask
+from rsray.models.registry import register_model
+from rsray.models.scene_prior import backbone_state_dict, priorclip_augment
+
+TRAIN_FIRST = "train"  # a stage checkpoint key with this value: `rsray train` trains that stage first
+
+
+@dataclass
+class PriorClipConfig:
+    """Every closed-domain PriorCLIP setting; defaults are the paper's. Optimizer fields are read
+    by the training loop."""
+    # `rsray train` trains model.instruction_stage first when instruction_checkpoint is "train"
+    earlier_stages: ClassVar[dict[str, str]] = {"instruction_checkpoint": "instruction_stage"}
+
+    augment: AugmentConfig = field(default_factory=priorclip_augment)
+    embed_dim: int = 512
+    # vision
+    backbone: str = "swin_tiny_patch4_window7_224"  # a timm model whose forward_features is a map
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+    backbone_checkpoint: str | None = None  # local weights file (timm or the Swin release); null = random
+    freeze_backbone: bool = False  # the paper fine-tunes Swin-T
+    # instruction (Spatial-PAE)
+    instruction_backbone: str = "resnet50"  # must be the scene prior's backbone
+    instruction_checkpoint: str | None = None  # scene-prior checkpoint folder | "train" | null (random, tests)
+    instruction_stage: str = "model/scene_prior"  # the config trained first when instruction_checkpoint: train
+    belief: str = "soft"  # soft (PriorCLIP) | hard (PIR: keep the filter_size most believed tokens)
+    filter_size: int = 40
+    instru_num: int = 2
+    # text (Temporal-PAE)
+    text_input: str = "input_ids"  # input_ids (data.tokenizer) | tokens (word vocabulary + a [CLS] id; ours)
+    text_checkpoint: str | None = None  # local BERT-family folder (or alias, e.g. minilm)
+    # transformers config fields, used only when text_checkpoint is null (model_type defaults to bert);
+    # with text_input: tokens the vocabulary size comes from the data's word vocabulary
+    text_config: dict[str, Any] = field(default_factory=dict)
+    max_text_tokens: int = 47
+    cycle_num: int = 3
+    # attention rounds of both PAEs
+    heads: int = 8
+    ffn_dim: int = 1024
+    dropout: float = 0.2
+    # loss
+    temperature: float = 0.07  # InfoNCE, learnable
+    affiliation_temperature: float = 0.07  # tau2, learnable
+    lambda_cs: float = 1.0
+    gather_across_workers: bool = True  # InfoNCE and affiliation over every worker's batch
+    # optimisation
+    optimizer: str = "adamw"
+    lr: float = 6.0e-5
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    schedule: str = "linear_warmup"  # linear_warmup (per step) | step (x lr_decay every decay_every epochs)
+    warmup: float = 0.1  # fraction of all optimizer steps
+    lr_decay: float = 1.0
+    decay_every: int = 1
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        yield from check_pae(self)
+        yield from check_optimisation(self)
+        if not timm.is_model(self.backbone):
+            yield "backbone", f"not a timm model name: {self.backbone!r}"
+        if self.text_input not in ("input_ids", "tokens"):
+            yield "text_input", f"must be input_ids or tokens, got {self.text_input!r}"
+        if self.text_checkpoint and self.text_input != "input_ids":
+            yield "text_input", "a text_checkpoint reads input_ids from its own tokenizer (set data.tokenizer)"
+        if not self.text_checkpoint and self.text_input == "input_ids" and "vocab_size" not in self.text_config:
+            yield "text_config", "a text transformer built for input_ids needs the tokenizer's vocab_size"
+        yield from check_text_config(self.text_config)
+        if self.max_text_tokens < 2:
+            yield "max_text_tokens", f"must be at least 2 ([CLS] and a word), got {self.max_text_tokens}"
+        if self.cycle_num < 0:
+            yield "cycle_num", f"must not be negative, got {self.cycle_num}"
+
+
+def check_pae(cfg) -> Iterator[tuple[str, str]]:
+    """Checks for the Spatial-PAE and attention fields the closed and open-domain configs share."""
+    if cfg.embed_dim < 1:
+        yield "embed_dim", f"must be positive, got {cfg.embed_dim}"
+    if not timm.is_model(cfg.instruction_backbone):
+        yield "instruction_backbone", f"not a timm model name: {cfg.instruction_backbone!r}"
+    yield from check_stage_checkpoint("instruction_checkpoint", cfg.instruction_checkpoint)
+    if cfg.belief not in ("soft", "hard"):
+        yield "belief", f"must be soft or hard, got {cfg.belief!r}"
+    if cfg.filter_size < 1:
+        yield "filter_size", f"must be positive, got {cfg.filter_size}"
+    if cfg.instru_num < 0:
+        yield "instru_num", f"must not be negative, got {cfg.instru_num}"
+    if cfg.heads < 1 or cfg.embed_dim % cfg.heads:
+        yield "heads", f"must divide embed_dim ({cfg.embed_dim}), got {cfg.heads}"
+    if cfg.ffn_dim < 1:
+        yield "ffn_dim", f"must be positive, got {cfg.ffn_dim}"
+    if not 0.0 <= cfg.dropout < 1.0:
+        yield "dropout", f"must be in [0, 1), got {cfg.dropout}"
+    for name in ("temperature", "affiliation_temperature"):
+        if getattr(cfg, name) <= 0:
+            yield name, f"must be positive, got {getattr(cfg, name)}"
+    if cfg.lambda_cs < 0:
+        yield "lambda_cs", f"must not be negative, got {cfg.lambda_cs}"
+
+
+def check_optimisation(cfg) -> Iterator[tuple[str, str]]:
+    if cfg.optimizer not in ("adam", "adamw"):
+        yield "optimizer", f"must be adam or adamw, got {cfg.optimizer!r}"
+    if cfg.lr <= 0:
+        yield "lr", f"must be positive, got {cfg.lr}"
+    if cfg.weight_decay < 0:
+        yield "weight_decay", f"must not be negative, got {cfg.weight_decay}"
+    if len(cfg.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.betas):
+        yield "betas", f"expected [beta1, beta2] in [0, 1), got {cfg.betas}"
+    if cfg.schedule not in ("linear_warmup", "step"):
+        yield "schedule", f"must be linear_warmup or step, got {cfg.schedule!r}"
+    if not 0.0 <= cfg.warmup < 1.0:
+        yield "warmup", f"must be a fraction in [0, 1), got {cfg.warmup}"
+    if not 0.0 < cfg.lr_decay <= 1.0:
+        yield "lr_decay", f"must be in (0, 1], got {cfg.lr_decay}"
+    if cfg.decay_every < 1:
+        yield "decay_every", f"must be at least 1, got {cfg.decay_every}"
+
+
+def check_stage_checkpoint(key: str, value: str | None) -> Iterator[tuple[str, str]]:
+    """A stage checkpoint is null, "train", an s3:// folder, or an existing local folder."""
+    if value in (None, TRAIN_FIRST) or storage.is_s3(value):
+        return
+    if not Path(value).is_dir():
+        yield key, f"no such checkpoint folder: {value} (or `train` to train that stage first)"
+
+
+# ----------------------------------------------------------------------------- stage checkpoints
+
+def read_stage_checkpoint(uri: str, key: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state.pt loaded with weights_only=True, config.yaml as plain data) of an rsray checkpoint
+    folder, local or s3://, that a later stage starts from; `key` names the config key in errors."""
+    from rsray.eval.checkpoint import CONFIG_FILE, STATE_FILE
+
+    if uri == TRAIN_FIRST:
+        raise ValueError(f"model.{key}: `train` means: train that stage first, which `rsray train` does "
+                         "before building this model (it then names the stage's best checkpoint here)")
+    source = storage.resolve(uri)
+    for name in (STATE_FILE, CONFIG_FILE):
+        if not storage.exists(source.join(name)):
+            raise FileNotFoundError(f"model.{key}: {source.join(name).uri} not found (not an rsray checkpoint folder)")
+    state = torch.load(io.BytesIO(storage.read_bytes(source.join(STATE_FILE))), map_location="cpu", weights_only=True)
+    config = yaml.safe_load(storage.read_bytes(source.join(CONFIG_FILE)))
+    return state, config
+
+
+def load_instruction_backbone(uri: str, backbone: str, key: str = "instruction_checkpoint") -> dict[str, torch.Tensor]:
+    """The backbone weights of the scene-prior checkpoint folder `uri`, checked to be a `backbone`."""
+    state, config = read_stage_checkpoint(uri, key)
+    model = config.get("model", {})
+    if model.get("name") != "scene_prior":
+        raise ValueError(f"model.{key}: {uri} holds a {model.get('name')!r} model, not a scene_prior")
+    if model.get("backbone") != backbone:
+        raise ValueError(f"model.instruction_backbone: {backbone!r}, but the scene prior at {uri} "
+                         f"is a {model.get('backbone')!r}")
+    return backbone_state_dict(state["model"])
+
+
+# ----------------------------------------------------------------------------- encoders
+
+class SwinTokens(nn.Module):
+    """A timm model's final feature map (normalised, as its head would see it) as tokens:
+    [mean of the map, then every position] -> [B, 1 + h*w, C] (Swin-T at 224 px: 1 + 7x7 = 50).
+
+    `checkpoint`: a local weights file given to timm (state dict, or the original Swin release's
+    layout, which timm's filter converts); the classifier is dropped. `freeze` as TimmBackbone."""
+
+    def __init__(self, name: str, kwargs: dict[str, Any] | None = None, checkpoint: str | None = None,
+                 freeze: bool = False):
+        super().__init__()
+        create = dict(kwargs or {}, num_classes=0)
+        if checkpoint:
+            if not Path(checkpoint).is_file():
+                raise FileNotFoundError(f"model.backbone_checkpoint: no such file: {checkpoint}")
+            create.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint)))
+        try:
+            self.model = timm.create_model(name, **create)
+        except TypeError as exc:
+            raise ValueError(f"model.backbone_kwargs: {name} does not accept them: {exc}") from None
+        self.width: int = self.model.num_features
+        self.channels_last = getattr(self.model, "output_fmt", "NCHW") == "NHWC"
+        self.frozen = freeze
+        if freeze:
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+            self.model.eval()
+
+    def train(self, mode: bool = True) -> "SwinTokens":
+        super().train(mode)
+        if self.frozen:
+            self.model.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            features = self.model.forward_features(images)
+        if features.dim() != 4:
+            raise ValueError(f"model.backbone: {type(self.model).__name__}.forward_features gives "
+                             f"{features.dim()}-d output; PriorCLIP needs a feature map")
+        patches = features.flatten(1, 2) if self.channels_last else features.flatten(2).transpose(1, 2)
+        return torch.cat([patches.mean(dim=1, keepdim=True), patches], dim=1)
+
+
+class InstructionEncoder(nn.Module):
+    """The frozen scene-prior CNN -> global average pool -> trainable linear to `dim` (the instruction)."""
+
+    def __init__(self, backbone: str, checkpoint: str | None, dim: int, key: str = "instruction_checkpoint"):
+        super().__init__()
+        self.backbone = TimmBackbone(backbone, out_indices=(-1,), freeze=True)
+        if checkpoint:
+            self.backbone.body.load_state_dict(load_instruction_backbone(checkpoint, backbone, key))
+        self.proj = nn.Linear(self.backbone.channels[-1], dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        (features,) = self.backbone(images)
+        return self.proj(features.mean(dim=(2, 3)))
+
+
+def text_inputs(batch: Batch, text_input: str, max_tokens: int, cls_id: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask) of a batch's captions, at most `max_tokens` long.
+
+    input_ids: the BERT-family tokenizer's ids; a longer caption keeps its first max_tokens - 1
+    ids and its final [SEP]. tokens: the word ids with `cls_id` prepended as position 0 (our
+    choice: a word-vocabulary transformer then has a [CLS] to pool, as BERT does)."""
+    if text_input == "tokens":
+        tokens = batch["tokens"][:, :max_tokens - 1]
+        lengths = batch["lengths"].clamp(max=max_tokens - 1)
+        ids = torch.cat([torch.full_like(tokens[:, :1], cls_id), tokens], dim=1)
+        return ids, length_mask(lengths + 1, ids.shape[1]).long()
+    if "input_ids" not in batch:
+        raise ValueError("model.text_input is input_ids but the batch has none: set data.tokenizer to the text "
+                         "checkpoint's tokenizer folder and prepare again (or model.text_input=tokens)")
+    from rsray.models.clip import fit_positions
+
+    return fit_positions(batch["input_ids"], batch["attention_mask"], max_tokens)
+
+
+# ----------------------------------------------------------------------------- progressive attention encoders
+
+class CrossAttentionBlock(nn.Module):
+    """Post-LN cross-attention block: x = LN(x + drop(MHA(queries, x, x))); x = LN(x + drop(FFN(x))).
+
+    The attended tokens `x` are the keys, values and residual stream; `queries` [B, Q, D] has Q =
+    x's length or 1 (one query for every position: its output is added to each token)."""
+
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float = 0.2):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, dim))
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.drop1, self.drop2 = nn.Dropout(dropout), nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, queries: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        attended, _ = self.attn(queries, x, x, key_padding_mask=key_padding_mask, need_weights=False)
+        x = self.norm1(x + self.drop1(attended))
+        return self.norm2(x + self.drop2(self.ffn(x)))
+
+
+def belief_tokens(tokens: torch.Tensor, instruction: torch.Tensor, mode: str = "soft",
+                  filter_size: int = 40) -> torch.Tensor:
+    """Spatial-PAE's rank-and-filter. belief = softmax over tokens of token . instruction.
+
+    hard (PIR): the `filter_size` tokens of highest belief, most believed first.
+    soft (PriorCLIP): every token in place, scaled by belief + 1/sqrt(rank), rank being its
+    1-based position in the belief order (ties by position)."""
+    belief = torch.softmax(torch.einsum("bnd,bd->bn", tokens, instruction), dim=1)
+    order = torch.sort(belief, dim=1, descending=True, stable=True).indices
+    if mode == "hard":
+        if filter_size > tokens.shape[1]:
+            raise ValueError(f"model.filter_size: {filter_size} exceeds the image's {tokens.shape[1]} tokens")
+        keep = order[:, :filter_size]
+        return tokens.gather(1, keep[..., None].expand(-1, -1, tokens.shape[2]))
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(1, order.shape[1] + 1, device=order.device).expand_as(order))
+    return tokens * (belief + ranks.to(tokens.dtype).rsqrt()).unsqueeze(-1)
+
+
+class SpatialPAE(nn.Module):
+    """Vision instruction representation: belief filtering, then `rounds` of self-attention and
+    instruction-queried cross-attention. Returns token 0 before the rounds + head(token 0 after).
+
+    The cross-attention query is the instruction mapped per round; it is the same for every
+    position (the release expands it to the token count), so one query is computed and its
+    output added to every token: the same numbers, without the copies."""
+
+    def __init__(self, dim: int, rounds: int = 2, heads: int = 8, ffn_dim: int = 1024, dropout: float = 0.2,
+                 belief: str = "soft", filter_size: int = 40):
+        super().__init__()
+        self.belief, self.filter_size = belief, filter_size
+        self.self_attn = nn.ModuleList([SelfAttentionBlock(dim, heads, ffn_dim, dropout) for _ in range(rounds)])
+        self.cross_attn = nn.ModuleList([CrossAttentionBlock(dim, heads, ffn_dim, dropout) for _ in range(rounds)])
+        self.instruction_maps = nn.ModuleList([nn.Linear(dim, dim) for _ in range(rounds)])
+        self.head = nn.Linear(dim, dim)
+
+    def forward(self, tokens: torch.Tensor, instruction: torch.Tensor) -> torch.Tensor:
+        x = belief_tokens(tokens, instruction, self.belief, self.filter_size)
+        for self_attn, cross_attn, instruction_map in zip(self.self_attn, self.cross_attn, self.instruction_maps):
+            x = cross_attn(self_attn(x), instruction_map(instruction).unsqueeze(1))
+        return tokens[:, 0] + self.head(x[:, 0])
+
+
+class TemporalPAE(nn.Module):
+    """Language cycle attention: `rounds` of self-attention, then cross-attention whose queries are
+    a per-round linear map of the previous round's tokens, keys and values the attended tokens;
+    padded keys are masked everywhere. Returns CLS + head(CLS after the rounds)."""
+
+    def __init__(self, dim: int, rounds: int = 3, heads: int = 8, ffn_dim: int = 1024, dropout: float = 0.2):
+        super().__init__()
+        self.self_attn = nn.ModuleList([SelfAttentionBlock(dim, heads, ffn_dim, dropout) for _ in range(rounds)])
+        self.cross_attn = nn.ModuleList([CrossAttentionBlock(dim, heads, ffn_dim, dropout) for _ in range(rounds)])
+        self.token_maps = nn.ModuleList([nn.Linear(dim, dim) for _ in range(rounds)])
+        self.head = nn.Linear(dim, dim)
+
+    def forward(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        padding = ~valid
+        x = tokens
+        for self_attn, cross_attn, token_map in zip(self.self_attn, self.cross_attn, self.token_maps):
+            x = cross_attn(self_attn(x, key_padding_mask=padding), token_map(x), key_padding_mask=padding)
+        return tokens[:, 0] + self.head(x[:, 0])
+
+
+# ----------------------------------------------------------------------------- the model
+
+def contrastive_and_affiliation(images: torch.Tensor, texts: torch.Tensor, batch: Batch, logit_scale: torch.Tensor,
+                                affiliation_scale: torch.Tensor, gather: bool,
+                                lambda_cs: float) -> dict[str, torch.Tensor]:
+    """PriorCLIP's loss on L2-normalised embeddings: InfoNCE + lambda_cs * affiliation, each with
+    its own learnable scale, both over every worker's rows when `gather`. The affiliation term is
+    computed even at lambda_cs = 0, so every parameter stays in the graph (DistributedDataParallel
+    needs that) and the term is still reported."""
+    image_ids, scene_ids = batch.get("image_ids"), batch["scene_ids"]
+    if gather:
+        images, texts = gather_with_grad(images), gather_with_grad(texts)
+        image_ids = gather_no_grad(image_ids) if image_ids is not None else None
+        scene_ids = gather_no_grad(scene_ids)
+    contrastive = info_nce_loss(images @ texts.t(), logit_scale, image_ids)
+    affiliation = affiliation_loss(images, texts, scene_ids, affiliation_scale)
+    return {"total": contrastive + lambda_cs * affiliation, "info_nce": contrastive, "affiliation": affiliation}
+
+
+@register_model("priorclip", PriorClipConfig)
+class PriorCLIP(RetrievalModel):
+    """Closed-domain PriorCLIP: Swin-T + Spatial-PAE under a frozen scene prior, BERT + Temporal-PAE."""
+
+    two_tower = True
+
+    def __init__(self, config: PriorClipConfig, vocab_size: int | None = None, vocab: Sequence[str] | None = None):
+        super().__init__()
+        self.config = config
+        d = config.embed_dim
+        self.visual = SwinTokens(config.backbone, config.backbone_kwargs, config.backbone_checkpoint,
+                                 config.freeze_backbone)
+        self.vision_proj = nn.Linear(self.visual.width, d)
+        self.instruction = InstructionEncoder(config.instruction_backbone, config.instruction_checkpoint, d)
+        self.spatial_pae = SpatialPAE(d, config.instru_num, config.heads, config.ffn_dim, config.dropout,
+                                      config.belief, config.filter_size)
+        text_config = dict(config.text_config)
+        self.cls_id = None
+        if config.text_input == "tokens":
+            if vocab_size is None:
+                raise ValueError("text_input: tokens needs vocab_size (the word vocabulary) to size the text "
+                                 "transformer")
+            self.cls_id = vocab_size  # one id past the word vocabulary
+            text_config.update(vocab_size=vocab_size + 1, pad_token_id=0)
+        self.text = TransformerTextEncoder(config.text_checkpoint, None if config.text_checkpoint else text_config)
+        self.text_proj = nn.Linear(self.text.width, d)
+        self.temporal_pae = TemporalPAE(d, config.cycle_num, config.heads, config.ffn_dim, config.dropout)
+        self.logit_scale = LogitScale(config.temperature)
+        self.affiliation_scale = LogitScale(config.affiliation_temperature)
+
+    def encode_images(self, batch: Batch) -> torch.Tensor:
+        images = batch["images"]
+        tokens = self.vision_proj(self.visual(images))
+        return F.normalize(self.spatial_pae(tokens, self.instruction(images)), dim=-1)
+
+    def encode_texts(self, batch: Batch) -> torch.Tensor:
+        ids, mask = text_inputs(batch, self.config.text_input, self.config.max_text_tokens, self.cls_id)
+        tokens, valid = self.text(ids, mask)
+        return F.normalize(self.temporal_pae(self.text_proj(tokens), valid), dim=-1)
+
+    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return contrastive_and_affiliation(self.encode_images(batch), self.encode_texts(batch), batch,
+                                           self.logit_scale(), self.affiliation_scale(),
+                                           self.config.gather_across_workers, self.config.lambda_cs)

@@ -1,0 +1,349 @@
+"""PriorCLIP: the switches each change the computation, the Spatial-PAE belief filter, the loss and
+its gathering across two real processes, loading real (tiny) checkpoints written here: a timm Swin
+file, a BERT folder with its tokenizer, a stage-1 `clip` checkpoint for the open-domain stage 2;
+the optimizer and schedule the training loop builds from the config."""
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import pytest
+import timm
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from rsray.config import ConfigError, load_config
+from rsray.eval.checkpoint import CONFIG_FILE, STATE_FILE
+from rsray.models import build_model, model_config
+from rsray.models.priorclip import belief_tokens, contrastive_and_affiliation
+from rsray.train.loop import make_optimizer, selection_metric, steps_per_batch
+
+VOCAB = 40
+
+
+def tiny(name: str, *overrides: str):
+    return load_config(f"model/{name}-tiny", list(overrides))
+
+
+def build(name: str = "priorclip", *overrides: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(tiny(name, *overrides), vocab_size=VOCAB).eval()
+
+
+def word_batch(n: int = 6, length: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Images and word-id captions; rows 0/1 show one image, scenes 0, 0, 1, 1, 2, -1."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, length + 1, (n,), generator=g)
+    tokens = torch.randint(2, VOCAB, (n, length), generator=g)
+    tokens[torch.arange(length)[None, :] >= lengths[:, None]] = 0
+    return {"images": torch.randn(n, 3, 64, 64, generator=g), "tokens": tokens, "lengths": lengths,
+            "image_ids": torch.tensor([0, 0, 1, 2, 3, 4][:n]), "scene_ids": torch.tensor([0, 0, 1, 1, 2, -1][:n])}
+
+
+# ----------------------------------------------------------------------------- Spatial-PAE belief
+
+def test_belief_hard_keeps_the_most_believed_tokens_in_belief_order():
+    tokens = torch.tensor([[[1.0, 0.0], [3.0, 0.0], [0.0, 1.0], [2.0, 0.0]]])
+    instruction = torch.tensor([[1.0, 0.0]])  # belief follows the first coordinate: 3 > 2 > 1 > 0
+    kept = belief_tokens(tokens, instruction, "hard", filter_size=2)
+    assert torch.equal(kept, torch.tensor([[[3.0, 0.0], [2.0, 0.0]]]))
+    with pytest.raises(ValueError, match="model.filter_size: 5 exceeds the image's 4 tokens"):
+        belief_tokens(tokens, instruction, "hard", filter_size=5)
+
+
+def test_belief_soft_scales_every_token_by_belief_plus_inverse_sqrt_rank():
+    tokens = torch.tensor([[[1.0, 0.0], [3.0, 0.0], [0.0, 1.0], [2.0, 0.0]]])
+    instruction = torch.tensor([[1.0, 0.0]])
+    belief = torch.softmax(torch.tensor([1.0, 3.0, 0.0, 2.0]), dim=0)
+    rank = torch.tensor([3.0, 1.0, 4.0, 2.0])  # 1-based position in the belief order
+    expected = tokens * (belief + 1 / rank.sqrt())[None, :, None]
+    torch.testing.assert_close(belief_tokens(tokens, instruction, "soft"), expected)
+
+
+# ----------------------------------------------------------------------------- switches
+
+def test_belief_and_filter_size_switches_change_image_embeddings():
+    batch = word_batch()
+    with torch.no_grad():
+        soft = build("priorclip", "model.belief=soft").encode_images(batch)
+        hard = build("priorclip", "model.belief=hard").encode_images(batch)
+        hard_fewer = build("priorclip", "model.belief=hard", "model.filter_size=8").encode_images(batch)
+    assert not torch.allclose(soft, hard, atol=1e-4)
+    assert not torch.allclose(hard, hard_fewer, atol=1e-4)
+
+
+def test_cycle_num_switch_changes_caption_embeddings():
+    batch = word_batch()
+    model = build("priorclip", "model.cycle_num=0")
+    with torch.no_grad():
+        none = model.encode_texts(batch)
+        one = build("priorclip", "model.cycle_num=1").encode_texts(batch)
+        two = build("priorclip", "model.cycle_num=2").encode_texts(batch)
+        # with no rounds the caption is L2norm(CLS + head(CLS)) of the projected transformer tokens
+        from rsray.models.priorclip import text_inputs
+
+        ids, mask = text_inputs(batch, "tokens", model.config.max_text_tokens, model.cls_id)
+        cls = model.text_proj(model.text(ids, mask)[0])[:, 0]
+        torch.testing.assert_close(none, torch.nn.functional.normalize(cls + model.temporal_pae.head(cls), dim=-1))
+    assert not torch.allclose(none, one, atol=1e-4) and not torch.allclose(one, two, atol=1e-4)
+
+
+def test_lambda_cs_weights_the_affiliation_term():
+    batch = word_batch()
+    with torch.no_grad():
+        off = build("priorclip", "model.lambda_cs=0").loss(batch)
+        double = build("priorclip", "model.lambda_cs=2").loss(batch)
+    assert off["affiliation"] > 0
+    torch.testing.assert_close(off["total"], off["info_nce"])
+    torch.testing.assert_close(double["info_nce"], off["info_nce"])  # same weights, same embeddings
+    torch.testing.assert_close(double["total"], off["info_nce"] + 2 * off["affiliation"])
+
+
+def test_caption_embedding_ignores_what_sits_in_padding():
+    model = build()
+    batch = word_batch()
+    other = dict(batch, tokens=batch["tokens"].clone())
+    padding = torch.arange(batch["tokens"].shape[1])[None, :] >= batch["lengths"][:, None]
+    other["tokens"][padding] = 7  # a real word id, but past each caption's length
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_texts(other), model.encode_texts(batch), atol=1e-5, rtol=0)
+
+
+def test_frozen_swin_gets_no_grad_and_instruction_backbone_is_always_frozen():
+    model = build("priorclip", "model.freeze_backbone=true").train()
+    model.loss(word_batch())["total"].backward()
+    assert not model.visual.model.training
+    assert all(not p.requires_grad and p.grad is None for p in model.visual.parameters())
+    assert all(not p.requires_grad and p.grad is None for p in model.instruction.backbone.parameters())
+    assert model.instruction.proj.weight.grad is not None and model.vision_proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("model.belief=medium", "model.belief: must be soft or hard"),
+    ("model.heads=5", "model.heads: must divide embed_dim"),
+    ("model.instruction_checkpoint=/no/such/folder", "model.instruction_checkpoint: no such checkpoint folder"),
+    ("model.text_config.hiden_size=3", "model.text_config.hiden_size: not a bert config field"),
+    ("model.schedule=cosine", "model.schedule: must be linear_warmup or step"),
+    ("model.betas=[0.9]", "model.betas: expected [beta1, beta2]"),
+])
+def test_bad_values_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as err:
+        model_config(tiny("priorclip", override))
+    assert needle in str(err.value) and "command line" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_paper_config_is_the_papers():
+    cfg = model_config(load_config("model/priorclip"))
+    assert (cfg.embed_dim, cfg.belief, cfg.filter_size, cfg.instru_num, cfg.cycle_num, cfg.max_text_tokens) == (
+        512, "soft", 40, 2, 3, 47)
+    assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.betas, cfg.schedule, cfg.warmup) == (
+        "adamw", 6e-5, 0.01, [0.9, 0.98], "linear_warmup", 0.1)
+    assert (cfg.augment.crop, cfg.augment.random_resized_crop, cfg.augment.rand_augment, cfg.augment.normalize,
+            cfg.augment.interpolation, cfg.augment.hflip) == (224, [0.5, 1.0], [2, 7], "clip", "bicubic", True)
+    assert cfg.instruction_checkpoint == "train" and cfg.gather_across_workers and cfg.lambda_cs == 1.0
+    assert selection_metric(cfg) == "val/mR"
+
+
+def test_paper_swin_gives_fifty_tokens_at_224_px():
+    from rsray.models.priorclip import SwinTokens
+
+    torch.manual_seed(0)
+    swin = SwinTokens("swin_tiny_patch4_window7_224").eval()
+    with torch.no_grad():
+        tokens = swin(torch.randn(1, 3, 224, 224))
+    assert tokens.shape == (1, 50, 768)
+    torch.testing.assert_close(tokens[:, 0], tokens[:, 1:].mean(dim=1))  # token 0 is the pooled map
+
+
+# ----------------------------------------------------------------------------- real checkpoints
+
+def test_swin_weights_load_from_a_timm_file(tmp_path):
+    kwargs = model_config(tiny("priorclip")).backbone_kwargs
+    torch.manual_seed(3)
+    source = timm.create_model("swin_tiny_patch4_window7_224", num_classes=5, **kwargs)  # its head is dropped
+    torch.save(source.state_dict(), tmp_path / "swin.pth")
+    model = build("priorclip", f"model.backbone_checkpoint={tmp_path / 'swin.pth'}")
+    loaded = model.visual.model.state_dict()
+    assert loaded and all(torch.equal(v, source.state_dict()[k]) for k, v in loaded.items())
+    with pytest.raises(FileNotFoundError, match="model.backbone_checkpoint"):
+        build("priorclip", f"model.backbone_checkpoint={tmp_path / 'nope.pth'}")
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory, tiny_tokenizer):
+    """A 1-layer BERT for the tiny tokenizer's vocabulary, saved with save_pretrained like a hub folder."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("bert")
+    torch.manual_seed(5)
+    tokenizer = BertTokenizerFast.from_pretrained(str(tiny_tokenizer))
+    bert = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=64, max_position_embeddings=64))
+    bert.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, bert
+
+
+def tokenized_batch(folder, captions: list[str], seed: int = 0) -> dict[str, torch.Tensor]:
+    from rsray.data.loader import collate_pairs
+    from rsray.data.text import load_tokenizer
+
+    tokenizer = load_tokenizer(folder)
+    g = torch.Generator().manual_seed(seed)
+    samples = [{"image": torch.randn(3, 64, 64, generator=g), "tokens": [2, 3], "image_index": i, "scene_id": i % 2,
+                "input_ids": tokenizer(c)["input_ids"]} for i, c in enumerate(captions)]
+    return collate_pairs(samples)
+
+
+def test_bert_text_encoder_loads_from_a_local_folder_and_reads_input_ids(tiny_bert):
+    folder, bert = tiny_bert
+    torch.manual_seed(0)
+    model = build_model(tiny("priorclip", "model.text_input=input_ids", f"model.text_checkpoint={folder}",
+                             "model.text_config={}", "model.max_text_tokens=6"), vocab_size=VOCAB).eval()
+    for key, value in bert.state_dict().items():
+        if not key.startswith("pooler."):  # BERT's pooler is dropped: nothing uses it
+            assert torch.equal(model.text.model.state_dict()[key], value), key
+    assert model.text.model.pooler is None
+    batch = tokenized_batch(folder, ["two planes at the airport .", "a red park near the river , many trees .",
+                                     "a beach", "green sea"])
+    assert batch["input_ids"].shape[1] > 6  # the longest caption is cut to max_text_tokens, keeping [SEP]
+    with torch.no_grad():
+        texts = model.encode_texts(batch)
+        losses = model.loss(batch)
+    assert texts.shape == (4, 32) and all(torch.isfinite(v) for v in losses.values())
+    with pytest.raises(ValueError, match="set data.tokenizer"):
+        model.encode_texts({k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")})
+
+
+def test_max_text_tokens_keeps_the_final_separator(tiny_bert):
+    from rsray.models.priorclip import text_inputs
+
+    folder, _ = tiny_bert
+    batch = tokenized_batch(folder, ["a red park near the river , many trees .", "a beach"])
+    ids, mask = text_inputs(batch, "input_ids", 5)
+    sep = 3  # [SEP] in the tiny vocabulary
+    assert ids.shape == (2, 5) and ids[0, -1] == sep and ids[0, 0] == 2  # [CLS] ... [SEP]
+    assert mask[0].tolist() == [1] * 5 and mask[1].tolist() == [1, 1, 1, 1, 0]
+
+
+# ----------------------------------------------------------------------------- loss across workers
+
+WORLD, LOCAL, DIM = 2, 3, 8
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gather_worker(rank: int, port: int, images, texts, batch, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        rows = slice(rank * LOCAL, (rank + 1) * LOCAL)
+        local = {k: v[rows] for k, v in batch.items()}
+        gathered = contrastive_and_affiliation(images[rows], texts[rows], local, 14.0, 10.0, True, 1.0)
+        alone = contrastive_and_affiliation(images[rows], texts[rows], local, 14.0, 10.0, False, 1.0)
+        out[rank] = ({k: float(v) for k, v in gathered.items()}, {k: float(v) for k, v in alone.items()})
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gathered_loss_on_two_workers_is_the_loss_of_the_whole_batch():
+    torch.manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(WORLD * LOCAL, DIM), dim=1)
+    texts = torch.nn.functional.normalize(torch.randn(WORLD * LOCAL, DIM), dim=1)
+    batch = {"image_ids": torch.tensor([0, 0, 1, 2, 3, 3]), "scene_ids": torch.tensor([0, 0, 1, 0, 1, -1])}
+    whole = contrastive_and_affiliation(images, texts, batch, 14.0, 10.0, True, 1.0)  # one process: nothing to gather
+
+    out = mp.Manager().dict()
+    mp.spawn(_gather_worker, args=(_free_port(), images, texts, batch, out), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        gathered, alone = out[rank]
+        for term in ("total", "info_nce", "affiliation"):
+            assert gathered[term] == pytest.approx(float(whole[term]), rel=1e-5), term
+        assert alone["info_nce"] != pytest.approx(gathered["info_nce"], rel=1e-3)  # the switch matters
+
+
+# ----------------------------------------------------------------------------- optimizer and schedule
+
+def test_linear_warmup_schedule_rises_then_decays_to_zero():
+    model = build()
+    cfg = model_config(tiny("priorclip", "model.warmup=0.2", "model.lr=0.001", "model.weight_decay=0.05"))
+    optimizer, schedule = make_optimizer(model, cfg, total_steps=10)
+    assert steps_per_batch(cfg)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    group = optimizer.param_groups[0]
+    assert (group["betas"], group["weight_decay"]) == ((0.9, 0.98), 0.05)
+    assert len(group["params"]) == sum(1 for p in model.parameters() if p.requires_grad)
+    lrs = []
+    for _ in range(10):
+        lrs.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert lrs[:3] == pytest.approx([0.0, 0.0005, 0.001])  # 2 warm-up steps of 10
+    assert lrs[2:] == sorted(lrs[2:], reverse=True) and schedule.get_last_lr()[0] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="total number of optimizer steps"):
+        make_optimizer(model, cfg)
+
+
+def test_configs_without_the_new_keys_get_adam_and_step_decay_as_before():
+    model = torch.nn.Linear(2, 2)
+    cfg = model_config(load_config("model/vsepp-tiny"))
+    optimizer, schedule = make_optimizer(model, cfg)
+    assert type(optimizer) is torch.optim.Adam and not steps_per_batch(cfg)
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (cfg.lr, (0.9, 0.999), 0)
+    assert isinstance(schedule, torch.optim.lr_scheduler.StepLR) and schedule.step_size == cfg.decay_every
+
+
+# ----------------------------------------------------------------------------- open domain, stage 2
+
+def save_checkpoint(folder, cfg, model) -> str:
+    """A checkpoint folder in the layout `rsray train` writes (state.pt + config.yaml)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "epoch": 0}, folder / STATE_FILE)
+    cfg.save(folder / CONFIG_FILE)
+    return str(folder)
+
+
+def test_open_domain_stage_two_starts_from_a_stage_one_checkpoint(tmp_path):
+    clip_cfg = tiny("clip")
+    torch.manual_seed(11)
+    stage_one = build_model(clip_cfg, vocab_size=VOCAB)
+    folder = save_checkpoint(tmp_path / "clip-ckpt", clip_cfg, stage_one)
+
+    model = build("priorclip_open", f"model.clip_checkpoint={folder}").train()
+    for key, value in stage_one.state_dict().items():
+        assert torch.equal(model.clip.state_dict()[key], value), key
+    batch = word_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_texts(batch), stage_one.eval().encode_texts(batch))
+    model.loss(batch)["total"].backward()
+    assert not model.clip.text.training
+    assert all(not p.requires_grad and p.grad is None for p in model.clip.text.parameters())  # text frozen
+    assert all(p.grad is not None for p in model.clip.visual.parameters())  # the vision tower fine-tunes
+    assert model.instruction.proj.weight.grad is not None
+
+    with pytest.raises(ValueError, match="model.embed_dim: 16, but stage 1 embeds in 32"):
+        build("priorclip_open", f"model.clip_checkpoint={folder}", "model.embed_dim=16")
+    scene_cfg = tiny("scene_prior")
+    other = save_checkpoint(tmp_path / "prior-ckpt", scene_cfg, build_model(scene_cfg, vocab_size=VOCAB))
+    with pytest.raises(ValueError, match="not a clip"):
+        build("priorclip_open", f"model.clip_checkpoint={other}")
+
+
+def test_open_domain_switches_change_image_embeddings():
+    batch = word_batch()
+    with torch.no_grad():
+        soft = build("priorclip_open").encode_images(batch)
+        hard = build("priorclip_open", "model.belief=hard").encode_images(batch)
+        cls = build("priorclip_open", "model.pool=cls").encode_images(batch)
+    assert not torch.allclose(soft, hard, atol=1e-4) and not torch.allclose(soft, cls, atol=1e-4)
+    with pytest.raises(ConfigError, match="model.pool: cls needs belief soft"):
+        model_config(tiny("priorclip_open", "model.pool=cls", "model.belief=hard"))
+    with torch.no_grad():
+        assert math.isfinite(build("priorclip_open", "model.lambda_cs=0").loss(batch)["affiliation"].item())
