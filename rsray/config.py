@@ -347,6 +347,11 @@ def _coerce(value: Any, hint: Any, key: str, fail) -> Any:
         return [_coerce(v, args[0], key, fail) for v in value]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as text
+        try:
+            return float(value)
+        except ValueError:
+            raise fail(key, f"expected float, got {_kind(value)}") from None
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # names such as `name=2024` are strings
     if hint is bool and not isinstance(value, bool):

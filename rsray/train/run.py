@@ -407,7 +407,7 @@ def train(cfg: Config, tracker=None, callbacks: Sequence[Any] = ()):
     `callbacks` for `build_trainer`."""
     from ray.train import TrainingFailedError
 
-    from rsray.runtime import ensure_ray
+    from rsray.runtime import configure_data_context, ensure_ray
     from rsray.tracking import NullTracker, Tracker
 
     cfg = _absolute_paths(_train_earlier_stages(cfg))
@@ -419,6 +419,7 @@ def train(cfg: Config, tracker=None, callbacks: Sequence[Any] = ()):
             tracker = Tracker.start(cfg.tracking, cfg.train.run_name, params=cfg.to_dict(),
                                     tags={"model": cfg.model.get("name", ""), "dataset": cfg.data.name})
     ensure_ray()
+    configure_data_context()  # the train stream's order is fixed for a seed: a config reproduces its run
     trainer = build_trainer(cfg, mlflow_run_id=tracker.run_id, callbacks=callbacks)
     name = trainer.run_config.name
     try:

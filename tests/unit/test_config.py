@@ -133,3 +133,17 @@ def test_resolved_dict_round_trips_with_checks():
     bad["train"]["epochs"] = 0
     with pytest.raises(ConfigError, match=r"^resolved config: train.epochs: must be positive"):
         config_from_dict(bad)
+
+
+def test_exponent_without_a_dot_is_a_float():
+    """YAML 1.1 reads `1e-4` as a string; float fields accept it, other text still fails in one line."""
+    assert load_config("model/vsepp-tiny", ["model.lr=1e-4"]).typed_section("model", _vsepp_config()).lr == 1e-4
+    assert load_config("train/cpu-tiny", ["train.grad_clip=1e1"]).train.grad_clip == 10.0
+    with pytest.raises(ConfigError, match="train.grad_clip: expected float"):
+        load_config("train/cpu-tiny", ["train.grad_clip=lots"])
+
+
+def _vsepp_config():
+    from rsray.models.vsepp import VseppConfig
+
+    return VseppConfig
