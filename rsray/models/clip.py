@@ -107,7 +107,7 @@ def _check_clip_fields(fields: dict[str, Any]) -> Iterator[tuple[str, str]]:
             for sub in sorted(set(value) - sub_known - {"projection_dim"}):
                 yield f"clip.{key}.{sub}", f"not a {key} field (known: {', '.join(sorted(sub_known))})"
         elif key not in known and key != "projection_dim":
-            yield f"clip.{key}", f"not a CLIPConfig field (use text_config / vision_config for the towers)"
+            yield f"clip.{key}", "not a CLIPConfig field (use text_config / vision_config for the towers)"
 
 
 # ----------------------------------------------------------------------------- towers

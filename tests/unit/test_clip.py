@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from transformers import BertConfig, BertModel, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
+from transformers import BertConfig, BertModel, CLIPConfig, CLIPModel, CLIPTextModel
 
 from rsray.config import ConfigError, load_config
 from rsray.models import build_model, model_config
