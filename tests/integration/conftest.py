@@ -13,3 +13,18 @@ def ray_cluster(s3_endpoint):
     ray.init(num_cpus=4, object_store_memory=300 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_cluster, tmp_path_factory):
+    """The tiny sample (120 images at 64 px) drawn and prepared by the real Ray Data stage: the
+    train, sweep and PriorCLIP modules all train on it. Returns the prepared folder."""
+    from rsray.config import load_config
+    from rsray.data.prepare import prepare
+    from rsray.data.synthetic import generate_sample
+
+    root = tmp_path_factory.mktemp("sample")
+    generate_sample(root, n_images=120, image_size=64, seed=0, progress=False)
+    output = tmp_path_factory.mktemp("prepared") / "sample"
+    prepare(load_config("presets/cpu-tiny", [f"data.root={root}", f"prepare.output={output}"]))
+    return str(output)

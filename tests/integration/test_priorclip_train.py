@@ -12,23 +12,12 @@ import torch
 import yaml
 
 from rsray.config import CONF_DIR, load_config
-from rsray.data.prepare import prepare
-from rsray.data.synthetic import generate_sample
 from rsray.eval.checkpoint import CONFIG_FILE, STATE_FILE
 from rsray.train.run import load_checkpoint_state, train
 
 pytestmark = pytest.mark.integration
 
 EPOCHS = 2
-
-
-@pytest.fixture(scope="module")
-def prepared(ray_cluster, tmp_path_factory):
-    root = tmp_path_factory.mktemp("sample")
-    generate_sample(root, n_images=120, image_size=64, seed=0, progress=False)
-    output = tmp_path_factory.mktemp("prepared") / "sample"
-    prepare(load_config("presets/cpu-tiny", [f"data.root={root}", f"prepare.output={output}"]))
-    return str(output)
 
 
 def test_one_command_trains_the_prior_then_priorclip_from_its_best_checkpoint(prepared, tmp_path):

@@ -20,8 +20,6 @@ import pytest
 import yaml
 
 from rsray.config import CONF_DIR, load_config
-from rsray.data.prepare import prepare
-from rsray.data.synthetic import generate_sample
 from rsray.sweep import TAG_EARLY, TAG_ROLE, TAG_SWEEP, TAG_TRIAL, load_sweep, run_sweep
 
 pytestmark = pytest.mark.integration
@@ -29,16 +27,6 @@ pytestmark = pytest.mark.integration
 GOOD_LR, TOO_SMALL_LR = 3.0e-3, 1.0e-8
 EPOCHS = 2
 EXPERIMENT = "sweep-test"
-
-
-@pytest.fixture(scope="module")
-def prepared(ray_cluster, tmp_path_factory):
-    """The tiny sample as tests/integration/test_train.py prepares it."""
-    root = tmp_path_factory.mktemp("sample")
-    generate_sample(root, n_images=120, image_size=64, seed=0, progress=False)
-    output = tmp_path_factory.mktemp("prepared") / "sample"
-    prepare(load_config("presets/cpu-tiny", [f"data.root={root}", f"prepare.output={output}"]))
-    return str(output)
 
 
 @pytest.fixture(scope="module")

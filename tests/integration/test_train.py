@@ -12,8 +12,7 @@ import pytest
 
 from rsray.config import load_config
 from rsray.data.loader import read_split, vocab_size
-from rsray.data.prepare import prepare, read_manifest
-from rsray.data.synthetic import generate_sample
+from rsray.data.prepare import read_manifest
 from rsray.models import build_model, model_config
 from rsray.train.loop import evaluate
 from rsray.tracking import metric_history
@@ -22,16 +21,6 @@ from rsray.train.run import CONFIG_FILE, load_checkpoint_state, train
 pytestmark = pytest.mark.integration
 
 EPOCHS = 2
-
-
-@pytest.fixture(scope="module")
-def prepared(ray_cluster, tmp_path_factory):
-    root = tmp_path_factory.mktemp("sample")
-    generate_sample(root, n_images=120, image_size=64, seed=0, progress=False)
-    output = tmp_path_factory.mktemp("prepared") / "sample"
-    cfg = load_config("presets/cpu-tiny", [f"data.root={root}", f"prepare.output={output}"])
-    prepare(cfg)
-    return str(output)
 
 
 @pytest.fixture(scope="module")
