@@ -85,8 +85,8 @@ def bare_loop(cfg, train_table, vocab_size: int, args: argparse.Namespace) -> li
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         rates.append(stats.pairs_per_second)
-        print(f"  bare epoch {epoch}: {stats.pairs_per_second:8.1f} pairs/s  loss {stats.losses['total']:.3f}",
-              flush=True)
+        print(f"  bare epoch {epoch}: {stats.pairs_per_second:8.1f} pairs/s  loss {stats.losses['total']:.3f}  "
+              f"{stats.seconds:6.1f} s, {stats.data_seconds:5.1f} s waiting for data", flush=True)
     return rates
 
 
@@ -103,8 +103,9 @@ def ray_loop(cfg, folder: Path, args: argparse.Namespace) -> list[float]:
     cfg.tracking.enabled = False
     result = train(cfg)
     rates = [float(m["pairs_per_s"]) for m in result.return_value]
-    for epoch, rate in enumerate(rates):
-        print(f"  ray  epoch {epoch}: {rate:8.1f} pairs/s", flush=True)
+    for epoch, m in enumerate(result.return_value):
+        print(f"  ray  epoch {epoch}: {rates[epoch]:8.1f} pairs/s  loss {m['train/loss']:.3f}  "
+              f"{m['train_seconds']:6.1f} s, {m['data_wait_seconds']:5.1f} s waiting for data", flush=True)
     return rates
 
 

@@ -63,6 +63,7 @@ class EpochStats:
     losses: dict[str, float]  # mean of each loss term over the epoch
     pairs: int
     seconds: float
+    data_seconds: float = 0.0  # of `seconds`, waiting for the next batch (read, decode, augment)
 
     @property
     def pairs_per_second(self) -> float:
@@ -74,12 +75,21 @@ def train_epoch(model: RetrievalModel, batches: Iterable[Batch], optimizer: torc
                 amp_dtype: torch.dtype | None = None,
                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> EpochStats:
     """One pass over `batches`: loss, backward, clip, step. `amp_dtype=torch.bfloat16` on GPU.
-    A `scheduler` given here is stepped after every optimizer step (per-batch schedules)."""
+    A `scheduler` given here is stepped after every optimizer step (per-batch schedules).
+    The stats split the time into waiting for batches and the rest, to tell a data-bound epoch
+    from a compute-bound one."""
     model.train()
     sums: dict[str, float] = {}
     steps = pairs = 0
+    data_seconds = 0.0
     started = time.perf_counter()
-    for batch in batches:
+    batch_iterator = iter(batches)
+    while True:
+        waiting = time.perf_counter()
+        batch = next(batch_iterator, None)
+        data_seconds += time.perf_counter() - waiting
+        if batch is None:
+            break
         batch = to_device(batch, device)
         with torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
             losses = model.loss(batch)
@@ -94,7 +104,8 @@ def train_epoch(model: RetrievalModel, batches: Iterable[Batch], optimizer: torc
             sums[name] = sums.get(name, 0.0) + float(value.detach())
         steps += 1
         pairs += int(batch["images"].shape[0])
-    return EpochStats({k: v / max(steps, 1) for k, v in sums.items()}, pairs, time.perf_counter() - started)
+    return EpochStats({k: v / max(steps, 1) for k, v in sums.items()}, pairs, time.perf_counter() - started,
+                      data_seconds)
 
 
 @torch.no_grad()
@@ -119,9 +130,9 @@ class SplitScores:
 
 @torch.no_grad()
 def score_split(model: RetrievalModel, table: pa.Table, augment: Any,
-                device: torch.device | str = "cpu") -> SplitScores:
+                device: torch.device | str = "cpu", image_batch: int = 64) -> SplitScores:
     """Encode every image and caption of a split and score them all (blocked, bounded memory)."""
-    image_features, text_features = encode_split(model, table, augment, device)
+    image_features, text_features = encode_split(model, table, augment, device, image_batch=image_batch)
     scores = score_matrix(model, image_features, text_features).float()
     scenes = image_scenes(table)
     return SplitScores(scores, caption_image_index(table).to(scores.device),
@@ -130,12 +141,12 @@ def score_split(model: RetrievalModel, table: pa.Table, augment: Any,
 
 @torch.no_grad()
 def evaluate(model: RetrievalModel, table: pa.Table, augment: Any, device: torch.device | str = "cpu",
-             smr: SMRConfig | None = None) -> dict[str, float]:
+             smr: SMRConfig | None = None, image_batch: int = 64) -> dict[str, float]:
     """The protocol's numbers on one split's whole gallery (scene recall where scenes exist);
     with `smr`, the same again after SMR re-ranking under `smr_` names. A model that defines
     `validation_metrics(split, table) -> {name: value}` adds its own numbers, computed from the
     features already encoded here (the scene prior adds its classification accuracy)."""
-    split = score_split(model, table, augment, device)
+    split = score_split(model, table, augment, device, image_batch)
     metrics = retrieval_metrics(split.scores, split.caption_image, split.scenes)
     own_metrics = getattr(model, "validation_metrics", None)
     if own_metrics is not None:

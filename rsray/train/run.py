@@ -5,8 +5,9 @@
 How data reaches the workers
 ----------------------------
 The driver reads the prepared output's manifest and builds one Ray Dataset over the train split's
-Parquet files (local folder or s3://), exploded to (image, caption) pair rows by
-`rsray.data.loader.explode_pairs` in Ray Data tasks. `DataConfig(datasets_to_split=["train"])`
+Parquet files (local folder or s3://), read once into Ray's object store when it fits
+(`train.cache_train_split`), and exploded to (image, caption) pair rows by
+`rsray.data.loader.explode_pairs` in Ray Data tasks each epoch. `DataConfig(datasets_to_split=["train"])`
 hands each worker an equal streaming shard; the worker shuffles it locally (seeded by seed, epoch,
 rank) and decodes + augments each batch with `batch_from_arrow` (the same function the local
 DataLoader path uses). The validation split is not a Ray Dataset: rank 0 reads it whole with
@@ -226,12 +227,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
             scheduler.step()
         losses = _mean_across_workers(stats.losses, device)
         pairs, = _sum_across_workers([float(stats.pairs)], device)
-        seconds, = _sum_across_workers([stats.seconds], device, op="max")
-        metrics: dict[str, float] = {"epoch": epoch, "lr": lr, "pairs_per_s": pairs / max(seconds, 1e-9)}
+        seconds, data_seconds = _sum_across_workers([stats.seconds, stats.data_seconds], device, op="max")
+        metrics: dict[str, float] = {"epoch": epoch, "lr": lr, "pairs_per_s": pairs / max(seconds, 1e-9),
+                                     "train_seconds": seconds, "data_wait_seconds": data_seconds}
         metrics.update({f"train/{'loss' if k == 'total' else k}": v for k, v in losses.items()})
         if rank == 0:
             started = time.perf_counter()
-            scores = evaluate(model, val, model_cfg.augment, device=device)
+            scores = evaluate(model, val, model_cfg.augment, device=device, image_batch=tc.eval_batch_size)
             metrics.update({f"val/{k}": v for k, v in scores.items()})
             metrics["val_seconds"] = time.perf_counter() - started
             history.append(dict(metrics))
@@ -284,6 +286,7 @@ def default_run_name(cfg: Config) -> str:
 
 def train_dataset(cfg: Config):
     """The train split's shard files as a Ray Dataset of (image, caption) pair rows."""
+    import ray
     import ray.data
 
     from rsray.data.loader import explode_pairs, image_numbers, scene_index
@@ -301,12 +304,23 @@ def train_dataset(cfg: Config):
     columns = ["image_id", "scene", "caption_tokens", "image"]
     if manifest.get("tokenizer"):
         columns.append("caption_input_ids")
-    dataset = ray.data.read_parquet([root.join(*f["path"].split("/")).path for f in files], filesystem=root.fs)
+    dataset = ray.data.read_parquet([root.join(*f["path"].split("/")).path for f in files],
+                                    filesystem=root.fs).select_columns(columns)
+    object_store = ray.cluster_resources().get("object_store_memory", 0)
+    if cache_train_split(cfg.train.cache_train_split, sum(f["bytes"] for f in files), object_store):
+        dataset = dataset.materialize()  # read once; each epoch replays the blocks from the object store
     return (dataset
-            .select_columns(columns)
             .randomize_block_order(seed=ray.data.RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True))
             .map_batches(explode_pairs, batch_format="pyarrow",
                          fn_kwargs={"scenes": scene_index(manifest), "image_index": image_numbers(manifest, "train")}))
+
+
+def cache_train_split(setting: str, split_bytes: int, object_store_bytes: float) -> bool:
+    """Whether to hold the train split in Ray's object store (`train.cache_train_split`): always,
+    never, or (auto) when its shard files fill at most half of the cluster's object store."""
+    if setting != "auto":
+        return setting == "always"
+    return split_bytes <= 0.5 * object_store_bytes
 
 
 def build_trainer(cfg: Config, mlflow_run_id: str | None = None, callbacks: Sequence[Any] = ()):

@@ -44,6 +44,7 @@ def test_every_epoch_reports_metrics_and_a_checkpoint(trained):
         for key in ("train/loss", "lr", "pairs_per_s", "val/i2t_R1", "val/t2i_R10", "val/mR"):
             assert math.isfinite(m[key]), key
         assert m["pairs_per_s"] > 0
+        assert 0 <= m["data_wait_seconds"] <= m["train_seconds"]
     assert len(result.best_checkpoints) == EPOCHS  # keep_checkpoints = 2
     assert result.metrics["epoch"] == EPOCHS - 1
     assert result.metrics["val/mR"] == pytest.approx(history[-1]["val/mR"])
@@ -138,6 +139,30 @@ def _training_worker_pids() -> set[int]:
         except psutil.Error:  # exited while we looked
             pass
     return pids
+
+
+@pytest.mark.parametrize("cache", ["always", "never"])
+def test_a_cached_train_split_is_read_once_and_replayed(prepared, tmp_path, cache):
+    """With the split cached, the epochs' pair stream no longer needs the shard files; without, it reads them."""
+    import shutil
+
+    from rsray.runtime import configure_data_context
+    from rsray.train.run import train_dataset
+
+    configure_data_context()
+    copy = tmp_path / "prepared"
+    shutil.copytree(prepared, copy)
+    cfg = load_config("train/cpu-tiny", [f"train.data={copy}", f"train.cache_train_split={cache}"])
+    pairs = train_dataset(cfg)
+    expected = read_manifest(str(copy))["splits"]["train"]["captions"]
+    assert pairs.count() == expected
+    shutil.rmtree(copy / "train")  # the shard files go away between epochs
+    if cache == "always":
+        assert pairs.count() == expected
+        assert sorted(pairs.columns()) == ["caption", "image", "image_index", "scene_id", "tokens"]
+    else:
+        with pytest.raises(Exception, match="FileNotFound"):
+            pairs.count()
 
 
 def test_a_killed_worker_process_resumes_from_the_last_checkpoint(prepared, tmp_path_factory, mlflow_server):

@@ -1,0 +1,85 @@
+"""The Ray Train run builder's plain helpers (rsray.train.run), without starting Ray."""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from rsray.config import ConfigError, load_config
+from rsray.train.run import (_absolute_paths, _rng_state, _seed_everything, _set_rng_state, _steps_per_epoch,
+                             _summary, cache_train_split, default_run_name)
+
+
+@pytest.mark.parametrize("setting, split_bytes, store, expected", [
+    ("auto", 100, 1000, True),
+    ("auto", 500, 1000, True),  # exactly half still fits
+    ("auto", 501, 1000, False),
+    ("auto", 1, 0, False),  # no object store reported: stream
+    ("always", 10**12, 1000, True),
+    ("never", 1, 10**12, False),
+])
+def test_the_train_split_is_cached_when_it_fits_or_when_told(setting, split_bytes, store, expected):
+    assert cache_train_split(setting, split_bytes, store) is expected
+
+
+def test_a_bad_cache_setting_names_the_key():
+    with pytest.raises(ConfigError, match="train.cache_train_split"):
+        load_config("train/cpu-tiny", ["train.cache_train_split=sometimes"])
+
+
+def test_rng_states_round_trip_through_a_safe_checkpoint(tmp_path):
+    _seed_everything(3, 1)
+    saved = _rng_state()
+    path = tmp_path / "rng.pt"
+    torch.save(saved, path)
+    expected = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    _seed_everything(99)
+    _set_rng_state(torch.load(path, weights_only=True))
+    again = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+def test_seeds_differ_per_part():
+    _seed_everything(0, 0)
+    first = torch.rand(2)
+    _seed_everything(0, 1)
+    assert not torch.equal(first, torch.rand(2))
+
+
+def test_steps_per_epoch_split_the_pairs_over_workers_in_full_batches():
+    cfg = load_config("train/cpu-tiny", ["train.batch_size=16", "train.num_workers=2"])
+    manifest = {"splits": {"train": {"captions": 100}}}
+    assert _steps_per_epoch(manifest, cfg.train) == 3  # 50 pairs per worker -> 3 full batches of 16
+    manifest["splits"]["train"]["captions"] = 5
+    assert _steps_per_epoch(manifest, cfg.train) == 1  # never 0: a schedule needs a positive total
+
+
+def test_relative_local_paths_become_absolute_for_workers(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prepared").mkdir()
+    (tmp_path / "glove.txt").write_text("")
+    cfg = load_config("train/cpu-tiny", ["train.data=prepared", "tracking.uri=sqlite:///runs.db"])
+    cfg.model["glove_path"] = "glove.txt"
+    cfg.model["clip"] = {"checkpoint": "prepared"}
+    cfg.model["missing_path"] = "not-here"
+    out = _absolute_paths(cfg)
+    assert out.train.data == str(tmp_path / "prepared")
+    assert out.tracking.uri == "sqlite:///" + str(tmp_path / "runs.db")
+    assert out.model["glove_path"] == str(tmp_path / "glove.txt")
+    assert out.model["clip"]["checkpoint"] == str(tmp_path / "prepared")
+    assert out.model["missing_path"] == "not-here"  # not a file here: left for the model to report
+    assert os.path.isabs(out.train.data)
+
+
+def test_default_run_names_say_model_and_dataset():
+    cfg = load_config("train/cpu-tiny")
+    name = default_run_name(cfg)
+    assert name.startswith(f"{cfg.model['name']}-{cfg.data.name}-")
+
+
+def test_a_worker_traceback_is_summarised_in_its_last_line():
+    assert _summary(RuntimeError("Traceback:\n  File x\nValueError: bad batch\n\n")) == "ValueError: bad batch"
+    assert _summary(RuntimeError("")) == "RuntimeError"
