@@ -30,6 +30,7 @@ def run(cfg, epochs: int) -> int:
     from rsray.config import load_config
     from rsray.data.stats import format_statistics
     from rsray.eval.checkpoint import evaluate_checkpoint
+    from rsray.tracking import ui_command
     from rsray.train.run import best_checkpoint, train
 
     sample.run(cfg)
@@ -59,7 +60,7 @@ def run(cfg, epochs: int) -> int:
               f"{m['t2i_R5']:>7.2f}{m['t2i_R10']:>7.2f}{m['mR']:>8.2f}{s['mR']:>9.2f}")
     link = next(iter(links.values()), "")
     if cfg.tracking.uri.startswith("sqlite"):
-        print(f"\nOpen the runs in MLflow:  .venv/bin/mlflow ui --backend-store-uri {cfg.tracking.uri}\n"
+        print(f"\nOpen the runs in MLflow:  {ui_command(cfg.tracking.uri)}\n"
               f"then browse {link}")
     else:
         print(f"\nMLflow runs: {link}")

@@ -11,7 +11,7 @@ def run(cfg):
     from rsray.train.loop import selection_metric
     from rsray.train.run import TrainingFailed, best_checkpoint, train
 
-    from rsray.tracking import TrackingUnavailable
+    from rsray.tracking import TrackingUnavailable, ui_command
 
     try:
         result = train(cfg)
@@ -21,7 +21,9 @@ def run(cfg):
     history = result.return_value or ([m for _, m in result.best_checkpoints or []])
     for m in history:
         terms = ", ".join(f"{k[len('train/'):]} {v:.4f}" for k, v in m.items() if k.startswith("train/"))
-        print(f"epoch {int(m['epoch'])}: {terms}; lr {m['lr']:.2e}; {m['pairs_per_s']:.0f} pairs/s; "
+        waiting = m.get("data_wait_seconds", 0.0) / max(m.get("train_seconds", 0.0), 1e-9)
+        print(f"epoch {int(m['epoch'])}: {terms}; lr {m['lr']:.2e}; {m['pairs_per_s']:.0f} pairs/s "
+              f"({waiting:.0%} of it waiting for data); "
               f"val mR {m.get('val/mR', float('nan')):.2f} (i2t R@1 {m.get('val/i2t_R1', float('nan')):.1f}, "
               f"t2i R@1 {m.get('val/t2i_R1', float('nan')):.1f})")
     best = best_checkpoint(result, cfg)
@@ -29,7 +31,7 @@ def run(cfg):
     print(f"best checkpoint ({selection_metric(model_config(cfg))}): {best.path if best else 'none'}")
     if getattr(result, "mlflow_link", ""):
         print(f"MLflow run {result.mlflow_run_id}: {result.mlflow_link}"
-              + ("   (start the UI with: mlflow ui --backend-store-uri " + cfg.tracking.uri + ")"
+              + (f"   (start the UI with: {ui_command(cfg.tracking.uri)})"
                  if cfg.tracking.uri.startswith("sqlite") else ""))
     return 0
 

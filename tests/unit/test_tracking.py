@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +20,7 @@ from rsray.tracking import (
     metric_history,
     metric_name,
     open_tracker,
+    ui_command,
     with_retries,
 )
 
@@ -213,3 +216,13 @@ def test_git_commit_falls_back_to_the_image_label(tmp_path, monkeypatch):
     assert tracking.git_commit() == "abc123"
     monkeypatch.delenv("RSRAY_GIT_COMMIT")
     assert tracking.git_commit() == "unknown"
+
+
+def test_the_ui_command_works_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the venv is not under this folder: its mlflow is named absolutely
+    command = ui_command("sqlite:///mlflow.db")
+    executable, _, rest = command.partition(" ui ")
+    assert Path(executable) == Path(sys.executable).parent / "mlflow" and Path(executable).is_absolute()
+    assert rest == f"--backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(Path(sys.executable).parent.parent)  # inside the venv: a short relative name
+    assert ui_command("http://h:5000").startswith("bin/mlflow ui --backend-store-uri http://h:5000")
