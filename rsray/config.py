@@ -139,10 +139,11 @@ class TrainConfig:
     max_failures: int = 2  # worker-group restarts Ray Train may make, resuming from the last checkpoint
     keep_checkpoints: int = 2  # best by validation mR are kept
     eval_batch_size: int = 64  # images per batch when rank 0 scores the validation split
-    # The train split's image rows held in Ray's object store for the whole run (read once), or
-    # read from storage every epoch. Every read costs seconds of start-up before the first batch
-    # (measured: 7-9 s per epoch on 600 images in 26 shards), so caching is what keeps Ray close
-    # to a bare loop; auto caches when the shards fill at most half of the object store.
+    # The train split's (image, caption) pair rows made once and held in Ray's object store for the
+    # whole run, or read and made again every epoch. Each epoch's read costs seconds before the first
+    # batch (measured: 7-9 s per epoch on 600 images in 26 shards), so caching is what keeps Ray
+    # close to a bare loop. A pair repeats its image's bytes, so the cache is about (captions per
+    # image) x the shard files; auto caches when that fills at most half of the object store.
     cache_train_split: str = "auto"  # auto | always | never
 
     def check(self) -> Iterator[tuple[str, str]]:

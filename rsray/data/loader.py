@@ -10,19 +10,9 @@ Both paths go through the same three plain functions, so a batch is made the sam
 rows come from a `torch.utils.data.DataLoader` or from
 `ray.train.get_dataset_shard("train").iter_batches(batch_format="pyarrow")`:
 
-1. `explode_pairs(image_table, scenes, image_index)` (Arrow, vectorised; `pairs_from_arrow` gives
-   the same as Python dicts): one row per (image, caption) pair, with columns
-     image        binary   the encoded image (only when the input has an `image` column)
-     image_index  int64    the image's number in its split (default: its row, + `first_row`)
-     scene_id     int64    index of the scene in the sorted scene names, -1 when unknown
-     caption      int32    which of the image's captions
-     tokens       list<int32>  the caption's word ids (`caption_tokens`)
-     input_ids    list<int32>  its BERT-family ids, only when the shard has `caption_input_ids`
-   A Ray Data pipeline can `map_batches(explode_pairs, batch_format="pyarrow", fn_kwargs=...)`
-   over the image dataset and shuffle the pairs. Ray batches do not know their rows' position in
-   the split, so pass `image_index=image_numbers(manifest, split)` there: a map from the string
-   image_id to the image's position in the manifest's (sorted) id list. Only equality matters to
-   the losses (captions of one image are positives of each other), and that holds either way.
+1. `explode_pairs(image_table, scenes, image_index)`: one row per (image, caption) pair, in
+   Arrow (`rsray.data.pairs`, re-exported here; its docstring lists the columns). It has no torch
+   in it, so the Ray Data tasks that run it every epoch start fast.
 2. `decode_pairs(rows, transform, seeds)`: pair rows -> samples (decoded, transformed image
    tensor + the row's ids). Sample i's augmentation is a function of `seeds[i]` only (see
    `rsray.data.augment`), so results do not depend on workers, batching or the process.
@@ -52,7 +42,6 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -60,6 +49,18 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from rsray import storage
 from rsray.data.augment import AugmentConfig, eval_transform, reseed, seeded_rng, train_transform
 from rsray.data.images import decode_image
+from rsray.data.pairs import (  # noqa: F401 - the Arrow half of this module's contract, re-exported
+    SCENES_KEY,
+    SPLIT_KEY,
+    caption_counts,
+    explode_pairs,
+    flat_lists,
+    image_numbers,
+    image_scenes,
+    pairs_from_arrow,
+    scene_ids,
+    scene_index,
+)
 from rsray.data.prepare import read_manifest
 from rsray.data.text import PAD_ID, UNK_ID
 
@@ -69,8 +70,6 @@ Transform = Callable[[Any], torch.Tensor]
 MAX_TOKENS = 64
 MAX_INPUT_IDS = 128
 INPUT_PAD_ID = 0  # [PAD] in BERT-family vocabularies
-SCENES_KEY = b"rsray.scenes"  # schema metadata read_split adds: the manifest's sorted scene names
-SPLIT_KEY = b"rsray.split"
 
 
 class SplitNotFound(FileNotFoundError):
@@ -130,47 +129,6 @@ def vocab_size(manifest: dict) -> int:
     return len(manifest["vocab"]["words"])
 
 
-def scene_index(source: Any) -> dict[str, int]:
-    """Scene name -> class index, names sorted. `source`: a manifest dict (its `scenes`), a table
-    from `read_split` (the manifest's names it carries; otherwise the table's own scenes), names,
-    or a map keyed by names (a manifest's `scenes` counts, or a scene_index result: idempotent).
-
-    Pass the manifest (or a table from read_split) wherever ids must agree across splits or batches:
-    a bare table or Ray batch without that metadata only knows its own scenes."""
-    if isinstance(source, pa.Table):
-        meta = (source.schema.metadata or {}).get(SCENES_KEY)
-        if meta is not None:
-            names = json.loads(meta)
-        elif "scene" in source.column_names:
-            names = [s for s in pc.unique(source.column("scene")).to_pylist() if s is not None]
-        else:
-            names = []
-    elif isinstance(source, Mapping) and "scenes" in source and "splits" in source:  # a manifest
-        names = list(source["scenes"] or {})
-    else:  # names, or a map whose keys are the names (a manifest's `scenes`, a scene_index result)
-        names = list(source or [])
-    return {name: i for i, name in enumerate(sorted(set(names)))}
-
-
-def image_numbers(manifest: dict, split: str) -> dict[str, int]:
-    """image_id -> its position in the manifest's sorted id list of `split` (for Ray batches)."""
-    return {image_id: i for i, image_id in enumerate(manifest["splits"][split]["image_ids"])}
-
-
-def image_scenes(table: pa.Table) -> list[str | None]:
-    """Scene name of each image row (None when unknown), for scene recall SR@K."""
-    return table.column("scene").to_pylist()
-
-
-def _scene_ids(table: pa.Table, scenes: Mapping[str, int]) -> np.ndarray:
-    return np.array([scenes.get(s, -1) if s is not None else -1 for s in image_scenes(table)], dtype=np.int64)
-
-
-def caption_counts(table: pa.Table) -> np.ndarray:
-    """Captions per image row."""
-    return pc.list_value_length(table.column("caption_tokens")).to_numpy(zero_copy_only=False).astype(np.int64)
-
-
 def caption_image_index(table: pa.Table) -> torch.Tensor:
     """LongTensor[n_captions]: caption j (in `eval_captions` order) -> its image's row."""
     counts = caption_counts(table)
@@ -178,62 +136,6 @@ def caption_image_index(table: pa.Table) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- pairs (Arrow)
-
-def _flat_lists(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """A list<int> column as (values, offsets) numpy arrays: row i = values[offsets[i]:offsets[i+1]]."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    return column.flatten().to_numpy(zero_copy_only=False).astype(np.int64), offsets
-
-
-def _image_index(table: pa.Table, image_index: Any, first_row: int) -> np.ndarray:
-    if image_index is None:
-        return np.arange(first_row, first_row + table.num_rows, dtype=np.int64)
-    if isinstance(image_index, Mapping):
-        ids = table.column("image_id").to_pylist()
-        missing = [i for i in ids if i not in image_index]
-        if missing:
-            raise KeyError(f"image_id {missing[0]!r} is not in the image_index map ({len(missing)} missing)")
-        return np.array([image_index[i] for i in ids], dtype=np.int64)
-    out = np.asarray(image_index, dtype=np.int64)
-    if out.shape != (table.num_rows,):
-        raise ValueError(f"image_index has shape {out.shape}, expected ({table.num_rows},)")
-    return out
-
-
-def explode_pairs(table: pa.Table, scenes: Any = None, image_index: Any = None, first_row: int = 0) -> pa.Table:
-    """Image rows (shard schema) -> one row per (image, caption); columns in the module docstring.
-
-    `scenes`: a scene map or anything `scene_index` takes (default: the table's own). `image_index`:
-    None (row position + `first_row`), a sequence with one number per row, or a map image_id -> number."""
-    scenes = scene_index(table if scenes is None else scenes)
-    counts = caption_counts(table)
-    parents = np.repeat(np.arange(table.num_rows, dtype=np.int64), counts)
-    starts = np.repeat(np.cumsum(counts) - counts, counts)
-    columns: dict[str, pa.Array | pa.ChunkedArray] = {}
-    if "image" in table.column_names:
-        columns["image"] = table.column("image").take(pa.array(parents))
-    columns["image_index"] = pa.array(_image_index(table, image_index, first_row)[parents])
-    columns["scene_id"] = pa.array(_scene_ids(table, scenes)[parents])
-    columns["caption"] = pa.array((np.arange(len(parents), dtype=np.int64) - starts).astype(np.int32))
-    columns["tokens"] = pc.list_flatten(table.column("caption_tokens"))
-    if "caption_input_ids" in table.column_names:
-        ids = table.column("caption_input_ids")
-        id_counts = pc.list_value_length(ids).to_numpy(zero_copy_only=False)
-        if ids.null_count or not np.array_equal(np.asarray(id_counts, dtype=np.int64), counts):
-            raise ValueError("caption_input_ids does not have one entry per caption in every row")
-        columns["input_ids"] = pc.list_flatten(ids)
-    return pa.table(columns)
-
-
-def pairs_from_arrow(table: pa.Table, scenes: Any = None, image_index: Any = None,
-                     first_row: int = 0) -> list[dict]:
-    """`explode_pairs` as a list of dicts (pair rows for `decode_pairs` / `batch_from_rows`)."""
-    return explode_pairs(table, scenes, image_index, first_row).to_pylist()
-
 
 # ----------------------------------------------------------------------------- samples and batches
 
@@ -338,8 +240,8 @@ class _Rows:
         self.image_index = pairs.column("image_index").to_numpy()
         self.scene_id = pairs.column("scene_id").to_numpy()
         self.caption = pairs.column("caption").to_numpy()
-        self.tokens = _flat_lists(pairs.column("tokens"))
-        self.input_ids = _flat_lists(pairs.column("input_ids")) if "input_ids" in pairs.column_names else None
+        self.tokens = flat_lists(pairs.column("tokens"))
+        self.input_ids = flat_lists(pairs.column("input_ids")) if "input_ids" in pairs.column_names else None
 
     def __len__(self) -> int:
         return len(self.image_index)
@@ -427,7 +329,7 @@ class ImageDataset(Dataset):
     def __init__(self, table: pa.Table, augment: AugmentConfig | Transform, scenes: Any = None):
         self.transform = _as_transform(augment, train=False)
         self.images = table.column("image")
-        self.scene_ids = _scene_ids(table, scene_index(table if scenes is None else scenes))
+        self.scene_ids = scene_ids(table, scene_index(table if scenes is None else scenes))
 
     def __len__(self) -> int:
         return len(self.images)

@@ -5,9 +5,10 @@
 How data reaches the workers
 ----------------------------
 The driver reads the prepared output's manifest and builds one Ray Dataset over the train split's
-Parquet files (local folder or s3://), read once into Ray's object store when it fits
-(`train.cache_train_split`), and exploded to (image, caption) pair rows by
-`rsray.data.loader.explode_pairs` in Ray Data tasks each epoch. `DataConfig(datasets_to_split=["train"])`
+Parquet files (local folder or s3://), exploded to (image, caption) pair rows by
+`rsray.data.pairs.explode_pairs` in Ray Data tasks. When the pairs fit, they are made once and
+held in Ray's object store for the whole run (`train.cache_train_split`); otherwise every epoch
+reads and explodes the shards again. `DataConfig(datasets_to_split=["train"])`
 hands each worker an equal streaming shard; the worker shuffles it locally (seeded by seed, epoch,
 rank) and decodes + augments each batch with `batch_from_arrow` (the same function the local
 DataLoader path uses). The validation split is not a Ray Dataset: rank 0 reads it whole with
@@ -289,7 +290,7 @@ def train_dataset(cfg: Config):
     import ray
     import ray.data
 
-    from rsray.data.loader import explode_pairs, image_numbers, scene_index
+    from rsray.data.pairs import explode_pairs, image_numbers, scene_index  # no torch: fast task start
     from rsray.data.prepare import read_manifest
 
     manifest = read_manifest(cfg.train.data, cfg.prepare.s3_endpoint)
@@ -306,21 +307,23 @@ def train_dataset(cfg: Config):
         columns.append("caption_input_ids")
     dataset = ray.data.read_parquet([root.join(*f["path"].split("/")).path for f in files],
                                     filesystem=root.fs).select_columns(columns)
-    object_store = ray.cluster_resources().get("object_store_memory", 0)
-    if cache_train_split(cfg.train.cache_train_split, sum(f["bytes"] for f in files), object_store):
-        dataset = dataset.materialize()  # read once; each epoch replays the blocks from the object store
-    return (dataset
-            .randomize_block_order(seed=ray.data.RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True))
-            .map_batches(explode_pairs, batch_format="pyarrow",
-                         fn_kwargs={"scenes": scene_index(manifest), "image_index": image_numbers(manifest, "train")}))
+    explode = {"fn": explode_pairs, "batch_format": "pyarrow",
+               "fn_kwargs": {"scenes": scene_index(manifest), "image_index": image_numbers(manifest, "train")}}
+    shuffle_blocks = {"seed": ray.data.RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True)}
+    # Pair rows repeat their image's bytes once per caption: the cache holds about that many times the shards.
+    pair_bytes = sum(f["bytes"] for f in files) * pairs / max(1, manifest["splits"]["train"].get("images", 1))
+    if cache_train_split(cfg.train.cache_train_split, pair_bytes, ray.cluster_resources().get("object_store_memory", 0)):
+        # read and explode once; every epoch replays the pair blocks in a new order, with no task to start
+        return dataset.map_batches(**explode).materialize().randomize_block_order(**shuffle_blocks)
+    return dataset.randomize_block_order(**shuffle_blocks).map_batches(**explode)
 
 
-def cache_train_split(setting: str, split_bytes: int, object_store_bytes: float) -> bool:
-    """Whether to hold the train split in Ray's object store (`train.cache_train_split`): always,
-    never, or (auto) when its shard files fill at most half of the cluster's object store."""
+def cache_train_split(setting: str, pair_bytes: float, object_store_bytes: float) -> bool:
+    """Whether to hold the train split's pair rows in Ray's object store (`train.cache_train_split`):
+    always, never, or (auto) when they fill at most half of the cluster's object store."""
     if setting != "auto":
         return setting == "always"
-    return split_bytes <= 0.5 * object_store_bytes
+    return pair_bytes <= 0.5 * object_store_bytes
 
 
 def build_trainer(cfg: Config, mlflow_run_id: str | None = None, callbacks: Sequence[Any] = ()):

@@ -13,7 +13,7 @@ from rsray.train.run import (_absolute_paths, _rng_state, _seed_everything, _set
                              _summary, cache_train_split, default_run_name)
 
 
-@pytest.mark.parametrize("setting, split_bytes, store, expected", [
+@pytest.mark.parametrize("setting, pair_bytes, store, expected", [
     ("auto", 100, 1000, True),
     ("auto", 500, 1000, True),  # exactly half still fits
     ("auto", 501, 1000, False),
@@ -21,8 +21,8 @@ from rsray.train.run import (_absolute_paths, _rng_state, _seed_everything, _set
     ("always", 10**12, 1000, True),
     ("never", 1, 10**12, False),
 ])
-def test_the_train_split_is_cached_when_it_fits_or_when_told(setting, split_bytes, store, expected):
-    assert cache_train_split(setting, split_bytes, store) is expected
+def test_the_train_split_is_cached_when_it_fits_or_when_told(setting, pair_bytes, store, expected):
+    assert cache_train_split(setting, pair_bytes, store) is expected
 
 
 def test_a_bad_cache_setting_names_the_key():
