@@ -205,7 +205,7 @@ class Config:
         """Build dataclass `cls` from the free-form section `name` (e.g. a model's own config),
         with the same checks and one-line errors as the fixed sections."""
         data = {k: v for k, v in getattr(self, name).items() if k not in skip}
-        return _build(cls, data, prefix=f"{name}.", origins=self.origins)
+        return build_section(cls, data, prefix=f"{name}.", origins=self.origins)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain data (what gets written out and logged)."""
@@ -224,17 +224,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     tree: dict[str, Any] = {}
     origins: dict[str, str] = {}
     if path is not None:
-        _merge_file(Path(path), tree, origins, seen=())
+        merge_config_file(Path(path), tree, origins)
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"{COMMAND_LINE}: {item!r}: expected key=value")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        _merge(tree, _nest(key.strip(), value), origins, COMMAND_LINE, prefix="")
-    cfg = _build(Config, tree, prefix="", origins=origins)
+        key, value = parse_override(item, yaml.SafeLoader)
+        merge_into(tree, nest(key, value), origins, COMMAND_LINE)
+    cfg = build_section(Config, tree, prefix="", origins=origins)
     cfg.origins = origins
     return cfg
 
@@ -244,17 +238,27 @@ def config_from_dict(data: dict[str, Any], source: str = "resolved config") -> C
     back as a typed, checked Config; errors name `source`."""
     origins: dict[str, str] = {}
     _record_leaves(data, origins, source, "")
-    cfg = _build(Config, copy.deepcopy(data), prefix="", origins=origins)
+    cfg = build_section(Config, copy.deepcopy(data), prefix="", origins=origins)
     cfg.origins = origins
     return cfg
 
 
-def _merge_file(path: Path, tree: dict, origins: dict, seen: tuple[Path, ...]) -> None:
-    path = _resolve_config_path(path)
-    if path in seen:
-        raise ConfigError(f"{path}: defaults: cycle through {' -> '.join(map(str, seen))}")
+# ----------------------------------------------------------------------------- reading trees
+# The pieces load_config is made of, public for other files that embed a training config (sweeps).
+
+def find_config_file(path: str | Path, what: str = "config file") -> Path:
+    """A path as given, or a name under the project's conf/ folder (`presets/cpu-tiny`)."""
+    path = Path(path)
+    for candidate in (path, path.with_suffix(".yaml"), CONF_DIR / path, (CONF_DIR / path).with_suffix(".yaml")):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ConfigError(f"{path}: {what} not found")
+
+
+def read_yaml_mapping(path: Path, loader: type = yaml.SafeLoader) -> dict[str, Any]:
+    """A YAML file's top-level mapping; a ConfigError naming the file (and line) otherwise."""
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = yaml.load(path.read_text(), Loader=loader) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except yaml.YAMLError as exc:
@@ -263,34 +267,55 @@ def _merge_file(path: Path, tree: dict, origins: dict, seen: tuple[Path, ...]) -
         raise ConfigError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return loaded
+
+
+def pop_defaults(loaded: dict[str, Any], path: Path) -> list[Path]:
+    """The `defaults:` list of a loaded file, removed from it, as paths relative to the file."""
     defaults = loaded.pop("defaults", [])
     if not isinstance(defaults, list):
         raise ConfigError(f"{path}: defaults: expected a list of YAML files")
-    for parent in defaults:
-        _merge_file(path.parent / str(parent), tree, origins, seen + (path,))
-    _merge(tree, loaded, origins, str(path), prefix="")
+    return [path.parent / str(parent) for parent in defaults]
 
 
-def _resolve_config_path(path: Path) -> Path:
-    """Accept a path as given, or relative to the project's conf/ folder (`presets/cpu-tiny`)."""
-    for candidate in (path, path.with_suffix(".yaml"), CONF_DIR / path, (CONF_DIR / path).with_suffix(".yaml")):
-        if candidate.is_file():
-            return candidate.resolve()
-    return path
+def merge_config_file(path: Path, tree: dict, origins: dict, seen: tuple[Path, ...] = ()) -> None:
+    """Merge a config file, after its defaults chain, into `tree`; `origins` records each key's file."""
+    path = find_config_file(path)
+    if path in seen:
+        raise ConfigError(f"{path}: defaults: cycle through {' -> '.join(map(str, seen))}")
+    loaded = read_yaml_mapping(path)
+    for parent in pop_defaults(loaded, path):
+        merge_config_file(parent, tree, origins, seen + (path,))
+    merge_into(tree, loaded, origins, str(path))
 
 
-def _nest(dotted: str, value: Any) -> dict:
+def parse_override(item: str, loader: type = yaml.SafeLoader) -> tuple[str, Any]:
+    """`key=value` from the command line -> (key, value read as YAML, or the text as is)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"{COMMAND_LINE}: {item!r}: expected key=value")
+    try:
+        value = yaml.load(raw, Loader=loader) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def nest(dotted: str, value: Any) -> dict:
+    """`a.b.c`, v -> {a: {b: {c: v}}}."""
     node: Any = value
     for part in reversed(dotted.split(".")):
         node = {part: node}
     return node
 
 
-def _merge(tree: dict, update: dict, origins: dict, source: str, prefix: str) -> None:
+def merge_into(tree: dict, update: dict, origins: dict, source: str, prefix: str = "") -> None:
+    """Merge `update` into `tree` (mappings recursively, anything else replaced) and record
+    `source` as the origin of every key it sets."""
     for key, value in update.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict) and isinstance(tree.get(key), dict):
-            _merge(tree[key], value, origins, source, prefix=f"{dotted}.")
+            merge_into(tree[key], value, origins, source, prefix=f"{dotted}.")
         else:
             tree[key] = value
         if not isinstance(value, dict):
@@ -307,13 +332,13 @@ def _record_leaves(node: dict, origins: dict, source: str, prefix: str) -> None:
             _record_leaves(value, origins, source, f"{prefix}{key}.")
 
 
-def _build(cls: type, data: Any, prefix: str, origins: dict[str, str]):
+def build_section(cls: type, data: Any, prefix: str, origins: dict[str, str]):
     """Construct dataclass `cls` from plain data, refusing unknown keys and wrong types."""
     def fail(key: str, problem: str) -> ConfigError:
         return ConfigError(f"{origins.get(key, origins.get(prefix.rstrip('.'), 'defaults'))}: {key}: {problem}")
 
     if not isinstance(data, dict):
-        raise fail(prefix.rstrip("."), f"expected a mapping, got {_kind(data)}")
+        raise fail(prefix.rstrip("."), f"expected a mapping, got {value_kind(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "origins"}
     for key in data:
@@ -325,7 +350,7 @@ def _build(cls: type, data: Any, prefix: str, origins: dict[str, str]):
         key = f"{prefix}{name}"
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, f"{key}.", origins)
+            kwargs[name] = build_section(hint, value, f"{key}.", origins)
         else:
             kwargs[name] = _coerce(value, hint, key, fail)
     obj = cls(**kwargs)
@@ -344,11 +369,11 @@ def _coerce(value: Any, hint: Any, key: str, fail) -> Any:
         return _coerce(value, inner[0], key, fail)
     if origin is dict or hint is Any:
         if origin is dict and not isinstance(value, dict):
-            raise fail(key, f"expected a mapping, got {_kind(value)}")
+            raise fail(key, f"expected a mapping, got {value_kind(value)}")
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise fail(key, f"expected a list, got {_kind(value)}")
+            raise fail(key, f"expected a list, got {value_kind(value)}")
         return [_coerce(v, args[0], key, fail) for v in value]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -356,19 +381,20 @@ def _coerce(value: Any, hint: Any, key: str, fail) -> Any:
         try:
             return float(value)
         except ValueError:
-            raise fail(key, f"expected float, got {_kind(value)}") from None
+            raise fail(key, f"expected float, got {value_kind(value)}") from None
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # names such as `name=2024` are strings
     if hint is bool and not isinstance(value, bool):
-        raise fail(key, f"expected true or false, got {_kind(value)}")
+        raise fail(key, f"expected true or false, got {value_kind(value)}")
     if hint is int and isinstance(value, bool):
-        raise fail(key, f"expected int, got {_kind(value)}")
+        raise fail(key, f"expected int, got {value_kind(value)}")
     if not isinstance(value, hint):
-        raise fail(key, f"expected {hint.__name__}, got {_kind(value)}")
+        raise fail(key, f"expected {hint.__name__}, got {value_kind(value)}")
     return value
 
 
-def _kind(value: Any) -> str:
+def value_kind(value: Any) -> str:
+    """How an error message shows a value: `str 'big'`, `null`, `list`."""
     if value is None:
         return "null"
     return f"{type(value).__name__} {value!r}" if not isinstance(value, (dict, list)) else type(value).__name__

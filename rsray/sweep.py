@@ -246,54 +246,28 @@ _SweepYamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789."))
 
 
-def _sweep_file(path: str | Path) -> Path:
-    """A path as given, or a name under conf/ (`sweep/swan-margin`)."""
-    path = Path(path)
-    for candidate in (path, path.with_suffix(".yaml"), config_module.CONF_DIR / path,
-                      (config_module.CONF_DIR / path).with_suffix(".yaml")):
-        if candidate.is_file():
-            return candidate.resolve()
-    raise ConfigError(f"{path}: sweep file not found")
-
-
 def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
     """Read a sweep file and `key=value` overrides; check the settings and every swept value
     against the training config. Errors are one line naming the file (or command line) and key."""
-    path = _sweep_file(path)
-    try:
-        tree = yaml.load(path.read_text(), Loader=_SweepYamlLoader) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    defaults = tree.pop("defaults", [])
+    path = config_module.find_config_file(path, "sweep file")
+    tree = config_module.read_yaml_mapping(path, _SweepYamlLoader)
+    defaults = config_module.pop_defaults(tree, path)
     section = tree.pop("sweep", None)
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: sweep: missing or not a mapping (a sweep file is a training config "
                           f"plus a `sweep:` section)")
-    if not isinstance(defaults, list):
-        raise ConfigError(f"{path}: defaults: expected a list of YAML files")
 
     if isinstance(section.get("space"), dict):
         section["space"] = _flatten_space(section["space"])
     config_tree: dict[str, Any] = {}
     origins: dict[str, str] = {}
     for parent in defaults:  # the training config, merged exactly as load_config merges a file
-        config_module._merge_file(path.parent / str(parent), config_tree, origins, seen=(path,))
-    config_module._merge(config_tree, tree, origins, str(path), prefix="")
+        config_module.merge_config_file(parent, config_tree, origins, seen=(path,))
+    config_module.merge_into(config_tree, tree, origins, str(path))
     sweep_tree = {"sweep": section}
-    config_module._merge({}, sweep_tree, origins, str(path), prefix="")  # records where sweep keys come from
+    config_module.merge_into({}, sweep_tree, origins, str(path))  # records where sweep keys come from
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"{COMMAND_LINE}: {item!r}: expected key=value")
-        try:
-            value = yaml.load(raw, Loader=_SweepYamlLoader) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+        key, value = config_module.parse_override(item, _SweepYamlLoader)
         space = sweep_tree["sweep"].setdefault("space", {}) if key.startswith("sweep.space.") else None
         if isinstance(space, dict):
             swept, _, kind = key[len("sweep.space."):].rpartition(".")
@@ -302,11 +276,11 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
             origins[f"sweep.space.{swept}"] = COMMAND_LINE
             continue
         target = sweep_tree if key.split(".")[0] == "sweep" else config_tree
-        config_module._merge(target, config_module._nest(key, value), origins, COMMAND_LINE, prefix="")
+        config_module.merge_into(target, config_module.nest(key, value), origins, COMMAND_LINE)
 
-    base = config_module._build(Config, config_tree, prefix="", origins=origins)
+    base = config_module.build_section(Config, config_tree, prefix="", origins=origins)
     base.origins = origins
-    settings = config_module._build(SweepSettings, sweep_tree["sweep"], prefix="sweep.", origins=origins)
+    settings = config_module.build_section(SweepSettings, sweep_tree["sweep"], prefix="sweep.", origins=origins)
     sweep = Sweep(str(path), settings, [], base, origins)
     sweep.params = _parse_space(sweep, settings.space)
     _check_params(sweep)
@@ -333,7 +307,7 @@ def _parse_space(sweep: Sweep, space: dict[str, Any]) -> list[Param]:
     for key, node in space.items():
         where = f"sweep.space.{key}"
         if not isinstance(node, dict) or not node:
-            raise sweep.error(where, f"expected {{{'|'.join(KINDS)}: [...]}}, got {config_module._kind(node)}")
+            raise sweep.error(where, f"expected {{{'|'.join(KINDS)}: [...]}}, got {config_module.value_kind(node)}")
         kinds = [k for k in node if k in KINDS]
         if not kinds:
             raise sweep.error(where, f"unknown kind {', '.join(map(str, node))}: use one of {', '.join(KINDS)}")
@@ -341,7 +315,7 @@ def _parse_space(sweep: Sweep, space: dict[str, Any]) -> list[Param]:
             raise sweep.error(where, f"give exactly one of {', '.join(KINDS)}, got {', '.join(map(str, node))}")
         kind, values = kinds[0], node[kinds[0]]
         if not isinstance(values, list) or not values:
-            raise sweep.error(where, f"{kind}: expected a non-empty list, got {config_module._kind(values)}")
+            raise sweep.error(where, f"{kind}: expected a non-empty list, got {config_module.value_kind(values)}")
         if kind in ("uniform", "loguniform", "randint"):
             values = _bounds(sweep, where, kind, values)
         params.append(Param(key, kind, values))

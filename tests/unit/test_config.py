@@ -2,7 +2,19 @@
 import pytest
 import yaml
 
-from rsray.config import CONF_DIR, Config, ConfigError, load_config
+from rsray.config import (
+    CONF_DIR,
+    Config,
+    ConfigError,
+    build_section,
+    find_config_file,
+    load_config,
+    merge_config_file,
+    merge_into,
+    nest,
+    parse_override,
+    read_yaml_mapping,
+)
 
 
 def write(path, text):
@@ -147,3 +159,22 @@ def _vsepp_config():
     from rsray.models.vsepp import VseppConfig
 
     return VseppConfig
+
+
+def test_the_tree_helpers_other_config_files_build_on(tmp_path):
+    """What sweeps reuse to embed a training config: find, read, merge with origins, build."""
+    assert find_config_file("presets/cpu-tiny").name == "cpu-tiny.yaml"
+    with pytest.raises(ConfigError, match="nowhere.yaml: sweep file not found"):
+        find_config_file(tmp_path / "nowhere.yaml", "sweep file")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="list.yaml: expected a mapping"):
+        read_yaml_mapping(tmp_path / "list.yaml")
+    with pytest.raises(ConfigError, match="command line: 'epochs': expected key=value"):
+        parse_override("epochs")
+    assert parse_override(" train.epochs = 3") == ("train.epochs", 3)
+    tree, origins = {}, {}
+    merge_config_file(find_config_file("train/cpu-tiny"), tree, origins)
+    merge_into(tree, nest("train.epochs", 7), origins, "here")
+    cfg = build_section(Config, tree, prefix="", origins=origins)
+    assert cfg.train.epochs == 7 and origins["train.epochs"] == "here"
+    assert origins["train.batch_size"].endswith("cpu-tiny.yaml")
