@@ -30,7 +30,8 @@ from rsray.config import load_config
 from rsray.data.loader import make_train_loader
 from rsray.data.synthetic import generate_sample
 from rsray.models import build_model, model_config
-from rsray.train.loop import make_optimizer, train_epoch
+from rsray.optim import make_optimizer
+from rsray.train.loop import train_epoch
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -28,8 +28,8 @@ from rsray.losses import LogitScale, info_nce_loss
 from rsray.models.base import Batch, RetrievalModel
 from rsray.models.encoders import TransformerTextEncoder, length_mask, masked_mean
 from rsray.pretrained import resolve_local
-from rsray.models.priorclip import check_optimisation
 from rsray.models.registry import register_model
+from rsray.optim import WarmupAdamWConfig
 
 
 def clip_augment() -> AugmentConfig:
@@ -40,7 +40,7 @@ def clip_augment() -> AugmentConfig:
 
 
 @dataclass
-class ClipConfig:
+class ClipConfig(WarmupAdamWConfig):
     """Every CLIP fine-tune setting. The optimizer fields are data the training loop reads."""
     augment: AugmentConfig = field(default_factory=clip_augment)
     embed_dim: int = 512  # CLIP's projection_dim: the shared embedding size
@@ -55,18 +55,13 @@ class ClipConfig:
     temperature: float | None = 0.07  # initial; null = the checkpoint's learned logit scale
     learn_temperature: bool = True
     gather_across_workers: bool = True  # InfoNCE over every worker's batch (open_clip); false = local batch
-    # optimisation (rsray.train.loop.make_optimizer). Our choice for fine-tuning a pretrained CLIP:
-    # open_clip's ViT settings (weight decay 0.2, betas 0.9/0.98) with a small lr and 10% warm-up.
-    optimizer: str = "adamw"  # adam | adamw
+    # Our choice for fine-tuning a pretrained CLIP: open_clip's ViT settings (weight decay 0.2,
+    # betas 0.9/0.98) with a small lr and 10% warm-up (rsray.optim).
     lr: float = 1.0e-5
     weight_decay: float = 0.2
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    schedule: str = "linear_warmup"  # linear_warmup (per step) | step (x lr_decay every decay_every epochs)
-    warmup: float = 0.1  # fraction of all optimizer steps
-    lr_decay: float = 1.0
-    decay_every: int = 1
 
     def check(self) -> Iterator[tuple[str, str]]:
+        yield from super().check()
         if self.embed_dim < 1:
             yield "embed_dim", f"must be positive, got {self.embed_dim}"
         if self.text_input not in ("input_ids", "tokens"):
@@ -86,7 +81,6 @@ class ClipConfig:
         if self.temperature is not None and self.temperature <= 0:
             yield "temperature", f"must be positive, got {self.temperature}"
         yield from _check_clip_fields(self.clip)
-        yield from check_optimisation(self)
 
 
 def _check_clip_fields(fields: dict[str, Any]) -> Iterator[tuple[str, str]]:

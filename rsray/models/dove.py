@@ -40,15 +40,16 @@ from rsray.models.encoders import BiGRU, WordEmbedding, length_mask, masked_mean
 from rsray.models.registry import register_model
 from rsray.models.swan import SwanVisualEncoder
 from rsray.models.vsepp import check_common
+from rsray.optim import OptimiserConfig
 
 HEADS = ("linear", "mlp")
 STREAMS = ("f", "b")
 
 
 @dataclass
-class DoveConfig:
+class DoveConfig(OptimiserConfig):
     """Every DOVE hyper-parameter. Paper numbers where it gives them (SWAN's training, 512-d);
-    the rest is our choice, each a switch. Optimizer fields are read by the training loop."""
+    the rest is our choice, each a switch."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # SWAN's pipeline
     embed_dim: int = 512
     backbone: str = "resnet50"  # a ResNet-style timm model (SWAN's encoder)
@@ -78,12 +79,11 @@ class DoveConfig:
     lambda_g: float = 1.0  # weight of the global triplet term (paper sweeps 0.01..100)
     margin: float = 0.2
     max_violation: bool = True
-    optimizer: str = "adam"
-    lr: float = 2e-4
     lr_decay: float = 0.7
     decay_every: int = 20
 
     def check(self) -> Iterator[tuple[str, str]]:
+        yield from super().check()
         yield from check_common(self)
         if not self.roi_grid or any(n < 1 for n in self.roi_grid):
             yield "roi_grid", f"needs at least one positive grid size, got {self.roi_grid}"

@@ -44,12 +44,13 @@ from rsray.models.blocks import SelfAttentionBlock
 from rsray.models.encoders import TimmBackbone, TransformerTextEncoder, check_text_config, length_mask
 from rsray.models.registry import register_model
 from rsray.models.scene_prior import backbone_state_dict, priorclip_augment
+from rsray.optim import WarmupAdamWConfig
 
 TRAIN_FIRST = "train"  # a stage checkpoint key with this value: `rsray train` trains that stage first
 
 
 @dataclass
-class PriorClipConfig:
+class PriorClipConfig(WarmupAdamWConfig):
     """Every closed-domain PriorCLIP setting; defaults are the paper's. Optimizer fields are read
     by the training loop."""
     # `rsray train` trains model.instruction_stage first when instruction_checkpoint is "train"
@@ -86,19 +87,11 @@ class PriorClipConfig:
     affiliation_temperature: float = 0.07  # tau2, learnable
     lambda_cs: float = 1.0
     gather_across_workers: bool = True  # InfoNCE and affiliation over every worker's batch
-    # optimisation
-    optimizer: str = "adamw"
-    lr: float = 6.0e-5
-    weight_decay: float = 0.01
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    schedule: str = "linear_warmup"  # linear_warmup (per step) | step (x lr_decay every decay_every epochs)
-    warmup: float = 0.1  # fraction of all optimizer steps
-    lr_decay: float = 1.0
-    decay_every: int = 1
+    lr: float = 6.0e-5  # AdamW with warm-up (rsray.optim)
 
     def check(self) -> Iterator[tuple[str, str]]:
+        yield from super().check()
         yield from check_pae(self)
-        yield from check_optimisation(self)
         if not timm.is_model(self.backbone):
             yield "backbone", f"not a timm model name: {self.backbone!r}"
         if self.text_input not in ("input_ids", "tokens"):
@@ -138,25 +131,6 @@ def check_pae(cfg) -> Iterator[tuple[str, str]]:
             yield name, f"must be positive, got {getattr(cfg, name)}"
     if cfg.lambda_cs < 0:
         yield "lambda_cs", f"must not be negative, got {cfg.lambda_cs}"
-
-
-def check_optimisation(cfg) -> Iterator[tuple[str, str]]:
-    if cfg.optimizer not in ("adam", "adamw"):
-        yield "optimizer", f"must be adam or adamw, got {cfg.optimizer!r}"
-    if cfg.lr <= 0:
-        yield "lr", f"must be positive, got {cfg.lr}"
-    if cfg.weight_decay < 0:
-        yield "weight_decay", f"must not be negative, got {cfg.weight_decay}"
-    if len(cfg.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.betas):
-        yield "betas", f"expected [beta1, beta2] in [0, 1), got {cfg.betas}"
-    if cfg.schedule not in ("linear_warmup", "step"):
-        yield "schedule", f"must be linear_warmup or step, got {cfg.schedule!r}"
-    if not 0.0 <= cfg.warmup < 1.0:
-        yield "warmup", f"must be a fraction in [0, 1), got {cfg.warmup}"
-    if not 0.0 < cfg.lr_decay <= 1.0:
-        yield "lr_decay", f"must be in (0, 1], got {cfg.lr_decay}"
-    if cfg.decay_every < 1:
-        yield "decay_every", f"must be at least 1, got {cfg.decay_every}"
 
 
 def check_stage_checkpoint(key: str, value: str | None) -> Iterator[tuple[str, str]]:

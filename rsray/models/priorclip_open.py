@@ -37,14 +37,15 @@ from rsray.data.augment import AugmentConfig
 from rsray.losses import LogitScale
 from rsray.models.base import Batch, RetrievalModel
 from rsray.models.clip import Clip, ClipConfig
-from rsray.models.priorclip import (InstructionEncoder, belief_tokens, check_optimisation, check_stage_checkpoint,
+from rsray.models.priorclip import (InstructionEncoder, belief_tokens, check_stage_checkpoint,
                                     contrastive_and_affiliation, read_stage_checkpoint)
 from rsray.models.registry import model_config, register_model
 from rsray.models.scene_prior import priorclip_augment
+from rsray.optim import WarmupAdamWConfig
 
 
 @dataclass
-class PriorClipOpenConfig:
+class PriorClipOpenConfig(WarmupAdamWConfig):
     """Every stage-2 setting. Optimizer fields are read by the training loop."""
     # `rsray train` trains these stages first (in this order) when their checkpoint key says "train"
     earlier_stages: ClassVar[dict[str, str]] = {"clip_checkpoint": "clip_stage",
@@ -65,17 +66,10 @@ class PriorClipOpenConfig:
     affiliation_temperature: float = 0.07  # tau2, learnable
     lambda_cs: float = 1.0
     gather_across_workers: bool = True
-    optimizer: str = "adamw"
     lr: float = 1.0e-5  # our choice: stage 2 fine-tunes a pretrained CLIP, as the clip baseline does
-    weight_decay: float = 0.01
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    schedule: str = "linear_warmup"
-    warmup: float = 0.1
-    lr_decay: float = 1.0
-    decay_every: int = 1
 
     def check(self) -> Iterator[tuple[str, str]]:
-        yield from check_optimisation(self)
+        yield from super().check()
         yield from check_stage_checkpoint("clip_checkpoint", self.clip_checkpoint)
         yield from check_stage_checkpoint("instruction_checkpoint", self.instruction_checkpoint)
         if self.clip_checkpoint is None and self.clip.embed_dim != self.embed_dim:

@@ -36,6 +36,7 @@ from rsray.losses import LogitScale
 from rsray.models.base import Batch, RetrievalModel
 from rsray.models.encoders import TimmBackbone, WordEmbedding, length_mask, masked_mean
 from rsray.models.registry import register_model
+from rsray.optim import OptimiserConfig
 
 BACKBONE_PREFIX = "backbone.body."  # where the timm backbone's weights sit in this model's state dict
 
@@ -49,8 +50,8 @@ def priorclip_augment() -> AugmentConfig:
 
 
 @dataclass
-class ScenePriorConfig:
-    """Every scene-prior setting; the optimizer fields are data the training loop reads."""
+class ScenePriorConfig(OptimiserConfig):
+    """Every scene-prior setting (AdamW, our choice for fine-tuning an ImageNet CNN)."""
     selection_metric: ClassVar[str] = "accuracy"  # the best checkpoint is the best image classifier
 
     augment: AugmentConfig = field(default_factory=priorclip_augment)
@@ -63,12 +64,13 @@ class ScenePriorConfig:
     caption_weight: float = 1.0  # weight of the caption classifier's loss; 0 = images only
     temperature: float = 0.07  # initial temperature of the prototype classifier (learnable)
     optimizer: str = "adamw"
-    lr: float = 1.0e-4  # our choice for fine-tuning an ImageNet CNN with AdamW
+    lr: float = 1.0e-4
     weight_decay: float = 0.05
     lr_decay: float = 0.1
     decay_every: int = 20
 
     def check(self) -> Iterator[tuple[str, str]]:
+        yield from super().check()
         if not timm.is_model(self.backbone):
             yield "backbone", f"not a timm model name: {self.backbone!r}"
         if self.num_classes is not None and self.num_classes < 2:
@@ -80,16 +82,6 @@ class ScenePriorConfig:
             yield "caption_weight", f"must not be negative, got {self.caption_weight}"
         if self.temperature <= 0:
             yield "temperature", f"must be positive, got {self.temperature}"
-        if self.optimizer not in ("adam", "adamw"):
-            yield "optimizer", f"must be adam or adamw, got {self.optimizer!r}"
-        if self.lr <= 0:
-            yield "lr", f"must be positive, got {self.lr}"
-        if self.weight_decay < 0:
-            yield "weight_decay", f"must not be negative, got {self.weight_decay}"
-        if not 0.0 < self.lr_decay <= 1.0:
-            yield "lr_decay", f"must be in (0, 1], got {self.lr_decay}"
-        if self.decay_every < 1:
-            yield "decay_every", f"must be at least 1, got {self.decay_every}"
 
     def check_data(self, manifest: dict) -> Iterator[tuple[str, str]]:
         """Refuse prepared data the classifier cannot learn from (read by `rsray train`)."""

@@ -28,11 +28,12 @@ from rsray.models.blocks import GSA, JRU, MLP, WSA
 from rsray.models.encoders import BiGRU, TimmBackbone, WordEmbedding, last_valid, length_mask, masked_mean
 from rsray.models.registry import register_model
 from rsray.models.vsepp import check_common
+from rsray.optim import OptimiserConfig
 
 
 @dataclass
-class SwanConfig:
-    """Every SWAN hyper-parameter; defaults are the paper's. Optimizer fields are read by the training loop."""
+class SwanConfig(OptimiserConfig):
+    """Every SWAN hyper-parameter; defaults are the paper's (Adam, lr 2e-4 x0.7 every 20 epochs)."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # resize 278, rotate 0-90, crop 256; eval 256
     embed_dim: int = 512
     backbone: str = "resnet50"  # a ResNet-style timm model (SFGS needs the stem max-pool)
@@ -64,12 +65,11 @@ class SwanConfig:
     # loss and optimisation
     margin: float = 0.2
     max_violation: bool = True  # hardest negative (paper); false = sum over negatives (release)
-    optimizer: str = "adam"
-    lr: float = 2e-4
     lr_decay: float = 0.7
     decay_every: int = 20
 
     def check(self) -> Iterator[tuple[str, str]]:
+        yield from super().check()
         yield from check_common(self)
         if self.text_pool not in ("mean", "last"):
             yield "text_pool", f"must be mean or last, got {self.text_pool!r}"

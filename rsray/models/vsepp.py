@@ -19,11 +19,12 @@ from rsray.losses import triplet_loss
 from rsray.models.base import Batch, RetrievalModel
 from rsray.models.encoders import BiGRU, TimmBackbone, WordEmbedding, length_mask, masked_mean
 from rsray.models.registry import register_model
+from rsray.optim import OptimiserConfig
 
 
 @dataclass
-class VseppConfig:
-    """Every VSE++ hyper-parameter. The optimizer fields are data the training loop reads.
+class VseppConfig(OptimiserConfig):
+    """Every VSE++ hyper-parameter (the optimiser's: `rsray.optim.OptimiserConfig`, Adam + step decay).
 
     Our choices (the spec names only "a timm backbone"): ResNet-50, fine-tuned; SWAN's image
     pipeline (278 -> rotate -> crop 256) so the two compare like with like; mean over valid
@@ -40,12 +41,11 @@ class VseppConfig:
     word_dropout: float = 0.0
     margin: float = 0.2
     max_violation: bool = True  # hardest negative (VSE++); false = sum over negatives
-    optimizer: str = "adam"  # adam | adamw
-    lr: float = 2e-4
-    lr_decay: float = 0.1  # multiply lr by this ...
-    decay_every: int = 15  # ... every this many epochs (VSE++: x0.1 after 15 of 30 epochs)
+    lr_decay: float = 0.1  # VSE++: x0.1 after 15 of 30 epochs
+    decay_every: int = 15
 
     def check(self) -> Iterator[tuple[str, str]]:
+        yield from super().check()
         yield from check_common(self)
 
 
@@ -63,14 +63,6 @@ def check_common(cfg) -> Iterator[tuple[str, str]]:
             yield name, f"must be in [0, 1), got {getattr(cfg, name)}"
     if cfg.margin < 0:
         yield "margin", f"must not be negative, got {cfg.margin}"
-    if cfg.optimizer not in ("adam", "adamw"):
-        yield "optimizer", f"must be adam or adamw, got {cfg.optimizer!r}"
-    if cfg.lr <= 0:
-        yield "lr", f"must be positive, got {cfg.lr}"
-    if not 0.0 < cfg.lr_decay <= 1.0:
-        yield "lr_decay", f"must be in (0, 1], got {cfg.lr_decay}"
-    if cfg.decay_every < 1:
-        yield "decay_every", f"must be at least 1, got {cfg.decay_every}"
 
 
 @register_model("vsepp", VseppConfig)

@@ -11,47 +11,12 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 import torch
-from torch import nn
 
 from rsray.data.loader import caption_image_index, eval_captions, eval_images, image_scenes
 from rsray.eval.metrics import retrieval_metrics
 from rsray.eval.rerank import SMRConfig, smr_rerank
 from rsray.eval.scoring import concat_rows, score_matrix
 from rsray.models.base import Batch, RetrievalModel
-
-
-def make_optimizer(model: nn.Module, model_cfg: Any, total_steps: int | None = None
-                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """The model config's optimizer over trainable parameters, and its learning-rate schedule.
-
-    Read from the model config, each with a default for configs that do not name it (so VSE++ and
-    SWAN get exactly Adam(lr) with their step decay): `optimizer` adam | adamw, `lr`,
-    `weight_decay` (0), `betas` ([0.9, 0.999]), and `schedule`:
-      step           x `lr_decay` every `decay_every` epochs; the caller steps it once per epoch.
-      linear_warmup  linear warm-up from 0 over the first `warmup` fraction of `total_steps`
-                     optimizer steps, then linear decay to 0 (transformers' linear schedule, as
-                     PriorCLIP trains); stepped after every batch: see `steps_per_batch`.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[model_cfg.optimizer]
-    betas = tuple(getattr(model_cfg, "betas", (0.9, 0.999)))
-    weight_decay = getattr(model_cfg, "weight_decay", 0.0)
-    optimizer = optimizer_cls(params, lr=model_cfg.lr, betas=betas, weight_decay=weight_decay)
-    if steps_per_batch(model_cfg):
-        from transformers import get_linear_schedule_with_warmup
-
-        if not total_steps or total_steps < 1:
-            raise ValueError("schedule linear_warmup needs the run's total number of optimizer steps")
-        warmup_steps = round(getattr(model_cfg, "warmup", 0.0) * total_steps)
-        return optimizer, get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
-    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=model_cfg.decay_every, gamma=model_cfg.lr_decay)
-    return optimizer, schedule
-
-
-def steps_per_batch(model_cfg: Any) -> bool:
-    """True when the config's schedule advances every optimizer step (linear_warmup), False when
-    the caller steps it once per epoch (step, the default)."""
-    return getattr(model_cfg, "schedule", "step") == "linear_warmup"
 
 
 def to_device(batch: Batch, device: torch.device | str) -> Batch:

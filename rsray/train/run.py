@@ -181,7 +181,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     from rsray.data.loader import read_split, vocab_size
     from rsray.data.prepare import read_manifest
     from rsray.models import build_model, model_config
-    from rsray.train.loop import evaluate, make_optimizer, steps_per_batch, train_epoch
+    from rsray.optim import make_optimizer, steps_per_batch
+    from rsray.train.loop import evaluate, train_epoch
 
     cfg = config_from_dict(config["config"])
     tc = cfg.train

@@ -19,7 +19,7 @@ from rsray.config import ConfigError, load_config
 from rsray.models import build_model, model_config
 from rsray.models.clip import BertTextTower, ClipTextTower, fit_positions
 from rsray.pretrained import PACKAGED, minilm_path, resolve_local
-from rsray.train.loop import make_optimizer
+from rsray.optim import make_optimizer
 
 VOCAB = 40
 BOS, EOS = 98, 99  # ids of a tiny CLIP vocabulary of 100

@@ -1,6 +1,7 @@
 """Models: every registered model's tiny preset builds, trains and keeps the contract; SWAN's parts
 and paper-size parameter counts; encoders (timm backbone, GloVe file, BiGRU); the registry."""
 import math
+import re
 import time
 
 import pytest
@@ -191,6 +192,30 @@ def test_bad_model_values_name_the_key(override, needle):
     with pytest.raises(ConfigError) as err:
         build_model(tiny("swan", override), vocab_size=VOCAB)
     assert needle in str(err.value) and "command line" in str(err.value)
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("override, needle", [
+    ("model.lr=-1", "model.lr: must be positive"),
+    ("model.betas=[0.9]", "model.betas: expected [beta1, beta2]"),
+    ("model.schedule=cosine", "model.schedule: must be linear_warmup or step"),
+    ("model.optimizer=sgd", "model.optimizer: must be adam or adamw"),
+])
+def test_every_model_checks_its_optimiser_fields(name, override, needle):
+    """All model configs share rsray.optim's fields and checks (each calls super().check())."""
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        model_config(tiny(name, override))
+
+
+def test_the_optimiser_defaults_follow_each_paper():
+    def optimiser(name):
+        cfg = model_config(load_config(f"model/{name}"))
+        return cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.schedule, cfg.lr_decay, cfg.decay_every
+
+    assert optimiser("vsepp") == ("adam", 2e-4, 0.0, "step", 0.1, 15)
+    assert optimiser("swan") == optimiser("dove") == ("adam", 2e-4, 0.0, "step", 0.7, 20)
+    assert optimiser("priorclip") == ("adamw", 6e-5, 0.01, "linear_warmup", 1.0, 1)
+    assert optimiser("clip")[:4] == ("adamw", 1e-5, 0.2, "linear_warmup")
 
 
 def test_typed_config_reaches_the_model():

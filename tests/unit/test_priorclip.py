@@ -18,7 +18,8 @@ from rsray.config import ConfigError, load_config
 from rsray.eval.checkpoint import CONFIG_FILE, STATE_FILE
 from rsray.models import build_model, model_config
 from rsray.models.priorclip import belief_tokens, contrastive_and_affiliation
-from rsray.train.loop import make_optimizer, selection_metric, steps_per_batch
+from rsray.optim import make_optimizer, steps_per_batch
+from rsray.train.loop import selection_metric
 
 VOCAB = 40
 

@@ -15,7 +15,8 @@ from rsray.data.prepare import prepare_in_process
 from rsray.data.synthetic import SCENES, generate_sample
 from rsray.eval.checkpoint import CONFIG_FILE, STATE_FILE
 from rsray.models import build_model, model_config
-from rsray.train.loop import SplitScores, evaluate, make_optimizer, selection_metric, train_epoch
+from rsray.optim import make_optimizer
+from rsray.train.loop import SplitScores, evaluate, selection_metric, train_epoch
 
 VOCAB = 40
 

@@ -11,7 +11,8 @@ from rsray.data.loader import make_train_loader
 from rsray.data.prepare import prepare_in_process
 from rsray.data.synthetic import generate_sample
 from rsray.models import build_model, model_config
-from rsray.train.loop import evaluate, make_optimizer, score_split, train_epoch
+from rsray.optim import make_optimizer
+from rsray.train.loop import evaluate, score_split, train_epoch
 
 BATCH = 16
 

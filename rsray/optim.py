@@ -1,0 +1,83 @@
+"""The optimiser and learning-rate schedule a model's config declares, and building them.
+
+Every model config extends `OptimiserConfig` (or `WarmupAdamWConfig`), so the same keys mean the
+same thing in every model section (`model.lr`, `model.weight_decay`, `model.schedule`, ...) and
+are checked in one place. A model config changes a default by declaring the field again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+
+@dataclass
+class OptimiserConfig:
+    """Adam with a step decay, as VSE++, SWAN and DOVE train: lr x `lr_decay` every `decay_every`
+    epochs. Model configs call `yield from super().check()` in their own `check`."""
+    optimizer: str = "adam"  # adam | adamw
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: str = "step"  # step (per epoch) | linear_warmup (per optimizer step)
+    warmup: float = 0.0  # linear_warmup: the fraction of all optimizer steps spent warming up
+    lr_decay: float = 1.0  # step: multiply lr by this ...
+    decay_every: int = 1  # ... every this many epochs
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.optimizer not in ("adam", "adamw"):
+            yield "optimizer", f"must be adam or adamw, got {self.optimizer!r}"
+        if self.lr <= 0:
+            yield "lr", f"must be positive, got {self.lr}"
+        if self.weight_decay < 0:
+            yield "weight_decay", f"must not be negative, got {self.weight_decay}"
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            yield "betas", f"expected [beta1, beta2] in [0, 1), got {self.betas}"
+        if self.schedule not in ("linear_warmup", "step"):
+            yield "schedule", f"must be linear_warmup or step, got {self.schedule!r}"
+        if not 0.0 <= self.warmup < 1.0:
+            yield "warmup", f"must be a fraction in [0, 1), got {self.warmup}"
+        if not 0.0 < self.lr_decay <= 1.0:
+            yield "lr_decay", f"must be in (0, 1], got {self.lr_decay}"
+        if self.decay_every < 1:
+            yield "decay_every", f"must be at least 1, got {self.decay_every}"
+
+
+@dataclass
+class WarmupAdamWConfig(OptimiserConfig):
+    """AdamW with a linear warm-up over the first 10% of the optimizer steps, then a linear decay
+    to 0 (transformers' linear schedule), as PriorCLIP trains; the CLIP fine-tune uses it too."""
+    optimizer: str = "adamw"
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    schedule: str = "linear_warmup"
+    warmup: float = 0.1
+
+
+def make_optimizer(model: nn.Module, model_cfg: OptimiserConfig, total_steps: int | None = None
+                   ) -> tuple[torch.optim.Optimizer, Any]:
+    """The config's optimizer over the model's trainable parameters, and its learning-rate schedule.
+
+    `step` returns a StepLR the caller steps once per epoch; `linear_warmup` needs the run's
+    `total_steps` and is stepped after every optimizer step (see `steps_per_batch`)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[model_cfg.optimizer]
+    optimizer = optimizer_cls(params, lr=model_cfg.lr, betas=tuple(model_cfg.betas),
+                              weight_decay=model_cfg.weight_decay)
+    if steps_per_batch(model_cfg):
+        from transformers import get_linear_schedule_with_warmup
+
+        if not total_steps or total_steps < 1:
+            raise ValueError("schedule linear_warmup needs the run's total number of optimizer steps")
+        warmup_steps = round(model_cfg.warmup * total_steps)
+        return optimizer, get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=model_cfg.decay_every, gamma=model_cfg.lr_decay)
+    return optimizer, schedule
+
+
+def steps_per_batch(model_cfg: OptimiserConfig) -> bool:
+    """True when the schedule advances every optimizer step (linear_warmup), False when the caller
+    steps it once per epoch (step)."""
+    return model_cfg.schedule == "linear_warmup"
