@@ -141,6 +141,30 @@ def _training_worker_pids() -> set[int]:
     return pids
 
 
+def test_training_reads_its_data_from_s3_and_checkpoints_to_s3(prepared, s3_endpoint, s3_bucket):
+    """A cluster's layout: prepared shards and Ray Train's run folder both on S3 (moto's server);
+    the workers read the shards, rank 0 the validation split, and the checkpoint re-evaluates from S3."""
+    from pathlib import Path
+
+    import boto3
+
+    from rsray.eval.checkpoint import evaluate_checkpoint
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    for file in Path(prepared).rglob("*"):
+        if file.is_file():
+            client.upload_file(str(file), s3_bucket, f"on-s3/data/{file.relative_to(prepared).as_posix()}")
+    cfg = load_config("train/cpu-tiny", [f"train.data=s3://{s3_bucket}/on-s3/data", "train.epochs=1",
+                                         f"train.storage_path=s3://{s3_bucket}/on-s3/runs", "train.run_name=vsepp-s3",
+                                         "tracking.enabled=false"])
+    result = train(cfg)
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="on-s3/runs/vsepp-s3/")["Contents"]]
+    assert any(key.endswith("/state.pt") for key in keys) and any(key.endswith("/config.yaml") for key in keys)
+    best = result.get_best_checkpoint("val/mR", "max")
+    report = evaluate_checkpoint(f"s3://{best.path}", split="val")
+    assert report["metrics"]["mR"] == pytest.approx(result.metrics["val/mR"], abs=1e-6)
+
+
 @pytest.mark.parametrize("cache", ["always", "never"])
 def test_a_cached_train_split_is_read_once_and_replayed(prepared, tmp_path, cache):
     """With the split cached, the epochs' pair stream no longer needs the shard files; without, it reads them."""
