@@ -2,9 +2,10 @@
 
 Same model, same prepared shards, same batch size, same per-sample decode + augmentation code
 (`rsray.data.loader`), same `rsray.train.loop.train_epoch`, same CPU threads (`--threads`; Ray gives
-a worker as many as its CPUs). What differs is only what Ray adds:
-the Ray Data stream feeding the worker's shard (read, explode to pairs, local shuffle), the
-worker process, DDP's wrapper and the per-epoch report + checkpoint. Throughput is image-caption
+a worker as many as its CPUs), same number of decode processes (`--decode-workers`). What
+differs is only what Ray adds: the Ray Data stream feeding the worker's shard (read, explode to
+pairs, cached in the object store, local shuffle), the worker process, DDP's wrapper and the
+per-epoch report + checkpoint. Throughput is image-caption
 pairs per second inside the training epoch (validation, which both would do, is excluded), the
 mean over the epochs after the first (the first pays for imports, Ray Data start-up and caches).
 
@@ -44,9 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=4, help="epochs per loop; the first is warm-up")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (bare loop; Ray uses a GPU with --device cuda)")
     parser.add_argument("--amp", default="off", choices=["off", "bf16"], help="autocast dtype")
-    parser.add_argument("--loader-workers", type=int, default=0,
-                        help="DataLoader worker processes of the bare loop (0: decode in the training process, "
-                             "as the Ray worker does)")
+    parser.add_argument("--decode-workers", type=int, default=0,
+                        help="processes that decode + augment images: the bare loop's DataLoader workers and the "
+                             "Ray worker's train.decode_workers (0: decode in the training process)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for the model: torch.set_num_threads in the bare loop, the CPUs of the Ray "
                              "worker (Ray sets its OMP_NUM_THREADS to them); default 1")
@@ -75,7 +76,7 @@ def bare_loop(cfg, train_table, vocab_size: int, args: argparse.Namespace) -> li
     model_cfg = model_config(cfg)
     optimizer, schedule = make_optimizer(model, model_cfg)
     loader = make_train_loader(train_table, model_cfg.augment, batch_size=args.batch, seed=cfg.train.seed,
-                               num_workers=args.loader_workers, pin_memory=device.type == "cuda")
+                               num_workers=args.decode_workers, pin_memory=device.type == "cuda")
     amp = torch.bfloat16 if args.amp == "bf16" else None
     rates = []
     for epoch in range(args.epochs):
@@ -101,6 +102,7 @@ def ray_loop(cfg, folder: Path, args: argparse.Namespace) -> list[float]:
     cfg.train.storage_path = str(folder / "runs")
     cfg.train.run_name = f"throughput-{int(time.time())}"
     cfg.train.amp = args.amp
+    cfg.train.decode_workers = args.decode_workers
     cfg.tracking.enabled = False
     result = train(cfg)
     rates = [float(m["pairs_per_s"]) for m in result.return_value]
@@ -122,7 +124,8 @@ def main(argv=None) -> int:
         model_cfg = load_config(f"model/{args.model}", model_overrides(args))
         cfg.model = model_cfg.model
         print(f"{args.model}: {args.images} images x 5 captions at {args.size} px, batch {args.batch}, "
-              f"{args.epochs} epochs, device {args.device}, amp {args.amp}", flush=True)
+              f"{args.epochs} epochs, device {args.device}, amp {args.amp}, "
+              f"{args.decode_workers} decode processes", flush=True)
 
         if args.bare_only:
             from rsray.data.prepare import prepare_in_process

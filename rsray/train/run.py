@@ -135,18 +135,15 @@ def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def _pair_batches(shard, batch_size: int, augment, seed: int, epoch: int, rank: int):
-    """Training batches of one epoch from this worker's shard of pair rows."""
-    from rsray.data.augment import train_transform
-    from rsray.data.loader import batch_from_arrow
-
-    transform = train_transform(augment)  # built once per epoch, not per batch
-    rng = np.random.default_rng([seed, epoch, rank])  # one augmentation seed per pair is drawn from it
+def _pair_batches(shard, batch_size: int, decoder, seed: int, epoch: int, rank: int):
+    """Training batches of one epoch from this worker's shard of pair rows, decoded by `decoder`
+    (a `rsray.data.decode.BatchDecoder`)."""
+    rng = np.random.default_rng([seed, epoch, rank])  # each batch's augmentation seed is drawn from it
     shuffle_seed = int(np.random.SeedSequence([seed, epoch, rank, 1]).generate_state(1)[0])
-    for pairs in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=True,
-                                    local_shuffle_buffer_size=max(1000, SHUFFLE_BUFFER_BATCHES * batch_size),
-                                    local_shuffle_seed=shuffle_seed):
-        yield batch_from_arrow(pairs, transform, rng)
+    pairs = shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=True,
+                               local_shuffle_buffer_size=max(1000, SHUFFLE_BUFFER_BATCHES * batch_size),
+                               local_shuffle_seed=shuffle_seed)
+    return decoder.batches(pairs, rng)
 
 
 def _mean_across_workers(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -178,6 +175,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     import ray.train
     import ray.train.torch
 
+    from rsray.data.decode import BatchDecoder
     from rsray.data.loader import read_split, vocab_size
     from rsray.data.prepare import read_manifest
     from rsray.models import build_model, model_config
@@ -220,20 +218,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     shard = ray.train.get_dataset_shard("train")
     amp_dtype = _amp_dtype(tc.amp, device)
 
-    for epoch in range(start_epoch, tc.epochs):
-        lr = float(scheduler.get_last_lr()[0])
-        stats = train_epoch(distributed, _pair_batches(shard, tc.batch_size, model_cfg.augment, tc.seed, epoch, rank),
-                            optimizer, device=device, grad_clip=tc.grad_clip or None, amp_dtype=amp_dtype,
-                            scheduler=scheduler if per_batch_schedule else None)
-        if not per_batch_schedule:
-            scheduler.step()
-        losses = _mean_across_workers(stats.losses, device)
-        pairs, = _sum_across_workers([float(stats.pairs)], device)
-        seconds, data_seconds = _sum_across_workers([stats.seconds, stats.data_seconds], device, op="max")
-        metrics: dict[str, float] = {"epoch": epoch, "lr": lr, "pairs_per_s": pairs / max(seconds, 1e-9),
-                                     "train_seconds": seconds, "data_wait_seconds": data_seconds}
-        metrics.update({f"train/{'loss' if k == 'total' else k}": v for k, v in losses.items()})
-        if rank == 0:
+    with BatchDecoder(model_cfg.augment, tc.decode_workers) as decoder:  # forked once, reused every epoch
+        for epoch in range(start_epoch, tc.epochs):
+            lr = float(scheduler.get_last_lr()[0])
+            batches = _pair_batches(shard, tc.batch_size, decoder, tc.seed, epoch, rank)
+            stats = train_epoch(distributed, batches, optimizer, device=device, grad_clip=tc.grad_clip or None,
+                                amp_dtype=amp_dtype, scheduler=scheduler if per_batch_schedule else None)
+            if not per_batch_schedule:
+                scheduler.step()
+            losses = _mean_across_workers(stats.losses, device)
+            pairs, = _sum_across_workers([float(stats.pairs)], device)
+            seconds, data_seconds = _sum_across_workers([stats.seconds, stats.data_seconds], device, op="max")
+            metrics: dict[str, float] = {"epoch": epoch, "lr": lr, "pairs_per_s": pairs / max(seconds, 1e-9),
+                                         "train_seconds": seconds, "data_wait_seconds": data_seconds}
+            metrics.update({f"train/{'loss' if k == 'total' else k}": v for k, v in losses.items()})
+            if rank != 0:
+                ray.train.report(metrics)
+                continue
             started = time.perf_counter()
             scores = evaluate(model, val, model_cfg.augment, device=device, image_batch=tc.eval_batch_size)
             metrics.update({f"val/{k}": v for k, v in scores.items()})
@@ -245,8 +246,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
                             "metrics": dict(metrics), "history": history}, Path(folder) / STATE_FILE)
                 config_from_dict(config["config"]).save(Path(folder) / CONFIG_FILE)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-        else:
-            ray.train.report(metrics)
     return history
 
 

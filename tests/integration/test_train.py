@@ -28,6 +28,7 @@ def trained(prepared, tmp_path_factory, mlflow_server):
     storage_path = tmp_path_factory.mktemp("runs")
     cfg = load_config("train/cpu-tiny", [f"train.data={prepared}", f"train.storage_path={storage_path}",
                                          f"train.epochs={EPOCHS}", "train.run_name=vsepp-tiny-test",
+                                         "train.decode_workers=1",  # each worker forks a decode process
                                          f"tracking.uri={mlflow_server}", "tracking.experiment=train-test"])
     started = time.perf_counter()
     result = train(cfg)
