@@ -24,7 +24,7 @@ def load_checkpoint(uri: str, s3_endpoint: str | None = None):
     """(model in eval mode, resolved Config, state dict) from a checkpoint folder, local or s3://."""
     from rsray.data.loader import vocab_size
     from rsray.data.prepare import read_manifest
-    from rsray.models import build_model
+    from rsray.models.registry import build_for_loading
 
     source = storage.resolve(uri, s3_endpoint)
     with tempfile.TemporaryDirectory(prefix="rsray-eval-") as folder:
@@ -35,8 +35,8 @@ def load_checkpoint(uri: str, s3_endpoint: str | None = None):
         cfg = load_config(Path(folder) / CONFIG_FILE)
         state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
     manifest = read_manifest(cfg.train.data, cfg.prepare.s3_endpoint)
-    model = build_model(cfg, vocab_size=vocab_size(manifest))
-    model.load_state_dict(state["model"])
+    model = build_for_loading(cfg, vocab_size(manifest))
+    model.load_state_dict(state["model"])  # strict: every weight comes from the checkpoint
     return model.eval(), cfg, state
 
 

@@ -10,6 +10,7 @@ own dataclass typed from the `model:` section (everything but `name`).
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable, Sequence
 
 from rsray.config import Config
@@ -66,3 +67,20 @@ def build_model(cfg: Config, vocab_size: int | None = None, vocab: Sequence[str]
     if getattr(config, "glove_path", None) and vocab is None:
         raise cfg.error("model.glove_path", "loading word vectors needs the vocabulary: pass vocab= to build_model")
     return cls(config, vocab_size=vocab_size, vocab=vocab)
+
+
+# Model keys that name files read only for a model's initial weights: a saved state replaces them.
+INITIAL_WEIGHTS_KEYS = ("backbone_checkpoint", "glove_path", "instruction_checkpoint")
+
+
+def build_for_loading(cfg: Config, vocab_size: int) -> RetrievalModel:
+    """The model of a saved run, to load its saved state into. The files that only gave the run its
+    initial weights (`INITIAL_WEIGHTS_KEYS`: pretrained backbone, word vectors, the scene prior)
+    are not read, so a checkpoint evaluates on a machine without them (a cluster's /mnt/weights on
+    a laptop). Files that define the architecture (a CLIP or BERT folder, PriorCLIP open's stage 1)
+    are still read."""
+    cfg = copy.deepcopy(cfg)
+    for key in INITIAL_WEIGHTS_KEYS:
+        if cfg.model.get(key):
+            cfg.model[key] = None
+    return build_model(cfg, vocab_size=vocab_size)

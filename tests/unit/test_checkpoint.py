@@ -1,0 +1,50 @@
+"""rsray.eval.checkpoint: a saved run loads safely, without the files that gave it its initial weights."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+
+from rsray.config import load_config
+from rsray.eval.checkpoint import CONFIG_FILE, STATE_FILE, load_checkpoint
+from rsray.models import build_model
+
+WORDS = ["<pad>", "<unk>", "river", "beach"] + [f"w{i}" for i in range(36)]
+
+
+def save_run(tmp_path, *overrides: str):
+    """A model built as training builds it, saved the way `rsray train` saves a checkpoint."""
+    data = tmp_path / "prepared"
+    data.mkdir()
+    (data / "manifest.json").write_text(json.dumps({"vocab": {"words": WORDS}, "splits": {}}))
+    cfg = load_config("model/vsepp-tiny", [f"train.data={data}", *overrides])
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab=WORDS)
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    torch.save({"model": model.state_dict(), "epoch": 3}, folder / STATE_FILE)
+    cfg.save(folder / CONFIG_FILE)
+    return model, folder
+
+
+def test_a_checkpoint_loads_without_its_pretrained_backbone_and_word_vectors(tmp_path):
+    backbone = tmp_path / "resnet10t.pth"
+    torch.manual_seed(1)
+    torch.save(timm.create_model("resnet10t").state_dict(), backbone)
+    vectors = tmp_path / "glove.txt"
+    vectors.write_text("river " + " ".join(["0.5"] * 16) + "\n")
+    trained, folder = save_run(tmp_path, f"model.backbone_checkpoint={backbone}", f"model.glove_path={vectors}")
+    backbone.unlink()  # e.g. a cluster's /mnt/weights, evaluated on a laptop
+    vectors.unlink()
+    model, cfg, state = load_checkpoint(str(folder))
+    assert cfg.model["backbone_checkpoint"] == str(backbone)  # the run's config is reported as it was
+    assert state["epoch"] == 3 and not model.training
+    for key, value in trained.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_a_folder_without_state_is_refused_by_name(tmp_path):
+    with pytest.raises(FileNotFoundError, match="state.pt: not found .* an rsray checkpoint folder"):
+        load_checkpoint(str(tmp_path))
