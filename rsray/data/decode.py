@@ -1,7 +1,7 @@
 """Decode + augment + collate training batches in worker processes, in order, reproducibly.
 
 One process decodes and augments about 420 pairs/s with SWAN's pipeline at 256 px (2.4 ms per
-image, measured on this machine's CPU), far below what a GPU trains on. `decode_batches` spreads
+image, measured on this machine's CPU), far below what a GPU trains on. `BatchDecoder` spreads
 that work over `workers` forked processes, the way torch's DataLoader does inside each Ray Train
 worker, while the training loop keeps pulling pair rows from its Ray Data shard.
 

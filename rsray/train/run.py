@@ -11,7 +11,8 @@ held in Ray's object store for the whole run (`train.cache_train_split`); otherw
 reads and explodes the shards again. `DataConfig(datasets_to_split=["train"])`
 hands each worker an equal streaming shard; the worker shuffles it locally (seeded by seed, epoch,
 rank) and decodes + augments each batch with `batch_from_arrow` (the same function the local
-DataLoader path uses). The validation split is not a Ray Dataset: rank 0 reads it whole with
+DataLoader path uses), in the worker or in `train.decode_workers` forked processes
+(`rsray.data.decode`). The validation split is not a Ray Dataset: rank 0 reads it whole with
 `read_split` and scores the whole gallery with `rsray.train.loop.evaluate`; other ranks skip it.
 
 Every epoch every worker calls `ray.train.report`; rank 0 attaches a checkpoint folder holding
