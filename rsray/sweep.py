@@ -836,8 +836,8 @@ def best_trial(trials: Sequence[TrialSummary]) -> TrialSummary | None:
 
 def _reconcile_child_runs(base: Config, sweep_id: str, trials: list[TrialSummary]) -> None:
     """Mark every child run with how its trial ended (ASHA stops a trial by ending its actor, so
-    nobody inside the trial can), close runs left open, and retire runs of trials Tune no longer
-    knows (opened just before an interruption, after Tune's last saved state)."""
+    nobody inside the trial can), give each run its trial's final status, and retire runs of trials
+    Tune no longer knows (opened just before an interruption, after Tune's last saved state)."""
     if not base.tracking.enabled:
         return
     from mlflow import MlflowClient
@@ -857,8 +857,10 @@ def _reconcile_child_runs(base: Config, sweep_id: str, trials: list[TrialSummary
         if any(run.data.tags.get(k) != v for k, v in tags.items()):
             for key, value in tags.items():
                 with_retries(client.set_tag, run.info.run_id, key, value, retries=base.tracking.retries)
-        if run.info.status == "RUNNING":
-            status = "FAILED" if trial.status == "error" else "FINISHED"
+        status = "FAILED" if trial.status == "error" else "FINISHED"
+        # left RUNNING by a stopped actor, or FAILED by one interrupted after its training had
+        # finished (the resumed trial then replays its checkpoints and never reopens the run)
+        if run.info.status != status:
             with_retries(client.set_terminated, run.info.run_id, status, retries=base.tracking.retries)
     for trial_id, run in runs.items():
         if trial_id not in known:

@@ -10,9 +10,14 @@ import pytest
 
 from rsray.config import CONF_DIR, ConfigError
 from rsray.sweep import (
+    TAG_EARLY,
+    TAG_ROLE,
+    TAG_SWEEP,
+    TAG_TRIAL,
     Param,
     TrialSummary,
     _claim_folder,
+    _reconcile_child_runs,
     best_trial,
     load_sweep,
     max_concurrent_trials,
@@ -282,3 +287,27 @@ def test_runs_are_found_again_by_their_tags_instead_of_opened_twice(tmp_path):
     client.delete_run(other.run_id)
     assert sorted(r.info.run_id for r in find_runs(cfg, {"sweep_id": "s1"})) == sorted([parent.run_id, child.run_id])
     assert find_runs(cfg, {"sweep_id": "it's 'quoted'"}) == []
+
+
+def test_child_runs_end_with_their_trials_status(tmp_path):
+    """A run left RUNNING, or marked FAILED by a trial interrupted after it had finished training,
+    ends as its trial did; an errored trial's run is FAILED."""
+    from mlflow import MlflowClient
+
+    from rsray.config import load_config
+
+    base = load_config(TINY, [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment=s"])
+    client = MlflowClient(base.tracking.uri)
+    experiment = client.create_experiment("s")
+    runs = {}
+    for trial_id, status in [("a", "RUNNING"), ("b", "FAILED"), ("c", "RUNNING")]:
+        run = client.create_run(experiment, tags={TAG_SWEEP: "sw", TAG_ROLE: "trial", TAG_TRIAL: trial_id})
+        if status != "RUNNING":
+            client.set_terminated(run.info.run_id, status)
+        runs[trial_id] = run.info.run_id
+    trials = [TrialSummary("a", {}, "early_stopped", 1, 0.5, 0, 0.5), TrialSummary("b", {}, "finished", 2, 0.6, 1, 0.6),
+              TrialSummary("c", {}, "error", 0, math.nan, -1, math.nan)]
+    _reconcile_child_runs(base, "sw", trials)
+    ended = {t: client.get_run(run_id) for t, run_id in runs.items()}
+    assert {t: r.info.status for t, r in ended.items()} == {"a": "FINISHED", "b": "FINISHED", "c": "FAILED"}
+    assert ended["a"].data.tags[TAG_EARLY] == "true" and ended["b"].data.tags[TAG_EARLY] == "false"
