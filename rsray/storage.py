@@ -6,6 +6,7 @@ by `AWS_ENDPOINT_URL_S3` or the config's `s3_endpoint`.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -36,12 +37,32 @@ def s3_endpoint(explicit: str | None = None) -> str | None:
     return explicit or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
+def s3_region(bucket: str, endpoint: str | None = None) -> str:
+    """The region to sign S3 requests for: AWS_REGION / AWS_DEFAULT_REGION when set; us-east-1 for an
+    S3-compatible endpoint (MinIO, moto: they ignore it); otherwise the bucket's own region, asked
+    of AWS once per bucket, so a bucket outside us-east-1 works without any setting."""
+    configured = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if configured:
+        return configured
+    if endpoint:
+        return "us-east-1"
+    return _bucket_region(bucket)
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_region(bucket: str) -> str:
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except OSError:  # no network or no such bucket: the request that follows reports the real problem
+        return "us-east-1"
+
+
 def resolve(uri: str | Path, endpoint: str | None = None) -> Location:
     """Turn a local path or s3:// URI into a Location usable from the driver and Ray workers."""
     uri = str(uri)
     if is_s3(uri):
         endpoint = s3_endpoint(endpoint)
-        kwargs = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+        kwargs = {"region": s3_region(uri[len("s3://"):].split("/", 1)[0], endpoint)}
         if endpoint:
             kwargs["endpoint_override"] = endpoint
             if endpoint.startswith("http://"):

@@ -34,3 +34,25 @@ def test_s3_uri_uses_endpoint_from_config_or_environment(monkeypatch):
     assert loc.join("m.json").uri == "s3://bucket/prefix/m.json"
     assert storage.s3_endpoint("http://other:1") == "http://other:1"
     assert storage.s3_endpoint() == "http://127.0.0.1:9"
+
+
+def test_s3_requests_are_signed_for_the_buckets_region(monkeypatch):
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    asked = []
+
+    def bucket_region(bucket):  # what AWS answers for a bucket in Frankfurt (no network here)
+        asked.append(bucket)
+        return "eu-central-1"
+
+    monkeypatch.setattr(pafs, "resolve_s3_region", bucket_region)
+    storage._bucket_region.cache_clear()
+    assert storage.resolve("s3://frankfurt-bucket/prepared").fs.region == "eu-central-1"
+    storage.resolve("s3://frankfurt-bucket/runs")
+    assert asked == ["frankfurt-bucket"]  # asked once per bucket
+    assert storage.s3_region("any", endpoint="http://127.0.0.1:9") == "us-east-1"  # MinIO, moto: not asked
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "ap-south-1")
+    assert storage.resolve("s3://frankfurt-bucket/x").fs.region == "ap-south-1"  # a setting wins
+    monkeypatch.setenv("AWS_REGION", "us-west-2")
+    assert storage.s3_region("frankfurt-bucket") == "us-west-2"
+    storage._bucket_region.cache_clear()
