@@ -18,9 +18,30 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 log = logging.getLogger(__name__)
 
 
+# ----------------------------------------------------------------------------- frozen parts
+
+class FrozenParts:
+    """Mixin for an nn.Module with pretrained parts that are not trained: `freeze_part(name)` stops
+    the part's gradients and keeps it in eval mode through every later `.train()`, so BatchNorm
+    keeps its running statistics and dropout stays off."""
+
+    def freeze_part(self, name: str) -> None:
+        part = self.get_submodule(name)
+        for p in part.parameters():
+            p.requires_grad_(False)
+        part.eval()
+        self.__dict__.setdefault("_frozen_parts", []).append(name)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in self.__dict__.get("_frozen_parts", ()):
+            self.get_submodule(name).eval()
+        return self
+
+
 # ----------------------------------------------------------------------------- image backbone
 
-class TimmBackbone(nn.Module):
+class TimmBackbone(FrozenParts, nn.Module):
     """A timm model as a feature extractor returning the maps at `out_indices` (timm's numbering).
 
     For ResNets, index 0 is the stem (`act1`, stride 2, before the max-pool) and 1..4 are
@@ -57,15 +78,7 @@ class TimmBackbone(nn.Module):
                 raise ValueError(f"backbone {name!r} has no stem max-pool: pool_stem needs a ResNet-style stem")
             self.reductions[self.out_indices.index(0)] *= 2  # the max-pool halves the stem map
         if freeze:
-            for p in self.body.parameters():
-                p.requires_grad_(False)
-            self.body.eval()
-
-    def train(self, mode: bool = True) -> "TimmBackbone":
-        super().train(mode)
-        if self.frozen:
-            self.body.eval()
-        return self
+            self.freeze_part("body")
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
@@ -194,7 +207,7 @@ class BiGRU(nn.Module):
 
 # ----------------------------------------------------------------------------- BERT-family text transformer
 
-class TransformerTextEncoder(nn.Module):
+class TransformerTextEncoder(FrozenParts, nn.Module):
     """A BERT-family text transformer (`transformers` AutoModel) returning every token's features.
 
     Weights come from a local folder (`checkpoint`: the save_pretrained layout, or an alias of
@@ -234,15 +247,7 @@ class TransformerTextEncoder(nn.Module):
         self.max_positions: int | None = getattr(model_config, "max_position_embeddings", None)
         self.frozen = freeze
         if freeze:
-            for p in self.model.parameters():
-                p.requires_grad_(False)
-            self.model.eval()
-
-    def train(self, mode: bool = True) -> "TransformerTextEncoder":
-        super().train(mode)
-        if self.frozen:
-            self.model.eval()
-        return self
+            self.freeze_part("model")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.max_positions is not None and input_ids.shape[1] > self.max_positions:

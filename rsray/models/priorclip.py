@@ -41,7 +41,8 @@ from rsray.distributed import gather_no_grad, gather_with_grad
 from rsray.losses import LogitScale, affiliation_loss, info_nce_loss
 from rsray.models.base import Batch, RetrievalModel
 from rsray.models.blocks import SelfAttentionBlock
-from rsray.models.encoders import TimmBackbone, TransformerTextEncoder, check_text_config, length_mask
+from rsray.models.encoders import (FrozenParts, TimmBackbone, TransformerTextEncoder, check_text_config,
+                                   length_mask)
 from rsray.models.registry import register_model
 from rsray.models.scene_prior import backbone_state_dict, priorclip_augment
 from rsray.optim import WarmupAdamWConfig
@@ -174,7 +175,7 @@ def load_instruction_backbone(uri: str, backbone: str, key: str = "instruction_c
 
 # ----------------------------------------------------------------------------- encoders
 
-class SwinTokens(nn.Module):
+class SwinTokens(FrozenParts, nn.Module):
     """A timm model's final feature map (normalised, as its head would see it) as tokens:
     [mean of the map, then every position] -> [B, 1 + h*w, C] (Swin-T at 224 px: 1 + 7x7 = 50).
 
@@ -197,15 +198,7 @@ class SwinTokens(nn.Module):
         self.channels_last = getattr(self.model, "output_fmt", "NCHW") == "NHWC"
         self.frozen = freeze
         if freeze:
-            for p in self.model.parameters():
-                p.requires_grad_(False)
-            self.model.eval()
-
-    def train(self, mode: bool = True) -> "SwinTokens":
-        super().train(mode)
-        if self.frozen:
-            self.model.eval()
-        return self
+            self.freeze_part("model")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):

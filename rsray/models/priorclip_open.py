@@ -37,6 +37,7 @@ from rsray.data.augment import AugmentConfig
 from rsray.losses import LogitScale
 from rsray.models.base import Batch, RetrievalModel
 from rsray.models.clip import Clip, ClipConfig
+from rsray.models.encoders import FrozenParts
 from rsray.models.priorclip import (InstructionEncoder, belief_tokens, check_stage_checkpoint,
                                     contrastive_and_affiliation, read_stage_checkpoint)
 from rsray.models.registry import model_config, register_model
@@ -108,7 +109,7 @@ def stage_one(config: PriorClipOpenConfig, vocab_size: int | None) -> Clip:
 
 
 @register_model("priorclip_open", PriorClipOpenConfig)
-class PriorCLIPOpen(RetrievalModel):
+class PriorCLIPOpen(FrozenParts, RetrievalModel):
     """Stage 2: CLIP's vision transformer under a frozen scene prior; stage 1's text tower frozen."""
 
     two_tower = True
@@ -118,21 +119,13 @@ class PriorCLIPOpen(RetrievalModel):
         super().__init__()
         self.config = config
         self.clip = stage_one(config, vocab_size)
-        for module in [self.clip.text] + ([self.clip.visual] if config.freeze_backbone else []):
-            for p in module.parameters():
-                p.requires_grad_(False)
+        for part in ["clip.text"] + (["clip.visual"] if config.freeze_backbone else []):
+            self.freeze_part(part)  # frozen: no gradient, and no dropout either
         vision = self.clip.visual.model
         self.instruction = InstructionEncoder(config.instruction_backbone, config.instruction_checkpoint,
                                               vision.config.hidden_size)
         self.affiliation_scale = LogitScale(config.affiliation_temperature)
         self.train()
-
-    def train(self, mode: bool = True) -> "PriorCLIPOpen":
-        super().train(mode)
-        self.clip.text.eval()  # frozen: no dropout either
-        if self.config.freeze_backbone:
-            self.clip.visual.eval()
-        return self
 
     def encode_images(self, batch: Batch) -> torch.Tensor:
         images = batch["images"]
