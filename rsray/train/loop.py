@@ -44,7 +44,9 @@ def train_epoch(model: RetrievalModel, batches: Iterable[Batch], optimizer: torc
     The stats split the time into waiting for batches and the rest, to tell a data-bound epoch
     from a compute-bound one."""
     model.train()
-    sums: dict[str, float] = {}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    device_type = torch.device(device).type
+    sums: dict[str, torch.Tensor] = {}  # summed on the device: no GPU sync per step
     steps = pairs = 0
     data_seconds = 0.0
     started = time.perf_counter()
@@ -56,20 +58,20 @@ def train_epoch(model: RetrievalModel, batches: Iterable[Batch], optimizer: torc
         if batch is None:
             break
         batch = to_device(batch, device)
-        with torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with torch.autocast(device_type=device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
             losses = model.loss(batch)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         if grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+            torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
         for name, value in losses.items():
-            sums[name] = sums.get(name, 0.0) + float(value.detach())
+            sums[name] = sums[name] + value.detach().float() if name in sums else value.detach().float()
         steps += 1
         pairs += int(batch["images"].shape[0])
-    return EpochStats({k: v / max(steps, 1) for k, v in sums.items()}, pairs, time.perf_counter() - started,
+    return EpochStats({k: float(v) / max(steps, 1) for k, v in sums.items()}, pairs, time.perf_counter() - started,
                       data_seconds)
 
 
