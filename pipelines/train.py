@@ -9,7 +9,7 @@ from rsray.cli import config_from_args, run_cli, setup_logging, stage_parser
 def run(cfg):
     from rsray.models import model_config
     from rsray.train.loop import selection_metric
-    from rsray.train.run import TrainingFailed, best_checkpoint, train
+    from rsray.train.run import TrainingFailed, best_checkpoint, epoch_line, train
 
     from rsray.tracking import TrackingUnavailable, ui_command
 
@@ -20,12 +20,7 @@ def run(cfg):
         return 1
     history = result.return_value or ([m for _, m in result.best_checkpoints or []])
     for m in history:
-        terms = ", ".join(f"{k[len('train/'):]} {v:.4f}" for k, v in m.items() if k.startswith("train/"))
-        waiting = m.get("data_wait_seconds", 0.0) / max(m.get("train_seconds", 0.0), 1e-9)
-        print(f"epoch {int(m['epoch'])}: {terms}; lr {m['lr']:.2e}; {m['pairs_per_s']:.0f} pairs/s "
-              f"({waiting:.0%} of it waiting for data); "
-              f"val mR {m.get('val/mR', float('nan')):.2f} (i2t R@1 {m.get('val/i2t_R1', float('nan')):.1f}, "
-              f"t2i R@1 {m.get('val/t2i_R1', float('nan')):.1f})")
+        print(epoch_line(m, cfg.train.epochs))
     best = best_checkpoint(result, cfg)
     print(f"run folder: {result.path}")
     print(f"best checkpoint ({selection_metric(model_config(cfg))}): {best.path if best else 'none'}")

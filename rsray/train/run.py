@@ -24,6 +24,7 @@ config, loadable with `rsray.config.load_config`). A restarted worker group resu
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import random
 import tempfile
@@ -169,6 +170,26 @@ def _sum_across_workers(values: list[float], device: torch.device, op: str = "su
     return tensor.tolist()
 
 
+def epoch_line(metrics: dict[str, float], epochs: int | None = None) -> str:
+    """One readable line for an epoch's metrics (rank 0 prints it live; `rsray train` again at the end)."""
+    terms = ", ".join(f"{k[len('train/'):]} {v:.4f}" for k, v in metrics.items() if k.startswith("train/"))
+    waiting = metrics.get("data_wait_seconds", 0.0) / max(metrics.get("train_seconds", 0.0), 1e-9)
+    number = f"{int(metrics['epoch'])}" + (f" of 0..{epochs - 1}" if epochs else "")  # 0-based, as MLflow's step
+    return (f"epoch {number}: {terms}; lr {metrics['lr']:.2e}; {metrics['pairs_per_s']:.0f} pairs/s "
+            f"({waiting:.0%} of it waiting for data); "
+            f"val mR {metrics.get('val/mR', float('nan')):.2f} (i2t R@1 {metrics.get('val/i2t_R1', float('nan')):.1f}, "
+            f"t2i R@1 {metrics.get('val/t2i_R1', float('nan')):.1f})")
+
+
+def quiet_ray_report_log() -> None:
+    """Ray Train logs every `ray.train.report` at INFO from every worker, with the whole metrics
+    dict, which floods the console; rank 0 prints `epoch_line` instead, so Ray's line is kept to
+    warnings. Its logger is named after Ray's module file."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     """The Ray Train worker function. `config`: {"config": Config.to_dict()}.
 
@@ -183,6 +204,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     from rsray.optim import make_optimizer, steps_per_batch
     from rsray.train.loop import evaluate, train_epoch
 
+    quiet_ray_report_log()
     cfg = config_from_dict(config["config"])
     tc = cfg.train
     context = ray.train.get_context()
@@ -241,6 +263,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
             metrics.update({f"val/{k}": v for k, v in scores.items()})
             metrics["val_seconds"] = time.perf_counter() - started
             history.append(dict(metrics))
+            print(epoch_line(metrics, tc.epochs), flush=True)
             with tempfile.TemporaryDirectory(prefix="rsray-ckpt-") as folder:
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": _rng_state(),

@@ -1,6 +1,7 @@
 """The Ray Train run builder's plain helpers (rsray.train.run), without starting Ray."""
 from __future__ import annotations
 
+import logging
 import os
 import random
 
@@ -10,7 +11,7 @@ import torch
 
 from rsray.config import ConfigError, load_config
 from rsray.train.run import (_absolute_paths, _rng_state, _seed_everything, _set_rng_state, _steps_per_epoch,
-                             _summary, cache_train_split, default_run_name)
+                             _summary, cache_train_split, default_run_name, epoch_line, quiet_ray_report_log)
 
 
 @pytest.mark.parametrize("setting, pair_bytes, store, expected", [
@@ -83,3 +84,23 @@ def test_default_run_names_say_model_and_dataset():
 def test_a_worker_traceback_is_summarised_in_its_last_line():
     assert _summary(RuntimeError("Traceback:\n  File x\nValueError: bad batch\n\n")) == "ValueError: bad batch"
     assert _summary(RuntimeError("")) == "RuntimeError"
+
+
+def test_an_epoch_line_names_losses_speed_data_wait_and_validation():
+    metrics = {"epoch": 2, "lr": 2e-4, "pairs_per_s": 151.4, "train_seconds": 10.0, "data_wait_seconds": 2.5,
+               "train/loss": 0.41234, "train/triplet": 0.3, "val/mR": 23.456, "val/i2t_R1": 8.0, "val/t2i_R1": 7.25}
+    line = epoch_line(metrics, epochs=5)
+    assert line.startswith("epoch 2 of 0..4: loss 0.4123, triplet 0.3000; lr 2.00e-04; 151 pairs/s")
+    assert "(25% of it waiting for data)" in line
+    assert "val mR 23.46 (i2t R@1 8.0, t2i R@1 7.2)" in line
+    assert epoch_line({**metrics, "epoch": 0}).startswith("epoch 0: ")
+
+
+def test_ray_trains_per_report_info_line_is_silenced():
+    from ray.train.v2._internal.execution import context
+
+    ray_logger = logging.getLogger(context.__file__)
+    ray_logger.setLevel(logging.INFO)  # as a worker whose logging is configured at INFO
+    quiet_ray_report_log()
+    assert not ray_logger.isEnabledFor(logging.INFO)
+    assert ray_logger.isEnabledFor(logging.WARNING)
