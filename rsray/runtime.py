@@ -24,9 +24,29 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         log.info("joined Ray cluster at %s", os.environ["RAY_ADDRESS"])
         return
     cpus = num_cpus or max(4, 2 * (os.cpu_count() or 1))
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True,
+             runtime_env={"worker_process_setup_hook": "rsray.runtime.local_worker_setup"})
     _wait_for_cpus(cpus)
     log.info("started a local Ray with %d logical CPUs", cpus)
+
+
+def quiet_ray_progress_logs() -> None:
+    """Ray Train logs every `ray.train.report` at INFO with the whole metrics dict, and each epoch's
+    streaming split logs Ray Data's plan again; rsray prints one line per epoch instead, so both are
+    kept to warnings. Runs in Ray's worker processes: at the start of every Train worker, and in
+    every process of the local Ray (`local_worker_setup`). The report logger is named after Ray's file."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
+
+
+def local_worker_setup() -> None:
+    """The local Ray's `worker_process_setup_hook`. Also silences Ray Train's placement-group cleaner,
+    which asks the State API every few seconds and warns that it is unavailable: a local Ray runs
+    without the dashboard that serves it, so the warning is always true and says nothing."""
+    quiet_ray_progress_logs()
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def _wait_for_cpus(expected: int, timeout_s: float = 10.0) -> None:

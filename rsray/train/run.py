@@ -42,6 +42,8 @@ from rsray import storage
 from rsray.config import Config, config_from_dict
 from rsray.eval.checkpoint import CONFIG_FILE, STATE_FILE
 
+log = logging.getLogger("rsray.train")
+
 SHUFFLE_BUFFER_BATCHES = 8  # local shuffle buffer per worker, in batches (at least 1000 pairs)
 
 
@@ -181,15 +183,6 @@ def epoch_line(metrics: dict[str, float], epochs: int | None = None) -> str:
             f"t2i R@1 {metrics.get('val/t2i_R1', float('nan')):.1f})")
 
 
-def quiet_ray_report_log() -> None:
-    """Ray Train logs every `ray.train.report` at INFO from every worker, with the whole metrics
-    dict, which floods the console; rank 0 prints `epoch_line` instead, so Ray's line is kept to
-    warnings. Its logger is named after Ray's module file."""
-    from ray.train.v2._internal.execution import context
-
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     """The Ray Train worker function. `config`: {"config": Config.to_dict()}.
 
@@ -202,9 +195,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     from rsray.data.prepare import read_manifest
     from rsray.models import build_model, model_config
     from rsray.optim import make_optimizer, steps_per_batch
+    from rsray.runtime import quiet_ray_progress_logs
     from rsray.train.loop import evaluate, train_epoch
 
-    quiet_ray_report_log()
+    quiet_ray_progress_logs()
     cfg = config_from_dict(config["config"])
     tc = cfg.train
     context = ray.train.get_context()
@@ -263,7 +257,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
             metrics.update({f"val/{k}": v for k, v in scores.items()})
             metrics["val_seconds"] = time.perf_counter() - started
             history.append(dict(metrics))
-            print(epoch_line(metrics, tc.epochs), flush=True)
+            log.info(epoch_line(metrics, tc.epochs))  # not print(): Ray Train echoes a worker print to logging too
             with tempfile.TemporaryDirectory(prefix="rsray-ckpt-") as folder:
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": _rng_state(),
@@ -338,8 +332,11 @@ def train_dataset(cfg: Config):
     pair_bytes = sum(f["bytes"] for f in files) * pairs / max(1, manifest["splits"]["train"].get("images", 1))
     if cache_train_split(cfg.train.cache_train_split, pair_bytes, ray.cluster_resources().get("object_store_memory", 0)):
         # read and explode once; every epoch replays the pair blocks in a new order, with no task to start
-        return dataset.map_batches(**explode).materialize().randomize_block_order(**shuffle_blocks)
-    return dataset.randomize_block_order(**shuffle_blocks).map_batches(**explode)
+        epochs = dataset.map_batches(**explode).materialize().randomize_block_order(**shuffle_blocks)
+    else:
+        epochs = dataset.randomize_block_order(**shuffle_blocks).map_batches(**explode)
+    epochs.context.enable_progress_bars = False  # re-run every epoch; rank 0 logs one line per epoch instead
+    return epochs
 
 
 def cache_train_split(setting: str, pair_bytes: float, object_store_bytes: float) -> bool:

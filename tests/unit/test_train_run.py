@@ -1,7 +1,6 @@
 """The Ray Train run builder's plain helpers (rsray.train.run), without starting Ray."""
 from __future__ import annotations
 
-import logging
 import os
 import random
 
@@ -11,7 +10,7 @@ import torch
 
 from rsray.config import ConfigError, load_config
 from rsray.train.run import (_absolute_paths, _rng_state, _seed_everything, _set_rng_state, _steps_per_epoch,
-                             _summary, cache_train_split, default_run_name, epoch_line, quiet_ray_report_log)
+                             _summary, cache_train_split, default_run_name, epoch_line)
 
 
 @pytest.mark.parametrize("setting, pair_bytes, store, expected", [
@@ -94,13 +93,3 @@ def test_an_epoch_line_names_losses_speed_data_wait_and_validation():
     assert "(25% of it waiting for data)" in line
     assert "val mR 23.46 (i2t R@1 8.0, t2i R@1 7.2)" in line
     assert epoch_line({**metrics, "epoch": 0}).startswith("epoch 0: ")
-
-
-def test_ray_trains_per_report_info_line_is_silenced():
-    from ray.train.v2._internal.execution import context
-
-    ray_logger = logging.getLogger(context.__file__)
-    ray_logger.setLevel(logging.INFO)  # as a worker whose logging is configured at INFO
-    quiet_ray_report_log()
-    assert not ray_logger.isEnabledFor(logging.INFO)
-    assert ray_logger.isEnabledFor(logging.WARNING)
