@@ -5,7 +5,8 @@ the local B x B matrix sees B - 1 negatives per query; gathering every worker's 
 gives each query N*B - 1 negatives, which is what makes large-batch contrastive training work.
 `gather_with_grad` concatenates the embeddings of all workers in rank order and keeps the
 autograd graph: the backward pass sends each worker the gradient that every worker's loss puts
-on its rows (torch.distributed.nn's all_gather sums them), and DDP then averages as usual.
+on its rows (the backward of torch's functional all_gather is a summing reduce-scatter), and DDP
+then averages as usual.
 
 Used by the InfoNCE models (PriorCLIP, CLIP). Triplet models (VSE++, SWAN, DOVE) stay per-worker:
 their hardest-negative mining is defined on the local batch in the papers.
@@ -40,9 +41,10 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     Every worker must pass the same shape (Ray Train's shards are read with drop_last=True)."""
     if world_size() == 1:
         return tensor
-    import torch.distributed.nn.functional as dist_fn
+    import torch.distributed as dist
+    from torch.distributed import _functional_collectives as functional  # torch's successor to dist.nn's
 
-    return torch.cat(dist_fn.all_gather(tensor.contiguous()), dim=0)
+    return functional.wait_tensor(functional.all_gather_single(tensor.contiguous(), 0, dist.group.WORLD))
 
 
 def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ def _free_port() -> int:
 
 def _worker(rank: int, port: int, images: torch.Tensor, texts: torch.Tensor, ids: torch.Tensor, out: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    warnings.simplefilter("error", FutureWarning)  # no deprecated collective (torch.distributed.nn's is)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         rows = slice(rank * LOCAL, (rank + 1) * LOCAL)
