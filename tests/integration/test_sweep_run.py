@@ -210,3 +210,26 @@ sweep:
                                         filter_string=f"tags.{TAG_ROLE} = 'trial'")
     assert sorted(int(r.data.params["smr.k"]) for r in children) == [5, 30]
     assert all(r.data.tags["mlflow.parentRunId"] == smr.parent_run_id for r in children)
+
+
+def test_a_space_with_no_grid_is_searched_by_optuna_in_real_trials(swept, tmp_path, mlflow_server):
+    """Optuna's TPE, the default for a space with no grid key, suggesting every trial of a real
+    Tune run (evaluation-only trials, so it is quick); each trial's values come from the space."""
+    path = tmp_path / "smr-optuna.yaml"
+    path.write_text(f"""
+tracking: {{uri: "{mlflow_server}", experiment: {EXPERIMENT}-optuna, system_metrics: false}}
+sweep:
+  kind: smr
+  checkpoint: {swept.report.best_checkpoint}
+  storage_path: {tmp_path / 'sweeps'}
+  space:
+    smr.k: {{choice: [5, 10, 30]}}
+    smr.w: {{uniform: [0.0, 2.0]}}
+  search: {{num_samples: 4, seed: 0}}
+""")
+    smr = run_sweep(load_sweep(path))
+    assert swept.client.get_run(smr.parent_run_id).data.params["sweep.algorithm"] == "optuna"
+    assert len(smr.trials) == 4 and all(t.status == "finished" for t in smr.trials)
+    assert all(t.params["smr.k"] in (5, 10, 30) and 0.0 <= t.params["smr.w"] <= 2.0 for t in smr.trials)
+    assert len({t.params["smr.w"] for t in smr.trials}) == 4  # drawn, not repeated
+    assert smr.best.best == max(t.best for t in smr.trials)

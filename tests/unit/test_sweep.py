@@ -17,6 +17,7 @@ from rsray.sweep import (
     Param,
     TrialSummary,
     _claim_folder,
+    _search_algorithm,
     _reconcile_child_runs,
     best_trial,
     load_sweep,
@@ -164,18 +165,49 @@ def test_file_problems_are_one_line(tmp_path):
         load_sweep(empty)
 
 
-@pytest.mark.skipif(optuna_installed(), reason="optuna is installed here")
-def test_optuna_asked_for_but_missing_says_how_to_get_it(tmp_path):
+def test_optuna_asked_for_but_missing_says_how_to_get_it(tmp_path, monkeypatch):
     path = write_sweep(tmp_path, "  space:\n    model.lr: {uniform: [0.001, 0.002]}\n  search: {algorithm: optuna}\n")
+    monkeypatch.setattr("rsray.sweep.optuna_installed", lambda: False)  # an install without rsray's dependencies
     with pytest.raises(ConfigError, match=r"sweep.search.algorithm: optuna is not installed \(pip install optuna\)"):
         load_sweep(path)
 
 
-def test_optuna_refuses_grid_keys(tmp_path, monkeypatch):
+def test_optuna_refuses_grid_keys(tmp_path):
     path = write_sweep(tmp_path, "  space:\n    model.lr: {grid: [0.001, 0.002]}\n  search: {algorithm: optuna}\n")
-    monkeypatch.setattr("rsray.sweep.optuna_installed", lambda: True)  # the check comes before any import
     with pytest.raises(ConfigError, match=r"write sweep.space.model.lr as choice, not grid"):
         load_sweep(path)
+
+
+def test_optuna_draws_every_kind_within_its_range_and_learns_from_results(tmp_path):
+    """Tune's OptunaSearch, as `rsray sweep` builds it, takes our space of every non-grid kind and
+    suggests values inside it; the same seed gives the same suggestions."""
+    path = write_sweep(tmp_path, """  space:
+    model.max_violation: {choice: [true, false]}
+    model.margin: {uniform: [0.1, 0.4]}
+    model.lr: {loguniform: [1e-5, 1e-3]}
+    model.decay_every: {randint: [5, 10]}
+  search: {num_samples: 6, seed: 3}
+""")
+    sweep = load_sweep(path)
+    assert optuna_installed() and resolved_algorithm(sweep) == "optuna"  # auto, with no grid key
+
+    def suggestions() -> list[dict]:
+        searcher = _search_algorithm(sweep, concurrency=1)
+        assert searcher.set_search_properties(sweep.metric, "max", {p.key: p.domain() for p in sweep.params})
+        drawn = []
+        for n in range(6):
+            config = searcher.suggest(f"trial_{n}")
+            drawn.append(config)
+            searcher.on_trial_complete(f"trial_{n}", {sweep.metric: float(config["model.margin"])})
+        return drawn
+
+    drawn = suggestions()
+    for config in drawn:
+        assert config["model.max_violation"] in (True, False)
+        assert 0.1 <= config["model.margin"] <= 0.4 and 1e-5 <= config["model.lr"] <= 1e-3
+        assert config["model.decay_every"] in range(5, 11)  # both ends included
+    assert len({c["model.margin"] for c in drawn}) == 6
+    assert suggestions() == drawn
 
 
 def test_smr_sweep_checks_values_and_needs_a_checkpoint(tmp_path):
