@@ -35,8 +35,8 @@ sweep restores Tune from there (`Tuner.restore`): finished trials stay finished,
 restart and their Train runs resume from their last checkpoint. MLflow runs carry the tags
 `sweep_id`, `sweep_role` and `trial_id`, so the parent and every child are found again instead of
 opened twice. A trial whose Train run had already finished replays its recorded epochs to Tune
-without training. Tune does not save its scheduler, so after a resume ASHA compares only the
-trials that report from then on.
+without training. Tune does not save its scheduler; ASHA's rungs are refilled from what Tune
+recorded of each trial's results, so early stopping after a resume still compares every trial.
 """
 from __future__ import annotations
 
@@ -484,13 +484,47 @@ def _search_algorithm(sweep: Sweep, concurrency: int):
 
 
 def _scheduler(sweep: Sweep):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     if resolved_scheduler(sweep) == "fifo":
         return FIFOScheduler()
     s = sweep.settings.scheduler
-    return ASHAScheduler(time_attr=EPOCHS_DONE, max_t=sweep.max_epochs, grace_period=s.grace_period,
-                         reduction_factor=s.reduction_factor)
+    return _asha_keeping_rungs()(time_attr=EPOCHS_DONE, max_t=sweep.max_epochs, grace_period=s.grace_period,
+                                 reduction_factor=s.reduction_factor)
+
+
+def _asha_keeping_rungs():
+    """ASHA that refills its rungs when a sweep resumes. Tune saves no scheduler state: it re-adds
+    every restored trial to a fresh scheduler, so the trials left would be compared only with those
+    that report after the resume. Here each re-added trial replays, in order, the results Tune had
+    recorded for it before the interruption (`recorded_results`)."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    class ASHAKeepingRungs(ASHAScheduler):
+        def on_trial_add(self, tune_controller, trial):
+            super().on_trial_add(tune_controller, trial)
+            bracket = self._trial_info[trial.trial_id]
+            for result in recorded_results(trial):
+                if self._time_attr in result and self._metric in result:
+                    bracket.on_result(trial, result[self._time_attr], self._metric_op * result[self._metric])
+
+    return ASHAKeepingRungs
+
+
+def recorded_results(trial) -> list[dict[str, Any]]:
+    """Every result Tune recorded for a restored trial (the JSON lines of result.json in the
+    trial's folder, local or s3://); [] for a trial that has not reported yet."""
+    from ray.tune.result import EXPR_RESULT_FILE
+
+    if not trial.last_result:
+        return []
+    try:
+        with trial.storage.storage_filesystem.open_input_stream(
+                f"{trial.storage.trial_fs_path}/{EXPR_RESULT_FILE}") as stream:
+            text = stream.read().decode()
+    except (FileNotFoundError, OSError):
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _trial_dirname(trial) -> str:

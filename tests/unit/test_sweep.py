@@ -17,6 +17,7 @@ from rsray.sweep import (
     Param,
     TrialSummary,
     _claim_folder,
+    _scheduler,
     _search_algorithm,
     _reconcile_child_runs,
     best_trial,
@@ -24,6 +25,7 @@ from rsray.sweep import (
     max_concurrent_trials,
     metric_vs_params,
     optuna_installed,
+    recorded_results,
     resolved_algorithm,
     resolved_scheduler,
     summary_csv,
@@ -343,3 +345,40 @@ def test_child_runs_end_with_their_trials_status(tmp_path):
     ended = {t: client.get_run(run_id) for t, run_id in runs.items()}
     assert {t: r.info.status for t, r in ended.items()} == {"a": "FINISHED", "b": "FINISHED", "c": "FAILED"}
     assert ended["a"].data.tags[TAG_EARLY] == "true" and ended["b"].data.tags[TAG_EARLY] == "false"
+
+
+def _restored_trial(tmp_path: Path, trial_id: str, results: list[dict]):
+    """A Tune trial as a resumed sweep re-adds it: its results recorded in result.json, the last in its metadata."""
+    import json as json_module
+
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.experiment import Trial
+
+    storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name="sweep", trial_dir_name=trial_id)
+    trial = Trial("trainable", trial_id=trial_id, storage=storage, stub=True)
+    if results:
+        folder = tmp_path / "sweep" / trial_id
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "result.json").write_text("".join(json_module.dumps(r) + "\n" for r in results))
+        trial.run_metadata.last_result = dict(results[-1])
+    return trial
+
+
+def test_a_resumed_asha_compares_new_results_with_trials_from_before_the_interruption(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, """  space:
+    model.margin: {grid: [0.1, 0.2]}
+  scheduler: {name: asha, grace_period: 1, reduction_factor: 2}
+"""))
+    scheduler = _scheduler(sweep)
+    scheduler.set_search_properties(sweep.metric, "max")
+    done = [{"epochs_done": n, sweep.metric: 50.0 + n} for n in (1, 2, 3)]
+    finished = _restored_trial(tmp_path, "t_00000", done)
+    assert recorded_results(finished) == done
+    scheduler.on_trial_add(None, finished)
+
+    fresh = _restored_trial(tmp_path, "t_00001", [])
+    assert recorded_results(fresh) == []
+    scheduler.on_trial_add(None, fresh)
+    # 40 after one epoch is below the restored trial's 51 at that rung: stopped. With empty rungs
+    # (Tune's own ASHA after a resume) the first trial to reach a rung always continues.
+    assert scheduler.on_trial_result(None, fresh, {"epochs_done": 1, sweep.metric: 40.0}) == "STOP"
