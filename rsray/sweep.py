@@ -504,9 +504,11 @@ def _asha_keeping_rungs():
         def on_trial_add(self, tune_controller, trial):
             super().on_trial_add(tune_controller, trial)
             bracket = self._trial_info[trial.trial_id]
-            for result in recorded_results(trial):
-                if self._time_attr in result and self._metric in result:
-                    bracket.on_result(trial, result[self._time_attr], self._metric_op * result[self._metric])
+            replayed = [r for r in recorded_results(trial) if self._time_attr in r and self._metric in r]
+            for result in replayed:
+                bracket.on_result(trial, result[self._time_attr], self._metric_op * result[self._metric])
+            if replayed:
+                log.info("ASHA: %d earlier result(s) of trial %s back in its rungs", len(replayed), trial.trial_id)
 
     return ASHAKeepingRungs
 
@@ -516,8 +518,8 @@ def recorded_results(trial) -> list[dict[str, Any]]:
     trial's folder, local or s3://); [] for a trial that has not reported yet."""
     from ray.tune.result import EXPR_RESULT_FILE
 
-    if not trial.last_result:
-        return []
+    if EPOCHS_DONE not in trial.run_metadata.last_result or not trial.storage.trial_dir_name:
+        return []  # not `trial.last_result`: Tune fills that with defaults before a trial reports
     try:
         with trial.storage.storage_filesystem.open_input_stream(
                 f"{trial.storage.trial_fs_path}/{EXPR_RESULT_FILE}") as stream:

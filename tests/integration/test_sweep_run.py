@@ -9,6 +9,7 @@ stopped by ASHA), and then resumed by running the same sweep again in this proce
 """
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -58,6 +59,17 @@ def _checkpoints(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.glob("checkpoint_*"))
 
 
+class _Recorded(logging.Handler):
+    """The sweep driver's log lines, kept (caplog is per test; the resume runs once per module)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
 def swept(sweep_file, ray_cluster, mlflow_server):
     """Run, kill and resume the sweep; return the report and what MLflow held at the kill."""
@@ -90,10 +102,18 @@ def swept(sweep_file, ray_cluster, mlflow_server):
     interrupted_s = time.perf_counter() - started
 
     started = time.perf_counter()
-    report = run_sweep(load_sweep(sweep_file))
+    refilled, sweep_log = _Recorded(), logging.getLogger("rsray.sweep")
+    level = sweep_log.level
+    sweep_log.addHandler(refilled)
+    sweep_log.setLevel(logging.INFO)
+    try:
+        report = run_sweep(load_sweep(sweep_file))
+    finally:
+        sweep_log.removeHandler(refilled)
+        sweep_log.setLevel(level)
     print(f"\nsweep: {interrupted_s:.0f} s until the kill, {time.perf_counter() - started:.0f} s to resume and finish")
     return SimpleNamespace(report=report, at_kill=at_kill, done=done, checkpoints=checkpoints, trials=trials,
-                           client=client)
+                           client=client, refilled=refilled.messages)
 
 
 def test_resumed_sweep_reuses_runs_and_does_not_redo_finished_trials(swept):
@@ -106,6 +126,8 @@ def test_resumed_sweep_reuses_runs_and_does_not_redo_finished_trials(swept):
         assert children[trial_id].info.run_id == before.info.run_id  # found again by its tags
     assert swept.at_kill[swept.done[0]].info.status == "FINISHED"
     assert children[swept.done[0]].info.end_time == swept.at_kill[swept.done[0]].info.end_time
+    for trial_id in swept.done:  # ASHA compares the trials left with those that had ended
+        assert any(f"of trial {trial_id} back in its rungs" in m for m in swept.refilled), swept.refilled
     for trial_id in swept.done:  # trials that had ended were not trained again
         assert swept.checkpoints[trial_id] and _checkpoints(swept.trials / trial_id) == swept.checkpoints[trial_id]
     parents = client.search_runs([children[swept.done[0]].info.experiment_id],
