@@ -66,6 +66,27 @@ def test_tiny_model_trains_a_step(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_tiny_model_trains_under_bf16_autocast(name):
+    """`train.amp: bf16` (the default on GPU), here on CPU: every op of every model has a bf16 path
+    or is cast by autocast; the loss matches fp32's to bf16 precision and the same weights (kept
+    in fp32) get gradients."""
+    def one_step(amp: bool):
+        model = build_tiny(name)
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            losses = model.loss(random_batch())
+        losses["total"].backward()
+        learning = {n for n, p in model.named_parameters() if p.grad is not None and bool(p.grad.abs().sum() > 0)}
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        return losses["total"].item(), learning
+
+    full_loss, full_learning = one_step(amp=False)
+    bf16_loss, bf16_learning = one_step(amp=True)
+    assert math.isfinite(bf16_loss) and bf16_loss == pytest.approx(full_loss, rel=0.05)
+    assert bf16_learning == full_learning
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_tiny_model_embeddings_and_scores(name):
     model = build_tiny(name).eval()
     if not model.two_tower:
