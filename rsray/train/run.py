@@ -173,7 +173,7 @@ def _sum_across_workers(values: list[float], device: torch.device, op: str = "su
 
 
 def epoch_line(metrics: dict[str, float], epochs: int | None = None) -> str:
-    """One readable line for an epoch's metrics (rank 0 prints it live; `rsray train` again at the end)."""
+    """One readable line for an epoch's metrics (rank 0 logs it live; `rsray train` prints all at the end)."""
     terms = ", ".join(f"{k[len('train/'):]} {v:.4f}" for k, v in metrics.items() if k.startswith("train/"))
     waiting = metrics.get("data_wait_seconds", 0.0) / max(metrics.get("train_seconds", 0.0), 1e-9)
     number = f"{int(metrics['epoch'])}" + (f" of 0..{epochs - 1}" if epochs else "")  # 0-based, as MLflow's step
@@ -332,11 +332,11 @@ def train_dataset(cfg: Config):
     pair_bytes = sum(f["bytes"] for f in files) * pairs / max(1, manifest["splits"]["train"].get("images", 1))
     if cache_train_split(cfg.train.cache_train_split, pair_bytes, ray.cluster_resources().get("object_store_memory", 0)):
         # read and explode once; every epoch replays the pair blocks in a new order, with no task to start
-        epochs = dataset.map_batches(**explode).materialize().randomize_block_order(**shuffle_blocks)
+        train_pairs = dataset.map_batches(**explode).materialize().randomize_block_order(**shuffle_blocks)
     else:
-        epochs = dataset.randomize_block_order(**shuffle_blocks).map_batches(**explode)
-    epochs.context.enable_progress_bars = False  # re-run every epoch; rank 0 logs one line per epoch instead
-    return epochs
+        train_pairs = dataset.randomize_block_order(**shuffle_blocks).map_batches(**explode)
+    train_pairs.context.enable_progress_bars = False  # runs every epoch; rank 0 logs one line per epoch instead
+    return train_pairs
 
 
 def cache_train_split(setting: str, pair_bytes: float, object_store_bytes: float) -> bool:
