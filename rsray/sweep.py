@@ -585,11 +585,16 @@ def _train_trial(params: dict[str, Any], context: TrialContext) -> None:
 
     from rsray.train.run import train
 
+    from ray.data import DataContext
+
     trial_id = ray.tune.get_context().get_trial_id()
+    # This actor builds the trial's Ray Dataset, so its DataContext applies. No progress bars: with
+    # trials reading at once they interleave into thousands of lines, and Tune's table is the progress.
+    DataContext.get_current().enable_progress_bars = False
     if context.deterministic_data:
         from rsray.runtime import configure_data_context
 
-        configure_data_context()  # this actor builds the trial's Ray Dataset: its context applies
+        configure_data_context()
     cfg = trial_config(context.base, params)
     cfg.train.run_name = trial_id
     cfg.train.storage_path = context.trials_uri
