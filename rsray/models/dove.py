@@ -35,7 +35,7 @@ from torchvision.ops import roi_align
 
 from rsray.data.augment import AugmentConfig
 from rsray.losses import triplet_loss
-from rsray.models.base import Batch, RetrievalModel
+from rsray.models.base import Batch, RetrievalModel, full_precision_scores
 from rsray.models.encoders import BiGRU, WordEmbedding, length_mask, masked_mean
 from rsray.models.registry import register_model
 from rsray.models.swan import SwanVisualEncoder
@@ -283,10 +283,11 @@ class DOVE(RetrievalModel):
                 attention = logits.masked_fill(padding[:, t0:t1], float("-inf")).softmax(dim=-1)
                 pooled = torch.einsum("itl,tlh->ith", attention, values[t0:t1])
                 caption = F.normalize(self.text_head.rest(pooled), dim=-1)  # [i, t, D]
-                cols.append(torch.einsum("id,itd->it", v, caption))
+                with torch.autocast(v.device.type, enabled=False):  # fp32, as full_precision_scores
+                    cols.append(torch.einsum("id,itd->it", v.float(), caption.float()))
             rows.append(torch.cat(cols, dim=1))
         if not rows:
-            return query.new_zeros((n_img, n_txt))
+            return query.new_zeros((n_img, n_txt), dtype=torch.float32)
         return torch.cat(rows, dim=0)
 
     # --- training
@@ -295,7 +296,7 @@ class DOVE(RetrievalModel):
         """([B, B] pairwise scores, [B, B] global cosine scores) of a training batch: what the loss sees."""
         image, image_global, _ = self.image_parts(batch)
         text = self.encode_texts(batch)
-        return self.score(image, text), image_global @ text.sentence.t()
+        return self.score(image, text), full_precision_scores(image_global, text.sentence)
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         final, global_ = self.batch_scores(batch)

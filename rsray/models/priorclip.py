@@ -39,7 +39,7 @@ from rsray import storage
 from rsray.data.augment import AugmentConfig
 from rsray.distributed import gather_no_grad, gather_with_grad
 from rsray.losses import LogitScale, affiliation_loss, info_nce_loss
-from rsray.models.base import Batch, RetrievalModel
+from rsray.models.base import Batch, RetrievalModel, full_precision_scores
 from rsray.models.blocks import SelfAttentionBlock
 from rsray.models.encoders import (FrozenParts, TimmBackbone, TransformerTextEncoder, check_text_config,
                                    length_mask)
@@ -344,7 +344,7 @@ def contrastive_and_affiliation(images: torch.Tensor, texts: torch.Tensor, batch
         images, texts = gather_with_grad(images), gather_with_grad(texts)
         image_ids = gather_no_grad(image_ids) if image_ids is not None else None
         scene_ids = gather_no_grad(scene_ids)
-    contrastive = info_nce_loss(images @ texts.t(), logit_scale, image_ids)
+    contrastive = info_nce_loss(full_precision_scores(images, texts), logit_scale, image_ids)
     affiliation = affiliation_loss(images, texts, scene_ids, affiliation_scale)
     return {"total": contrastive + lambda_cs * affiliation, "info_nce": contrastive, "affiliation": affiliation}
 

@@ -87,6 +87,17 @@ def test_tiny_model_trains_under_bf16_autocast(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_scores_stay_fp32_under_bf16_autocast(name):
+    """The similarity matrix the losses mine negatives from is computed in fp32 even when the
+    encoders run in bf16 (`full_precision_scores`)."""
+    model = build_tiny(name).eval()
+    batch = random_batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = model.score(model.encode_images(batch), model.encode_texts(batch))
+    assert scores.dtype == torch.float32 and scores.shape == (8, 8)
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_tiny_model_embeddings_and_scores(name):
     model = build_tiny(name).eval()
     if not model.two_tower:
