@@ -489,11 +489,11 @@ def _scheduler(sweep: Sweep):
     if resolved_scheduler(sweep) == "fifo":
         return FIFOScheduler()
     s = sweep.settings.scheduler
-    return _asha_keeping_rungs()(time_attr=EPOCHS_DONE, max_t=sweep.max_epochs, grace_period=s.grace_period,
-                                 reduction_factor=s.reduction_factor)
+    return _asha_keeping_rungs(time_attr=EPOCHS_DONE, max_t=sweep.max_epochs, grace_period=s.grace_period,
+                               reduction_factor=s.reduction_factor)
 
 
-def _asha_keeping_rungs():
+def _asha_keeping_rungs(**asha_options):
     """ASHA that refills its rungs when a sweep resumes. Tune saves no scheduler state: it re-adds
     every restored trial to a fresh scheduler, so the trials left would be compared only with those
     that report after the resume. Here each re-added trial replays, in order, the results Tune had
@@ -510,7 +510,7 @@ def _asha_keeping_rungs():
             if replayed:
                 log.info("ASHA: %d earlier result(s) of trial %s back in its rungs", len(replayed), trial.trial_id)
 
-    return ASHAKeepingRungs
+    return ASHAKeepingRungs(**asha_options)
 
 
 def recorded_results(trial) -> list[dict[str, Any]]:

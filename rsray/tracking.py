@@ -34,6 +34,10 @@ SECRET_PARTS = ("key_id", "access_key", "api_key", "private_key")  # matched any
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 DEFAULT_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local SQLite store
 
+# MLflow's own HTTP client retries up to 7 times with long backoff; our helper does the retrying,
+# so a dead server stalls one call for seconds, not minutes. Users may still override both.
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
 
 def ui_command(uri: str) -> str:
     """The shell command that serves a local tracking store in the MLflow UI: the `mlflow` installed
@@ -47,9 +51,6 @@ def ui_command(uri: str) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
     return f"{shown} ui --backend-store-uri {uri}"
-# MLflow's own HTTP client retries up to 7 times with long backoff; our helper does the retrying,
-# so a dead server stalls one call for seconds, not minutes. Users may still override both.
-MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 class TrackingUnavailable(RuntimeError):
