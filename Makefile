@@ -20,7 +20,7 @@ ISOLATED_PIP := $(PIP) --isolated $(if $(CERT),--cert $(CERT))
 # the disk the install needs at its peak (a CI run once ran out of disk while downloading them).
 NO_CACHE := --no-cache-dir
 
-.PHONY: venv demo test test-unit test-integration bench-prepare bench-eval bench-train bench-dove clean
+.PHONY: venv demo lint format test test-fast test-integration bench-prepare bench-eval bench-train bench-dove clean
 
 venv: $(STAMP)
 
@@ -36,10 +36,22 @@ $(STAMP): pyproject.toml Makefile
 demo: venv
 	$(VENV)/bin/rsray demo
 
-test: venv
+# ruff (configured in pyproject.toml) checks lint and format first: a violation fails `make test`.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# Rewrites the tree: fixes what ruff can fix safely, then formats.
+format: venv
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+# Everything, as CI runs it; pytest prints the 25 slowest tests at the end (pyproject addopts).
+test: lint
 	$(PY) -m pytest tests
 
-test-unit: venv
+# The inner loop: unit tests only (no Ray cluster, servers or training runs).
+test-fast: venv
 	$(PY) -m pytest tests/unit
 
 test-integration: venv

@@ -9,6 +9,7 @@ Prints the loss and the gradient's relative error for each. `--device cuda` chec
 
     python -m benchmarks.bf16_scores [--batch 256 --dim 512 --noise 2 4 --device cpu]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,13 +52,19 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=256, help="pairs in the batch")
     parser.add_argument("--dim", type=int, default=512, help="embedding size")
-    parser.add_argument("--noise", type=float, nargs="+", default=[2.0, 4.0],
-                        help="noise around the shared vectors (larger: harder batch, larger loss)")
+    parser.add_argument(
+        "--noise",
+        type=float,
+        nargs="+",
+        default=[2.0, 4.0],
+        help="noise around the shared vectors (larger: harder batch, larger loss)",
+    )
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     print(f"batch {args.batch}, dim {args.dim}, device {args.device}; gradient error = |g - g_fp32| / |g_fp32|")
-    print(f"{'noise':>5}  {'loss':<26} {'fp32 loss':>10} {'bf16 loss':>10} {'bf16 grad err':>14} "
-          f"{'fp32-scores err':>16}")
+    print(
+        f"{'noise':>5}  {'loss':<26} {'fp32 loss':>10} {'bf16 loss':>10} {'bf16 grad err':>14} {'fp32-scores err':>16}"
+    )
     for noise in args.noise:
         images, captions = pairs(args.batch, args.dim, noise, args.device)
         for name, loss_fn in LOSSES.items():
@@ -65,9 +72,11 @@ def main(argv=None) -> None:
             bf16, bf16_grad = loss_and_gradient(loss_fn, images, captions, "bf16")
             _, kept_grad = loss_and_gradient(loss_fn, images, captions, "fp32-scores")
             norm = reference_grad.norm().clamp_min(1e-12)
-            print(f"{noise:>5.1f}  {name:<26} {reference:>10.4f} {bf16:>10.4f} "
-                  f"{float((bf16_grad - reference_grad).norm() / norm):>13.1%} "
-                  f"{float((kept_grad - reference_grad).norm() / norm):>15.1%}")
+            print(
+                f"{noise:>5.1f}  {name:<26} {reference:>10.4f} {bf16:>10.4f} "
+                f"{float((bf16_grad - reference_grad).norm() / norm):>13.1%} "
+                f"{float((kept_grad - reference_grad).norm() / norm):>15.1%}"
+            )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ Prints wall time and peak memory (process peak RSS; tracemalloc for Python-level
 
     python -m benchmarks.dove_eval [--heads mlp,mlp] [--chunk-pairs 16384] [--block 1024] [--stream]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,17 +60,20 @@ def random_features(dim: int, lengths: torch.Tensor, seed: int, device: torch.de
     images = []
     for start in range(0, N_IMAGES, 64):
         n = min(64, N_IMAGES - start)
-        images.append(DoveImageFeatures(F.normalize(torch.randn(n, dim, generator=g), dim=-1),
-                                        torch.randn(n, dim, generator=g)))
+        images.append(
+            DoveImageFeatures(F.normalize(torch.randn(n, dim, generator=g), dim=-1), torch.randn(n, dim, generator=g))
+        )
     texts = []
     for start in range(0, len(lengths), 256):
-        part = lengths[start:start + 256]
+        part = lengths[start : start + 256]
         valid = torch.arange(int(part.max()))[None, :] < part[:, None]
         words = torch.randn(len(part), valid.shape[1], dim, generator=g) * valid.unsqueeze(-1)
         texts.append(DoveTextFeatures(words, valid, F.normalize(torch.randn(len(part), dim, generator=g), dim=-1)))
     image_features, text_features = concat_rows(images), concat_rows(texts)
-    return (DoveImageFeatures(*(t.to(device) for t in image_features)),
-            DoveTextFeatures(*(t.to(device) for t in text_features)))
+    return (
+        DoveImageFeatures(*(t.to(device) for t in image_features)),
+        DoveTextFeatures(*(t.to(device) for t in text_features)),
+    )
 
 
 def main(argv=None) -> None:
@@ -89,20 +93,26 @@ def main(argv=None) -> None:
     model = build_model(load_config("model/dove", overrides), vocab_size=1250).to(device).eval()
     cfg = model.config
     d, hidden = cfg.embed_dim, cfg.head_hidden if "mlp" in cfg.roam_heads[1] else cfg.embed_dim
-    print(f"DOVE pairwise evaluation benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{os.cpu_count()} cores, device {device}; roam_heads {cfg.roam_heads}, head_hidden {cfg.head_hidden}, "
-          f"score_chunk_pairs {cfg.score_chunk_pairs}, block {args.block}")
+    print(
+        f"DOVE pairwise evaluation benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{os.cpu_count()} cores, device {device}; roam_heads {cfg.roam_heads}, head_hidden {cfg.head_hidden}, "
+        f"score_chunk_pairs {cfg.score_chunk_pairs}, block {args.block}"
+    )
 
     n_captions = N_IMAGES * CAPTIONS_PER_IMAGE
     lengths, source = caption_lengths(n_captions, args.seed)
     images, texts = random_features(d, lengths, args.seed, device)
     caption_image = caption_to_image(N_IMAGES, CAPTIONS_PER_IMAGE, device)
     feature_mb = sum(t.numel() * t.element_size() for t in (*images, *texts)) / 2**20
-    print(f"  {N_IMAGES:,} images x {n_captions:,} captions; caption lengths {source}: mean "
-          f"{lengths.float().mean():.2f}, max {int(lengths.max())} (words padded to {texts.words.shape[1]})")
-    print(f"  features {feature_mb:,.0f} MiB; the full [n_img, n_txt, {d}] caption-embedding tensor would be "
-          f"{N_IMAGES * n_captions * d * 4 / 2**30:,.1f} GiB; one chunk's head activations are about "
-          f"{cfg.score_chunk_pairs * (2 * hidden + 2 * d) * 4 / 2**20:,.0f} MiB")
+    print(
+        f"  {N_IMAGES:,} images x {n_captions:,} captions; caption lengths {source}: mean "
+        f"{lengths.float().mean():.2f}, max {int(lengths.max())} (words padded to {texts.words.shape[1]})"
+    )
+    print(
+        f"  features {feature_mb:,.0f} MiB; the full [n_img, n_txt, {d}] caption-embedding tensor would be "
+        f"{N_IMAGES * n_captions * d * 4 / 2**30:,.1f} GiB; one chunk's head activations are about "
+        f"{cfg.score_chunk_pairs * (2 * hidden + 2 * d) * 4 / 2**20:,.0f} MiB"
+    )
     print(f"  peak RSS before scoring: {peak_rss_mb():,.0f} MiB")
 
     with torch.no_grad():

@@ -15,6 +15,7 @@ strip of images, so a slow machine can be stopped early and shrunk with --large-
 
     python -m benchmarks.eval_throughput [--device cuda] [--large-images 20000 --large-captions 100000]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,8 @@ import resource
 import statistics
 import time
 import tracemalloc
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 
@@ -56,12 +57,15 @@ def measured(label: str, device: torch.device) -> Iterator[None]:
     _, python_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     gpu = f", GPU peak {torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB" if device.type == "cuda" else ""
-    print(f"  {label:<44} {seconds:8.2f} s   tracemalloc peak {python_peak / 2**20:6.1f} MiB, "
-          f"process peak RSS {peak_rss_mb():,.0f} MiB{gpu}")
+    print(
+        f"  {label:<44} {seconds:8.2f} s   tracemalloc peak {python_peak / 2**20:6.1f} MiB, "
+        f"process peak RSS {peak_rss_mb():,.0f} MiB{gpu}"
+    )
 
 
-def embeddings(n_images: int, captions_per_image: int, dim: int, device: torch.device, seed: int,
-               noise: float = 9.0) -> tuple[torch.Tensor, torch.Tensor]:
+def embeddings(
+    n_images: int, captions_per_image: int, dim: int, device: torch.device, seed: int, noise: float = 9.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised image embeddings and captions = their image's embedding plus noise (of norm
     about `noise`: a caption's cosine with its image is then about 1 / sqrt(1 + noise**2))."""
     g = torch.Generator(device=device).manual_seed(seed)
@@ -70,8 +74,11 @@ def embeddings(n_images: int, captions_per_image: int, dim: int, device: torch.d
     step = 8192
     for start in range(0, len(texts), step):  # in chunks: no second full-size temporary
         rows = torch.arange(start, min(start + step, len(texts)), device=device)
-        noisy = images[rows // captions_per_image] + noise * torch.randn(len(rows), dim, generator=g, device=device) / dim ** 0.5
-        texts[start:start + len(rows)] = torch.nn.functional.normalize(noisy, dim=1)
+        noisy = (
+            images[rows // captions_per_image]
+            + noise * torch.randn(len(rows), dim, generator=g, device=device) / dim**0.5
+        )
+        texts[start : start + len(rows)] = torch.nn.functional.normalize(noisy, dim=1)
     return images, texts
 
 
@@ -82,13 +89,17 @@ def rsicd_part(device: torch.device, repeats: int, seed: int) -> None:
     ci = caption_to_image(n_images, cpi, device)
     g = torch.Generator().manual_seed(seed)
     names = [f"scene{i}" for i in range(30)]
-    scenes = [None if torch.rand((), generator=g) < 0.08 else names[int(torch.randint(30, (), generator=g))]
-              for _ in range(n_images)]
+    scenes = [
+        None if torch.rand((), generator=g) < 0.08 else names[int(torch.randint(30, (), generator=g))]
+        for _ in range(n_images)
+    ]
     print(f"\nRSICD-sized: {n_images} x {n_images * cpi} matrix on {device}, {repeats} timed runs after a warm-up")
     retrieval_metrics(S, ci, scenes)  # warm-up (first calls of each kernel)
-    for label, fn in (("full metrics + SR@K", lambda: retrieval_metrics(S, ci, scenes)),
-                      ("SMR (K=30) + full metrics + SR@K", lambda: retrieval_metrics(smr_rerank(S), ci, scenes)),
-                      ("SMR alone", lambda: smr_rerank(S))):
+    for label, fn in (
+        ("full metrics + SR@K", lambda: retrieval_metrics(S, ci, scenes)),
+        ("SMR (K=30) + full metrics + SR@K", lambda: retrieval_metrics(smr_rerank(S), ci, scenes)),
+        ("SMR alone", lambda: smr_rerank(S)),
+    ):
         times = []
         for _ in range(repeats):
             sync(device)
@@ -103,18 +114,21 @@ def rsicd_part(device: torch.device, repeats: int, seed: int) -> None:
         retrieval_metrics(smr_rerank(S), ci, scenes)
 
 
-def large_part(device: torch.device, n_images: int, n_captions: int, dim: int, k: int, block: int,
-               seed: int) -> None:
+def large_part(device: torch.device, n_images: int, n_captions: int, dim: int, k: int, block: int, seed: int) -> None:
     if n_captions % n_images:
         raise SystemExit(f"--large-captions ({n_captions}) must be a multiple of --large-images ({n_images})")
     cpi = n_captions // n_images
     images, texts = embeddings(n_images, cpi, dim, device, seed + 1)
     ci = caption_to_image(n_images, cpi, device)
     full_gb = n_images * n_captions * 4 / 1e9
-    print(f"\nlarge: {n_images:,} images x {n_captions:,} captions, {dim}-d, k={k}, blocks of {block}, on {device} "
-          f"(the full float32 matrix would be {full_gb:,.1f} GB)")
-    print(f"  peak RSS before this part: {peak_rss_mb():,.0f} MiB "
-          f"(embeddings {(images.numel() + texts.numel()) * 4 / 2**20:,.0f} MiB)")
+    print(
+        f"\nlarge: {n_images:,} images x {n_captions:,} captions, {dim}-d, k={k}, blocks of {block}, on {device} "
+        f"(the full float32 matrix would be {full_gb:,.1f} GB)"
+    )
+    print(
+        f"  peak RSS before this part: {peak_rss_mb():,.0f} MiB "
+        f"(embeddings {(images.numel() + texts.numel()) * 4 / 2**20:,.0f} MiB)"
+    )
 
     # projection: time the first strip of `block` images against every caption, the way streaming_topk works
     sync(device)
@@ -126,8 +140,10 @@ def large_part(device: torch.device, n_images: int, n_captions: int, dim: int, k
         scores.t().topk(min(k, scores.shape[0]), dim=1)
     sync(device)
     strip_s, strips = time.perf_counter() - started, -(-num_rows(images) // block)
-    print(f"  first strip of {block} images (matrix products + plain topk only): {strip_s:.2f} s -> "
-          f"projected at least {strips * strip_s:.0f} s for {strips} strips")
+    print(
+        f"  first strip of {block} images (matrix products + plain topk only): {strip_s:.2f} s -> "
+        f"projected at least {strips * strip_s:.0f} s for {strips} strips"
+    )
 
     with measured("streaming_topk + metrics_from_topk", device):
         _, i2t_idx, _, t2i_idx = streaming_topk(None, images, texts, k=k, block=block)
@@ -148,10 +164,12 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    print(f"eval benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{os.cpu_count()} cores, device {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-          + f"; process peak RSS after imports {peak_rss_mb():,.0f} MiB")
+    print(
+        f"eval benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{os.cpu_count()} cores, device {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+        + f"; process peak RSS after imports {peak_rss_mb():,.0f} MiB"
+    )
     with torch.no_grad():
         rsicd_part(device, args.repeats, args.seed)
         if not args.skip_large:

@@ -9,6 +9,7 @@ both and the ratio. Usage:
 
     python -m benchmarks.prepare_throughput --images 5000 --size 256 [--out-size 224]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=5000, help="generated images (default 5000)")
     parser.add_argument("--size", type=int, default=256, help="generated image size in px (default 256)")
-    parser.add_argument("--out-size", type=int, default=278,
-                        help="prepared image size in px (default 278, as conf/data/rsitmd.yaml)")
+    parser.add_argument(
+        "--out-size", type=int, default=278, help="prepared image size in px (default 278, as conf/data/rsitmd.yaml)"
+    )
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "rsray-bench"))
     args = parser.parse_args(argv)
 
@@ -50,8 +52,10 @@ def main(argv=None) -> None:
     work = Path(args.workdir)
     root = work / f"sample-{args.images}-{args.size}"
     generate_sample(root, n_images=args.images, image_size=args.size, seed=0)
-    cfg = load_config("presets/sample", [f"data.root={root}", f"prepare.image_size={args.out_size}",
-                                         f"prepare.output={work / 'ray-out'}"])
+    cfg = load_config(
+        "presets/sample",
+        [f"data.root={root}", f"prepare.image_size={args.out_size}", f"prepare.output={work / 'ray-out'}"],
+    )
 
     started = time.perf_counter()
     n_plain = plain_loop(cfg, work / "plain-out")
@@ -66,16 +70,19 @@ def main(argv=None) -> None:
     n_ray = result.manifest["counts"]["written"]
 
     plain_rate = n_plain / plain_s
-    print(f"\nprepare benchmark: {args.images} images {args.size}px -> {args.out_size}px "
-          f"{cfg.prepare.image_encoding}, {os.cpu_count()} cores, Ray with {_ray_cpus()} logical CPUs")
+    print(
+        f"\nprepare benchmark: {args.images} images {args.size}px -> {args.out_size}px "
+        f"{cfg.prepare.image_encoding}, {os.cpu_count()} cores, Ray with {_ray_cpus()} logical CPUs"
+    )
     print(f"  plain single-process loop : {plain_rate:8.1f} images/s  ({plain_s:.1f}s)")
-    for label, seconds in zip(("Ray Data stage, cold", "Ray Data stage, warm"), ray_s):
+    for label, seconds in zip(("Ray Data stage, cold", "Ray Data stage, warm"), ray_s, strict=True):
         rate = n_ray / seconds
         print(f"  {label:<26}: {rate:8.1f} images/s  ({seconds:.1f}s)  ratio {rate / plain_rate:.2f}x")
 
 
 def _ray_cpus() -> int:
     import ray
+
     return int(ray.cluster_resources().get("CPU", 0))
 
 

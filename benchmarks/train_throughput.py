@@ -16,6 +16,7 @@ mean over the epochs after the first (the first pays for imports, Ray Data start
 `--bare-only` needs no Ray at all (the shards are made in this process), so the GPU measurement
 runs where only torch, timm and transformers are installed. Target: Ray overhead <= 10%.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,9 @@ from rsray.train.loop import train_epoch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="vsepp-tiny", help="a conf/model/ name (default vsepp-tiny)")
     parser.add_argument("--images", type=int, default=600, help="sample images to generate (5 captions each)")
     parser.add_argument("--size", type=int, default=64, help="prepared image size in pixels")
@@ -45,12 +47,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=4, help="epochs per loop; the first is warm-up")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (bare loop; Ray uses a GPU with --device cuda)")
     parser.add_argument("--amp", default="off", choices=["off", "bf16"], help="autocast dtype")
-    parser.add_argument("--decode-workers", type=int, default=0,
-                        help="processes that decode + augment images: the bare loop's DataLoader workers and the "
-                             "Ray worker's train.decode_workers (0: decode in the training process)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for the model: torch.set_num_threads in the bare loop, the CPUs of the Ray "
-                             "worker (Ray sets its OMP_NUM_THREADS to them); default 1")
+    parser.add_argument(
+        "--decode-workers",
+        type=int,
+        default=0,
+        help="processes that decode + augment images: the bare loop's DataLoader workers and the "
+        "Ray worker's train.decode_workers (0: decode in the training process)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for the model: torch.set_num_threads in the bare loop, the CPUs of the Ray "
+        "worker (Ray sets its OMP_NUM_THREADS to them); default 1",
+    )
     parser.add_argument("--bare-only", action="store_true", help="skip the Ray Train loop (no Ray needed)")
     return parser.parse_args(argv)
 
@@ -59,8 +69,11 @@ def model_overrides(args: argparse.Namespace) -> list[str]:
     """The tiny presets crop 64 px from 72: scale the crop to the prepared size."""
     if args.size == 64:
         return []
-    return [f"model.augment.train_resize={args.size}", f"model.augment.crop={int(args.size * 64 / 72)}",
-            f"model.augment.eval_resize={args.size}"]
+    return [
+        f"model.augment.train_resize={args.size}",
+        f"model.augment.crop={int(args.size * 64 / 72)}",
+        f"model.augment.eval_resize={args.size}",
+    ]
 
 
 def steady_rate(rates: list[float]) -> float:
@@ -75,20 +88,30 @@ def bare_loop(cfg, train_table, vocab_size: int, args: argparse.Namespace) -> li
     model = build_model(cfg, vocab_size=vocab_size).to(device)
     model_cfg = model_config(cfg)
     optimizer, schedule = make_optimizer(model, model_cfg)
-    loader = make_train_loader(train_table, model_cfg.augment, batch_size=args.batch, seed=cfg.train.seed,
-                               num_workers=args.decode_workers, pin_memory=device.type == "cuda")
+    loader = make_train_loader(
+        train_table,
+        model_cfg.augment,
+        batch_size=args.batch,
+        seed=cfg.train.seed,
+        num_workers=args.decode_workers,
+        pin_memory=device.type == "cuda",
+    )
     amp = torch.bfloat16 if args.amp == "bf16" else None
     rates = []
     for epoch in range(args.epochs):
         loader.sampler.set_epoch(epoch)
-        stats = train_epoch(model, loader, optimizer, device=device, grad_clip=cfg.train.grad_clip or None,
-                            amp_dtype=amp)
+        stats = train_epoch(
+            model, loader, optimizer, device=device, grad_clip=cfg.train.grad_clip or None, amp_dtype=amp
+        )
         schedule.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         rates.append(stats.pairs_per_second)
-        print(f"  bare epoch {epoch}: {stats.pairs_per_second:8.1f} pairs/s  loss {stats.losses['total']:.3f}  "
-              f"{stats.seconds:6.1f} s, {stats.data_seconds:5.1f} s waiting for data", flush=True)
+        print(
+            f"  bare epoch {epoch}: {stats.pairs_per_second:8.1f} pairs/s  loss {stats.losses['total']:.3f}  "
+            f"{stats.seconds:6.1f} s, {stats.data_seconds:5.1f} s waiting for data",
+            flush=True,
+        )
     return rates
 
 
@@ -107,8 +130,11 @@ def ray_loop(cfg, folder: Path, args: argparse.Namespace) -> list[float]:
     result = train(cfg)
     rates = [float(m["pairs_per_s"]) for m in result.return_value]
     for epoch, m in enumerate(result.return_value):
-        print(f"  ray  epoch {epoch}: {rates[epoch]:8.1f} pairs/s  loss {m['train/loss']:.3f}  "
-              f"{m['train_seconds']:6.1f} s, {m['data_wait_seconds']:5.1f} s waiting for data", flush=True)
+        print(
+            f"  ray  epoch {epoch}: {rates[epoch]:8.1f} pairs/s  loss {m['train/loss']:.3f}  "
+            f"{m['train_seconds']:6.1f} s, {m['data_wait_seconds']:5.1f} s waiting for data",
+            flush=True,
+        )
     return rates
 
 
@@ -117,15 +143,23 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="rsray-train-bench-") as tmp:
         folder = Path(tmp)
         generate_sample(folder / "sample", n_images=args.images, image_size=args.size, seed=0, progress=False)
-        overrides = [f"data.root={folder / 'sample'}", f"prepare.output={folder / 'prepared'}",
-                     f"prepare.image_size={args.size}", f"train.data={folder / 'prepared'}",
-                     f"train.batch_size={args.batch}", f"train.epochs={args.epochs}"]
+        overrides = [
+            f"data.root={folder / 'sample'}",
+            f"prepare.output={folder / 'prepared'}",
+            f"prepare.image_size={args.size}",
+            f"train.data={folder / 'prepared'}",
+            f"train.batch_size={args.batch}",
+            f"train.epochs={args.epochs}",
+        ]
         cfg = load_config("train/cpu-tiny", overrides)
         model_cfg = load_config(f"model/{args.model}", model_overrides(args))
         cfg.model = model_cfg.model
-        print(f"{args.model}: {args.images} images x 5 captions at {args.size} px, batch {args.batch}, "
-              f"{args.epochs} epochs, device {args.device}, amp {args.amp}, "
-              f"{args.decode_workers} decode processes", flush=True)
+        print(
+            f"{args.model}: {args.images} images x 5 captions at {args.size} px, batch {args.batch}, "
+            f"{args.epochs} epochs, device {args.device}, amp {args.amp}, "
+            f"{args.decode_workers} decode processes",
+            flush=True,
+        )
 
         if args.bare_only:
             from rsray.data.prepare import prepare_in_process
@@ -133,7 +167,8 @@ def main(argv=None) -> int:
             tables, vocab = prepare_in_process(cfg)
             train_table, vocab_size = tables["train"], len(vocab)
         else:
-            from rsray.data.loader import read_split, vocab_size as manifest_vocab_size
+            from rsray.data.loader import read_split
+            from rsray.data.loader import vocab_size as manifest_vocab_size
             from rsray.data.prepare import prepare, read_manifest
             from rsray.runtime import ensure_ray
 

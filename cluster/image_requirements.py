@@ -7,12 +7,14 @@ drift from what the tests ran), plus `ray[default]` at the same Ray version: the
 job server that `ray job submit`, the cluster launcher and KubeRay talk to, which a laptop does
 not need. Standard library only: it runs before anything is installed.
 """
+
 from __future__ import annotations
 
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 RAY_PIN = re.compile(r"^ray(\[[^\]]*\])?==(?P<version>\S+)$")
 
@@ -23,8 +25,9 @@ def image_requirements(pyproject: str | Path) -> list[str]:
     requirements = [dep.replace(" ", "") for dep in project["dependencies"]]
     ray_versions = [m["version"] for m in map(RAY_PIN.match, requirements) if m]
     if len(ray_versions) != 1:
-        raise ValueError(f"{pyproject}: expected exactly one pinned ray requirement (ray[...]==X), "
-                         f"found {len(ray_versions)}")
+        raise ValueError(
+            f"{pyproject}: expected exactly one pinned ray requirement (ray[...]==X), found {len(ray_versions)}"
+        )
     return requirements + [f"ray[default]=={ray_versions[0]}"]
 
 

@@ -4,6 +4,7 @@ TARGET is a dataset config (YAML or a conf/ name), an annotation folder (format 
 prepared output with manifest.json (local or s3://). Overrides such as
 `data.vocab_splits=[train,test]` apply as in every stage.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,13 +22,17 @@ def inspect_target(target: str, overrides: list[str]) -> dict:
     if target.startswith("s3://") or (Path(target) / "manifest.json").is_file():
         cfg = load_config(None, overrides)
         return manifest_statistics(target, cfg.prepare.s3_endpoint)
-    if not Path(target).exists() and not Path(target).with_suffix(".yaml").exists() \
-            and not (CONF_DIR / target).with_suffix(".yaml").exists():
+    if (
+        not Path(target).exists()
+        and not Path(target).with_suffix(".yaml").exists()
+        and not (CONF_DIR / target).with_suffix(".yaml").exists()
+    ):
         raise FileNotFoundError(f"{target}: no such dataset folder, prepared output or config")
     if Path(target).is_dir():
         found = detect_data_config(target)
-        detected = [f"data.{key}={getattr(found, key)}"
-                    for key in ("root", "format", "annotations", "eval_annotations")]
+        detected = [
+            f"data.{key}={getattr(found, key)}" for key in ("root", "format", "annotations", "eval_annotations")
+        ]
         detected.append(f"data.name={Path(target).resolve().name}")
         if not any(o.startswith("data.validation") for o in overrides) and _has_val_split(detected):
             detected.append("data.validation.mode=fixed")  # show the files' own split as given
@@ -35,8 +40,9 @@ def inspect_target(target: str, overrides: list[str]) -> dict:
     else:
         cfg = load_config(target, overrides)
     records = read_records(cfg.data)
-    stats = dataset_statistics(records, vocab_splits=tuple(cfg.data.vocab_splits),
-                               vocab_min_count=cfg.data.vocab_min_count)
+    stats = dataset_statistics(
+        records, vocab_splits=tuple(cfg.data.vocab_splits), vocab_min_count=cfg.data.vocab_min_count
+    )
     v = cfg.data.validation
     validation = "fixed (from the annotations)" if v.mode == "fixed" else f"fold {v.fold} of {v.folds}, seed {v.seed}"
     return {"dataset": cfg.data.name, "source": str(target), "validation": validation, **stats}
@@ -60,7 +66,8 @@ def manifest_statistics(uri: str, s3_endpoint: str | None) -> dict:
 
     m = read_manifest(uri, s3_endpoint)
     return {
-        "dataset": m["dataset"], "source": uri,
+        "dataset": m["dataset"],
+        "source": uri,
         "splits": {k: {"images": v["images"], "captions": v["captions"]} for k, v in m["splits"].items()},
         "scenes": m["scenes"],
         "vocab_size": len(m["vocab"]["words"]) if "words" in m["vocab"] else None,
@@ -71,9 +78,12 @@ def manifest_statistics(uri: str, s3_endpoint: str | None) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = stage_parser("rsray data", "Dataset tools. `rsray data inspect TARGET [--json] [key=value ...]` "
-                          "prints records and captions per split, scenes and their counts, caption "
-                          "lengths and the vocabulary size under the reference recipe.")
+    parser = stage_parser(
+        "rsray data",
+        "Dataset tools. `rsray data inspect TARGET [--json] [key=value ...]` "
+        "prints records and captions per split, scenes and their counts, caption "
+        "lengths and the vocabulary size under the reference recipe.",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     ns = parser.parse_intermixed_args(argv)
     setup_logging()

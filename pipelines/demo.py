@@ -6,6 +6,7 @@ SWAN, DOVE, CLIP, PriorCLIP after its scene prior, PriorCLIP open-domain from th
 without SMR), record everything in MLflow, and print a comparison table and the command that
 opens the MLflow UI on those runs.
 """
+
 from __future__ import annotations
 
 import sys
@@ -39,10 +40,18 @@ def run(cfg, epochs: int) -> int:
 
     rows, links, best_paths = [], {}, {}
     for name, extra in DEMO_RUNS:
-        train_cfg = load_config(f"model/{name}-tiny", [
-            *_train_preset_overrides(), f"train.data={prepared.output}", f"train.epochs={epochs}",
-            f"data.name={cfg.data.name}", f"tracking.uri={cfg.tracking.uri}",
-            f"tracking.experiment={cfg.tracking.experiment}", *(e.format(**best_paths) for e in extra)])
+        train_cfg = load_config(
+            f"model/{name}-tiny",
+            [
+                *_train_preset_overrides(),
+                f"train.data={prepared.output}",
+                f"train.epochs={epochs}",
+                f"data.name={cfg.data.name}",
+                f"tracking.uri={cfg.tracking.uri}",
+                f"tracking.experiment={cfg.tracking.experiment}",
+                *(e.format(**best_paths) for e in extra),
+            ],
+        )
         print(f"\ntraining {name} (tiny preset) with {train_cfg.train.num_workers} Ray Train workers, {epochs} epochs")
         result = train(train_cfg)
         best = best_checkpoint(result, train_cfg)
@@ -52,16 +61,19 @@ def run(cfg, epochs: int) -> int:
         links[name] = result.mlflow_link
 
     print("\ntest split (best checkpoint by validation mR)")
-    header = f"{'model':<15}{'i2t R@1':>9}{'R@5':>7}{'R@10':>7}{'t2i R@1':>9}{'R@5':>7}{'R@10':>7}{'mR':>8}{'mR+SMR':>9}"
+    header = (
+        f"{'model':<15}{'i2t R@1':>9}{'R@5':>7}{'R@10':>7}{'t2i R@1':>9}{'R@5':>7}{'R@10':>7}{'mR':>8}{'mR+SMR':>9}"
+    )
     print(header)
     for name, report in rows:
         m, s = report["metrics"], report["smr_metrics"]
-        print(f"{name:<15}{m['i2t_R1']:>9.2f}{m['i2t_R5']:>7.2f}{m['i2t_R10']:>7.2f}{m['t2i_R1']:>9.2f}"
-              f"{m['t2i_R5']:>7.2f}{m['t2i_R10']:>7.2f}{m['mR']:>8.2f}{s['mR']:>9.2f}")
+        print(
+            f"{name:<15}{m['i2t_R1']:>9.2f}{m['i2t_R5']:>7.2f}{m['i2t_R10']:>7.2f}{m['t2i_R1']:>9.2f}"
+            f"{m['t2i_R5']:>7.2f}{m['t2i_R10']:>7.2f}{m['mR']:>8.2f}{s['mR']:>9.2f}"
+        )
     link = next(iter(links.values()), "")
     if cfg.tracking.uri.startswith("sqlite"):
-        print(f"\nOpen the runs in MLflow:  {ui_command(cfg.tracking.uri)}\n"
-              f"then browse {link}")
+        print(f"\nOpen the runs in MLflow:  {ui_command(cfg.tracking.uri)}\nthen browse {link}")
     else:
         print(f"\nMLflow runs: {link}")
     return 0
@@ -79,15 +91,23 @@ def _train_preset_overrides() -> list[str]:
 
 def _yaml(value) -> str:
     import yaml
+
     return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
 
 
 def main(argv=None) -> int:
-    parser = stage_parser("rsray demo", "Run the whole pipeline on the embedded sample: generate it, prepare "
-                          "shards with Ray Data, train every model (tiny presets) with 2 Ray Train workers, evaluate on the "
-                          "test split with and without SMR, record the runs in MLflow and print a comparison.")
-    parser.add_argument("--epochs", type=int, default=3,
-                        help="training epochs per model (default 3: seven trainings fit in ~15 min on 2 cores)")
+    parser = stage_parser(
+        "rsray demo",
+        "Run the whole pipeline on the embedded sample: generate it, prepare "
+        "shards with Ray Data, train every model (tiny presets) with 2 Ray Train workers, evaluate on the "
+        "test split with and without SMR, record the runs in MLflow and print a comparison.",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=3,
+        help="training epochs per model (default 3: seven trainings fit in ~15 min on 2 cores)",
+    )
     ns = parser.parse_intermixed_args(argv)
     setup_logging()
     return run_cli(lambda: run(config_from_args(ns.args), ns.epochs))

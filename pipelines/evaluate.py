@@ -1,4 +1,5 @@
 """`rsray evaluate CHECKPOINT`: a trained checkpoint scored on the test split, with and without SMR."""
+
 from __future__ import annotations
 
 import argparse
@@ -29,10 +30,12 @@ def run(ns) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="rsray evaluate", description="Score a checkpoint folder (state.pt + config.yaml, local or "
+        prog="rsray evaluate",
+        description="Score a checkpoint folder (state.pt + config.yaml, local or "
         "s3://) on a split of the prepared data it was trained on: i2t/t2i R@1/5/10, mR, median/mean "
         "rank and SR@1/5/10 where scenes exist, without and with SMR re-ranking. Weights load with "
-        "torch.load(weights_only=True): no arbitrary pickles.")
+        "torch.load(weights_only=True): no arbitrary pickles.",
+    )
     parser.add_argument("checkpoint", help="checkpoint folder written by `rsray train`")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--data", help="prepared output to read instead of the one in the checkpoint's config")

@@ -3,8 +3,10 @@
 SCORES.npy holds an images x captions similarity matrix; caption j belongs to image j // cpi
 (--captions-per-image, 5 in the benchmarks). The scenes file has one scene per image, line by
 line, an empty line meaning no scene. With --smr the matrix is re-ranked first: every number is
-then the re-ranked one, and the JSON also carries smr_k, smr_w and smr_beta. Useful for checking numbers from elsewhere against the same evaluator.
+then the re-ranked one, and the JSON also carries smr_k, smr_w and smr_beta. Useful for checking
+numbers from elsewhere against the same evaluator.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +46,10 @@ def load_scores(path: str, captions_per_image: int):
     if n_txt % captions_per_image:
         raise ValueError(f"{path}: {n_txt} captions is not a multiple of --captions-per-image {captions_per_image}")
     if n_txt != n_img * captions_per_image:
-        raise ValueError(f"{path}: {n_img} images x {captions_per_image} captions each needs {n_img * captions_per_image} "
-                         f"caption columns, got {n_txt}")
+        raise ValueError(
+            f"{path}: {n_img} images x {captions_per_image} captions each needs {n_img * captions_per_image} "
+            f"caption columns, got {n_txt}"
+        )
     S = torch.from_numpy(scores.astype(np.float64 if scores.dtype == np.float64 else np.float32))
     if torch.isnan(S).any():
         raise ValueError(f"{path}: the matrix holds NaN scores")
@@ -58,14 +62,15 @@ def read_scenes(path: str, n_images: int) -> list[str | None]:
         raise FileNotFoundError(f"{path}: no such scenes file")
     lines = [line.strip() for line in Path(path).read_text().splitlines()]
     if len(lines) != n_images:
-        raise ValueError(f"{path}: {len(lines)} lines for {n_images} images: give one scene per image "
-                         f"(an empty line for none)")
+        raise ValueError(
+            f"{path}: {len(lines)} lines for {n_images} images: give one scene per image (an empty line for none)"
+        )
     return [line or None for line in lines]
 
 
 def format_table(metrics: dict[str, float], title: str) -> str:
     """A readable table, two decimals, one row per direction."""
-    ks = [key[len("i2t_R"):] for key in metrics if key.startswith("i2t_R")]
+    ks = [key[len("i2t_R") :] for key in metrics if key.startswith("i2t_R")]
     columns = [(f"R@{k}", f"R{k}") for k in ks] + [("medr", "medr"), ("meanr", "meanr")]
     columns += [(f"SR@{k}", f"SR{k}") for k in ks if f"i2t_SR{k}" in metrics or f"t2i_SR{k}" in metrics]
     lines = [title, "       " + "".join(f"{name:>9}" for name, _ in columns)]
@@ -77,11 +82,14 @@ def format_table(metrics: dict[str, float], title: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="rsray metrics", epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     description="Compute R@1/5/10, mR, median/mean rank and, with "
-                                     "--scenes, SR@1/5/10 from a saved images x captions similarity "
-                                     "matrix (caption j belongs to image j // captions-per-image).")
+    parser = argparse.ArgumentParser(
+        prog="rsray metrics",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compute R@1/5/10, mR, median/mean rank and, with "
+        "--scenes, SR@1/5/10 from a saved images x captions similarity "
+        "matrix (caption j belongs to image j // captions-per-image).",
+    )
     parser.add_argument("scores", metavar="SCORES.npy", help="similarity matrix saved with numpy.save")
     parser.add_argument("--captions-per-image", type=int, default=5, metavar="N", help="default 5")
     parser.add_argument("--scenes", metavar="FILE", help="one scene per image, line by line; empty line = none")
@@ -111,8 +119,9 @@ def main(argv=None) -> int:
         if ns.json:
             print(json.dumps(metrics))
         else:
-            title = (f"{ns.scores}: {S.shape[0]} images x {S.shape[1]} captions ({ns.captions_per_image} per image)"
-                     + (f", after SMR (k={smr.k}, w={smr.w:g}, beta={smr.beta:g})" if ns.smr else ""))
+            title = f"{ns.scores}: {S.shape[0]} images x {S.shape[1]} captions ({ns.captions_per_image} per image)" + (
+                f", after SMR (k={smr.k}, w={smr.w:g}, beta={smr.beta:g})" if ns.smr else ""
+            )
             print(format_table(metrics, title))
         return 0
 

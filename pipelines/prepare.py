@@ -1,4 +1,5 @@
 """`rsray prepare`: a dataset -> validated, resized, tokenized Parquet shards + manifest.json."""
+
 from __future__ import annotations
 
 import logging
@@ -15,17 +16,21 @@ def run(cfg, force: bool = False):
     result = prepare(cfg, force=force)
     counts = result.manifest["counts"]
     splits = ", ".join(f"{name} {info['images']}" for name, info in result.manifest["splits"].items())
-    print(f"prepared {result.output}: {counts['written']} images ({splits}), "
-          f"{counts['rejected']} rejected, {result.seconds:.1f}s"
-          + (" (already up to date)" if result.skipped else ""))
+    print(
+        f"prepared {result.output}: {counts['written']} images ({splits}), "
+        f"{counts['rejected']} rejected, {result.seconds:.1f}s" + (" (already up to date)" if result.skipped else "")
+    )
     return result
 
 
 def main(argv=None) -> int:
-    parser = stage_parser("rsray prepare", "Read a dataset's annotations and images, reject bad records "
-                          "with a reason, resize and re-encode images once, tokenize captions, and write "
-                          "Parquet shards per split plus manifest.json to prepare.output (a folder or "
-                          "s3://bucket/prefix). Re-running on unchanged input does nothing.")
+    parser = stage_parser(
+        "rsray prepare",
+        "Read a dataset's annotations and images, reject bad records "
+        "with a reason, resize and re-encode images once, tokenize captions, and write "
+        "Parquet shards per split plus manifest.json to prepare.output (a folder or "
+        "s3://bucket/prefix). Re-running on unchanged input does nothing.",
+    )
     parser.add_argument("--force", action="store_true", help="rewrite even if the output is up to date")
     ns = parser.parse_intermixed_args(argv)
     setup_logging()

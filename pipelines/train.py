@@ -1,4 +1,5 @@
 """`rsray train`: train one model on Ray Train (DDP workers), checkpointing every epoch."""
+
 from __future__ import annotations
 
 import sys
@@ -8,10 +9,9 @@ from rsray.cli import config_from_args, run_cli, setup_logging, stage_parser
 
 def run(cfg):
     from rsray.models import model_config
+    from rsray.tracking import TrackingUnavailable, ui_command
     from rsray.train.loop import selection_metric
     from rsray.train.run import TrainingFailed, best_checkpoint, epoch_line, train
-
-    from rsray.tracking import TrackingUnavailable, ui_command
 
     try:
         result = train(cfg)
@@ -25,24 +25,32 @@ def run(cfg):
     print(f"run folder: {result.path}")
     print(f"best checkpoint ({selection_metric(model_config(cfg))}): {best.path if best else 'none'}")
     if getattr(result, "mlflow_link", ""):
-        print(f"MLflow run {result.mlflow_run_id}: {result.mlflow_link}"
-              + (f"   (start the UI with: {ui_command(cfg.tracking.uri)})"
-                 if cfg.tracking.uri.startswith("sqlite") else ""))
+        print(
+            f"MLflow run {result.mlflow_run_id}: {result.mlflow_link}"
+            + (
+                f"   (start the UI with: {ui_command(cfg.tracking.uri)})"
+                if cfg.tracking.uri.startswith("sqlite")
+                else ""
+            )
+        )
     return 0
 
 
 def main(argv=None) -> int:
-    parser = stage_parser("rsray train", "Train the configured model on the prepared output train.data with "
-                          "Ray Train: train.num_workers DDP workers read equal shards of the train split, "
-                          "rank 0 scores the whole validation split each epoch, and every epoch's "
-                          "checkpoint goes to train.storage_path/train.run_name (the best by val mR, or by "
-                          "the model's own selection metric, are kept). "
-                          "Models that start from an earlier stage train it first in the same command when "
-                          "its checkpoint key says `train`: e.g. model/priorclip with "
-                          "model.instruction_checkpoint=train trains model.instruction_stage (model/scene_prior, "
-                          "its own run <run_name>-scene_prior, best by val accuracy) and then PriorCLIP from "
-                          "that checkpoint; model/priorclip_open does the same for clip_checkpoint (stage 1, "
-                          "model/clip).")
+    parser = stage_parser(
+        "rsray train",
+        "Train the configured model on the prepared output train.data with "
+        "Ray Train: train.num_workers DDP workers read equal shards of the train split, "
+        "rank 0 scores the whole validation split each epoch, and every epoch's "
+        "checkpoint goes to train.storage_path/train.run_name (the best by val mR, or by "
+        "the model's own selection metric, are kept). "
+        "Models that start from an earlier stage train it first in the same command when "
+        "its checkpoint key says `train`: e.g. model/priorclip with "
+        "model.instruction_checkpoint=train trains model.instruction_stage (model/scene_prior, "
+        "its own run <run_name>-scene_prior, best by val accuracy) and then PriorCLIP from "
+        "that checkpoint; model/priorclip_open does the same for clip_checkpoint (stage 1, "
+        "model/clip).",
+    )
     ns = parser.parse_intermixed_args(argv)
     setup_logging()
     return run_cli(lambda: run(config_from_args(ns.args, default="train/cpu-tiny")))

@@ -5,6 +5,7 @@ same code. Every stage takes an optional config file (a path, or a name under co
 `presets/cpu-tiny`) followed by `key=value` overrides. Errors a user can fix are printed as one
 line and exit non-zero, without a traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,7 +13,7 @@ import importlib
 import logging
 import os
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from rsray.config import Config, ConfigError, load_config
 
@@ -34,10 +35,15 @@ overrides such as data.root=/data/rsitmd prepare.image_size=256. Run `rsray STAG
 
 def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """An argument parser with the shared `[config] [key=value ...]` positional arguments."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("args", nargs="*", metavar="[config.yaml] [key=value ...]",
-                        help="optional config file, then overrides (dotted keys)")
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "args",
+        nargs="*",
+        metavar="[config.yaml] [key=value ...]",
+        help="optional config file, then overrides (dotted keys)",
+    )
     return parser
 
 
@@ -49,8 +55,9 @@ def config_from_args(args: Sequence[str], default: str | None = "presets/sample"
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="rsray: %(message)s",
-                        stream=sys.stderr, force=True)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="rsray: %(message)s", stream=sys.stderr, force=True
+    )
 
 
 def run_cli(fn: Callable[[], int | None]) -> int:
@@ -78,9 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
         lines = [f"  {name:<9} {summary}" for name, (_, summary) in STAGES.items()]
-        print("usage: rsray STAGE [config.yaml] [key=value ...]\n\n"
-              "rsray trains and compares remote-sensing image-text retrieval models on Ray.\n\n"
-              "stages:\n" + "\n".join(lines) + "\n\n" + EPILOG)
+        print(
+            "usage: rsray STAGE [config.yaml] [key=value ...]\n\n"
+            "rsray trains and compares remote-sensing image-text retrieval models on Ray.\n\n"
+            "stages:\n" + "\n".join(lines) + "\n\n" + EPILOG
+        )
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module = importlib.import_module(STAGES[argv[0]][0])
     return module.main(argv[1:])

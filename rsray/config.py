@@ -5,15 +5,17 @@ merged first and the file's own keys win, then the command-line overrides win ov
 Every key remembers where it was set, so an error names both the key and the file (or the
 command line) a user has to fix.
 """
+
 from __future__ import annotations
 
 import copy
 import dataclasses
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
@@ -27,9 +29,11 @@ class ConfigError(ValueError):
 
 # ----------------------------------------------------------------------------- sections
 
+
 @dataclass
 class ValidationConfig:
     """Where validation images come from: a fixed split in the annotations, or k folds of train."""
+
     mode: str = "folds"  # "folds": fold `fold` of `folds` drawn from train with `seed`; "fixed"
     folds: int = 5  # 5 folds = the protocol's 80/20 train/validation
     fold: int = 0
@@ -47,6 +51,7 @@ class ValidationConfig:
 @dataclass
 class DataConfig:
     """A dataset as the user has it on disk: annotation format, where files are, scene rule."""
+
     name: str = "rsray_sample"
     format: str = "karpathy"  # karpathy | precomp | pir | table
     root: str = "data/sample"  # folder holding the annotations
@@ -84,6 +89,7 @@ class DataConfig:
 @dataclass
 class PrepareConfig:
     """How the prepare stage writes shards: size, encoding, destination, tolerance for bad input."""
+
     output: str = "data/prepared/rsray_sample"  # local folder or s3://bucket/prefix
     image_size: int = 128  # images are resized (shorter side, then centre crop) once, here
     image_encoding: str = "jpeg"  # jpeg | png: re-encoded once at the prepared size
@@ -111,6 +117,7 @@ class PrepareConfig:
 @dataclass
 class SampleConfig:
     """The embedded sample dataset: drawn procedurally, so the demo needs no download."""
+
     images: int = 1000
     image_size: int = 128
     seed: int = 0
@@ -125,6 +132,7 @@ class SampleConfig:
 @dataclass
 class TrainConfig:
     """How a model is trained on Ray Train: workers, epochs, batches, checkpoints, fault tolerance."""
+
     data: str = "data/prepared/rsray_sample"  # a prepared output (folder or s3://) with manifest.json
     epochs: int = 10
     batch_size: int = 32  # per worker
@@ -171,6 +179,7 @@ class TrainConfig:
 @dataclass
 class TrackingConfig:
     """Where runs are recorded: MLflow tracking URI (a local SQLite file or an http:// server)."""
+
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "rsray"
     enabled: bool = True
@@ -187,6 +196,7 @@ class TrackingConfig:
 @dataclass
 class Config:
     """Everything one rsray command needs; sections are added as stages land."""
+
     data: DataConfig = field(default_factory=DataConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -215,8 +225,10 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain data (what gets written out and logged)."""
+
         def plain(value):
             return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+
         return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "origins"}
 
     def save(self, path: str | Path) -> None:
@@ -224,6 +236,7 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- loading
+
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read `path` (with its defaults chain), apply `key=value` overrides, type-check, validate."""
@@ -251,6 +264,7 @@ def config_from_dict(data: dict[str, Any], source: str = "resolved config") -> C
 
 # ----------------------------------------------------------------------------- reading trees
 # The pieces load_config is made of, public for other files that embed a training config (sweeps).
+
 
 def find_config_file(path: str | Path, what: str = "config file") -> Path:
     """A path as given, or a name under the project's conf/ folder (`presets/cpu-tiny`)."""
@@ -340,6 +354,7 @@ def _record_leaves(node: dict, origins: dict, source: str, prefix: str) -> None:
 
 def build_section(cls: type, data: Any, prefix: str, origins: dict[str, str]):
     """Construct dataclass `cls` from plain data, refusing unknown keys and wrong types."""
+
     def fail(key: str, problem: str) -> ConfigError:
         return ConfigError(f"{origins.get(key, origins.get(prefix.rstrip('.'), 'defaults'))}: {key}: {problem}")
 

@@ -13,6 +13,7 @@ their hardest-negative mining is defined on the local batch in the papers.
 
 Outside a process group (one process, tests, evaluation) every function returns its input.
 """
+
 from __future__ import annotations
 
 import torch

@@ -3,6 +3,7 @@
 Each function returns a matplotlib `Figure` built without pyplot (no global state, safe in Ray
 workers and threads); save it with `fig.savefig(path)` or `Tracker.log_figure(fig, name)`.
 """
+
 from __future__ import annotations
 
 import io
@@ -34,12 +35,14 @@ def loss_and_mr_curves(history: Sequence[dict[str, Any]]) -> Figure:
     mrs = [k for k in keys if k.endswith("mR")]
     fig = Figure(figsize=(10, 4), layout="constrained")
     left, right = fig.subplots(1, 2)
-    for ax, names, title, ylabel in ((left, losses, "training loss", "loss (epoch mean)"),
-                                     (right, mrs, "validation mR", "mR (%)")):
+    for ax, names, title, ylabel in (
+        (left, losses, "training loss", "loss (epoch mean)"),
+        (right, mrs, "validation mR", "mR (%)"),
+    ):
         for name in names:
-            points = [(e, h[name]) for e, h in zip(epochs, history) if h.get(name) is not None]
+            points = [(e, h[name]) for e, h in zip(epochs, history, strict=True) if h.get(name) is not None]
             if points:
-                xs, ys = zip(*points)
+                xs, ys = zip(*points, strict=True)
                 style = {"linewidth": 2.5} if name.endswith(("total", "/mR")) else {"linewidth": 1.2, "alpha": 0.8}
                 ax.plot(xs, ys, marker="o", markersize=3, label=name.split("/", 1)[-1], **style)
         ax.set(title=title, xlabel="epoch", ylabel=ylabel)
@@ -52,19 +55,20 @@ def loss_and_mr_curves(history: Sequence[dict[str, Any]]) -> Figure:
     return fig
 
 
-def retrieval_grid(query_captions: Sequence[str], top_images: Sequence[Sequence[Any]],
-                   hits: Sequence[Sequence[bool]]) -> Figure:
+def retrieval_grid(
+    query_captions: Sequence[str], top_images: Sequence[Sequence[Any]], hits: Sequence[Sequence[bool]]
+) -> Figure:
     """Text-to-image: one row per query caption, then its top-k images in rank order, each framed
     green (a correct image) or red."""
     k = max((len(row) for row in top_images), default=1)
     n = len(query_captions)
     fig = Figure(figsize=(2.2 + 1.7 * k, 1.8 * max(n, 1)), layout="constrained")
     grid = fig.add_gridspec(max(n, 1), k + 1, width_ratios=[1.3] + [1] * k)
-    for row, (caption, images, marks) in enumerate(zip(query_captions, top_images, hits)):
+    for row, (caption, images, marks) in enumerate(zip(query_captions, top_images, hits, strict=True)):
         text_ax = fig.add_subplot(grid[row, 0])
         text_ax.axis("off")
         text_ax.text(1, 0.5, textwrap.fill(caption, 26), va="center", ha="right", fontsize=8.5)
-        for col, (image, hit) in enumerate(zip(images, marks)):
+        for col, (image, hit) in enumerate(zip(images, marks, strict=True)):
             ax = fig.add_subplot(grid[row, col + 1])
             ax.imshow(_image(image))
             _frame(ax, hit)
@@ -74,32 +78,48 @@ def retrieval_grid(query_captions: Sequence[str], top_images: Sequence[Sequence[
     return fig
 
 
-def retrieval_grid_i2t(query_images: Sequence[Any], top_captions: Sequence[Sequence[str]],
-                       hits: Sequence[Sequence[bool]]) -> Figure:
+def retrieval_grid_i2t(
+    query_images: Sequence[Any], top_captions: Sequence[Sequence[str]], hits: Sequence[Sequence[bool]]
+) -> Figure:
     """Image-to-text: one row per query image, then its top-k captions in rank order, each
     coloured green (a caption of that image) or red."""
     n = len(query_images)
     fig = Figure(figsize=(9, 1.9 * max(n, 1)), layout="constrained")
     grid = fig.add_gridspec(max(n, 1), 2, width_ratios=[1, 4.5])
-    for row, (image, captions, marks) in enumerate(zip(query_images, top_captions, hits)):
+    for row, (image, captions, marks) in enumerate(zip(query_images, top_captions, hits, strict=True)):
         ax = fig.add_subplot(grid[row, 0])
         ax.imshow(_image(image))
         ax.set_xticks([]), ax.set_yticks([])
         text_ax = fig.add_subplot(grid[row, 1])
         text_ax.axis("off")
         slots = max(len(captions), 1)
-        for i, (caption, hit) in enumerate(zip(captions, marks)):
+        for i, (caption, hit) in enumerate(zip(captions, marks, strict=True)):
             line = f"#{i + 1} {'✓' if hit else '✗'}  {textwrap.shorten(caption, 90)}"
-            text_ax.text(0, 1 - (i + 0.5) / slots, line, va="center", ha="left", fontsize=8,
-                         color=HIT if hit else MISS, transform=text_ax.transAxes)
-    fig.suptitle(f"image → text: top-{max((len(c) for c in top_captions), default=0)} "
-                 "(green = a caption of that image)", fontsize=10)
+            text_ax.text(
+                0,
+                1 - (i + 0.5) / slots,
+                line,
+                va="center",
+                ha="left",
+                fontsize=8,
+                color=HIT if hit else MISS,
+                transform=text_ax.transAxes,
+            )
+    fig.suptitle(
+        f"image → text: top-{max((len(c) for c in top_captions), default=0)} (green = a caption of that image)",
+        fontsize=10,
+    )
     return fig
 
 
-def embedding_projection(image_emb: torch.Tensor | np.ndarray, text_emb: torch.Tensor | np.ndarray,
-                         image_scenes: Sequence[str | None], caption_scenes: Sequence[str | None],
-                         max_points: int = 3000, seed: int = 0) -> Figure:
+def embedding_projection(
+    image_emb: torch.Tensor | np.ndarray,
+    text_emb: torch.Tensor | np.ndarray,
+    image_scenes: Sequence[str | None],
+    caption_scenes: Sequence[str | None],
+    max_points: int = 3000,
+    seed: int = 0,
+) -> Figure:
     """Images (circles) and captions (crosses) in one 2-D PCA of the shared embedding space,
     coloured by scene. Features are L2-normalised first, as retrieval compares them."""
     images, texts = _as_2d(image_emb), _as_2d(text_emb)
@@ -127,24 +147,50 @@ def embedding_projection(image_emb: torch.Tensor | np.ndarray, text_emb: torch.T
         for k, marker, size, alpha in ((1, "x", 14, 0.45), (0, "o", 42, 0.95)):
             sel = [i for i in keep if kind[i] == k and scenes[i] == name]
             if sel:
-                ax.scatter(xy[sel, 0], xy[sel, 1], c=[colour], marker=marker, s=size, alpha=alpha,
-                           linewidths=1.0 if k else 0.6, edgecolors="black" if k == 0 else None)
-    scene_handles = [Line2D([], [], marker="s", linestyle="", color=colours(i % colours.N), label=n)
-                     for i, n in enumerate(names)]
-    kind_handles = [Line2D([], [], marker="o", linestyle="", color="gray", label="image"),
-                    Line2D([], [], marker="x", linestyle="", color="gray", label="caption")]
+                ax.scatter(
+                    xy[sel, 0],
+                    xy[sel, 1],
+                    c=[colour],
+                    marker=marker,
+                    s=size,
+                    alpha=alpha,
+                    linewidths=1.0 if k else 0.6,
+                    edgecolors="black" if k == 0 else None,
+                )
+    scene_handles = [
+        Line2D([], [], marker="s", linestyle="", color=colours(i % colours.N), label=n) for i, n in enumerate(names)
+    ]
+    kind_handles = [
+        Line2D([], [], marker="o", linestyle="", color="gray", label="image"),
+        Line2D([], [], marker="x", linestyle="", color="gray", label="caption"),
+    ]
     first = ax.legend(handles=kind_handles, loc="upper left", fontsize=8)
     ax.add_artist(first)
-    ax.legend(handles=scene_handles, title="scene", fontsize=7, title_fontsize=8, loc="upper left",
-              bbox_to_anchor=(1.01, 1), ncols=1 if len(names) <= 24 else 2, frameon=False)
-    ax.set(title=f"embeddings, PCA to 2-D ({len(images)} images, {len(texts)} captions)",
-           xlabel="PC 1", ylabel="PC 2")
+    ax.legend(
+        handles=scene_handles,
+        title="scene",
+        fontsize=7,
+        title_fontsize=8,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1),
+        ncols=1 if len(names) <= 24 else 2,
+        frameon=False,
+    )
+    ax.set(title=f"embeddings, PCA to 2-D ({len(images)} images, {len(texts)} captions)", xlabel="PC 1", ylabel="PC 2")
     ax.grid(alpha=0.2)
     return fig
 
 
-def split_figures(scores: torch.Tensor, caption_image: torch.Tensor, table: Any, image_features: Any = None,
-                  text_features: Any = None, queries: int = 4, k: int = 5, seed: int = 0) -> dict[str, Figure]:
+def split_figures(
+    scores: torch.Tensor,
+    caption_image: torch.Tensor,
+    table: Any,
+    image_features: Any = None,
+    text_features: Any = None,
+    queries: int = 4,
+    k: int = 5,
+    seed: int = 0,
+) -> dict[str, Figure]:
     """The figures a person looks at after a run, from one scored split (`rsray.train.loop.SplitScores`
     fields and its Arrow table with `image`, `captions`, `scene`): t2i and i2t top-k grids for
     `queries` sample queries drawn with `seed` (the same queries every run, so runs compare), and
@@ -161,23 +207,32 @@ def split_figures(scores: torch.Tensor, caption_image: torch.Tensor, table: Any,
     text_queries = sorted(rng.choice(len(captions), min(queries, len(captions)), replace=False).tolist())
     top_images = [scores[:, j].topk(k).indices.tolist() for j in text_queries]
     figures["retrieval_t2i.png"] = retrieval_grid(
-        [captions[j] for j in text_queries], [[images[i] for i in row] for row in top_images],
-        [[i == owner[j] for i in row] for j, row in zip(text_queries, top_images)])
+        [captions[j] for j in text_queries],
+        [[images[i] for i in row] for row in top_images],
+        [[i == owner[j] for i in row] for j, row in zip(text_queries, top_images, strict=True)],
+    )
 
     image_queries = sorted(rng.choice(len(images), min(queries, len(images)), replace=False).tolist())
     top_captions = [scores[i].topk(k).indices.tolist() for i in image_queries]
     figures["retrieval_i2t.png"] = retrieval_grid_i2t(
-        [images[i] for i in image_queries], [[captions[j] for j in row] for row in top_captions],
-        [[owner[j] == i for j in row] for i, row in zip(image_queries, top_captions)])
+        [images[i] for i in image_queries],
+        [[captions[j] for j in row] for row in top_captions],
+        [[owner[j] == i for j in row] for i, row in zip(image_queries, top_captions, strict=True)],
+    )
 
-    if torch.is_tensor(image_features) and torch.is_tensor(text_features) \
-            and image_features.shape[-1] == text_features.shape[-1]:
+    if (
+        torch.is_tensor(image_features)
+        and torch.is_tensor(text_features)
+        and image_features.shape[-1] == text_features.shape[-1]
+    ):
         figures["embedding_projection.png"] = embedding_projection(
-            image_features, text_features, scenes, [scenes[i] for i in owner], seed=seed)
+            image_features, text_features, scenes, [scenes[i] for i in owner], seed=seed
+        )
     return figures
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 def _as_2d(x: torch.Tensor | np.ndarray) -> torch.Tensor:
     """[n, d] float32 on CPU; token- or region-level features [n, ..., d] are averaged."""

@@ -7,6 +7,7 @@ Conventions, used by every function here:
               other (five captions per image, or one image drawn twice in a batch): no loss ever
               pushes them apart. None means every row is a different image.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,9 @@ def positive_mask(image_ids: torch.Tensor | None, n: int, device: torch.device |
     return image_ids[:, None] == image_ids[None, :]
 
 
-def triplet_loss(scores: torch.Tensor, image_ids: torch.Tensor | None = None, margin: float = 0.2,
-                 max_violation: bool = True) -> torch.Tensor:
+def triplet_loss(
+    scores: torch.Tensor, image_ids: torch.Tensor | None = None, margin: float = 0.2, max_violation: bool = True
+) -> torch.Tensor:
     """Bidirectional hinge triplet loss (VSE++), summed over the batch.
 
     Image-to-text: for image i, every caption j of another image costs
@@ -64,8 +66,9 @@ class LogitScale(nn.Module):
         return self.log_scale.clamp(max=self.max_log).exp()
 
 
-def info_nce_loss(scores: torch.Tensor, logit_scale: torch.Tensor | float,
-                  image_ids: torch.Tensor | None = None) -> torch.Tensor:
+def info_nce_loss(
+    scores: torch.Tensor, logit_scale: torch.Tensor | float, image_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """Symmetric InfoNCE with multi-positive targets, averaged over rows and both directions.
 
     Logits are `logit_scale * scores`. Each row's target is spread evenly over its positives: all
@@ -89,8 +92,9 @@ def intra_class_loss(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.T
     return (1 - F.cosine_similarity(image_emb, text_emb, dim=-1)).mean()
 
 
-def affiliation_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scene_ids: torch.Tensor,
-                     logit_scale: torch.Tensor | float) -> torch.Tensor:
+def affiliation_loss(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, scene_ids: torch.Tensor, logit_scale: torch.Tensor | float
+) -> torch.Tensor:
     """PriorCLIP's affiliation loss: pull each sample towards its scene's centre in the other modality.
 
     Per batch, the centre of scene c is the mean image embedding (resp. mean text embedding) of

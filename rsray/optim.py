@@ -4,10 +4,12 @@ Every model config extends `OptimiserConfig` (or `WarmupAdamWConfig`), so the sa
 same thing in every model section (`model.lr`, `model.weight_decay`, `model.schedule`, ...) and
 are checked in one place. A model config changes a default by declaring the field again.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,6 +19,7 @@ from torch import nn
 class OptimiserConfig:
     """Adam with a step decay, as VSE++, SWAN and DOVE train: lr x `lr_decay` every `decay_every`
     epochs. Model configs call `yield from super().check()` in their own `check`."""
+
     optimizer: str = "adam"  # adam | adamw
     lr: float = 2e-4
     weight_decay: float = 0.0
@@ -49,6 +52,7 @@ class OptimiserConfig:
 class WarmupAdamWConfig(OptimiserConfig):
     """AdamW with a linear warm-up over the first 10% of the optimizer steps, then a linear decay
     to 0 (transformers' linear schedule), as PriorCLIP trains; the CLIP fine-tune uses it too."""
+
     optimizer: str = "adamw"
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
@@ -56,16 +60,18 @@ class WarmupAdamWConfig(OptimiserConfig):
     warmup: float = 0.1
 
 
-def make_optimizer(model: nn.Module, model_cfg: OptimiserConfig, total_steps: int | None = None
-                   ) -> tuple[torch.optim.Optimizer, Any]:
+def make_optimizer(
+    model: nn.Module, model_cfg: OptimiserConfig, total_steps: int | None = None
+) -> tuple[torch.optim.Optimizer, Any]:
     """The config's optimizer over the model's trainable parameters, and its learning-rate schedule.
 
     `step` returns a StepLR the caller steps once per epoch; `linear_warmup` needs the run's
     `total_steps` and is stepped after every optimizer step (see `steps_per_batch`)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[model_cfg.optimizer]
-    optimizer = optimizer_cls(params, lr=model_cfg.lr, betas=tuple(model_cfg.betas),
-                              weight_decay=model_cfg.weight_decay)
+    optimizer = optimizer_cls(
+        params, lr=model_cfg.lr, betas=tuple(model_cfg.betas), weight_decay=model_cfg.weight_decay
+    )
     if steps_per_batch(model_cfg):
         from transformers import get_linear_schedule_with_warmup
 

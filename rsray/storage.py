@@ -4,6 +4,7 @@ Ray Data, Parquet and our manifests all speak pyarrow filesystems, so a stage wr
 `resolve()` runs unchanged on a laptop folder, AWS S3, or any S3 endpoint (MinIO, moto) named
 by `AWS_ENDPOINT_URL_S3` or the config's `s3_endpoint`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,11 +19,12 @@ import pyarrow.fs as pafs
 @dataclass(frozen=True)
 class Location:
     """A filesystem plus a path inside it (no scheme)."""
+
     fs: pafs.FileSystem
     path: str
     uri: str
 
-    def join(self, *parts: str) -> "Location":
+    def join(self, *parts: str) -> Location:
         path = "/".join([self.path.rstrip("/"), *parts])
         uri = "/".join([self.uri.rstrip("/"), *parts])
         return Location(self.fs, path, uri)
@@ -62,12 +64,12 @@ def resolve(uri: str | Path, endpoint: str | None = None) -> Location:
     uri = str(uri)
     if is_s3(uri):
         endpoint = s3_endpoint(endpoint)
-        kwargs = {"region": s3_region(uri[len("s3://"):].split("/", 1)[0], endpoint)}
+        kwargs = {"region": s3_region(uri[len("s3://") :].split("/", 1)[0], endpoint)}
         if endpoint:
             kwargs["endpoint_override"] = endpoint
             if endpoint.startswith("http://"):
                 kwargs["scheme"] = "http"
-        return Location(pafs.S3FileSystem(**kwargs), uri[len("s3://"):].rstrip("/"), uri.rstrip("/"))
+        return Location(pafs.S3FileSystem(**kwargs), uri[len("s3://") :].rstrip("/"), uri.rstrip("/"))
     path = str(Path(uri).expanduser().resolve())
     return Location(pafs.LocalFileSystem(), path, path)
 

@@ -38,6 +38,7 @@ opened twice. A trial whose Train run had already finished replays its recorded 
 without training. Tune does not save its scheduler; ASHA's rungs are refilled from what Tune
 recorded of each trial's results, so early stopping after a resume still compares every trial.
 """
+
 from __future__ import annotations
 
 import copy
@@ -73,9 +74,11 @@ TAG_SWEEP, TAG_ROLE, TAG_TRIAL, TAG_EARLY = "sweep_id", "sweep_role", "trial_id"
 
 # ----------------------------------------------------------------------------- the sweep section
 
+
 @dataclass
 class SearchSettings:
     """How trial values are drawn."""
+
     # auto: Optuna's TPE when optuna is installed and no key is a grid, else grid or random
     algorithm: str = "auto"  # auto | random | grid | optuna
     num_samples: int = 1  # random/optuna: trials drawn (a grid is crossed with every draw); grid: repeats
@@ -92,6 +95,7 @@ class SearchSettings:
 class SchedulerSettings:
     """Which trials stop early. ASHA compares trials on the sweep metric after `grace_period`
     epochs, then every `reduction_factor` times as many, keeping the top 1/reduction_factor."""
+
     name: str = "auto"  # auto (asha for training sweeps, fifo for evaluation-only ones) | asha | fifo
     grace_period: int = 1  # epochs every trial runs before it may be stopped
     reduction_factor: float = 2.0
@@ -111,6 +115,7 @@ class SchedulerSettings:
 @dataclass
 class SweepSettings:
     """The `sweep:` section of a sweep file."""
+
     kind: str = "train"  # train: every trial is a Ray Train run | smr: re-rank one checkpoint's scores
     name: str = ""  # the sweep's folder under storage_path and its MLflow parent run; default: file name
     space: dict[str, Any] = field(default_factory=dict)  # config key -> {grid|choice|uniform|loguniform|randint: [...]}
@@ -153,6 +158,7 @@ class SweepSettings:
 class Param:
     """One swept key: `kind` grid/choice with `values`, or uniform/loguniform/randint with `values`
     = [low, high] (randint: both included)."""
+
     key: str
     kind: str
     values: list[Any]
@@ -182,6 +188,7 @@ class Param:
 @dataclass
 class Sweep:
     """A loaded, checked sweep: its settings, the swept keys and the training config they vary."""
+
     path: str
     settings: SweepSettings
     params: list[Param]
@@ -217,18 +224,31 @@ class Sweep:
     def error(self, key: str, problem: str) -> ConfigError:
         """A one-line error naming `key` and the file (or command line) that set it, or its section."""
         parts = key.split(".")
-        source = next((self.origins[k] for k in (".".join(parts[:n]) for n in range(len(parts), 0, -1))
-                       if k in self.origins), "defaults")
+        source = next(
+            (self.origins[k] for k in (".".join(parts[:n]) for n in range(len(parts), 0, -1)) if k in self.origins),
+            "defaults",
+        )
         return ConfigError(f"{source}: {key}: {problem}")
 
     def spec(self) -> dict[str, Any]:
         """What must match for a sweep folder to be resumed: settings that shape the trials, and
         the training config they start from."""
         s = self.settings
-        return json.loads(json.dumps({
-            "kind": s.kind, "space": {p.key: {p.kind: p.values} for p in self.params}, "metric": self.metric,
-            "search": asdict(s.search), "scheduler": asdict(s.scheduler), "checkpoint": s.checkpoint,
-            "split": s.split, "config": self.base.to_dict()}, default=str))
+        return json.loads(
+            json.dumps(
+                {
+                    "kind": s.kind,
+                    "space": {p.key: {p.kind: p.values} for p in self.params},
+                    "metric": self.metric,
+                    "search": asdict(s.search),
+                    "scheduler": asdict(s.scheduler),
+                    "checkpoint": s.checkpoint,
+                    "split": s.split,
+                    "config": self.base.to_dict(),
+                },
+                default=str,
+            )
+        )
 
 
 def _join(root: str, *parts: str) -> str:
@@ -237,13 +257,15 @@ def _join(root: str, *parts: str) -> str:
 
 # ----------------------------------------------------------------------------- loading
 
+
 class _SweepYamlLoader(yaml.SafeLoader):
     """YAML 1.2 numbers: `1e-7` is a float (PyYAML follows YAML 1.1 and reads it as text). Our
     choice for sweep files and their overrides, where log-scale bounds are written this way."""
 
 
 _SweepYamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789."))
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789.")
+)
 
 
 def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
@@ -254,8 +276,9 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
     defaults = config_module.pop_defaults(tree, path)
     section = tree.pop("sweep", None)
     if not isinstance(section, dict):
-        raise ConfigError(f"{path}: sweep: missing or not a mapping (a sweep file is a training config "
-                          f"plus a `sweep:` section)")
+        raise ConfigError(
+            f"{path}: sweep: missing or not a mapping (a sweep file is a training config plus a `sweep:` section)"
+        )
 
     if isinstance(section.get("space"), dict):
         section["space"] = _flatten_space(section["space"])
@@ -270,7 +293,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
         key, value = config_module.parse_override(item, _SweepYamlLoader)
         space = sweep_tree["sweep"].setdefault("space", {}) if key.startswith("sweep.space.") else None
         if isinstance(space, dict):
-            swept, _, kind = key[len("sweep.space."):].rpartition(".")
+            swept, _, kind = key[len("sweep.space.") :].rpartition(".")
             swept, value = (swept, {kind: value}) if kind in KINDS else (f"{swept}.{kind}".strip("."), value)
             space[swept] = value  # a whole key's spec replaces the file's
             origins[f"sweep.space.{swept}"] = COMMAND_LINE
@@ -293,8 +316,12 @@ def _flatten_space(space: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for name, node in space.items():
         key = f"{prefix}{name}"
-        if isinstance(node, dict) and node and not any(k in KINDS for k in node) \
-                and all(isinstance(v, dict) for v in node.values()):
+        if (
+            isinstance(node, dict)
+            and node
+            and not any(k in KINDS for k in node)
+            and all(isinstance(v, dict) for v in node.values())
+        ):
             flat.update(_flatten_space(node, f"{key}."))
         else:
             flat[key] = node
@@ -364,7 +391,7 @@ def _check_params(sweep: Sweep) -> None:
             except ConfigError as exc:
                 problem = str(exc).split(": ", 1)[-1]  # drop the "sweep space" source
                 if problem.startswith(f"{param.key}: "):
-                    problem = problem[len(param.key) + 2:]
+                    problem = problem[len(param.key) + 2 :]
                 raise sweep.error(where, problem if "unknown key" in problem else f"{value!r}: {problem}") from None
 
 
@@ -394,8 +421,13 @@ def _candidates(sweep: Sweep, key: str, default: Any) -> list[Any]:
     """Every value `key` may take in this sweep (the base value when it is not swept)."""
     for param in sweep.params:
         if param.key == key:
-            return list(param.values) if param.kind in ("grid", "choice") else \
-                list(range(param.values[0], param.values[1] + 1)) if param.kind == "randint" else list(param.values)
+            return (
+                list(param.values)
+                if param.kind in ("grid", "choice")
+                else list(range(param.values[0], param.values[1] + 1))
+                if param.kind == "randint"
+                else list(param.values)
+            )
     return [default]
 
 
@@ -405,24 +437,30 @@ def _check_search(sweep: Sweep) -> None:
     if algorithm == "grid":
         for param in sweep.params:
             if param.kind != "grid":
-                raise sweep.error("sweep.search.algorithm", f"grid needs every key as a grid, but "
-                                  f"sweep.space.{param.key} is {param.kind}")
+                raise sweep.error(
+                    "sweep.search.algorithm",
+                    f"grid needs every key as a grid, but sweep.space.{param.key} is {param.kind}",
+                )
     if algorithm == "optuna":
         if not optuna_installed():
-            raise sweep.error("sweep.search.algorithm", "optuna is not installed (pip install optuna), "
-                              "or use random")
+            raise sweep.error("sweep.search.algorithm", "optuna is not installed (pip install optuna), or use random")
         for param in sweep.params:
             if param.kind == "grid":
-                raise sweep.error("sweep.search.algorithm", f"Optuna draws values itself: write "
-                                  f"sweep.space.{param.key} as choice, not grid")
+                raise sweep.error(
+                    "sweep.search.algorithm",
+                    f"Optuna draws values itself: write sweep.space.{param.key} as choice, not grid",
+                )
     if sweep.settings.kind == "train":
         scheduler = resolved_scheduler(sweep)
         if scheduler == "asha" and s.scheduler.grace_period > sweep.max_epochs:
-            raise sweep.error("sweep.scheduler.grace_period", f"{s.scheduler.grace_period} epochs exceed the "
-                              f"longest trial ({sweep.max_epochs} epochs)")
+            raise sweep.error(
+                "sweep.scheduler.grace_period",
+                f"{s.scheduler.grace_period} epochs exceed the longest trial ({sweep.max_epochs} epochs)",
+            )
     elif s.scheduler.name == "asha":
-        raise sweep.error("sweep.scheduler.name", "an smr sweep scores each trial once: nothing to stop early "
-                          "(use fifo)")
+        raise sweep.error(
+            "sweep.scheduler.name", "an smr sweep scores each trial once: nothing to stop early (use fifo)"
+        )
 
 
 def optuna_installed() -> bool:
@@ -450,6 +488,7 @@ def resolved_scheduler(sweep: Sweep) -> str:
 
 
 # ----------------------------------------------------------------------------- Tune pieces
+
 
 def max_concurrent_trials(sweep: Sweep, cluster: dict[str, float]) -> int:
     """Trials that fit at once: each needs its driver actor (`trial_cpus`) plus num_workers Train
@@ -489,8 +528,9 @@ def _scheduler(sweep: Sweep):
     if resolved_scheduler(sweep) == "fifo":
         return FIFOScheduler()
     s = sweep.settings.scheduler
-    return _asha_keeping_rungs(time_attr=EPOCHS_DONE, max_t=sweep.max_epochs, grace_period=s.grace_period,
-                               reduction_factor=s.reduction_factor)
+    return _asha_keeping_rungs(
+        time_attr=EPOCHS_DONE, max_t=sweep.max_epochs, grace_period=s.grace_period, reduction_factor=s.reduction_factor
+    )
 
 
 def _asha_keeping_rungs(**asha_options):
@@ -522,7 +562,8 @@ def recorded_results(trial) -> list[dict[str, Any]]:
         return []  # not `trial.last_result`: Tune fills that with defaults before a trial reports
     try:
         with trial.storage.storage_filesystem.open_input_stream(
-                f"{trial.storage.trial_fs_path}/{EXPR_RESULT_FILE}") as stream:
+            f"{trial.storage.trial_fs_path}/{EXPR_RESULT_FILE}"
+        ) as stream:
             text = stream.read().decode()
     except (FileNotFoundError, OSError):
         return []
@@ -553,6 +594,7 @@ def _epochs_to_tune(epochs: int):
 @dataclass
 class TrialContext:
     """What every trial's driver needs from the sweep (sent once through the object store)."""
+
     sweep_id: str
     sweep_name: str
     kind: str
@@ -572,20 +614,21 @@ def _child_tracker(context: TrialContext, cfg: Config, trial_id: str, params: di
         return NullTracker()
     number = trial_id.rsplit("_", 1)[-1]
     return Tracker.start_or_resume(
-        cfg.tracking, f"{context.sweep_name}-{number}",
+        cfg.tracking,
+        f"{context.sweep_name}-{number}",
         key_tags={TAG_SWEEP: context.sweep_id, TAG_ROLE: "trial", TAG_TRIAL: trial_id},
         params=cfg.to_dict() if context.kind == "train" else params,
         tags=context.tags,
-        parent_run_id=context.parent_run_id)
+        parent_run_id=context.parent_run_id,
+    )
 
 
 def _train_trial(params: dict[str, Any], context: TrialContext) -> None:
     """One trial of a training sweep (runs in its Tune actor): a full Ray Train run."""
     import ray.tune
+    from ray.data import DataContext
 
     from rsray.train.run import train
-
-    from ray.data import DataContext
 
     trial_id = ray.tune.get_context().get_trial_id()
     # This actor builds the trial's Ray Dataset, so its DataContext applies. No progress bars: with
@@ -607,8 +650,13 @@ def _train_trial(params: dict[str, Any], context: TrialContext) -> None:
     tracker.log_dict(cfg.to_dict(), "config.yaml")  # early-stopped trials never reach train()'s artifacts
     result = train(cfg, tracker=tracker, callbacks=[_epochs_to_tune(cfg.train.epochs)])
     last = (result.return_value or [result.metrics])[-1]
-    ray.tune.report({**last, EPOCHS_DONE: int(last["epoch"]) + 1,
-                     "checkpoint_path": result.checkpoint.path if result.checkpoint else None})
+    ray.tune.report(
+        {
+            **last,
+            EPOCHS_DONE: int(last["epoch"]) + 1,
+            "checkpoint_path": result.checkpoint.path if result.checkpoint else None,
+        }
+    )
 
 
 def finished_train_run(uri: str, epochs: int) -> list[dict[str, Any]] | None:
@@ -648,8 +696,9 @@ def _smr_trial(params: dict[str, Any], context: TrialContext, scored) -> None:
 
     trial_id = ray.tune.get_context().get_trial_id()
     smr = SMRConfig(**{key.split(".")[1]: value for key, value in params.items()})
-    metrics = retrieval_metrics(smr_rerank(scored.scores, k=smr.k, w=smr.w, beta=smr.beta),
-                                scored.caption_image, scored.scenes)
+    metrics = retrieval_metrics(
+        smr_rerank(scored.scores, k=smr.k, w=smr.w, beta=smr.beta), scored.caption_image, scored.scenes
+    )
     split = context.metric.split("/")[0]
     reported = {f"{split}/{k}": float(v) for k, v in metrics.items()}
     cfg = config_from_dict(context.base)
@@ -662,9 +711,11 @@ def _smr_trial(params: dict[str, Any], context: TrialContext, scored) -> None:
 
 # ----------------------------------------------------------------------------- the driver
 
+
 @dataclass
 class TrialSummary:
     """One row of the sweep's summary table."""
+
     trial_id: str
     params: dict[str, Any]
     status: str  # finished | early_stopped | error
@@ -683,6 +734,7 @@ class TrialSummary:
 @dataclass
 class SweepReport:
     """What a sweep produced: every trial, the best one and where its outputs went."""
+
     name: str
     folder: str
     metric: str
@@ -716,31 +768,54 @@ def run_sweep(sweep: Sweep) -> SweepReport:
     parent = NullTracker()
     if base.tracking.enabled:
         parent = Tracker.start_or_resume(
-            base.tracking, sweep.name, key_tags={TAG_SWEEP: sweep_id, TAG_ROLE: "parent"},
-            params=_parent_params(sweep), tags={**run_tags, "sweep_folder": sweep.folder})
+            base.tracking,
+            sweep.name,
+            key_tags={TAG_SWEEP: sweep_id, TAG_ROLE: "parent"},
+            params=_parent_params(sweep),
+            tags={**run_tags, "sweep_folder": sweep.folder},
+        )
         parent.set_tags({"max_concurrent_trials": concurrency})
         parent.log_dict(sweep.spec(), "sweep.json")
         parent.log_text(Path(sweep.path).read_text(), f"sweep_file/{Path(sweep.path).name}")
-    context = TrialContext(sweep_id, sweep.name, s.kind, base.to_dict(), _join(sweep.folder, TRIALS_FOLDER),
-                           parent.run_id, sweep.metric, run_tags, s.checkpoint, s.deterministic_data)
+    context = TrialContext(
+        sweep_id,
+        sweep.name,
+        s.kind,
+        base.to_dict(),
+        _join(sweep.folder, TRIALS_FOLDER),
+        parent.run_id,
+        sweep.metric,
+        run_tags,
+        s.checkpoint,
+        s.deterministic_data,
+    )
     trainable = _trainable(sweep, context, scored)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(s.state_save_s))
     fs = folder.fs if storage.is_s3(sweep.folder) else None
     try:
         if tune.Tuner.can_restore(folder.path, storage_filesystem=fs):
             log.info("resuming sweep %s from %s", sweep.name, sweep.folder)
-            tuner = tune.Tuner.restore(folder.path, trainable, resume_unfinished=True, resume_errored=True,
-                                       storage_filesystem=fs)
+            tuner = tune.Tuner.restore(
+                folder.path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs
+            )
             resumed = True
         else:
             tuner = tune.Tuner(
-                trainable, param_space={p.key: p.domain() for p in sweep.params},
+                trainable,
+                param_space={p.key: p.domain() for p in sweep.params},
                 tune_config=tune.TuneConfig(
-                    metric=sweep.metric, mode="max", search_alg=_search_algorithm(sweep, concurrency),
-                    scheduler=_scheduler(sweep), num_samples=s.search.num_samples, reuse_actors=False,
-                    trial_dirname_creator=_trial_dirname),
-                run_config=tune.RunConfig(name=sweep.name, storage_path=folder.path.rsplit("/", 1)[0],
-                                          storage_filesystem=fs, verbose=1))
+                    metric=sweep.metric,
+                    mode="max",
+                    search_alg=_search_algorithm(sweep, concurrency),
+                    scheduler=_scheduler(sweep),
+                    num_samples=s.search.num_samples,
+                    reuse_actors=False,
+                    trial_dirname_creator=_trial_dirname,
+                ),
+                run_config=tune.RunConfig(
+                    name=sweep.name, storage_path=folder.path.rsplit("/", 1)[0], storage_filesystem=fs, verbose=1
+                ),
+            )
         grid = tuner.fit()
     except KeyboardInterrupt:
         parent.end("KILLED")
@@ -751,12 +826,22 @@ def run_sweep(sweep: Sweep) -> SweepReport:
     unfinished = len(grid) - grid.num_terminated - grid.num_errors
     if unfinished:  # Tune stops on Ctrl-C after saving its state, and returns
         parent.end("KILLED")
-        raise SweepInterrupted(f"sweep {sweep.name} was interrupted with {unfinished} trial(s) unfinished; "
-                               f"run the same command again to resume it from {sweep.folder}")
+        raise SweepInterrupted(
+            f"sweep {sweep.name} was interrupted with {unfinished} trial(s) unfinished; "
+            f"run the same command again to resume it from {sweep.folder}"
+        )
     trials = summarize(grid, sweep)
     _reconcile_child_runs(base, sweep_id, trials)
-    report = SweepReport(sweep.name, sweep.folder, sweep.metric, trials, best_trial(trials),
-                         parent_run_id=parent.run_id, mlflow_link=parent.ui_link(), resumed=resumed)
+    report = SweepReport(
+        sweep.name,
+        sweep.folder,
+        sweep.metric,
+        trials,
+        best_trial(trials),
+        parent_run_id=parent.run_id,
+        mlflow_link=parent.ui_link(),
+        resumed=resumed,
+    )
     _finish(sweep, base, report, parent)
     parent.end("FINISHED" if report.best is not None else "FAILED")
     return report
@@ -774,10 +859,14 @@ def _claim_folder(sweep: Sweep, folder) -> tuple[str, bool]:
     if storage.exists(spec_file):
         stored = json.loads(storage.read_bytes(spec_file))
         if stored["spec"] != sweep.spec():
-            changed = sorted(k for k in set(stored["spec"]) | set(sweep.spec())
-                             if stored["spec"].get(k) != sweep.spec().get(k))
-            raise sweep.error("sweep.name", f"{sweep.folder} holds a different sweep (changed: {', '.join(changed)}); "
-                              f"choose another sweep.name or remove that folder")
+            changed = sorted(
+                k for k in set(stored["spec"]) | set(sweep.spec()) if stored["spec"].get(k) != sweep.spec().get(k)
+            )
+            raise sweep.error(
+                "sweep.name",
+                f"{sweep.folder} holds a different sweep (changed: {', '.join(changed)}); "
+                f"choose another sweep.name or remove that folder",
+            )
         return stored["sweep_id"], True
     sweep_id = uuid.uuid4().hex
     storage.write_bytes(spec_file, json.dumps({"sweep_id": sweep_id, "spec": sweep.spec()}, indent=1).encode())
@@ -803,8 +892,7 @@ def _trainable(sweep: Sweep, context: TrialContext, scored=None):
 
     if sweep.settings.kind == "smr":
         return tune.with_resources(tune.with_parameters(_smr_trial, context=context, scored=scored), {"CPU": 1})
-    return tune.with_resources(tune.with_parameters(_train_trial, context=context),
-                               {"CPU": sweep.settings.trial_cpus})
+    return tune.with_resources(tune.with_parameters(_train_trial, context=context), {"CPU": sweep.settings.trial_cpus})
 
 
 def _smr_scores(sweep: Sweep):
@@ -824,13 +912,29 @@ def _smr_scores(sweep: Sweep):
 
 def _parent_params(sweep: Sweep) -> dict[str, Any]:
     s = sweep.settings
-    asha = {"grace_period": s.scheduler.grace_period, "reduction_factor": s.scheduler.reduction_factor,
-            "max_t": sweep.max_epochs} if resolved_scheduler(sweep) == "asha" else {}
+    asha = (
+        {
+            "grace_period": s.scheduler.grace_period,
+            "reduction_factor": s.scheduler.reduction_factor,
+            "max_t": sweep.max_epochs,
+        }
+        if resolved_scheduler(sweep) == "asha"
+        else {}
+    )
     smr = {"checkpoint": s.checkpoint, "split": s.split} if s.kind == "smr" else {}
-    return {"sweep": {
-        "kind": s.kind, "metric": sweep.metric, "algorithm": resolved_algorithm(sweep),
-        "num_samples": s.search.num_samples, "seed": s.search.seed, "scheduler": resolved_scheduler(sweep),
-        **asha, **smr, "space": {p.key: p.describe() for p in sweep.params}}}
+    return {
+        "sweep": {
+            "kind": s.kind,
+            "metric": sweep.metric,
+            "algorithm": resolved_algorithm(sweep),
+            "num_samples": s.search.num_samples,
+            "seed": s.search.seed,
+            "scheduler": resolved_scheduler(sweep),
+            **asha,
+            **smr,
+            "space": {p.key: p.describe() for p in sweep.params},
+        }
+    }
 
 
 def summarize(grid, sweep: Sweep) -> list[TrialSummary]:
@@ -845,7 +949,7 @@ def summarize(grid, sweep: Sweep) -> list[TrialSummary]:
         if frame is not None and sweep.metric in frame:
             values = [float(v) for v in frame[sweep.metric]]
             epochs = [int(e) for e in frame[EPOCHS_DONE]] if EPOCHS_DONE in frame else list(range(1, len(values) + 1))
-        finite = [(v, e) for v, e in zip(values, epochs) if math.isfinite(v)]
+        finite = [(v, e) for v, e in zip(values, epochs, strict=True) if math.isfinite(v)]
         best, best_epoch = max(finite, default=(float("nan"), 0))
         done = max(epochs, default=0)
         if result.error is not None:
@@ -854,9 +958,18 @@ def summarize(grid, sweep: Sweep) -> list[TrialSummary]:
             status = "early_stopped"
         else:
             status = "finished"
-        rows.append(TrialSummary(trial_id, {k: (result.config or {}).get(k) for k in keys}, status, done, best,
-                                 best_epoch, values[-1] if values else float("nan"),
-                                 error=_one_line(result.error) if result.error is not None else ""))
+        rows.append(
+            TrialSummary(
+                trial_id,
+                {k: (result.config or {}).get(k) for k in keys},
+                status,
+                done,
+                best,
+                best_epoch,
+                values[-1] if values else float("nan"),
+                error=_one_line(result.error) if result.error is not None else "",
+            )
+        )
     return sorted(rows, key=lambda r: r.trial_id)
 
 
@@ -893,8 +1006,11 @@ def _reconcile_child_runs(base: Config, sweep_id: str, trials: list[TrialSummary
         if run is None:
             continue
         trial.run_id = run.info.run_id
-        tags = {TAG_EARLY: str(trial.early_stopped).lower(), "trial_status": trial.status,
-                EPOCHS_DONE: str(trial.epochs_done)}
+        tags = {
+            TAG_EARLY: str(trial.early_stopped).lower(),
+            "trial_status": trial.status,
+            EPOCHS_DONE: str(trial.epochs_done),
+        }
         if any(run.data.tags.get(k) != v for k, v in tags.items()):
             for key, value in tags.items():
                 with_retries(client.set_tag, run.info.run_id, key, value, retries=base.tracking.retries)
@@ -905,8 +1021,7 @@ def _reconcile_child_runs(base: Config, sweep_id: str, trials: list[TrialSummary
             with_retries(client.set_terminated, run.info.run_id, status, retries=base.tracking.retries)
     for trial_id, run in runs.items():
         if trial_id not in known:
-            log.warning("MLflow run %s belongs to no trial of the resumed sweep; deleted (restorable)",
-                        run.info.run_id)
+            log.warning("MLflow run %s belongs to no trial of the resumed sweep; deleted (restorable)", run.info.run_id)
             with_retries(client.delete_run, run.info.run_id, retries=base.tracking.retries)
 
 
@@ -915,15 +1030,21 @@ def _finish(sweep: Sweep, base: Config, report: SweepReport, parent) -> None:
     keys = [p.key for p in sweep.params]
     parent.log_text(summary_csv(report.trials, keys, sweep.metric), "trials.csv")
     if report.trials:
-        parent.log_figure(metric_vs_params(report.trials, sweep.params, sweep.metric, report.best),
-                          "figures/mR_vs_params.png")
+        parent.log_figure(
+            metric_vs_params(report.trials, sweep.params, sweep.metric, report.best), "figures/mR_vs_params.png"
+        )
     best = report.best
     if best is None:
         log.warning("no trial of sweep %s reported %s", sweep.name, sweep.metric)
         return
     parent.log_params({"best": {"trial_id": best.trial_id, **best.params}})
-    parent.log_metrics({f"best/{sweep.metric}": best.best,
-                        **({"best/epoch": best.best_epoch} if sweep.settings.kind == "train" else {})}, step=0)
+    parent.log_metrics(
+        {
+            f"best/{sweep.metric}": best.best,
+            **({"best/epoch": best.best_epoch} if sweep.settings.kind == "train" else {}),
+        },
+        step=0,
+    )
     parent.set_tags({"best_trial_id": best.trial_id, "best_run_id": best.run_id})
     if sweep.settings.kind == "smr":
         _finish_smr(sweep, report, parent)
@@ -965,11 +1086,13 @@ def _finish_smr(sweep: Sweep, report: SweepReport, parent) -> None:
     smr = SMRConfig(**{key.split(".")[1]: value for key, value in report.best.params.items()})
     report.best_checkpoint = sweep.settings.checkpoint
     report.best_config = sweep.settings.best_config or _default_best_config(sweep, "best_smr.yaml")
-    command = (f"rsray evaluate {sweep.settings.checkpoint} --smr-k {smr.k} --smr-w {smr.w} "
-               f"--smr-beta {smr.beta}")
+    command = f"rsray evaluate {sweep.settings.checkpoint} --smr-k {smr.k} --smr-w {smr.w} --smr-beta {smr.beta}"
     Path(report.best_config).parent.mkdir(parents=True, exist_ok=True)
-    Path(report.best_config).write_text(yaml.safe_dump(
-        {"smr": asdict(smr), "checkpoint": sweep.settings.checkpoint, "evaluate": command}, sort_keys=False))
+    Path(report.best_config).write_text(
+        yaml.safe_dump(
+            {"smr": asdict(smr), "checkpoint": sweep.settings.checkpoint, "evaluate": command}, sort_keys=False
+        )
+    )
     parent.log_artifact(report.best_config)
     if sweep.settings.evaluate_test:
         from rsray.eval.checkpoint import evaluate_checkpoint
@@ -991,15 +1114,38 @@ def _default_best_config(sweep: Sweep, name: str = "best_config.yaml") -> str:
 
 # ----------------------------------------------------------------------------- records
 
+
 def summary_csv(trials: Sequence[TrialSummary], keys: Sequence[str], metric: str) -> str:
     """The summary table: one row per trial, swept values, status and metric."""
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["trial_id", *keys, "status", EPOCHS_DONE, f"best {metric}", "best_epoch", f"last {metric}",
-                     "mlflow_run_id", "error"])
+    writer.writerow(
+        [
+            "trial_id",
+            *keys,
+            "status",
+            EPOCHS_DONE,
+            f"best {metric}",
+            "best_epoch",
+            f"last {metric}",
+            "mlflow_run_id",
+            "error",
+        ]
+    )
     for t in trials:
-        writer.writerow([t.trial_id, *(t.params.get(k) for k in keys), t.status, t.epochs_done, _fmt(t.best),
-                         t.best_epoch, _fmt(t.last), t.run_id, t.error])
+        writer.writerow(
+            [
+                t.trial_id,
+                *(t.params.get(k) for k in keys),
+                t.status,
+                t.epochs_done,
+                _fmt(t.best),
+                t.best_epoch,
+                _fmt(t.last),
+                t.run_id,
+                t.error,
+            ]
+        )
     return out.getvalue()
 
 
@@ -1007,8 +1153,9 @@ def _fmt(value: float) -> str:
     return f"{value:.4f}" if math.isfinite(value) else ""
 
 
-def metric_vs_params(trials: Sequence[TrialSummary], params: Sequence[Param], metric: str,
-                     best: TrialSummary | None = None):
+def metric_vs_params(
+    trials: Sequence[TrialSummary], params: Sequence[Param], metric: str, best: TrialSummary | None = None
+):
     """One panel per swept key: each trial's best metric against its value (log axis for
     loguniform keys, categories for non-numeric ones); early-stopped trials hollow, the best
     trial starred."""
@@ -1019,7 +1166,7 @@ def metric_vs_params(trials: Sequence[TrialSummary], params: Sequence[Param], me
 
     fig = Figure(figsize=(4.2 * max(1, len(params)), 3.6), layout="constrained")
     axes = fig.subplots(1, max(1, len(params)), squeeze=False)[0]
-    for ax, param in zip(axes, params):
+    for ax, param in zip(axes, params, strict=False):  # one empty axis when nothing was swept
         values = [t.params.get(param.key) for t in trials]
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values if v is not None)
         if numeric:
@@ -1028,17 +1175,31 @@ def metric_vs_params(trials: Sequence[TrialSummary], params: Sequence[Param], me
             labels = list(dict.fromkeys(str(v) for v in values))
             position = {v: labels.index(str(v)) for v in values}
             ax.set_xticks(range(len(labels)), labels)
-        for status, face, label in (("finished", "C0", "finished"), ("early_stopped", "none", "stopped early (ASHA)"),
-                                    ("error", "none", "failed")):
-            points = [(position[t.params.get(param.key)], t.best) for t in trials
-                      if t.status == status and math.isfinite(t.best) and t.params.get(param.key) is not None]
+        for status, face, label in (
+            ("finished", "C0", "finished"),
+            ("early_stopped", "none", "stopped early (ASHA)"),
+            ("error", "none", "failed"),
+        ):
+            points = [
+                (position[t.params.get(param.key)], t.best)
+                for t in trials
+                if t.status == status and math.isfinite(t.best) and t.params.get(param.key) is not None
+            ]
             if points:
-                xs, ys = zip(*points)
-                ax.scatter(xs, ys, marker="o", s=40, facecolors=face, edgecolors="C0" if status != "error" else "C1",
-                           label=label)
+                xs, ys = zip(*points, strict=True)
+                ax.scatter(
+                    xs,
+                    ys,
+                    marker="o",
+                    s=40,
+                    facecolors=face,
+                    edgecolors="C0" if status != "error" else "C1",
+                    label=label,
+                )
         if best is not None and best.params.get(param.key) is not None:
-            ax.scatter([position[best.params[param.key]]], [best.best], marker="*", s=220, color="C3", zorder=3,
-                       label="best")
+            ax.scatter(
+                [position[best.params[param.key]]], [best.best], marker="*", s=220, color="C3", zorder=3, label="best"
+            )
         if param.kind == "loguniform" or (numeric and param.kind in ("grid", "choice") and _spans_decades(values)):
             ax.set_xscale("log")
         ax.set(xlabel=param.key, ylabel=f"best {metric}", title=param.key)

@@ -9,6 +9,7 @@ the start is strict: a server that cannot be reached then is a clear `TrackingUn
 Ranks other than 0, and `tracking.enabled: false`, use `NullTracker` (same methods, no effect);
 `open_tracker` picks the right one.
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,7 +50,7 @@ def ui_command(uri: str) -> str:
     except ValueError:
         shown = str(executable)
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///") :])
     return f"{shown} ui --backend-store-uri {uri}"
 
 
@@ -58,6 +59,7 @@ class TrackingUnavailable(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested config -> {"train.epochs": "10", ...}: dotted keys, string values, secrets dropped."""
@@ -91,19 +93,30 @@ def metric_name(name: str) -> str:
     return re.sub(r"[^\w\-. :/]", "_", name.replace("@", ""))
 
 
-def with_retries(fn: Callable[..., Any], *args: Any, retries: int = 5, base_delay: float = 1.0,
-                 max_delay: float = 30.0, what: str = "", **kwargs: Any) -> Any:
+def with_retries(
+    fn: Callable[..., Any],
+    *args: Any,
+    retries: int = 5,
+    base_delay: float = 1.0,
+    max_delay: float = 30.0,
+    what: str = "",
+    **kwargs: Any,
+) -> Any:
     """Call `fn`; on an exception wait base_delay * 2**attempt (capped) and try again, `retries`
     more times. After the last failure log one warning and return None: never raises."""
     for attempt in range(retries + 1):
         try:
             return fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - tracking must never end a training
+        except Exception as exc:
             if attempt == retries:
-                log.warning("MLflow: %s failed after %d attempt(s), skipped: %s",
-                            what or getattr(fn, "__name__", "call"), attempt + 1, _one_line(exc))
+                log.warning(
+                    "MLflow: %s failed after %d attempt(s), skipped: %s",
+                    what or getattr(fn, "__name__", "call"),
+                    attempt + 1,
+                    _one_line(exc),
+                )
                 return None
-            time.sleep(min(base_delay * 2 ** attempt, max_delay))
+            time.sleep(min(base_delay * 2**attempt, max_delay))
     return None
 
 
@@ -137,8 +150,9 @@ def git_commit() -> str:
     $RSRAY_GIT_COMMIT (container images carry no .git; cluster/Dockerfile sets it), else unknown."""
     for where in (Path(__file__).resolve().parent, Path.cwd()):
         try:
-            out = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True,
-                                 text=True, timeout=5, check=False)
+            out = subprocess.run(
+                ["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+            )
         except (OSError, subprocess.SubprocessError):
             continue
         if out.returncode == 0 and out.stdout.strip():
@@ -154,7 +168,7 @@ def ray_job_id() -> str | None:
         import ray
 
         return ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
-    except Exception:  # noqa: BLE001 - a tag is not worth failing over
+    except Exception:
         return None
 
 
@@ -180,8 +194,14 @@ def find_runs(tracking_cfg: Any, tags: Mapping[str, str]) -> list[Any]:
     query = " and ".join(f"tags.`{key}` = '{_quoted(str(value))}'" for key, value in tags.items())
     runs, token = [], None
     while True:
-        page = client.search_runs([experiment.experiment_id], filter_string=query, run_view_type=ViewType.ACTIVE_ONLY,
-                                  max_results=1000, order_by=["attributes.start_time ASC"], page_token=token)
+        page = client.search_runs(
+            [experiment.experiment_id],
+            filter_string=query,
+            run_view_type=ViewType.ACTIVE_ONLY,
+            max_results=1000,
+            order_by=["attributes.start_time ASC"],
+            page_token=token,
+        )
         runs.extend(page)
         token = page.token
         if not token:
@@ -207,7 +227,8 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         reason = getattr(exc, "reason", exc)
         raise TrackingUnavailable(
             f"MLflow tracking server {uri} is not reachable ({reason}); start it or set tracking.uri "
-            f"(e.g. tracking.uri=sqlite:///mlflow.db)") from None
+            f"(e.g. tracking.uri=sqlite:///mlflow.db)"
+        ) from None
 
 
 def tracking_section(cfg: Any) -> Any:
@@ -223,12 +244,12 @@ def tracking_section(cfg: Any) -> Any:
 
 # ----------------------------------------------------------------------------- trackers
 
+
 class Tracker:
     """One MLflow run. Use `Tracker.start(...)`; as a context manager the run ends FINISHED, or
     FAILED when the block raises."""
 
-    def __init__(self, client: Any, uri: str, run_id: str, experiment_id: str, retries: int,
-                 base_delay: float = 1.0):
+    def __init__(self, client: Any, uri: str, run_id: str, experiment_id: str, retries: int, base_delay: float = 1.0):
         self.client = client
         self.uri = uri
         self.run_id = run_id
@@ -240,9 +261,15 @@ class Tracker:
         self.resumed = False  # True when `start_or_resume` found the run instead of opening it
 
     @classmethod
-    def start(cls, tracking_cfg: Any, run_name: str, params: Mapping[str, Any] | None = None,
-              tags: Mapping[str, Any] | None = None, parent_run_id: str | None = None,
-              base_delay: float = 1.0) -> Tracker:
+    def start(
+        cls,
+        tracking_cfg: Any,
+        run_name: str,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, Any] | None = None,
+        parent_run_id: str | None = None,
+        base_delay: float = 1.0,
+    ) -> Tracker:
         """Open a run in `tracking_cfg.experiment` at `tracking_cfg.uri`; `params` is the nested
         resolved config (flattened here), `tags` are added to `default_tags()`; with
         `parent_run_id` the run is nested under that run (sweeps)."""
@@ -262,8 +289,9 @@ class Tracker:
             experiment_id = _experiment(client, tracking_cfg.experiment)
             run = client.create_run(experiment_id, run_name=run_name or None, tags=all_tags)
         except (MlflowException, OSError) as exc:
-            raise TrackingUnavailable(f"MLflow tracking store {uri} cannot be used ({_one_line(exc)}); "
-                                      f"check tracking.uri") from None
+            raise TrackingUnavailable(
+                f"MLflow tracking store {uri} cannot be used ({_one_line(exc)}); check tracking.uri"
+            ) from None
         tracker = cls(client, uri, run.info.run_id, experiment_id, tracking_cfg.retries, base_delay)
         tracker.log_params(params or {})
         if getattr(tracking_cfg, "system_metrics", False):
@@ -280,15 +308,23 @@ class Tracker:
         tracking_cfg = tracking_section(tracking_cfg)
         for name, value in MLFLOW_HTTP_DEFAULTS.items():
             os.environ.setdefault(name, value)
-        tracker = cls(MlflowClient(tracking_cfg.uri), tracking_cfg.uri, run_id, experiment_id,
-                      tracking_cfg.retries, base_delay)
+        tracker = cls(
+            MlflowClient(tracking_cfg.uri), tracking_cfg.uri, run_id, experiment_id, tracking_cfg.retries, base_delay
+        )
         tracker._ended = True  # the owner ends it
         return tracker
 
     @classmethod
-    def start_or_resume(cls, tracking_cfg: Any, run_name: str, key_tags: Mapping[str, str],
-                        params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None,
-                        parent_run_id: str | None = None, base_delay: float = 1.0) -> Tracker:
+    def start_or_resume(
+        cls,
+        tracking_cfg: Any,
+        run_name: str,
+        key_tags: Mapping[str, str],
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, Any] | None = None,
+        parent_run_id: str | None = None,
+        base_delay: float = 1.0,
+    ) -> Tracker:
         """The run carrying every tag in `key_tags` (an interrupted sweep or trial run again),
         owned again and marked RUNNING; else a new run with those tags. A resumed job therefore
         never opens a second run for the same thing. `resumed` tells which happened."""
@@ -299,8 +335,9 @@ class Tracker:
         try:
             found = find_runs(tracking_cfg, key_tags)
         except (MlflowException, OSError) as exc:
-            raise TrackingUnavailable(f"MLflow tracking store {tracking_cfg.uri} cannot be searched "
-                                      f"({_one_line(exc)}); check tracking.uri") from None
+            raise TrackingUnavailable(
+                f"MLflow tracking store {tracking_cfg.uri} cannot be searched ({_one_line(exc)}); check tracking.uri"
+            ) from None
         if not found:
             return cls.start(tracking_cfg, run_name, params, {**(tags or {}), **key_tags}, parent_run_id, base_delay)
         run = found[0]
@@ -311,8 +348,9 @@ class Tracker:
         tracker.log_params(params or {})  # identical values are accepted again
         if getattr(tracking_cfg, "system_metrics", False):
             tracker._start_system_metrics()
-        log.info("MLflow run %s resumed in experiment %s (%s)", tracker.run_id, run.info.experiment_id,
-                 tracking_cfg.uri)
+        log.info(
+            "MLflow run %s resumed in experiment %s (%s)", tracker.run_id, run.info.experiment_id, tracking_cfg.uri
+        )
         return tracker
 
     # -- logging (every call goes through `_call`, which never raises)
@@ -325,23 +363,25 @@ class Tracker:
 
         flat = [Param(k, v) for k, v in flatten_params(params).items()]
         for i in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
-            self._call("log params", self.client.log_batch, self.run_id, params=flat[i:i + 100])
+            self._call("log params", self.client.log_batch, self.run_id, params=flat[i : i + 100])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self._call("set tags", self.client.log_batch, self.run_id,
-                   tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._call("set tags", self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int, prefix: str = "") -> None:
         """Numbers only (None and non-numbers are left out), names made MLflow-safe."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(metric_name(f"{prefix}{k}"), x, now, int(step))
-                 for k, v in metrics.items() if (x := _number(v)) is not None]
+        batch = [
+            Metric(metric_name(f"{prefix}{k}"), x, now, int(step))
+            for k, v in metrics.items()
+            if (x := _number(v)) is not None
+        ]
         for i in range(0, len(batch), 1000):
-            self._call(f"log metrics (step {step})", self.client.log_batch, self.run_id, metrics=batch[i:i + 1000])
+            self._call(f"log metrics (step {step})", self.client.log_batch, self.run_id, metrics=batch[i : i + 1000])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """A local file, or every file under a local folder (e.g. a checkpoint directory)."""
@@ -395,7 +435,7 @@ class Tracker:
 
             self._monitor = SystemMetricsMonitor(self.run_id, tracking_uri=self.uri)
             self._monitor.start()
-        except Exception as exc:  # noqa: BLE001 - e.g. psutil missing: train without them
+        except Exception as exc:
             log.warning("MLflow: system metrics disabled: %s", _one_line(exc))
             self._monitor = None
 
@@ -466,9 +506,14 @@ class NullTracker:
         return None
 
 
-def open_tracker(tracking_cfg: Any, run_name: str, params: Mapping[str, Any] | None = None,
-                 tags: Mapping[str, Any] | None = None, parent_run_id: str | None = None,
-                 rank: int = 0) -> Tracker | NullTracker:
+def open_tracker(
+    tracking_cfg: Any,
+    run_name: str,
+    params: Mapping[str, Any] | None = None,
+    tags: Mapping[str, Any] | None = None,
+    parent_run_id: str | None = None,
+    rank: int = 0,
+) -> Tracker | NullTracker:
     """A real Tracker on rank 0 when tracking is enabled, else a NullTracker."""
     tracking_cfg = tracking_section(tracking_cfg)
     if rank != 0 or not tracking_cfg.enabled:

@@ -1,4 +1,5 @@
 """Fixtures shared by unit and integration tests: real services started on 127.0.0.1."""
+
 from __future__ import annotations
 
 import os
@@ -10,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-SHARED_DATASETS = Path(os.environ.get("RSRAY_SHARED_DATASETS",
-                                      Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+SHARED_DATASETS = Path(
+    os.environ.get("RSRAY_SHARED_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets")
+)
 
 
 def free_port() -> int:
@@ -39,6 +41,7 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> N
                 return True
         except OSError:
             return False
+
     wait_until(listening, proc, f"127.0.0.1:{port}", timeout)
 
 
@@ -47,12 +50,17 @@ def s3_endpoint(tmp_path_factory):
     """moto's S3 server as a separate process on 127.0.0.1; credentials set for every child."""
     port = free_port()
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+    )
     wait_for_port(port, proc)
     endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": endpoint}
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_S3": endpoint,
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     yield endpoint
@@ -75,9 +83,38 @@ def s3_bucket(s3_endpoint):
     return "rsray-test"
 
 
-TINY_WORDPIECES = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "the", "is", "there", "plane", "##s", "air",
-                   "##port", "at", "near", "two", "red", "green", "sea", "beach", "river", "tree", "road", "park",
-                   "##ing", "lot", "many", "building", ".", ","]
+TINY_WORDPIECES = [
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    "a",
+    "the",
+    "is",
+    "there",
+    "plane",
+    "##s",
+    "air",
+    "##port",
+    "at",
+    "near",
+    "two",
+    "red",
+    "green",
+    "sea",
+    "beach",
+    "river",
+    "tree",
+    "road",
+    "park",
+    "##ing",
+    "lot",
+    "many",
+    "building",
+    ".",
+    ",",
+]
 
 
 @pytest.fixture(scope="session")
@@ -103,6 +140,7 @@ def wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> No
                 return response.status == 200
         except (urllib.error.URLError, OSError):
             return False
+
     wait_until(healthy, proc, url, timeout)
 
 
@@ -115,17 +153,36 @@ def mlflow_server(tmp_path_factory, s3_endpoint, s3_bucket):
     env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
     log = open(folder / "mlflow-server.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
-         "--artifacts-destination", f"s3://{s3_bucket}/mlflow", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{folder}/mlflow.db",
+            "--artifacts-destination",
+            f"s3://{s3_bucket}/mlflow",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=folder,
+    )
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{uri}/health", proc)
-    except Exception:
+    except Exception as exc:
         proc.terminate()
         log.close()
-        raise RuntimeError(f"mlflow server did not start; log:\n{(folder / 'mlflow-server.log').read_text()[-3000:]}")
+        raise RuntimeError(
+            f"mlflow server did not start; log:\n{(folder / 'mlflow-server.log').read_text()[-3000:]}"
+        ) from exc
     yield uri
     proc.terminate()
     try:

@@ -4,6 +4,7 @@ and without SMR, and every query's rank (so two runs can be compared query by qu
 A checkpoint folder holds `state.pt` (loaded with `weights_only=True`: tensors and plain data
 only, never arbitrary pickles) and `config.yaml` (the resolved config it was trained with).
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -41,8 +42,9 @@ def load_checkpoint(uri: str, s3_endpoint: str | None = None):
 
 
 @torch.no_grad()
-def evaluate_checkpoint(uri: str, split: str = "test", data: str | None = None, smr: SMRConfig | None = None,
-                        device: str = "cpu") -> dict[str, Any]:
+def evaluate_checkpoint(
+    uri: str, split: str = "test", data: str | None = None, smr: SMRConfig | None = None, device: str = "cpu"
+) -> dict[str, Any]:
     """Scores `split` of the checkpoint's prepared data (or `data`) and returns
     {"checkpoint", "epoch", "split", "data", "metrics", "smr_metrics", "smr", "ranks"}."""
     from rsray.data.loader import read_split
@@ -57,7 +59,10 @@ def evaluate_checkpoint(uri: str, split: str = "test", data: str | None = None, 
     smr = smr or SMRConfig()
     reranked = smr_rerank(scored.scores, k=smr.k, w=smr.w, beta=smr.beta)
     return {
-        "checkpoint": uri, "epoch": int(state["epoch"]), "split": split, "data": data,
+        "checkpoint": uri,
+        "epoch": int(state["epoch"]),
+        "split": split,
+        "data": data,
         "metrics": retrieval_metrics(scored.scores, scored.caption_image, scored.scenes),
         "smr_metrics": retrieval_metrics(reranked, scored.caption_image, scored.scenes),
         "smr": {"k": smr.k, "w": smr.w, "beta": smr.beta},

@@ -8,9 +8,10 @@ gives), so the numbers never depend on the device or on how a kernel happens to 
 Everything is vectorised torch and runs on the device S is on; percentages are 0-100 and the
 key names avoid `@` (MLflow refuses it in metric names).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -18,8 +19,9 @@ DEFAULT_KS = (1, 5, 10)
 Scenes = Sequence[str | None] | torch.Tensor
 
 
-def caption_to_image(n_images: int, captions_per_image: int = 5, device: torch.device | str | None = None
-                     ) -> torch.Tensor:
+def caption_to_image(
+    n_images: int, captions_per_image: int = 5, device: torch.device | str | None = None
+) -> torch.Tensor:
     """The benchmark layout: caption j belongs to image j // captions_per_image."""
     return torch.arange(n_images, device=device).repeat_interleave(captions_per_image)
 
@@ -30,20 +32,24 @@ def scene_ids(image_scenes: Scenes, n_images: int, device: torch.device | str | 
         ids = image_scenes.to(device=device, dtype=torch.long)
     else:
         names: dict[str, int] = {}
-        ids = torch.tensor([names.setdefault(s, len(names)) if s else -1 for s in image_scenes],
-                           dtype=torch.long, device=device)
+        ids = torch.tensor(
+            [names.setdefault(s, len(names)) if s else -1 for s in image_scenes], dtype=torch.long, device=device
+        )
     if ids.shape != (n_images,):
         raise ValueError(f"got {ids.numel()} scenes for {n_images} images: give one per image (None = no scene)")
     return ids
 
 
-def check_caption_image(caption_image: torch.Tensor | Sequence[int], n_img: int, n_txt: int,
-                        device: torch.device | str | None = None) -> torch.Tensor:
+def check_caption_image(
+    caption_image: torch.Tensor | Sequence[int], n_img: int, n_txt: int, device: torch.device | str | None = None
+) -> torch.Tensor:
     """caption_image as a LongTensor on `device`, refused unless every image has a caption."""
     ci = torch.as_tensor(caption_image, device=device)
     if ci.shape != (n_txt,) or ci.is_floating_point() or ci.dtype == torch.bool:
-        raise ValueError(f"caption_image must hold one integer image index per caption ({n_txt}), "
-                         f"got {ci.dtype} of shape {tuple(ci.shape)}")
+        raise ValueError(
+            f"caption_image must hold one integer image index per caption ({n_txt}), "
+            f"got {ci.dtype} of shape {tuple(ci.shape)}"
+        )
     ci = ci.long()
     if n_txt and (ci.min() < 0 or ci.max() >= n_img):
         raise ValueError(f"caption_image holds image indices outside [0, {n_img})")
@@ -72,6 +78,7 @@ def check_ks(ks: Sequence[int]) -> tuple[int, ...]:
 
 # ----------------------------------------------------------------------------- ranking
 
+
 def stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of each row of a 2-D tensor in result order: descending value, ties by lower index.
 
@@ -83,7 +90,7 @@ def stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """
     k = min(int(k), x.shape[-1])
     values, idx = x.topk(min(k + 1, x.shape[-1]), dim=-1)
-    kth = values[:, k - 1:k]
+    kth = values[:, k - 1 : k]
     if values.shape[-1] > k:
         crowded = (values[:, k] == values[:, k - 1]).nonzero()[:, 0]
         values, idx = values[:, :k], idx[:, :k]
@@ -143,24 +150,33 @@ def retrieval_ranks(S: torch.Tensor, caption_image: torch.Tensor) -> dict[str, l
 
 # ----------------------------------------------------------------------------- metrics
 
+
 def recall_at_k(r_i2t: torch.Tensor, r_t2i: torch.Tensor, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
     """i2t_R{K}, t2i_R{K} (% of queries with 0-based rank < K) and mR, their mean."""
-    out = {f"{name}_R{k}": (r < k).double().mean().item() * 100
-           for name, r in (("i2t", r_i2t), ("t2i", r_t2i)) for k in ks}
+    out = {
+        f"{name}_R{k}": (r < k).double().mean().item() * 100 for name, r in (("i2t", r_i2t), ("t2i", r_t2i)) for k in ks
+    }
     out["mR"] = sum(out.values()) / len(out)
     return out
 
 
-def scene_recall(i2t_idx: torch.Tensor, t2i_idx: torch.Tensor, caption_image: torch.Tensor,
-                 scenes: torch.Tensor, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+def scene_recall(
+    i2t_idx: torch.Tensor,
+    t2i_idx: torch.Tensor,
+    caption_image: torch.Tensor,
+    scenes: torch.Tensor,
+    ks: Sequence[int] = DEFAULT_KS,
+) -> dict[str, float]:
     """SR@K from each query's results in order (columns of the *_idx tensors, at least max(ks)
     of them unless the gallery is smaller): the % of a query's top K whose scene is the query's,
     averaged over the queries that have a scene. i2t results are captions, carrying their image's
     scene; a result without scene never matches. A direction with no scene-bearing query is left out."""
     caption_scene = scenes[caption_image]
     out = {}
-    for name, query_scene, result_scene in (("i2t", scenes, caption_scene[i2t_idx]),
-                                            ("t2i", caption_scene, scenes[t2i_idx])):
+    for name, query_scene, result_scene in (
+        ("i2t", scenes, caption_scene[i2t_idx]),
+        ("t2i", caption_scene, scenes[t2i_idx]),
+    ):
         has_scene = query_scene >= 0
         if not has_scene.any():
             continue
@@ -177,8 +193,9 @@ def _median(x: torch.Tensor) -> float:
     return ((x[(n - 1) // 2] + x[n // 2]) / 2).item()
 
 
-def retrieval_metrics(S: torch.Tensor, caption_image: torch.Tensor, image_scenes: Scenes | None = None,
-                      ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+def retrieval_metrics(
+    S: torch.Tensor, caption_image: torch.Tensor, image_scenes: Scenes | None = None, ks: Sequence[int] = DEFAULT_KS
+) -> dict[str, float]:
     """All protocol numbers of one similarity matrix, as {name: float}.
 
     Keys: i2t_R1 i2t_R5 i2t_R10 t2i_R1 t2i_R5 t2i_R10 mR (percent), i2t_medr i2t_meanr t2i_medr

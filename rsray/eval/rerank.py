@@ -14,11 +14,12 @@ score, ties by index):
 The shift makes every score positive so that a weight above 1 always raises a score. Ranks are
 exact (one stable sort per direction), so SMR works on the full matrix and needs O(N x M) memory.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
@@ -28,6 +29,7 @@ SHIFT_EPS = 1e-6  # the smallest shifted score: strictly positive
 @dataclass
 class SMRConfig:
     """SMR's three knobs, protocol defaults; `check` reports problems as rsray.config sections do."""
+
     k: int = 30  # pairs within the top K of either list are re-weighted
     w: float = 1.0  # boost of a pair ranked first in both lists (w = 0: SMR changes nothing)
     beta: float = 0.1  # how fast the boost decays with the mean rank

@@ -9,14 +9,24 @@ Features are what `encode_images` / `encode_texts` return: tensors indexed along
 pairwise models, tuples / dicts of such tensors). `model=None` means a plain dot product. Call
 under `model.eval()`; scoring itself runs without autograd.
 """
+
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rsray.eval.metrics import (DEFAULT_KS, Scenes, check_caption_image, check_ks, recall_at_k, scene_ids,
-                                scene_recall, stable_topk)
+from rsray.eval.metrics import (
+    DEFAULT_KS,
+    Scenes,
+    check_caption_image,
+    check_ks,
+    recall_at_k,
+    scene_ids,
+    scene_recall,
+    stable_topk,
+)
 
 if TYPE_CHECKING:  # annotations only: evaluation does not need the model registry imported
     from rsray.models.base import RetrievalModel
@@ -50,7 +60,7 @@ def concat_rows(parts: Sequence[Features]) -> Features:
     the longest of all, which the model's own masks already ignore."""
     first = parts[0]
     if isinstance(first, torch.Tensor):
-        shape = [max(sizes) for sizes in zip(*(p.shape[1:] for p in parts))]
+        shape = [max(sizes) for sizes in zip(*(p.shape[1:] for p in parts), strict=True)]
         padded = []
         for p in parts:
             pad = [a for dim in reversed(range(1, p.dim())) for a in (0, shape[dim - 1] - p.shape[dim])]
@@ -58,7 +68,7 @@ def concat_rows(parts: Sequence[Features]) -> Features:
         return torch.cat(padded)
     if isinstance(first, Mapping):
         return {key: concat_rows([p[key] for p in parts]) for key in first}
-    columns = [concat_rows(list(column)) for column in zip(*parts)]
+    columns = [concat_rows(list(column)) for column in zip(*parts, strict=True)]
     return type(first)(*columns) if hasattr(first, "_fields") else type(first)(columns)
 
 
@@ -69,14 +79,17 @@ def score_block(model: RetrievalModel | None, image_features: Features, text_fea
     scores = model.score(image_features, text_features)
     expected = (num_rows(image_features), num_rows(text_features))
     if tuple(scores.shape) != expected:
-        raise ValueError(f"{type(model).__name__}.score returned shape {tuple(scores.shape)} for a block "
-                         f"of {expected[0]} images x {expected[1]} captions")
+        raise ValueError(
+            f"{type(model).__name__}.score returned shape {tuple(scores.shape)} for a block "
+            f"of {expected[0]} images x {expected[1]} captions"
+        )
     return scores
 
 
 @torch.no_grad()
-def score_matrix(model: RetrievalModel | None, image_features: Features, text_features: Features,
-                 block: int = 1024) -> torch.Tensor:
+def score_matrix(
+    model: RetrievalModel | None, image_features: Features, text_features: Features, block: int = 1024
+) -> torch.Tensor:
     """The full [n_img, n_txt] matrix. Two-tower: one matrix product per block of `block` images;
     pairwise: `model.score` on blocks of `block` images x `block` captions."""
     n_img, n_txt = num_rows(image_features), num_rows(text_features)
@@ -88,12 +101,13 @@ def score_matrix(model: RetrievalModel | None, image_features: Features, text_fe
             scores = score_block(model, images, take_rows(text_features, t0, t0 + text_block))
             if out is None:
                 out = scores.new_empty((n_img, n_txt))
-            out[i0:i0 + scores.shape[0], t0:t0 + scores.shape[1]] = scores
+            out[i0 : i0 + scores.shape[0], t0 : t0 + scores.shape[1]] = scores
     return out if out is not None else torch.empty((n_img, n_txt))
 
 
-def _merge(running: tuple[torch.Tensor, torch.Tensor] | None, values: torch.Tensor, idx: torch.Tensor,
-           k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _merge(
+    running: tuple[torch.Tensor, torch.Tensor] | None, values: torch.Tensor, idx: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top k of a running list and a new block's list. Every running index is below every new one
     and both lists are in result order, so ties among the concatenation's positions follow the
     indices: a stable top-k over positions breaks ties by lower index, as the full sort would."""
@@ -105,8 +119,9 @@ def _merge(running: tuple[torch.Tensor, torch.Tensor] | None, values: torch.Tens
 
 
 @torch.no_grad()
-def streaming_topk(model: RetrievalModel | None, image_features: Features, text_features: Features, k: int,
-                   block: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def streaming_topk(
+    model: RetrievalModel | None, image_features: Features, text_features: Features, k: int, block: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(i2t_scores, i2t_idx, t2i_scores, t2i_idx): each image's top min(k, n_txt) captions and each
     caption's top min(k, n_img) images, in result order (descending score, ties by lower index),
     exactly as from the full matrix. Each block of `block` x `block` scores is computed once and
@@ -130,8 +145,12 @@ def streaming_topk(model: RetrievalModel | None, image_features: Features, text_
             values, idx = stable_topk(scores.t(), k)
             t2i[b] = _merge(t2i[b], values, idx + i0, k)
         i2t.append(row)
-    return (torch.cat([v for v, _ in i2t]), torch.cat([i for _, i in i2t]),
-            torch.cat([v for v, _ in t2i]), torch.cat([i for _, i in t2i]))
+    return (
+        torch.cat([v for v, _ in i2t]),
+        torch.cat([i for _, i in i2t]),
+        torch.cat([v for v, _ in t2i]),
+        torch.cat([i for _, i in t2i]),
+    )
 
 
 def _first_hit(hits: torch.Tensor) -> torch.Tensor:
@@ -139,8 +158,13 @@ def _first_hit(hits: torch.Tensor) -> torch.Tensor:
     return (~hits).int().cumprod(1).sum(1)
 
 
-def metrics_from_topk(i2t_idx: torch.Tensor, t2i_idx: torch.Tensor, caption_image: torch.Tensor,
-                      image_scenes: Scenes | None = None, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+def metrics_from_topk(
+    i2t_idx: torch.Tensor,
+    t2i_idx: torch.Tensor,
+    caption_image: torch.Tensor,
+    image_scenes: Scenes | None = None,
+    ks: Sequence[int] = DEFAULT_KS,
+) -> dict[str, float]:
     """R@K, mR and (given scenes) SR@K from `streaming_topk`'s index lists, equal to
     `retrieval_metrics` on the full matrix for the same keys. A query whose positive is not in
     its top k counts as a miss, so every K must be <= k. Median and mean rank are not returned:

@@ -11,6 +11,7 @@ Batches are dicts of tensors made by `rsray.data.loader`:
 A training batch has one (image, caption) pair per row. Evaluation encodes the N images and the
 5N captions separately, then `score`s features.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

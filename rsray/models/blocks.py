@@ -3,6 +3,7 @@
 Sequences are [B, L, D]. Masks follow one rule everywhere: `valid` [B, L] bool is True at real
 tokens; attention takes `key_padding_mask`, True at padding (torch's convention).
 """
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,8 @@ def masked_batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor, valid: torch.Tensor |
     BatchNorm needs two), every position is normalised, as the SWAN release does.
     """
     if valid is None or int(valid.sum()) < 2:
-        b, l, d = x.shape
-        return bn(x.reshape(b * l, d)).reshape(b, l, d)
+        b, length, d = x.shape
+        return bn(x.reshape(b * length, d)).reshape(b, length, d)
     out = x.new_zeros(x.shape)
     out[valid] = bn(x[valid])
     return out
@@ -30,8 +31,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int, out: int | None = None, dropout: float = 0.0):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
-                                 nn.Linear(hidden, out or dim))
+        self.net = nn.Sequential(
+            nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, out or dim)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -103,10 +105,10 @@ class GatedSelfAttention(nn.Module):
         self.gate = nn.Linear(self.head_dim, 2 * self.head_dim)
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        b, l, d = x.shape
+        b, length, d = x.shape
 
         def heads(t):  # [B, L, D] -> [B, h, L, d]
-            return t.view(b, l, self.heads, self.head_dim).transpose(1, 2)
+            return t.view(b, length, self.heads, self.head_dim).transpose(1, 2)
 
         q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
         mask_q, mask_k = torch.sigmoid(self.gate(self.gate_q(q) * self.gate_k(k))).chunk(2, dim=-1)
@@ -115,7 +117,7 @@ class GatedSelfAttention(nn.Module):
         if key_padding_mask is not None:
             scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
         out = torch.softmax(scores, dim=-1) @ v
-        return out.transpose(1, 2).reshape(b, l, d)
+        return out.transpose(1, 2).reshape(b, length, d)
 
 
 class GSA(nn.Module):
@@ -153,12 +155,13 @@ class JRU(nn.Module):
         self.convs = nn.ModuleList([nn.Conv1d(dim, dim, kernel_size=k, stride=k) for k in (2, 3)])
         self.norms = nn.ModuleList([nn.BatchNorm1d(dim) for _ in (2, 3)])
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None,
-                masked_norm: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, lengths: torch.Tensor | None = None, masked_norm: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if x.shape[1] < 3:
             x = nn.functional.pad(x, (0, 0, 0, 3 - x.shape[1]))
         outs, valids = [], []
-        for k, conv, norm in zip((2, 3), self.convs, self.norms):
+        for k, conv, norm in zip((2, 3), self.convs, self.norms, strict=True):
             y = conv(x.transpose(1, 2)).transpose(1, 2)  # [B, L // k, D]
             if lengths is None:
                 valid = torch.ones(y.shape[:2], dtype=torch.bool, device=y.device)

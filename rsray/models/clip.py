@@ -12,10 +12,12 @@ sees every worker's batch as negatives (`gather_across_workers`).
 Weights come from a local CLIPModel folder (`checkpoint`, from_pretrained, nothing downloads) or
 are initialised from a CLIPConfig written in the model config (`clip`), as the tiny preset does.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,21 +29,29 @@ from rsray.distributed import gather_no_grad, gather_with_grad
 from rsray.losses import LogitScale, info_nce_loss
 from rsray.models.base import Batch, RetrievalModel
 from rsray.models.encoders import TransformerTextEncoder, length_mask, masked_mean
-from rsray.pretrained import resolve_local
 from rsray.models.registry import register_model
 from rsray.optim import WarmupAdamWConfig
+from rsray.pretrained import resolve_local
 
 
 def clip_augment() -> AugmentConfig:
     """open_clip's fine-tuning pipeline at 224 px: random resized crop (scale 0.9-1, bicubic), CLIP
     mean/std; eval resizes to 224. Our choice of the RemoteCLIP-style recipe (no rotation, no flip)."""
-    return AugmentConfig(train_resize=224, crop=224, rotation=0.0, random_resized_crop=[0.9, 1.0],
-                         eval_resize=224, normalize="clip", interpolation="bicubic")
+    return AugmentConfig(
+        train_resize=224,
+        crop=224,
+        rotation=0.0,
+        random_resized_crop=[0.9, 1.0],
+        eval_resize=224,
+        normalize="clip",
+        interpolation="bicubic",
+    )
 
 
 @dataclass
 class ClipConfig(WarmupAdamWConfig):
     """Every CLIP fine-tune setting. The optimizer fields are data the training loop reads."""
+
     augment: AugmentConfig = field(default_factory=clip_augment)
     embed_dim: int = 512  # CLIP's projection_dim: the shared embedding size
     checkpoint: str | None = None  # local CLIPModel folder (save_pretrained layout); null = init from `clip`
@@ -51,7 +61,9 @@ class ClipConfig(WarmupAdamWConfig):
     text_input: str = "input_ids"
     text_checkpoint: str | None = None  # BERT-family folder (or alias `minilm`) replacing CLIP's text tower
     text_pool: str = "mean"  # BERT-family tower: mean over attended tokens (sentence-transformers) | cls
-    freeze_text: bool = False  # keep the text_checkpoint's weights (LiT-style, the other way round); its projection trains
+    freeze_text: bool = (
+        False  # keep the text_checkpoint's weights (LiT-style, the other way round); its projection trains
+    )
     temperature: float | None = 0.07  # initial; null = the checkpoint's learned logit scale
     learn_temperature: bool = True
     gather_across_workers: bool = True  # InfoNCE over every worker's batch (open_clip); false = local batch
@@ -67,7 +79,10 @@ class ClipConfig(WarmupAdamWConfig):
         if self.text_input not in ("input_ids", "tokens"):
             yield "text_input", f"must be input_ids or tokens, got {self.text_input!r}"
         if self.checkpoint and self.clip:
-            yield "checkpoint", "a checkpoint brings its own CLIPConfig: model.clip must be empty (start from model/clip)"
+            yield (
+                "checkpoint",
+                "a checkpoint brings its own CLIPConfig: model.clip must be empty (start from model/clip)",
+            )
         if self.text_pool not in ("mean", "cls"):
             yield "text_pool", f"must be mean or cls, got {self.text_pool!r}"
         if self.freeze_text and not self.text_checkpoint:
@@ -106,7 +121,10 @@ def _check_clip_fields(fields: dict[str, Any]) -> Iterator[tuple[str, str]]:
 
 # ----------------------------------------------------------------------------- towers
 
-def fit_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+
+def fit_positions(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, max_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut right-padded ids to `max_len` positions; a row that was longer keeps its first
     max_len - 1 ids and its last one (the tokenizer's EOS / [SEP]), as the data loader does."""
     if input_ids.shape[1] <= max_len:
@@ -185,18 +203,23 @@ def _refuse_missing(info: dict, folder, ignore: tuple[str, ...] = ()) -> None:
     """transformers only warns about weights a folder lacks (they stay random): refuse instead."""
     missing = [k for k in info.get("missing_keys", ()) if not k.startswith(ignore)]
     if missing:
-        raise ValueError(f"{folder}: {len(missing)} weights missing (first: {sorted(missing)[0]}); "
-                         "is this the right kind of checkpoint?")
+        raise ValueError(
+            f"{folder}: {len(missing)} weights missing (first: {sorted(missing)[0]}); "
+            "is this the right kind of checkpoint?"
+        )
 
 
 def _check_vocabulary(input_ids: torch.Tensor, vocab_size: int) -> None:
     top = int(input_ids.max()) if input_ids.numel() else 0
     if top >= vocab_size:
-        raise ValueError(f"caption id {top} is outside the text transformer's {vocab_size}-entry vocabulary: "
-                         "data.tokenizer must be the tokenizer of the text tower (model.checkpoint or text_checkpoint)")
+        raise ValueError(
+            f"caption id {top} is outside the text transformer's {vocab_size}-entry vocabulary: "
+            "data.tokenizer must be the tokenizer of the text tower (model.checkpoint or text_checkpoint)"
+        )
 
 
 # ----------------------------------------------------------------------------- the model
+
 
 def load_clip_model(config: ClipConfig, vocab_size: int | None = None):
     """The transformers CLIPModel: from the local `checkpoint` folder, or initialised from `clip`
@@ -205,12 +228,15 @@ def load_clip_model(config: ClipConfig, vocab_size: int | None = None):
 
     if config.checkpoint:
         folder = resolve_local(config.checkpoint)
-        model, info = CLIPModel.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32,
-                                                output_loading_info=True)
+        model, info = CLIPModel.from_pretrained(
+            str(folder), local_files_only=True, dtype=torch.float32, output_loading_info=True
+        )
         _refuse_missing(info, folder)
         if model.config.projection_dim != config.embed_dim:
-            raise ValueError(f"model.embed_dim: {config.embed_dim}, but checkpoint {config.checkpoint} "
-                             f"projects to {model.config.projection_dim}")
+            raise ValueError(
+                f"model.embed_dim: {config.embed_dim}, but checkpoint {config.checkpoint} "
+                f"projects to {model.config.projection_dim}"
+            )
         return model
     fields = {k: dict(v) if isinstance(v, dict) else v for k, v in config.clip.items()}
     fields["projection_dim"] = config.embed_dim
@@ -218,8 +244,9 @@ def load_clip_model(config: ClipConfig, vocab_size: int | None = None):
         if vocab_size is None:
             raise ValueError("text_input: tokens needs vocab_size (the word vocabulary) to size the text tower")
         # word ids have no BOS/EOS; CLIP's own pooler (which we do not read) then looks for <pad>
-        fields.setdefault("text_config", {}).update(vocab_size=vocab_size, bos_token_id=None,
-                                                    eos_token_id=PAD_ID, pad_token_id=PAD_ID)
+        fields.setdefault("text_config", {}).update(
+            vocab_size=vocab_size, bos_token_id=None, eos_token_id=PAD_ID, pad_token_id=PAD_ID
+        )
     return CLIPModel(CLIPConfig(**fields))
 
 
@@ -238,7 +265,9 @@ class Clip(RetrievalModel):
             self.text = BertTextTower(config.text_checkpoint, config.embed_dim, config.text_pool, config.freeze_text)
         else:
             self.text = ClipTextTower(clip.text_model, clip.text_projection)
-        temperature = config.temperature if config.temperature is not None else 1.0 / float(clip.logit_scale.detach().exp())
+        temperature = (
+            config.temperature if config.temperature is not None else 1.0 / float(clip.logit_scale.detach().exp())
+        )
         self.logit_scale = LogitScale(temperature, learnable=config.learn_temperature)
 
     def encode_images(self, batch: Batch) -> torch.Tensor:
@@ -250,8 +279,10 @@ class Clip(RetrievalModel):
             ids, mask = tokens, length_mask(batch["lengths"], tokens.shape[1]).long()
         else:
             if "input_ids" not in batch:
-                raise ValueError("model.text_input is input_ids but the batch has none: set data.tokenizer to the "
-                                 "text tower's tokenizer folder and prepare again (or model.text_input=tokens)")
+                raise ValueError(
+                    "model.text_input is input_ids but the batch has none: set data.tokenizer to the "
+                    "text tower's tokenizer folder and prepare again (or model.text_input=tokens)"
+                )
             ids, mask = batch["input_ids"], batch["attention_mask"]
         return F.normalize(self.text(ids, mask), dim=-1)
 

@@ -22,11 +22,13 @@ fractions of the image the model sees (0..1, so they survive resizing), K the sa
 image of a batch (a detector's top K; pad with the whole image [0, 0, 1, 1]). Whoever feeds them
 must move them with any crop/rotation of the image. Without the key the fixed grid is used.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +52,7 @@ STREAMS = ("f", "b")
 class DoveConfig(OptimiserConfig):
     """Every DOVE hyper-parameter. Paper numbers where it gives them (SWAN's training, 512-d);
     the rest is our choice, each a switch."""
+
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # SWAN's pipeline
     embed_dim: int = 512
     backbone: str = "resnet50"  # a ResNet-style timm model (SWAN's encoder)
@@ -115,6 +118,7 @@ class DoveTextFeatures(NamedTuple):
 
 # ----------------------------------------------------------------------------- parts
 
+
 def grid_boxes(levels: Sequence[int]) -> torch.Tensor:
     """[sum n^2, 4] boxes (x1, y1, x2, y2) in image fractions: an n x n grid for each level, row-major."""
     boxes = []
@@ -134,7 +138,7 @@ class RoIEncoder(nn.Module):
         super().__init__()
         self.output_size = output_size
         self.register_buffer("grid", grid_boxes(levels), persistent=False)
-        self.project = nn.Linear(in_channels * output_size ** 2, dim)
+        self.project = nn.Linear(in_channels * output_size**2, dim)
 
     def forward(self, feature_map: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
         b, _, h, w = feature_map.shape
@@ -205,6 +209,7 @@ class Head(nn.Module):
 
 # ----------------------------------------------------------------------------- the model
 
+
 @register_model("dove", DoveConfig)
 class DOVE(RetrievalModel):
     """DOVE with SWAN's multi-scale encoder, an RoI encoder, DTGA text, ROAM (IFA + IGA) and the
@@ -218,9 +223,15 @@ class DOVE(RetrievalModel):
             raise ValueError("DOVE needs vocab_size for its word embedding")
         self.config = config
         d = config.embed_dim
-        self.visual = SwanVisualEncoder(config.backbone, config.backbone_checkpoint, config.freeze_backbone, d,
-                                        vmsf_hidden=config.vmsf_hidden, vmsf_dropout=config.vmsf_dropout,
-                                        fine_grained=False)
+        self.visual = SwanVisualEncoder(
+            config.backbone,
+            config.backbone_checkpoint,
+            config.freeze_backbone,
+            d,
+            vmsf_hidden=config.vmsf_hidden,
+            vmsf_dropout=config.vmsf_dropout,
+            fine_grained=False,
+        )
         layer3_channels = self.visual.backbone.channels[2]
         self.roi = RoIEncoder(layer3_channels, d, config.roi_grid, config.roi_size)
         self.ifa = IFA(d, config.ifa_heads, config.attn_dropout)
@@ -275,7 +286,7 @@ class DOVE(RetrievalModel):
         image_step = max(1, pairs // max(text_step, 1))
         rows = []
         for i0 in range(0, n_img, image_step):
-            q, v = query[i0:i0 + image_step], embedding[i0:i0 + image_step]
+            q, v = query[i0 : i0 + image_step], embedding[i0 : i0 + image_step]
             cols = []
             for t0 in range(0, n_txt, text_step):
                 t1 = t0 + text_step
@@ -303,5 +314,4 @@ class DOVE(RetrievalModel):
         image_ids, margin, hardest = batch.get("image_ids"), self.config.margin, self.config.max_violation
         triplet = triplet_loss(final, image_ids, margin, hardest)
         global_triplet = triplet_loss(global_, image_ids, margin, hardest)
-        return {"total": triplet + self.config.lambda_g * global_triplet, "triplet": triplet,
-                "global": global_triplet}
+        return {"total": triplet + self.config.lambda_g * global_triplet, "triplet": triplet, "global": global_triplet}

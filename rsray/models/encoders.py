@@ -4,11 +4,12 @@ a BERT-family text transformer.
 Nothing here downloads: pretrained image weights come from a local checkpoint file, word
 vectors from a local GloVe-format text file, text transformers from a local folder.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import timm
 import torch
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- frozen parts
+
 
 class FrozenParts:
     """Mixin for an nn.Module with pretrained parts that are not trained: `freeze_part(name)` stops
@@ -41,6 +43,7 @@ class FrozenParts:
 
 # ----------------------------------------------------------------------------- image backbone
 
+
 class TimmBackbone(FrozenParts, nn.Module):
     """A timm model as a feature extractor returning the maps at `out_indices` (timm's numbering).
 
@@ -57,8 +60,14 @@ class TimmBackbone(FrozenParts, nn.Module):
     every other weight must be present.
     """
 
-    def __init__(self, name: str, out_indices: Sequence[int] = (4,), freeze: bool = False,
-                 checkpoint: str | Path | None = None, pool_stem: bool = False):
+    def __init__(
+        self,
+        name: str,
+        out_indices: Sequence[int] = (4,),
+        freeze: bool = False,
+        checkpoint: str | Path | None = None,
+        pool_stem: bool = False,
+    ):
         super().__init__()
         self.name, self.frozen, self.pool_stem = name, freeze, pool_stem
         self.out_indices = tuple(out_indices)
@@ -99,17 +108,23 @@ def load_backbone_state_dict(name: str, path: str | Path) -> dict[str, torch.Ten
         reference = timm.create_model(name)
     classifier = reference.pretrained_cfg.get("classifier") or ()
     classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-    needed = [k for k in reference.state_dict()
-              if not k.endswith("num_batches_tracked") and not any(k.startswith(c + ".") for c in classifier)]
+    needed = [
+        k
+        for k in reference.state_dict()
+        if not k.endswith("num_batches_tracked") and not any(k.startswith(c + ".") for c in classifier)
+    ]
     missing = [k for k in needed if k not in state]
     if missing:
         found = ", ".join(list(state)[:3])
-        raise ValueError(f"backbone checkpoint {path}: {len(missing)} of {len(needed)} {name} weights missing "
-                         f"(first: {missing[0]}); the file's keys start: {found}")
+        raise ValueError(
+            f"backbone checkpoint {path}: {len(missing)} of {len(needed)} {name} weights missing "
+            f"(first: {missing[0]}); the file's keys start: {found}"
+        )
     return {k: v for k, v in state.items() if not any(k.startswith(c + ".") for c in classifier)}
 
 
 # ----------------------------------------------------------------------------- text
+
 
 def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     """[B, max_len] bool, True at valid positions."""
@@ -199,13 +214,14 @@ class BiGRU(nn.Module):
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, _ = self.rnn(packed)
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
-        forward, backward = out[..., :self.hidden], out[..., self.hidden:]
+        forward, backward = out[..., : self.hidden], out[..., self.hidden :]
         if self.merge == "separate":
             return forward, backward
         return (forward + backward) / 2
 
 
 # ----------------------------------------------------------------------------- BERT-family text transformer
+
 
 class TransformerTextEncoder(FrozenParts, nn.Module):
     """A BERT-family text transformer (`transformers` AutoModel) returning every token's features.
@@ -233,8 +249,9 @@ class TransformerTextEncoder(FrozenParts, nn.Module):
         if checkpoint:
             from rsray.pretrained import resolve_local
 
-            self.model = AutoModel.from_pretrained(str(resolve_local(checkpoint)), local_files_only=True,
-                                                   dtype=torch.float32)
+            self.model = AutoModel.from_pretrained(
+                str(resolve_local(checkpoint)), local_files_only=True, dtype=torch.float32
+            )
         else:
             fields = dict(config or {})
             model_type = fields.pop("model_type", "bert")
@@ -251,12 +268,16 @@ class TransformerTextEncoder(FrozenParts, nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.max_positions is not None and input_ids.shape[1] > self.max_positions:
-            raise ValueError(f"captions of {input_ids.shape[1]} ids exceed the text transformer's "
-                             f"{self.max_positions} positions: truncate them first")
+            raise ValueError(
+                f"captions of {input_ids.shape[1]} ids exceed the text transformer's "
+                f"{self.max_positions} positions: truncate them first"
+            )
         top = int(input_ids.max()) if input_ids.numel() else 0
         if top >= self.vocab_size:
-            raise ValueError(f"caption id {top} is outside the text transformer's {self.vocab_size}-entry "
-                             "vocabulary: data.tokenizer must be the tokenizer of the text checkpoint")
+            raise ValueError(
+                f"caption id {top} is outside the text transformer's {self.vocab_size}-entry "
+                "vocabulary: data.tokenizer must be the tokenizer of the text checkpoint"
+            )
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             tokens = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return tokens, attention_mask.bool()

@@ -22,12 +22,14 @@ command when it says `train` (see `rsray train --help`); null leaves a random fr
 only good for tests. Open-domain PriorCLIP (stage 2 on a CLIP dual encoder) is
 `rsray.models.priorclip_open`.
 """
+
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar
 
 import timm
 import torch
@@ -41,8 +43,7 @@ from rsray.distributed import gather_no_grad, gather_with_grad
 from rsray.losses import LogitScale, affiliation_loss, info_nce_loss
 from rsray.models.base import Batch, RetrievalModel, full_precision_scores
 from rsray.models.blocks import SelfAttentionBlock
-from rsray.models.encoders import (FrozenParts, TimmBackbone, TransformerTextEncoder, check_text_config,
-                                   length_mask)
+from rsray.models.encoders import FrozenParts, TimmBackbone, TransformerTextEncoder, check_text_config, length_mask
 from rsray.models.registry import register_model
 from rsray.models.scene_prior import backbone_state_dict, priorclip_augment
 from rsray.optim import WarmupAdamWConfig
@@ -54,6 +55,7 @@ TRAIN_FIRST = "train"  # a stage checkpoint key with this value: `rsray train` t
 class PriorClipConfig(WarmupAdamWConfig):
     """Every closed-domain PriorCLIP setting; defaults are the paper's. Optimizer fields are read
     by the training loop."""
+
     # `rsray train` trains model.instruction_stage first when instruction_checkpoint is "train"
     earlier_stages: ClassVar[dict[str, str]] = {"instruction_checkpoint": "instruction_stage"}
 
@@ -144,14 +146,17 @@ def check_stage_checkpoint(key: str, value: str | None) -> Iterator[tuple[str, s
 
 # ----------------------------------------------------------------------------- stage checkpoints
 
+
 def read_stage_checkpoint(uri: str, key: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(state.pt loaded with weights_only=True, config.yaml as plain data) of an rsray checkpoint
     folder, local or s3://, that a later stage starts from; `key` names the config key in errors."""
     from rsray.eval.checkpoint import CONFIG_FILE, STATE_FILE
 
     if uri == TRAIN_FIRST:
-        raise ValueError(f"model.{key}: `train` means: train that stage first, which `rsray train` does "
-                         "before building this model (it then names the stage's best checkpoint here)")
+        raise ValueError(
+            f"model.{key}: `train` means: train that stage first, which `rsray train` does "
+            "before building this model (it then names the stage's best checkpoint here)"
+        )
     source = storage.resolve(uri)
     for name in (STATE_FILE, CONFIG_FILE):
         if not storage.exists(source.join(name)):
@@ -168,12 +173,14 @@ def load_instruction_backbone(uri: str, backbone: str, key: str = "instruction_c
     if model.get("name") != "scene_prior":
         raise ValueError(f"model.{key}: {uri} holds a {model.get('name')!r} model, not a scene_prior")
     if model.get("backbone") != backbone:
-        raise ValueError(f"model.instruction_backbone: {backbone!r}, but the scene prior at {uri} "
-                         f"is a {model.get('backbone')!r}")
+        raise ValueError(
+            f"model.instruction_backbone: {backbone!r}, but the scene prior at {uri} is a {model.get('backbone')!r}"
+        )
     return backbone_state_dict(state["model"])
 
 
 # ----------------------------------------------------------------------------- encoders
+
 
 class SwinTokens(FrozenParts, nn.Module):
     """A timm model's final feature map (normalised, as its head would see it) as tokens:
@@ -182,8 +189,9 @@ class SwinTokens(FrozenParts, nn.Module):
     `checkpoint`: a local weights file given to timm (state dict, or the original Swin release's
     layout, which timm's filter converts); the classifier is dropped. `freeze` as TimmBackbone."""
 
-    def __init__(self, name: str, kwargs: dict[str, Any] | None = None, checkpoint: str | None = None,
-                 freeze: bool = False):
+    def __init__(
+        self, name: str, kwargs: dict[str, Any] | None = None, checkpoint: str | None = None, freeze: bool = False
+    ):
         super().__init__()
         create = dict(kwargs or {}, num_classes=0)
         if checkpoint:
@@ -204,8 +212,10 @@ class SwinTokens(FrozenParts, nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             features = self.model.forward_features(images)
         if features.dim() != 4:
-            raise ValueError(f"model.backbone: {type(self.model).__name__}.forward_features gives "
-                             f"{features.dim()}-d output; PriorCLIP needs a feature map")
+            raise ValueError(
+                f"model.backbone: {type(self.model).__name__}.forward_features gives "
+                f"{features.dim()}-d output; PriorCLIP needs a feature map"
+            )
         patches = features.flatten(1, 2) if self.channels_last else features.flatten(2).transpose(1, 2)
         return torch.cat([patches.mean(dim=1, keepdim=True), patches], dim=1)
 
@@ -225,27 +235,31 @@ class InstructionEncoder(nn.Module):
         return self.proj(features.mean(dim=(2, 3)))
 
 
-def text_inputs(batch: Batch, text_input: str, max_tokens: int, cls_id: int | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def text_inputs(
+    batch: Batch, text_input: str, max_tokens: int, cls_id: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, attention_mask) of a batch's captions, at most `max_tokens` long.
 
     input_ids: the BERT-family tokenizer's ids; a longer caption keeps its first max_tokens - 1
     ids and its final [SEP]. tokens: the word ids with `cls_id` prepended as position 0 (our
     choice: a word-vocabulary transformer then has a [CLS] to pool, as BERT does)."""
     if text_input == "tokens":
-        tokens = batch["tokens"][:, :max_tokens - 1]
+        tokens = batch["tokens"][:, : max_tokens - 1]
         lengths = batch["lengths"].clamp(max=max_tokens - 1)
         ids = torch.cat([torch.full_like(tokens[:, :1], cls_id), tokens], dim=1)
         return ids, length_mask(lengths + 1, ids.shape[1]).long()
     if "input_ids" not in batch:
-        raise ValueError("model.text_input is input_ids but the batch has none: set data.tokenizer to the text "
-                         "checkpoint's tokenizer folder and prepare again (or model.text_input=tokens)")
+        raise ValueError(
+            "model.text_input is input_ids but the batch has none: set data.tokenizer to the text "
+            "checkpoint's tokenizer folder and prepare again (or model.text_input=tokens)"
+        )
     from rsray.models.clip import fit_positions
 
     return fit_positions(batch["input_ids"], batch["attention_mask"], max_tokens)
 
 
 # ----------------------------------------------------------------------------- progressive attention encoders
+
 
 class CrossAttentionBlock(nn.Module):
     """Post-LN cross-attention block: x = LN(x + drop(MHA(queries, x, x))); x = LN(x + drop(FFN(x))).
@@ -260,15 +274,17 @@ class CrossAttentionBlock(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop1, self.drop2 = nn.Dropout(dropout), nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, queries: torch.Tensor,
-                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, queries: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         attended, _ = self.attn(queries, x, x, key_padding_mask=key_padding_mask, need_weights=False)
         x = self.norm1(x + self.drop1(attended))
         return self.norm2(x + self.drop2(self.ffn(x)))
 
 
-def belief_tokens(tokens: torch.Tensor, instruction: torch.Tensor, mode: str = "soft",
-                  filter_size: int = 40) -> torch.Tensor:
+def belief_tokens(
+    tokens: torch.Tensor, instruction: torch.Tensor, mode: str = "soft", filter_size: int = 40
+) -> torch.Tensor:
     """Spatial-PAE's rank-and-filter. belief = softmax over tokens of token . instruction.
 
     hard (PIR): the `filter_size` tokens of highest belief, most believed first.
@@ -294,8 +310,16 @@ class SpatialPAE(nn.Module):
     position (the release expands it to the token count), so one query is computed and its
     output added to every token: the same numbers, without the copies."""
 
-    def __init__(self, dim: int, rounds: int = 2, heads: int = 8, ffn_dim: int = 1024, dropout: float = 0.2,
-                 belief: str = "soft", filter_size: int = 40):
+    def __init__(
+        self,
+        dim: int,
+        rounds: int = 2,
+        heads: int = 8,
+        ffn_dim: int = 1024,
+        dropout: float = 0.2,
+        belief: str = "soft",
+        filter_size: int = 40,
+    ):
         super().__init__()
         self.belief, self.filter_size = belief, filter_size
         self.self_attn = nn.ModuleList([SelfAttentionBlock(dim, heads, ffn_dim, dropout) for _ in range(rounds)])
@@ -305,7 +329,9 @@ class SpatialPAE(nn.Module):
 
     def forward(self, tokens: torch.Tensor, instruction: torch.Tensor) -> torch.Tensor:
         x = belief_tokens(tokens, instruction, self.belief, self.filter_size)
-        for self_attn, cross_attn, instruction_map in zip(self.self_attn, self.cross_attn, self.instruction_maps):
+        for self_attn, cross_attn, instruction_map in zip(
+            self.self_attn, self.cross_attn, self.instruction_maps, strict=True
+        ):
             x = cross_attn(self_attn(x), instruction_map(instruction).unsqueeze(1))
         return tokens[:, 0] + self.head(x[:, 0])
 
@@ -325,16 +351,23 @@ class TemporalPAE(nn.Module):
     def forward(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         padding = ~valid
         x = tokens
-        for self_attn, cross_attn, token_map in zip(self.self_attn, self.cross_attn, self.token_maps):
+        for self_attn, cross_attn, token_map in zip(self.self_attn, self.cross_attn, self.token_maps, strict=True):
             x = cross_attn(self_attn(x, key_padding_mask=padding), token_map(x), key_padding_mask=padding)
         return tokens[:, 0] + self.head(x[:, 0])
 
 
 # ----------------------------------------------------------------------------- the model
 
-def contrastive_and_affiliation(images: torch.Tensor, texts: torch.Tensor, batch: Batch, logit_scale: torch.Tensor,
-                                affiliation_scale: torch.Tensor, gather: bool,
-                                lambda_cs: float) -> dict[str, torch.Tensor]:
+
+def contrastive_and_affiliation(
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    batch: Batch,
+    logit_scale: torch.Tensor,
+    affiliation_scale: torch.Tensor,
+    gather: bool,
+    lambda_cs: float,
+) -> dict[str, torch.Tensor]:
     """PriorCLIP's loss on L2-normalised embeddings: InfoNCE + lambda_cs * affiliation, each with
     its own learnable scale, both over every worker's rows when `gather`. The affiliation term is
     computed even at lambda_cs = 0, so every parameter stays in the graph (DistributedDataParallel
@@ -359,18 +392,21 @@ class PriorCLIP(RetrievalModel):
         super().__init__()
         self.config = config
         d = config.embed_dim
-        self.visual = SwinTokens(config.backbone, config.backbone_kwargs, config.backbone_checkpoint,
-                                 config.freeze_backbone)
+        self.visual = SwinTokens(
+            config.backbone, config.backbone_kwargs, config.backbone_checkpoint, config.freeze_backbone
+        )
         self.vision_proj = nn.Linear(self.visual.width, d)
         self.instruction = InstructionEncoder(config.instruction_backbone, config.instruction_checkpoint, d)
-        self.spatial_pae = SpatialPAE(d, config.instru_num, config.heads, config.ffn_dim, config.dropout,
-                                      config.belief, config.filter_size)
+        self.spatial_pae = SpatialPAE(
+            d, config.instru_num, config.heads, config.ffn_dim, config.dropout, config.belief, config.filter_size
+        )
         text_config = dict(config.text_config)
         self.cls_id = None
         if config.text_input == "tokens":
             if vocab_size is None:
-                raise ValueError("text_input: tokens needs vocab_size (the word vocabulary) to size the text "
-                                 "transformer")
+                raise ValueError(
+                    "text_input: tokens needs vocab_size (the word vocabulary) to size the text transformer"
+                )
             self.cls_id = vocab_size  # one id past the word vocabulary
             text_config.update(vocab_size=vocab_size + 1, pad_token_id=0)
         self.text = TransformerTextEncoder(config.text_checkpoint, None if config.text_checkpoint else text_config)
@@ -390,6 +426,12 @@ class PriorCLIP(RetrievalModel):
         return F.normalize(self.temporal_pae(self.text_proj(tokens), valid), dim=-1)
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
-        return contrastive_and_affiliation(self.encode_images(batch), self.encode_texts(batch), batch,
-                                           self.logit_scale(), self.affiliation_scale(),
-                                           self.config.gather_across_workers, self.config.lambda_cs)
+        return contrastive_and_affiliation(
+            self.encode_images(batch),
+            self.encode_texts(batch),
+            batch,
+            self.logit_scale(),
+            self.affiliation_scale(),
+            self.config.gather_across_workers,
+            self.config.lambda_cs,
+        )

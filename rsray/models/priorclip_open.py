@@ -23,10 +23,12 @@ makes `rsray train` run stage 1 (`clip_stage`) first; `instruction_checkpoint: t
 trains the scene prior first. With `text_input: tokens` in stage 1, stage 2 must use the same
 prepared data (the same word vocabulary); with a tokenizer, any data.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterator, Sequence
+from typing import ClassVar
 
 import timm
 import torch
@@ -38,8 +40,13 @@ from rsray.losses import LogitScale
 from rsray.models.base import Batch, RetrievalModel
 from rsray.models.clip import Clip, ClipConfig
 from rsray.models.encoders import FrozenParts
-from rsray.models.priorclip import (InstructionEncoder, belief_tokens, check_stage_checkpoint,
-                                    contrastive_and_affiliation, read_stage_checkpoint)
+from rsray.models.priorclip import (
+    InstructionEncoder,
+    belief_tokens,
+    check_stage_checkpoint,
+    contrastive_and_affiliation,
+    read_stage_checkpoint,
+)
 from rsray.models.registry import model_config, register_model
 from rsray.models.scene_prior import priorclip_augment
 from rsray.optim import WarmupAdamWConfig
@@ -48,9 +55,12 @@ from rsray.optim import WarmupAdamWConfig
 @dataclass
 class PriorClipOpenConfig(WarmupAdamWConfig):
     """Every stage-2 setting. Optimizer fields are read by the training loop."""
+
     # `rsray train` trains these stages first (in this order) when their checkpoint key says "train"
-    earlier_stages: ClassVar[dict[str, str]] = {"clip_checkpoint": "clip_stage",
-                                                "instruction_checkpoint": "instruction_stage"}
+    earlier_stages: ClassVar[dict[str, str]] = {
+        "clip_checkpoint": "clip_stage",
+        "instruction_checkpoint": "instruction_stage",
+    }
 
     augment: AugmentConfig = field(default_factory=priorclip_augment)
     embed_dim: int = 512  # must equal stage 1's embedding size
@@ -98,8 +108,10 @@ def stage_one(config: PriorClipOpenConfig, vocab_size: int | None) -> Clip:
         return Clip(config.clip, vocab_size=vocab_size)
     state, saved = read_stage_checkpoint(config.clip_checkpoint, "clip_checkpoint")
     if saved.get("model", {}).get("name") != "clip":
-        raise ValueError(f"model.clip_checkpoint: {config.clip_checkpoint} holds a "
-                         f"{saved.get('model', {}).get('name')!r} model, not a clip (stage 1)")
+        raise ValueError(
+            f"model.clip_checkpoint: {config.clip_checkpoint} holds a "
+            f"{saved.get('model', {}).get('name')!r} model, not a clip (stage 1)"
+        )
     clip_config = model_config(config_from_dict(saved, source=f"{config.clip_checkpoint} config.yaml"))
     if clip_config.embed_dim != config.embed_dim:
         raise ValueError(f"model.embed_dim: {config.embed_dim}, but stage 1 embeds in {clip_config.embed_dim}")
@@ -114,16 +126,16 @@ class PriorCLIPOpen(FrozenParts, RetrievalModel):
 
     two_tower = True
 
-    def __init__(self, config: PriorClipOpenConfig, vocab_size: int | None = None,
-                 vocab: Sequence[str] | None = None):
+    def __init__(self, config: PriorClipOpenConfig, vocab_size: int | None = None, vocab: Sequence[str] | None = None):
         super().__init__()
         self.config = config
         self.clip = stage_one(config, vocab_size)
         for part in ["clip.text"] + (["clip.visual"] if config.freeze_backbone else []):
             self.freeze_part(part)  # frozen: no gradient, and no dropout either
         vision = self.clip.visual.model
-        self.instruction = InstructionEncoder(config.instruction_backbone, config.instruction_checkpoint,
-                                              vision.config.hidden_size)
+        self.instruction = InstructionEncoder(
+            config.instruction_backbone, config.instruction_checkpoint, vision.config.hidden_size
+        )
         self.affiliation_scale = LogitScale(config.affiliation_temperature)
         self.train()
 
@@ -144,6 +156,12 @@ class PriorCLIPOpen(FrozenParts, RetrievalModel):
             return self.clip.encode_texts(batch)
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
-        return contrastive_and_affiliation(self.encode_images(batch), self.encode_texts(batch), batch,
-                                           self.clip.logit_scale(), self.affiliation_scale(),
-                                           self.config.gather_across_workers, self.config.lambda_cs)
+        return contrastive_and_affiliation(
+            self.encode_images(batch),
+            self.encode_texts(batch),
+            batch,
+            self.clip.logit_scale(),
+            self.affiliation_scale(),
+            self.config.gather_across_workers,
+            self.config.lambda_cs,
+        )

@@ -8,10 +8,12 @@
 A model class is constructed as `cls(config, vocab_size=..., vocab=...)`, where `config` is its
 own dataclass typed from the `model:` section (everything but `name`).
 """
+
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from rsray.config import Config
 from rsray.models.base import RetrievalModel
@@ -21,6 +23,7 @@ _MODELS: dict[str, tuple[type[RetrievalModel], type]] = {}
 
 def register_model(name: str, config_cls: type) -> Callable[[type[RetrievalModel]], type[RetrievalModel]]:
     """Class decorator: make `name` buildable from a config whose `model.name` is `name`."""
+
     def decorate(cls: type[RetrievalModel]) -> type[RetrievalModel]:
         if name in _MODELS and _MODELS[name][0] is not cls:
             raise ValueError(f"model name {name!r} is already registered by {_MODELS[name][0].__qualname__}")
@@ -28,6 +31,7 @@ def register_model(name: str, config_cls: type) -> Callable[[type[RetrievalModel
         cls.model_name = name
         cls.config_cls = config_cls
         return cls
+
     return decorate
 
 

@@ -21,10 +21,12 @@ Validation adds the scene accuracy of images (`accuracy`, the metric that select
 checkpoint) and of captions (`caption_accuracy`), in percent, to the retrieval numbers.
 `num_classes: null` is filled in by `rsray train` from the prepared data's scene list.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar
 
 import timm
 import torch
@@ -45,13 +47,23 @@ def priorclip_augment() -> AugmentConfig:
     """PriorCLIP's image pipeline: random resized crop 224 (scale 0.5-1, bicubic), horizontal flip,
     RandAugment(2, 7), CLIP mean/std; eval resize 224. The scene prior trains on the same pipeline
     (our choice), so its backbone sees images exactly as PriorCLIP will feed them to it."""
-    return AugmentConfig(train_resize=224, crop=224, rotation=0.0, hflip=True, random_resized_crop=[0.5, 1.0],
-                         rand_augment=[2, 7], eval_resize=224, normalize="clip", interpolation="bicubic")
+    return AugmentConfig(
+        train_resize=224,
+        crop=224,
+        rotation=0.0,
+        hflip=True,
+        random_resized_crop=[0.5, 1.0],
+        rand_augment=[2, 7],
+        eval_resize=224,
+        normalize="clip",
+        interpolation="bicubic",
+    )
 
 
 @dataclass
 class ScenePriorConfig(OptimiserConfig):
     """Every scene-prior setting (AdamW, our choice for fine-tuning an ImageNet CNN)."""
+
     selection_metric: ClassVar[str] = "accuracy"  # the best checkpoint is the best image classifier
 
     augment: AugmentConfig = field(default_factory=priorclip_augment)
@@ -87,8 +99,10 @@ class ScenePriorConfig(OptimiserConfig):
         """Refuse prepared data the classifier cannot learn from (read by `rsray train`)."""
         scenes = len(manifest.get("scenes") or {})
         if scenes < 2:
-            yield "name", (f"scene_prior needs scene labels of at least 2 classes; "
-                           f"{manifest.get('dataset')} has {scenes}")
+            yield (
+                "name",
+                (f"scene_prior needs scene labels of at least 2 classes; {manifest.get('dataset')} has {scenes}"),
+            )
         elif self.num_classes is not None and self.num_classes < scenes:
             yield "num_classes", f"{self.num_classes} classes for data with {scenes} scenes (null: from the data)"
 
@@ -106,17 +120,20 @@ class ScenePrior(RetrievalModel):
     def __init__(self, config: ScenePriorConfig, vocab_size: int | None = None, vocab: Sequence[str] | None = None):
         super().__init__()
         if config.num_classes is None:
-            raise ValueError("model.num_classes: null is filled in from the prepared data by rsray train; "
-                             "give the number of scene classes to build the model directly")
+            raise ValueError(
+                "model.num_classes: null is filled in from the prepared data by rsray train; "
+                "give the number of scene classes to build the model directly"
+            )
         if vocab_size is None:
             raise ValueError("the scene prior needs vocab_size for its caption branch")
         self.config = config
-        self.backbone = TimmBackbone(config.backbone, out_indices=(-1,), freeze=config.freeze_backbone,
-                                     checkpoint=config.backbone_checkpoint)
+        self.backbone = TimmBackbone(
+            config.backbone, out_indices=(-1,), freeze=config.freeze_backbone, checkpoint=config.backbone_checkpoint
+        )
         self.image_proj = nn.Linear(self.backbone.channels[-1], config.embed_dim)
         self.embed = WordEmbedding(vocab_size, config.word_dim)
         self.text_proj = nn.Linear(config.word_dim, config.embed_dim)
-        self.prototypes = nn.Parameter(torch.randn(config.num_classes, config.embed_dim) / config.embed_dim ** 0.5)
+        self.prototypes = nn.Parameter(torch.randn(config.num_classes, config.embed_dim) / config.embed_dim**0.5)
         self.logit_scale = LogitScale(config.temperature)
 
     def encode_images(self, batch: Batch) -> torch.Tensor:
@@ -146,8 +163,11 @@ class ScenePrior(RetrievalModel):
         if self.config.caption_weight == 0:
             return {"total": image_ce, "image_ce": image_ce}
         caption_ce = self._classification_loss(self.encode_texts(batch), scene_ids)
-        return {"total": image_ce + self.config.caption_weight * caption_ce, "image_ce": image_ce,
-                "caption_ce": caption_ce}
+        return {
+            "total": image_ce + self.config.caption_weight * caption_ce,
+            "image_ce": image_ce,
+            "caption_ce": caption_ce,
+        }
 
     @torch.no_grad()
     def validation_metrics(self, split, table) -> dict[str, float]:
@@ -156,11 +176,14 @@ class ScenePrior(RetrievalModel):
         from rsray.data.loader import image_scenes, scene_index
 
         names = scene_index(table)
-        image_scene = torch.tensor([names.get(s, -1) if s is not None else -1 for s in image_scenes(table)],
-                                   device=split.image_features.device)
+        image_scene = torch.tensor(
+            [names.get(s, -1) if s is not None else -1 for s in image_scenes(table)], device=split.image_features.device
+        )
         caption_scene = image_scene[split.caption_image.to(image_scene.device)]
-        return {"accuracy": self._accuracy(split.image_features, image_scene),
-                "caption_accuracy": self._accuracy(split.text_features, caption_scene)}
+        return {
+            "accuracy": self._accuracy(split.image_features, image_scene),
+            "caption_accuracy": self._accuracy(split.text_features, caption_scene),
+        }
 
     def _accuracy(self, embeddings: torch.Tensor, scene_ids: torch.Tensor) -> float:
         known = (scene_ids >= 0) & (scene_ids < self.config.num_classes)
@@ -173,7 +196,7 @@ class ScenePrior(RetrievalModel):
 def backbone_state_dict(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The timm backbone's weights (running BatchNorm statistics included) out of a scene prior's
     state dict, keyed as `TimmBackbone.body` expects them."""
-    state = {k[len(BACKBONE_PREFIX):]: v for k, v in model_state.items() if k.startswith(BACKBONE_PREFIX)}
+    state = {k[len(BACKBONE_PREFIX) :]: v for k, v in model_state.items() if k.startswith(BACKBONE_PREFIX)}
     if not state:
         raise ValueError(f"no {BACKBONE_PREFIX}* weights: not a scene prior's state dict")
     return state

@@ -12,10 +12,12 @@ Spatial sizes scale with the input: at 256 px the stem map is 64x64, layer2/3/4 
 pools each branch to `grid` x `grid` (16 in the paper); VMSF brings layer2 and layer4 to
 layer3's size (x0.5 and x2 at 256 px, nearest), which is 16x16 at 256 px and 4x4 at 64 px.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,7 @@ from rsray.optim import OptimiserConfig
 @dataclass
 class SwanConfig(OptimiserConfig):
     """Every SWAN hyper-parameter; defaults are the paper's (Adam, lr 2e-4 x0.7 every 20 epochs)."""
+
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # resize 278, rotate 0-90, crop 256; eval 256
     embed_dim: int = 512
     backbone: str = "resnet50"  # a ResNet-style timm model (SFGS needs the stem max-pool)
@@ -88,10 +91,12 @@ class SwanConfig(OptimiserConfig):
 
 # ----------------------------------------------------------------------------- image side
 
+
 def conv_bn_relu(cin: int, cout: int, kernel: int = 1, bias: bool = False) -> nn.Sequential:
     """Conv2d with kernel = stride, BatchNorm, ReLU (the release's convs before a BatchNorm have no bias)."""
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride=kernel, bias=bias), nn.BatchNorm2d(cout),
-                         nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride=kernel, bias=bias), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
 
 
 class SFGS(nn.Module):
@@ -103,13 +108,27 @@ class SFGS(nn.Module):
     Linear grid^2 -> D + ReLU + dropout, then WSA.
     """
 
-    def __init__(self, in_channels: int = 64, dim: int = 512, grid: int = 16, reduce: int = 32,
-                 branches: Sequence[int] = (32, 32, 64), kernels: Sequence[int] = (1, 3, 5),
-                 heads: int = 8, ffn_dim: int = 1024, dropout: float = 0.1, attn_dropout: float = 0.1):
+    def __init__(
+        self,
+        in_channels: int = 64,
+        dim: int = 512,
+        grid: int = 16,
+        reduce: int = 32,
+        branches: Sequence[int] = (32, 32, 64),
+        kernels: Sequence[int] = (1, 3, 5),
+        heads: int = 8,
+        ffn_dim: int = 1024,
+        dropout: float = 0.1,
+        attn_dropout: float = 0.1,
+    ):
         super().__init__()
         self.reduce = conv_bn_relu(in_channels, reduce)
-        self.branches = nn.ModuleList([nn.Sequential(conv_bn_relu(reduce, c, k), nn.AdaptiveAvgPool2d(grid))
-                                       for c, k in zip(branches, kernels)])
+        self.branches = nn.ModuleList(
+            [
+                nn.Sequential(conv_bn_relu(reduce, c, k), nn.AdaptiveAvgPool2d(grid))
+                for c, k in zip(branches, kernels, strict=True)
+            ]
+        )
         self.project = nn.Sequential(nn.Linear(grid * grid, dim), nn.ReLU(inplace=True), nn.Dropout(dropout))
         self.wsa = WSA(sum(branches), dim, heads, ffn_dim, attn_dropout)
 
@@ -129,8 +148,9 @@ class VMSF(nn.Module):
     and it keeps the three maps aligned at any input size (4x4 at 64 px).
     """
 
-    def __init__(self, in_channels: Sequence[int] = (512, 1024, 2048), dim: int = 512, hidden: int = 1024,
-                 dropout: float = 0.2):
+    def __init__(
+        self, in_channels: Sequence[int] = (512, 1024, 2048), dim: int = 512, hidden: int = 1024, dropout: float = 0.2
+    ):
         super().__init__()
         c2, c3, c4 = in_channels
         self.lateral = nn.ModuleList([nn.Conv2d(c2, dim, 1), nn.Conv2d(c3, dim, 1), nn.Conv2d(c4, 2 * dim, 1)])
@@ -139,8 +159,10 @@ class VMSF(nn.Module):
 
     def forward(self, layer2: torch.Tensor, layer3: torch.Tensor, layer4: torch.Tensor):
         size = layer3.shape[-2:]
-        maps = [F.interpolate(conv(x), size=size, mode="nearest") if x.shape[-2:] != size else conv(x)
-                for conv, x in zip(self.lateral, (layer2, layer3, layer4))]
+        maps = [
+            F.interpolate(conv(x), size=size, mode="nearest") if x.shape[-2:] != size else conv(x)
+            for conv, x in zip(self.lateral, (layer2, layer3, layer4), strict=True)
+        ]
         fused = self.fuse(torch.cat(maps, dim=1))  # [B, D, h, w]
         return fused.flatten(2).transpose(1, 2), self.mlp(fused.mean(dim=(2, 3)))
 
@@ -159,24 +181,57 @@ class SwanVisualEncoder(nn.Module):
     no unused parameters). `from_config` reads any config with SwanConfig's field names.
     """
 
-    def __init__(self, backbone: str = "resnet50", checkpoint: str | None = None, freeze: bool = True,
-                 dim: int = 512, grid: int = 16, sfgs_reduce: int = 32, sfgs_branches: Sequence[int] = (32, 32, 64),
-                 sfgs_kernels: Sequence[int] = (1, 3, 5), sfgs_dropout: float = 0.1, wsa_heads: int = 8,
-                 wsa_ffn: int = 1024, wsa_dropout: float = 0.1, vmsf_hidden: int = 1024,
-                 vmsf_dropout: float = 0.2, fine_grained: bool = True):
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        checkpoint: str | None = None,
+        freeze: bool = True,
+        dim: int = 512,
+        grid: int = 16,
+        sfgs_reduce: int = 32,
+        sfgs_branches: Sequence[int] = (32, 32, 64),
+        sfgs_kernels: Sequence[int] = (1, 3, 5),
+        sfgs_dropout: float = 0.1,
+        wsa_heads: int = 8,
+        wsa_ffn: int = 1024,
+        wsa_dropout: float = 0.1,
+        vmsf_hidden: int = 1024,
+        vmsf_dropout: float = 0.2,
+        fine_grained: bool = True,
+    ):
         super().__init__()
-        self.backbone = TimmBackbone(backbone, out_indices=(0, 2, 3, 4), freeze=freeze, checkpoint=checkpoint,
-                                     pool_stem=True)
+        self.backbone = TimmBackbone(
+            backbone, out_indices=(0, 2, 3, 4), freeze=freeze, checkpoint=checkpoint, pool_stem=True
+        )
         stem, c2, c3, c4 = self.backbone.channels
-        self.sfgs = SFGS(stem, dim, grid, sfgs_reduce, sfgs_branches, sfgs_kernels, wsa_heads, wsa_ffn,
-                         sfgs_dropout, wsa_dropout) if fine_grained else None
+        self.sfgs = (
+            SFGS(
+                stem, dim, grid, sfgs_reduce, sfgs_branches, sfgs_kernels, wsa_heads, wsa_ffn, sfgs_dropout, wsa_dropout
+            )
+            if fine_grained
+            else None
+        )
         self.vmsf = VMSF((c2, c3, c4), dim, vmsf_hidden, vmsf_dropout)
 
     @classmethod
-    def from_config(cls, cfg, fine_grained: bool = True) -> "SwanVisualEncoder":
-        return cls(cfg.backbone, cfg.backbone_checkpoint, cfg.freeze_backbone, cfg.embed_dim, cfg.grid,
-                   cfg.sfgs_reduce, cfg.sfgs_branches, cfg.sfgs_kernels, cfg.sfgs_dropout, cfg.wsa_heads,
-                   cfg.wsa_ffn, cfg.wsa_dropout, cfg.vmsf_hidden, cfg.vmsf_dropout, fine_grained)
+    def from_config(cls, cfg, fine_grained: bool = True) -> SwanVisualEncoder:
+        return cls(
+            cfg.backbone,
+            cfg.backbone_checkpoint,
+            cfg.freeze_backbone,
+            cfg.embed_dim,
+            cfg.grid,
+            cfg.sfgs_reduce,
+            cfg.sfgs_branches,
+            cfg.sfgs_kernels,
+            cfg.sfgs_dropout,
+            cfg.wsa_heads,
+            cfg.wsa_ffn,
+            cfg.wsa_dropout,
+            cfg.vmsf_hidden,
+            cfg.vmsf_dropout,
+            fine_grained,
+        )
 
     def forward(self, images: torch.Tensor) -> SwanVisual:
         maps = self.backbone(images)
@@ -187,6 +242,7 @@ class SwanVisualEncoder(nn.Module):
 
 # ----------------------------------------------------------------------------- text side
 
+
 class TCGE(nn.Module):
     """Text coarse-grained enhancement over the BiGRU sequence h [B, L, D] -> [B, D].
 
@@ -196,8 +252,16 @@ class TCGE(nn.Module):
     GSA output at the caption's last word (the release).
     """
 
-    def __init__(self, dim: int = 512, heads: int = 2, gsa_dropout: float = 0.2, hidden: int = 1024,
-                 dropout: float = 0.1, pool: str = "mean", mask_padding: bool = True):
+    def __init__(
+        self,
+        dim: int = 512,
+        heads: int = 2,
+        gsa_dropout: float = 0.2,
+        hidden: int = 1024,
+        dropout: float = 0.1,
+        pool: str = "mean",
+        mask_padding: bool = True,
+    ):
         super().__init__()
         self.pool, self.mask_padding = pool, mask_padding
         self.gsa = GSA(dim, heads, gsa_dropout)
@@ -234,8 +298,15 @@ class SWAN(RetrievalModel):
             self.embed.load_vectors(config.glove_path, vocab)
         self.word_dropout = nn.Dropout(config.word_dropout)
         self.gru = BiGRU(config.word_dim, config.gru_hidden, merge="mean")
-        self.tcge = TCGE(d, config.gsa_heads, config.gsa_dropout, config.tcge_hidden, config.tcge_dropout,
-                         config.text_pool, config.mask_padding)
+        self.tcge = TCGE(
+            d,
+            config.gsa_heads,
+            config.gsa_dropout,
+            config.tcge_hidden,
+            config.tcge_dropout,
+            config.text_pool,
+            config.mask_padding,
+        )
 
     def encode_images(self, batch: Batch) -> torch.Tensor:
         visual = self.visual(batch["images"])

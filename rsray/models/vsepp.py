@@ -4,10 +4,11 @@ Image: timm backbone -> global average pool -> linear -> L2 norm.
 Text: word embedding -> BiGRU (directions averaged) -> mean over valid tokens -> L2 norm.
 Score: cosine. Loss: bidirectional hinge triplet, hardest negative or sum over negatives.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import timm
 import torch
@@ -30,6 +31,7 @@ class VseppConfig(OptimiserConfig):
     pipeline (278 -> rotate -> crop 256) so the two compare like with like; mean over valid
     tokens (as the spec says; the VSE++ paper takes the last GRU state).
     """
+
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # SWAN's pipeline, to compare like with like
     embed_dim: int = 512
     backbone: str = "resnet50"  # any timm model name
@@ -76,8 +78,9 @@ class VSEPP(RetrievalModel):
         if vocab_size is None:
             raise ValueError("VSE++ needs vocab_size for its word embedding")
         self.config = config
-        self.backbone = TimmBackbone(config.backbone, out_indices=(-1,), freeze=config.freeze_backbone,
-                                     checkpoint=config.backbone_checkpoint)
+        self.backbone = TimmBackbone(
+            config.backbone, out_indices=(-1,), freeze=config.freeze_backbone, checkpoint=config.backbone_checkpoint
+        )
         self.image_proj = nn.Linear(self.backbone.channels[-1], config.embed_dim)
         self.embed = WordEmbedding(vocab_size, config.word_dim)
         if config.glove_path:

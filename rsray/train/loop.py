@@ -3,11 +3,13 @@
 Ray Train runs these functions inside each worker; they also run as an ordinary process (tests,
 GPU throughput measurements), so nothing here imports Ray.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
 import torch
@@ -35,10 +37,15 @@ class EpochStats:
         return self.pairs / max(self.seconds, 1e-9)
 
 
-def train_epoch(model: RetrievalModel, batches: Iterable[Batch], optimizer: torch.optim.Optimizer,
-                device: torch.device | str = "cpu", grad_clip: float | None = 2.0,
-                amp_dtype: torch.dtype | None = None,
-                scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> EpochStats:
+def train_epoch(
+    model: RetrievalModel,
+    batches: Iterable[Batch],
+    optimizer: torch.optim.Optimizer,
+    device: torch.device | str = "cpu",
+    grad_clip: float | None = 2.0,
+    amp_dtype: torch.dtype | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> EpochStats:
     """One pass over `batches`: loss, backward, clip, step. `amp_dtype=torch.bfloat16` on GPU.
     A `scheduler` given here is stepped after every optimizer step (per-batch schedules).
     The stats split the time into waiting for batches and the rest, to tell a data-bound epoch
@@ -71,13 +78,20 @@ def train_epoch(model: RetrievalModel, batches: Iterable[Batch], optimizer: torc
             sums[name] = sums[name] + value.detach().float() if name in sums else value.detach().float()
         steps += 1
         pairs += int(batch["images"].shape[0])
-    return EpochStats({k: float(v) / max(steps, 1) for k, v in sums.items()}, pairs, time.perf_counter() - started,
-                      data_seconds)
+    return EpochStats(
+        {k: float(v) / max(steps, 1) for k, v in sums.items()}, pairs, time.perf_counter() - started, data_seconds
+    )
 
 
 @torch.no_grad()
-def encode_split(model: RetrievalModel, table: pa.Table, augment: Any, device: torch.device | str = "cpu",
-                 image_batch: int = 64, caption_batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_split(
+    model: RetrievalModel,
+    table: pa.Table,
+    augment: Any,
+    device: torch.device | str = "cpu",
+    image_batch: int = 64,
+    caption_batch: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Features of every image (table order) and every caption (image 0's captions first, ...)."""
     model.eval()
     images = [model.encode_images(to_device(b, device)) for b in eval_images(table, augment, image_batch)]
@@ -88,6 +102,7 @@ def encode_split(model: RetrievalModel, table: pa.Table, augment: Any, device: t
 @dataclass
 class SplitScores:
     """A split's whole similarity matrix and what the protocol needs to read it."""
+
     scores: torch.Tensor  # [n_images, n_captions]
     caption_image: torch.Tensor  # caption j -> its image row
     scenes: list[str | None] | None  # one per image; None when the split has no scenes at all
@@ -96,19 +111,31 @@ class SplitScores:
 
 
 @torch.no_grad()
-def score_split(model: RetrievalModel, table: pa.Table, augment: Any,
-                device: torch.device | str = "cpu", image_batch: int = 64) -> SplitScores:
+def score_split(
+    model: RetrievalModel, table: pa.Table, augment: Any, device: torch.device | str = "cpu", image_batch: int = 64
+) -> SplitScores:
     """Encode every image and caption of a split and score them all (blocked, bounded memory)."""
     image_features, text_features = encode_split(model, table, augment, device, image_batch=image_batch)
     scores = score_matrix(model, image_features, text_features).float()
     scenes = image_scenes(table)
-    return SplitScores(scores, caption_image_index(table).to(scores.device),
-                       scenes if any(s is not None for s in scenes) else None, image_features, text_features)
+    return SplitScores(
+        scores,
+        caption_image_index(table).to(scores.device),
+        scenes if any(s is not None for s in scenes) else None,
+        image_features,
+        text_features,
+    )
 
 
 @torch.no_grad()
-def evaluate(model: RetrievalModel, table: pa.Table, augment: Any, device: torch.device | str = "cpu",
-             smr: SMRConfig | None = None, image_batch: int = 64) -> dict[str, float]:
+def evaluate(
+    model: RetrievalModel,
+    table: pa.Table,
+    augment: Any,
+    device: torch.device | str = "cpu",
+    smr: SMRConfig | None = None,
+    image_batch: int = 64,
+) -> dict[str, float]:
     """The protocol's numbers on one split's whole gallery (scene recall where scenes exist);
     with `smr`, the same again after SMR re-ranking under `smr_` names. A model that defines
     `validation_metrics(split, table) -> {name: value}` adds its own numbers, computed from the
@@ -120,8 +147,9 @@ def evaluate(model: RetrievalModel, table: pa.Table, augment: Any, device: torch
         metrics.update(own_metrics(split, table))
     if smr is not None:
         reranked = smr_rerank(split.scores, k=smr.k, w=smr.w, beta=smr.beta)
-        metrics.update({f"smr_{k}": v for k, v in
-                        retrieval_metrics(reranked, split.caption_image, split.scenes).items()})
+        metrics.update(
+            {f"smr_{k}": v for k, v in retrieval_metrics(reranked, split.caption_image, split.scenes).items()}
+        )
     return metrics
 
 

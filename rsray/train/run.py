@@ -21,6 +21,7 @@ dicts, loadable with `torch.load(..., weights_only=True)`) and `config.yaml` (th
 config, loadable with `rsray.config.load_config`). A restarted worker group resumes from
 `ray.train.get_checkpoint()` at the next epoch.
 """
+
 from __future__ import annotations
 
 import copy
@@ -29,14 +30,14 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-
 from ray.train import UserCallback
+from torch import nn
 
 from rsray import storage
 from rsray.config import Config, config_from_dict
@@ -53,19 +54,27 @@ class TrainingFailed(RuntimeError):
 
 # ----------------------------------------------------------------------------- config in workers
 
+
 def _absolute_paths(cfg: Config) -> Config:
     """Local paths a worker reads, made absolute (workers need not share the driver's cwd)."""
+
     def absolute(value):
-        if isinstance(value, str) and value and not storage.is_s3(value) and not os.path.isabs(value) \
-                and os.path.exists(value):
+        if (
+            isinstance(value, str)
+            and value
+            and not storage.is_s3(value)
+            and not os.path.isabs(value)
+            and os.path.exists(value)
+        ):
             return os.path.abspath(value)
         return value
 
     uri = cfg.tracking.uri  # sqlite:///relative.db is relative to the cwd: pin it to the driver's
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        cfg.tracking.uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+        cfg.tracking.uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///") :])
     cfg.train.data = absolute(cfg.train.data)
     cfg.data.tokenizer = absolute(cfg.data.tokenizer)
+
     def absolute_model_paths(section: dict) -> None:  # nested too (priorclip_open's clip: {checkpoint})
         for key, value in list(section.items()):
             if isinstance(value, dict):
@@ -78,6 +87,7 @@ def _absolute_paths(cfg: Config) -> Config:
 
 
 # ----------------------------------------------------------------------------- per worker
+
 
 class _LossForward(nn.Module):
     """`forward(batch) = model.loss(batch)`, so DistributedDataParallel sees the loss computation
@@ -113,10 +123,17 @@ def _rng_state() -> dict[str, Any]:
     """RNG states as plain tensors, ints and lists (what `weights_only=True` loads)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss_next = random.getstate()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-             "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -125,8 +142,9 @@ def _rng_state() -> dict[str, Any]:
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
@@ -144,9 +162,13 @@ def _pair_batches(shard, batch_size: int, decoder, seed: int, epoch: int, rank: 
     (a `rsray.data.decode.BatchDecoder`)."""
     rng = np.random.default_rng([seed, epoch, rank])  # each batch's augmentation seed is drawn from it
     shuffle_seed = int(np.random.SeedSequence([seed, epoch, rank, 1]).generate_state(1)[0])
-    pairs = shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=True,
-                               local_shuffle_buffer_size=max(1000, SHUFFLE_BUFFER_BATCHES * batch_size),
-                               local_shuffle_seed=shuffle_seed)
+    pairs = shard.iter_batches(
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        drop_last=True,
+        local_shuffle_buffer_size=max(1000, SHUFFLE_BUFFER_BATCHES * batch_size),
+        local_shuffle_seed=shuffle_seed,
+    )
     return decoder.batches(pairs, rng)
 
 
@@ -159,7 +181,7 @@ def _mean_across_workers(values: dict[str, float], device: torch.device) -> dict
     tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     tensor /= dist.get_world_size()
-    return dict(zip(keys, tensor.tolist()))
+    return dict(zip(keys, tensor.tolist(), strict=True))
 
 
 def _sum_across_workers(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
@@ -174,13 +196,15 @@ def _sum_across_workers(values: list[float], device: torch.device, op: str = "su
 
 def epoch_line(metrics: dict[str, float], epochs: int | None = None) -> str:
     """One readable line for an epoch's metrics (rank 0 logs it live; `rsray train` prints all at the end)."""
-    terms = ", ".join(f"{k[len('train/'):]} {v:.4f}" for k, v in metrics.items() if k.startswith("train/"))
+    terms = ", ".join(f"{k[len('train/') :]} {v:.4f}" for k, v in metrics.items() if k.startswith("train/"))
     waiting = metrics.get("data_wait_seconds", 0.0) / max(metrics.get("train_seconds", 0.0), 1e-9)
     number = f"{int(metrics['epoch'])}" + (f" of 0..{epochs - 1}" if epochs else "")  # 0-based, as MLflow's step
-    return (f"epoch {number}: {terms}; lr {metrics['lr']:.2e}; {metrics['pairs_per_s']:.0f} pairs/s "
-            f"({waiting:.0%} of it waiting for data); "
-            f"val mR {metrics.get('val/mR', float('nan')):.2f} (i2t R@1 {metrics.get('val/i2t_R1', float('nan')):.1f}, "
-            f"t2i R@1 {metrics.get('val/t2i_R1', float('nan')):.1f})")
+    return (
+        f"epoch {number}: {terms}; lr {metrics['lr']:.2e}; {metrics['pairs_per_s']:.0f} pairs/s "
+        f"({waiting:.0%} of it waiting for data); "
+        f"val mR {metrics.get('val/mR', float('nan')):.2f} (i2t R@1 {metrics.get('val/i2t_R1', float('nan')):.1f}, "
+        f"t2i R@1 {metrics.get('val/t2i_R1', float('nan')):.1f})"
+    )
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
@@ -239,15 +263,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
         for epoch in range(start_epoch, tc.epochs):
             lr = float(scheduler.get_last_lr()[0])
             batches = _pair_batches(shard, tc.batch_size, decoder, tc.seed, epoch, rank)
-            stats = train_epoch(distributed, batches, optimizer, device=device, grad_clip=tc.grad_clip or None,
-                                amp_dtype=amp_dtype, scheduler=scheduler if per_batch_schedule else None)
+            stats = train_epoch(
+                distributed,
+                batches,
+                optimizer,
+                device=device,
+                grad_clip=tc.grad_clip or None,
+                amp_dtype=amp_dtype,
+                scheduler=scheduler if per_batch_schedule else None,
+            )
             if not per_batch_schedule:
                 scheduler.step()
             losses = _mean_across_workers(stats.losses, device)
-            pairs, = _sum_across_workers([float(stats.pairs)], device)
+            (pairs,) = _sum_across_workers([float(stats.pairs)], device)
             seconds, data_seconds = _sum_across_workers([stats.seconds, stats.data_seconds], device, op="max")
-            metrics: dict[str, float] = {"epoch": epoch, "lr": lr, "pairs_per_s": pairs / max(seconds, 1e-9),
-                                         "train_seconds": seconds, "data_wait_seconds": data_seconds}
+            metrics: dict[str, float] = {
+                "epoch": epoch,
+                "lr": lr,
+                "pairs_per_s": pairs / max(seconds, 1e-9),
+                "train_seconds": seconds,
+                "data_wait_seconds": data_seconds,
+            }
             metrics.update({f"train/{'loss' if k == 'total' else k}": v for k, v in losses.items()})
             if rank != 0:
                 ray.train.report(metrics)
@@ -259,9 +295,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
             history.append(dict(metrics))
             log.info(epoch_line(metrics, tc.epochs))  # not print(): Ray Train echoes a worker print to logging too
             with tempfile.TemporaryDirectory(prefix="rsray-ckpt-") as folder:
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": _rng_state(),
-                            "metrics": dict(metrics), "history": history}, Path(folder) / STATE_FILE)
+                torch.save(
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "epoch": epoch,
+                        "rng": _rng_state(),
+                        "metrics": dict(metrics),
+                        "history": history,
+                    },
+                    Path(folder) / STATE_FILE,
+                )
                 config_from_dict(config["config"]).save(Path(folder) / CONFIG_FILE)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
     return history
@@ -299,6 +344,7 @@ class EpochLogger(UserCallback):
 
 # ----------------------------------------------------------------------------- driver
 
+
 def default_run_name(cfg: Config) -> str:
     return f"{cfg.model.get('name', 'model')}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -317,20 +363,29 @@ def train_dataset(cfg: Config):
         raise cfg.error("train.data", f"{cfg.train.data} has no train split to train on")
     pairs = manifest["splits"]["train"]["captions"]
     if pairs < cfg.train.batch_size * cfg.train.num_workers:
-        raise cfg.error("train.batch_size", f"{pairs} training pairs give no full batch of {cfg.train.batch_size} "
-                        f"on each of {cfg.train.num_workers} workers")
+        raise cfg.error(
+            "train.batch_size",
+            f"{pairs} training pairs give no full batch of {cfg.train.batch_size} "
+            f"on each of {cfg.train.num_workers} workers",
+        )
     root = storage.resolve(cfg.train.data, cfg.prepare.s3_endpoint)
     columns = ["image_id", "scene", "caption_tokens", "image"]
     if manifest.get("tokenizer"):
         columns.append("caption_input_ids")
-    dataset = ray.data.read_parquet([root.join(*f["path"].split("/")).path for f in files],
-                                    filesystem=root.fs).select_columns(columns)
-    explode = {"fn": explode_pairs, "batch_format": "pyarrow",
-               "fn_kwargs": {"scenes": scene_index(manifest), "image_index": image_numbers(manifest, "train")}}
+    dataset = ray.data.read_parquet(
+        [root.join(*f["path"].split("/")).path for f in files], filesystem=root.fs
+    ).select_columns(columns)
+    explode = {
+        "fn": explode_pairs,
+        "batch_format": "pyarrow",
+        "fn_kwargs": {"scenes": scene_index(manifest), "image_index": image_numbers(manifest, "train")},
+    }
     shuffle_blocks = {"seed": ray.data.RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True)}
     # Pair rows repeat their image's bytes once per caption: the cache holds about that many times the shards.
     pair_bytes = sum(f["bytes"] for f in files) * pairs / max(1, manifest["splits"]["train"].get("images", 1))
-    if cache_train_split(cfg.train.cache_train_split, pair_bytes, ray.cluster_resources().get("object_store_memory", 0)):
+    if cache_train_split(
+        cfg.train.cache_train_split, pair_bytes, ray.cluster_resources().get("object_store_memory", 0)
+    ):
         # read and explode once; every epoch replays the pair blocks in a new order, with no task to start
         train_pairs = dataset.map_batches(**explode).materialize().randomize_block_order(**shuffle_blocks)
     else:
@@ -368,16 +423,19 @@ def build_trainer(cfg: Config, mlflow_run_id: str | None = None, callbacks: Sequ
         storage_path=store.path,
         storage_filesystem=store.fs if storage.is_s3(tc.storage_path) else None,
         failure_config=FailureConfig(max_failures=tc.max_failures),
-        checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints,
-                                           checkpoint_score_attribute=selection_metric(model_config(cfg)),
-                                           checkpoint_score_order="max"),
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=tc.keep_checkpoints,
+            checkpoint_score_attribute=selection_metric(model_config(cfg)),
+            checkpoint_score_order="max",
+        ),
         callbacks=([EpochLogger(cfg.tracking, mlflow_run_id)] if mlflow_run_id else []) + list(callbacks) or None,
     )
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict()},
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
+        scaling_config=ScalingConfig(
+            num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}
+        ),
         run_config=run_config,
         datasets={"train": train_dataset(cfg)},
         dataset_config=DataConfig(datasets_to_split=["train"]),
@@ -454,8 +512,12 @@ def train(cfg: Config, tracker=None, callbacks: Sequence[Any] = ()):
     if tracker is None:
         tracker = NullTracker()
         if cfg.tracking.enabled:  # an unreachable server fails here, before any worker starts
-            tracker = Tracker.start(cfg.tracking, cfg.train.run_name, params=cfg.to_dict(),
-                                    tags={"model": cfg.model.get("name", ""), "dataset": cfg.data.name})
+            tracker = Tracker.start(
+                cfg.tracking,
+                cfg.train.run_name,
+                params=cfg.to_dict(),
+                tags={"model": cfg.model.get("name", ""), "dataset": cfg.data.name},
+            )
     ensure_ray()
     configure_data_context()  # the train stream's order is fixed for a seed: a config reproduces its run
     trainer = build_trainer(cfg, mlflow_run_id=tracker.run_id, callbacks=callbacks)
@@ -531,9 +593,10 @@ def _validation_figures(checkpoint_folder: str, cfg: Config) -> dict[str, Any]:
         model, checkpoint_cfg, _ = load_checkpoint(checkpoint_folder)
         table = read_split(cfg.train.data, "val", cfg.prepare.s3_endpoint)
         scored = score_split(model, table, model_config(checkpoint_cfg).augment)
-        return split_figures(scored.scores, scored.caption_image, table, scored.image_features,
-                             scored.text_features, seed=cfg.train.seed)
-    except Exception as exc:  # noqa: BLE001 - figures are a convenience, the run's results are saved
+        return split_figures(
+            scored.scores, scored.caption_image, table, scored.image_features, scored.text_features, seed=cfg.train.seed
+        )
+    except Exception as exc:
         print(f"rsray: warning: no retrieval figures for {checkpoint_folder}: {_summary(exc)}", file=sys.stderr)
         return {}
 

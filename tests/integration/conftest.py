@@ -1,4 +1,5 @@
 """Integration fixtures: one Ray per test module, with more logical CPUs than cores."""
+
 from __future__ import annotations
 
 import pytest

@@ -4,6 +4,7 @@ The shards are made in-process by the prepare stage's own per-batch code; traini
 PyTorch core that Ray Train wraps. A trained model must reach at least 3x the test mR of the
 same model untrained.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -45,6 +46,8 @@ def test_tiny_model_learns_retrieval_on_the_sample(name, shards):
         schedule.step()
         print(f"{name} epoch {epoch}: loss {stats.losses['total']:.3f}, {stats.pairs_per_second:.0f} pairs/s")
     after = evaluate(model, tables["test"], model_cfg.augment)
-    print(f"{name}: test mR untrained {before['mR']:.2f} -> trained {after['mR']:.2f} "
-          f"(i2t R@1 {after['i2t_R1']:.1f}, t2i R@1 {after['t2i_R1']:.1f}, t2i SR@1 {after['t2i_SR1']:.1f})")
+    print(
+        f"{name}: test mR untrained {before['mR']:.2f} -> trained {after['mR']:.2f} "
+        f"(i2t R@1 {after['i2t_R1']:.1f}, t2i R@1 {after['t2i_R1']:.1f}, t2i SR@1 {after['t2i_SR1']:.1f})"
+    )
     assert after["mR"] >= 3 * before["mR"]

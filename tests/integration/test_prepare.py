@@ -1,4 +1,5 @@
 """The prepare stage end to end on Ray: bad input, local and S3 outputs, idempotence, the CLI."""
+
 from __future__ import annotations
 
 import io
@@ -54,8 +55,14 @@ def dataset(tmp_path_factory):
 
 
 def config(dataset, output, **overrides):
-    items = [f"data.root={dataset}", f"prepare.output={output}", "prepare.image_size=48",
-             "prepare.rows_per_file=20", "prepare.max_reject_fraction=0.2", "prepare.parallelism=2"]
+    items = [
+        f"data.root={dataset}",
+        f"prepare.output={output}",
+        "prepare.image_size=48",
+        "prepare.rows_per_file=20",
+        "prepare.max_reject_fraction=0.2",
+        "prepare.parallelism=2",
+    ]
     return load_config("presets/cpu-tiny", items + [f"{k}={v}" for k, v in overrides.items()])
 
 
@@ -83,7 +90,10 @@ def test_every_record_is_written_or_rejected_with_reason(local_run, dataset):
 
 
 def test_shards_hold_resized_images_and_the_annotation_captions(local_run, dataset):
-    ann = {e["filename"]: e for e in json.loads((dataset / ANNOTATION_FILE).read_bytes().decode("utf-8", "replace"))["images"]}
+    ann = {
+        e["filename"]: e
+        for e in json.loads((dataset / ANNOTATION_FILE).read_bytes().decode("utf-8", "replace"))["images"]
+    }
     vocab = local_run.manifest["vocab"]
     for split in ("train", "val", "test"):
         table = read_split(local_run.output, split)
@@ -123,8 +133,11 @@ def test_work_is_spread_over_several_ray_worker_processes(ray_cluster, tmp_path)
     """With enough images to keep a worker busy, Ray Data runs batches in parallel processes."""
     root = tmp_path / "bigger"
     generate_sample(root, n_images=400, image_size=128, seed=5, progress=False)
-    result = prepare(load_config("presets/cpu-tiny", [f"data.root={root}", f"prepare.output={tmp_path / 'out'}",
-                                                      "prepare.image_size=96"]))
+    result = prepare(
+        load_config(
+            "presets/cpu-tiny", [f"data.root={root}", f"prepare.output={tmp_path / 'out'}", "prepare.image_size=96"]
+        )
+    )
     assert result.manifest["counts"]["written"] == 400
     assert len(result.workers) >= 2
     assert str(os.getpid()) not in {w.split(":")[1] for w in result.workers}  # not the driver
@@ -150,14 +163,22 @@ def test_too_many_rejections_fails_after_writing_the_manifest(ray_cluster, datas
 
 def test_cli_joins_the_cluster_and_exits_non_zero_on_rejections(ray_cluster, dataset, tmp_path):
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
-    args = [sys.executable, "-m", "pipelines.prepare", "presets/cpu-tiny", f"data.root={dataset}",
-            f"prepare.output={tmp_path / 'cli'}", "prepare.max_reject_fraction=0.01"]
+    args = [
+        sys.executable,
+        "-m",
+        "pipelines.prepare",
+        "presets/cpu-tiny",
+        f"data.root={dataset}",
+        f"prepare.output={tmp_path / 'cli'}",
+        "prepare.max_reject_fraction=0.01",
+    ]
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("rsray: error: 6 of 66 records rejected")
-    proc = subprocess.run(args[:-1] + ["prepare.max_reject_fraction=0.2"], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        args[:-1] + ["prepare.max_reject_fraction=0.2"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "prepared" in proc.stdout and "60 images" in proc.stdout
 

@@ -1,6 +1,7 @@
 """One `rsray train` call runs both PriorCLIP stages on real Ray Train (2 DDP workers each): the scene
 prior first (its classifier sized from the prepared data, its best checkpoint chosen on validation
 accuracy), then PriorCLIP from that checkpoint with the prior frozen through DDP training."""
+
 from __future__ import annotations
 
 import math
@@ -23,16 +24,33 @@ EPOCHS = 2
 def test_one_command_trains_the_prior_then_priorclip_from_its_best_checkpoint(prepared, tmp_path):
     # the prior's stage config leaves num_classes to the data, as the paper config does
     stage = tmp_path / "scene_prior_stage.yaml"
-    stage.write_text(yaml.safe_dump({"defaults": [str(CONF_DIR / "model" / "scene_prior-tiny.yaml")],
-                                     "model": {"num_classes": None}}))
+    stage.write_text(
+        yaml.safe_dump(
+            {"defaults": [str(CONF_DIR / "model" / "scene_prior-tiny.yaml")], "model": {"num_classes": None}}
+        )
+    )
     run = tmp_path / "priorclip.yaml"
-    run.write_text(yaml.safe_dump({"defaults": [str(CONF_DIR / "presets" / "cpu-tiny.yaml"),
-                                                str(CONF_DIR / "model" / "priorclip-tiny.yaml")]}))
+    run.write_text(
+        yaml.safe_dump(
+            {"defaults": [str(CONF_DIR / "presets" / "cpu-tiny.yaml"), str(CONF_DIR / "model" / "priorclip-tiny.yaml")]}
+        )
+    )
     storage_path = tmp_path / "runs"
-    cfg = load_config(run, [f"train.data={prepared}", f"train.storage_path={storage_path}", f"train.epochs={EPOCHS}",
-                            "train.batch_size=16", "train.num_workers=2", "train.cpus_per_worker=0.5",
-                            "train.run_name=pc", "tracking.enabled=false",
-                            "model.instruction_checkpoint=train", f"model.instruction_stage={stage}"])
+    cfg = load_config(
+        run,
+        [
+            f"train.data={prepared}",
+            f"train.storage_path={storage_path}",
+            f"train.epochs={EPOCHS}",
+            "train.batch_size=16",
+            "train.num_workers=2",
+            "train.cpus_per_worker=0.5",
+            "train.run_name=pc",
+            "tracking.enabled=false",
+            "model.instruction_checkpoint=train",
+            f"model.instruction_stage={stage}",
+        ],
+    )
     started = time.perf_counter()
     result = train(cfg)
     print(f"scene prior + PriorCLIP, 2 workers x {EPOCHS} epochs each: {time.perf_counter() - started:.0f}s")

@@ -7,6 +7,7 @@ started as `python -m pipelines.sweep` in a subprocess joined to this module's R
 SIGKILL (a crashed driver) as soon as its third trial has begun (the first finished, the second
 stopped by ASHA), and then resumed by running the same sweep again in this process.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,8 +36,8 @@ def sweep_file(prepared, tmp_path_factory, mlflow_server) -> Path:
     folder = tmp_path_factory.mktemp("sweep")
     path = folder / "lr-workers.yaml"
     path.write_text(f"""
-defaults: [{CONF_DIR / 'train' / 'cpu-tiny.yaml'}]
-train: {{data: {prepared}, epochs: {EPOCHS}, storage_path: {folder / 'runs'}}}
+defaults: [{CONF_DIR / "train" / "cpu-tiny.yaml"}]
+train: {{data: {prepared}, epochs: {EPOCHS}, storage_path: {folder / "runs"}}}
 tracking: {{uri: "{mlflow_server}", experiment: {EXPERIMENT}, system_metrics: false}}
 sweep:
   space:
@@ -49,9 +50,10 @@ sweep:
 
 
 def _children(client, sweep_id=None):
-    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id],
-                              filter_string=f"tags.{TAG_ROLE} = 'trial'" +
-                              (f" and tags.{TAG_SWEEP} = '{sweep_id}'" if sweep_id else ""))
+    runs = client.search_runs(
+        [client.get_experiment_by_name(EXPERIMENT).experiment_id],
+        filter_string=f"tags.{TAG_ROLE} = 'trial'" + (f" and tags.{TAG_SWEEP} = '{sweep_id}'" if sweep_id else ""),
+    )
     return {r.data.tags[TAG_TRIAL]: r for r in runs}
 
 
@@ -80,8 +82,13 @@ def swept(sweep_file, ray_cluster, mlflow_server):
     log = sweep_file.parent / "interrupted.log"
     started = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "pipelines.sweep", str(sweep_file)], cwd=sweep_file.parent,
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipelines.sweep", str(sweep_file)],
+            cwd=sweep_file.parent,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 600
         while True:
@@ -112,8 +119,15 @@ def swept(sweep_file, ray_cluster, mlflow_server):
         sweep_log.removeHandler(refilled)
         sweep_log.setLevel(level)
     print(f"\nsweep: {interrupted_s:.0f} s until the kill, {time.perf_counter() - started:.0f} s to resume and finish")
-    return SimpleNamespace(report=report, at_kill=at_kill, done=done, checkpoints=checkpoints, trials=trials,
-                           client=client, refilled=refilled.messages)
+    return SimpleNamespace(
+        report=report,
+        at_kill=at_kill,
+        done=done,
+        checkpoints=checkpoints,
+        trials=trials,
+        client=client,
+        refilled=refilled.messages,
+    )
 
 
 def test_resumed_sweep_reuses_runs_and_does_not_redo_finished_trials(swept):
@@ -130,8 +144,10 @@ def test_resumed_sweep_reuses_runs_and_does_not_redo_finished_trials(swept):
         assert any(f"of trial {trial_id} back in its rungs" in m for m in swept.refilled), swept.refilled
     for trial_id in swept.done:  # trials that had ended were not trained again
         assert swept.checkpoints[trial_id] and _checkpoints(swept.trials / trial_id) == swept.checkpoints[trial_id]
-    parents = client.search_runs([children[swept.done[0]].info.experiment_id],
-                                 filter_string=f"tags.{TAG_SWEEP} = '{sweep_id}' and tags.{TAG_ROLE} = 'parent'")
+    parents = client.search_runs(
+        [children[swept.done[0]].info.experiment_id],
+        filter_string=f"tags.{TAG_SWEEP} = '{sweep_id}' and tags.{TAG_ROLE} = 'parent'",
+    )
     assert len(parents) == 1 and parents[0].info.run_id == report.parent_run_id
     for trial_id, run in children.items():  # every epoch logged once, also across the interruption
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/mR")]
@@ -194,8 +210,9 @@ def test_best_config_trains_again_to_the_same_validation_mr(swept, tmp_path):
     from rsray.train.run import train
 
     report = swept.report
-    cfg = load_config(report.best_config, [f"train.storage_path={tmp_path}", "train.run_name=reproduce",
-                                           "tracking.enabled=false"])
+    cfg = load_config(
+        report.best_config, [f"train.storage_path={tmp_path}", "train.run_name=reproduce", "tracking.enabled=false"]
+    )
     assert cfg.model["lr"] == report.best.params["model.lr"]
     assert cfg.train.num_workers == report.best.params["train.num_workers"]
     options = DataContext.get_current().execution_options
@@ -218,7 +235,7 @@ tracking: {{uri: "{mlflow_server}", experiment: {EXPERIMENT}-smr, system_metrics
 sweep:
   kind: smr
   checkpoint: {report.best_checkpoint}
-  storage_path: {tmp_path / 'sweeps'}
+  storage_path: {tmp_path / "sweeps"}
   space:
     smr.k: {{grid: [5, 30]}}
 """)
@@ -228,8 +245,10 @@ sweep:
     written = yaml.safe_load(Path(smr.best_config).read_text())
     assert written["smr"]["k"] == smr.best.params["smr.k"] and written["checkpoint"] == report.best_checkpoint
     assert "mR" in smr.test["smr_metrics"] and smr.test["metrics"] == pytest.approx(report.test["metrics"])
-    children = swept.client.search_runs([swept.client.get_experiment_by_name(f"{EXPERIMENT}-smr").experiment_id],
-                                        filter_string=f"tags.{TAG_ROLE} = 'trial'")
+    children = swept.client.search_runs(
+        [swept.client.get_experiment_by_name(f"{EXPERIMENT}-smr").experiment_id],
+        filter_string=f"tags.{TAG_ROLE} = 'trial'",
+    )
     assert sorted(int(r.data.params["smr.k"]) for r in children) == [5, 30]
     assert all(r.data.tags["mlflow.parentRunId"] == smr.parent_run_id for r in children)
 
@@ -243,7 +262,7 @@ tracking: {{uri: "{mlflow_server}", experiment: {EXPERIMENT}-optuna, system_metr
 sweep:
   kind: smr
   checkpoint: {swept.report.best_checkpoint}
-  storage_path: {tmp_path / 'sweeps'}
+  storage_path: {tmp_path / "sweeps"}
   space:
     smr.k: {{choice: [5, 10, 30]}}
     smr.w: {{uniform: [0.0, 2.0]}}

@@ -1,4 +1,5 @@
 """Tracker against a real `mlflow server` whose artifacts land in S3 (moto)."""
+
 from __future__ import annotations
 
 import json
@@ -29,22 +30,30 @@ def test_run_through_a_tracking_server(mlflow_server, s3_endpoint, s3_bucket, tm
         final.write_text(json.dumps({"mR": 12.0}))
         tracker.log_artifact(final, "results")
         tracker.log_figure(loss_and_mr_curves(history), "figures/curves.png")
-    assert tracker.ui_link() == \
-        f"{mlflow_server}/#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning"
+    assert (
+        tracker.ui_link() == f"{mlflow_server}/#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning"
+    )
 
     client = MlflowClient(mlflow_server)
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params == {"model.name": "vsepp", "train.epochs": "3"}
     assert run.data.tags["dataset"] == "sample"
-    assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "val/i2t_R1")] == \
-        [(0, 0.0), (1, 5.0), (2, 10.0)]
+    assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "val/i2t_R1")] == [
+        (0, 0.0),
+        (1, 5.0),
+        (2, 10.0),
+    ]
     assert client.get_experiment(tracker.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert {a.path for a in client.list_artifacts(tracker.run_id, "figures")} == {"figures/curves.png"}
     local = client.download_artifacts(tracker.run_id, "results/final_metrics.json", str(tmp_path / "back"))
     assert json.loads(Path(local).read_text()) == {"mR": 12.0}
 
-    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_endpoint)
-            .list_objects_v2(Bucket=s3_bucket, Prefix="mlflow/").get("Contents", [])]
+    keys = [
+        o["Key"]
+        for o in boto3.client("s3", endpoint_url=s3_endpoint)
+        .list_objects_v2(Bucket=s3_bucket, Prefix="mlflow/")
+        .get("Contents", [])
+    ]
     assert any(k.endswith(f"{tracker.run_id}/artifacts/results/final_metrics.json") for k in keys), keys
     assert any(k.endswith("figures/curves.png") for k in keys), keys

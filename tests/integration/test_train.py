@@ -3,6 +3,7 @@
 Checks the run's reported metrics, that the checkpoint loads with `weights_only=True`, and that
 scoring the checkpoint's model again on the validation split gives the mR reported for it.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,8 +15,8 @@ from rsray.config import load_config
 from rsray.data.loader import read_split, vocab_size
 from rsray.data.prepare import read_manifest
 from rsray.models import build_model, model_config
-from rsray.train.loop import evaluate
 from rsray.tracking import metric_history
+from rsray.train.loop import evaluate
 from rsray.train.run import CONFIG_FILE, load_checkpoint_state, train
 
 pytestmark = pytest.mark.integration
@@ -26,10 +27,18 @@ EPOCHS = 2
 @pytest.fixture(scope="module")
 def trained(prepared, tmp_path_factory, mlflow_server):
     storage_path = tmp_path_factory.mktemp("runs")
-    cfg = load_config("train/cpu-tiny", [f"train.data={prepared}", f"train.storage_path={storage_path}",
-                                         f"train.epochs={EPOCHS}", "train.run_name=vsepp-tiny-test",
-                                         "train.decode_workers=1",  # each worker forks a decode process
-                                         f"tracking.uri={mlflow_server}", "tracking.experiment=train-test"])
+    cfg = load_config(
+        "train/cpu-tiny",
+        [
+            f"train.data={prepared}",
+            f"train.storage_path={storage_path}",
+            f"train.epochs={EPOCHS}",
+            "train.run_name=vsepp-tiny-test",
+            "train.decode_workers=1",  # each worker forks a decode process
+            f"tracking.uri={mlflow_server}",
+            "tracking.experiment=train-test",
+        ],
+    )
     started = time.perf_counter()
     result = train(cfg)
     print(f"2 workers x {EPOCHS} epochs: {time.perf_counter() - started:.1f}s")
@@ -103,8 +112,10 @@ def test_mlflow_holds_params_per_epoch_metrics_and_artifacts(trained, mlflow_ser
     assert {"config.yaml", "metrics.json", "figures", "best_checkpoint"} <= artifacts
     assert "best_checkpoint/state.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "best_checkpoint")}
     figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
-    assert {f"figures/{name}" for name in ("loss_and_mr.png", "retrieval_t2i.png", "retrieval_i2t.png",
-                                           "embedding_projection.png")} <= figures
+    assert {
+        f"figures/{name}"
+        for name in ("loss_and_mr.png", "retrieval_t2i.png", "retrieval_i2t.png", "embedding_projection.png")
+    } <= figures
     assert result.mlflow_link.endswith("?workflowType=machine_learning")
 
 
@@ -155,9 +166,16 @@ def test_training_reads_its_data_from_s3_and_checkpoints_to_s3(prepared, s3_endp
     for file in Path(prepared).rglob("*"):
         if file.is_file():
             client.upload_file(str(file), s3_bucket, f"on-s3/data/{file.relative_to(prepared).as_posix()}")
-    cfg = load_config("train/cpu-tiny", [f"train.data=s3://{s3_bucket}/on-s3/data", "train.epochs=1",
-                                         f"train.storage_path=s3://{s3_bucket}/on-s3/runs", "train.run_name=vsepp-s3",
-                                         "tracking.enabled=false"])
+    cfg = load_config(
+        "train/cpu-tiny",
+        [
+            f"train.data=s3://{s3_bucket}/on-s3/data",
+            "train.epochs=1",
+            f"train.storage_path=s3://{s3_bucket}/on-s3/runs",
+            "train.run_name=vsepp-s3",
+            "tracking.enabled=false",
+        ],
+    )
     result = train(cfg)
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="on-s3/runs/vsepp-s3/")["Contents"]]
     assert any(key.endswith("/state.pt") for key in keys) and any(key.endswith("/config.yaml") for key in keys)
@@ -199,9 +217,18 @@ def test_a_killed_worker_process_resumes_from_the_last_checkpoint(prepared, tmp_
 
     epochs = 4
     storage_path = tmp_path_factory.mktemp("fault-runs")
-    cfg = load_config("train/cpu-tiny", [f"train.data={prepared}", f"train.storage_path={storage_path}",
-                                         f"train.epochs={epochs}", "train.run_name=fault", "train.max_failures=2",
-                                         f"tracking.uri={mlflow_server}", "tracking.experiment=fault-test"])
+    cfg = load_config(
+        "train/cpu-tiny",
+        [
+            f"train.data={prepared}",
+            f"train.storage_path={storage_path}",
+            f"train.epochs={epochs}",
+            "train.run_name=fault",
+            "train.max_failures=2",
+            f"tracking.uri={mlflow_server}",
+            "tracking.experiment=fault-test",
+        ],
+    )
     outcome: dict = {}
 
     def run() -> None:

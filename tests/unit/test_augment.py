@@ -1,4 +1,5 @@
 """Image pipelines: shapes, normalisation, randomness that varies by seed and only by seed."""
+
 import numpy as np
 import pytest
 import torch
@@ -7,8 +8,17 @@ from PIL import Image
 from rsray.data.augment import MEANS, AugmentConfig, apply, eval_transform, train_transform
 
 SWAN_SMALL = AugmentConfig(train_resize=36, crop=32, rotation=90.0, eval_resize=32)
-PRIORCLIP_SMALL = AugmentConfig(train_resize=32, crop=28, rotation=0.0, hflip=True, random_resized_crop=[0.5, 1.0],
-                                rand_augment=[2, 7], eval_resize=28, normalize="clip", interpolation="bicubic")
+PRIORCLIP_SMALL = AugmentConfig(
+    train_resize=32,
+    crop=28,
+    rotation=0.0,
+    hflip=True,
+    random_resized_crop=[0.5, 1.0],
+    rand_augment=[2, 7],
+    eval_resize=28,
+    normalize="clip",
+    interpolation="bicubic",
+)
 
 
 def pattern(size=40, width=None) -> Image.Image:
@@ -36,7 +46,7 @@ def test_eval_normalises_with_the_configured_mean_and_std(norm):
     colour = (200, 100, 50)
     out = eval_transform(AugmentConfig(eval_resize=16, normalize=norm))(Image.new("RGB", (40, 40), colour))
     mean, std = MEANS[norm]
-    expected = [(c / 255 - m) / s for c, m, s in zip(colour, mean, std)]
+    expected = [(c / 255 - m) / s for c, m, s in zip(colour, mean, std, strict=True)]
     assert out.shape == (3, 16, 16) and out.dtype == torch.float32
     assert torch.allclose(out.mean(dim=(1, 2)), torch.tensor(expected), atol=1e-5)
     assert torch.allclose(out.std(dim=(1, 2)), torch.zeros(3), atol=1e-5)
@@ -71,7 +81,7 @@ def test_unseeded_calls_use_the_global_generator():
     first = [transform(pattern()) for _ in range(2)]
     torch.manual_seed(0)
     again = [transform(pattern()) for _ in range(2)]
-    assert not torch.equal(first[0], first[1]) and all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], first[1]) and all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
 
 
 def test_bad_config_is_refused_naming_the_key():

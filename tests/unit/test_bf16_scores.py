@@ -1,4 +1,5 @@
 """benchmarks/bf16_scores: fp32 similarity matrices keep bf16 training closer to fp32's gradients."""
+
 from __future__ import annotations
 
 from benchmarks.bf16_scores import LOSSES, loss_and_gradient, main, pairs
@@ -14,8 +15,10 @@ def test_fp32_scores_bring_the_hardest_negative_gradient_closer_to_fp32():
     images, captions = pairs(batch=256, dim=512, noise=2.0, device="cpu")
     hardest = LOSSES["triplet, hardest negative"]
     assert _gradient_error(hardest, images, captions, "fp32") == 0.0
-    bf16, kept = _gradient_error(hardest, images, captions, "bf16"), _gradient_error(hardest, images, captions,
-                                                                                       "fp32-scores")
+    bf16, kept = (
+        _gradient_error(hardest, images, captions, "bf16"),
+        _gradient_error(hardest, images, captions, "fp32-scores"),
+    )
     assert kept < bf16 / 2, (kept, bf16)
 
 

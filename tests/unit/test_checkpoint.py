@@ -1,4 +1,5 @@
 """rsray.eval.checkpoint: a saved run loads safely, without the files that gave it its initial weights."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """The `rsray` command: dispatch, help, one-line errors, and `data inspect --json` (no Ray needed)."""
+
 import json
 
 import pytest

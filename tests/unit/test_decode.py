@@ -1,4 +1,5 @@
 """rsray.data.decode: batches decoded in worker processes equal those decoded in this process."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,7 +33,7 @@ def decoded(pair_tables, workers: int, seed: int = 3) -> list[dict[str, torch.Te
 def test_processes_give_the_same_batches_in_the_same_order(pair_tables):
     here, two = decoded(pair_tables, 0), decoded(pair_tables, 2)
     assert len(here) == len(two) == len(pair_tables)
-    for a, b in zip(here, two):
+    for a, b in zip(here, two, strict=True):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(here[0]["images"], decoded(pair_tables, 0, seed=4)[0]["images"])  # the seed matters
 
@@ -41,7 +42,7 @@ def test_a_decoder_serves_epoch_after_epoch(pair_tables):
     with BatchDecoder(AUG, 1) as decoder:
         first = list(decoder.batches(pair_tables[:2], np.random.default_rng(0)))
         second = list(decoder.batches(pair_tables[:2], np.random.default_rng(0)))
-    assert all(torch.equal(a["images"], b["images"]) for a, b in zip(first, second))
+    assert all(torch.equal(a["images"], b["images"]) for a, b in zip(first, second, strict=True))
 
 
 def test_only_a_few_batches_are_decoded_ahead(pair_tables):

@@ -1,4 +1,5 @@
 """Gathering with gradients across two real gloo processes equals one process on the whole batch."""
+
 from __future__ import annotations
 
 import os

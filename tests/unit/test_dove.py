@@ -1,5 +1,6 @@
 """DOVE: every switch changes the computation, batch boxes reach the RoI encoder, the blocked
 pairwise score equals the unblocked one, and the score of (image i, caption j) is what the loss sees."""
+
 import pytest
 import torch
 
@@ -25,14 +26,18 @@ def random_batch(batch: int = 6, max_len: int = 7, seed: int = 0) -> dict[str, t
     lengths[0], lengths[1] = 1, max_len
     tokens = torch.randint(2, VOCAB, (batch, max_len), generator=g)
     tokens[torch.arange(max_len)[None, :] >= lengths[:, None]] = 0
-    return {"images": torch.randn(batch, 3, 64, 64, generator=g), "tokens": tokens, "lengths": lengths,
-            "image_ids": torch.tensor([0, 0] + list(range(1, batch - 1)))}
+    return {
+        "images": torch.randn(batch, 3, 64, 64, generator=g),
+        "tokens": tokens,
+        "lengths": lengths,
+        "image_ids": torch.tensor([0, 0] + list(range(1, batch - 1))),
+    }
 
 
 def rows(batch: dict[str, torch.Tensor], index) -> dict[str, torch.Tensor]:
     """A sub-batch, captions trimmed to their own longest (less padding than the full batch)."""
     out = {k: v[index] for k, v in batch.items()}
-    out["tokens"] = out["tokens"][:, :int(out["lengths"].max())]
+    out["tokens"] = out["tokens"][:, : int(out["lengths"].max())]
     return out
 
 
@@ -42,6 +47,7 @@ def encode(model: DOVE, batch) -> tuple[DoveImageFeatures, DoveTextFeatures]:
 
 
 # ----------------------------------------------------------------------------- switches
+
 
 def test_dtga_inputs_switch_changes_caption_features():
     batch = random_batch()
@@ -68,12 +74,13 @@ def test_roam_heads_switch_changes_heads_and_scores(heads):
     reference = build("model.roam_heads=[mlp,mlp]").eval()
     model = build(f"model.roam_heads={heads}").eval()
     kinds = heads.strip("[]").split(",")
-    for head, kind in zip((model.visual_head, model.text_head), kinds):
+    for head, kind in zip((model.visual_head, model.text_head), kinds, strict=True):
         assert isinstance(head.rest, torch.nn.Identity) == (kind == "linear")
         assert head.first.out_features == (32 if kind == "linear" else 64)
     with torch.no_grad():
-        assert not torch.allclose(model.score(*encode(model, batch)), reference.score(*encode(reference, batch)),
-                                  atol=1e-4)
+        assert not torch.allclose(
+            model.score(*encode(model, batch)), reference.score(*encode(reference, batch)), atol=1e-4
+        )
 
 
 def test_lambda_g_weights_the_global_term():
@@ -104,6 +111,7 @@ def test_iga_query_switch_changes_scores():
 
 # ----------------------------------------------------------------------------- regions
 
+
 def test_grid_boxes_are_the_multi_scale_grid():
     boxes = grid_boxes([1, 2, 3])
     assert boxes.shape == (14, 4)
@@ -130,6 +138,7 @@ def test_batch_boxes_replace_the_grid():
 
 
 # ----------------------------------------------------------------------------- pairwise score
+
 
 def test_score_of_a_pair_is_what_the_loss_sees():
     model = build().eval()  # no dropout: the loss's scores are deterministic
@@ -183,15 +192,19 @@ def test_evaluation_metrics_from_blocked_scores():
 
 # ----------------------------------------------------------------------------- config
 
-@pytest.mark.parametrize("override, needle", [
-    ("model.roam_heads=[mlp,conv]", "model.roam_heads: expected [visual, text], each linear or mlp"),
-    ("model.dtga_inputs=[f]", "model.dtga_inputs: expected two of f (forward) / b (backward)"),
-    ("model.ifa_heads=5", "model.ifa_heads: must divide embed_dim"),
-    ("model.lambda_g=-1", "model.lambda_g: must not be negative"),
-    ("model.roi_grid=[]", "model.roi_grid: needs at least one positive grid size"),
-    ("model.iga_query=words", "model.iga_query: must be regions or fused"),
-    ("model.score_chunk_pairs=0", "model.score_chunk_pairs: must be positive"),
-])
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("model.roam_heads=[mlp,conv]", "model.roam_heads: expected [visual, text], each linear or mlp"),
+        ("model.dtga_inputs=[f]", "model.dtga_inputs: expected two of f (forward) / b (backward)"),
+        ("model.ifa_heads=5", "model.ifa_heads: must divide embed_dim"),
+        ("model.lambda_g=-1", "model.lambda_g: must not be negative"),
+        ("model.roi_grid=[]", "model.roi_grid: needs at least one positive grid size"),
+        ("model.iga_query=words", "model.iga_query: must be regions or fused"),
+        ("model.score_chunk_pairs=0", "model.score_chunk_pairs: must be positive"),
+    ],
+)
 def test_bad_dove_values_name_the_key(override, needle):
     with pytest.raises(ConfigError) as err:
         build(override)
@@ -200,8 +213,13 @@ def test_bad_dove_values_name_the_key(override, needle):
 
 def test_paper_config_shapes():
     cfg = model_config(load_config("model/dove"))
-    assert (cfg.embed_dim, cfg.lr, cfg.margin, cfg.roam_heads, cfg.dtga_inputs) == (512, 2e-4, 0.2, ["mlp", "mlp"],
-                                                                                    ["f", "b"])
+    assert (cfg.embed_dim, cfg.lr, cfg.margin, cfg.roam_heads, cfg.dtga_inputs) == (
+        512,
+        2e-4,
+        0.2,
+        ["mlp", "mlp"],
+        ["f", "b"],
+    )
     torch.manual_seed(0)
     model = build_model(load_config("model/dove"), vocab_size=100).eval()
     assert model.roi.project.in_features == 1024 * 2 * 2  # layer 3 of ResNet-50, 2x2 bins

@@ -1,4 +1,5 @@
 """Figures build from small random inputs and save as PNG."""
+
 from __future__ import annotations
 
 import io
@@ -29,8 +30,16 @@ def saved(fig, tmp_path, name: str) -> bytes:
 
 
 def test_loss_and_mr_curves(tmp_path):
-    history = [{"epoch": e, "train/total": 1 / e, "train/triplet": 0.5 / e, "train/pairs_per_second": 100.0,
-                "val/mR": 10.0 * e} for e in range(1, 5)]
+    history = [
+        {
+            "epoch": e,
+            "train/total": 1 / e,
+            "train/triplet": 0.5 / e,
+            "train/pairs_per_second": 100.0,
+            "val/mR": 10.0 * e,
+        }
+        for e in range(1, 5)
+    ]
     fig = figures.loss_and_mr_curves(history)
     loss_ax, mr_ax = fig.axes
     assert {line.get_label() for line in loss_ax.get_lines()} == {"total", "triplet"}
@@ -46,8 +55,9 @@ def test_retrieval_grids(tmp_path):
     fig = figures.retrieval_grid(captions, top, hits)
     assert len(fig.axes) == 2 * 6
     saved(fig, tmp_path, "t2i.png")
-    fig = figures.retrieval_grid_i2t([encoded(0), np.zeros((16, 16, 3), np.uint8)],
-                                     [[f"caption {j}" for j in range(5)]] * 2, hits)
+    fig = figures.retrieval_grid_i2t(
+        [encoded(0), np.zeros((16, 16, 3), np.uint8)], [[f"caption {j}" for j in range(5)]] * 2, hits
+    )
     saved(fig, tmp_path, "i2t.png")
 
 
@@ -68,9 +78,13 @@ def test_split_figures_mark_hits_from_the_scores(tmp_path):
     import pyarrow as pa
 
     n = 6
-    table = pa.table({"image": [encoded(i) for i in range(n)],
-                      "captions": [[f"caption {i}.{c}" for c in range(2)] for i in range(n)],
-                      "scene": ["a", "b"] * (n // 2)})
+    table = pa.table(
+        {
+            "image": [encoded(i) for i in range(n)],
+            "captions": [[f"caption {i}.{c}" for c in range(2)] for i in range(n)],
+            "scene": ["a", "b"] * (n // 2),
+        }
+    )
     owner = torch.arange(n).repeat_interleave(2)
     scores = torch.eye(n)[:, owner]  # every caption scores highest with its own image
     image_emb, text_emb = torch.randn(n, 4), torch.randn(2 * n, 4)

@@ -1,4 +1,5 @@
 """Readers on small files in the real layouts, scene rules, validation folds and error messages."""
+
 from __future__ import annotations
 
 import csv
@@ -10,24 +11,72 @@ import pyarrow.parquet as pq
 import pytest
 
 from rsray.config import DataConfig, ValidationConfig
-from rsray.data.formats import (AnnotationError, Record, assign_scenes, assign_validation, check_record,
-                                detect_data_config, detect_format, read_karpathy, read_pir, read_precomp,
-                                read_records, read_table, scene_from_filename)
+from rsray.data.formats import (
+    AnnotationError,
+    Record,
+    assign_scenes,
+    assign_validation,
+    check_record,
+    detect_data_config,
+    detect_format,
+    read_karpathy,
+    read_pir,
+    read_precomp,
+    read_records,
+    read_table,
+    scene_from_filename,
+)
 
 # image -> (split, captions); one image without a scene in its name, like RSICD's numbered files
 DATA = {
-    "airport_1.jpg": ("train", ["Many planes are parked near a terminal .", "an airport with two runways",
-                                "Several planes beside a building.", "A large airport.", "planes and runways ."]),
-    "beach_2.jpg": ("train", ["Waves on a sandy beach .", "a beach next to blue sea", "yellow sand and sea .",
-                              "the beach is long.", "white waves reach the sand"]),
-    "00001.jpg": ("train", ["a river crosses the town .", "houses along a river", "a bridge over a river .",
-                            "green trees near the river", "a river and some roads ."]),
-    "forest_3.jpg": ("val", ["dense green forest .", "many trees .", "a dark green forest", "trees everywhere",
-                             "a forest ."]),
-    "beach_4.jpg": ("test", ["a beach with many people .", "sea and sand", "a curved beach .",
-                             "people on the beach", "the sea is blue ."]),
-    "airport_5.jpg": ("test", ["a small airport .", "one runway and a plane", "a plane on the apron .",
-                               "an airport in the desert", "runway with marks"]),
+    "airport_1.jpg": (
+        "train",
+        [
+            "Many planes are parked near a terminal .",
+            "an airport with two runways",
+            "Several planes beside a building.",
+            "A large airport.",
+            "planes and runways .",
+        ],
+    ),
+    "beach_2.jpg": (
+        "train",
+        [
+            "Waves on a sandy beach .",
+            "a beach next to blue sea",
+            "yellow sand and sea .",
+            "the beach is long.",
+            "white waves reach the sand",
+        ],
+    ),
+    "00001.jpg": (
+        "train",
+        [
+            "a river crosses the town .",
+            "houses along a river",
+            "a bridge over a river .",
+            "green trees near the river",
+            "a river and some roads .",
+        ],
+    ),
+    "forest_3.jpg": (
+        "val",
+        ["dense green forest .", "many trees .", "a dark green forest", "trees everywhere", "a forest ."],
+    ),
+    "beach_4.jpg": (
+        "test",
+        ["a beach with many people .", "sea and sand", "a curved beach .", "people on the beach", "the sea is blue ."],
+    ),
+    "airport_5.jpg": (
+        "test",
+        [
+            "a small airport .",
+            "one runway and a plane",
+            "a plane on the apron .",
+            "an airport in the desert",
+            "runway with marks",
+        ],
+    ),
 }
 
 
@@ -45,11 +94,14 @@ def by_id(records: list[Record]) -> list[Record]:
 
 # ----------------------------------------------------------------------------- writers (real layouts)
 
+
 def write_karpathy(folder: Path, data=DATA) -> Path:
     images = []
     for i, (name, (split, caps)) in enumerate(data.items()):
-        sentences = [{"raw": c, "tokens": c.lower().rstrip(" .").split(), "imgid": i, "sentid": 5 * i + j}
-                     for j, c in enumerate(caps)]
+        sentences = [
+            {"raw": c, "tokens": c.lower().rstrip(" .").split(), "imgid": i, "sentid": 5 * i + j}
+            for j, c in enumerate(caps)
+        ]
         images.append({"filename": name, "imgid": i, "split": split, "sentences": sentences})
     path = folder / "dataset_test.json"
     path.write_text(json.dumps({"images": images, "dataset": "test"}, indent=1))
@@ -96,6 +148,7 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
 
 # ----------------------------------------------------------------------------- readers agree
 
+
 def test_karpathy(tmp_path):
     records = read_karpathy(write_karpathy(tmp_path), tmp_path / "images")
     assert by_id(records) == expected(tmp_path / "images")
@@ -115,8 +168,9 @@ def test_precomp_with_val_files(tmp_path):
 def test_pir(tmp_path):
     train, evaluation = write_pir(tmp_path)
     records = read_pir(train, evaluation, tmp_path / "images")
-    assert by_id([Record(r.image_id, r.path, r.split, None, r.captions) for r in records]) == \
-        expected(tmp_path / "images", val_split="train")
+    assert by_id([Record(r.image_id, r.path, r.split, None, r.captions) for r in records]) == expected(
+        tmp_path / "images", val_split="train"
+    )
     scenes = {r.image_id: r.scene for r in records}
     assert scenes["airport_1.jpg"] == "airport" and scenes["beach_4.jpg"] is None  # eval lists carry no label
 
@@ -132,8 +186,13 @@ def test_csv_and_parquet_tables(tmp_path):
 def test_table_scene_column_kept_by_column_rule(tmp_path):
     rows = [{**row, "scene": "coast" if "beach" in row["image"] else ""} for row in table_rows()]
     write_csv(tmp_path / "caps.csv", rows)
-    cfg = DataConfig(format="table", root=str(tmp_path), annotations="caps.csv", scenes="column",
-                     validation=ValidationConfig(mode="fixed"))
+    cfg = DataConfig(
+        format="table",
+        root=str(tmp_path),
+        annotations="caps.csv",
+        scenes="column",
+        validation=ValidationConfig(mode="fixed"),
+    )
     scenes = {r.image_id: r.scene for r in read_records(cfg)}
     assert scenes["beach_2.jpg"] == "coast" and scenes["airport_1.jpg"] is None
 
@@ -145,9 +204,11 @@ def test_read_records_dispatch_all_formats_agree(tmp_path):
     write_precomp(tmp_path / "p")
     write_csv(tmp_path / "t" / "caps.csv", table_rows())
     fixed = ValidationConfig(mode="fixed")
-    configs = [DataConfig(format="karpathy", root=str(tmp_path / "k"), annotations="dataset_test.json"),
-               DataConfig(format="precomp", root=str(tmp_path / "p")),
-               DataConfig(format="table", root=str(tmp_path / "t"), annotations="caps.csv")]
+    configs = [
+        DataConfig(format="karpathy", root=str(tmp_path / "k"), annotations="dataset_test.json"),
+        DataConfig(format="precomp", root=str(tmp_path / "p")),
+        DataConfig(format="table", root=str(tmp_path / "t"), annotations="caps.csv"),
+    ]
     results = []
     for cfg in configs:
         cfg.images = str(tmp_path / "images")  # absolute: the same paths for every format
@@ -161,10 +222,18 @@ def test_read_records_dispatch_all_formats_agree(tmp_path):
 
 # ----------------------------------------------------------------------------- scenes
 
-@pytest.mark.parametrize("name, scene", [
-    ("denseresidential_12.tif", "denseresidential"), ("00001.jpg", None), ("airport3.jpg", "airport"),
-    ("storagetanks_4367.tif", "storagetanks"), ("sub/dir/beach_1.png", "beach"), ("1.tif", None),
-])
+
+@pytest.mark.parametrize(
+    "name, scene",
+    [
+        ("denseresidential_12.tif", "denseresidential"),
+        ("00001.jpg", None),
+        ("airport3.jpg", "airport"),
+        ("storagetanks_4367.tif", "storagetanks"),
+        ("sub/dir/beach_1.png", "beach"),
+        ("1.tif", None),
+    ],
+)
 def test_scene_from_filename(name, scene):
     assert scene_from_filename(name) == scene
 
@@ -177,8 +246,13 @@ def test_scene_rules():
     records = [rec("1.tif"), rec("2.tif"), rec("3.tif"), rec("6.tif"), rec("beach_1.tif", scene="coast")]
     names = ["agricultural", "airplane", "baseballdiamond"]
     ucm = DataConfig(scenes="index", scene_names=names, images_per_scene=2)
-    assert [r.scene for r in assign_scenes(records, ucm)] == \
-        ["agricultural", "agricultural", "airplane", "baseballdiamond", None]
+    assert [r.scene for r in assign_scenes(records, ucm)] == [
+        "agricultural",
+        "agricultural",
+        "airplane",
+        "baseballdiamond",
+        None,
+    ]
     assert [r.scene for r in assign_scenes(records, DataConfig(scenes="filename"))] == [None] * 4 + ["beach"]
     assert [r.scene for r in assign_scenes(records, DataConfig(scenes="column"))] == [None] * 4 + ["coast"]
     assert [r.scene for r in assign_scenes(records, DataConfig(scenes="none"))] == [None] * 5
@@ -187,6 +261,7 @@ def test_scene_rules():
 
 
 # ----------------------------------------------------------------------------- validation
+
 
 def split_records() -> list[Record]:
     train = [rec(f"scene_{i}.jpg") for i in range(45)] + [rec(f"scene_{i}.jpg", "val") for i in range(45, 50)]
@@ -225,6 +300,7 @@ def test_fixed_validation():
 
 # ----------------------------------------------------------------------------- bad input
 
+
 def test_malformed_json_names_file_and_line(tmp_path):
     path = tmp_path / "dataset_bad.json"
     path.write_text('{"images": [\n  {"filename": "a.jpg",,}\n]}\n')
@@ -232,12 +308,17 @@ def test_malformed_json_names_file_and_line(tmp_path):
         read_karpathy(path, tmp_path)
 
 
-@pytest.mark.parametrize("content, match", [
-    ({"imgs": []}, 'an "images" list'),
-    ({"images": [{"filename": "a.jpg", "split": "train", "sentences": []}, {"split": "train"}]},
-     r'images\[1\]: missing "filename"'),
-    ({"images": [{"filename": "a.jpg", "split": "dev", "sentences": []}]}, r"images\[0\]: split must be"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ({"imgs": []}, 'an "images" list'),
+        (
+            {"images": [{"filename": "a.jpg", "split": "train", "sentences": []}, {"split": "train"}]},
+            r'images\[1\]: missing "filename"',
+        ),
+        ({"images": [{"filename": "a.jpg", "split": "dev", "sentences": []}]}, r"images\[0\]: split must be"),
+    ],
+)
 def test_karpathy_structure_errors(tmp_path, content, match):
     path = tmp_path / "dataset_x.json"
     path.write_text(json.dumps(content))
@@ -281,8 +362,10 @@ def test_karpathy_keeps_any_caption_count(tmp_path):
 
 
 def test_stray_whitespace_is_stripped(tmp_path):
-    data = {"a_1.jpg": ("train", ["  two planes  ", "a runway\t", "no final period", " .", "odd ~ chars"]),
-            "a_2.jpg": ("test", ["x"] * 5)}
+    data = {
+        "a_1.jpg": ("train", ["  two planes  ", "a runway\t", "no final period", " .", "odd ~ chars"]),
+        "a_2.jpg": ("test", ["x"] * 5),
+    }
     folder = write_precomp(tmp_path / "p", data)
     (folder / "train_caps.txt").write_bytes((folder / "train_caps.txt").read_bytes().replace(b"\n", b"\r\n"))
     (record, _) = read_precomp(folder, tmp_path)
@@ -290,6 +373,7 @@ def test_stray_whitespace_is_stripped(tmp_path):
 
 
 # ----------------------------------------------------------------------------- detection
+
 
 def test_detect_format(tmp_path):
     for sub in ("k", "p", "r", "t", "empty"):

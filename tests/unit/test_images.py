@@ -1,4 +1,5 @@
 """Per-image work of the prepare stage: decode, validate mode, resize, re-encode."""
+
 import io
 
 import numpy as np
@@ -37,10 +38,13 @@ def test_sixteen_bit_image_is_rejected_with_mode_in_reason():
         decode_image(data)
 
 
-@pytest.mark.parametrize("data, reason", [
-    (b"", "empty image file"),
-    (b"not an image at all", "cannot decode image"),
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty image file"),
+        (b"not an image at all", "cannot decode image"),
+    ],
+)
 def test_garbage_is_rejected(data, reason):
     with pytest.raises(ImageRejected, match=reason):
         decode_image(data)

@@ -1,4 +1,5 @@
 """Shards -> batches: reading a split, training pairs, collation, evaluation order, the Ray path."""
+
 from __future__ import annotations
 
 import io
@@ -15,9 +16,25 @@ from PIL import Image
 from rsray import storage
 from rsray.data.augment import AugmentConfig, train_transform
 from rsray.data.loader import (
-    PairDataset, PairSampler, ShardMismatch, SplitNotFound, batch_from_arrow, batch_from_rows,
-    caption_image_index, collate_pairs, decode_pairs, eval_captions, eval_images, explode_pairs,
-    image_numbers, image_scenes, make_train_loader, pairs_from_arrow, read_split, scene_index, vocab_size,
+    PairDataset,
+    PairSampler,
+    ShardMismatch,
+    SplitNotFound,
+    batch_from_arrow,
+    batch_from_rows,
+    caption_image_index,
+    collate_pairs,
+    decode_pairs,
+    eval_captions,
+    eval_images,
+    explode_pairs,
+    image_numbers,
+    image_scenes,
+    make_train_loader,
+    pairs_from_arrow,
+    read_split,
+    scene_index,
+    vocab_size,
 )
 from rsray.data.prepare import MANIFEST, SPLITS, _describe_split, shard_schema
 
@@ -45,10 +62,16 @@ def shard_rows(split: str, n: int, with_ids: bool) -> pa.Table:
             captions[-1], tokens[-1] = ".", []
         out = io.BytesIO()
         Image.new("RGB", (40, 40), (20 * i, 255 - 20 * i, 100 if split == "train" else 200)).save(out, "JPEG")
-        row = {"image_id": f"{split}_{i:02d}.jpg", "split": split,
-               "scene": None if (split == "train" and i == NO_SCENE) else SCENES[i % 3 if split == "train" else 1],
-               "source_path": f"/in/{split}_{i:02d}.jpg", "captions": captions, "caption_tokens": tokens,
-               "image": out.getvalue(), "image_format": "jpeg"}
+        row = {
+            "image_id": f"{split}_{i:02d}.jpg",
+            "split": split,
+            "scene": None if (split == "train" and i == NO_SCENE) else SCENES[i % 3 if split == "train" else 1],
+            "source_path": f"/in/{split}_{i:02d}.jpg",
+            "captions": captions,
+            "caption_tokens": tokens,
+            "image": out.getvalue(),
+            "image_format": "jpeg",
+        }
         if with_ids:
             row["caption_input_ids"] = [[2] + [5 + (i + k) % 20] * (2 + k) + [3] for k in range(n_caps)]
             if split == "train" and i == 0:
@@ -71,9 +94,13 @@ def write_output(root, with_ids=False) -> dict:
         for s in table.column("scene").to_pylist():
             if s is not None:
                 scenes[s] = scenes.get(s, 0) + 1
-    manifest = {"schema_version": 1, "splits": {s: _describe_split(loc.join(s), s) for s in SPLITS},
-                "scenes": dict(sorted(scenes.items())), "vocab": {"min_count": 1, "words": WORDS},
-                "tokenizer": "tiny" if with_ids else None}
+    manifest = {
+        "schema_version": 1,
+        "splits": {s: _describe_split(loc.join(s), s) for s in SPLITS},
+        "scenes": dict(sorted(scenes.items())),
+        "vocab": {"min_count": 1, "words": WORDS},
+        "tokenizer": "tiny" if with_ids else None,
+    }
     (root / MANIFEST).write_text(json.dumps(manifest))
     return manifest
 
@@ -91,12 +118,15 @@ def train(output):
 
 # ----------------------------------------------------------------------------- reading
 
+
 def test_read_split_in_manifest_order_with_checksums(output, train):
     root, manifest = output
     assert train.num_rows == N_TRAIN
     assert train.column("image_id").to_pylist() == [f"train_{i:02d}.jpg" for i in range(N_TRAIN)]
-    assert [f["path"] for f in manifest["splits"]["train"]["files"]] == \
-        ["train/part-00000-0.parquet", "train/part-00001-0.parquet"]
+    assert [f["path"] for f in manifest["splits"]["train"]["files"]] == [
+        "train/part-00000-0.parquet",
+        "train/part-00001-0.parquet",
+    ]
     assert read_split(str(root), "test", verify=True).num_rows == N_TEST
     only = read_split(str(root), "train", columns=["image_id", "caption_tokens"])
     assert only.column_names == ["image_id", "caption_tokens"]
@@ -106,8 +136,11 @@ def test_read_split_in_manifest_order_with_checksums(output, train):
 def test_missing_split_names_the_path(output):
     root, _ = output
     where = re.escape(str(root))
-    with pytest.raises(SplitNotFound, match=rf"{where}/val: split 'val' has no images; splits with images: "
-                                            r"train \(12 images\), test \(4 images\)"):
+    with pytest.raises(
+        SplitNotFound,
+        match=rf"{where}/val: split 'val' has no images; splits with images: "
+        r"train \(12 images\), test \(4 images\)",
+    ):
         read_split(str(root), "val")
     with pytest.raises(SplitNotFound, match=rf"{where}/nope: split 'nope' is not in the manifest"):
         read_split(str(root), "nope")
@@ -129,6 +162,7 @@ def test_verify_catches_a_changed_file(tmp_path):
 
 # ----------------------------------------------------------------------------- pairs and batches
 
+
 def test_one_pair_per_caption_image_major(train):
     data = PairDataset(train, AUG)
     assert len(data) == 5 * N_TRAIN - 2  # one image has 3 captions
@@ -149,7 +183,7 @@ def test_train_batch_matches_the_model_contract(train):
     assert batch["tokens"].dtype == torch.long and batch["tokens"].shape == (8, int(batch["lengths"].max()))
     for key in ("lengths", "image_ids", "scene_ids"):
         assert batch[key].dtype == torch.long and batch[key].shape == (8,)
-    for tokens, length in zip(batch["tokens"], batch["lengths"]):
+    for tokens, length in zip(batch["tokens"], batch["lengths"], strict=True):
         assert length >= 1 and (tokens[:length] > 0).all() and (tokens[length:] == 0).all()
 
 
@@ -163,9 +197,11 @@ def test_captions_of_one_image_share_its_id_and_image(train):
 
 
 def test_padding_lengths_caps_and_the_unk_rule():
-    samples = [{"tokens": [5, 6, 7], "image_index": 0, "scene_id": 1},
-               {"tokens": [8], "image_index": 0, "scene_id": 1},
-               {"tokens": [], "image_index": 3, "scene_id": -1}]
+    samples = [
+        {"tokens": [5, 6, 7], "image_index": 0, "scene_id": 1},
+        {"tokens": [8], "image_index": 0, "scene_id": 1},
+        {"tokens": [], "image_index": 3, "scene_id": -1},
+    ]
     batch = collate_pairs(samples)
     assert batch["tokens"].tolist() == [[5, 6, 7], [8, 0, 0], [1, 0, 0]]
     assert batch["lengths"].tolist() == [3, 1, 1]
@@ -189,7 +225,7 @@ def test_eval_captions_in_order_with_their_images(train):
     assert index.dtype == torch.long and len(index) == 5 * N_TRAIN - 2
     assert torch.cat([b["image_ids"] for b in batches]).tolist() == index.tolist()
     assert index[:6].tolist() == [0, 0, 0, 0, 0, 1] and (index == SHORT).sum() == 3
-    got = [row[:n].tolist() for b in batches for row, n in zip(b["tokens"], b["lengths"])]
+    got = [row[:n].tolist() for b in batches for row, n in zip(b["tokens"], b["lengths"], strict=True)]
     expected = [t or [1] for per_image in train.column("caption_tokens").to_pylist() for t in per_image]
     assert got == expected
     assert all("images" not in b and "input_ids" not in b for b in batches)
@@ -223,7 +259,7 @@ def test_shuffle_is_deterministic_for_a_seed(train):
         return [(b["image_ids"].tolist(), b["tokens"].tolist(), b["images"]) for b in loader]
 
     def same(a, b):
-        return all(x[:2] == y[:2] and torch.equal(x[2], y[2]) for x, y in zip(a, b))
+        return all(x[:2] == y[:2] and torch.equal(x[2], y[2]) for x, y in zip(a, b, strict=True))
 
     first, again = make_train_loader(train, AUG, 8, seed=1), make_train_loader(train, AUG, 8, seed=1)
     one, two = epoch(first), epoch(first)  # two epochs of one loader
@@ -254,8 +290,7 @@ def test_ray_path_builds_the_same_batches(train):
     got = collate_pairs(decode_pairs(picked, train_transform(AUG), [s for _, s in keys]))
     assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in got)
     # a Ray batch: a slice of images, ids from the manifest's id list, scenes from the manifest
-    numbers = image_numbers({"splits": {"train": {"image_ids": sorted(train.column("image_id").to_pylist())}}},
-                            "train")
+    numbers = image_numbers({"splits": {"train": {"image_ids": sorted(train.column("image_id").to_pylist())}}}, "train")
     part = explode_pairs(train.slice(4, 3).replace_schema_metadata(), scenes=SCENES, image_index=numbers)
     assert part.column("image_index").to_pylist() == [4] * 5 + [5] * 5 + [6] * 5
     assert part.column("scene_id").to_pylist() == [1] * 5 + [-1] * 5 + [0] * 5
@@ -275,11 +310,10 @@ def test_bert_ids_path(tmp_path):
     assert ids.dtype == mask.dtype == torch.long and ids.shape == mask.shape == (6, LONG_IDS)
     rows = train.column("caption_input_ids").to_pylist()
     expected = rows[0] + rows[1][:1]
-    for row, m, want in zip(ids, mask, expected):
+    for row, m, want in zip(ids, mask, expected, strict=True):
         n = len(want)
         assert row[:n].tolist() == want and (row[n:] == 0).all() and m.tolist() == [1] * n + [0] * (LONG_IDS - n)
-    short = collate_pairs([{"tokens": [2], "input_ids": rows[0][0], "image_index": 0, "scene_id": 0}],
-                          max_input_ids=8)
+    short = collate_pairs([{"tokens": [2], "input_ids": rows[0][0], "image_index": 0, "scene_id": 0}], max_input_ids=8)
     assert short["input_ids"].tolist() == [[2, 7, 7, 7, 7, 7, 7, 3]]  # keeps [SEP]
     captions = list(eval_captions(train, batch_size=100))[0]
     assert captions["input_ids"].shape[0] == 5 * N_TRAIN - 2 and "attention_mask" in captions

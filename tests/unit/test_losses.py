@@ -1,16 +1,14 @@
 """Losses on hand-computed cases: triplet (sum / hardest), InfoNCE, intra-class, affiliation."""
+
 import math
 
 import pytest
 import torch
 
-from rsray.losses import (LogitScale, affiliation_loss, info_nce_loss, intra_class_loss, positive_mask,
-                          triplet_loss)
+from rsray.losses import LogitScale, affiliation_loss, info_nce_loss, intra_class_loss, positive_mask, triplet_loss
 
 # Row i = image of pair i, column j = caption of pair j; matched pairs on the diagonal.
-S = torch.tensor([[0.80, 0.70, 0.10],
-                  [0.50, 0.60, 0.30],
-                  [0.20, 0.65, 0.40]], dtype=torch.float64)
+S = torch.tensor([[0.80, 0.70, 0.10], [0.50, 0.60, 0.30], [0.20, 0.65, 0.40]], dtype=torch.float64)
 
 # margin 0.2. Image-to-text, cost[i, j] = max(0, 0.2 + S[i, j] - S[i, i]) for j != i:
 #   row 0 (diag .8): j1 .2+.7-.8 = .10, j2 .2+.1-.8 < 0 -> 0
@@ -44,8 +42,11 @@ def test_triplet_same_image_is_never_a_negative():
 
 
 def test_positive_mask():
-    assert positive_mask(torch.tensor([3, 5, 3]), 3).tolist() == [[True, False, True], [False, True, False],
-                                                                  [True, False, True]]
+    assert positive_mask(torch.tensor([3, 5, 3]), 3).tolist() == [
+        [True, False, True],
+        [False, True, False],
+        [True, False, True],
+    ]
     assert positive_mask(None, 2).tolist() == [[True, False], [False, True]]
 
 

@@ -1,12 +1,23 @@
 """Retrieval metrics on hand-made matrices whose answers are worked out in the comments."""
+
 import pytest
 import torch
 
-from rsray.eval.metrics import (caption_to_image, ranks_i2t, ranks_t2i, retrieval_metrics, retrieval_ranks,
-                                stable_topk)
+from rsray.eval.metrics import caption_to_image, ranks_i2t, ranks_t2i, retrieval_metrics, retrieval_ranks, stable_topk
 
-KEYS = ["i2t_R1", "i2t_R5", "i2t_R10", "t2i_R1", "t2i_R5", "t2i_R10", "mR",
-        "i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr"]
+KEYS = [
+    "i2t_R1",
+    "i2t_R5",
+    "i2t_R10",
+    "t2i_R1",
+    "t2i_R5",
+    "t2i_R10",
+    "mR",
+    "i2t_medr",
+    "i2t_meanr",
+    "t2i_medr",
+    "t2i_meanr",
+]
 SCENE_KEYS = ["i2t_SR1", "i2t_SR5", "i2t_SR10", "t2i_SR1", "t2i_SR5", "t2i_SR10"]
 
 
@@ -16,8 +27,7 @@ def test_caption_to_image_any_count():
 
 
 # Two images, two captions each (c0, c1 -> image 0; c2, c3 -> image 1), ties both ways.
-TIES = torch.tensor([[0.9, 0.1, 0.9, 0.8],
-                     [0.8, 0.2, 0.3, 0.8]])
+TIES = torch.tensor([[0.9, 0.1, 0.9, 0.8], [0.8, 0.2, 0.3, 0.8]])
 # i2t  image 0: c0 .9, c2 .9 (tie: c0 first), c3, c1 -> own c0 at 0        -> rank 0
 #      image 1: c0 .8, c3 .8 (tie: c0 first), c2, c1 -> own c3 at 1        -> rank 1
 # t2i  c0 [.9 .8] own 0 -> 0;  c1 [.1 .2] own 0 -> 1;  c2 [.9 .3] own 1 -> 1
@@ -45,9 +55,7 @@ def test_metrics_with_ties():
 def test_uneven_captions_per_image_in_any_order():
     # image 0 has captions c1 c3 c5, image 1 has c2, image 2 has c0 c4
     ci = torch.tensor([2, 0, 1, 0, 2, 0])
-    S = torch.tensor([[0.5, 0.2, 0.9, 0.1, 0.3, 0.4],
-                      [0.6, 0.7, 0.8, 0.0, 0.1, 0.2],
-                      [0.3, 0.9, 0.2, 0.4, 0.1, 0.5]])
+    S = torch.tensor([[0.5, 0.2, 0.9, 0.1, 0.3, 0.4], [0.6, 0.7, 0.8, 0.0, 0.1, 0.2], [0.3, 0.9, 0.2, 0.4, 0.1, 0.5]])
     # i2t image 0: c2 c0 c5 c4 c1 c3 -> first own c5 at 2; image 1: c2 first -> 0;
     #     image 2: c1 c5 c3 c0 ... -> first own c0 at 3
     assert ranks_i2t(S, ci).tolist() == [2, 0, 3]
@@ -93,9 +101,7 @@ def test_worst_matrix():
 
 def test_scene_recall_skips_queries_without_scene():
     # images 0 and 1 are scene "a", image 2 has none; captions c(2i), c(2i+1) -> image i
-    S = torch.tensor([[0.1, 0.2, 0.3, 0.9, 0.8, 0.0],
-                      [0.5, 0.5, 0.1, 0.2, 0.6, 0.7],
-                      [0.0, 0.0, 0.3, 0.95, 0.0, 0.0]])
+    S = torch.tensor([[0.1, 0.2, 0.3, 0.9, 0.8, 0.0], [0.5, 0.5, 0.1, 0.2, 0.6, 0.7], [0.0, 0.0, 0.3, 0.95, 0.0, 0.0]])
     m = retrieval_metrics(S, caption_to_image(3, 2), ["a", "a", None], ks=(1, 2))
     # i2t (image 2 skipped): image 0 lists c3 (a), c4 (none) -> SR1 1, SR2 1/2;
     #     image 1 lists c5, c4 (both none)                   -> SR1 0, SR2 0
@@ -140,8 +146,10 @@ def test_bad_inputs_are_refused():
 def reference_ranks(S: torch.Tensor, ci: torch.Tensor) -> tuple[list[int], list[int]]:
     """Plain Python: sort every list by (-score, index) and look the positives up."""
     rows, n_img, n_txt = S.tolist(), *S.shape
-    i2t = [min(pos for pos, j in enumerate(sorted(range(n_txt), key=lambda j: (-rows[i][j], j))) if ci[j] == i)
-           for i in range(n_img)]
+    i2t = [
+        min(pos for pos, j in enumerate(sorted(range(n_txt), key=lambda j: (-rows[i][j], j))) if ci[j] == i)
+        for i in range(n_img)
+    ]
     t2i = [sorted(range(n_img), key=lambda i: (-rows[i][j], i)).index(int(ci[j])) for j in range(n_txt)]
     return i2t, t2i
 

@@ -1,4 +1,5 @@
 """`rsray metrics SCORES.npy`: JSON keys and values on known matrices, the table, one-line errors."""
+
 import json
 
 import numpy as np
@@ -6,8 +7,19 @@ import pytest
 
 from rsray.cli import STAGES, main
 
-KEYS = ["i2t_R1", "i2t_R5", "i2t_R10", "t2i_R1", "t2i_R5", "t2i_R10", "mR",
-        "i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr"]
+KEYS = [
+    "i2t_R1",
+    "i2t_R5",
+    "i2t_R10",
+    "t2i_R1",
+    "t2i_R5",
+    "t2i_R10",
+    "mR",
+    "i2t_medr",
+    "i2t_meanr",
+    "t2i_medr",
+    "t2i_meanr",
+]
 SCENE_KEYS = ["i2t_SR1", "i2t_SR5", "i2t_SR10", "t2i_SR1", "t2i_SR5", "t2i_SR10"]
 
 
@@ -21,6 +33,7 @@ def saved(tmp_path):
     def save(array: np.ndarray, name: str = "scores.npy") -> str:
         np.save(tmp_path / name, array)
         return str(tmp_path / name)
+
     return save
 
 
@@ -74,14 +87,17 @@ def test_table(saved, capsys):
     assert "3 images x 15 captions" in out and "R@10" in out and "100.00" in out and "mR" in out
 
 
-@pytest.mark.parametrize("make, args, message", [
-    (None, [], "no such file"),
-    (lambda: np.zeros((2, 5, 5)), [], "expected a 2-D images x captions matrix, got shape (2, 5, 5)"),
-    (lambda: np.zeros((2, 7)), [], "7 captions is not a multiple of --captions-per-image 5"),
-    (lambda: np.zeros((2, 15)), [], "2 images x 5 captions each needs 10 caption columns, got 15"),
-    (lambda: perfect(3), ["--scenes", "SCENES"], "2 lines for 3 images"),
-    (lambda: perfect(3), ["--smr", "--smr-k", "0"], "--smr-k must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "make, args, message",
+    [
+        (None, [], "no such file"),
+        (lambda: np.zeros((2, 5, 5)), [], "expected a 2-D images x captions matrix, got shape (2, 5, 5)"),
+        (lambda: np.zeros((2, 7)), [], "7 captions is not a multiple of --captions-per-image 5"),
+        (lambda: np.zeros((2, 15)), [], "2 images x 5 captions each needs 10 caption columns, got 15"),
+        (lambda: perfect(3), ["--scenes", "SCENES"], "2 lines for 3 images"),
+        (lambda: perfect(3), ["--smr", "--smr-k", "0"], "--smr-k must be a positive integer"),
+    ],
+)
 def test_errors_are_one_line(saved, tmp_path, capsys, make, args, message):
     path = saved(make()) if make else str(tmp_path / "missing.npy")
     (tmp_path / "scenes.txt").write_text("a\nb\n")

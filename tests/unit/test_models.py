@@ -1,5 +1,6 @@
 """Models: every registered model's tiny preset builds, trains and keeps the contract; SWAN's parts
 and paper-size parameter counts; encoders (timm backbone, GloVe file, BiGRU); the registry."""
+
 import math
 import re
 import time
@@ -36,12 +37,17 @@ def random_batch(batch: int = 8, max_len: int = 9, size: int = 64, seed: int = 0
     lengths[0], lengths[1] = 1, max_len  # the shortest and longest captions
     tokens = torch.randint(2, VOCAB, (batch, max_len), generator=g)
     tokens[torch.arange(max_len)[None, :] >= lengths[:, None]] = 0
-    return {"images": torch.randn(batch, 3, size, size, generator=g), "tokens": tokens, "lengths": lengths,
-            "image_ids": torch.tensor([0, 0, 1, 2, 3, 3, 4, 5][:batch]),
-            "scene_ids": torch.tensor([0, 0, 1, -1, 2, 2, 1, 0][:batch])}
+    return {
+        "images": torch.randn(batch, 3, size, size, generator=g),
+        "tokens": tokens,
+        "lengths": lengths,
+        "image_ids": torch.tensor([0, 0, 1, 2, 3, 3, 4, 5][:batch]),
+        "scene_ids": torch.tensor([0, 0, 1, -1, 2, 2, 1, 0][:batch]),
+    }
 
 
 # ----------------------------------------------------------------------------- every model
+
 
 @pytest.mark.parametrize("name", MODELS)
 def test_tiny_model_trains_a_step(name):
@@ -70,6 +76,7 @@ def test_tiny_model_trains_under_bf16_autocast(name):
     """`train.amp: bf16` (the default on GPU), here on CPU: every op of every model has a bf16 path
     or is cast by autocast; the loss matches fp32's to bf16 precision and the same weights (kept
     in fp32) get gradients."""
+
     def one_step(amp: bool):
         model = build_tiny(name)
         model.train()
@@ -170,6 +177,7 @@ def test_trainable_backbone_gets_grad():
 
 # ----------------------------------------------------------------------------- switches
 
+
 def test_text_pool_switch_changes_caption_embeddings():
     batch = random_batch()
     with torch.no_grad():
@@ -199,6 +207,7 @@ def test_mask_padding_switch_changes_caption_embeddings():
 
 # ----------------------------------------------------------------------------- registry and config
 
+
 def test_unknown_model_names_key_and_file(tmp_path):
     f = tmp_path / "m.yaml"
     f.write_text("model:\n  name: transformerzilla\n")
@@ -211,15 +220,18 @@ def test_unknown_model_names_key_and_file(tmp_path):
         build_model(load_config(None), vocab_size=VOCAB)
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("model.text_pool=max", "model.text_pool: must be mean or last"),
-    ("model.gru_hidden=64", "model.gru_hidden: must equal embed_dim"),
-    ("model.backbone=resnet_nope", "model.backbone: not a timm model name"),
-    ("model.sfgs_branches=[8,8]", "model.sfgs_branches: needs one channel count per kernel"),
-    ("model.wsa_heads=5", "model.wsa_heads: must divide embed_dim"),
-    ("model.augment.crop=100", "model.augment.crop: must not exceed train_resize"),
-    ("model.colour=red", "model.colour: unknown key"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("model.text_pool=max", "model.text_pool: must be mean or last"),
+        ("model.gru_hidden=64", "model.gru_hidden: must equal embed_dim"),
+        ("model.backbone=resnet_nope", "model.backbone: not a timm model name"),
+        ("model.sfgs_branches=[8,8]", "model.sfgs_branches: needs one channel count per kernel"),
+        ("model.wsa_heads=5", "model.wsa_heads: must divide embed_dim"),
+        ("model.augment.crop=100", "model.augment.crop: must not exceed train_resize"),
+        ("model.colour=red", "model.colour: unknown key"),
+    ],
+)
 def test_bad_model_values_name_the_key(override, needle):
     with pytest.raises(ConfigError) as err:
         build_model(tiny("swan", override), vocab_size=VOCAB)
@@ -227,12 +239,15 @@ def test_bad_model_values_name_the_key(override, needle):
 
 
 @pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("override, needle", [
-    ("model.lr=-1", "model.lr: must be positive"),
-    ("model.betas=[0.9]", "model.betas: expected [beta1, beta2]"),
-    ("model.schedule=cosine", "model.schedule: must be linear_warmup or step"),
-    ("model.optimizer=sgd", "model.optimizer: must be adam or adamw"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("model.lr=-1", "model.lr: must be positive"),
+        ("model.betas=[0.9]", "model.betas: expected [beta1, beta2]"),
+        ("model.schedule=cosine", "model.schedule: must be linear_warmup or step"),
+        ("model.optimizer=sgd", "model.optimizer: must be adam or adamw"),
+    ],
+)
 def test_every_model_checks_its_optimiser_fields(name, override, needle):
     """All model configs share rsray.optim's fields and checks (each calls super().check())."""
     with pytest.raises(ConfigError, match=re.escape(needle)):
@@ -255,19 +270,27 @@ def test_typed_config_reaches_the_model():
     assert (cfg.embed_dim, cfg.grid, cfg.augment.crop, cfg.augment.rotation, cfg.lr_decay) == (32, 4, 64, 90.0, 0.7)
     paper = model_config(load_config("model/swan"))
     assert (paper.embed_dim, paper.grid, paper.text_pool, paper.max_violation, paper.decay_every) == (
-        512, 16, "mean", True, 20)
+        512,
+        16,
+        "mean",
+        True,
+        20,
+    )
 
 
 # ----------------------------------------------------------------------------- encoders
 
+
 def test_glove_file_is_loaded_for_known_words(tmp_path):
     vectors = tmp_path / "glove.txt"
     # 16-d vectors: "river" = 0.5s, "beach" = -1s, ". . ." a token with spaces (GloVe 840B has some)
-    vectors.write_text("river " + " ".join(["0.5"] * 16) + "\n"
-                       "notinvocab " + " ".join(["9"] * 16) + "\n"
-                       ". . . " + " ".join(["2"] * 16) + "\n"
-                       "beach " + " ".join(["-1"] * 16) + "\n"
-                       "river " + " ".join(["7"] * 16) + "\n")  # a repeat: the first wins
+    vectors.write_text(
+        "river " + " ".join(["0.5"] * 16) + "\n"
+        "notinvocab " + " ".join(["9"] * 16) + "\n"
+        ". . . " + " ".join(["2"] * 16) + "\n"
+        "beach " + " ".join(["-1"] * 16) + "\n"
+        "river " + " ".join(["7"] * 16) + "\n"
+    )  # a repeat: the first wins
     itos = ["<pad>", "<unk>", "river", "beach", ". . .", "harbour"] + [f"w{i}" for i in range(VOCAB - 6)]
     assert set(read_word_vectors(vectors, itos, 16)) == {2, 3, 4}
     torch.manual_seed(0)
@@ -325,12 +348,15 @@ def test_bigru_directions_and_padding():
     assert forward[1, 3:].abs().sum() == 0 and backward[2, 1:].abs().sum() == 0  # padding stays zero
     # the backward direction starts at the last valid word: row 1 alone (no padding) gives the same
     alone_f, alone_b = gru(x[1:2, :3], lengths[1:2])
-    assert torch.allclose(alone_b, backward[1:2, :3], atol=1e-6) and torch.allclose(alone_f, forward[1:2, :3], atol=1e-6)
+    assert torch.allclose(alone_b, backward[1:2, :3], atol=1e-6) and torch.allclose(
+        alone_f, forward[1:2, :3], atol=1e-6
+    )
     gru.merge = "mean"
     assert torch.allclose(gru(x, lengths), (forward + backward) / 2)
 
 
 # ----------------------------------------------------------------------------- SWAN blocks
+
 
 def test_wsa_mean_of_weighted_tokens_equals_explicit_form():
     torch.manual_seed(0)
@@ -357,11 +383,14 @@ def test_swan_parts_scale_with_input():
     assert out.fine.shape == out.multi_scale.shape == (2, 32)
     assert out.tokens.shape == (2, 4 * 4, 32)  # layer3 is 4x4 at 64 px
     assert [m.shape[-1] for m in out.maps] == [16, 8, 4, 2]
-    assert SwanVisualEncoder.from_config(model_config(tiny("swan")), fine_grained=False)(
-        torch.randn(1, 3, 64, 64)).fine is None
+    assert (
+        SwanVisualEncoder.from_config(model_config(tiny("swan")), fine_grained=False)(torch.randn(1, 3, 64, 64)).fine
+        is None
+    )
 
 
 # ----------------------------------------------------------------------------- SWAN at paper size
+
 
 def conv(cin, cout, k=1, bias=True):
     return cin * cout * k * k + (cout if bias else 0)
@@ -393,8 +422,15 @@ def gru(i, h):  # per direction: 3 gates x (input weights, hidden weights, two b
 
 def bottleneck(cin, mid, downsample):
     out = 4 * mid
-    return (conv(cin, mid, 1, False) + bn(mid) + conv(mid, mid, 3, False) + bn(mid) + conv(mid, out, 1, False)
-            + bn(out) + ((conv(cin, out, 1, False) + bn(out)) if downsample else 0))
+    return (
+        conv(cin, mid, 1, False)
+        + bn(mid)
+        + conv(mid, mid, 3, False)
+        + bn(mid)
+        + conv(mid, out, 1, False)
+        + bn(out)
+        + ((conv(cin, out, 1, False) + bn(out)) if downsample else 0)
+    )
 
 
 def resnet50_without_fc():
@@ -408,19 +444,46 @@ def resnet50_without_fc():
 
 
 def swan_paper_trainable(vocab, d=512, word=300, grid=16):
-    sfgs = (conv(64, 32, 1, False) + bn(32)  # 1x1 reduce
-            + conv(32, 32, 1, False) + bn(32) + conv(32, 32, 3, False) + bn(32) + conv(32, 64, 5, False) + bn(64)
-            + linear(grid * grid, d)  # 256 -> 512 token projection
-            + mha(d) + linear(d, 1024) + linear(1024, d) + 2 * layer_norm(d)  # WSA's attention block
-            + 128 * d)  # WSA's token weights W (128 tokens x 512)
-    vmsf = (conv(512, d) + conv(1024, d) + conv(2048, 2 * d)  # 1x1 laterals with bias
-            + conv(4 * d, d, 1, False) + bn(d)  # fuse
-            + linear(d, 1024) + linear(1024, d))  # MLP
+    sfgs = (
+        conv(64, 32, 1, False)
+        + bn(32)  # 1x1 reduce
+        + conv(32, 32, 1, False)
+        + bn(32)
+        + conv(32, 32, 3, False)
+        + bn(32)
+        + conv(32, 64, 5, False)
+        + bn(64)
+        + linear(grid * grid, d)  # 256 -> 512 token projection
+        + mha(d)
+        + linear(d, 1024)
+        + linear(1024, d)
+        + 2 * layer_norm(d)  # WSA's attention block
+        + 128 * d
+    )  # WSA's token weights W (128 tokens x 512)
+    vmsf = (
+        conv(512, d)
+        + conv(1024, d)
+        + conv(2048, 2 * d)  # 1x1 laterals with bias
+        + conv(4 * d, d, 1, False)
+        + bn(d)  # fuse
+        + linear(d, 1024)
+        + linear(1024, d)
+    )  # MLP
     aggregation = linear(2 * d, d) + linear(d, d)
-    text = (vocab * word + 2 * gru(word, d)
-            + 3 * linear(d, d) + 2 * linear(d // 2, d // 2) + linear(d // 2, d) + bn(d)  # GSA (2 heads of 256)
-            + conv1d(d, d, 2) + bn(d) + conv1d(d, d, 3) + bn(d)  # JRU
-            + linear(d, 1024) + linear(1024, d))  # TCGE MLP
+    text = (
+        vocab * word
+        + 2 * gru(word, d)
+        + 3 * linear(d, d)
+        + 2 * linear(d // 2, d // 2)
+        + linear(d // 2, d)
+        + bn(d)  # GSA (2 heads of 256)
+        + conv1d(d, d, 2)
+        + bn(d)
+        + conv1d(d, d, 3)
+        + bn(d)  # JRU
+        + linear(d, 1024)
+        + linear(1024, d)
+    )  # TCGE MLP
     return sfgs + vmsf + aggregation + text
 
 

@@ -1,4 +1,5 @@
 """rsray.data.pairs: the Arrow pair rows Ray Data makes every epoch (the columns are tested in test_loader)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -17,8 +18,13 @@ def test_the_module_ray_data_tasks_import_does_not_import_torch():
 
 def test_image_numbers_follow_the_manifest_order_in_ray_batches():
     manifest = {"splits": {"train": {"image_ids": ["a", "b", "c"]}}, "scenes": {"port": 1, "farm": 2}}
-    batch = pa.table({"image_id": ["c", "a"], "scene": ["port", None],
-                      "caption_tokens": pa.array([[[5, 6]], [[7], [8, 9]]], pa.list_(pa.list_(pa.int32())))})
+    batch = pa.table(
+        {
+            "image_id": ["c", "a"],
+            "scene": ["port", None],
+            "caption_tokens": pa.array([[[5, 6]], [[7], [8, 9]]], pa.list_(pa.list_(pa.int32()))),
+        }
+    )
     pairs = explode_pairs(batch, scene_index(manifest), image_numbers(manifest, "train"))
     assert pairs.column("image_index").to_pylist() == [2, 0, 0]
     assert pairs.column("scene_id").to_pylist() == [1, -1, -1]  # farm=0, port=1; unknown -1

@@ -1,12 +1,13 @@
 """The prepare stage's per-batch work without Ray: rows for good images, reasons for bad ones."""
+
 import io
 
 import pyarrow as pa
 from PIL import Image
 
 from rsray.config import load_config
-from rsray.data.prepare import ImageBatchProcessor, _fingerprint, _record_row, shard_schema
 from rsray.data.formats import Record
+from rsray.data.prepare import ImageBatchProcessor, _fingerprint, _record_row, shard_schema
 from rsray.data.text import Vocabulary
 
 CAPTIONS = ("two red planes at the airport.",) * 5
@@ -31,8 +32,14 @@ def test_good_rows_are_shard_rows_and_bad_ones_are_reasons(tmp_path):
     assert row["image_id"] == "good_1.png" and row["captions"] == list(CAPTIONS)
     assert row["caption_tokens"] == [[5, 4, 3, 2]] * 5  # two red planes airport (ids alphabetical on ties)
     assert Image.open(io.BytesIO(row["image"])).size == (24, 24)
-    assert rejected == [{"image_id": "gone_1.png", "split": "train", "path": str(tmp_path / "gone_1.png"),
-                         "reason": f"image file not found: {tmp_path / 'gone_1.png'}"}]
+    assert rejected == [
+        {
+            "image_id": "gone_1.png",
+            "split": "train",
+            "path": str(tmp_path / "gone_1.png"),
+            "reason": f"image file not found: {tmp_path / 'gone_1.png'}",
+        }
+    ]
 
 
 def test_tokenizer_adds_input_ids(tmp_path, tiny_tokenizer):

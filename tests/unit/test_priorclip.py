@@ -2,6 +2,7 @@
 its gathering across two real processes, loading real (tiny) checkpoints written here: a timm Swin
 file, a BERT folder with its tokenizer, a stage-1 `clip` checkpoint for the open-domain stage 2;
 the optimizer and schedule the training loop builds from the config."""
+
 from __future__ import annotations
 
 import math
@@ -39,11 +40,17 @@ def word_batch(n: int = 6, length: int = 7, seed: int = 0) -> dict[str, torch.Te
     lengths = torch.randint(2, length + 1, (n,), generator=g)
     tokens = torch.randint(2, VOCAB, (n, length), generator=g)
     tokens[torch.arange(length)[None, :] >= lengths[:, None]] = 0
-    return {"images": torch.randn(n, 3, 64, 64, generator=g), "tokens": tokens, "lengths": lengths,
-            "image_ids": torch.tensor([0, 0, 1, 2, 3, 4][:n]), "scene_ids": torch.tensor([0, 0, 1, 1, 2, -1][:n])}
+    return {
+        "images": torch.randn(n, 3, 64, 64, generator=g),
+        "tokens": tokens,
+        "lengths": lengths,
+        "image_ids": torch.tensor([0, 0, 1, 2, 3, 4][:n]),
+        "scene_ids": torch.tensor([0, 0, 1, 1, 2, -1][:n]),
+    }
 
 
 # ----------------------------------------------------------------------------- Spatial-PAE belief
+
 
 def test_belief_hard_keeps_the_most_believed_tokens_in_belief_order():
     tokens = torch.tensor([[[1.0, 0.0], [3.0, 0.0], [0.0, 1.0], [2.0, 0.0]]])
@@ -64,6 +71,7 @@ def test_belief_soft_scales_every_token_by_belief_plus_inverse_sqrt_rank():
 
 
 # ----------------------------------------------------------------------------- switches
+
 
 def test_belief_and_filter_size_switches_change_image_embeddings():
     batch = word_batch()
@@ -121,14 +129,17 @@ def test_frozen_swin_gets_no_grad_and_instruction_backbone_is_always_frozen():
     assert model.instruction.proj.weight.grad is not None and model.vision_proj.weight.grad is not None
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("model.belief=medium", "model.belief: must be soft or hard"),
-    ("model.heads=5", "model.heads: must divide embed_dim"),
-    ("model.instruction_checkpoint=/no/such/folder", "model.instruction_checkpoint: no such checkpoint folder"),
-    ("model.text_config.hiden_size=3", "model.text_config.hiden_size: not a bert config field"),
-    ("model.schedule=cosine", "model.schedule: must be linear_warmup or step"),
-    ("model.betas=[0.9]", "model.betas: expected [beta1, beta2]"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("model.belief=medium", "model.belief: must be soft or hard"),
+        ("model.heads=5", "model.heads: must divide embed_dim"),
+        ("model.instruction_checkpoint=/no/such/folder", "model.instruction_checkpoint: no such checkpoint folder"),
+        ("model.text_config.hiden_size=3", "model.text_config.hiden_size: not a bert config field"),
+        ("model.schedule=cosine", "model.schedule: must be linear_warmup or step"),
+        ("model.betas=[0.9]", "model.betas: expected [beta1, beta2]"),
+    ],
+)
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError) as err:
         model_config(tiny("priorclip", override))
@@ -138,11 +149,29 @@ def test_bad_values_name_the_key(override, needle):
 def test_paper_config_is_the_papers():
     cfg = model_config(load_config("model/priorclip"))
     assert (cfg.embed_dim, cfg.belief, cfg.filter_size, cfg.instru_num, cfg.cycle_num, cfg.max_text_tokens) == (
-        512, "soft", 40, 2, 3, 47)
+        512,
+        "soft",
+        40,
+        2,
+        3,
+        47,
+    )
     assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.betas, cfg.schedule, cfg.warmup) == (
-        "adamw", 6e-5, 0.01, [0.9, 0.98], "linear_warmup", 0.1)
-    assert (cfg.augment.crop, cfg.augment.random_resized_crop, cfg.augment.rand_augment, cfg.augment.normalize,
-            cfg.augment.interpolation, cfg.augment.hflip) == (224, [0.5, 1.0], [2, 7], "clip", "bicubic", True)
+        "adamw",
+        6e-5,
+        0.01,
+        [0.9, 0.98],
+        "linear_warmup",
+        0.1,
+    )
+    assert (
+        cfg.augment.crop,
+        cfg.augment.random_resized_crop,
+        cfg.augment.rand_augment,
+        cfg.augment.normalize,
+        cfg.augment.interpolation,
+        cfg.augment.hflip,
+    ) == (224, [0.5, 1.0], [2, 7], "clip", "bicubic", True)
     assert cfg.instruction_checkpoint == "train" and cfg.gather_across_workers and cfg.lambda_cs == 1.0
     assert selection_metric(cfg) == "val/mR"
 
@@ -159,6 +188,7 @@ def test_paper_swin_gives_fifty_tokens_at_224_px():
 
 
 # ----------------------------------------------------------------------------- real checkpoints
+
 
 def test_swin_weights_load_from_a_timm_file(tmp_path):
     kwargs = model_config(tiny("priorclip")).backbone_kwargs
@@ -180,8 +210,16 @@ def tiny_bert(tmp_path_factory, tiny_tokenizer):
     folder = tmp_path_factory.mktemp("bert")
     torch.manual_seed(5)
     tokenizer = BertTokenizerFast.from_pretrained(str(tiny_tokenizer))
-    bert = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
-                                num_attention_heads=2, intermediate_size=64, max_position_embeddings=64))
+    bert = BertModel(
+        BertConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    )
     bert.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder, bert
@@ -193,22 +231,39 @@ def tokenized_batch(folder, captions: list[str], seed: int = 0) -> dict[str, tor
 
     tokenizer = load_tokenizer(folder)
     g = torch.Generator().manual_seed(seed)
-    samples = [{"image": torch.randn(3, 64, 64, generator=g), "tokens": [2, 3], "image_index": i, "scene_id": i % 2,
-                "input_ids": tokenizer(c)["input_ids"]} for i, c in enumerate(captions)]
+    samples = [
+        {
+            "image": torch.randn(3, 64, 64, generator=g),
+            "tokens": [2, 3],
+            "image_index": i,
+            "scene_id": i % 2,
+            "input_ids": tokenizer(c)["input_ids"],
+        }
+        for i, c in enumerate(captions)
+    ]
     return collate_pairs(samples)
 
 
 def test_bert_text_encoder_loads_from_a_local_folder_and_reads_input_ids(tiny_bert):
     folder, bert = tiny_bert
     torch.manual_seed(0)
-    model = build_model(tiny("priorclip", "model.text_input=input_ids", f"model.text_checkpoint={folder}",
-                             "model.text_config={}", "model.max_text_tokens=6"), vocab_size=VOCAB).eval()
+    model = build_model(
+        tiny(
+            "priorclip",
+            "model.text_input=input_ids",
+            f"model.text_checkpoint={folder}",
+            "model.text_config={}",
+            "model.max_text_tokens=6",
+        ),
+        vocab_size=VOCAB,
+    ).eval()
     for key, value in bert.state_dict().items():
         if not key.startswith("pooler."):  # BERT's pooler is dropped: nothing uses it
             assert torch.equal(model.text.model.state_dict()[key], value), key
     assert model.text.model.pooler is None
-    batch = tokenized_batch(folder, ["two planes at the airport .", "a red park near the river , many trees .",
-                                     "a beach", "green sea"])
+    batch = tokenized_batch(
+        folder, ["two planes at the airport .", "a red park near the river , many trees .", "a beach", "green sea"]
+    )
     assert batch["input_ids"].shape[1] > 6  # the longest caption is cut to max_text_tokens, keeping [SEP]
     with torch.no_grad():
         texts = model.encode_texts(batch)
@@ -271,6 +326,7 @@ def test_gathered_loss_on_two_workers_is_the_loss_of_the_whole_batch():
 
 # ----------------------------------------------------------------------------- optimizer and schedule
 
+
 def test_linear_warmup_schedule_rises_then_decays_to_zero():
     model = build()
     cfg = model_config(tiny("priorclip", "model.warmup=0.2", "model.lr=0.001", "model.weight_decay=0.05"))
@@ -302,6 +358,7 @@ def test_configs_without_the_new_keys_get_adam_and_step_decay_as_before():
 
 
 # ----------------------------------------------------------------------------- open domain, stage 2
+
 
 def save_checkpoint(folder, cfg, model) -> str:
     """A checkpoint folder in the layout `rsray train` writes (state.pt + config.yaml)."""

@@ -2,10 +2,11 @@
 
 Run with `pytest -s -m real_data tests/unit/test_real_captions.py` to see the summary table.
 """
+
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -18,13 +19,34 @@ DATASETS = Path(os.environ.get("RSRAY_SHARED_DATASETS", Path(__file__).resolve()
 
 pytestmark = [
     pytest.mark.real_data,
-    pytest.mark.skipif(not DATASETS.is_dir(), reason=f"real caption files not found at {DATASETS} "
-                                                      "(set RSRAY_SHARED_DATASETS)"),
+    pytest.mark.skipif(
+        not DATASETS.is_dir(), reason=f"real caption files not found at {DATASETS} (set RSRAY_SHARED_DATASETS)"
+    ),
 ]
 
-UCM_SCENES = ["agricultural", "airplane", "baseballdiamond", "beach", "buildings", "chaparral", "denseresidential",
-              "forest", "freeway", "golfcourse", "harbor", "intersection", "mediumresidential", "mobilehomepark",
-              "overpass", "parkinglot", "river", "runway", "sparseresidential", "storagetanks", "tenniscourt"]
+UCM_SCENES = [
+    "agricultural",
+    "airplane",
+    "baseballdiamond",
+    "beach",
+    "buildings",
+    "chaparral",
+    "denseresidential",
+    "forest",
+    "freeway",
+    "golfcourse",
+    "harbor",
+    "intersection",
+    "mediumresidential",
+    "mobilehomepark",
+    "overpass",
+    "parkinglot",
+    "river",
+    "runway",
+    "sparseresidential",
+    "storagetanks",
+    "tenniscourt",
+]
 
 # folder: ((train images, captions), (test images, captions), scene rule, scene count range, unusable images)
 EXPECTED = {
@@ -38,11 +60,17 @@ REFERENCE_VOCAB = {"rsitmd": 1349, "rsicd": 1225}  # shipped with AMFMN/GaLR/SWA
 
 def config(name: str) -> DataConfig:
     scenes = EXPECTED[name][2]
-    return DataConfig(name=name, format="precomp", root=str(DATASETS / f"{name}_captions"), scenes=scenes,
-                      scene_names=UCM_SCENES if scenes == "index" else [], validation=ValidationConfig(seed=0))
+    return DataConfig(
+        name=name,
+        format="precomp",
+        root=str(DATASETS / f"{name}_captions"),
+        scenes=scenes,
+        scene_names=UCM_SCENES if scenes == "index" else [],
+        validation=ValidationConfig(seed=0),
+    )
 
 
-@lru_cache(maxsize=None)
+@cache
 def records(name: str) -> tuple[Record, ...]:
     return tuple(read_records(config(name)))
 
@@ -106,16 +134,20 @@ def test_karpathy_real_sample():
 
 def test_print_summary():
     """A small table for `pytest -s -m real_data`."""
-    header = (f"\n{'dataset':<8}{'train':>14}{'val (fold 0)':>14}{'test':>14}{'scenes':>8}{'no scene':>10}"
-              f"{'unusable':>10}{'vocab train':>13}{'fold-0 train':>14}{'train+test':>12}{'reference':>11}")
+    header = (
+        f"\n{'dataset':<8}{'train':>14}{'val (fold 0)':>14}{'test':>14}{'scenes':>8}{'no scene':>10}"
+        f"{'unusable':>10}{'vocab train':>13}{'fold-0 train':>14}{'train+test':>12}{'reference':>11}"
+    )
     lines = [header, "-" * (len(header) - 1)]
     for name in EXPECTED:
         recs = records(name)
         cells = [f"{i:,}/{c:,}" for i, c in (counts(recs, (s,)) for s in ("train", "val", "test"))]
         scenes = len({r.scene for r in recs} - {None})
-        lines.append(f"{name:<8}{cells[0]:>14}{cells[1]:>14}{cells[2]:>14}{scenes:>8}"
-                     f"{sum(r.scene is None for r in recs):>10,}{sum(check_record(r, 5) is not None for r in recs):>10}"
-                     + "".join(f"{v:>{w},}" for v, w in zip(vocab_sizes(name), (13, 14, 12)))
-                     + f"{REFERENCE_VOCAB.get(name, '-'):>11}")
+        lines.append(
+            f"{name:<8}{cells[0]:>14}{cells[1]:>14}{cells[2]:>14}{scenes:>8}"
+            f"{sum(r.scene is None for r in recs):>10,}{sum(check_record(r, 5) is not None for r in recs):>10}"
+            + "".join(f"{v:>{w},}" for v, w in zip(vocab_sizes(name), (13, 14, 12), strict=True))
+            + f"{REFERENCE_VOCAB.get(name, '-'):>11}"
+        )
     lines.append("cells: images/captions; vocab sizes include <pad> and <unk> (the reference: <unk> only)")
     print("\n".join(lines))

@@ -1,4 +1,5 @@
 """SMR re-ranking: a hand-computed case, each knob matters, w=0 is a no-op, and a plain-loop reference."""
+
 import math
 
 import pytest
@@ -8,9 +9,7 @@ from rsray.eval.metrics import caption_to_image, ranks_i2t
 from rsray.eval.rerank import SHIFT_EPS, SMRConfig, smr_rerank, stable_ranks
 
 # 3 images x 3 captions, caption j belongs to image j
-S = torch.tensor([[0.50, 0.48, 0.10],
-                  [0.70, 0.20, 0.30],
-                  [0.60, 0.10, 0.40]])
+S = torch.tensor([[0.50, 0.48, 0.10], [0.70, 0.20, 0.30], [0.60, 0.10, 0.40]])
 HALVING = 2 * math.log(2)  # beta with exp(-beta * s / 2) = 2 ** -s: weights by hand
 
 
@@ -28,9 +27,7 @@ def test_hand_computed_case():
     #   (0,1) 1+0 -> 1.5: 0.38 -> 0.57   (0,2) 2, 2 -> outside: 0.00
     #   (1,0) 0+0 -> 2:   0.60 -> 1.20   (1,1) 2, 1 -> outside: 0.10   (1,2) 1, 1 -> outside: 0.20
     #   (2,0) 0+1 -> 1.5: 0.50 -> 0.75   (2,1) 2, 2 -> outside: 0.00   (2,2) 1+0 -> 1.5: 0.30 -> 0.45
-    expected = torch.tensor([[0.50, 0.57, 0.00],
-                             [1.20, 0.10, 0.20],
-                             [0.75, 0.00, 0.45]])
+    expected = torch.tensor([[0.50, 0.57, 0.00], [1.20, 0.10, 0.20], [0.75, 0.00, 0.45]])
     out = smr_rerank(S, k=1, w=1.0, beta=HALVING)
     assert torch.allclose(out, expected, atol=1e-5)
     # image 0 now prefers c1 over its own c0: its i2t rank goes from 0 to 1
@@ -43,7 +40,7 @@ def test_every_knob_changes_the_output():
     for kwargs in ({"k": 3}, {"w": 2.0}, {"beta": 0.1}):
         assert not torch.allclose(smr_rerank(S, **{"k": 1, "w": 1.0, "beta": HALVING, **kwargs}), base)
     # K=3 re-weights every pair: (1,1), r_f 2 and r_b 1, gets W = 1 + 2 ** -3 on its shifted 0.10
-    assert smr_rerank(S, k=3, w=1.0, beta=HALVING)[1, 1] == pytest.approx(0.10 * (1 + 2 ** -3), abs=1e-5)
+    assert smr_rerank(S, k=3, w=1.0, beta=HALVING)[1, 1] == pytest.approx(0.10 * (1 + 2**-3), abs=1e-5)
 
 
 def test_w_zero_only_shifts():
@@ -51,7 +48,9 @@ def test_w_zero_only_shifts():
     x = torch.rand(6, 18, generator=g)
     out = smr_rerank(x, k=30, w=0.0)
     assert torch.equal(out, x - x.min() + SHIFT_EPS)
-    assert torch.equal(stable_ranks(out, 1), stable_ranks(x, 1)) and torch.equal(stable_ranks(out, 0), stable_ranks(x, 0))
+    assert torch.equal(stable_ranks(out, 1), stable_ranks(x, 1)) and torch.equal(
+        stable_ranks(out, 0), stable_ranks(x, 0)
+    )
 
 
 def reference_smr(x: torch.Tensor, k: int, w: float, beta: float) -> torch.Tensor:

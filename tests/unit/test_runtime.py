@@ -1,4 +1,5 @@
 """rsray.runtime's log quieting for Ray's worker processes, without starting Ray."""
+
 from __future__ import annotations
 
 import logging

@@ -1,6 +1,7 @@
 """The scene prior: it trains on the sample's scene labels with the shared training core, reports its
 accuracy and selects on it, sizes itself from the data, and its checkpoint becomes PriorCLIP's
 frozen instruction encoder (weights equal, no gradients, BatchNorm statistics kept)."""
+
 from __future__ import annotations
 
 import json
@@ -83,7 +84,7 @@ def test_accuracy_counts_rows_whose_nearest_prototype_is_their_scene():
 def test_prior_selects_on_accuracy_and_sizes_itself_from_the_data():
     typed = model_config(load_config("model/scene_prior"))
     assert selection_metric(typed) == "val/accuracy" and typed.num_classes is None
-    manifest = {"dataset": "x", "scenes": {name: 5 for name in SCENES}}
+    manifest = {"dataset": "x", "scenes": dict.fromkeys(SCENES, 5)}
     assert list(typed.check_data(manifest)) == [] and typed.from_data(manifest) == {"num_classes": len(SCENES)}
     assert [k for k, _ in typed.check_data({"dataset": "x", "scenes": {}})] == ["name"]
     small = model_config(load_config("model/scene_prior", ["model.num_classes=3"]))
@@ -104,9 +105,13 @@ def test_priorclip_loads_the_prior_frozen(trained_prior, sample):
     assert not backbone.body.training and all(not p.requires_grad for p in backbone.parameters())
 
     g = torch.Generator().manual_seed(0)
-    batch = {"images": torch.randn(4, 3, 64, 64, generator=g),
-             "tokens": torch.randint(2, len(vocab), (4, 5), generator=g), "lengths": torch.tensor([5, 3, 2, 4]),
-             "image_ids": torch.arange(4), "scene_ids": torch.tensor([0, 1, 1, 2])}
+    batch = {
+        "images": torch.randn(4, 3, 64, 64, generator=g),
+        "tokens": torch.randint(2, len(vocab), (4, 5), generator=g),
+        "lengths": torch.tensor([5, 3, 2, 4]),
+        "image_ids": torch.arange(4),
+        "scene_ids": torch.tensor([0, 1, 1, 2]),
+    }
     running_mean = backbone.body.bn1.running_mean.clone()
     model.loss(batch)["total"].backward()
     assert all(p.grad is None for p in backbone.parameters())
@@ -120,8 +125,10 @@ def test_priorclip_loads_the_prior_frozen(trained_prior, sample):
 def test_priorclip_refuses_a_prior_of_another_backbone_or_model(trained_prior, tmp_path):
     _, folder, *_ = trained_prior
     with pytest.raises(ValueError, match="model.instruction_backbone: 'resnet18', but the scene prior"):
-        build_model(tiny("priorclip", f"model.instruction_checkpoint={folder}", "model.instruction_backbone=resnet18"),
-                    vocab_size=VOCAB)
+        build_model(
+            tiny("priorclip", f"model.instruction_checkpoint={folder}", "model.instruction_backbone=resnet18"),
+            vocab_size=VOCAB,
+        )
     vsepp_cfg = load_config("model/vsepp-tiny")
     other = tmp_path / "vsepp"
     other.mkdir()

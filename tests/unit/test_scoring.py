@@ -3,6 +3,7 @@
 Features are small integers, so every score is exact in float32 whatever order a kernel adds in,
 and ties are frequent.
 """
+
 import pytest
 import torch
 
@@ -14,6 +15,7 @@ from rsray.models.base import RetrievalModel
 class L1Model(RetrievalModel):
     """A pairwise model: minus the L1 distance of features (not a dot product), and (images,
     lengths) tuples as image features, to exercise non-tensor features."""
+
     two_tower = False
 
     def encode_images(self, batch):
@@ -53,7 +55,7 @@ def check_streaming(model, img, txt, ci, scenes, k, block):
     i2t_v, i2t_i, t2i_v, t2i_i = streaming_topk(model, img, txt, k=k, block=block)
     kk = min(k, S.shape[1])
     expected_i2t = S.argsort(dim=1, descending=True, stable=True)[:, :kk]
-    expected_t2i = S.t().argsort(dim=1, descending=True, stable=True)[:, :min(k, S.shape[0])]
+    expected_t2i = S.t().argsort(dim=1, descending=True, stable=True)[:, : min(k, S.shape[0])]
     assert torch.equal(i2t_i, expected_i2t) and torch.equal(i2t_v, S.gather(1, expected_i2t))
     assert torch.equal(t2i_i, expected_t2i) and torch.equal(t2i_v, S.t().gather(1, expected_t2i))
     ks = tuple(sorted({1, min(5, k), k}))

@@ -1,4 +1,5 @@
 """Dataset statistics on a handmade set whose answers are known."""
+
 from __future__ import annotations
 
 from rsray.data.formats import Record
@@ -11,8 +12,12 @@ def make(name: str, split: str, scene: str | None, captions: list[str]) -> Recor
 
 # caption lengths in words ("." is no word): 2,3,3,5,6 | 2,2,2,2,2 | 10,1 | 3,3,3
 RECORDS = [
-    make("beach_1.jpg", "train", "beach", ["sandy beach", "a sandy beach", "the sandy beach .", "a b c d e",
-                                           "one two three four five six"]),
+    make(
+        "beach_1.jpg",
+        "train",
+        "beach",
+        ["sandy beach", "a sandy beach", "the sandy beach .", "a b c d e", "one two three four five six"],
+    ),
     make("beach_2.jpg", "train", "beach", ["sandy beach"] * 5),
     make("00001.jpg", "val", None, ["river " * 10, "river"]),
     make("port_3.jpg", "test", "port", ["boats in harbour"] * 3),
@@ -21,8 +26,11 @@ RECORDS = [
 
 def test_statistics_known_answers():
     stats = dataset_statistics(RECORDS)
-    assert stats["splits"] == {"train": {"images": 2, "captions": 10}, "val": {"images": 1, "captions": 2},
-                               "test": {"images": 1, "captions": 3}}
+    assert stats["splits"] == {
+        "train": {"images": 2, "captions": 10},
+        "val": {"images": 1, "captions": 2},
+        "test": {"images": 1, "captions": 3},
+    }
     assert stats["scenes"] == {"beach": 2, "port": 1}
     assert stats["images_without_scene"] == 1
     lengths = [2, 3, 3, 5, 6] + [2] * 5 + [10, 1] + [3] * 3
@@ -51,6 +59,7 @@ def test_format_statistics_is_readable():
 
 def test_format_statistics_of_a_manifest_summary():
     """`rsray data inspect` on a prepared output passes fewer keys (no caption lengths)."""
-    text = format_statistics({"splits": {"train": {"images": 3, "captions": 15}}, "scenes": {"beach": 3},
-                              "vocab_size": 12, "rejected": 1})
+    text = format_statistics(
+        {"splits": {"train": {"images": 3, "captions": 15}}, "scenes": {"beach": 3}, "vocab_size": 12, "rejected": 1}
+    )
     assert "rejected images: 1" in text and "12 entries" in text and "caption length" not in text

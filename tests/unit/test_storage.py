@@ -1,4 +1,5 @@
 """Local side of the storage layer (the S3 side runs against moto's server in integration tests)."""
+
 import hashlib
 
 import pyarrow.fs as pafs

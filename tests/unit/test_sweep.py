@@ -1,5 +1,6 @@
 """Sweep files: search-space parsing, one-line errors naming file and key, concurrency from
 cluster resources, resume refusal, and the summary records (no Ray started)."""
+
 from __future__ import annotations
 
 import math
@@ -17,9 +18,9 @@ from rsray.sweep import (
     Param,
     TrialSummary,
     _claim_folder,
+    _reconcile_child_runs,
     _scheduler,
     _search_algorithm,
-    _reconcile_child_runs,
     best_trial,
     load_sweep,
     max_concurrent_trials,
@@ -58,13 +59,18 @@ def test_ready_sweeps_load(path):
 def test_every_kind_becomes_its_tune_domain(tmp_path):
     from ray.tune.search.sample import Categorical, Float, Integer, LogUniform
 
-    sweep = load_sweep(write_sweep(tmp_path, """  space:
+    sweep = load_sweep(
+        write_sweep(
+            tmp_path,
+            """  space:
     model.margin: {grid: [0.1, 0.2]}
     model.max_violation: {choice: [true, false]}
     model.word_dropout: {uniform: [0, 0.5]}
     model.lr: {loguniform: [1e-5, 1e-3]}
     model.decay_every: {randint: [5, 10]}
-"""))
+""",
+        )
+    )
     params = {p.key: p for p in sweep.params}
     assert [p.kind for p in sweep.params] == ["grid", "choice", "uniform", "loguniform", "randint"]
     assert params["model.margin"].domain() == {"grid_search": [0.1, 0.2]}
@@ -79,20 +85,28 @@ def test_every_kind_becomes_its_tune_domain(tmp_path):
 
 
 def test_nested_keys_and_command_line_overrides(tmp_path):
-    path = write_sweep(tmp_path, """  space:
+    path = write_sweep(
+        tmp_path,
+        """  space:
     model: {margin: {grid: [0.1, 0.2]}}
     model.lr: {uniform: [0.001, 0.002]}
-""")
-    sweep = load_sweep(path, ["train.epochs=6", "sweep.search.num_samples=3", "sweep.space.model.lr={grid: [1e-4]}",
-                              "sweep.name=other"])
-    assert {p.key: (p.kind, p.values) for p in sweep.params} == {"model.margin": ("grid", [0.1, 0.2]),
-                                                                 "model.lr": ("grid", [1e-4])}
+""",
+    )
+    sweep = load_sweep(
+        path,
+        ["train.epochs=6", "sweep.search.num_samples=3", "sweep.space.model.lr={grid: [1e-4]}", "sweep.name=other"],
+    )
+    assert {p.key: (p.kind, p.values) for p in sweep.params} == {
+        "model.margin": ("grid", [0.1, 0.2]),
+        "model.lr": ("grid", [1e-4]),
+    }
     assert sweep.base.train.epochs == 6 and sweep.max_epochs == 6
     assert sweep.settings.search.num_samples == 3 and sweep.name == "other"
     assert sweep.folder.endswith("/data/runs/sweeps/other") and Path(sweep.folder).is_absolute()
     assert resolved_algorithm(sweep) == "grid"
-    only_cli = load_sweep(write_sweep(tmp_path, "  name: cli\n", name="cli.yaml"),
-                          ["sweep.space.model.margin.choice=[0.1, 0.3]"])
+    only_cli = load_sweep(
+        write_sweep(tmp_path, "  name: cli\n", name="cli.yaml"), ["sweep.space.model.margin.choice=[0.1, 0.3]"]
+    )
     assert [(p.key, p.kind, p.values) for p in only_cli.params] == [("model.margin", "choice", [0.1, 0.3])]
 
 
@@ -183,13 +197,16 @@ def test_optuna_refuses_grid_keys(tmp_path):
 def test_optuna_draws_every_kind_within_its_range_and_learns_from_results(tmp_path):
     """Tune's OptunaSearch, as `rsray sweep` builds it, takes our space of every non-grid kind and
     suggests values inside it; the same seed gives the same suggestions."""
-    path = write_sweep(tmp_path, """  space:
+    path = write_sweep(
+        tmp_path,
+        """  space:
     model.max_violation: {choice: [true, false]}
     model.margin: {uniform: [0.1, 0.4]}
     model.lr: {loguniform: [1e-5, 1e-3]}
     model.decay_every: {randint: [5, 10]}
   search: {num_samples: 6, seed: 3}
-""")
+""",
+    )
     sweep = load_sweep(path)
     assert optuna_installed() and resolved_algorithm(sweep) == "optuna"  # auto, with no grid key
 
@@ -237,8 +254,11 @@ def test_concurrency_follows_cpus_workers_and_gpus(tmp_path):
     assert max_concurrent_trials(one_worker, {"CPU": 1}) == 1  # never below one
     swept_workers = _sweep(tmp_path, "    train.num_workers: {grid: [1, 2]}\n")
     assert max_concurrent_trials(swept_workers, {"CPU": 4}) == 2  # sized for the 2-worker trials
-    gpus = _sweep(tmp_path, "    model.lr: {grid: [0.001]}\n", ["train.use_gpu=true", "train.num_workers=4",
-                                                                   "train.cpus_per_worker=2"])
+    gpus = _sweep(
+        tmp_path,
+        "    model.lr: {grid: [0.001]}\n",
+        ["train.use_gpu=true", "train.num_workers=4", "train.cpus_per_worker=2"],
+    )
     assert max_concurrent_trials(gpus, {"CPU": 128, "GPU": 8}) == 2  # GPUs limit, not CPUs
     fixed = _sweep(tmp_path, "    model.lr: {grid: [0.001]}\n", ["sweep.max_concurrent_trials=3"])
     assert max_concurrent_trials(fixed, {"CPU": 64}) == 3
@@ -246,8 +266,9 @@ def test_concurrency_follows_cpus_workers_and_gpus(tmp_path):
 
 def test_trial_config_sets_dotted_keys_and_accepts_numpy_values(tmp_path):
     sweep = _sweep(tmp_path, "    model.decay_every: {randint: [2, 4]}\n")
-    cfg = trial_config(sweep.base, {"model.decay_every": np.int64(3), "model.margin": np.float64(0.3),
-                                    "train.epochs": 7})
+    cfg = trial_config(
+        sweep.base, {"model.decay_every": np.int64(3), "model.margin": np.float64(0.3), "train.epochs": 7}
+    )
     assert cfg.model["decay_every"] == 3 and type(cfg.model["decay_every"]) is int
     assert cfg.model["margin"] == 0.3 and cfg.train.epochs == 7
     assert sweep.base.train.epochs == 4  # the base is not changed
@@ -267,10 +288,20 @@ def test_a_folder_holding_a_different_sweep_is_refused(tmp_path):
 
 
 def _trials():
-    return [TrialSummary("a_00000", {"model.lr": 1e-3, "model.text_pool": "mean"}, "finished", 4, 60.0, 3, 58.0),
-            TrialSummary("a_00001", {"model.lr": 1e-5, "model.text_pool": "last"}, "early_stopped", 2, 40.0, 2, 40.0),
-            TrialSummary("a_00002", {"model.lr": 1e-4, "model.text_pool": "last"}, "error", 0, float("nan"), 0,
-                         float("nan"), error="boom")]
+    return [
+        TrialSummary("a_00000", {"model.lr": 1e-3, "model.text_pool": "mean"}, "finished", 4, 60.0, 3, 58.0),
+        TrialSummary("a_00001", {"model.lr": 1e-5, "model.text_pool": "last"}, "early_stopped", 2, 40.0, 2, 40.0),
+        TrialSummary(
+            "a_00002",
+            {"model.lr": 1e-4, "model.text_pool": "last"},
+            "error",
+            0,
+            float("nan"),
+            0,
+            float("nan"),
+            error="boom",
+        ),
+    ]
 
 
 def test_best_trial_and_summary_table():
@@ -300,16 +331,13 @@ def test_runs_are_found_again_by_their_tags_instead_of_opened_twice(tmp_path):
     from rsray.config import TrackingConfig
     from rsray.tracking import Tracker, find_runs
 
-    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="resume", retries=0,
-                         system_metrics=False)
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="resume", retries=0, system_metrics=False)
     parent = Tracker.start_or_resume(cfg, "sweep", {"sweep_id": "s1", "sweep_role": "parent"}, params={"a": 1})
-    child = Tracker.start_or_resume(cfg, "trial-0", {"sweep_id": "s1", "trial_id": "t0"},
-                                    parent_run_id=parent.run_id)
+    child = Tracker.start_or_resume(cfg, "trial-0", {"sweep_id": "s1", "trial_id": "t0"}, parent_run_id=parent.run_id)
     assert not parent.resumed and not child.resumed
     child.log_metrics({"val/mR": 1.0}, step=0)
     # the driver died: nothing was ended; the same trial starts again
-    again = Tracker.start_or_resume(cfg, "trial-0", {"sweep_id": "s1", "trial_id": "t0"},
-                                    parent_run_id=parent.run_id)
+    again = Tracker.start_or_resume(cfg, "trial-0", {"sweep_id": "s1", "trial_id": "t0"}, parent_run_id=parent.run_id)
     assert again.resumed and again.run_id == child.run_id
     assert again.metric_history("val/mR") == [(0, 1.0)]
     again.end("FINISHED")
@@ -339,8 +367,11 @@ def test_child_runs_end_with_their_trials_status(tmp_path):
         if status != "RUNNING":
             client.set_terminated(run.info.run_id, status)
         runs[trial_id] = run.info.run_id
-    trials = [TrialSummary("a", {}, "early_stopped", 1, 0.5, 0, 0.5), TrialSummary("b", {}, "finished", 2, 0.6, 1, 0.6),
-              TrialSummary("c", {}, "error", 0, math.nan, -1, math.nan)]
+    trials = [
+        TrialSummary("a", {}, "early_stopped", 1, 0.5, 0, 0.5),
+        TrialSummary("b", {}, "finished", 2, 0.6, 1, 0.6),
+        TrialSummary("c", {}, "error", 0, math.nan, -1, math.nan),
+    ]
     _reconcile_child_runs(base, "sw", trials)
     ended = {t: client.get_run(run_id) for t, run_id in runs.items()}
     assert {t: r.info.status for t, r in ended.items()} == {"a": "FINISHED", "b": "FINISHED", "c": "FAILED"}
@@ -365,10 +396,15 @@ def _restored_trial(tmp_path: Path, trial_id: str, results: list[dict]):
 
 
 def test_a_resumed_asha_compares_new_results_with_trials_from_before_the_interruption(tmp_path):
-    sweep = load_sweep(write_sweep(tmp_path, """  space:
+    sweep = load_sweep(
+        write_sweep(
+            tmp_path,
+            """  space:
     model.margin: {grid: [0.1, 0.2]}
   scheduler: {name: asha, grace_period: 1, reduction_factor: 2}
-"""))
+""",
+        )
+    )
     scheduler = _scheduler(sweep)
     scheduler.set_search_properties(sweep.metric, "max")
     done = [{"epochs_done": n, sweep.metric: 50.0 + n} for n in (1, 2, 3)]

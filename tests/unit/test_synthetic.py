@@ -1,4 +1,5 @@
 """The embedded sample: deterministic, in the Karpathy layout, with captions that describe the pixels."""
+
 from __future__ import annotations
 
 import json
@@ -9,13 +10,27 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rsray.data.synthetic import (ANNOTATION_FILE, SCENES, Canvas, Thing, draw_scene, generate_sample,
-                                  noun_phrase, sample_item)
+from rsray.data.synthetic import (
+    ANNOTATION_FILE,
+    SCENES,
+    Canvas,
+    Thing,
+    draw_scene,
+    generate_sample,
+    noun_phrase,
+    sample_item,
+)
 
 KEY_WORDS = {  # the object a caption set must mention for each class
-    "airport": ("plane", "runway"), "beach": ("sea", "umbrella"), "farmland": ("field",),
-    "forest": ("tree", "clearing"), "harbor": ("pier", "boat"), "industrial": ("storage tank", "building"),
-    "parking": ("car",), "residential": ("house",), "river": ("river", "bridge"),
+    "airport": ("plane", "runway"),
+    "beach": ("sea", "umbrella"),
+    "farmland": ("field",),
+    "forest": ("tree", "clearing"),
+    "harbor": ("pier", "boat"),
+    "industrial": ("storage tank", "building"),
+    "parking": ("car",),
+    "residential": ("house",),
+    "river": ("river", "bridge"),
     "stadium": ("track", "football field"),
 }
 
@@ -91,8 +106,9 @@ def test_images_decode_at_requested_size(sample):
 
 
 def test_jpeg_format(tmp_path):
-    data = json.loads(generate_sample(tmp_path, n_images=10, image_size=40, image_format="jpeg",
-                                      progress=False).read_text())
+    data = json.loads(
+        generate_sample(tmp_path, n_images=10, image_size=40, image_format="jpeg", progress=False).read_text()
+    )
     for img in data["images"]:
         assert img["filename"].endswith(".jpg")
         with Image.open(tmp_path / "images" / img["filename"]) as image:
@@ -160,10 +176,16 @@ def test_progress_bar_goes_to_stderr(tmp_path, capsys):
     assert out == "" and "10/10" in err
 
 
-@pytest.mark.parametrize("kwargs, argument", [
-    ({"n_images": 0}, "n_images"), ({"n_images": 5}, "n_images"), ({"image_size": 16}, "image_size"),
-    ({"image_format": "gif"}, "image_format"), ({"seed": -1}, "seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        ({"n_images": 0}, "n_images"),
+        ({"n_images": 5}, "n_images"),
+        ({"image_size": 16}, "image_size"),
+        ({"image_format": "gif"}, "image_format"),
+        ({"seed": -1}, "seed"),
+    ],
+)
 def test_bad_arguments_raise_value_error_naming_the_argument(tmp_path, kwargs, argument):
     with pytest.raises(ValueError, match=argument):
         generate_sample(tmp_path, **{"n_images": 20, "image_size": 32, "progress": False, **kwargs})

@@ -1,4 +1,5 @@
 """Words, the word vocabulary and the local BERT-family tokenizer."""
+
 from __future__ import annotations
 
 import json
@@ -6,8 +7,16 @@ from types import SimpleNamespace
 
 import pytest
 
-from rsray.data.text import (PAD_ID, STOP_WORDS, UNK_ID, Vocabulary, build_vocabulary, content_words,
-                             load_tokenizer, words)
+from rsray.data.text import (
+    PAD_ID,
+    STOP_WORDS,
+    UNK_ID,
+    Vocabulary,
+    build_vocabulary,
+    content_words,
+    load_tokenizer,
+    words,
+)
 
 
 def test_words_lowercase_and_strip_punctuation():
@@ -58,8 +67,10 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_build_vocabulary_uses_chosen_splits():
-    records = [SimpleNamespace(split="train", captions=("harbour boats",) * 5),
-               SimpleNamespace(split="test", captions=("desert dunes",) * 5)]
+    records = [
+        SimpleNamespace(split="train", captions=("harbour boats",) * 5),
+        SimpleNamespace(split="test", captions=("desert dunes",) * 5),
+    ]
     assert build_vocabulary(records).itos[2:] == ["boats", "harbour"]
     assert build_vocabulary(records, splits=("train", "test")).itos[2:] == ["boats", "desert", "dunes", "harbour"]
 
@@ -67,8 +78,18 @@ def test_build_vocabulary_uses_chosen_splits():
 def test_tokenizer_loads_from_local_folder(tiny_tokenizer):
     tokenizer = load_tokenizer(tiny_tokenizer)
     ids = tokenizer("two planes at the airport.")["input_ids"]
-    assert tokenizer.convert_ids_to_tokens(ids) == ["[CLS]", "two", "plane", "##s", "at", "the", "air", "##port",
-                                                    ".", "[SEP]"]
+    assert tokenizer.convert_ids_to_tokens(ids) == [
+        "[CLS]",
+        "two",
+        "plane",
+        "##s",
+        "at",
+        "the",
+        "air",
+        "##port",
+        ".",
+        "[SEP]",
+    ]
 
 
 def test_tokenizer_missing_path_errors(tmp_path):

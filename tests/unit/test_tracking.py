@@ -1,4 +1,5 @@
 """Tracker against a real local MLflow store (SQLite file in tmp_path)."""
+
 from __future__ import annotations
 
 import json
@@ -34,16 +35,20 @@ def free_port() -> int:
 @pytest.fixture
 def local_cfg(tmp_path, monkeypatch) -> TrackingConfig:
     monkeypatch.chdir(tmp_path)  # the default artifact root is relative to the working directory
-    return TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="unit", retries=1,
-                          system_metrics=False)
+    return TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="unit", retries=1, system_metrics=False)
 
 
 CONFIG = {
     "model": {"name": "vsepp", "embed_dim": 64},
     "train": {"epochs": 3, "lr": 0.0002, "workers": [1, 2]},
     "data": {"tokenizer": "/models/bert", "max_tokens": 32},
-    "storage": {"aws_secret_access_key": "s3cr3t", "access_key_id": "AKIA", "hf_token": "tok",
-                "password": "pw", "endpoint": "http://user:pw@minio:9000"},
+    "storage": {
+        "aws_secret_access_key": "s3cr3t",
+        "access_key_id": "AKIA",
+        "hf_token": "tok",
+        "password": "pw",
+        "endpoint": "http://user:pw@minio:9000",
+    },
 }
 
 
@@ -68,11 +73,13 @@ def test_metric_names_are_sanitized():
 def test_run_params_tags_metrics_and_artifacts(local_cfg, tmp_path):
     from mlflow import MlflowClient
 
-    with Tracker.start(local_cfg, "unit-run", params=CONFIG, tags={"model": "vsepp", "dataset": "sample"},
-                       base_delay=0.0) as tracker:
+    with Tracker.start(
+        local_cfg, "unit-run", params=CONFIG, tags={"model": "vsepp", "dataset": "sample"}, base_delay=0.0
+    ) as tracker:
         for epoch in range(3):
-            tracker.log_metrics({"i2t_R@1": 10.0 + epoch, "mR": 20.0 + epoch, "note": "x", "none": None},
-                                step=epoch, prefix="val/")
+            tracker.log_metrics(
+                {"i2t_R@1": 10.0 + epoch, "mR": 20.0 + epoch, "note": "x", "none": None}, step=epoch, prefix="val/"
+            )
         config_file = tmp_path / "config.yaml"
         config_file.write_text("model: vsepp\n")
         tracker.log_artifact(config_file)
@@ -95,15 +102,17 @@ def test_run_params_tags_metrics_and_artifacts(local_cfg, tmp_path):
     assert {a.path for a in client.list_artifacts(run_id)} == {"config.yaml", "final_metrics.json"}
     experiment = client.get_experiment(experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-    assert tracker.ui_link("http://h:5000/") == \
-        f"http://h:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    assert (
+        tracker.ui_link("http://h:5000/")
+        == f"http://h:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    )
 
 
 def test_failed_block_marks_run_failed_and_child_nests(local_cfg):
     from mlflow import MlflowClient
 
     parent = Tracker.start(local_cfg, "sweep", params={}, tags={})
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="boom"):
         with Tracker.start(local_cfg, "trial", params={}, tags={}, parent_run_id=parent.run_id) as child:
             raise ValueError("boom")
     parent.end()

@@ -1,4 +1,5 @@
 """The per-worker training core (rsray.train.loop) as a plain PyTorch process, without Ray."""
+
 from __future__ import annotations
 
 import time

@@ -1,4 +1,5 @@
 """The Ray Train run builder's plain helpers (rsray.train.run), without starting Ray."""
+
 from __future__ import annotations
 
 import os
@@ -9,18 +10,30 @@ import pytest
 import torch
 
 from rsray.config import ConfigError, load_config
-from rsray.train.run import (_absolute_paths, _rng_state, _seed_everything, _set_rng_state, _steps_per_epoch,
-                             _summary, cache_train_split, default_run_name, epoch_line)
+from rsray.train.run import (
+    _absolute_paths,
+    _rng_state,
+    _seed_everything,
+    _set_rng_state,
+    _steps_per_epoch,
+    _summary,
+    cache_train_split,
+    default_run_name,
+    epoch_line,
+)
 
 
-@pytest.mark.parametrize("setting, pair_bytes, store, expected", [
-    ("auto", 100, 1000, True),
-    ("auto", 500, 1000, True),  # exactly half still fits
-    ("auto", 501, 1000, False),
-    ("auto", 1, 0, False),  # no object store reported: stream
-    ("always", 10**12, 1000, True),
-    ("never", 1, 10**12, False),
-])
+@pytest.mark.parametrize(
+    "setting, pair_bytes, store, expected",
+    [
+        ("auto", 100, 1000, True),
+        ("auto", 500, 1000, True),  # exactly half still fits
+        ("auto", 501, 1000, False),
+        ("auto", 1, 0, False),  # no object store reported: stream
+        ("always", 10**12, 1000, True),
+        ("never", 1, 10**12, False),
+    ],
+)
 def test_the_train_split_is_cached_when_it_fits_or_when_told(setting, pair_bytes, store, expected):
     assert cache_train_split(setting, pair_bytes, store) is expected
 
@@ -86,8 +99,18 @@ def test_a_worker_traceback_is_summarised_in_its_last_line():
 
 
 def test_an_epoch_line_names_losses_speed_data_wait_and_validation():
-    metrics = {"epoch": 2, "lr": 2e-4, "pairs_per_s": 151.4, "train_seconds": 10.0, "data_wait_seconds": 2.5,
-               "train/loss": 0.41234, "train/triplet": 0.3, "val/mR": 23.456, "val/i2t_R1": 8.0, "val/t2i_R1": 7.25}
+    metrics = {
+        "epoch": 2,
+        "lr": 2e-4,
+        "pairs_per_s": 151.4,
+        "train_seconds": 10.0,
+        "data_wait_seconds": 2.5,
+        "train/loss": 0.41234,
+        "train/triplet": 0.3,
+        "val/mR": 23.456,
+        "val/i2t_R1": 8.0,
+        "val/t2i_R1": 7.25,
+    }
     line = epoch_line(metrics, epochs=5)
     assert line.startswith("epoch 2 of 0..4: loss 0.4123, triplet 0.3000; lr 2.00e-04; 151 pairs/s")
     assert "(25% of it waiting for data)" in line
