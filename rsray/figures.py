@@ -191,7 +191,7 @@ def split_figures(
     k: int = 5,
     seed: int = 0,
 ) -> dict[str, Figure]:
-    """The figures a person looks at after a run, from one scored split (`rsray.train.loop.SplitScores`
+    """The figures a person looks at after a run, from one scored split (`rsray.eval.split.SplitScores`
     fields and its Arrow table with `image`, `captions`, `scene`): t2i and i2t top-k grids for
     `queries` sample queries drawn with `seed` (the same queries every run, so runs compare), and
     the embedding projection when the features are embeddings (pairwise models' are not)."""

@@ -25,6 +25,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from rsray.config import TrackingConfig
+
 log = logging.getLogger("rsray.tracking")
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -234,8 +236,6 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 def tracking_section(cfg: Any) -> Any:
     """The TrackingConfig from a TrackingConfig, a whole Config, or their plain-dict forms
     (`Config.to_dict()` is what reaches Ray workers)."""
-    from rsray.config import TrackingConfig
-
     if isinstance(cfg, Mapping):
         cfg = cfg.get("tracking", cfg)
         return TrackingConfig(**cfg) if isinstance(cfg, Mapping) else cfg

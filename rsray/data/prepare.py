@@ -30,6 +30,7 @@ from rsray.config import Config
 from rsray.data.formats import Record, check_record, read_records
 from rsray.data.images import ImageRejected, process_image
 from rsray.data.text import Vocabulary, build_vocabulary, load_tokenizer
+from rsray.runtime import configure_data_context, ensure_ray
 
 log = logging.getLogger("rsray.prepare")
 
@@ -160,8 +161,6 @@ class BatchLedger:
 def prepare(cfg: Config, force: bool = False) -> PrepareResult:
     """Run the prepare stage for `cfg.data` into `cfg.prepare.output`; idempotent unless `force`."""
     import ray
-
-    from rsray.runtime import configure_data_context, ensure_ray
 
     check_input_paths(cfg)
     ensure_ray()

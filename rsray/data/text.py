@@ -5,6 +5,7 @@ words seen `min_count` times); `encode` applies the very same steps, so a captio
 mapped the way the vocabulary was counted.
 """
 from __future__ import annotations
+from rsray.pretrained import PACKAGED, packaged_path
 
 import json
 import re
@@ -119,8 +120,6 @@ def build_vocabulary(records: Iterable[Any], splits: Sequence[str] = ("train",),
 def load_tokenizer(path: str | Path):
     """A BERT-family tokenizer from a local folder, or a packaged model's name (`minilm`);
     never downloads (missing folder -> ValueError)."""
-    from rsray.pretrained import PACKAGED, packaged_path
-
     if path in PACKAGED:
         path = packaged_path(path)
     if not path or not Path(path).exists():

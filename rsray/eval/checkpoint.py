@@ -1,40 +1,30 @@
 """Evaluate a trained checkpoint on one split of its prepared data: the protocol's numbers with
 and without SMR, and every query's rank (so two runs can be compared query by query).
 
-A checkpoint folder holds `state.pt` (loaded with `weights_only=True`: tensors and plain data
-only, never arbitrary pickles) and `config.yaml` (the resolved config it was trained with).
+The folder's layout (state.pt, config.yaml) is `rsray.checkpoint`'s.
 """
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from rsray import storage
-from rsray.config import load_config
+from rsray.checkpoint import CONFIG_FILE, read_checkpoint
+from rsray.config import config_from_dict
+from rsray.data.loader import read_split, vocab_size
+from rsray.data.prepare import read_manifest
 from rsray.eval.metrics import retrieval_metrics, retrieval_ranks
 from rsray.eval.rerank import SMRConfig, smr_rerank
-
-STATE_FILE, CONFIG_FILE = "state.pt", "config.yaml"
+from rsray.eval.split import score_split
+from rsray.models import model_config
+from rsray.models.registry import build_for_loading
 
 
 def load_checkpoint(uri: str, s3_endpoint: str | None = None):
     """(model in eval mode, resolved Config, state dict) from a checkpoint folder, local or s3://."""
-    from rsray.data.loader import vocab_size
-    from rsray.data.prepare import read_manifest
-    from rsray.models.registry import build_for_loading
-
-    source = storage.resolve(uri, s3_endpoint)
-    with tempfile.TemporaryDirectory(prefix="rsray-eval-") as folder:
-        for name in (STATE_FILE, CONFIG_FILE):
-            if not storage.exists(source.join(name)):
-                raise FileNotFoundError(f"{source.join(name).uri}: not found (is {uri} an rsray checkpoint folder?)")
-            (Path(folder) / name).write_bytes(storage.read_bytes(source.join(name)))
-        cfg = load_config(Path(folder) / CONFIG_FILE)
-        state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+    state, saved = read_checkpoint(uri, s3_endpoint)
+    cfg = config_from_dict(saved, source=f"{uri.rstrip('/')}/{CONFIG_FILE}")
     manifest = read_manifest(cfg.train.data, cfg.prepare.s3_endpoint)
     model = build_for_loading(cfg, vocab_size(manifest))
     model.load_state_dict(state["model"])  # strict: every weight comes from the checkpoint
@@ -47,10 +37,6 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Scores `split` of the checkpoint's prepared data (or `data`) and returns
     {"checkpoint", "epoch", "split", "data", "metrics", "smr_metrics", "smr", "ranks"}."""
-    from rsray.data.loader import read_split
-    from rsray.models import model_config
-    from rsray.train.loop import score_split
-
     model, cfg, state = load_checkpoint(uri)
     model.to(device)
     data = data or cfg.train.data

@@ -1,6 +1,6 @@
 """Retrieval models: the contract (base), the registry, and one module per model (imported to register)."""
 
-from rsray.models import (  # noqa: F401  (registers the models)  # noqa: F401  (PriorCLIP, its stage 2, its prior)
+from rsray.models import (  # noqa: F401  (imported to register each model)
     clip,
     dove,
     priorclip,

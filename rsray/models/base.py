@@ -22,6 +22,11 @@ from torch import nn
 Batch = dict[str, torch.Tensor]
 
 
+def to_device(batch: Batch, device: torch.device | str) -> Batch:
+    """The batch's tensors on `device` (other values, e.g. caption strings, as they are)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def full_precision_scores(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """image @ text.T in fp32, also under bf16 autocast (`train.amp`). Hardest-negative mining
     picks among similarities that differ in the third decimal, finer than bf16's spacing near 1

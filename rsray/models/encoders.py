@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from rsray.pretrained import resolve_local
+
 log = logging.getLogger(__name__)
 
 
@@ -247,8 +249,6 @@ class TransformerTextEncoder(FrozenParts, nn.Module):
         if checkpoint and config:
             raise ValueError("give a text checkpoint folder or a text config, not both")
         if checkpoint:
-            from rsray.pretrained import resolve_local
-
             self.model = AutoModel.from_pretrained(
                 str(resolve_local(checkpoint)), local_files_only=True, dtype=torch.float32
             )

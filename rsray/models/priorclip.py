@@ -25,7 +25,6 @@ only good for tests. Open-domain PriorCLIP (stage 2 on a CLIP dual encoder) is
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,15 +33,16 @@ from typing import Any, ClassVar
 import timm
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from rsray import storage
+from rsray.checkpoint import read_checkpoint
 from rsray.data.augment import AugmentConfig
 from rsray.distributed import gather_no_grad, gather_with_grad
 from rsray.losses import LogitScale, affiliation_loss, info_nce_loss
 from rsray.models.base import Batch, RetrievalModel, full_precision_scores
 from rsray.models.blocks import SelfAttentionBlock
+from rsray.models.clip import fit_positions
 from rsray.models.encoders import FrozenParts, TimmBackbone, TransformerTextEncoder, check_text_config, length_mask
 from rsray.models.registry import register_model
 from rsray.models.scene_prior import backbone_state_dict, priorclip_augment
@@ -150,19 +150,12 @@ def check_stage_checkpoint(key: str, value: str | None) -> Iterator[tuple[str, s
 def read_stage_checkpoint(uri: str, key: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(state.pt loaded with weights_only=True, config.yaml as plain data) of an rsray checkpoint
     folder, local or s3://, that a later stage starts from; `key` names the config key in errors."""
-    from rsray.eval.checkpoint import CONFIG_FILE, STATE_FILE
-
     if uri == TRAIN_FIRST:
         raise ValueError(
             f"model.{key}: `train` means: train that stage first, which `rsray train` does "
             "before building this model (it then names the stage's best checkpoint here)"
         )
-    source = storage.resolve(uri)
-    for name in (STATE_FILE, CONFIG_FILE):
-        if not storage.exists(source.join(name)):
-            raise FileNotFoundError(f"model.{key}: {source.join(name).uri} not found (not an rsray checkpoint folder)")
-    state = torch.load(io.BytesIO(storage.read_bytes(source.join(STATE_FILE))), map_location="cpu", weights_only=True)
-    config = yaml.safe_load(storage.read_bytes(source.join(CONFIG_FILE)))
+    state, config = read_checkpoint(uri, context=f"model.{key}: ")
     return state, config
 
 
@@ -253,8 +246,6 @@ def text_inputs(
             "model.text_input is input_ids but the batch has none: set data.tokenizer to the text "
             "checkpoint's tokenizer folder and prepare again (or model.text_input=tokens)"
         )
-    from rsray.models.clip import fit_positions
-
     return fit_positions(batch["input_ids"], batch["attention_mask"], max_tokens)
 
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsray.data.augment import AugmentConfig
+from rsray.data.loader import image_scenes, scene_index
 from rsray.losses import LogitScale
 from rsray.models.base import Batch, RetrievalModel
 from rsray.models.encoders import TimmBackbone, WordEmbedding, length_mask, masked_mean
@@ -173,8 +174,6 @@ class ScenePrior(RetrievalModel):
     def validation_metrics(self, split, table) -> dict[str, float]:
         """Scene accuracy (%) of the split's images and captions, from the embeddings evaluation
         already encoded (`split.image_features`, `split.text_features`); unknown scenes skipped."""
-        from rsray.data.loader import image_scenes, scene_index
-
         names = scene_index(table)
         image_scene = torch.tensor(
             [names.get(s, -1) if s is not None else -1 for s in image_scenes(table)], device=split.image_features.device

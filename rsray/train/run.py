@@ -13,13 +13,16 @@ hands each worker an equal streaming shard; the worker shuffles it locally (seed
 rank) and decodes + augments each batch with `batch_from_arrow` (the same function the local
 DataLoader path uses), in the worker or in `train.decode_workers` forked processes
 (`rsray.data.decode`). The validation split is not a Ray Dataset: rank 0 reads it whole with
-`read_split` and scores the whole gallery with `rsray.train.loop.evaluate`; other ranks skip it.
+`read_split` and scores the whole gallery with `rsray.eval.split.evaluate`; other ranks skip it.
 
 Every epoch every worker calls `ray.train.report`; rank 0 attaches a checkpoint folder holding
 `state.pt` (model, optimizer, scheduler, epoch, RNG states, metric history: plain tensors and
 dicts, loadable with `torch.load(..., weights_only=True)`) and `config.yaml` (the resolved
 config, loadable with `rsray.config.load_config`). A restarted worker group resumes from
-`ray.train.get_checkpoint()` at the next epoch.
+`ray.train.get_checkpoint()` at the next epoch. The folder's layout is `rsray.checkpoint`'s.
+
+Models, the loader and MLflow are imported inside the functions that use them: Ray Data tasks
+and the Train controller import this module to unpickle its functions, and start without them.
 """
 
 from __future__ import annotations
@@ -40,8 +43,8 @@ from ray.train import UserCallback
 from torch import nn
 
 from rsray import storage
+from rsray.checkpoint import CONFIG_FILE, STATE_FILE, load_checkpoint_state
 from rsray.config import Config, config_from_dict
-from rsray.eval.checkpoint import CONFIG_FILE, STATE_FILE
 
 log = logging.getLogger("rsray.train")
 
@@ -217,10 +220,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     from rsray.data.decode import BatchDecoder
     from rsray.data.loader import read_split, vocab_size
     from rsray.data.prepare import read_manifest
+    from rsray.eval.split import evaluate
     from rsray.models import build_model, model_config
     from rsray.optim import make_optimizer, steps_per_batch
     from rsray.runtime import quiet_ray_progress_logs
-    from rsray.train.loop import evaluate, train_epoch
+    from rsray.train.loop import train_epoch
 
     quiet_ray_progress_logs()
     cfg = config_from_dict(config["config"])
@@ -239,8 +243,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     start_epoch, history, saved = 0, [], None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            saved = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+        saved = load_checkpoint_state(checkpoint)
         model.load_state_dict(saved["model"])
         start_epoch, history = int(saved["epoch"]) + 1, list(saved["history"])
 
@@ -585,9 +588,9 @@ def _validation_figures(checkpoint_folder: str, cfg: Config) -> dict[str, Any]:
 
     from rsray.data.loader import read_split
     from rsray.eval.checkpoint import load_checkpoint
+    from rsray.eval.split import score_split
     from rsray.figures import split_figures
     from rsray.models import model_config
-    from rsray.train.loop import score_split
 
     try:
         model, checkpoint_cfg, _ = load_checkpoint(checkpoint_folder)
@@ -605,9 +608,3 @@ def _summary(exc: BaseException) -> str:
     """One line for an error that may carry a worker's traceback: its last non-empty line."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[-1] if lines else type(exc).__name__
-
-
-def load_checkpoint_state(checkpoint) -> dict[str, Any]:
-    """The `state.pt` dict of a `ray.train.Checkpoint` (tensors on CPU)."""
-    with checkpoint.as_directory() as folder:
-        return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)

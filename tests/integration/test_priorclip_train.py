@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
+from rsray.checkpoint import CONFIG_FILE, STATE_FILE, load_checkpoint_state
 from rsray.config import CONF_DIR, load_config
-from rsray.eval.checkpoint import CONFIG_FILE, STATE_FILE
-from rsray.train.run import load_checkpoint_state, train
+from rsray.train.run import train
 
 pytestmark = pytest.mark.integration
 

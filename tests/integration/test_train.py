@@ -11,13 +11,14 @@ import time
 
 import pytest
 
+from rsray.checkpoint import CONFIG_FILE, load_checkpoint_state
 from rsray.config import load_config
 from rsray.data.loader import read_split, vocab_size
 from rsray.data.prepare import read_manifest
+from rsray.eval.split import evaluate
 from rsray.models import build_model, model_config
 from rsray.tracking import metric_history
-from rsray.train.loop import evaluate
-from rsray.train.run import CONFIG_FILE, load_checkpoint_state, train
+from rsray.train.run import train
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,9 @@ import pytest
 import timm
 import torch
 
+from rsray.checkpoint import CONFIG_FILE, STATE_FILE
 from rsray.config import load_config
-from rsray.eval.checkpoint import CONFIG_FILE, STATE_FILE, load_checkpoint
+from rsray.eval.checkpoint import load_checkpoint
 from rsray.models import build_model
 
 WORDS = ["<pad>", "<unk>", "river", "beach"] + [f"w{i}" for i in range(36)]

@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from rsray.checkpoint import CONFIG_FILE, STATE_FILE
 from rsray.config import ConfigError, load_config
-from rsray.eval.checkpoint import CONFIG_FILE, STATE_FILE
 from rsray.models import build_model, model_config
 from rsray.models.priorclip import belief_tokens, contrastive_and_affiliation
 from rsray.optim import make_optimizer, steps_per_batch

@@ -10,14 +10,15 @@ import pyarrow as pa
 import pytest
 import torch
 
+from rsray.checkpoint import CONFIG_FILE, STATE_FILE
 from rsray.config import load_config
 from rsray.data.loader import SCENES_KEY, make_train_loader
 from rsray.data.prepare import prepare_in_process
 from rsray.data.synthetic import SCENES, generate_sample
-from rsray.eval.checkpoint import CONFIG_FILE, STATE_FILE
+from rsray.eval.split import SplitScores, evaluate
 from rsray.models import build_model, model_config
 from rsray.optim import make_optimizer
-from rsray.train.loop import SplitScores, evaluate, selection_metric, train_epoch
+from rsray.train.loop import selection_metric, train_epoch
 
 VOCAB = 40
 

@@ -17,21 +17,18 @@ from rsray.sweep import (
     TAG_TRIAL,
     Param,
     TrialSummary,
-    _claim_folder,
-    _reconcile_child_runs,
-    _scheduler,
-    _search_algorithm,
     best_trial,
     load_sweep,
-    max_concurrent_trials,
-    metric_vs_params,
-    optuna_installed,
-    recorded_results,
     resolved_algorithm,
     resolved_scheduler,
-    summary_csv,
     trial_config,
 )
+from rsray.sweep.driver import claim_folder
+from rsray.sweep.figures import metric_vs_params
+from rsray.sweep.reconcile import reconcile_child_runs
+from rsray.sweep.report import summary_csv
+from rsray.sweep.search import make_scheduler, make_search_algorithm, max_concurrent_trials, recorded_results
+from rsray.sweep.spec import optuna_installed
 
 TINY = CONF_DIR / "train" / "cpu-tiny.yaml"
 
@@ -183,7 +180,7 @@ def test_file_problems_are_one_line(tmp_path):
 
 def test_optuna_asked_for_but_missing_says_how_to_get_it(tmp_path, monkeypatch):
     path = write_sweep(tmp_path, "  space:\n    model.lr: {uniform: [0.001, 0.002]}\n  search: {algorithm: optuna}\n")
-    monkeypatch.setattr("rsray.sweep.optuna_installed", lambda: False)  # an install without rsray's dependencies
+    monkeypatch.setattr("rsray.sweep.spec.optuna_installed", lambda: False)  # an install without rsray's dependencies
     with pytest.raises(ConfigError, match=r"sweep.search.algorithm: optuna is not installed \(pip install optuna\)"):
         load_sweep(path)
 
@@ -211,7 +208,7 @@ def test_optuna_draws_every_kind_within_its_range_and_learns_from_results(tmp_pa
     assert optuna_installed() and resolved_algorithm(sweep) == "optuna"  # auto, with no grid key
 
     def suggestions() -> list[dict]:
-        searcher = _search_algorithm(sweep, concurrency=1)
+        searcher = make_search_algorithm(sweep, concurrency=1)
         assert searcher.set_search_properties(sweep.metric, "max", {p.key: p.domain() for p in sweep.params})
         drawn = []
         for n in range(6):
@@ -279,12 +276,12 @@ def test_a_folder_holding_a_different_sweep_is_refused(tmp_path):
 
     first = _sweep(tmp_path, "    model.margin: {grid: [0.1, 0.2]}\n", [f"sweep.storage_path={tmp_path / 'sw'}"])
     folder = storage.resolve(first.folder)
-    sweep_id, resumed = _claim_folder(first, folder)
+    sweep_id, resumed = claim_folder(first, folder)
     assert not resumed and (Path(first.folder) / "rsray_sweep.json").is_file()
-    assert _claim_folder(first, folder) == (sweep_id, True)  # the same sweep again: resumed, same id
+    assert claim_folder(first, folder) == (sweep_id, True)  # the same sweep again: resumed, same id
     changed = _sweep(tmp_path, "    model.margin: {grid: [0.1, 0.3]}\n", [f"sweep.storage_path={tmp_path / 'sw'}"])
     with pytest.raises(ConfigError, match=r"sweep.name: .* holds a different sweep \(changed: space\)"):
-        _claim_folder(changed, folder)
+        claim_folder(changed, folder)
 
 
 def _trials():
@@ -372,7 +369,7 @@ def test_child_runs_end_with_their_trials_status(tmp_path):
         TrialSummary("b", {}, "finished", 2, 0.6, 1, 0.6),
         TrialSummary("c", {}, "error", 0, math.nan, -1, math.nan),
     ]
-    _reconcile_child_runs(base, "sw", trials)
+    reconcile_child_runs(base, "sw", trials)
     ended = {t: client.get_run(run_id) for t, run_id in runs.items()}
     assert {t: r.info.status for t, r in ended.items()} == {"a": "FINISHED", "b": "FINISHED", "c": "FAILED"}
     assert ended["a"].data.tags[TAG_EARLY] == "true" and ended["b"].data.tags[TAG_EARLY] == "false"
@@ -405,7 +402,7 @@ def test_a_resumed_asha_compares_new_results_with_trials_from_before_the_interru
 """,
         )
     )
-    scheduler = _scheduler(sweep)
+    scheduler = make_scheduler(sweep)
     scheduler.set_search_properties(sweep.metric, "max")
     done = [{"epochs_done": n, sweep.metric: 50.0 + n} for n in (1, 2, 3)]
     finished = _restored_trial(tmp_path, "t_00000", done)

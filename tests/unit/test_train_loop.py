@@ -11,9 +11,10 @@ from rsray.config import load_config
 from rsray.data.loader import make_train_loader
 from rsray.data.prepare import prepare_in_process
 from rsray.data.synthetic import generate_sample
+from rsray.eval.split import evaluate, score_split
 from rsray.models import build_model, model_config
 from rsray.optim import make_optimizer
-from rsray.train.loop import evaluate, score_split, train_epoch
+from rsray.train.loop import train_epoch
 
 BATCH = 16
 

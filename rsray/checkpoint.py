@@ -1,0 +1,49 @@
+"""The layout of an rsray checkpoint folder: what training writes, later stages start from and
+evaluation loads. It sits below models, training and evaluation so that each reads the same files
+without importing the others.
+
+A checkpoint folder (local or s3://) holds `state.pt`, loaded with `weights_only=True` (tensors
+and plain data only, never arbitrary pickles): model, optimizer, scheduler, epoch, RNG state and
+history; and `config.yaml`, the resolved config it was trained with.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from rsray import storage
+
+STATE_FILE, CONFIG_FILE = "state.pt", "config.yaml"
+
+
+def load_state(source: str | Path | bytes) -> dict[str, Any]:
+    """A `state.pt` (path or its bytes) on the CPU, with `weights_only=True`."""
+    return torch.load(
+        io.BytesIO(source) if isinstance(source, bytes) else source, map_location="cpu", weights_only=True
+    )
+
+
+def read_checkpoint(uri: str, s3_endpoint: str | None = None, context: str = "") -> tuple[dict[str, Any], dict]:
+    """(state.pt, config.yaml as plain data) of the checkpoint folder `uri`, local or s3://.
+    A missing file is a FileNotFoundError naming it; `context` (e.g. the config key that named the
+    folder, "model.clip_checkpoint: ") starts the message."""
+    source = storage.resolve(uri, s3_endpoint)
+    for name in (STATE_FILE, CONFIG_FILE):
+        if not storage.exists(source.join(name)):
+            raise FileNotFoundError(
+                f"{context}{source.join(name).uri}: not found (is {uri} an rsray checkpoint folder?)"
+            )
+    state = load_state(storage.read_bytes(source.join(STATE_FILE)))
+    config = yaml.safe_load(storage.read_bytes(source.join(CONFIG_FILE)))
+    return state, config
+
+
+def load_checkpoint_state(checkpoint) -> dict[str, Any]:
+    """The `state.pt` dict of a `ray.train.Checkpoint` (tensors on CPU)."""
+    with checkpoint.as_directory() as folder:
+        return load_state(Path(folder) / STATE_FILE)

@@ -1,0 +1,89 @@
+"""Scoring a whole split: encode every image and caption, score all pairs (blocked, bounded
+memory), and read the protocol's numbers off the matrix. Validation during training, `rsray
+evaluate`, sweeps and figures all score a split this way, so a checkpoint re-scored later gives the
+numbers reported for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from rsray.data.loader import caption_image_index, eval_captions, eval_images, image_scenes
+from rsray.eval.metrics import retrieval_metrics
+from rsray.eval.rerank import SMRConfig, smr_rerank
+from rsray.eval.scoring import concat_rows, score_matrix
+from rsray.models.base import RetrievalModel, to_device
+
+
+@torch.no_grad()
+def encode_split(
+    model: RetrievalModel,
+    table: pa.Table,
+    augment: Any,
+    device: torch.device | str = "cpu",
+    image_batch: int = 64,
+    caption_batch: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of every image (table order) and every caption (image 0's captions first, ...)."""
+    model.eval()
+    images = [model.encode_images(to_device(b, device)) for b in eval_images(table, augment, image_batch)]
+    texts = [model.encode_texts(to_device(b, device)) for b in eval_captions(table, caption_batch)]
+    return concat_rows(images), concat_rows(texts)  # tensors, or a pairwise model's feature tuples
+
+
+@dataclass
+class SplitScores:
+    """A split's whole similarity matrix and what the protocol needs to read it."""
+
+    scores: torch.Tensor  # [n_images, n_captions]
+    caption_image: torch.Tensor  # caption j -> its image row
+    scenes: list[str | None] | None  # one per image; None when the split has no scenes at all
+    image_features: Any = None  # what the model encoded (embeddings for two-tower models)
+    text_features: Any = None
+
+
+@torch.no_grad()
+def score_split(
+    model: RetrievalModel, table: pa.Table, augment: Any, device: torch.device | str = "cpu", image_batch: int = 64
+) -> SplitScores:
+    """Encode every image and caption of a split and score them all (blocked, bounded memory)."""
+    image_features, text_features = encode_split(model, table, augment, device, image_batch=image_batch)
+    scores = score_matrix(model, image_features, text_features).float()
+    scenes = image_scenes(table)
+    return SplitScores(
+        scores,
+        caption_image_index(table).to(scores.device),
+        scenes if any(s is not None for s in scenes) else None,
+        image_features,
+        text_features,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: RetrievalModel,
+    table: pa.Table,
+    augment: Any,
+    device: torch.device | str = "cpu",
+    smr: SMRConfig | None = None,
+    image_batch: int = 64,
+) -> dict[str, float]:
+    """The protocol's numbers on one split's whole gallery (scene recall where scenes exist);
+    with `smr`, the same again after SMR re-ranking under `smr_` names. A model that defines
+    `validation_metrics(split, table) -> {name: value}` adds its own numbers, computed from the
+    features already encoded here (the scene prior adds its classification accuracy)."""
+    split = score_split(model, table, augment, device, image_batch)
+    metrics = retrieval_metrics(split.scores, split.caption_image, split.scenes)
+    own_metrics = getattr(model, "validation_metrics", None)
+    if own_metrics is not None:
+        metrics.update(own_metrics(split, table))
+    if smr is not None:
+        reranked = smr_rerank(split.scores, k=smr.k, w=smr.w, beta=smr.beta)
+        metrics.update(
+            {f"smr_{k}": v for k, v in retrieval_metrics(reranked, split.caption_image, split.scenes).items()}
+        )
+    return metrics
