@@ -1,14 +1,15 @@
-"""Integration fixtures: one Ray per test module, with more logical CPUs than cores."""
+"""Integration fixtures, shared by every module of the session: one Ray instance (with more
+logical CPUs than cores, so Ray Data and Train don't starve each other) and one prepared sample."""
 
 from __future__ import annotations
 
 import pytest
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_cluster(s3_endpoint):
-    """A real local Ray (separate worker processes). It starts after the S3 fixture has put the
-    test credentials in os.environ, so the raylet and every worker inherit them."""
+    """A real local Ray (separate worker processes) for the whole session. It starts after the S3
+    fixture has put the test credentials in os.environ, so the raylet and every worker inherit them."""
     import ray
 
     ray.init(num_cpus=4, object_store_memory=300 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
@@ -16,7 +17,7 @@ def ray_cluster(s3_endpoint):
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def prepared(ray_cluster, tmp_path_factory):
     """The tiny sample (120 images at 64 px) drawn and prepared by the real Ray Data stage: the
     train, sweep and PriorCLIP modules all train on it. Returns the prepared folder."""

@@ -2,7 +2,9 @@
 
 The shards are made in-process by the prepare stage's own per-batch code; training is the plain
 PyTorch core that Ray Train wraps. A trained model must reach at least 3x the test mR of the
-same model untrained.
+same model untrained. 500 images (400 to train on, 50 to test) and 3 epochs are enough for a
+clear margin (measured: VSE++ 9.2 -> 58.0, SWAN 10.3 -> 53.6) in about a minute; 1,000 images
+and 4 epochs took three and a half.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from rsray.train.loop import train_epoch
 
 pytestmark = pytest.mark.integration
 
-EPOCHS = 4
+EPOCHS = 3
+IMAGES = 500
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("sample")
-    generate_sample(root, n_images=1000, image_size=64, seed=0, progress=False)
+    generate_sample(root, n_images=IMAGES, image_size=64, seed=0, progress=False)
     cfg = load_config("presets/cpu-tiny", [f"data.root={root}", "prepare.image_size=64"])
     return prepare_in_process(cfg)
 

@@ -1,13 +1,17 @@
-"""Ray Train end to end: the real prepare stage, then VSE++ tiny on 2 DDP workers for 2 epochs.
+"""Ray Train end to end on a cluster's layout: the prepared shards and Ray Train's run folder on
+S3 (moto's server), VSE++ tiny on 2 DDP workers for 2 epochs, recorded on the MLflow server.
 
-Checks the run's reported metrics, that the checkpoint loads with `weights_only=True`, and that
-scoring the checkpoint's model again on the validation split gives the mR reported for it.
+One run serves every test that only reads what it left: the reported metrics, the checkpoint
+(loaded with `weights_only=True`, re-scored to the mR reported for it, evaluated from S3 by
+`rsray evaluate`), its MLflow record, and a rerun that resumes it. Killing a worker and the cached
+train split need runs of their own.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import pytest
 
@@ -23,16 +27,28 @@ from rsray.train.run import train
 pytestmark = pytest.mark.integration
 
 EPOCHS = 2
+RUNS_PREFIX = "on-s3/runs"
 
 
 @pytest.fixture(scope="module")
-def trained(prepared, tmp_path_factory, mlflow_server):
-    storage_path = tmp_path_factory.mktemp("runs")
+def prepared_on_s3(prepared, s3_endpoint, s3_bucket) -> str:
+    """The session's prepared sample uploaded to S3 as a user would (boto3)."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    for file in Path(prepared).rglob("*"):
+        if file.is_file():
+            client.upload_file(str(file), s3_bucket, f"on-s3/data/{file.relative_to(prepared).as_posix()}")
+    return f"s3://{s3_bucket}/on-s3/data"
+
+
+@pytest.fixture(scope="module")
+def trained(prepared_on_s3, s3_bucket, mlflow_server):
     cfg = load_config(
         "train/cpu-tiny",
         [
-            f"train.data={prepared}",
-            f"train.storage_path={storage_path}",
+            f"train.data={prepared_on_s3}",
+            f"train.storage_path=s3://{s3_bucket}/{RUNS_PREFIX}",
             f"train.epochs={EPOCHS}",
             "train.run_name=vsepp-tiny-test",
             "train.decode_workers=1",  # each worker forks a decode process
@@ -44,6 +60,11 @@ def trained(prepared, tmp_path_factory, mlflow_server):
     result = train(cfg)
     print(f"2 workers x {EPOCHS} epochs: {time.perf_counter() - started:.1f}s")
     return cfg, result
+
+
+def s3_uri(checkpoint) -> str:
+    """A Ray Train checkpoint on S3 names its path without the scheme."""
+    return f"s3://{checkpoint.path}"
 
 
 def test_every_epoch_reports_metrics_and_a_checkpoint(trained):
@@ -80,20 +101,21 @@ def test_checkpoint_loads_safely_and_reproduces_the_reported_recall(trained, pre
     assert scores["i2t_R1"] == pytest.approx(reported["val/i2t_R1"], abs=1e-6)
 
 
-def test_a_rerun_with_the_same_name_resumes_from_the_last_checkpoint(trained):
-    """Ray Train restores a run folder's checkpoints when a run of the same name starts again; the
-    worker loop resumes after the last checkpoint's epoch (the path a restarted worker group takes)."""
-    cfg, first = trained
-    cfg.train.epochs = EPOCHS + 1
-    result = train(cfg)
-    history = result.return_value
-    assert [int(m["epoch"]) for m in history] == list(range(EPOCHS + 1))
-    assert history[:EPOCHS] == first.return_value  # carried in the checkpoint, not trained again
-    assert load_checkpoint_state(result.checkpoint)["epoch"] == EPOCHS
-    assert len(result.best_checkpoints) == cfg.train.keep_checkpoints
-    # the new MLflow run shows the whole curve: epochs it trained, and the earlier ones from the checkpoint
-    logged = metric_history(result.mlflow_run_id, "val/mR", tracking_uri=cfg.tracking.uri)
-    assert [step for step, _ in logged] == list(range(EPOCHS + 1))
+def test_the_run_reads_its_shards_from_s3_and_checkpoints_to_s3(trained, s3_endpoint, s3_bucket):
+    """The workers read the shards and rank 0 the validation split from S3; Ray Train's run folder
+    (every checkpoint's state.pt and config.yaml) is on S3 too."""
+    import boto3
+
+    cfg, result = trained
+    listing = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(
+        Bucket=s3_bucket, Prefix=f"{RUNS_PREFIX}/vsepp-tiny-test/"
+    )
+    keys = [o["Key"] for o in listing["Contents"]]
+    for checkpoint, _ in result.best_checkpoints:
+        folder = checkpoint.path.split("/", 1)[1]  # bucket/key
+        assert {f"{folder}/state.pt", f"{folder}/config.yaml"} <= set(keys)
+    with result.best_checkpoints[-1][0].as_directory() as folder:
+        assert load_config(f"{folder}/{CONFIG_FILE}").train.data == cfg.train.data.rstrip("/")
 
 
 def test_mlflow_holds_params_per_epoch_metrics_and_artifacts(trained, mlflow_server):
@@ -128,7 +150,7 @@ def test_rsray_evaluate_scores_the_checkpoint_with_and_without_smr(trained, tmp_
     _, result = trained
     checkpoint, reported = result.best_checkpoints[-1]
     out = tmp_path / "eval.json"
-    assert main(["evaluate", checkpoint.path, "--split", "val", "-o", str(out)]) == 0
+    assert main(["evaluate", s3_uri(checkpoint), "--split", "val", "-o", str(out)]) == 0  # from S3
     printed = capsys.readouterr().out
     assert "without SMR" in printed and "with SMR (K=30" in printed
     report = json.loads(out.read_text())
@@ -137,6 +159,22 @@ def test_rsray_evaluate_scores_the_checkpoint_with_and_without_smr(trained, tmp_
     assert len(report["ranks"]["t2i"]) == 5 * len(report["ranks"]["i2t"]) == 5 * len(report["image_ids"])
     assert main(["evaluate", str(tmp_path / "nowhere")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_a_rerun_with_the_same_name_resumes_from_the_last_checkpoint(trained):
+    """Ray Train restores a run folder's checkpoints when a run of the same name starts again; the
+    worker loop resumes after the last checkpoint's epoch (the path a restarted worker group takes)."""
+    cfg, first = trained
+    cfg.train.epochs = EPOCHS + 1
+    result = train(cfg)
+    history = result.return_value
+    assert [int(m["epoch"]) for m in history] == list(range(EPOCHS + 1))
+    assert history[:EPOCHS] == first.return_value  # carried in the checkpoint, not trained again
+    assert load_checkpoint_state(result.checkpoint)["epoch"] == EPOCHS
+    assert len(result.best_checkpoints) == cfg.train.keep_checkpoints
+    # the new MLflow run shows the whole curve: epochs it trained, and the earlier ones from the checkpoint
+    logged = metric_history(result.mlflow_run_id, "val/mR", tracking_uri=cfg.tracking.uri)
+    assert [step for step, _ in logged] == list(range(EPOCHS + 1))
 
 
 def _training_worker_pids() -> set[int]:
@@ -152,37 +190,6 @@ def _training_worker_pids() -> set[int]:
         except psutil.Error:  # exited while we looked
             pass
     return pids
-
-
-def test_training_reads_its_data_from_s3_and_checkpoints_to_s3(prepared, s3_endpoint, s3_bucket):
-    """A cluster's layout: prepared shards and Ray Train's run folder both on S3 (moto's server);
-    the workers read the shards, rank 0 the validation split, and the checkpoint re-evaluates from S3."""
-    from pathlib import Path
-
-    import boto3
-
-    from rsray.eval.checkpoint import evaluate_checkpoint
-
-    client = boto3.client("s3", endpoint_url=s3_endpoint)
-    for file in Path(prepared).rglob("*"):
-        if file.is_file():
-            client.upload_file(str(file), s3_bucket, f"on-s3/data/{file.relative_to(prepared).as_posix()}")
-    cfg = load_config(
-        "train/cpu-tiny",
-        [
-            f"train.data=s3://{s3_bucket}/on-s3/data",
-            "train.epochs=1",
-            f"train.storage_path=s3://{s3_bucket}/on-s3/runs",
-            "train.run_name=vsepp-s3",
-            "tracking.enabled=false",
-        ],
-    )
-    result = train(cfg)
-    keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="on-s3/runs/vsepp-s3/")["Contents"]]
-    assert any(key.endswith("/state.pt") for key in keys) and any(key.endswith("/config.yaml") for key in keys)
-    best = result.get_best_checkpoint("val/mR", "max")
-    report = evaluate_checkpoint(f"s3://{best.path}", split="val")
-    assert report["metrics"]["mR"] == pytest.approx(result.metrics["val/mR"], abs=1e-6)
 
 
 @pytest.mark.parametrize("cache", ["always", "never"])
