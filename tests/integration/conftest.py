@@ -1,4 +1,4 @@
-"""Integration fixtures, shared by every module of the session: one Ray instance (with more
+"""Integration fixtures, shared by every module of this package: one Ray instance (with more
 logical CPUs than cores, so Ray Data and Train don't starve each other) and one prepared sample."""
 
 from __future__ import annotations
@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_cluster(s3_endpoint):
-    """A real local Ray (separate worker processes) for the whole session. It starts after the S3
+    """A real local Ray (separate worker processes) for every integration module; it stops when
+    the last one ends, so the unit tests run without Ray as they would alone. It starts after the S3
     fixture has put the test credentials in os.environ, so the raylet and every worker inherit them."""
     import ray
 
@@ -17,7 +18,7 @@ def ray_cluster(s3_endpoint):
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def prepared(ray_cluster, tmp_path_factory):
     """The tiny sample (120 images at 64 px) drawn and prepared by the real Ray Data stage: the
     train, sweep and PriorCLIP modules all train on it. Returns the prepared folder."""
