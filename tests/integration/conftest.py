@@ -1,4 +1,5 @@
-"""Integration fixtures, shared by every module of this package: one Ray instance (with more
+"""Integration fixtures, shared by every module of this package (tests/integration is a package, so
+`scope="package"` ends with its last module): one Ray instance (with more
 logical CPUs than cores, so Ray Data and Train don't starve each other) and one prepared sample."""
 
 from __future__ import annotations
