@@ -26,19 +26,24 @@ seeds from a numpy Generator seeded by (seed, epoch) in the main process (see `r
 Only the CPU generator is touched (never CUDA's), so this is safe in a process that trains on a GPU.
 Calling a transform directly (seed=None) just uses the global generator, as torchvision does.
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
-MEANS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-         "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))}
+MEANS = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+}
 
 
 @dataclass
 class AugmentConfig:
     """Per-sample image pipeline for training and for evaluation."""
+
     train_resize: int = 278  # shorter side before the random crop
     crop: int = 256  # training crop (square)
     rotation: float = 90.0  # random rotation in [0, rotation] degrees; 0 = off
@@ -91,8 +96,7 @@ def _finish(cfg: AugmentConfig) -> list:
     from torchvision.transforms import v2
 
     mean, std = MEANS[cfg.normalize]
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std)),
-            v2.ToPureTensor()]
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std)), v2.ToPureTensor()]
 
 
 def train_transform(cfg: AugmentConfig) -> Transform:

@@ -9,11 +9,13 @@ Each batch's augmentations come from one seed drawn here, in order, from the cal
 the batches are the same for any number of processes (0 decodes in this process). At most
 `prefetch` batches are decoded ahead, so memory stays bounded however long the epoch is.
 """
+
 from __future__ import annotations
 
 import collections
 import multiprocessing
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -53,8 +55,9 @@ class BatchDecoder:
         self.augment, self.workers = augment, workers
         self.prefetch = prefetch or 2 * max(workers, 1)
         self._transform = train_transform(augment) if workers == 0 else None
-        self._pool = (multiprocessing.get_context("fork").Pool(workers, _start_process, (augment,))
-                      if workers > 0 else None)
+        self._pool = (
+            multiprocessing.get_context("fork").Pool(workers, _start_process, (augment,)) if workers > 0 else None
+        )
 
     def batches(self, pair_tables: Iterable[pa.Table], rng: np.random.Generator) -> Iterator[Batch]:
         """Batches of `pair_tables` (Arrow pair rows, as `explode_pairs` makes them), in order."""
@@ -76,7 +79,7 @@ class BatchDecoder:
             self._pool.join()
             self._pool = None
 
-    def __enter__(self) -> "BatchDecoder":
+    def __enter__(self) -> BatchDecoder:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -5,15 +5,17 @@ Readers only parse: they keep captions as given (stripped) and never drop one, s
 with `surrogateescape`, so a caption with bad bytes survives as a string and is flagged instead of
 crashing the read. A structural problem raises `AnnotationError` naming the file and position.
 """
+
 from __future__ import annotations
 
 import csv
 import io
 import json
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +28,7 @@ _SPLIT_ALIASES = {"train": "train", "restval": "train", "val": "val", "test": "t
 @dataclass(frozen=True)
 class Record:
     """One image and its captions, whatever format they came from."""
+
     image_id: str  # the image file name; unique within a dataset
     path: str  # images folder joined with the file name
     split: str  # "train" | "val" | "test"
@@ -38,6 +41,7 @@ class AnnotationError(ValueError):
 
 
 # ----------------------------------------------------------------------------- entry point
+
 
 def read_records(cfg: DataConfig) -> list[Record]:
     """Read the dataset `cfg` describes, then apply its scene rule and its validation split."""
@@ -59,11 +63,12 @@ def read_records(cfg: DataConfig) -> list[Record]:
 
 # ----------------------------------------------------------------------------- readers
 
+
 def read_karpathy(json_path: str | Path, images_dir: str | Path) -> list[Record]:
     """Karpathy JSON: {"images": [{"filename", "split", "sentences": [{"raw", "tokens"}]}]}."""
     data = _read_json(json_path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise AnnotationError(f"{json_path}: expected an object with an \"images\" list")
+        raise AnnotationError(f'{json_path}: expected an object with an "images" list')
     records = []
     for i, entry in enumerate(data["images"]):
         where = f"{json_path}: images[{i}]"
@@ -73,7 +78,7 @@ def read_karpathy(json_path: str | Path, images_dir: str | Path) -> list[Record]
         split = _split(entry.get("split"), where)
         sentences = entry.get("sentences", [])
         if not isinstance(sentences, list):
-            raise AnnotationError(f"{where}: \"sentences\" must be a list")
+            raise AnnotationError(f'{where}: "sentences" must be a list')
         captions = tuple(_sentence_text(s, f"{where}.sentences[{j}]") for j, s in enumerate(sentences))
         records.append(Record(name, _join(images_dir, name), split, None, captions))
     _check_unique(records, json_path)
@@ -87,10 +92,12 @@ def read_precomp(root: str | Path, images_dir: str | Path, captions_per_image: i
     consecutive caption lines each (train), or one name per caption line (test, val).
     """
     root = Path(root)
-    records = _read_caption_pair(root / "train_caps.txt", root / "train_filename.txt", "train",
-                                 images_dir, captions_per_image)
-    records += _read_caption_pair(root / "test_caps.txt", root / "test_filename.txt", "test",
-                                  images_dir, captions_per_image)
+    records = _read_caption_pair(
+        root / "train_caps.txt", root / "train_filename.txt", "train", images_dir, captions_per_image
+    )
+    records += _read_caption_pair(
+        root / "test_caps.txt", root / "test_filename.txt", "test", images_dir, captions_per_image
+    )
     for caps, names in (("val_caps.txt", "val_filename.txt"), ("val_caps_verify.txt", "val_filename_verify.txt")):
         if (root / caps).exists() or (root / names).exists():
             records += _read_caption_pair(root / caps, root / names, "val", images_dir, captions_per_image)
@@ -119,12 +126,14 @@ def read_pir(train_json: str | Path, eval_json: str | Path | None, images_dir: s
             elif isinstance(caption, list) and all(isinstance(c, str) for c in caption):
                 captions = caption
             else:
-                raise AnnotationError(f"{where}: \"caption\" must be a string or a list of strings")
+                raise AnnotationError(f'{where}: "caption" must be a string or a list of strings')
             label = entry.get("label")
             scene = None if label is None or str(label).strip() == "" else str(label).strip()
             _group(groups, name, split, scene, captions, where)
-    return [Record(name, _join(images_dir, name), split, scene, tuple(c.strip() for c in caps))
-            for name, (split, scene, caps) in groups.items()]
+    return [
+        Record(name, _join(images_dir, name), split, scene, tuple(c.strip() for c in caps))
+        for name, (split, scene, caps) in groups.items()
+    ]
 
 
 def read_table(path: str | Path, images_dir: str | Path) -> list[Record]:
@@ -150,8 +159,10 @@ def read_table(path: str | Path, images_dir: str | Path) -> list[Record]:
         scene = row.get("scene")
         scene = None if scene is None or str(scene).strip() == "" else str(scene).strip()
         _group(groups, name.strip(), _split(row["split"], where), scene, [caption], where)
-    return [Record(name, _join(images_dir, name), split, scene, tuple(c.strip() for c in caps))
-            for name, (split, scene, caps) in groups.items()]
+    return [
+        Record(name, _join(images_dir, name), split, scene, tuple(c.strip() for c in caps))
+        for name, (split, scene, caps) in groups.items()
+    ]
 
 
 # ----------------------------------------------------------------------------- scenes
@@ -177,8 +188,7 @@ def assign_scenes(records: Sequence[Record], cfg: DataConfig) -> list[Record]:
     if cfg.scenes == "filename":
         return [replace(r, scene=scene_from_filename(r.image_id)) for r in records]
     if cfg.scenes == "index":
-        return [replace(r, scene=_scene_from_index(r.image_id, cfg.scene_names, cfg.images_per_scene))
-                for r in records]
+        return [replace(r, scene=_scene_from_index(r.image_id, cfg.scene_names, cfg.images_per_scene)) for r in records]
     raise ValueError(f"unknown scene rule {cfg.scenes!r}")
 
 
@@ -190,25 +200,31 @@ def _scene_from_index(name: str, scene_names: Sequence[str], per_scene: int) -> 
     number = int(stem)
     index = (number - 1) // per_scene
     if number < 1 or index >= len(scene_names):
-        raise ValueError(f"{name}: image number {number} is outside {len(scene_names)} scenes x "
-                         f"{per_scene} images (check data.scene_names and data.images_per_scene)")
+        raise ValueError(
+            f"{name}: image number {number} is outside {len(scene_names)} scenes x "
+            f"{per_scene} images (check data.scene_names and data.images_per_scene)"
+        )
     return scene_names[index]
 
 
 # ----------------------------------------------------------------------------- validation split
+
 
 def assign_validation(records: Sequence[Record], cfg: ValidationConfig) -> list[Record]:
     """Fixed: keep the annotations' val split. Folds: val images go back to train, then fold
     `cfg.fold` of `cfg.folds` (a seeded shuffle of train image ids) becomes val. Test is untouched."""
     if cfg.mode == "fixed":
         if not any(r.split == "val" for r in records):
-            raise ValueError("validation.mode 'fixed' needs a val split in the annotations and there is "
-                             "none (use validation.mode=folds)")
+            raise ValueError(
+                "validation.mode 'fixed' needs a val split in the annotations and there is "
+                "none (use validation.mode=folds)"
+            )
         return list(records)
     if cfg.mode != "folds":
         raise ValueError(f"unknown validation mode {cfg.mode!r}")
-    val_ids = set(fold_image_ids([r.image_id for r in records if r.split in ("train", "val")],
-                                 cfg.folds, cfg.seed)[cfg.fold])
+    val_ids = set(
+        fold_image_ids([r.image_id for r in records if r.split in ("train", "val")], cfg.folds, cfg.seed)[cfg.fold]
+    )
     out = []
     for r in records:
         if r.split in ("train", "val"):
@@ -227,6 +243,7 @@ def fold_image_ids(image_ids: Iterable[str], folds: int, seed: int) -> list[list
 
 # ----------------------------------------------------------------------------- checks
 
+
 def check_record(record: Record, captions_per_image: int) -> str | None:
     """Why a record's captions are unusable (wrong count, empty, not UTF-8), or None if usable."""
     if len(record.captions) != captions_per_image:
@@ -242,6 +259,7 @@ def check_record(record: Record, captions_per_image: int) -> str | None:
 
 
 # ----------------------------------------------------------------------------- format detection
+
 
 def detect_format(folder: str | Path) -> tuple[str, str]:
     """Guess the format of a folder for `rsray data inspect`: (format, annotation file name).
@@ -280,18 +298,22 @@ def _detect(folder: Path) -> tuple[str, str, str]:
     if len(train) == 1 and len(evals) <= 1:
         return "pir", train[0], (evals[0] if evals else "")
     if train:
-        raise AnnotationError(f"{folder}: several PIR-style JSON lists ({', '.join(train + evals)}): "
-                              "name the files in the config")
+        raise AnnotationError(
+            f"{folder}: several PIR-style JSON lists ({', '.join(train + evals)}): name the files in the config"
+        )
     tables = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in (".csv", ".parquet"))
     if len(tables) == 1:
         return "table", tables[0], ""
     if tables:
         raise AnnotationError(f"{folder}: several tables ({', '.join(tables)}): name one in the config")
-    raise AnnotationError(f"{folder}: no annotations found (expected dataset_*.json, train_caps.txt, "
-                          "PIR JSON lists or one .csv/.parquet table)")
+    raise AnnotationError(
+        f"{folder}: no annotations found (expected dataset_*.json, train_caps.txt, "
+        "PIR JSON lists or one .csv/.parquet table)"
+    )
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 def _read_text(path: Path) -> str:
     """Whole file as str; bad bytes survive as surrogates (flagged later by check_record)."""
@@ -318,8 +340,9 @@ def _read_lines(path: Path) -> list[str]:
     return [line.rstrip("\r") for line in lines]
 
 
-def _read_caption_pair(caps_path: Path, names_path: Path, split: str, images_dir: str | Path,
-                       per_image: int) -> list[Record]:
+def _read_caption_pair(
+    caps_path: Path, names_path: Path, split: str, images_dir: str | Path, per_image: int
+) -> list[Record]:
     caps = _read_lines(caps_path)
     names = [n.strip() for n in _read_lines(names_path)]
     while names and not names[-1]:
@@ -327,24 +350,26 @@ def _read_caption_pair(caps_path: Path, names_path: Path, split: str, images_dir
     for i, name in enumerate(names, start=1):
         if not name:
             raise AnnotationError(f"{names_path}: line {i}: empty file name")
-    if len(caps) > len(names) * per_image and not any(c.strip() for c in caps[len(names) * per_image:]):
-        caps = caps[:len(names) * per_image]  # blank lines at the end of a per-image caps file
+    if len(caps) > len(names) * per_image and not any(c.strip() for c in caps[len(names) * per_image :]):
+        caps = caps[: len(names) * per_image]  # blank lines at the end of a per-image caps file
     if len(caps) == len(names) * per_image:  # one name per image
         first_line: dict[str, int] = {}
         for line, name in enumerate(names, start=1):
             if name in first_line:
-                raise AnnotationError(f"{names_path}: line {line}: {name} is listed twice "
-                                      f"(first on line {first_line[name]})")
+                raise AnnotationError(
+                    f"{names_path}: line {line}: {name} is listed twice (first on line {first_line[name]})"
+                )
             first_line[name] = line
-        groups = {n: caps[i * per_image:(i + 1) * per_image] for i, n in enumerate(names)}
+        groups = {n: caps[i * per_image : (i + 1) * per_image] for i, n in enumerate(names)}
     elif len(caps) == len(names):  # one name per caption line
         groups = {}
-        for name, caption in zip(names, caps):
+        for name, caption in zip(names, caps, strict=True):
             groups.setdefault(name, []).append(caption)
     else:
         raise AnnotationError(
             f"{caps_path}: {len(caps)} caption lines do not fit the {len(names)} names in {names_path.name} "
-            f"(expected {len(names) * per_image}: {per_image} per image, or {len(names)}: one name per line)")
+            f"(expected {len(names) * per_image}: {per_image} per image, or {len(names)}: one name per line)"
+        )
     return [Record(n, _join(images_dir, n), split, None, tuple(c.strip() for c in cs)) for n, cs in groups.items()]
 
 
@@ -385,7 +410,7 @@ def _group(groups: dict, name: str, split: str, scene: str | None, captions: lis
 def _field(entry: dict, key: str, where: str) -> str:
     value = entry.get(key)
     if not isinstance(value, str) or not value.strip():
-        raise AnnotationError(f"{where}: missing \"{key}\"")
+        raise AnnotationError(f'{where}: missing "{key}"')
     return value.strip()
 
 
@@ -405,7 +430,7 @@ def _sentence_text(sentence: Any, where: str) -> str:
             return sentence["raw"].strip()
         if isinstance(sentence.get("tokens"), list):
             return " ".join(map(str, sentence["tokens"])).strip()
-    raise AnnotationError(f"{where}: a sentence needs \"raw\" text or \"tokens\"")
+    raise AnnotationError(f'{where}: a sentence needs "raw" text or "tokens"')
 
 
 def _join(images_dir: str | Path, name: str) -> str:

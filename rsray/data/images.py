@@ -4,6 +4,7 @@ Kept free of Ray so the same function runs inside Ray Data tasks, in the benchma
 and in unit tests. Images are resized once here (shorter side to `size`, centre crop to a square),
 so training never pays for decoding full-size TIFFs again.
 """
+
 from __future__ import annotations
 
 import io

@@ -32,13 +32,15 @@ per-pair augmentation seed from numpy's Generator seeded by (seed, epoch): the s
 same batches and the same augmentations, whatever `num_workers`; each epoch (each new iteration of
 the loader, or `loader.sampler.set_epoch(e)`) gets a new order and new augmentations.
 """
+
 from __future__ import annotations
 
 import contextlib
 import functools
 import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -82,8 +84,10 @@ class ShardMismatch(OSError):
 
 # ----------------------------------------------------------------------------- reading
 
-def read_split(uri: str, split: str, s3_endpoint: str | None = None, columns: Sequence[str] | None = None,
-               verify: bool = False) -> pa.Table:
+
+def read_split(
+    uri: str, split: str, s3_endpoint: str | None = None, columns: Sequence[str] | None = None, verify: bool = False
+) -> pa.Table:
     """All shard files of `split` under the prepared output `uri`, concatenated in manifest order.
 
     `columns` reads a subset (e.g. without `image` for caption-only work). `verify` checks each
@@ -96,8 +100,9 @@ def read_split(uri: str, split: str, s3_endpoint: str | None = None, columns: Se
     if not info or not info.get("files"):
         present = [f"{name} ({i.get('images', 0)} images)" for name, i in splits.items() if i.get("files")]
         reason = "has no images" if info is not None else "is not in the manifest"
-        raise SplitNotFound(f"{root.join(split).uri}: split {split!r} {reason}; splits with images: "
-                            f"{', '.join(present) or 'none'}")
+        raise SplitNotFound(
+            f"{root.join(split).uri}: split {split!r} {reason}; splits with images: {', '.join(present) or 'none'}"
+        )
 
     def read_one(entry: dict) -> pa.Table:
         loc = root.join(*entry["path"].split("/"))
@@ -106,8 +111,10 @@ def read_split(uri: str, split: str, s3_endpoint: str | None = None, columns: Se
         if verify:
             digest = storage.sha256_of(loc.fs, loc.path)
             if digest != entry["sha256"]:
-                raise ShardMismatch(f"{loc.uri}: sha256 {digest} differs from the manifest's {entry['sha256']} "
-                                    "(file changed after prepare; run prepare again)")
+                raise ShardMismatch(
+                    f"{loc.uri}: sha256 {digest} differs from the manifest's {entry['sha256']} "
+                    "(file changed after prepare; run prepare again)"
+                )
         with loc.fs.open_input_file(loc.path) as handle:
             table = pq.ParquetFile(handle).read(columns=list(columns) if columns is not None else None)
         if table.num_rows != entry["rows"]:
@@ -139,6 +146,7 @@ def caption_image_index(table: pa.Table) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- samples and batches
 
+
 def _as_transform(augment: AugmentConfig | Transform, train: bool) -> Transform:
     if isinstance(augment, AugmentConfig):
         return train_transform(augment) if train else eval_transform(augment)
@@ -147,8 +155,9 @@ def _as_transform(augment: AugmentConfig | Transform, train: bool) -> Transform:
     return augment
 
 
-def decode_pairs(rows: Sequence[Mapping], transform: Transform | None,
-                 seeds: Sequence[int] | None = None) -> list[dict]:
+def decode_pairs(
+    rows: Sequence[Mapping], transform: Transform | None, seeds: Sequence[int] | None = None
+) -> list[dict]:
     """Pair rows -> samples: {"image": float [3,H,W] (when the row has image bytes), "tokens",
     "input_ids" (when present), "image_index", "scene_id"}. With `seeds`, row i's augmentation is
     drawn from seeds[i] alone (torch's global CPU RNG is restored afterwards)."""
@@ -157,8 +166,11 @@ def decode_pairs(rows: Sequence[Mapping], transform: Transform | None,
     samples = []
     with seeded_rng() if seeds is not None else contextlib.nullcontext():
         for i, row in enumerate(rows):
-            sample = {"tokens": row["tokens"], "image_index": int(row["image_index"]),
-                      "scene_id": int(row["scene_id"]) if row.get("scene_id") is not None else -1}
+            sample = {
+                "tokens": row["tokens"],
+                "image_index": int(row["image_index"]),
+                "scene_id": int(row["scene_id"]) if row.get("scene_id") is not None else -1,
+            }
             if row.get("input_ids") is not None:
                 sample["input_ids"] = row["input_ids"]
             if row.get("image") is not None and transform is not None:
@@ -172,12 +184,13 @@ def decode_pairs(rows: Sequence[Mapping], transform: Transform | None,
 def _pad(sequences: list[Sequence[int]], pad: int) -> torch.Tensor:
     out = torch.full((len(sequences), max(len(s) for s in sequences)), pad, dtype=torch.long)
     for i, seq in enumerate(sequences):
-        out[i, :len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        out[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
     return out
 
 
-def collate_pairs(samples: Sequence[Mapping], max_tokens: int = MAX_TOKENS,
-                  max_input_ids: int = MAX_INPUT_IDS) -> Batch:
+def collate_pairs(
+    samples: Sequence[Mapping], max_tokens: int = MAX_TOKENS, max_input_ids: int = MAX_INPUT_IDS
+) -> Batch:
     """Samples -> the base.py batch: images (if the samples have them), tokens, lengths,
     input_ids + attention_mask (if they have them), image_ids, scene_ids."""
     if not samples:
@@ -193,11 +206,11 @@ def collate_pairs(samples: Sequence[Mapping], max_tokens: int = MAX_TOKENS,
         if not all(with_ids):
             raise ValueError("some samples have input_ids and some do not")
         ids = [list(s["input_ids"]) for s in samples]
-        ids = [x if len(x) <= max_input_ids else x[:max_input_ids - 1] + x[-1:] for x in ids]
+        ids = [x if len(x) <= max_input_ids else x[: max_input_ids - 1] + x[-1:] for x in ids]
         batch["input_ids"] = _pad(ids, INPUT_PAD_ID)
         mask = torch.zeros_like(batch["input_ids"])
         for i, x in enumerate(ids):
-            mask[i, :len(x)] = 1
+            mask[i, : len(x)] = 1
         batch["attention_mask"] = mask
     batch["image_ids"] = torch.tensor([s["image_index"] for s in samples], dtype=torch.long)
     batch["scene_ids"] = torch.tensor([s["scene_id"] for s in samples], dtype=torch.long)
@@ -212,9 +225,14 @@ def _seeds(rng: np.random.Generator | int | None, n: int) -> list[int] | None:
     return rng.integers(0, 2**63 - 1, size=n, dtype=np.int64).tolist()
 
 
-def batch_from_rows(rows: Sequence[Mapping], augment: AugmentConfig | Transform,
-                    rng: np.random.Generator | int | None = None, max_tokens: int = MAX_TOKENS,
-                    max_input_ids: int = MAX_INPUT_IDS, train: bool = True) -> Batch:
+def batch_from_rows(
+    rows: Sequence[Mapping],
+    augment: AugmentConfig | Transform,
+    rng: np.random.Generator | int | None = None,
+    max_tokens: int = MAX_TOKENS,
+    max_input_ids: int = MAX_INPUT_IDS,
+    train: bool = True,
+) -> Batch:
     """Pair rows (`pairs_from_arrow`, Ray batches' `to_pylist()`) -> a training Batch.
 
     `augment`: an AugmentConfig (its train pipeline, or eval with train=False) or a ready transform
@@ -225,13 +243,15 @@ def batch_from_rows(rows: Sequence[Mapping], augment: AugmentConfig | Transform,
     return collate_pairs(samples, max_tokens, max_input_ids)
 
 
-def batch_from_arrow(pairs: pa.Table, augment: AugmentConfig | Transform,
-                     rng: np.random.Generator | int | None = None, **kwargs) -> Batch:
+def batch_from_arrow(
+    pairs: pa.Table, augment: AugmentConfig | Transform, rng: np.random.Generator | int | None = None, **kwargs
+) -> Batch:
     """`batch_from_rows` on an Arrow table of pair rows (the output of `explode_pairs`)."""
     return batch_from_rows(pairs.to_pylist(), augment, rng, **kwargs)
 
 
 # ----------------------------------------------------------------------------- datasets
+
 
 class _Rows:
     """Per-pair fields of an exploded pair table as numpy arrays (cheap to index, fork-friendly)."""
@@ -248,11 +268,14 @@ class _Rows:
 
     def row(self, i: int) -> dict:
         values, offsets = self.tokens
-        out = {"image_index": int(self.image_index[i]), "scene_id": int(self.scene_id[i]),
-               "tokens": values[offsets[i]:offsets[i + 1]].tolist()}
+        out = {
+            "image_index": int(self.image_index[i]),
+            "scene_id": int(self.scene_id[i]),
+            "tokens": values[offsets[i] : offsets[i + 1]].tolist(),
+        }
         if self.input_ids is not None:
             values, offsets = self.input_ids
-            out["input_ids"] = values[offsets[i]:offsets[i + 1]].tolist()
+            out["input_ids"] = values[offsets[i] : offsets[i + 1]].tolist()
         return out
 
 
@@ -263,12 +286,12 @@ class PairDataset(Dataset):
     sample for `collate_pairs`. `image_ids` are image rows in `table`; `scene_ids` index the sorted
     scene names of `scenes` (manifest, names or map; default: those `read_split` attached)."""
 
-    def __init__(self, table: pa.Table, augment: AugmentConfig | Transform, scenes: Any = None,
-                 train: bool = True):
+    def __init__(self, table: pa.Table, augment: AugmentConfig | Transform, scenes: Any = None, train: bool = True):
         self.transform = _as_transform(augment, train)
         self.images = table.column("image")
-        self.pairs = _Rows(explode_pairs(table.drop_columns(["image"]), scenes if scenes is not None
-                                         else scene_index(table)))
+        self.pairs = _Rows(
+            explode_pairs(table.drop_columns(["image"]), scenes if scenes is not None else scene_index(table))
+        )
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -306,21 +329,36 @@ class PairSampler(Sampler):
         self.epoch += 1
         order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
         seeds = rng.integers(0, 2**63 - 1, size=self.n, dtype=np.int64)
-        return iter(zip(order.tolist(), seeds.tolist()))
+        return iter(zip(order.tolist(), seeds.tolist(), strict=True))
 
 
-def make_train_loader(table: pa.Table, augment: AugmentConfig | Transform, batch_size: int,
-                      shuffle: bool = True, seed: int = 0, num_workers: int = 0, drop_last: bool = True,
-                      max_tokens: int = MAX_TOKENS, max_input_ids: int = MAX_INPUT_IDS, scenes: Any = None,
-                      pin_memory: bool = False) -> DataLoader:
+def make_train_loader(
+    table: pa.Table,
+    augment: AugmentConfig | Transform,
+    batch_size: int,
+    shuffle: bool = True,
+    seed: int = 0,
+    num_workers: int = 0,
+    drop_last: bool = True,
+    max_tokens: int = MAX_TOKENS,
+    max_input_ids: int = MAX_INPUT_IDS,
+    scenes: Any = None,
+    pin_memory: bool = False,
+) -> DataLoader:
     """A DataLoader of training batches over all (image, caption) pairs of `table`.
 
     Deterministic for a seed (order and augmentation, any num_workers); a new order each epoch."""
     dataset = PairDataset(table, augment, scenes)
-    return DataLoader(dataset, batch_size=batch_size, sampler=PairSampler(len(dataset), shuffle, seed),
-                      collate_fn=functools.partial(collate_pairs, max_tokens=max_tokens, max_input_ids=max_input_ids),
-                      num_workers=num_workers, drop_last=drop_last, pin_memory=pin_memory,
-                      persistent_workers=num_workers > 0)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=PairSampler(len(dataset), shuffle, seed),
+        collate_fn=functools.partial(collate_pairs, max_tokens=max_tokens, max_input_ids=max_input_ids),
+        num_workers=num_workers,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )
 
 
 class ImageDataset(Dataset):
@@ -341,25 +379,34 @@ class ImageDataset(Dataset):
 
 def collate_images(samples: Sequence[Mapping]) -> Batch:
     """Image samples -> {"images", "image_ids", "scene_ids"}."""
-    return {"images": torch.stack([s["image"] for s in samples]),
-            "image_ids": torch.tensor([s["image_index"] for s in samples], dtype=torch.long),
-            "scene_ids": torch.tensor([s["scene_id"] for s in samples], dtype=torch.long)}
+    return {
+        "images": torch.stack([s["image"] for s in samples]),
+        "image_ids": torch.tensor([s["image_index"] for s in samples], dtype=torch.long),
+        "scene_ids": torch.tensor([s["scene_id"] for s in samples], dtype=torch.long),
+    }
 
 
-def eval_images(table: pa.Table, augment: AugmentConfig | Transform, batch_size: int = 64,
-                scenes: Any = None, num_workers: int = 0) -> Iterator[Batch]:
+def eval_images(
+    table: pa.Table, augment: AugmentConfig | Transform, batch_size: int = 64, scenes: Any = None, num_workers: int = 0
+) -> Iterator[Batch]:
     """Image batches in table order (the eval transform of an AugmentConfig): images, image_ids, scene_ids."""
     dataset = ImageDataset(table, augment, scenes)
     if num_workers > 0:
-        yield from DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                              collate_fn=collate_images)
+        yield from DataLoader(
+            dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_images
+        )
         return
     for start in range(0, len(dataset), batch_size):
         yield collate_images([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
 
 
-def eval_captions(table: pa.Table, batch_size: int = 256, max_tokens: int = MAX_TOKENS,
-                  max_input_ids: int = MAX_INPUT_IDS, scenes: Any = None) -> Iterator[Batch]:
+def eval_captions(
+    table: pa.Table,
+    batch_size: int = 256,
+    max_tokens: int = MAX_TOKENS,
+    max_input_ids: int = MAX_INPUT_IDS,
+    scenes: Any = None,
+) -> Iterator[Batch]:
     """Caption batches in order (image 0's captions, then image 1's, ...): tokens, lengths,
     input_ids/attention_mask when present, image_ids (= `caption_image_index`), scene_ids."""
     text = table.drop_columns([c for c in ("image",) if c in table.column_names])

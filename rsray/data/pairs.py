@@ -16,10 +16,12 @@ split, so pass `image_index=image_numbers(manifest, split)` there: a map from th
 to the image's position in the manifest's (sorted) id list. Only equality matters to the losses
 (captions of one image are positives of each other), and that holds either way.
 """
+
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -120,7 +122,6 @@ def explode_pairs(table: pa.Table, scenes: Any = None, image_index: Any = None, 
     return pa.table(columns)
 
 
-def pairs_from_arrow(table: pa.Table, scenes: Any = None, image_index: Any = None,
-                     first_row: int = 0) -> list[dict]:
+def pairs_from_arrow(table: pa.Table, scenes: Any = None, image_index: Any = None, first_row: int = 0) -> list[dict]:
     """`explode_pairs` as a list of dicts (pair rows for `decode_pairs` / `batch_from_rows`)."""
     return explode_pairs(table, scenes, image_index, first_row).to_pylist()

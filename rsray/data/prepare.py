@@ -6,6 +6,7 @@ only reads annotations, builds the vocabulary and writes `manifest.json` last, s
 means a complete output. Nothing is dropped silently: every record is either written or listed
 in the manifest with its reason, and `read == written + rejected` is checked before returning.
 """
+
 from __future__ import annotations
 
 import functools
@@ -71,11 +72,13 @@ class PrepareResult:
 
 # ----------------------------------------------------------------------------- per-batch work
 
+
 class ImageBatchProcessor:
     """One batch of records in, shard rows and rejections out; the same code with or without Ray."""
 
-    def __init__(self, size: int, encoding: str, quality: int, vocab: dict, tokenizer: str | None,
-                 s3_endpoint: str | None):
+    def __init__(
+        self, size: int, encoding: str, quality: int, vocab: dict, tokenizer: str | None, s3_endpoint: str | None
+    ):
         self.size, self.encoding, self.quality = size, encoding, quality
         self.vocab = Vocabulary.from_dict(vocab)
         self.tokenizer = load_tokenizer(tokenizer) if tokenizer else None
@@ -89,8 +92,9 @@ class ImageBatchProcessor:
         for row in batch.to_pylist():
             image, reason = self._image(row["path"])
             if reason is not None:
-                rejected.append({"image_id": row["image_id"], "split": row["split"], "path": row["path"],
-                                 "reason": reason})
+                rejected.append(
+                    {"image_id": row["image_id"], "split": row["split"], "path": row["path"], "reason": reason}
+                )
                 continue
             out["image_id"].append(row["image_id"])
             out["split"].append(row["split"])
@@ -158,6 +162,7 @@ class BatchLedger:
 
 # ----------------------------------------------------------------------------- the stage
 
+
 def prepare(cfg: Config, force: bool = False) -> PrepareResult:
     """Run the prepare stage for `cfg.data` into `cfg.prepare.output`; idempotent unless `force`."""
     import ray
@@ -178,38 +183,56 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
         previous = _previous_manifest(cfg, out)
         with ThreadPoolExecutor(max_workers=1) as background:
             fingerprint = background.submit(_fingerprint, cfg, records)  # stats every image: overlap it
-            if not force and previous and previous.get("input_fingerprint") == fingerprint.result() \
-                    and _files_intact(out, previous):
+            if (
+                not force
+                and previous
+                and previous.get("input_fingerprint") == fingerprint.result()
+                and _files_intact(out, previous)
+            ):
                 log.info("%s is up to date (same input and config); nothing to do", out.uri)
                 return PrepareResult(previous, out.uri, skipped=True, seconds=time.perf_counter() - started)
 
-            vocab = build_vocabulary(accepted, splits=tuple(data_cfg.vocab_splits),
-                                     min_count=data_cfg.vocab_min_count)
-            log.info("read %d records (%d rejected by caption checks); vocabulary: %d entries",
-                     len(records), len(rejected), len(vocab))
+            vocab = build_vocabulary(accepted, splits=tuple(data_cfg.vocab_splits), min_count=data_cfg.vocab_min_count)
+            log.info(
+                "read %d records (%d rejected by caption checks); vocabulary: %d entries",
+                len(records),
+                len(rejected),
+                len(vocab),
+            )
             storage.remove_tree(out)  # ours (checked above): no manifest until complete, no stale shards
-            settings = json.dumps(dict(size=prep.image_size, encoding=prep.image_encoding,
-                                       quality=prep.jpeg_quality, vocab=vocab.to_dict(),
-                                       tokenizer=data_cfg.tokenizer, s3_endpoint=prep.s3_endpoint))
+            settings = json.dumps(
+                dict(
+                    size=prep.image_size,
+                    encoding=prep.image_encoding,
+                    quality=prep.jpeg_quality,
+                    vocab=vocab.to_dict(),
+                    tokenizer=data_cfg.tokenizer,
+                    s3_endpoint=prep.s3_endpoint,
+                )
+            )
             _process_and_write([_record_row(r) for r in accepted], out, settings, ledger, prep)
             image_rejections, workers = ray.get(ledger.summary.remote())
             split_info = {split: _describe_split(out.join(split), split) for split in SPLITS}
-            manifest = _manifest(cfg, records, rejected + image_rejections, split_info, vocab,
-                                 fingerprint.result())
+            manifest = _manifest(cfg, records, rejected + image_rejections, split_info, vocab, fingerprint.result())
     finally:
         ray.kill(ledger)
 
     storage.write_bytes(out.join(MANIFEST), json.dumps(manifest, indent=1).encode())
     counts = manifest["counts"]
-    log.info("wrote %d images to %s (%d rejected; images processed by %d Ray worker processes)",
-             counts["written"], out.uri, counts["rejected"], len(workers))
-    result = PrepareResult(manifest, out.uri, skipped=False, seconds=time.perf_counter() - started,
-                           workers=workers)
+    log.info(
+        "wrote %d images to %s (%d rejected; images processed by %d Ray worker processes)",
+        counts["written"],
+        out.uri,
+        counts["rejected"],
+        len(workers),
+    )
+    result = PrepareResult(manifest, out.uri, skipped=False, seconds=time.perf_counter() - started, workers=workers)
     fraction = counts["rejected"] / max(1, counts["read"])
     if fraction > prep.max_reject_fraction:
         raise TooManyRejections(
             f"{counts['rejected']} of {counts['read']} records rejected ({fraction:.1%}), above "
-            f"prepare.max_reject_fraction={prep.max_reject_fraction}; reasons in {out.join(MANIFEST).uri}")
+            f"prepare.max_reject_fraction={prep.max_reject_fraction}; reasons in {out.join(MANIFEST).uri}"
+        )
     return result
 
 
@@ -229,12 +252,22 @@ def _process_and_write(items: list[dict], out: storage.Location, settings: str, 
             parts.append(ray.data.from_arrow([table.slice(i, per_task) for i in range(0, table.num_rows, per_task)]))
     dataset = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     (
-        dataset
-        .map_batches(_process_batch, fn_kwargs=dict(settings=settings, ledger=ledger), batch_format="pyarrow",
-                     batch_size=min(32, per_task), concurrency=prep.parallelism)
-        .write_parquet(out.path, filesystem=out.fs, partition_cols=[_FOLDER], partitioning_flavor=None,
-                       filename_provider=_shard_names(), max_rows_per_file=prep.rows_per_file,
-                       mode=_overwrite(), compression=_COMPRESSION)
+        dataset.map_batches(
+            _process_batch,
+            fn_kwargs=dict(settings=settings, ledger=ledger),
+            batch_format="pyarrow",
+            batch_size=min(32, per_task),
+            concurrency=prep.parallelism,
+        ).write_parquet(
+            out.path,
+            filesystem=out.fs,
+            partition_cols=[_FOLDER],
+            partitioning_flavor=None,
+            filename_provider=_shard_names(),
+            max_rows_per_file=prep.rows_per_file,
+            mode=_overwrite(),
+            compression=_COMPRESSION,
+        )
     )
 
 
@@ -254,6 +287,7 @@ _COMPRESSION = {"image": "none", "captions": "snappy", "caption_tokens": "snappy
 
 def _overwrite():
     from ray.data import SaveMode
+
     return SaveMode.OVERWRITE  # file names are fixed (part-NNNNN), so a rewrite replaces them
 
 
@@ -276,8 +310,14 @@ def prepare_in_process(cfg: Config, batch_size: int = 32) -> tuple[dict[str, pa.
     records = read_records(cfg.data)
     accepted, _ = _check_captions(records, cfg.data.captions_per_image)
     vocab = build_vocabulary(accepted, splits=tuple(cfg.data.vocab_splits), min_count=cfg.data.vocab_min_count)
-    process = ImageBatchProcessor(cfg.prepare.image_size, cfg.prepare.image_encoding, cfg.prepare.jpeg_quality,
-                                  vocab.to_dict(), cfg.data.tokenizer, cfg.prepare.s3_endpoint)
+    process = ImageBatchProcessor(
+        cfg.prepare.image_size,
+        cfg.prepare.image_encoding,
+        cfg.prepare.jpeg_quality,
+        vocab.to_dict(),
+        cfg.data.tokenizer,
+        cfg.prepare.s3_endpoint,
+    )
     rows = pa.Table.from_pylist([_record_row(r) for r in accepted], schema=_RECORD_SCHEMA)
     table = pa.concat_tables([process(rows.slice(i, batch_size))[0] for i in range(0, rows.num_rows, batch_size)])
     return {split: table.filter(pc.equal(table["split"], split)) for split in SPLITS}, vocab
@@ -304,8 +344,14 @@ def _check_captions(records: list[Record], per_image: int) -> tuple[list[Record]
             accepted.append(record)
             seen.add(record.image_id)
         else:
-            rejected.append({"image_id": _printable(record.image_id), "split": record.split,
-                             "path": _printable(record.path), "reason": reason})
+            rejected.append(
+                {
+                    "image_id": _printable(record.image_id),
+                    "split": record.split,
+                    "path": _printable(record.path),
+                    "reason": reason,
+                }
+            )
     return accepted, rejected
 
 
@@ -314,13 +360,25 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-_RECORD_SCHEMA = pa.schema([("image_id", pa.string()), ("path", pa.string()), ("split", pa.string()),
-                            ("scene", pa.string()), ("captions", pa.list_(pa.string()))])
+_RECORD_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("path", pa.string()),
+        ("split", pa.string()),
+        ("scene", pa.string()),
+        ("captions", pa.list_(pa.string())),
+    ]
+)
 
 
 def _record_row(record: Record) -> dict:
-    return {"image_id": record.image_id, "path": record.path, "split": record.split,
-            "scene": record.scene, "captions": list(record.captions)}
+    return {
+        "image_id": record.image_id,
+        "path": record.path,
+        "split": record.split,
+        "scene": record.scene,
+        "captions": list(record.captions),
+    }
 
 
 def _describe_split(loc: storage.Location, split: str) -> dict:
@@ -329,8 +387,15 @@ def _describe_split(loc: storage.Location, split: str) -> dict:
     tables = [pq.read_table(path, filesystem=loc.fs, columns=["image_id", "captions"]) for path in paths]
     with ThreadPoolExecutor(max_workers=8) as pool:  # hashing releases the GIL; S3 reads overlap
         digests = list(pool.map(lambda path: storage.sha256_of(loc.fs, path), paths))
-    files = [{"path": f"{split}/{path.rsplit('/', 1)[1]}", "rows": table.num_rows, "sha256": digest,
-              "bytes": loc.fs.get_file_info(path).size} for path, table, digest in zip(paths, tables, digests)]
+    files = [
+        {
+            "path": f"{split}/{path.rsplit('/', 1)[1]}",
+            "rows": table.num_rows,
+            "sha256": digest,
+            "bytes": loc.fs.get_file_info(path).size,
+        }
+        for path, table, digest in zip(paths, tables, digests, strict=True)
+    ]
     image_ids = sorted(i for table in tables for i in table["image_id"].to_pylist())
     captions = sum(int(pc.sum(pc.list_value_length(t["captions"])).as_py() or 0) for t in tables)
     return {"images": len(image_ids), "captions": captions, "image_ids": image_ids, "files": files}
@@ -349,8 +414,12 @@ def _manifest(cfg: Config, records, rejected, split_info, vocab: Vocabulary, fin
         "input_fingerprint": fingerprint,
         "counts": {"read": len(records), "written": written, "rejected": len(rejected)},
         "splits": split_info,
-        "validation": {"mode": cfg.data.validation.mode, "folds": cfg.data.validation.folds,
-                       "fold": cfg.data.validation.fold, "seed": cfg.data.validation.seed},
+        "validation": {
+            "mode": cfg.data.validation.mode,
+            "folds": cfg.data.validation.folds,
+            "fold": cfg.data.validation.fold,
+            "seed": cfg.data.validation.seed,
+        },
         "image_size": cfg.prepare.image_size,
         "image_encoding": cfg.prepare.image_encoding,
         "scenes": dict(sorted(scenes.items())),
@@ -361,8 +430,7 @@ def _manifest(cfg: Config, records, rejected, split_info, vocab: Vocabulary, fin
         "config": cfg.to_dict(),
     }
     if manifest["counts"]["read"] != written + len(rejected):  # the no-silent-loss invariant
-        raise RuntimeError(f"prepare lost records: read {len(records)}, written {written}, "
-                           f"rejected {len(rejected)}")
+        raise RuntimeError(f"prepare lost records: read {len(records)}, written {written}, rejected {len(rejected)}")
     return manifest
 
 
@@ -393,8 +461,11 @@ def _previous_manifest(cfg: Config, out: storage.Location) -> dict | None:
         except (ValueError, OSError):
             return None
     if storage.list_files(out):
-        raise cfg.error("prepare.output", f"{out.uri} holds files but no {MANIFEST}: refusing to "
-                        "overwrite something that is not an rsray output; choose an empty folder")
+        raise cfg.error(
+            "prepare.output",
+            f"{out.uri} holds files but no {MANIFEST}: refusing to "
+            "overwrite something that is not an rsray output; choose an empty folder",
+        )
     return None
 
 
@@ -409,6 +480,7 @@ def _files_intact(out: storage.Location, manifest: dict) -> bool:
 
 def _cluster_cpus() -> int:
     import ray
+
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 

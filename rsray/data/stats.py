@@ -1,8 +1,10 @@
 """Dataset statistics: what `rsray data inspect` prints before anyone spends time on training."""
+
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -10,8 +12,9 @@ from rsray.data.formats import SPLITS, Record
 from rsray.data.text import build_vocabulary, words
 
 
-def dataset_statistics(records: Sequence[Record], vocab_splits: Sequence[str] = ("train",),
-                       vocab_min_count: int = 5) -> dict[str, Any]:
+def dataset_statistics(
+    records: Sequence[Record], vocab_splits: Sequence[str] = ("train",), vocab_min_count: int = 5
+) -> dict[str, Any]:
     """Counts per split, images per scene, caption lengths in words and the word-vocabulary size."""
     present = {r.split for r in records}
     order = [s for s in SPLITS if s in present] + sorted(present - set(SPLITS))
@@ -22,9 +25,13 @@ def dataset_statistics(records: Sequence[Record], vocab_splits: Sequence[str] = 
     scenes = Counter(r.scene for r in records if r.scene is not None)
     lengths = np.array([len(words(c)) for r in records for c in r.captions], dtype=np.int64)
     if lengths.size:
-        caption_length = {"min": int(lengths.min()), "max": int(lengths.max()),
-                          "mean": round(float(lengths.mean()), 2), "median": float(np.median(lengths)),
-                          "p95": float(np.percentile(lengths, 95))}
+        caption_length = {
+            "min": int(lengths.min()),
+            "max": int(lengths.max()),
+            "mean": round(float(lengths.mean()), 2),
+            "median": float(np.median(lengths)),
+            "p95": float(np.percentile(lengths, 95)),
+        }
     else:
         caption_length = {"min": 0, "max": 0, "mean": 0.0, "median": 0.0, "p95": 0.0}
     vocab = build_vocabulary(records, splits=vocab_splits, min_count=vocab_min_count)
@@ -67,8 +74,11 @@ def format_statistics(stats: dict[str, Any]) -> str:
 
     cl = stats.get("caption_length")
     if cl:
-        lines += ["", f"caption length (words): min {cl['min']}  median {cl['median']:g}  mean {cl['mean']:.2f}  "
-                      f"p95 {cl['p95']:g}  max {cl['max']}"]
+        lines += [
+            "",
+            f"caption length (words): min {cl['min']}  median {cl['median']:g}  mean {cl['mean']:.2f}  "
+            f"p95 {cl['p95']:g}  max {cl['max']}",
+        ]
     if stats.get("vocab_size") is not None:
         recipe = ""
         if "vocab_splits" in stats:

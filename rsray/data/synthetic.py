@@ -9,6 +9,7 @@ transposed, so one layout gives eight orientations. Every group of drawn objects
 as a `Thing` (kind, count, colour, region measured in the final image), and the five captions
 are written from those records only: they describe what is really in the picture.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,18 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-SCENES: tuple[str, ...] = ("airport", "beach", "farmland", "forest", "harbor", "industrial",
-                           "parking", "residential", "river", "stadium")
+SCENES: tuple[str, ...] = (
+    "airport",
+    "beach",
+    "farmland",
+    "forest",
+    "harbor",
+    "industrial",
+    "parking",
+    "residential",
+    "river",
+    "stadium",
+)
 ANNOTATION_FILE = "dataset_rsray_sample.json"
 GENERATOR_NAME = "rsray.data.synthetic"
 GENERATOR_VERSION = 1  # bump whenever drawing or captions change, so cached samples are redrawn
@@ -36,11 +47,20 @@ Box = tuple[float, float, float, float]  # u0, v0, u1, v1 in the frame
 RGB = tuple[int, int, int]
 
 PALETTE: dict[str, RGB] = {
-    "white": (236, 236, 230), "grey": (150, 150, 148), "dark grey": (78, 78, 82),
-    "black": (35, 35, 40), "red": (196, 52, 46), "orange": (228, 128, 40),
-    "yellow": (228, 204, 64), "green": (72, 148, 62), "light green": (142, 188, 92),
-    "dark green": (34, 84, 40), "blue": (48, 88, 186), "light blue": (122, 190, 226),
-    "turquoise": (56, 164, 176), "brown": (134, 96, 56),
+    "white": (236, 236, 230),
+    "grey": (150, 150, 148),
+    "dark grey": (78, 78, 82),
+    "black": (35, 35, 40),
+    "red": (196, 52, 46),
+    "orange": (228, 128, 40),
+    "yellow": (228, 204, 64),
+    "green": (72, 148, 62),
+    "light green": (142, 188, 92),
+    "dark green": (34, 84, 40),
+    "blue": (48, 88, 186),
+    "light blue": (122, 190, 226),
+    "turquoise": (56, 164, 176),
+    "brown": (134, 96, 56),
 }
 SHADOW: RGB = (48, 52, 46)
 CAR_COLOURS = ("white", "black", "red", "blue", "grey", "yellow")
@@ -50,10 +70,11 @@ NUMBERS = ("no", "one", "two", "three", "four", "five", "six")
 @dataclass
 class Thing:
     """One group of drawn objects: the only source of truth for the captions."""
+
     kind: str
-    count: int          # 0 = mass noun ("blue water"); above six reads "many"
+    count: int  # 0 = mass noun ("blue water"); above six reads "many"
     colour: str | None
-    region: str         # "left", "top right", "center", "horizontal", "crossing", "everywhere"
+    region: str  # "left", "top right", "center", "horizontal", "crossing", "everywhere"
     main: bool = False  # a defining object of the scene class
 
 
@@ -84,7 +105,9 @@ class Canvas:
     def colour(self, name_or_rgb: str | RGB, jitter: int = 12) -> RGB:
         """A named colour with a little per-object variation (no two roofs are identical)."""
         base = PALETTE[name_or_rgb] if isinstance(name_or_rgb, str) else name_or_rgb
-        return tuple(min(255, max(0, c + int(d))) for c, d in zip(base, self.rng.integers(-jitter, jitter + 1, 3)))
+        return tuple(
+            min(255, max(0, c + int(d))) for c, d in zip(base, self.rng.integers(-jitter, jitter + 1, 3), strict=True)
+        )
 
     # -- drawing in frame coordinates
     def xy(self, u: float, v: float) -> tuple[float, float]:
@@ -109,13 +132,15 @@ class Canvas:
         (x0, y0), (x1, y1) = self.xy(u0, v0), self.xy(u1, v1)
         self.pen.rectangle((min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)), fill=fill)
 
-    def ellipse(self, u: float, v: float, ru: float, rv: float, fill: RGB | None,
-                outline: RGB | None = None, width: float = 0.0) -> None:
+    def ellipse(
+        self, u: float, v: float, ru: float, rv: float, fill: RGB | None, outline: RGB | None = None, width: float = 0.0
+    ) -> None:
         x, y = self.xy(u, v)
-        rx, ry = ((rv, ru) if self.transpose else (ru, rv))
+        rx, ry = (rv, ru) if self.transpose else (ru, rv)
         rx, ry = rx * self.size, ry * self.size
-        self.pen.ellipse((x - rx, y - ry, x + rx, y + ry), fill=fill, outline=outline,
-                         width=max(1, round(width * self.size)))
+        self.pen.ellipse(
+            (x - rx, y - ry, x + rx, y + ry), fill=fill, outline=outline, width=max(1, round(width * self.size))
+        )
 
     def polygon(self, points: list[tuple[float, float]], fill: RGB) -> None:
         self.pen.polygon([self.xy(u, v) for u, v in points], fill=fill)
@@ -124,8 +149,9 @@ class Canvas:
         self.pen.line([self.xy(u, v) for u, v in points], fill=fill, width=max(1, round(width * self.size)))
 
     # -- recording
-    def add(self, kind: str, count: int, colour: str | None, centres=None, span: str | None = None,
-            main: bool = False) -> int:
+    def add(
+        self, kind: str, count: int, colour: str | None, centres=None, span: str | None = None, main: bool = False
+    ) -> int:
         """Record a drawn group; its region is measured in the final (mirrored) image."""
         if span in ("horizontal", "vertical") and self.transpose:
             span = "vertical" if span == "horizontal" else "horizontal"
@@ -152,6 +178,7 @@ class Canvas:
 
 # ----------------------------------------------------------------------------- objects
 
+
 def shade(rgb: RGB, factor: float) -> RGB:
     return tuple(min(255, int(c * factor)) for c in rgb)
 
@@ -164,8 +191,10 @@ def grid(cv: Canvas, box: Box, n: int, jitter: float = 0.2):
     cw, ch = (u1 - u0) / cols, (v1 - v0) / rows
     cells = np.sort(cv.rng.permutation(rows * cols)[:n])
     shift = cv.rng.uniform(-jitter, jitter, (n, 2))
-    centres = [(u0 + (c % cols + 0.5 + du) * cw, v0 + (c // cols + 0.5 + dv) * ch)
-               for c, (du, dv) in zip(cells, shift)]
+    centres = [
+        (u0 + (c % cols + 0.5 + du) * cw, v0 + (c // cols + 0.5 + dv) * ch)
+        for c, (du, dv) in zip(cells, shift, strict=True)
+    ]
     return centres, (cw, ch)
 
 
@@ -203,8 +232,9 @@ def vehicle(cv: Canvas, u: float, v: float, hu: float, hv: float, colour: RGB) -
 
 def boat(cv: Canvas, u: float, v: float, hu: float, hv: float, colour: RGB) -> None:
     """A hull with a pointed bow and a pale cabin."""
-    cv.polygon([(u - hu, v + hv), (u - hu, v - 0.3 * hv), (u, v - hv), (u + hu, v - 0.3 * hv),
-                (u + hu, v + hv)], colour)
+    cv.polygon(
+        [(u - hu, v + hv), (u - hu, v - 0.3 * hv), (u, v - hv), (u + hu, v - 0.3 * hv), (u + hu, v + hv)], colour
+    )
     cv.rect(u - 0.6 * hu, v, u + 0.6 * hu, v + 0.6 * hv, shade(colour, 1.25))
 
 
@@ -226,8 +256,11 @@ def secondary(cv: Canvas, box: Box, kind: str) -> None:
             vehicle(cv, u, v, 0.22 * cw, 0.35 * ch, cv.colour(cv.pick(CAR_COLOURS)))
         cv.add("parking lot", 1, None, [mid])
     else:
-        low, high, colours = {"storage tank": (2, 5, ("white", "grey")), "tree": (3, 8, ("green", "dark green")),
-                              "building": (1, 3, ("white", "grey", "red", "blue"))}[kind]
+        low, high, colours = {
+            "storage tank": (2, 5, ("white", "grey")),
+            "tree": (3, 8, ("green", "dark green")),
+            "building": (1, 3, ("white", "grey", "red", "blue")),
+        }[kind]
         n, colour = cv.randint(low, high), cv.pick(colours)
         centres, (cw, ch) = grid(cv, box, n)
         for u, v in centres:
@@ -242,6 +275,7 @@ def secondary(cv: Canvas, box: Box, kind: str) -> None:
 
 # ----------------------------------------------------------------------------- scenes
 # Each draws its layout, records its Things and returns free boxes for secondary objects.
+
 
 def airport(cv: Canvas) -> list[Box]:
     cv.ground((150, 160, 110))
@@ -327,8 +361,15 @@ def farmland(cv: Canvas) -> list[Box]:
 def forest(cv: Canvas) -> list[Box]:
     cv.ground((30, 62, 32), rough=10)
     tone, autumn = cv.pick(("dark green", "green")), cv.pick((None, None, "yellow", "orange"))
-    clearing = cv.pick(((0.06, 0.06, 0.44, 0.44), (0.56, 0.06, 0.94, 0.44), (0.06, 0.56, 0.44, 0.94),
-                        (0.56, 0.56, 0.94, 0.94), (0.3, 0.3, 0.7, 0.7)))
+    clearing = cv.pick(
+        (
+            (0.06, 0.06, 0.44, 0.44),
+            (0.56, 0.06, 0.94, 0.44),
+            (0.06, 0.56, 0.44, 0.94),
+            (0.56, 0.56, 0.94, 0.94),
+            (0.3, 0.3, 0.7, 0.7),
+        )
+    )
     mid = ((clearing[0] + clearing[2]) / 2, (clearing[1] + clearing[3]) / 2)
     ground = cv.pick(("light green", "brown"))
     cv.ellipse(*mid, 0.25, 0.25, cv.colour(ground))
@@ -339,7 +380,7 @@ def forest(cv: Canvas) -> list[Box]:
     radii = cv.rng.uniform(0.5, 0.7, len(points)) * step
     is_autumn = cv.rng.random(len(points)) < (0.2 if autumn else 0.0)
     groups: dict[str, list] = {tone: []}
-    for (u, v), r, a in zip(points, radii, is_autumn):
+    for (u, v), r, a in zip(points, radii, is_autumn, strict=True):
         if math.hypot(u - mid[0], v - mid[1]) > 0.22:  # keep the clearing clear
             tree(cv, u, v, r, cv.colour(autumn if a else tone, jitter=18))
             groups.setdefault(autumn if a else tone, []).append((u, v))
@@ -363,8 +404,12 @@ def harbor(cv: Canvas) -> list[Box]:
     for u in us:
         cv.rect(u - 0.022, land, u + 0.022, end, cv.colour(colour))
     piers = cv.add("pier", n, colour, [(u, (land + end) / 2) for u in us], main=True)
-    slots = [(u + side * 0.052, v) for u in us for side in (-1, 1)  # berths on both sides of each pier
-             for v in np.arange(land + 0.07, end - 0.03, 0.1)]
+    slots = [
+        (u + side * 0.052, v)
+        for u in us
+        for side in (-1, 1)  # berths on both sides of each pier
+        for v in np.arange(land + 0.07, end - 0.03, 0.1)
+    ]
     n_boats, colour = min(len(slots), cv.randint(1, 6)), cv.pick(("white", "red", "yellow", "orange"))
     centres = [slots[i] for i in sorted(cv.rng.permutation(len(slots))[:n_boats])]
     for u, v in centres:
@@ -429,11 +474,19 @@ def residential(cv: Canvas) -> list[Box]:
     else:
         ru = 0.5
     roads = cv.add("road", 1 + cross, "grey", span="crossing" if cross else "horizontal", main=True)
-    blocks = [(0.03, 0.03, ru - 0.07, rv - 0.07), (ru + 0.07, 0.03, 0.97, rv - 0.07),
-              (0.03, rv + 0.07, ru - 0.07, 0.97), (ru + 0.07, rv + 0.07, 0.97, 0.97)]
+    blocks = [
+        (0.03, 0.03, ru - 0.07, rv - 0.07),
+        (ru + 0.07, 0.03, 0.97, rv - 0.07),
+        (0.03, rv + 0.07, ru - 0.07, 0.97),
+        (ru + 0.07, rv + 0.07, 0.97, 0.97),
+    ]
     free = [blocks.pop(cv.randint(0, 3))] if cv.rng.random() < 0.5 else []
-    roofs = list(dict.fromkeys(cv.pick(("red", "brown", "grey", "blue", "orange"))  # one or two roof colours
-                               for _ in range(cv.randint(1, 2))))
+    roofs = list(
+        dict.fromkeys(
+            cv.pick(("red", "brown", "grey", "blue", "orange"))  # one or two roof colours
+            for _ in range(cv.randint(1, 2))
+        )
+    )
     houses: dict[str, list] = {roof: [] for roof in roofs}
     pools = []
     for block in blocks:
@@ -476,8 +529,11 @@ def river(cv: Canvas) -> list[Box]:
     if not n or cv.rng.random() < 0.5:  # trees along one bank
         bank = boxes.pop(cv.randint(0, 1))
         side = -1 if bank[1] < c else 1
-        centres = [(u, mid(u) + side * (width / 2 + 0.035)) for u in np.arange(0.05, 0.97, 0.075)
-                   if all(abs(u - b) > 0.05 for b in bridge_us)]
+        centres = [
+            (u, mid(u) + side * (width / 2 + 0.035))
+            for u in np.arange(0.05, 0.97, 0.075)
+            if all(abs(u - b) > 0.05 for b in bridge_us)
+        ]
         for u, v in centres:
             tree(cv, u, v, 0.028, cv.colour("dark green", jitter=18))
         cv.relate(cv.add("tree", len(centres), "dark green", centres), "along", the_river)
@@ -506,23 +562,45 @@ def stadium(cv: Canvas) -> list[Box]:
     return [(0.03, 0.1, 0.26, 0.9)] if cu > 0.5 else [(0.15, 0.02, 0.85, 0.18), (0.15, 0.82, 0.85, 0.98)]
 
 
-DRAWERS = {"airport": airport, "beach": beach, "farmland": farmland, "forest": forest, "harbor": harbor,
-           "industrial": industrial, "parking": parking, "residential": residential, "river": river,
-           "stadium": stadium}
+DRAWERS = {
+    "airport": airport,
+    "beach": beach,
+    "farmland": farmland,
+    "forest": forest,
+    "harbor": harbor,
+    "industrial": industrial,
+    "parking": parking,
+    "residential": residential,
+    "river": river,
+    "stadium": stadium,
+}
 
 
 # ----------------------------------------------------------------------------- captions
 
 SCENE_NOUNS = {
-    "airport": ("an airport", "an airfield"), "beach": ("a beach", "a seaside beach"),
-    "farmland": ("farmland", "an agricultural area"), "forest": ("a forest", "a woodland"),
-    "harbor": ("a harbor", "a port"), "industrial": ("an industrial area", "a factory area"),
-    "parking": ("a parking lot", "a car park"), "residential": ("a residential area", "a neighborhood"),
-    "river": ("a riverside area", "a river valley"), "stadium": ("a stadium", "a sports stadium"),
+    "airport": ("an airport", "an airfield"),
+    "beach": ("a beach", "a seaside beach"),
+    "farmland": ("farmland", "an agricultural area"),
+    "forest": ("a forest", "a woodland"),
+    "harbor": ("a harbor", "a port"),
+    "industrial": ("an industrial area", "a factory area"),
+    "parking": ("a parking lot", "a car park"),
+    "residential": ("a residential area", "a neighborhood"),
+    "river": ("a riverside area", "a river valley"),
+    "stadium": ("a stadium", "a sports stadium"),
 }
-WHERE = {"horizontal": "running from left to right", "vertical": "running from top to bottom",
-         "crossing": "crossing each other", "everywhere": "across the image", "center": "in the center",
-         "left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
+WHERE = {
+    "horizontal": "running from left to right",
+    "vertical": "running from top to bottom",
+    "crossing": "crossing each other",
+    "everywhere": "across the image",
+    "center": "in the center",
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+}
 
 
 def plural(kind: str) -> str:
@@ -533,7 +611,7 @@ def plural(kind: str) -> str:
 
 
 def noun_phrase(t: Thing, definite: bool = False) -> str:
-    """"three red planes", "a white terminal building", "blue water", "the two grey piers"."""
+    """ "three red planes", "a white terminal building", "blue water", "the two grey piers"."""
     noun = " ".join(w for w in (t.colour, t.kind if t.count <= 1 else plural(t.kind)) if w)
     if definite:
         det = "the" if t.count <= 1 or t.count >= len(NUMBERS) else f"the {NUMBERS[t.count]}"
@@ -554,9 +632,11 @@ def be(t: Thing) -> str:
     return "are" if t.count > 1 else "is"
 
 
-def captions(scene: str, things: list[Thing], relations: list[tuple[int, str, int]],
-             rng: np.random.Generator) -> list[str]:
+def captions(
+    scene: str, things: list[Thing], relations: list[tuple[int, str, int]], rng: np.random.Generator
+) -> list[str]:
     """Five different captions: an overview, then four that prefer unused templates and subjects."""
+
     def name() -> str:
         return SCENE_NOUNS[scene][int(rng.integers(len(SCENE_NOUNS[scene])))]
 
@@ -573,34 +653,44 @@ def captions(scene: str, things: list[Thing], relations: list[tuple[int, str, in
     pool: list[tuple[str, int, str]] = [  # (template, subject thing or -1, text)
         ("aerial", -1, f"an aerial view of {name()} with {listing}"),
         ("satellite", -1, f"a satellite image of {name()} showing {listing}"),
-        ("remote", -1, f"a remote sensing image of {name()} that contains {listing}")]
+        ("remote", -1, f"a remote sensing image of {name()} that contains {listing}"),
+    ]
     for i, t in enumerate(things):
-        pool += [("there", i, f"there {be(t)} {noun_phrase(t)} {where(t)}"),
-                 ("with", i, f"{name()} with {noun_phrase(t)} {where(t)}")]
+        pool += [
+            ("there", i, f"there {be(t)} {noun_phrase(t)} {where(t)}"),
+            ("with", i, f"{name()} with {noun_phrase(t)} {where(t)}"),
+        ]
         if t.region not in ("horizontal", "vertical", "crossing", "everywhere"):
-            pool += [("seen", i, f"{noun_phrase(t)} can be seen {where(t)}"),
-                     ("located", i, f"in this image of {name()}, {noun_phrase(t)} {be(t)} {where(t)}")]
+            pool += [
+                ("seen", i, f"{noun_phrase(t)} can be seen {where(t)}"),
+                ("located", i, f"in this image of {name()}, {noun_phrase(t)} {be(t)} {where(t)}"),
+            ]
         for j in range(i + 1, len(things)):
             other = things[j]
             pool.append(("pair", i, f"{noun_phrase(t)} {where(t)} and {noun_phrase(other)} {where(other)}"))
     for s, relation, o in relations:
         subject, obj = things[s], noun_phrase(things[o], definite=True)
-        pool += [("relation", s, f"{noun_phrase(subject)} {relation} {obj}"),
-                 ("relation where", s, f"{name()} where {noun_phrase(subject)} {be(subject)} {relation} {obj}")]
+        pool += [
+            ("relation", s, f"{noun_phrase(subject)} {relation} {obj}"),
+            ("relation where", s, f"{name()} where {noun_phrase(subject)} {be(subject)} {relation} {obj}"),
+        ]
+
     def sentence(text: str) -> str:
         return " ".join(text.split()) + "."
 
     chosen, uses = [sentence(overview)], Counter()
     pool = [pool[k] for k in rng.permutation(len(pool))]  # shuffled, so min() breaks ties at random
     while len(chosen) < 5:
-        template, subject, text = min((c for c in pool if sentence(c[2]) not in chosen),
-                                      key=lambda c: (uses[c[0]], uses[c[1]]))
+        template, subject, text = min(
+            (c for c in pool if sentence(c[2]) not in chosen), key=lambda c: (uses[c[0]], uses[c[1]])
+        )
         uses.update([template, subject])
         chosen.append(sentence(text))
     return chosen
 
 
 # ----------------------------------------------------------------------------- dataset
+
 
 def draw_scene(scene: str, rng: np.random.Generator, size: int) -> tuple[Image.Image, list[str]]:
     """Draw one image of `scene` and return it with its 5 captions."""
@@ -612,7 +702,7 @@ def draw_scene(scene: str, rng: np.random.Generator, size: int) -> tuple[Image.I
     free = DRAWERS[scene](cv)
     free = [free[k] for k in rng.permutation(len(free))]
     kinds = [k for k in SECONDARY if k not in {t.kind for t in cv.things}]
-    for box in free[:cv.randint(0, len(free))]:
+    for box in free[: cv.randint(0, len(free))]:
         secondary(cv, box, kinds.pop(cv.randint(0, len(kinds) - 1)))
     return cv.finish(), captions(scene, cv.things, cv.relations, rng)
 
@@ -635,6 +725,7 @@ def tokens(caption: str) -> list[str]:
 
 def _check(n_images: int, image_size: int, seed: int, image_format: str) -> tuple[int, int, int, str]:
     """Validated, normalised arguments of generate_sample (numpy integers become ints, "jpg" "jpeg")."""
+
     def integer(value) -> bool:
         return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
@@ -659,19 +750,32 @@ def _previous_sample(annotation: Path) -> dict:
     return data if isinstance(data, dict) and data.get("generator", {}).get("name") == GENERATOR_NAME else {}
 
 
-def generate_sample(out_dir, n_images: int = 1000, image_size: int = 128, seed: int = 0,
-                    progress: bool = True, image_format: str = "png") -> Path:
+def generate_sample(
+    out_dir,
+    n_images: int = 1000,
+    image_size: int = 128,
+    seed: int = 0,
+    progress: bool = True,
+    image_format: str = "png",
+) -> Path:
     """Write the sample; returns the annotation JSON path. Idempotent: if out_dir already holds a
     sample generated with the same parameters (stored under "generator"), return without rewriting."""
     n_images, image_size, seed, image_format = _check(n_images, image_size, seed, image_format)
     out_dir = Path(out_dir)
     annotation = out_dir / ANNOTATION_FILE
-    generator = {"name": GENERATOR_NAME, "version": GENERATOR_VERSION, "n_images": n_images,
-                 "image_size": image_size, "seed": seed, "image_format": image_format}
+    generator = {
+        "name": GENERATOR_NAME,
+        "version": GENERATOR_VERSION,
+        "n_images": n_images,
+        "image_size": image_size,
+        "seed": seed,
+        "image_format": image_format,
+    }
     image_dir = out_dir / "images"
     previous = _previous_sample(annotation)
-    if previous.get("generator") == generator and all((image_dir / img["filename"]).is_file()
-                                                      for img in previous["images"]):
+    if previous.get("generator") == generator and all(
+        (image_dir / img["filename"]).is_file() for img in previous["images"]
+    ):
         return annotation
     annotation.unlink(missing_ok=True)  # a run cut short must never look like the previous sample
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -684,9 +788,18 @@ def generate_sample(out_dir, n_images: int = 1000, image_size: int = 128, seed: 
         else:
             image.save(image_dir / filename, format="JPEG", quality=95)
         sentids = [5 * index + k for k in range(5)]
-        images.append({"filename": filename, "imgid": index, "split": split_of(index), "sentids": sentids,
-                       "sentences": [{"raw": raw, "tokens": tokens(raw), "imgid": index, "sentid": sid}
-                                     for raw, sid in zip(texts, sentids)]})
+        images.append(
+            {
+                "filename": filename,
+                "imgid": index,
+                "split": split_of(index),
+                "sentids": sentids,
+                "sentences": [
+                    {"raw": raw, "tokens": tokens(raw), "imgid": index, "sentid": sid}
+                    for raw, sid in zip(texts, sentids, strict=True)
+                ],
+            }
+        )
     stale = {img["filename"] for img in previous.get("images", [])} - {img["filename"] for img in images}
     for name in stale:  # only files an earlier sample listed: never touch anything else in out_dir
         (image_dir / Path(name).name).unlink(missing_ok=True)

@@ -4,14 +4,17 @@ The vocabulary follows the protocol's recipe (lower-case, drop punctuation and s
 words seen `min_count` times); `encode` applies the very same steps, so a caption is always
 mapped the way the vocabulary was counted.
 """
+
 from __future__ import annotations
-from rsray.pretrained import PACKAGED, packaged_path
 
 import json
 import re
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
+
+from rsray.pretrained import PACKAGED, packaged_path
 
 PAD, UNK = "<pad>", "<unk>"
 PAD_ID, UNK_ID = 0, 1
@@ -19,7 +22,8 @@ PAD_ID, UNK_ID = 0, 1
 # Function words that say nothing about what an image shows. Written for rsray: articles and
 # determiners, pronouns, prepositions, auxiliaries and modals, conjunctions, a few adverbs and the
 # negative contractions. Numbers, colours and sizes ("two", "red", "large") are content.
-STOP_WORDS: frozenset[str] = frozenset("""
+STOP_WORDS: frozenset[str] = frozenset(
+    """
     a an the this that these those each every either neither any all both some such
     another other same own no not nor only
     i me my myself we us our ourselves you your yourself yourselves
@@ -34,7 +38,8 @@ STOP_WORDS: frozenset[str] = frozenset("""
     more most
     isn't aren't wasn't weren't hasn't haven't hadn't don't doesn't didn't won't wouldn't
     shouldn't can't cannot couldn't s t
-""".split())
+""".split()
+)
 
 # Spatial words that are not plain prepositions ("near", "beside", "around", "across", "along",
 # "behind") stay: remote-sensing captions use them to say where things are.
@@ -72,7 +77,7 @@ class Vocabulary:
         self.min_count = min_count
 
     @classmethod
-    def build(cls, captions: Iterable[str], min_count: int = 5) -> "Vocabulary":
+    def build(cls, captions: Iterable[str], min_count: int = 5) -> Vocabulary:
         counts = Counter(w for caption in captions for w in content_words(caption))
         kept = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
         return cls([PAD, UNK, *kept], min_count=min_count)
@@ -100,14 +105,14 @@ class Vocabulary:
         return {"min_count": self.min_count, "words": list(self.itos)}  # words[i] has id i, <pad> and <unk> first
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Vocabulary":
+    def from_dict(cls, data: dict[str, Any]) -> Vocabulary:
         return cls(data["words"], min_count=int(data.get("min_count", 5)))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Vocabulary":
+    def load(cls, path: str | Path) -> Vocabulary:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
