@@ -378,12 +378,13 @@ def train_dataset(cfg: Config):
     # Ray Data's Parquet reader V2 (the default in Ray 2.60) starts 32 footer-reader actors for every
     # read: new processes that cost 3 s of each run on an idle 2-core machine and 10 s inside a sweep
     # trial. The files to read are listed in the manifest, so V1 (no actors) loses nothing: 0.3-1.6 s
-    # (measured). Our choice, scoped to this read.
+    # (measured). Our choice, scoped to this read. One block per shard file: V1 otherwise sizes its
+    # blocks by the CPUs free at the moment, and the shuffled pair order (so a seed's run) would change.
     context = ray.data.DataContext.get_current()
     use_v2, context.use_datasource_v2 = context.use_datasource_v2, False
     try:
         dataset = ray.data.read_parquet(
-            [root.join(*f["path"].split("/")).path for f in files], filesystem=root.fs
+            [root.join(*f["path"].split("/")).path for f in files], filesystem=root.fs, override_num_blocks=len(files)
         ).select_columns(columns)
     finally:
         context.use_datasource_v2 = use_v2
