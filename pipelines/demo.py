@@ -132,7 +132,7 @@ def main(argv=None) -> int:
         "--epochs",
         type=int,
         default=3,
-        help="training epochs per model (default 3: the seven trainings took 7 min 48 s on 2 cores)",
+        help="training epochs per model (default 3: the whole demo took 8 min 9 s on 2 cores)",
     )
     ns = parser.parse_intermixed_args(argv)
     setup_logging()
