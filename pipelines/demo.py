@@ -74,17 +74,10 @@ def run(cfg, epochs: int) -> int:
     )
     print(header)
     for name, report in rows:
-        m, s = report["metrics"], report["smr_metrics"]
-        print(
-            f"{name:<15}{m['i2t_R1']:>9.2f}{m['i2t_R5']:>7.2f}{m['i2t_R10']:>7.2f}{m['t2i_R1']:>9.2f}"
-            f"{m['t2i_R5']:>7.2f}{m['t2i_R10']:>7.2f}{m['mR']:>8.2f}{s['mR']:>9.2f}"
-        )
+        print(f"{table_row(name, report['metrics'])}{report['smr_metrics']['mR']:>9.2f}")
     if rows:
-        m = chance_metrics(len(rows[0][1]["image_ids"]), cfg.train.seed)
-        print(
-            f"{'chance':<15}{m['i2t_R1']:>9.2f}{m['i2t_R5']:>7.2f}{m['i2t_R10']:>7.2f}{m['t2i_R1']:>9.2f}"
-            f"{m['t2i_R5']:>7.2f}{m['t2i_R10']:>7.2f}{m['mR']:>8.2f}   (random scores: what an untrained model gets)"
-        )
+        chance = chance_metrics(len(rows[0][1]["image_ids"]), cfg.train.seed)
+        print(f"{table_row('chance', chance)}   (random scores: what an untrained model gets)")
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s")
     link = next(iter(links.values()), "")
     if cfg.tracking.uri.startswith("sqlite"):
@@ -92,6 +85,14 @@ def run(cfg, epochs: int) -> int:
     else:
         print(f"\nMLflow runs: {link}")
     return 0
+
+
+def table_row(name: str, m: dict[str, float]) -> str:
+    """A model's recall columns in the demo's table (i2t and t2i R@1/5/10, mR)."""
+    return (
+        f"{name:<15}{m['i2t_R1']:>9.2f}{m['i2t_R5']:>7.2f}{m['i2t_R10']:>7.2f}{m['t2i_R1']:>9.2f}"
+        f"{m['t2i_R5']:>7.2f}{m['t2i_R10']:>7.2f}{m['mR']:>8.2f}"
+    )
 
 
 def chance_metrics(n_images: int, seed: int, captions_per_image: int = 5) -> dict[str, float]:

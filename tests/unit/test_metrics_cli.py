@@ -6,21 +6,7 @@ import numpy as np
 import pytest
 
 from rsray.cli import STAGES, main
-
-KEYS = [
-    "i2t_R1",
-    "i2t_R5",
-    "i2t_R10",
-    "t2i_R1",
-    "t2i_R5",
-    "t2i_R10",
-    "mR",
-    "i2t_medr",
-    "i2t_meanr",
-    "t2i_medr",
-    "t2i_meanr",
-]
-SCENE_KEYS = ["i2t_SR1", "i2t_SR5", "i2t_SR10", "t2i_SR1", "t2i_SR5", "t2i_SR10"]
+from tests.unit.test_metrics import KEYS, SCENE_KEYS  # the protocol's key order, written out once
 
 
 def perfect(n_images: int, cpi: int = 5) -> np.ndarray:
