@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import sys
 
-from rsray.cli import run_cli, setup_logging, stage_parser
+from rsray.cli import print_error, run_cli, setup_logging, stage_parser
 
 
 def run(args) -> int:
@@ -31,10 +31,10 @@ def run(args) -> int:
     try:
         report = run_sweep(sweep)
     except (TrainingFailed, TrackingUnavailable) as exc:
-        print(f"rsray: error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 1
     except SweepInterrupted as exc:
-        print(f"rsray: {exc}", file=sys.stderr)
+        print_error(exc, prefix="")
         return 130
     print(format_trials(report))
     if report.best is None:

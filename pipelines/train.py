@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from rsray.cli import config_from_args, run_cli, setup_logging, stage_parser
+from rsray.cli import config_from_args, print_error, run_cli, setup_logging, stage_parser
 
 
 def run(cfg):
@@ -16,7 +16,7 @@ def run(cfg):
     try:
         result = train(cfg)
     except (TrainingFailed, TrackingUnavailable) as exc:
-        print(f"rsray: error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 1
     history = result.return_value or ([m for _, m in result.best_checkpoints or []])
     for m in history:

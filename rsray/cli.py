@@ -55,9 +55,21 @@ def config_from_args(args: Sequence[str], default: str | None = "presets/sample"
 
 
 def setup_logging(verbose: bool = False) -> None:
+    """`rsray: message` lines on stderr, credentials inside URIs redacted whoever logs them."""
+    from rsray.redact import RedactingFilter
+
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="rsray: %(message)s", stream=sys.stderr, force=True
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())
+
+
+def print_error(exc: BaseException | str, prefix: str = "error: ") -> None:
+    """The one-line error every command ends with, credentials redacted."""
+    from rsray.redact import redact
+
+    print(f"rsray: {prefix}{redact(exc)}", file=sys.stderr)
 
 
 def run_cli(fn: Callable[[], int | None]) -> int:
@@ -68,10 +80,10 @@ def run_cli(fn: Callable[[], int | None]) -> int:
     try:
         return fn() or 0
     except (ConfigError, AnnotationError, FileNotFoundError, ValueError) as exc:
-        print(f"rsray: error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 2
     except TooManyRejections as exc:
-        print(f"rsray: error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 1
     except BrokenPipeError:  # output piped into `head` and closed early: not an error
         sys.stdout = open(os.devnull, "w")

@@ -231,8 +231,16 @@ class Config:
 
         return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "origins"}
 
+    def public_dict(self) -> dict[str, Any]:
+        """`to_dict()` with credentials redacted (`rsray.redact`): the only form written to disk,
+        MLflow or the console. The process itself keeps using the real values."""
+        from rsray.redact import redact_tree
+
+        return redact_tree(self.to_dict())
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """The resolved config as YAML (`load_config` reads it back), credentials redacted."""
+        Path(path).write_text(yaml.safe_dump(self.public_dict(), sort_keys=False))
 
 
 # ----------------------------------------------------------------------------- loading

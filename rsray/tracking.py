@@ -26,14 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from rsray.config import TrackingConfig
+from rsray.redact import is_secret, redact, redact_tree, without_credentials
 
 log = logging.getLogger("rsray.tracking")
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # opens the runs table (training view) in the UI
 PARENT_RUN_TAG = "mlflow.parentRunId"  # how MLflow nests a child run under its parent
-SECRET_WORDS = ("secret", "password", "passwd", "token", "credential")  # matched as whole `_` words
-SECRET_PARTS = ("key_id", "access_key", "api_key", "private_key")  # matched anywhere in a key
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 DEFAULT_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local SQLite store
 
@@ -73,21 +72,8 @@ def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str
         if isinstance(value, Mapping):
             flat.update(flatten_params(value, f"{dotted}."))
         else:
-            flat[dotted] = _redact_url(str(value))[:MAX_PARAM_LENGTH]
+            flat[dotted] = redact(str(value))[:MAX_PARAM_LENGTH]
     return flat
-
-
-def is_secret(key: str) -> bool:
-    """True for names that hold credentials (aws_secret_access_key, hf_token, password, ...);
-    `data.tokenizer` or `max_tokens` are not secrets."""
-    key = key.lower()
-    words = re.split(r"[_\-.\s]+", key)
-    return any(w in words for w in SECRET_WORDS) or any(p in key for p in SECRET_PARTS)
-
-
-def _redact_url(value: str) -> str:
-    """Drop a password written into a URL (scheme://user:password@host)."""
-    return re.sub(r"(\w+://[^/\s:@]+):[^/\s@]+@", r"\1:***@", value)
 
 
 def metric_name(name: str) -> str:
@@ -133,7 +119,7 @@ def _number(value: Any) -> float | None:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    text = redact(" ".join(str(exc).split()))
     return f"{type(exc).__name__}: {text[:300]}"
 
 
@@ -220,15 +206,15 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     Any HTTP answer (even an error status) means a server is there."""
     if not uri.startswith(("http://", "https://")):
         return
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+    try:  # credentials in the URI are not part of the address (urllib would read them as the host)
+        with urllib.request.urlopen(f"{without_credentials(uri).rstrip('/')}/health", timeout=timeout):
             return
     except urllib.error.HTTPError:
         return
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
+        reason = redact(getattr(exc, "reason", exc))
         raise TrackingUnavailable(
-            f"MLflow tracking server {uri} is not reachable ({reason}); start it or set tracking.uri "
+            f"MLflow tracking server {redact(uri)} is not reachable ({reason}); start it or set tracking.uri "
             f"(e.g. tracking.uri=sqlite:///mlflow.db)"
         ) from None
 
@@ -290,13 +276,13 @@ class Tracker:
             run = client.create_run(experiment_id, run_name=run_name or None, tags=all_tags)
         except (MlflowException, OSError) as exc:
             raise TrackingUnavailable(
-                f"MLflow tracking store {uri} cannot be used ({_one_line(exc)}); check tracking.uri"
+                f"MLflow tracking store {redact(uri)} cannot be used ({_one_line(exc)}); check tracking.uri"
             ) from None
         tracker = cls(client, uri, run.info.run_id, experiment_id, tracking_cfg.retries, base_delay)
         tracker.log_params(params or {})
         if getattr(tracking_cfg, "system_metrics", False):
             tracker._start_system_metrics()
-        log.info("MLflow run %s in experiment %s (%s)", tracker.run_id, experiment_id, uri)
+        log.info("MLflow run %s in experiment %s (%s)", tracker.run_id, experiment_id, redact(uri))
         return tracker
 
     @classmethod
@@ -336,7 +322,8 @@ class Tracker:
             found = find_runs(tracking_cfg, key_tags)
         except (MlflowException, OSError) as exc:
             raise TrackingUnavailable(
-                f"MLflow tracking store {tracking_cfg.uri} cannot be searched ({_one_line(exc)}); check tracking.uri"
+                f"MLflow tracking store {redact(tracking_cfg.uri)} cannot be searched ({_one_line(exc)}); "
+                "check tracking.uri"
             ) from None
         if not found:
             return cls.start(tracking_cfg, run_name, params, {**(tags or {}), **key_tags}, parent_run_id, base_delay)
@@ -349,7 +336,10 @@ class Tracker:
         if getattr(tracking_cfg, "system_metrics", False):
             tracker._start_system_metrics()
         log.info(
-            "MLflow run %s resumed in experiment %s (%s)", tracker.run_id, run.info.experiment_id, tracking_cfg.uri
+            "MLflow run %s resumed in experiment %s (%s)",
+            tracker.run_id,
+            run.info.experiment_id,
+            redact(tracking_cfg.uri),
         )
         return tracker
 
@@ -392,15 +382,15 @@ class Tracker:
             self._call(f"log artifact {path}", self.client.log_artifact, self.run_id, str(path), artifact_path)
 
     def log_dict(self, obj: Any, name: str) -> None:
-        """`obj` as JSON (name ending .json) or YAML (.yaml/.yml) at artifact path `name`."""
-        self._call(f"log {name}", self.client.log_dict, self.run_id, obj, name)
+        """`obj` as JSON (name ending .json) or YAML (.yaml/.yml) at artifact path `name`, redacted."""
+        self._call(f"log {name}", self.client.log_dict, self.run_id, redact_tree(obj), name)
 
     def log_figure(self, fig: Any, name: str) -> None:
         """A matplotlib figure as an image artifact (e.g. figures/loss.png)."""
         self._call(f"log figure {name}", self.client.log_figure, self.run_id, fig, name)
 
     def log_text(self, text: str, name: str) -> None:
-        self._call(f"log {name}", self.client.log_text, self.run_id, text, name)
+        self._call(f"log {name}", self.client.log_text, self.run_id, redact(text), name)
 
     def end(self, status: str = "FINISHED") -> None:
         """Stop system metrics and mark the run FINISHED, FAILED or KILLED (once)."""
@@ -419,8 +409,10 @@ class Tracker:
 
     def ui_link(self, host_base: str | None = None) -> str:
         """The experiment's runs table in the MLflow UI (training view), this run among them.
-        `host_base` defaults to the tracking server, or `mlflow ui`'s address for a local store."""
-        base = host_base or (self.uri if self.uri.startswith(("http://", "https://")) else DEFAULT_UI)
+        `host_base` defaults to the tracking server (without credentials: the browser asks for them),
+        or `mlflow ui`'s address for a local store."""
+        server = without_credentials(self.uri)
+        base = host_base or (server if server.startswith(("http://", "https://")) else DEFAULT_UI)
         return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
 
     def run_link(self, host_base: str | None = None) -> str:

@@ -3,7 +3,8 @@
 Ray Data does the per-image work (read, decode, validate, resize, re-encode, tokenize) in
 parallel tasks and writes one folder of Parquet files per split, locally or on S3. The driver
 only reads annotations, builds the vocabulary and writes `manifest.json` last, so a manifest
-means a complete output. Nothing is dropped silently: every record is either written or listed
+means a complete output; `rsray.data.output` decides which files at the output are rsray's and
+replaces only those. Nothing is dropped silently: every record is either written or listed
 in the manifest with its reason, and `read == written + rejected` is checked before returning.
 """
 
@@ -28,6 +29,7 @@ import pyarrow.parquet as pq
 
 from rsray import storage
 from rsray.config import Config
+from rsray.data import output
 from rsray.data.formats import Record, check_record, read_records
 from rsray.data.images import ImageRejected, process_image
 from rsray.data.text import Vocabulary, build_vocabulary, load_tokenizer
@@ -36,8 +38,8 @@ from rsray.runtime import configure_data_context, ensure_ray
 log = logging.getLogger("rsray.prepare")
 
 SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
-SPLITS = ("train", "val", "test")
+MANIFEST = output.MANIFEST
+SPLITS = output.SPLITS
 
 
 class TooManyRejections(RuntimeError):
@@ -180,7 +182,11 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
         if not records:
             raise cfg.error("data.root", f"no records found in {data_cfg.root}")
         accepted, rejected = _check_captions(records, data_cfg.captions_per_image)
-        previous = _previous_manifest(cfg, out)
+        try:
+            state = output.inspect_output(out)
+        except output.NotAnRsrayOutput as exc:
+            raise cfg.error("prepare.output", str(exc)) from None
+        previous = state.previous
         with ThreadPoolExecutor(max_workers=1) as background:
             fingerprint = background.submit(_fingerprint, cfg, records)  # stats every image: overlap it
             if (
@@ -199,7 +205,7 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
                 len(rejected),
                 len(vocab),
             )
-            storage.remove_tree(out)  # ours (checked above): no manifest until complete, no stale shards
+            staging = output.begin(out, state)  # rsray's earlier files go; nobody else's
             settings = json.dumps(
                 dict(
                     size=prep.image_size,
@@ -210,14 +216,15 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
                     s3_endpoint=prep.s3_endpoint,
                 )
             )
-            _process_and_write([_record_row(r) for r in accepted], out, settings, ledger, prep)
+            _process_and_write([_record_row(r) for r in accepted], staging, settings, ledger, prep)
             image_rejections, workers = ray.get(ledger.summary.remote())
-            split_info = {split: _describe_split(out.join(split), split) for split in SPLITS}
+            shards = output.publish(out)
+            split_info = {split: _describe_split(out, split, shards[split]) for split in SPLITS}
             manifest = _manifest(cfg, records, rejected + image_rejections, split_info, vocab, fingerprint.result())
     finally:
         ray.kill(ledger)
 
-    storage.write_bytes(out.join(MANIFEST), json.dumps(manifest, indent=1).encode())
+    output.finish(out, manifest)
     counts = manifest["counts"]
     log.info(
         "wrote %d images to %s (%d rejected; images processed by %d Ray worker processes)",
@@ -237,7 +244,8 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
 
 
 def _process_and_write(items: list[dict], out: storage.Location, settings: str, ledger, prep) -> None:
-    """All splits in one Ray Data job: parallel map tasks, each writing its rows to <output>/<split>/.
+    """All splits in one Ray Data job: parallel map tasks, each writing its rows to <out>/<split>/
+    (`out` is the staging folder: Ray Data's overwrite mode empties it first).
 
     Blocks never mix splits (one input dataset per split, then a union), so each map task writes
     one file of at most `rows_per_file` rows into its split's folder. The folder comes from a
@@ -288,7 +296,7 @@ _COMPRESSION = {"image": "none", "captions": "snappy", "caption_tokens": "snappy
 def _overwrite():
     from ray.data import SaveMode
 
-    return SaveMode.OVERWRITE  # file names are fixed (part-NNNNN), so a rewrite replaces them
+    return SaveMode.OVERWRITE  # empties the folder written to: only ever the staging folder, wholly ours
 
 
 def _shard_names():
@@ -381,9 +389,10 @@ def _record_row(record: Record) -> dict:
     }
 
 
-def _describe_split(loc: storage.Location, split: str) -> dict:
-    """Counts, image ids and per-file checksums of one split's shards, read back from storage."""
-    paths = storage.list_files(loc, ".parquet")
+def _describe_split(out: storage.Location, split: str, paths: list[str]) -> dict:
+    """Counts, image ids and per-file checksums of one split's shards (`paths`: the files this
+    prepare wrote), read back from storage."""
+    loc = out.join(split)
     tables = [pq.read_table(path, filesystem=loc.fs, columns=["image_id", "captions"]) for path in paths]
     with ThreadPoolExecutor(max_workers=8) as pool:  # hashing releases the GIL; S3 reads overlap
         digests = list(pool.map(lambda path: storage.sha256_of(loc.fs, path), paths))
@@ -408,6 +417,7 @@ def _manifest(cfg: Config, records, rejected, split_info, vocab: Vocabulary, fin
         if r.scene is not None:
             scenes[r.scene] = scenes.get(r.scene, 0) + 1
     manifest = {
+        "producer": output.PRODUCER,
         "schema_version": SCHEMA_VERSION,
         "dataset": cfg.data.name,
         "format": cfg.data.format,
@@ -427,7 +437,7 @@ def _manifest(cfg: Config, records, rejected, split_info, vocab: Vocabulary, fin
         "vocab_splits": list(cfg.data.vocab_splits),
         "tokenizer": cfg.data.tokenizer,
         "rejected": sorted(rejected, key=lambda r: (r["split"], r["image_id"])),
-        "config": cfg.to_dict(),
+        "config": cfg.public_dict(),
     }
     if manifest["counts"]["read"] != written + len(rejected):  # the no-silent-loss invariant
         raise RuntimeError(f"prepare lost records: read {len(records)}, written {written}, rejected {len(rejected)}")
@@ -450,23 +460,6 @@ def _fingerprint(cfg: Config, records: list[Record]) -> str:
         for info in fs.get_file_info(paths):
             digest.update(f"{info.path}:{info.size}:{info.mtime_ns}".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
-
-
-def _previous_manifest(cfg: Config, out: storage.Location) -> dict | None:
-    """The manifest of an earlier run at `out`; refuse to overwrite a folder that is not ours."""
-    loc = out.join(MANIFEST)
-    if storage.exists(loc):
-        try:
-            return json.loads(storage.read_bytes(loc))
-        except (ValueError, OSError):
-            return None
-    if storage.list_files(out):
-        raise cfg.error(
-            "prepare.output",
-            f"{out.uri} holds files but no {MANIFEST}: refusing to "
-            "overwrite something that is not an rsray output; choose an empty folder",
-        )
-    return None
 
 
 def _files_intact(out: storage.Location, manifest: dict) -> bool:

@@ -202,7 +202,7 @@ class Sweep:
                     "scheduler": asdict(s.scheduler),
                     "checkpoint": s.checkpoint,
                     "split": s.split,
-                    "config": self.base.to_dict(),
+                    "config": self.base.public_dict(),
                 },
                 default=str,
             )

@@ -76,7 +76,7 @@ def _train_trial(params: dict[str, Any], context: TrialContext) -> None:
             ray.tune.report(metrics)
         return
     tracker = _child_tracker(context, cfg, trial_id, params)
-    tracker.log_dict(cfg.to_dict(), "config.yaml")  # early-stopped trials never reach train()'s artifacts
+    tracker.log_dict(cfg.public_dict(), "config.yaml")  # early-stopped trials never reach train()'s artifacts
     result = train(cfg, tracker=tracker, callbacks=[_epochs_to_tune(cfg.train.epochs)])
     last = (result.return_value or [result.metrics])[-1]
     ray.tune.report(

@@ -568,7 +568,7 @@ def _log_run_artifacts(tracker, cfg: Config, result) -> None:
     from rsray.figures import loss_and_mr_curves
 
     history = result.return_value or []
-    tracker.log_dict(cfg.to_dict(), "config.yaml")
+    tracker.log_dict(cfg.public_dict(), "config.yaml")
     tracker.log_dict({"final": result.metrics, "history": history}, "metrics.json")
     if history:
         tracker.log_figure(loss_and_mr_curves(history), "figures/loss_and_mr.png")

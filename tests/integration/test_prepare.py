@@ -188,3 +188,65 @@ def test_bert_tokenizer_ids_are_attached_when_configured(ray_cluster, dataset, t
     assert result.manifest["tokenizer"] == str(tiny_tokenizer)
     row = read_split(result.output, "test").to_pylist()[0]
     assert len(row["caption_input_ids"]) == 5 and all(ids[0] == 2 for ids in row["caption_input_ids"])
+
+
+# ----------------------------------------------------------------------------- never delete what is not ours
+
+
+def _snapshot(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("manifest", [b"{}", b"not json at all", b'{"schema_version": 1}'])
+def test_a_folder_rsray_did_not_write_is_refused_and_left_as_it_was(ray_cluster, dataset, tmp_path, manifest):
+    """A file that happens to be called manifest.json does not make a folder rsray's."""
+    from rsray.config import ConfigError
+
+    folder = tmp_path / "theirs"
+    (folder / "src").mkdir(parents=True)
+    (folder / "manifest.json").write_bytes(manifest)
+    (folder / "important.txt").write_text("a year of notes")
+    (folder / "src" / "data.csv").write_text("a,b\n1,2\n")
+    before = _snapshot(folder)
+    with pytest.raises(ConfigError, match=r"prepare\.output: .*manifest\.json is not a manifest rsray wrote") as err:
+        prepare(config(dataset, folder), force=True)
+    assert "\n" not in str(err.value)
+    assert _snapshot(folder) == before
+
+
+def test_files_without_any_manifest_are_refused_naming_one(ray_cluster, dataset, tmp_path):
+    folder = tmp_path / "plain"
+    (folder / "train").mkdir(parents=True)
+    (folder / "train" / "part-00000-0.parquet").write_bytes(b"someone else's shard")
+    with pytest.raises(ValueError, match=r"holds files rsray did not write \(e\.g\. train/part-00000-0\.parquet\)"):
+        prepare(config(dataset, folder))
+    assert (folder / "train" / "part-00000-0.parquet").read_bytes() == b"someone else's shard"
+
+
+def test_a_rewrite_replaces_only_the_files_rsray_wrote(ray_cluster, dataset, tmp_path):
+    folder = tmp_path / "ours"
+    first = prepare(config(dataset, folder))
+    (folder / "notes.txt").write_text("which run used this data")
+    (folder / "train" / "my-extra.parquet").write_bytes(b"kept")
+    second = prepare(config(dataset, folder), force=True)
+    assert (folder / "notes.txt").read_text() == "which run used this data"
+    assert (folder / "train" / "my-extra.parquet").read_bytes() == b"kept"
+    assert second.manifest["splits"] == first.manifest["splits"]  # the extra file is not a shard of ours
+    assert not (folder / "_staging").exists() and not (folder / "prepare-in-progress.json").exists()
+
+
+def test_an_interrupted_prepare_is_never_read_as_complete_and_is_redone(ray_cluster, dataset, tmp_path):
+    """What a prepare killed while writing leaves: its marker, staged and old shards, no manifest."""
+    from rsray.data.output import IN_PROGRESS, PRODUCER
+
+    folder = tmp_path / "interrupted"
+    done = prepare(config(dataset, folder))
+    (folder / "manifest.json").unlink()
+    (folder / IN_PROGRESS).write_text(json.dumps({"producer": PRODUCER}))
+    (folder / "_staging" / "train").mkdir(parents=True)
+    (folder / "_staging" / "train" / "part-00003-0.parquet").write_bytes(b"half a shard")
+    with pytest.raises(FileNotFoundError, match="no manifest"):
+        read_manifest(str(folder))
+    redone = prepare(config(dataset, folder))
+    assert not redone.skipped and redone.manifest["splits"] == done.manifest["splits"]
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "test", "train", "val"]

@@ -1,0 +1,148 @@
+"""A prepare output's ownership: which files under `prepare.output` rsray wrote, and replacing only those.
+
+A folder is rsray's when it holds an rsray manifest (`producer: rsray prepare`; manifests from
+before that field are recognised by their schema) or the marker an unfinished prepare leaves
+(`prepare-in-progress.json`, written before the first shard and removed after the manifest). Any
+other folder with files in it is refused with one line: a file that happens to be called
+`manifest.json` proves nothing. In an rsray folder only rsray's files are replaced: the shards the
+manifest lists (or, after an interruption, shard-named files in the split folders), the manifest,
+the marker and the staging folder. A user's notes or extra files next to them are left alone.
+
+Shards are written into `_staging/` first (Ray Data's overwrite mode empties the folder it
+writes to, so it may only ever write into a folder that is wholly rsray's) and moved into
+`<split>/` once all are written; the manifest is written last, so a manifest means complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+import time
+from dataclasses import dataclass, field
+
+from rsray import storage
+
+log = logging.getLogger("rsray.prepare")
+
+MANIFEST = "manifest.json"
+IN_PROGRESS = "prepare-in-progress.json"
+PRODUCER = "rsray prepare"
+STAGING = "_staging"
+SPLITS = ("train", "val", "test")
+SHARD_NAME = re.compile(r"^part-\d{5}(-\d+)?\.parquet$")
+_LEGACY_MANIFEST_KEYS = {"schema_version", "input_fingerprint", "counts", "splits"}  # before `producer`
+
+
+class NotAnRsrayOutput(ValueError):
+    """`prepare.output` holds files rsray did not write; the message is one line naming one of them."""
+
+
+@dataclass
+class OutputState:
+    """What an earlier prepare left at the output."""
+
+    previous: dict | None = None  # its manifest, when it finished
+    interrupted: bool = False  # it started (marker present) and never wrote its manifest
+    ours: list[str] = field(default_factory=list)  # filesystem paths of the files it wrote
+    foreign: list[str] = field(default_factory=list)  # files next to them that are not rsray's
+
+
+def is_rsray_manifest(data: object) -> bool:
+    if not isinstance(data, dict):
+        return False
+    return data.get("producer") == PRODUCER or (
+        "producer" not in data and _LEGACY_MANIFEST_KEYS <= set(data) and data.get("schema_version") == 1
+    )
+
+
+def inspect_output(out: storage.Location) -> OutputState:
+    """The state of `out`; raises NotAnRsrayOutput when it holds files and is not rsray's."""
+    files = storage.list_files(out)
+    if not files:
+        return OutputState()
+    manifest = _read_json(out.join(MANIFEST)) if out.join(MANIFEST).path in files else None
+    marker = _read_json(out.join(IN_PROGRESS)) if out.join(IN_PROGRESS).path in files else None
+    marker_is_ours = isinstance(marker, dict) and marker.get("producer") == PRODUCER
+    if not is_rsray_manifest(manifest) and not marker_is_ours:
+        if out.join(MANIFEST).path in files:
+            problem = f"{out.join(MANIFEST).uri} is not a manifest rsray wrote"
+        else:
+            problem = f"{out.uri} holds files rsray did not write (e.g. {_relative(out, files[0])})"
+        raise NotAnRsrayOutput(
+            f"{problem}: refusing to write shards there; choose an empty or new folder for prepare.output"
+        )
+    previous = manifest if is_rsray_manifest(manifest) and not marker_is_ours else None
+    listed = {out.join(*f["path"].split("/")).path for f in _listed_files(previous)}
+    ours = [path for path in files if path in listed or _is_ours(out, path)]
+    foreign = [path for path in files if path not in set(ours)]
+    return OutputState(previous=previous, interrupted=marker_is_ours, ours=ours, foreign=foreign)
+
+
+def begin(out: storage.Location, state: OutputState) -> storage.Location:
+    """Mark `out` as being written, remove the earlier prepare's files (only those), and return the
+    empty staging folder for the new shards."""
+    storage.write_bytes(
+        out.join(IN_PROGRESS),
+        json.dumps({"producer": PRODUCER, "started": time.time(), "host": socket.gethostname()}).encode(),
+    )
+    if state.interrupted:
+        log.info("%s: an earlier prepare did not finish; its files are replaced", out.uri)
+    for path in sorted(state.ours, key=lambda p: p.endswith(MANIFEST), reverse=True):  # manifest first
+        if path != out.join(IN_PROGRESS).path:
+            out.fs.delete_file(path)
+    if state.foreign:
+        log.info(
+            "%s: %d file(s) rsray did not write are left as they are (e.g. %s)",
+            out.uri,
+            len(state.foreign),
+            _relative(out, state.foreign[0]),
+        )
+    storage.remove_tree(out.join(STAGING))
+    return out.join(STAGING)
+
+
+def publish(out: storage.Location) -> dict[str, list[str]]:
+    """Move the staged shards into `<split>/`; returns each split's shard paths (only these count)."""
+    staging = out.join(STAGING)
+    published: dict[str, list[str]] = {split: [] for split in SPLITS}
+    for split in SPLITS:
+        for path in storage.list_files(staging.join(split), ".parquet"):
+            target = out.join(split, path.rsplit("/", 1)[1]).path
+            out.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+            out.fs.move(path, target)
+            published[split].append(target)
+    storage.remove_tree(staging)
+    return published
+
+
+def finish(out: storage.Location, manifest: dict) -> None:
+    """Write the manifest (last: it means complete), then drop the in-progress marker."""
+    storage.write_bytes(out.join(MANIFEST), json.dumps(manifest, indent=1).encode())
+    out.fs.delete_file(out.join(IN_PROGRESS).path)
+
+
+def _is_ours(out: storage.Location, path: str) -> bool:
+    relative = _relative(out, path)
+    if relative in (MANIFEST, IN_PROGRESS) or relative.startswith(f"{STAGING}/"):
+        return True
+    folder, _, name = relative.rpartition("/")
+    return folder in SPLITS and bool(SHARD_NAME.match(name))
+
+
+def _listed_files(manifest: dict | None) -> list[dict]:
+    if not manifest:
+        return []
+    return [f for info in manifest.get("splits", {}).values() for f in info.get("files", [])]
+
+
+def _relative(out: storage.Location, path: str) -> str:
+    return path[len(out.path.rstrip("/")) + 1 :]
+
+
+def _read_json(loc: storage.Location) -> object:
+    try:
+        return json.loads(storage.read_bytes(loc))
+    except (ValueError, OSError):
+        return None
