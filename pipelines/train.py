@@ -8,16 +8,25 @@ from rsray.cli import config_from_args, print_error, run_cli, setup_logging, sta
 
 
 def run(cfg):
-    from rsray.models import model_config
-    from rsray.tracking import TrackingUnavailable, ui_command
-    from rsray.train.loop import selection_metric
-    from rsray.train.run import TrainingFailed, best_checkpoint, epoch_line, train
+    from rsray.tracking import TrackingUnavailable
+    from rsray.train.run import TrainingFailed, train
 
     try:
         result = train(cfg)
     except (TrainingFailed, TrackingUnavailable) as exc:
         print_error(exc)
         return 1
+    print_summary(cfg, result)
+    return 0
+
+
+def print_summary(cfg, result) -> None:
+    """Every epoch's line, the run folder, the best checkpoint and the MLflow link (no credentials)."""
+    from rsray.models import model_config
+    from rsray.tracking import ui_command
+    from rsray.train.loop import selection_metric
+    from rsray.train.run import best_checkpoint, epoch_line
+
     history = result.return_value or ([m for _, m in result.best_checkpoints or []])
     for m in history:
         print(epoch_line(m, cfg.train.epochs))
@@ -33,7 +42,6 @@ def run(cfg):
                 else ""
             )
         )
-    return 0
 
 
 def main(argv=None) -> int:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from rsray.config import TrackingConfig
-from rsray.redact import is_secret, redact, redact_tree, without_credentials
+from rsray.redact import is_secret, redact, redact_tree, split_credentials, without_credentials
 
 log = logging.getLogger("rsray.tracking")
 
@@ -160,22 +160,33 @@ def ray_job_id() -> str | None:
         return None
 
 
-def metric_history(run_id: str, key: str, tracking_uri: str | None = None) -> list[tuple[int, float]]:
-    """[(step, value)] of one metric of a run, in step order."""
+def mlflow_client(uri: str | None) -> Any:
+    """An MlflowClient for `uri`. Credentials written into the URI (`http://user:password@host`) are
+    handed to MLflow through its own variables (MLFLOW_TRACKING_USERNAME / _PASSWORD, in this
+    process only) and the client gets the bare address, so nothing MLflow prints or logs (its
+    "View run at" lines, its errors) can show them. Variables the user set win."""
     from mlflow import MlflowClient
 
-    history = MlflowClient(tracking_uri).get_metric_history(run_id, metric_name(key))
+    address, credentials = split_credentials(uri) if uri else (uri, None)
+    if credentials:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", credentials[0])
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", credentials[1])
+    return MlflowClient(address)
+
+
+def metric_history(run_id: str, key: str, tracking_uri: str | None = None) -> list[tuple[int, float]]:
+    """[(step, value)] of one metric of a run, in step order."""
+    history = mlflow_client(tracking_uri).get_metric_history(run_id, metric_name(key))
     return [(m.step, m.value) for m in sorted(history, key=lambda m: (m.step, m.timestamp))]
 
 
 def find_runs(tracking_cfg: Any, tags: Mapping[str, str]) -> list[Any]:
     """Active (not deleted) runs of the configured experiment carrying every tag in `tags`,
     oldest first: how a resumed sweep finds the parent and trial runs it opened before."""
-    from mlflow import MlflowClient
     from mlflow.entities import ViewType
 
     tracking_cfg = tracking_section(tracking_cfg)
-    client = MlflowClient(tracking_cfg.uri)
+    client = mlflow_client(tracking_cfg.uri)
     experiment = client.get_experiment_by_name(tracking_cfg.experiment)
     if experiment is None:
         return []
@@ -259,7 +270,6 @@ class Tracker:
         """Open a run in `tracking_cfg.experiment` at `tracking_cfg.uri`; `params` is the nested
         resolved config (flattened here), `tags` are added to `default_tags()`; with
         `parent_run_id` the run is nested under that run (sweeps)."""
-        from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
         tracking_cfg = tracking_section(tracking_cfg)
@@ -271,7 +281,7 @@ class Tracker:
         if parent_run_id:
             all_tags[PARENT_RUN_TAG] = parent_run_id
         try:
-            client = MlflowClient(uri)
+            client = mlflow_client(uri)
             experiment_id = _experiment(client, tracking_cfg.experiment)
             run = client.create_run(experiment_id, run_name=run_name or None, tags=all_tags)
         except (MlflowException, OSError) as exc:
@@ -289,13 +299,12 @@ class Tracker:
     def attach(cls, tracking_cfg: Any, run_id: str, experiment_id: str = "", base_delay: float = 1.0) -> Tracker:
         """A run opened elsewhere (by the driver), for logging from a Ray worker: creates nothing
         and never ends the run, so a restarted worker keeps writing into the same run."""
-        from mlflow import MlflowClient
 
         tracking_cfg = tracking_section(tracking_cfg)
         for name, value in MLFLOW_HTTP_DEFAULTS.items():
             os.environ.setdefault(name, value)
         tracker = cls(
-            MlflowClient(tracking_cfg.uri), tracking_cfg.uri, run_id, experiment_id, tracking_cfg.retries, base_delay
+            mlflow_client(tracking_cfg.uri), tracking_cfg.uri, run_id, experiment_id, tracking_cfg.retries, base_delay
         )
         tracker._ended = True  # the owner ends it
         return tracker
@@ -425,7 +434,7 @@ class Tracker:
                 SystemMetricsMonitor,
             )
 
-            self._monitor = SystemMetricsMonitor(self.run_id, tracking_uri=self.uri)
+            self._monitor = SystemMetricsMonitor(self.run_id, tracking_uri=without_credentials(self.uri))
             self._monitor.start()
         except Exception as exc:
             log.warning("MLflow: system metrics disabled: %s", _one_line(exc))

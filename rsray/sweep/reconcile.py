@@ -19,11 +19,10 @@ def reconcile_child_runs(base: Config, sweep_id: str, trials: list[TrialSummary]
     Tune no longer knows (opened just before an interruption, after Tune's last saved state)."""
     if not base.tracking.enabled:
         return
-    from mlflow import MlflowClient
 
-    from rsray.tracking import find_runs, with_retries
+    from rsray.tracking import find_runs, mlflow_client, with_retries
 
-    client = MlflowClient(base.tracking.uri)
+    client = mlflow_client(base.tracking.uri)
     runs = {r.data.tags.get(TAG_TRIAL): r for r in find_runs(base.tracking, {TAG_SWEEP: sweep_id, TAG_ROLE: "trial"})}
     known = {t.trial_id for t in trials}
     for trial in trials:

@@ -10,6 +10,7 @@ stopped by ASHA), and then resumed by running the same sweep again in this proce
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -23,6 +24,7 @@ import yaml
 
 from rsray.config import CONF_DIR, load_config
 from rsray.sweep import TAG_EARLY, TAG_ROLE, TAG_SWEEP, TAG_TRIAL, load_sweep, run_sweep
+from tests.integration.credentials import PASSWORD, with_password
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +40,7 @@ def sweep_file(prepared, tmp_path_factory, mlflow_server) -> Path:
     path.write_text(f"""
 defaults: [{CONF_DIR / "train" / "cpu-tiny.yaml"}]
 train: {{data: {prepared}, epochs: {EPOCHS}, storage_path: {folder / "runs"}}}
-tracking: {{uri: "{mlflow_server}", experiment: {EXPERIMENT}, system_metrics: false}}
+tracking: {{uri: "{with_password(mlflow_server)}", experiment: {EXPERIMENT}, system_metrics: false}}
 sweep:
   space:
     model.lr: {{grid: [{GOOD_LR}, {TOO_SMALL_LR}]}}
@@ -197,6 +199,28 @@ def test_trials_asha_stopped_are_marked(swept):
             stopped.append(trial)
     assert stopped
     assert report.best.params["model.lr"] == GOOD_LR and not report.best.early_stopped
+
+
+def test_no_credential_reaches_the_sweep_folder_the_console_or_mlflow(swept, sweep_file, mlflow_server, tmp_path):
+    """The sweep's tracking URI carries a password: no file Ray Tune or rsray wrote under the
+    sweep's folder (Tune's state, trial checkpoints, the best config), no console line of the
+    interrupted `rsray sweep`, and nothing in the parent run holds it."""
+    import mlflow.artifacts
+
+    report = swept.report
+    files = [p for p in sweep_file.parent.rglob("*") if p.is_file() and p != sweep_file]
+    assert any(p.name == "config.yaml" for p in files) and Path(report.best_config) in files
+    parent = swept.client.get_run(report.parent_run_id)
+    texts = {str(p): p.read_bytes().decode("latin-1") for p in files}
+    texts["parent params"] = json.dumps(parent.data.params)
+    downloaded = Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=parent.info.run_id, dst_path=str(tmp_path), tracking_uri=mlflow_server
+        )
+    )
+    texts.update({str(p): p.read_bytes().decode("latin-1") for p in downloaded.rglob("*") if p.is_file()})
+    assert [where for where, text in texts.items() if PASSWORD in text] == []
+    assert "rsray-user:***@" in load_config(report.best_config).tracking.uri
 
 
 def test_best_config_trains_again_to_the_same_validation_mr(swept, tmp_path):

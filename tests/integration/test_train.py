@@ -9,6 +9,10 @@ train split need runs of their own.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -23,6 +27,7 @@ from rsray.eval.split import evaluate
 from rsray.models import build_model, model_config
 from rsray.tracking import metric_history
 from rsray.train.run import train
+from tests.integration.credentials import PASSWORD, with_password
 
 pytestmark = pytest.mark.integration
 
@@ -42,8 +47,24 @@ def prepared_on_s3(prepared, s3_endpoint, s3_bucket) -> str:
     return f"s3://{s3_bucket}/on-s3/data"
 
 
+class _Lines(logging.Handler):
+    """Every log line of the driver while the shared run trains, as rsray formats them."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
 def trained(prepared_on_s3, s3_bucket, mlflow_server):
+    """The shared run, tracked through a URI that carries a user name and password (the server
+    ignores them; a server with MLflow's basic-auth app would check them). Returns (cfg, result)
+    and sets `result.log_lines` and `result.summary` (what `rsray train` prints)."""
+    from pipelines.train import print_summary
+
     cfg = load_config(
         "train/cpu-tiny",
         [
@@ -52,13 +73,22 @@ def trained(prepared_on_s3, s3_bucket, mlflow_server):
             f"train.epochs={EPOCHS}",
             "train.run_name=vsepp-tiny-test",
             "train.decode_workers=1",  # each worker forks a decode process
-            f"tracking.uri={mlflow_server}",
+            f"tracking.uri={with_password(mlflow_server)}",
             "tracking.experiment=train-test",
         ],
     )
     started = time.perf_counter()
-    result = train(cfg)
+    lines = _Lines()
+    logging.getLogger().addHandler(lines)
+    try:
+        result = train(cfg)
+    finally:
+        logging.getLogger().removeHandler(lines)
     print(f"2 workers x {EPOCHS} epochs: {time.perf_counter() - started:.1f}s")
+    summary = io.StringIO()
+    with contextlib.redirect_stdout(summary):
+        print_summary(cfg, result)
+    result.log_lines, result.summary = lines.lines, summary.getvalue()
     return cfg, result
 
 
@@ -140,6 +170,37 @@ def test_mlflow_holds_params_per_epoch_metrics_and_artifacts(trained, mlflow_ser
         for name in ("loss_and_mr.png", "retrieval_t2i.png", "retrieval_i2t.png", "embedding_projection.png")
     } <= figures
     assert result.mlflow_link.endswith("?workflowType=machine_learning")
+
+
+def test_no_credential_from_the_tracking_uri_is_printed_logged_or_written(
+    trained, mlflow_server, s3_endpoint, s3_bucket, tmp_path
+):
+    """The password in tracking.uri reaches no console line, MLflow param, tag or artifact, and no
+    file in Ray Train's run folder (checkpoints' config.yaml included); the link printed is the
+    server's own address, and the config keeps the user name so a reader knows one was used."""
+    import boto3
+    import mlflow.artifacts
+    from mlflow import MlflowClient
+
+    cfg, result = trained
+    assert PASSWORD in cfg.tracking.uri  # the process itself keeps using it
+    printed = "\n".join(result.log_lines) + result.summary
+    assert f"MLflow run {result.mlflow_run_id}: {mlflow_server}/#/experiments/" in result.summary
+    assert "best checkpoint (val/mR): " in result.summary
+    run = MlflowClient(mlflow_server).get_run(result.mlflow_run_id)
+    assert run.data.params["tracking.uri"] == with_password(mlflow_server).replace(PASSWORD, "***")
+    recorded = [printed, json.dumps(run.data.params), json.dumps(run.data.tags)]
+    artifacts = Path(
+        mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path), tracking_uri=mlflow_server)
+    )
+    recorded += [file.read_bytes().decode("latin-1") for file in artifacts.rglob("*") if file.is_file()]
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    listing = client.list_objects_v2(Bucket=s3_bucket, Prefix=f"{RUNS_PREFIX}/vsepp-tiny-test/")["Contents"]
+    for item in listing:
+        recorded.append(client.get_object(Bucket=s3_bucket, Key=item["Key"])["Body"].read().decode("latin-1"))
+    assert any("config.yaml" in item["Key"] for item in listing) and len(recorded) > 10
+    leaks = [text[max(0, text.find(PASSWORD) - 80) : text.find(PASSWORD) + 20] for text in recorded if PASSWORD in text]
+    assert not leaks
 
 
 def test_rsray_evaluate_scores_the_checkpoint_with_and_without_smr(trained, tmp_path, capsys):
