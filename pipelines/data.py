@@ -1,4 +1,5 @@
 """`rsray data inspect TARGET [--json]`: dataset statistics to check against the papers, no images needed.
+`rsray data verify PREPARED`: every shard of a prepared output against its manifest (sizes, sha256).
 
 TARGET is a dataset config (YAML or a conf/ name), an annotation folder (format detected), or a
 prepared output with manifest.json (local or s3://). Overrides such as
@@ -77,19 +78,33 @@ def manifest_statistics(uri: str, s3_endpoint: str | None) -> dict:
     }
 
 
+def verify(target: str, overrides: list[str]) -> int:
+    from rsray.data.prepare import SPLITS
+    from rsray.data.verify import verify_prepared
+
+    cfg = load_config(None, overrides)
+    checked = verify_prepared(target, cfg.prepare.s3_endpoint, checksum_splits=SPLITS)
+    print(f"{target}: {checked.files} shard files, {checked.bytes / 1e6:.1f} MB, sizes and sha256 as in the manifest")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = stage_parser(
         "rsray data",
         "Dataset tools. `rsray data inspect TARGET [--json] [key=value ...]` "
         "prints records and captions per split, scenes and their counts, caption "
-        "lengths and the vocabulary size under the reference recipe.",
+        "lengths and the vocabulary size under the reference recipe. "
+        "`rsray data verify PREPARED [prepare.s3_endpoint=...]` checks that every shard file the "
+        "manifest lists is there with its size and sha256 (exit 3 naming the first that is not).",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     ns = parser.parse_intermixed_args(argv)
     setup_logging()
-    if not ns.args or ns.args[0] != "inspect" or len(ns.args) < 2:
-        parser.error("usage: rsray data inspect TARGET [--json] [key=value ...]")
+    if not ns.args or ns.args[0] not in ("inspect", "verify") or len(ns.args) < 2:
+        parser.error("usage: rsray data inspect TARGET [--json] [key=value ...] | rsray data verify PREPARED")
     target, overrides = ns.args[1], ns.args[2:]
+    if ns.args[0] == "verify":
+        return run_cli(lambda: verify(target, overrides))
 
     def show() -> int:
         from rsray.data.stats import format_statistics

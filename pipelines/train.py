@@ -17,6 +17,8 @@ def run(cfg):
         print_error(exc)
         return 1
     print_summary(cfg, result)
+    if getattr(result, "tracking_outage", None):  # training succeeded: a tracking outage is a warning, exit 0
+        print_error(result.tracking_outage, prefix="warning: ")
     return 0
 
 

@@ -21,11 +21,32 @@ from rsray import storage
 STATE_FILE, CONFIG_FILE = "state.pt", "config.yaml"
 
 
-def load_state(source: str | Path | bytes) -> dict[str, Any]:
-    """A `state.pt` (path or its bytes) on the CPU, with `weights_only=True`."""
-    return torch.load(
-        io.BytesIO(source) if isinstance(source, bytes) else source, map_location="cpu", weights_only=True
-    )
+class UnreadableCheckpoint(ValueError):
+    """A `state.pt` that is refused (it holds more than tensors and plain data) or is not a
+    checkpoint at all (truncated, another format); the message is one line naming it."""
+
+
+def load_state(source: str | Path | bytes, where: str = "") -> dict[str, Any]:
+    """A `state.pt` (path or its bytes) on the CPU, with `weights_only=True`. `where` names it in
+    errors (defaults to the path)."""
+    import pickle
+    import struct
+
+    where = where or str(source if not isinstance(source, bytes) else STATE_FILE)
+    try:
+        return torch.load(
+            io.BytesIO(source) if isinstance(source, bytes) else source, map_location="cpu", weights_only=True
+        )
+    except pickle.UnpicklingError:
+        raise UnreadableCheckpoint(
+            f"{where}: refused for safety: it holds Python objects other than tensors and plain data, "
+            "which loading would run as code; rsray loads only what `rsray train` writes"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, struct.error) as exc:
+        reason = " ".join(str(exc).split()).split(". ")[0][:120]
+        raise UnreadableCheckpoint(
+            f"{where}: not a readable checkpoint (truncated or not a state.pt: {reason})"
+        ) from None
 
 
 def read_checkpoint(uri: str, s3_endpoint: str | None = None, context: str = "") -> tuple[dict[str, Any], dict]:
@@ -38,7 +59,7 @@ def read_checkpoint(uri: str, s3_endpoint: str | None = None, context: str = "")
             raise FileNotFoundError(
                 f"{context}{source.join(name).uri}: not found (is {uri} an rsray checkpoint folder?)"
             )
-    state = load_state(storage.read_bytes(source.join(STATE_FILE)))
+    state = load_state(storage.read_bytes(source.join(STATE_FILE)), where=f"{context}{source.join(STATE_FILE).uri}")
     config = yaml.safe_load(storage.read_bytes(source.join(CONFIG_FILE)))
     return state, config
 

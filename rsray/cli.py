@@ -69,7 +69,7 @@ def print_error(exc: BaseException | str, prefix: str = "error: ") -> None:
     """The one-line error every command ends with, credentials redacted."""
     from rsray.redact import redact
 
-    print(f"rsray: {prefix}{redact(exc)}", file=sys.stderr)
+    print(f"rsray: {prefix}{' '.join(redact(exc).split())}", file=sys.stderr)
 
 
 def run_cli(fn: Callable[[], int | None]) -> int:
@@ -82,6 +82,9 @@ def run_cli(fn: Callable[[], int | None]) -> int:
     except (ConfigError, AnnotationError, FileNotFoundError, ValueError) as exc:
         print_error(exc)
         return 2
+    except OSError as exc:  # storage: S3 unreachable or refused, a shard missing or changed
+        print_error(exc)
+        return 3
     except TooManyRejections as exc:
         print_error(exc)
         return 1

@@ -157,6 +157,9 @@ class TrainConfig:
     # close to a bare loop. A pair repeats its image's bytes, so the cache is about (captions per
     # image) x the shard files; auto caches when that fills at most half of the object store.
     cache_train_split: str = "auto"  # auto | always | never
+    # Before any worker starts, every shard's size is checked against the manifest, and these splits'
+    # sha256 too (the numbers a run reports rest on them; `rsray data verify` checks all).
+    verify_checksums: list[str] = field(default_factory=lambda: ["val", "test"])
 
     def check(self) -> Iterator[tuple[str, str]]:
         for name in ("epochs", "batch_size", "num_workers", "keep_checkpoints", "eval_batch_size"):
@@ -172,6 +175,8 @@ class TrainConfig:
             yield "max_failures", f"must be >= -1 (-1: retry forever), got {self.max_failures}"
         if self.decode_workers < 0:
             yield "decode_workers", f"must be >= 0, got {self.decode_workers}"
+        if set(self.verify_checksums) - {"train", "val", "test"}:
+            yield "verify_checksums", f"must be a subset of train, val, test, got {self.verify_checksums}"
         if self.cache_train_split not in ("auto", "always", "never"):
             yield "cache_train_split", f"must be auto, always or never, got {self.cache_train_split!r}"
 

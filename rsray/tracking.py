@@ -35,6 +35,7 @@ EXPERIMENT_KIND = "custom_model_development"  # opens the runs table (training v
 PARENT_RUN_TAG = "mlflow.parentRunId"  # how MLflow nests a child run under its parent
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 DEFAULT_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local SQLite store
+OUTAGE_COOLDOWN_S = 60.0  # after a call gives up, further calls are skipped this long
 
 # MLflow's own HTTP client retries up to 7 times with long backoff; our helper does the retrying,
 # so a dead server stalls one call for seconds, not minutes. Users may still override both.
@@ -88,10 +89,12 @@ def with_retries(
     base_delay: float = 1.0,
     max_delay: float = 30.0,
     what: str = "",
+    on_give_up: Callable[[BaseException], None] | None = None,
     **kwargs: Any,
 ) -> Any:
     """Call `fn`; on an exception wait base_delay * 2**attempt (capped) and try again, `retries`
-    more times. After the last failure log one warning and return None: never raises."""
+    more times. After the last failure log one warning, tell `on_give_up` and return None: never
+    raises."""
     for attempt in range(retries + 1):
         try:
             return fn(*args, **kwargs)
@@ -103,6 +106,8 @@ def with_retries(
                     attempt + 1,
                     _one_line(exc),
                 )
+                if on_give_up is not None:
+                    on_give_up(exc)
                 return None
             time.sleep(min(base_delay * 2**attempt, max_delay))
     return None
@@ -256,6 +261,8 @@ class Tracker:
         self._monitor: Any = None
         self._ended = False
         self.resumed = False  # True when `start_or_resume` found the run instead of opening it
+        self._down_since: float | None = None  # when a call last gave up (the store counts as down)
+        self.not_logged: list[str] = []  # what was given up on, in order
 
     @classmethod
     def start(
@@ -355,7 +362,42 @@ class Tracker:
     # -- logging (every call goes through `_call`, which never raises)
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return with_retries(fn, *args, retries=self.retries, base_delay=self.base_delay, what=what, **kwargs)
+        """`fn` with retries; None when it gave up. Once a call has given up, the store counts as
+        down: calls in the next OUTAGE_COOLDOWN_S seconds are skipped at once, and after that one
+        attempt without retries tells whether it is back. A dead server therefore costs one round
+        of retries, not one per call, and everything skipped is listed in `not_logged`."""
+        down = self._down_since is not None
+        if down and time.monotonic() - self._down_since < OUTAGE_COOLDOWN_S:
+            self.not_logged.append(what)
+            return None
+        gave_up: list[BaseException] = []
+        result = with_retries(
+            fn,
+            *args,
+            retries=0 if down else self.retries,
+            base_delay=self.base_delay,
+            what=what,
+            on_give_up=gave_up.append,
+            **kwargs,
+        )
+        if gave_up:
+            self._down_since = time.monotonic()
+            self.not_logged.append(what)
+        else:
+            self._down_since = None
+        return result
+
+    def outage(self) -> str | None:
+        """One line saying what could not be logged (None when everything was): for the end of a
+        command whose work succeeded while the tracking store was away."""
+        if not self.not_logged:
+            return None
+        shown = ", ".join(dict.fromkeys(self.not_logged[:6]))
+        more = f" and {len(self.not_logged) - 6} more" if len(self.not_logged) > 6 else ""
+        ended = any(what.startswith("end run") for what in self.not_logged)
+        return f"MLflow at {without_credentials(self.uri)} failed; not logged: {shown}{more}" + (
+            f"; run {self.run_id} stays RUNNING there until you end it" if ended else ""
+        )
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -413,8 +455,9 @@ class Tracker:
 
     # -- reading back and linking
 
-    def metric_history(self, key: str) -> list[tuple[int, float]]:
-        return metric_history(self.run_id, key, self.uri)
+    def metric_history(self, key: str) -> list[tuple[int, float]] | None:
+        """[(step, value)] of one of this run's metrics; None when the store cannot be read."""
+        return self._call(f"read {key} history", metric_history, self.run_id, key, self.uri)
 
     def ui_link(self, host_base: str | None = None) -> str:
         """The experiment's runs table in the MLflow UI (training view), this run among them.
@@ -477,6 +520,10 @@ class NullTracker:
     experiment_id: str | None = None
     uri = ""
     resumed = False
+    not_logged: tuple[str, ...] = ()
+
+    def outage(self) -> str | None:
+        return None
 
     @classmethod
     def start(cls, *args: Any, **kwargs: Any) -> NullTracker:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -144,50 +145,58 @@ def wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> No
     wait_until(healthy, proc, url, timeout)
 
 
+class MlflowServer:
+    """A real `mlflow server` process on 127.0.0.1: runs in a SQLite file in `folder`, artifacts at
+    `artifacts` (a folder or s3://...). `uri` is its tracking URI; `kill()` is an outage."""
+
+    def __init__(self, folder: Path, artifacts: str, env: dict | None = None):
+        self.folder, self.port = folder, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log = open(folder / "mlflow-server.log", "w")
+        command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db"]
+        command += ["--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(self.port)]
+        self.proc = subprocess.Popen(
+            command + ["--workers", "1"], stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=folder
+        )
+        try:
+            wait_for_http(f"{self.uri}/health", self.proc)
+        except Exception as exc:
+            self.stop()
+            raise RuntimeError(f"mlflow server did not start; log:\n{self.log_text()[-3000:]}") from exc
+
+    def log_text(self) -> str:
+        return (self.folder / "mlflow-server.log").read_text()
+
+    def kill(self) -> None:
+        """SIGKILL the server and every process it started (gunicorn/uvicorn workers)."""
+        import signal
+
+        for pid in _descendants(self.proc.pid) + [self.proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()
+
+
+def _descendants(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    found = [int(c) for c in children.read_text().split()] if children.exists() else []
+    return [d for c in found for d in _descendants(c)] + found
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory, s3_endpoint, s3_bucket):
     """A real `mlflow server` on 127.0.0.1: runs in a SQLite file, artifacts proxied to
     s3://<bucket>/mlflow on the moto server. Yields the tracking URI (http://127.0.0.1:PORT)."""
-    folder = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
     env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
-    log = open(folder / "mlflow-server.log", "w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{folder}/mlflow.db",
-            "--artifacts-destination",
-            f"s3://{s3_bucket}/mlflow",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=folder,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(f"{uri}/health", proc)
-    except Exception as exc:
-        proc.terminate()
-        log.close()
-        raise RuntimeError(
-            f"mlflow server did not start; log:\n{(folder / 'mlflow-server.log').read_text()[-3000:]}"
-        ) from exc
-    yield uri
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
-    log.close()
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), f"s3://{s3_bucket}/mlflow", env)
+    yield server.uri
+    server.stop()

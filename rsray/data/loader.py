@@ -65,6 +65,7 @@ from rsray.data.pairs import (  # noqa: F401 - the Arrow half of this module's c
 )
 from rsray.data.prepare import read_manifest
 from rsray.data.text import PAD_ID, UNK_ID
+from rsray.data.verify import ShardMismatch
 
 Batch = dict[str, torch.Tensor]
 Transform = Callable[[Any], torch.Tensor]
@@ -76,10 +77,6 @@ INPUT_PAD_ID = 0  # [PAD] in BERT-family vocabularies
 
 class SplitNotFound(FileNotFoundError):
     """The prepared output has no (non-empty) split of that name."""
-
-
-class ShardMismatch(OSError):
-    """A shard file differs from what the manifest recorded (checksum or row count)."""
 
 
 # ----------------------------------------------------------------------------- reading

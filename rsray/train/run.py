@@ -421,10 +421,12 @@ def build_trainer(cfg: Config, mlflow_run_id: str | None = None, callbacks: Sequ
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from rsray.data.verify import verify_prepared
     from rsray.models import model_config
     from rsray.train.loop import selection_metric
 
     model_config(cfg)  # a bad model section fails here, in one line, before any worker starts
+    verify_prepared(cfg.train.data, cfg.prepare.s3_endpoint, tuple(cfg.train.verify_checksums))  # so does bad data
     cfg = _absolute_paths(copy.deepcopy(cfg))
     _fill_model_from_data(cfg)
     tc = cfg.train
@@ -531,24 +533,30 @@ def train(cfg: Config, tracker=None, callbacks: Sequence[Any] = ()):
                 params=cfg.to_dict(),
                 tags={"model": cfg.model.get("name", ""), "dataset": cfg.data.name},
             )
-    ensure_ray()
-    configure_data_context()  # the train stream's order is fixed for a seed: a config reproduces its run
-    trainer = build_trainer(cfg, mlflow_run_id=tracker.run_id, callbacks=callbacks)
-    name = trainer.run_config.name
-    try:
+    try:  # from here on, whatever stops the run ends its MLflow run too (never left RUNNING)
+        ensure_ray()
+        configure_data_context()  # the train stream's order is fixed for a seed: a config reproduces its run
+        trainer = build_trainer(cfg, mlflow_run_id=tracker.run_id, callbacks=callbacks)
+        name = trainer.run_config.name
         result = trainer.fit()
         if result.error:  # fit() raises in Ray 2.60; kept in case a version returns the error instead
             raise TrainingFailed(f"training run {name} failed: {_summary(result.error)}")
     except TrainingFailedError as exc:
         tracker.end("FAILED")
         raise TrainingFailed(f"training run {name} failed: {_summary(exc)}") from exc
+    except KeyboardInterrupt:
+        tracker.end("KILLED")
+        raise
     except BaseException:
         tracker.end("FAILED")
         raise
+    # Training is done and its checkpoints are registered: nothing below may fail the run. A tracking
+    # outage is collected by the tracker and reported once (`result.tracking_outage`).
     _log_earlier_epochs(tracker, result.return_value or [])
     _log_run_artifacts(tracker, cfg, result)
     tracker.end("FINISHED")
     result.mlflow_run_id, result.mlflow_link = tracker.run_id, tracker.ui_link()
+    result.tracking_outage = tracker.outage()
     return result
 
 
@@ -556,7 +564,12 @@ def _log_earlier_epochs(tracker, history: list[dict[str, float]]) -> None:
     """Epochs this MLflow run lacks because they were trained by an earlier run of the same name
     (Ray resumed from its checkpoints): logged from the checkpointed history, so each run's
     curves start at epoch 0. Runs after fit, when no EpochLogger is logging any more."""
-    logged = {step for step, _ in tracker.metric_history("epoch")} if history else set()
+    if not history:
+        return
+    logged = tracker.metric_history("epoch")
+    if logged is None:  # the store is away: what it lacks cannot be told (listed in tracker.not_logged)
+        return
+    logged = {step for step, _ in logged}
     for metrics in history:
         if int(metrics["epoch"]) not in logged:
             tracker.log_metrics(metrics, step=int(metrics["epoch"]))
@@ -567,6 +580,8 @@ def _log_run_artifacts(tracker, cfg: Config, result) -> None:
     top-5 retrieval grids and the embedding projection on the validation split."""
     from rsray.figures import loss_and_mr_curves
 
+    if tracker.run_id is None:  # tracking disabled: nothing to draw the figures for
+        return
     history = result.return_value or []
     tracker.log_dict(cfg.public_dict(), "config.yaml")
     tracker.log_dict({"final": result.metrics, "history": history}, "metrics.json")

@@ -96,7 +96,7 @@ def write_output(root, with_ids=False) -> dict:
                 scenes[s] = scenes.get(s, 0) + 1
     manifest = {
         "schema_version": 1,
-        "splits": {s: _describe_split(loc.join(s), s) for s in SPLITS},
+        "splits": {s: _describe_split(loc, s, storage.list_files(loc.join(s), ".parquet")) for s in SPLITS},
         "scenes": dict(sorted(scenes.items())),
         "vocab": {"min_count": 1, "words": WORDS},
         "tokenizer": "tiny" if with_ids else None,

@@ -158,19 +158,39 @@ def test_retry_helper_recovers_then_gives_up(caplog):
     assert "log metrics failed after 3 attempt(s)" in caplog.text
 
 
-def test_logging_never_raises_when_the_store_breaks(local_cfg, caplog):
+def test_logging_never_raises_when_the_store_breaks_and_an_outage_costs_one_round_of_retries(
+    local_cfg, caplog, monkeypatch
+):
+    import rsray.tracking
+
     tracker = Tracker.start(local_cfg, "broken", params={}, tags={}, base_delay=0.0)
+    calls = []
 
     def broken(*args, **kwargs):
+        calls.append(args)
         raise ConnectionError("store went away")
 
+    healthy_log_batch = tracker.client.log_batch
     tracker.client.log_batch = broken
     tracker.client.log_artifact = broken
     with caplog.at_level(logging.WARNING, logger="rsray.tracking"):
         tracker.log_metrics({"mR": 1.0}, step=0)
-        tracker.log_artifact(__file__)
-    assert caplog.text.count("skipped") == 2
+        tracker.log_artifact(__file__)  # the store counts as down: skipped without a call
+        assert tracker.metric_history("mR") is None
+    assert caplog.text.count("skipped") == 1 and len(calls) == local_cfg.retries + 1
+    assert tracker.not_logged == ["log metrics (step 0)", f"log artifact {__file__}", "read mR history"]
+    assert (
+        tracker.outage().startswith("MLflow at sqlite:///") and "not logged: log metrics (step 0), " in tracker.outage()
+    )
+
+    monkeypatch.setattr(rsray.tracking, "OUTAGE_COOLDOWN_S", 0.0)  # the cool-down is over: one attempt, no retries
+    tracker.log_metrics({"mR": 2.0}, step=1)
+    assert len(calls) == local_cfg.retries + 2
+    tracker.client.log_batch = healthy_log_batch  # the store is back
+    tracker.log_metrics({"mR": 3.0}, step=2)
+    assert tracker.metric_history("mR") == [(2, 3.0)] and tracker._down_since is None
     tracker.end()
+    assert "stays RUNNING" not in tracker.outage()
 
 
 def test_unreachable_server_is_one_clear_line():
