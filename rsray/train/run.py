@@ -415,23 +415,40 @@ def cache_train_split(setting: str, pair_bytes: float, object_store_bytes: float
     return pair_bytes <= 0.5 * object_store_bytes
 
 
-def build_trainer(cfg: Config, mlflow_run_id: str | None = None, callbacks: Sequence[Any] = ()):
+def preflight(cfg: Config) -> Config:
+    """Everything checked before an MLflow run or any worker starts, each refusal one line: the
+    model section, the prepared data against its manifest (`rsray.data.verify`), and, when the run
+    name has checkpoints, that resuming would not ignore a changed setting (`run_folder`). Returns
+    the resolved copy the workers get: local paths absolute, model keys that follow from the data
+    filled in, a run name."""
+    from rsray.data.verify import verify_prepared
+    from rsray.models import model_config
+    from rsray.train.run_folder import check_resume, resume_point
+
+    model_config(cfg)
+    verify_prepared(cfg.train.data, cfg.prepare.s3_endpoint, tuple(cfg.train.verify_checksums))
+    cfg = _absolute_paths(copy.deepcopy(cfg))
+    _fill_model_from_data(cfg)
+    if not cfg.train.run_name:
+        cfg.train.run_name = default_run_name(cfg)
+    point = resume_point(cfg)
+    if point is not None:
+        check_resume(cfg, point)
+    return cfg
+
+
+def build_trainer(cfg: Config, mlflow_run_id: str | None = None, callbacks: Sequence[Any] = (), checked: bool = False):
     """The TorchTrainer for `cfg` (does not start training). `callbacks`: Ray Train UserCallbacks,
-    e.g. the one a sweep trial uses to pass each epoch's metrics on to Ray Tune."""
+    e.g. the one a sweep trial uses to pass each epoch's metrics on to Ray Tune. `checked`: `cfg`
+    is already `preflight`'s result."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from rsray.data.verify import verify_prepared
     from rsray.models import model_config
     from rsray.train.loop import selection_metric
 
-    model_config(cfg)  # a bad model section fails here, in one line, before any worker starts
-    verify_prepared(cfg.train.data, cfg.prepare.s3_endpoint, tuple(cfg.train.verify_checksums))  # so does bad data
-    cfg = _absolute_paths(copy.deepcopy(cfg))
-    _fill_model_from_data(cfg)
+    cfg = cfg if checked else preflight(cfg)
     tc = cfg.train
-    if not tc.run_name:
-        tc.run_name = default_run_name(cfg)
     store = storage.resolve(tc.storage_path)
     run_config = RunConfig(
         name=tc.run_name,
@@ -520,36 +537,43 @@ def train(cfg: Config, tracker=None, callbacks: Sequence[Any] = ()):
 
     from rsray.runtime import configure_data_context, ensure_ray
     from rsray.tracking import NullTracker, Tracker
+    from rsray.train.run_folder import RunLock
 
     cfg = _absolute_paths(_train_earlier_stages(cfg))
     if not cfg.train.run_name:
         cfg.train.run_name = default_run_name(cfg)
-    if tracker is None:
-        tracker = NullTracker()
-        if cfg.tracking.enabled:  # an unreachable server fails here, before any worker starts
-            tracker = Tracker.start(
-                cfg.tracking,
-                cfg.train.run_name,
-                params=cfg.to_dict(),
-                tags={"model": cfg.model.get("name", ""), "dataset": cfg.data.name},
-            )
-    try:  # from here on, whatever stops the run ends its MLflow run too (never left RUNNING)
-        ensure_ray()
-        configure_data_context()  # the train stream's order is fixed for a seed: a config reproduces its run
-        trainer = build_trainer(cfg, mlflow_run_id=tracker.run_id, callbacks=callbacks)
-        name = trainer.run_config.name
-        result = trainer.fit()
-        if result.error:  # fit() raises in Ray 2.60; kept in case a version returns the error instead
-            raise TrainingFailed(f"training run {name} failed: {_summary(result.error)}")
-    except TrainingFailedError as exc:
-        tracker.end("FAILED")
-        raise TrainingFailed(f"training run {name} failed: {_summary(exc)}") from exc
-    except KeyboardInterrupt:
-        tracker.end("KILLED")
-        raise
-    except BaseException:
-        tracker.end("FAILED")
-        raise
+    with RunLock(cfg):  # one live run per name: two would mix their checkpoints
+        try:
+            resolved = preflight(cfg)  # before the MLflow run opens: a refused run leaves none behind
+        except BaseException:
+            if tracker is not None:  # a sweep trial's own run
+                tracker.end("FAILED")
+            raise
+        if tracker is None:
+            tracker = NullTracker()
+            if cfg.tracking.enabled:  # an unreachable server fails here, before any worker starts
+                tracker = Tracker.start(
+                    cfg.tracking,
+                    cfg.train.run_name,
+                    params=cfg.to_dict(),
+                    tags={"model": cfg.model.get("name", ""), "dataset": cfg.data.name},
+                )
+        name = cfg.train.run_name
+        try:  # from here on, whatever stops the run ends its MLflow run too (never left RUNNING)
+            ensure_ray()
+            configure_data_context()  # the train stream's order is fixed for a seed: a config reproduces its run
+            result = build_trainer(resolved, mlflow_run_id=tracker.run_id, callbacks=callbacks, checked=True).fit()
+            if result.error:  # fit() raises in Ray 2.60; kept in case a version returns the error instead
+                raise TrainingFailed(f"training run {name} failed: {_summary(result.error)}")
+        except TrainingFailedError as exc:
+            tracker.end("FAILED")
+            raise TrainingFailed(f"training run {name} failed: {_summary(exc)}") from exc
+        except KeyboardInterrupt:
+            tracker.end("KILLED")
+            raise
+        except BaseException:
+            tracker.end("FAILED")
+            raise
     # Training is done and its checkpoints are registered: nothing below may fail the run. A tracking
     # outage is collected by the tracker and reported once (`result.tracking_outage`).
     _log_earlier_epochs(tracker, result.return_value or [])

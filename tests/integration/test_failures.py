@@ -8,18 +8,21 @@ code: 0 done (warnings allowed), 1 the work failed, 2 bad input or config, 3 sto
 from __future__ import annotations
 
 import io
+import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from rsray.cli import main
-from rsray.config import load_config
+from rsray.config import ConfigError, load_config
 from rsray.data.prepare import read_manifest
 from rsray.data.verify import ShardMismatch
 from tests.conftest import MlflowServer
@@ -38,31 +41,37 @@ def last_line(text: str) -> str:
     return text.strip().splitlines()[-1]
 
 
-# ----------------------------------------------------------------------------- tracking outage
+# ----------------------------------------------------------------------------- tracking outage, run names
+
+RUN = "outage"
 
 
-def test_a_tracking_outage_mid_run_never_fails_the_finished_training(prepared, ray_cluster, tmp_path):
-    """The MLflow server is SIGKILLed once epoch 0 is logged: training goes on to its last epoch,
-    `rsray train` prints its summary and best checkpoint, says once what was not logged, exits 0."""
+def run_args(prepared: str, runs: Path, *extra: str) -> list[str]:
+    return ["train/cpu-tiny", f"train.data={prepared}", f"train.storage_path={runs}", f"train.run_name={RUN}", *extra]
+
+
+@pytest.fixture(scope="module")
+def outage(prepared, ray_cluster, tmp_path_factory):
+    """`rsray train` (3 epochs) tracked on its own MLflow server. Once epoch 0 is logged, a second
+    run with the same name is started in this process (it must be refused while the first lives),
+    then the server is SIGKILLed; the first run goes on without it."""
     from mlflow import MlflowClient
 
-    (tmp_path / "mlflow").mkdir()
-    server = MlflowServer(tmp_path / "mlflow", str(tmp_path / "artifacts"))
-    log = tmp_path / "train.log"
+    from rsray.train.run import train
+
+    folder = tmp_path_factory.mktemp("outage")
+    (folder / "mlflow").mkdir()
+    server = MlflowServer(folder / "mlflow", str(folder / "artifacts"))
+    log, runs = folder / "train.log", folder / "runs"
+    extra = [
+        f"tracking.uri={server.uri}",
+        "tracking.experiment=outage",
+        "tracking.retries=1",
+        "tracking.system_metrics=false",
+    ]
     try:
         proc = rsray_process(
-            [
-                "pipelines.train",
-                "train/cpu-tiny",
-                f"train.data={prepared}",
-                "train.epochs=3",
-                f"train.storage_path={tmp_path / 'runs'}",
-                "train.run_name=outage",
-                f"tracking.uri={server.uri}",
-                "tracking.experiment=outage",
-                "tracking.retries=1",
-                "tracking.system_metrics=false",
-            ],
+            ["pipelines.train", *run_args(prepared, runs, "train.epochs=3", *extra)],
             ray_cluster,
             log,
             MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
@@ -72,20 +81,53 @@ def test_a_tracking_outage_mid_run_never_fails_the_finished_training(prepared, r
             assert proc.poll() is None, f"training ended before the outage:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"epoch 0 never logged:\n{log.read_text()[-3000:]}"
             experiment = client.get_experiment_by_name("outage")
-            runs = client.search_runs([experiment.experiment_id]) if experiment else []
-            if runs and "epoch" in runs[0].data.metrics:
+            runs_now = client.search_runs([experiment.experiment_id]) if experiment else []
+            if runs_now and "epoch" in runs_now[0].data.metrics:
                 break
             time.sleep(0.5)
+        with pytest.raises(ConfigError) as second:
+            train(load_config(run_args(prepared, runs)[0], run_args(prepared, runs, "tracking.enabled=false")[1:]))
         server.kill()
-        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+        code = proc.wait(timeout=300)
     finally:
         server.stop()
-    output = log.read_text()
-    assert "epoch 2 of 0..2" in output and "best checkpoint (val/mR): " in output
-    warnings = [line for line in output.splitlines() if line.startswith("rsray: warning: MLflow")]
-    assert len(warnings) == 1, output[-3000:]
-    assert f"MLflow at {server.uri} failed; not logged: " in warnings[0] and "stays RUNNING" in warnings[0]
-    assert "Traceback" not in output
+    return SimpleNamespace(code=code, output=log.read_text(), uri=server.uri, runs=runs, second=second.value)
+
+
+def test_a_tracking_outage_mid_run_never_fails_the_finished_training(outage):
+    """Training goes on to its last epoch, `rsray train` prints its summary and best checkpoint,
+    says once what was not logged, and exits 0."""
+    assert outage.code == 0, outage.output[-3000:]
+    assert "epoch 2 of 0..2" in outage.output and "best checkpoint (val/mR): " in outage.output
+    warnings = [line for line in outage.output.splitlines() if line.startswith("rsray: warning: MLflow")]
+    assert len(warnings) == 1, outage.output[-3000:]
+    assert f"MLflow at {outage.uri} failed; not logged: " in warnings[0] and "stays RUNNING" in warnings[0]
+    assert "Traceback" not in outage.output
+
+
+def test_a_run_name_in_use_by_a_live_run_is_refused(outage):
+    message = str(outage.second)
+    assert message.startswith("command line: train.run_name: 'outage' is in use by a live run (pid ")
+    assert "\n" not in message
+    snapshot = json.loads((outage.runs / RUN / "checkpoint_manager_snapshot.json").read_text())
+    kept = [(c["checkpoint_dir_name"], c["metrics"]["epoch"]) for c in snapshot["checkpoint_results"]]
+    assert [epoch for _, epoch in kept] == [1, 2]  # the live run's own, as keep_checkpoints=2 leaves them
+    assert all((outage.runs / RUN / name / "state.pt").exists() for name, _ in kept)
+    assert not (outage.runs / RUN / "rsray-run.json").exists()  # released when that run ended
+
+
+def test_a_rerun_that_would_ignore_a_changed_setting_is_refused_and_an_unchanged_one_resumes(outage, prepared, caplog):
+    from rsray.train.run import train
+
+    args = run_args(prepared, outage.runs, "tracking.enabled=false", "train.epochs=4")
+    with pytest.raises(
+        ConfigError, match=r"model\.lr: run 'outage' would resume from epoch 2 of .*model\.lr: 0\.001 there, 0\.01 now"
+    ):
+        train(load_config(args[0], [*args[1:], "model.lr=0.01"]))
+    with caplog.at_level(logging.INFO, logger="rsray.train"):
+        result = train(load_config(args[0], args[1:]))
+    assert f"resuming run {RUN} from epoch 2 (" in caplog.text
+    assert [int(m["epoch"]) for m in result.return_value] == [0, 1, 2, 3]
 
 
 # ----------------------------------------------------------------------------- data changed after prepare
@@ -105,7 +147,7 @@ def _shard(folder: Path, split: str) -> Path:
     return folder / read_manifest(str(folder))["splits"][split]["files"][0]["path"]
 
 
-def test_changed_shards_are_refused_before_any_worker_starts_and_the_mlflow_run_is_failed(
+def test_changed_shards_are_refused_before_an_mlflow_run_or_a_worker_starts(
     copy_of, ray_cluster, mlflow_server, tmp_path
 ):
     from mlflow import MlflowClient
@@ -129,10 +171,9 @@ def test_changed_shards_are_refused_before_any_worker_starts_and_the_mlflow_run_
     with pytest.raises(ShardMismatch, match=rf"{shard}: \d+ bytes, the manifest says \d+ \(truncated"):
         train(cfg)
     assert time.monotonic() - started < 30  # refused up front, not by a worker
-    client = MlflowClient(mlflow_server)
-    (run,) = client.search_runs([client.get_experiment_by_name("refused").experiment_id])
-    assert run.info.status == "FAILED"
-    assert not (tmp_path / "runs" / "refused").exists()  # no Ray Train run was started
+    experiment = MlflowClient(mlflow_server).get_experiment_by_name("refused")
+    assert experiment is None  # refused before the MLflow run opens: nothing is left RUNNING
+    assert not list((tmp_path / "runs" / "refused").glob("checkpoint*"))  # no Ray Train run was started
 
 
 def test_rsray_data_verify_names_the_file_that_changed(copy_of, prepared, capsys):

@@ -1,0 +1,192 @@
+"""A training run's folder (`train.storage_path/train.run_name`): who is using it, and what a rerun resumes.
+
+Ray Train resumes a run whose folder already holds registered checkpoints, so a run name is both
+an address and a promise. Two guards keep it:
+
+- `RunLock`: a small `rsray-run.json` in the folder while a run is live (host, pid, a heartbeat
+  refreshed every HEARTBEAT_S seconds). A second run with that name is refused in one line while
+  the first one lives; a lock whose process is gone (same host) or whose heartbeat is older than
+  STALE_S (another host) is stale and taken over. On S3 there is no atomic create, so two runs
+  started within the same second could both win: the guard is for people, not for a scheduler.
+- `check_resume`: the config a rerun would resume with is compared to the config of the checkpoint
+  Ray Train will resume from (the latest one it registered). Resuming restores weights, optimizer,
+  scheduler and RNG states, so a change to anything that shapes them (the model section, learning
+  rate, batch size, workers, seed, data) would be silently ignored: it is refused instead, naming
+  the key. Keys a resumed run does honour (`RESUME_MAY_CHANGE`: more epochs, logging, checkpoint
+  keeping, decode processes) may change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from rsray import storage
+from rsray.checkpoint import CONFIG_FILE
+from rsray.config import Config
+
+log = logging.getLogger("rsray.train")
+
+LOCK_FILE = "rsray-run.json"
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it registered
+HEARTBEAT_S = 30.0
+STALE_S = 120.0
+RESUME_MAY_CHANGE = (
+    "train.epochs",
+    "train.max_failures",
+    "train.keep_checkpoints",
+    "train.eval_batch_size",
+    "train.decode_workers",
+    "train.cache_train_split",
+    "train.verify_checksums",
+    "train.cpus_per_worker",
+    "train.storage_path",
+    "train.run_name",
+    "tracking.",
+    "prepare.",
+    "sample.",
+    "data.",  # the raw dataset's description; training reads train.data, which must not change
+)
+
+
+def run_folder(cfg: Config) -> storage.Location:
+    return storage.resolve(cfg.train.storage_path, cfg.prepare.s3_endpoint).join(cfg.train.run_name)
+
+
+# ----------------------------------------------------------------------------- one live run per name
+
+
+class RunLock:
+    """Held while a run trains (a context manager); refuses a name a live run holds."""
+
+    def __init__(self, cfg: Config):
+        self.cfg, self.folder = cfg, run_folder(cfg)
+        self.lock = self.folder.join(LOCK_FILE)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+
+    def __enter__(self) -> RunLock:
+        holder = self._holder()
+        if holder is not None and _alive(holder):
+            raise self.cfg.error(
+                "train.run_name",
+                f"{self.cfg.train.run_name!r} is in use by a live run (pid {holder.get('pid')} on "
+                f"{holder.get('host')}, {self.lock.uri}); choose another train.run_name or wait for it to end",
+            )
+        self._write()
+        self._thread = threading.Thread(target=self._beat, name="rsray-run-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        holder = self._holder()
+        if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == self.record["host"]:
+            try:
+                self.lock.fs.delete_file(self.lock.path)
+            except OSError as exc:  # the run has ended; a stale lock is taken over by the next run
+                log.warning("could not remove %s: %s", self.lock.uri, exc)
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(storage.read_bytes(self.lock))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return None  # unreadable: treated as stale
+
+    def _write(self) -> None:
+        storage.write_bytes(self.lock, json.dumps({**self.record, "heartbeat": time.time()}).encode())
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self._write()
+            except OSError as exc:  # storage hiccup: the next beat tries again
+                log.debug("heartbeat to %s failed: %s", self.lock.uri, exc)
+
+
+def _alive(holder: dict) -> bool:
+    if holder.get("host") == socket.gethostname():
+        try:
+            os.kill(int(holder.get("pid", -1)), 0)
+        except (ProcessLookupError, ValueError):
+            return False
+        except PermissionError:  # someone else's live process
+            return True
+        return True
+    return time.time() - float(holder.get("heartbeat", 0)) < STALE_S
+
+
+# ----------------------------------------------------------------------------- resuming
+
+
+@dataclass
+class ResumePoint:
+    epoch: int  # the epoch the latest registered checkpoint finished; training resumes at epoch + 1
+    checkpoint: storage.Location
+    config: dict  # that checkpoint's config.yaml
+
+
+def resume_point(cfg: Config) -> ResumePoint | None:
+    """The checkpoint Ray Train will resume `cfg`'s run from, or None for a fresh run."""
+    folder = run_folder(cfg)
+    snapshot = folder.join(SNAPSHOT_FILE)
+    if not storage.exists(snapshot):
+        return None
+    latest = json.loads(storage.read_bytes(snapshot)).get("latest_checkpoint_result")
+    if not latest:
+        return None
+    checkpoint = folder.join(latest["checkpoint_dir_name"])
+    config = yaml.safe_load(storage.read_bytes(checkpoint.join(CONFIG_FILE)))
+    return ResumePoint(int(latest["metrics"]["epoch"]), checkpoint, config)
+
+
+def check_resume(cfg: Config, point: ResumePoint) -> None:
+    """Refuse (one line) a change resuming would ignore; otherwise say where the run resumes."""
+    was, now = _flat(point.config), _flat(cfg.public_dict())
+    changed = [
+        key
+        for key in sorted(set(was) | set(now))
+        if was.get(key) != now.get(key) and not key.startswith(RESUME_MAY_CHANGE)
+    ]
+    if changed:
+        shown = "; ".join(
+            f"{key}: {was.get(key, 'unset')!r} there, {now.get(key, 'unset')!r} now" for key in changed[:3]
+        )
+        raise cfg.error(
+            changed[0],
+            f"run {cfg.train.run_name!r} would resume from epoch {point.epoch} of {point.checkpoint.uri}, "
+            f"which was trained with other values ({shown}{' ...' if len(changed) > 3 else ''}); resuming restores "
+            "the checkpoint's weights, optimizer and RNG and would ignore them: use a new train.run_name, or "
+            "set them back",
+        )
+    log.info(
+        "resuming run %s from epoch %d (%s): epochs %d..%d to go",
+        cfg.train.run_name,
+        point.epoch,
+        point.checkpoint.uri,
+        point.epoch + 1,
+        cfg.train.epochs - 1,
+    )
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
