@@ -98,6 +98,8 @@ class PrepareConfig:
     max_reject_fraction: float = 0.01  # above this the command exits non-zero
     s3_endpoint: str | None = None  # else AWS_ENDPOINT_URL_S3 / AWS defaults
     parallelism: int | None = None  # Ray Data tasks for decoding; None = one per CPU
+    # Larger images are rejected from their header (never decoded); at most Pillow's own bomb limit.
+    max_image_pixels: int = 64_000_000
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.image_size < 16:
@@ -112,6 +114,13 @@ class PrepareConfig:
             yield "max_reject_fraction", f"must be in [0, 1], got {self.max_reject_fraction}"
         if self.parallelism is not None and self.parallelism < 1:
             yield "parallelism", f"must be positive, got {self.parallelism}"
+        from PIL import Image
+
+        if not 1 <= self.max_image_pixels <= (Image.MAX_IMAGE_PIXELS or 0):
+            yield (
+                "max_image_pixels",
+                f"must be in [1, {Image.MAX_IMAGE_PIXELS}] (Pillow's bomb limit), got {self.max_image_pixels}",
+            )
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import posixpath
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -74,7 +75,7 @@ def read_karpathy(json_path: str | Path, images_dir: str | Path) -> list[Record]
         where = f"{json_path}: images[{i}]"
         if not isinstance(entry, dict):
             raise AnnotationError(f"{where}: expected an object, got {type(entry).__name__}")
-        name = _field(entry, "filename", where)
+        name = image_name(_field(entry, "filename", where))
         split = _split(entry.get("split"), where)
         sentences = entry.get("sentences", [])
         if not isinstance(sentences, list):
@@ -119,7 +120,7 @@ def read_pir(train_json: str | Path, eval_json: str | Path | None, images_dir: s
             where = f"{path}: entry {i}"
             if not isinstance(entry, dict):
                 raise AnnotationError(f"{where}: expected an object, got {type(entry).__name__}")
-            name = _field(entry, "image", where)
+            name = image_name(_field(entry, "image", where))
             caption = entry.get("caption")
             if isinstance(caption, str):
                 captions = [caption]
@@ -158,7 +159,7 @@ def read_table(path: str | Path, images_dir: str | Path) -> list[Record]:
         caption = "" if caption is None else str(caption)
         scene = row.get("scene")
         scene = None if scene is None or str(scene).strip() == "" else str(scene).strip()
-        _group(groups, name.strip(), _split(row["split"], where), scene, [caption], where)
+        _group(groups, image_name(name.strip()), _split(row["split"], where), scene, [caption], where)
     return [
         Record(name, _join(images_dir, name), split, scene, tuple(c.strip() for c in caps))
         for name, (split, scene, caps) in groups.items()
@@ -244,8 +245,32 @@ def fold_image_ids(image_ids: Iterable[str], folds: int, seed: int) -> list[list
 # ----------------------------------------------------------------------------- checks
 
 
+def image_name(name: str) -> str:
+    """An annotation's file name in one spelling (`./a.jpg`, `x/../a.jpg` and `a.jpg` are one image,
+    so they are one record); names that leave the images folder stay as they are, for `path_problem`."""
+    return posixpath.normpath(name) if name else name
+
+
+def path_problem(name: str) -> str | None:
+    """Why an annotation's file name cannot be read (None if it can): a NUL byte, bytes that are not
+    UTF-8, or a path leaving the images folder (absolute, or `../`). Per record, never fatal."""
+    if "\x00" in name:
+        return "file name contains a NUL byte"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "file name is not valid UTF-8"
+    if posixpath.isabs(name) or name == ".." or name.startswith("../"):
+        return f"file name {name!r} points outside the images folder"
+    return None
+
+
 def check_record(record: Record, captions_per_image: int) -> str | None:
-    """Why a record's captions are unusable (wrong count, empty, not UTF-8), or None if usable."""
+    """Why a record is unusable (its file name, or its captions: wrong count, empty, not UTF-8),
+    or None if usable."""
+    problem = path_problem(record.image_id)
+    if problem is not None:
+        return problem
     if len(record.captions) != captions_per_image:
         return f"expected {captions_per_image} captions, got {len(record.captions)}"
     for i, caption in enumerate(record.captions, start=1):
@@ -344,7 +369,7 @@ def _read_caption_pair(
     caps_path: Path, names_path: Path, split: str, images_dir: str | Path, per_image: int
 ) -> list[Record]:
     caps = _read_lines(caps_path)
-    names = [n.strip() for n in _read_lines(names_path)]
+    names = [image_name(n.strip()) for n in _read_lines(names_path)]
     while names and not names[-1]:
         names.pop()  # blank lines at the end of a names file
     for i, name in enumerate(names, start=1):

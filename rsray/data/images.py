@@ -14,22 +14,27 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # Modes that carry an RGB picture in another encoding: converted, not rejected.
 CONVERTIBLE_MODES = frozenset({"L", "LA", "P", "PA", "RGBA", "RGBX", "CMYK", "YCbCr", "1"})
 ENCODINGS = {"jpeg": "JPEG", "png": "PNG"}
-# Refuse decompression bombs early with a clear reason instead of a warning.
-MAX_PIXELS = 20_000 * 20_000
+# rsray's own limit, checked from the header before any pixel is decoded: below Pillow's bomb
+# warning (Image.MAX_IMAGE_PIXELS, ~89 MP), so a huge file is a clear rejection, never a warning or
+# gigabytes of RAM in a Ray worker. 64 MP = 8000 x 8000; `prepare.max_image_pixels` changes it.
+MAX_PIXELS = 64_000_000
 
 
 class ImageRejected(ValueError):
     """This image cannot be used; the message is the reason recorded in the manifest."""
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode fully (so truncated files fail here, not later) and return an RGB image."""
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode fully (so truncated files fail here, not later) and return an RGB image; images of
+    more than `max_pixels` are rejected from their header, before decoding."""
     if not data:
         raise ImageRejected("empty image file")
     try:
         image = Image.open(io.BytesIO(data))
-        if image.width * image.height > MAX_PIXELS:
-            raise ImageRejected(f"image too large: {image.width}x{image.height}")
+        if image.width * image.height > max_pixels:
+            raise ImageRejected(
+                f"image too large: {image.width}x{image.height} is above prepare.max_image_pixels={max_pixels}"
+            )
         image.load()
     except ImageRejected:
         raise
@@ -58,6 +63,8 @@ def encode_image(image: Image.Image, encoding: str = "jpeg", quality: int = 95) 
     return out.getvalue()
 
 
-def process_image(data: bytes, size: int, encoding: str = "jpeg", quality: int = 95) -> bytes:
+def process_image(
+    data: bytes, size: int, encoding: str = "jpeg", quality: int = 95, max_pixels: int = MAX_PIXELS
+) -> bytes:
     """Raw file bytes -> validated, resized, re-encoded bytes (or ImageRejected with a reason)."""
-    return encode_image(resize_square(decode_image(data), size), encoding, quality)
+    return encode_image(resize_square(decode_image(data, max_pixels), size), encoding, quality)

@@ -31,7 +31,7 @@ from rsray import storage
 from rsray.config import Config
 from rsray.data import output
 from rsray.data.formats import Record, check_record, read_records
-from rsray.data.images import ImageRejected, process_image
+from rsray.data.images import MAX_PIXELS, ImageRejected, process_image
 from rsray.data.text import Vocabulary, build_vocabulary, load_tokenizer
 from rsray.runtime import configure_data_context, ensure_ray
 
@@ -79,9 +79,16 @@ class ImageBatchProcessor:
     """One batch of records in, shard rows and rejections out; the same code with or without Ray."""
 
     def __init__(
-        self, size: int, encoding: str, quality: int, vocab: dict, tokenizer: str | None, s3_endpoint: str | None
+        self,
+        size: int,
+        encoding: str,
+        quality: int,
+        vocab: dict,
+        tokenizer: str | None,
+        s3_endpoint: str | None,
+        max_pixels: int = MAX_PIXELS,
     ):
-        self.size, self.encoding, self.quality = size, encoding, quality
+        self.size, self.encoding, self.quality, self.max_pixels = size, encoding, quality, max_pixels
         self.vocab = Vocabulary.from_dict(vocab)
         self.tokenizer = load_tokenizer(tokenizer) if tokenizer else None
         self.s3_endpoint = s3_endpoint
@@ -118,7 +125,7 @@ class ImageBatchProcessor:
         except OSError as exc:
             return b"", f"cannot read image file {path}: {exc}"
         try:
-            return process_image(data, self.size, self.encoding, self.quality), None
+            return process_image(data, self.size, self.encoding, self.quality, self.max_pixels), None
         except ImageRejected as exc:
             return b"", str(exc)
 
@@ -188,7 +195,7 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
             raise cfg.error("prepare.output", str(exc)) from None
         previous = state.previous
         with ThreadPoolExecutor(max_workers=1) as background:
-            fingerprint = background.submit(_fingerprint, cfg, records)  # stats every image: overlap it
+            fingerprint = background.submit(_fingerprint, cfg, records, accepted)  # stats every image: overlap it
             if (
                 not force
                 and previous
@@ -214,6 +221,7 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
                     vocab=vocab.to_dict(),
                     tokenizer=data_cfg.tokenizer,
                     s3_endpoint=prep.s3_endpoint,
+                    max_pixels=prep.max_image_pixels,
                 )
             )
             _process_and_write([_record_row(r) for r in accepted], staging, settings, ledger, prep)
@@ -325,6 +333,7 @@ def prepare_in_process(cfg: Config, batch_size: int = 32) -> tuple[dict[str, pa.
         vocab.to_dict(),
         cfg.data.tokenizer,
         cfg.prepare.s3_endpoint,
+        cfg.prepare.max_image_pixels,
     )
     rows = pa.Table.from_pylist([_record_row(r) for r in accepted], schema=_RECORD_SCHEMA)
     table = pa.concat_tables([process(rows.slice(i, batch_size))[0] for i in range(0, rows.num_rows, batch_size)])
@@ -444,8 +453,9 @@ def _manifest(cfg: Config, records, rejected, split_info, vocab: Vocabulary, fin
     return manifest
 
 
-def _fingerprint(cfg: Config, records: list[Record]) -> str:
-    """Hash of everything the output depends on: config, records, and each image file's size+mtime."""
+def _fingerprint(cfg: Config, records: list[Record], accepted: list[Record]) -> str:
+    """Hash of everything the output depends on: config, records, and each accepted image file's
+    size+mtime (rejected records' paths are never touched: they may point outside the dataset)."""
     digest = hashlib.sha256()
     settings = {k: v for k, v in cfg.to_dict().items() if k in ("data", "prepare")}
     settings["prepare"] = {k: v for k, v in settings["prepare"].items() if k not in ("output", "parallelism")}
@@ -453,7 +463,7 @@ def _fingerprint(cfg: Config, records: list[Record]) -> str:
     for r in records:
         digest.update(repr((r.image_id, r.path, r.split, r.scene, r.captions)).encode("utf-8", "surrogateescape"))
     by_fs: dict[int, tuple] = {}
-    for r in records:
+    for r in accepted:
         loc = storage.resolve(r.path, cfg.prepare.s3_endpoint)
         by_fs.setdefault(id(type(loc.fs)), (loc.fs, []))[1].append(loc.path)
     for fs, paths in by_fs.values():

@@ -250,3 +250,40 @@ def test_an_interrupted_prepare_is_never_read_as_complete_and_is_redone(ray_clus
     redone = prepare(config(dataset, folder))
     assert not redone.skipped and redone.manifest["splits"] == done.manifest["splits"]
     assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "test", "train", "val"]
+
+
+def test_file_names_outside_the_images_folder_or_unreadable_are_rejected_per_record(ray_cluster, tmp_path):
+    """A file next to the dataset (readable: a naive reader would take it), an absolute path, a NUL
+    byte, bytes that are not UTF-8 and an image above the pixel limit: each record rejected with
+    its reason, the rest prepared, and nothing read from outside the images folder."""
+    root = tmp_path / "paths"
+    generate_sample(root, n_images=20, image_size=72, seed=4, progress=False)
+    outside = tmp_path / "outside.png"
+    Image.new("RGB", (72, 72), "red").save(outside)
+    Image.new("RGB", (100, 100), "blue").save(root / "images" / "big_1.png")
+    expected = {
+        "../../outside.png": "points outside the images folder",
+        str(outside): "points outside the images folder",
+        "nul\u0000_1.png": "contains a NUL byte",
+        "BADNAME_1.png": "not valid UTF-8",
+        "big_1.png": "image too large: 100x100 is above prepare.max_image_pixels=6000",
+    }
+    ann = json.loads((root / ANNOTATION_FILE).read_text())
+    five = [{"raw": f"caption number {k} of a record."} for k in range(5)]
+    for i, name in enumerate(expected):
+        ann["images"].append({"filename": name, "imgid": 20_000 + i, "split": "train", "sentences": five})
+    (root / ANNOTATION_FILE).write_bytes(json.dumps(ann).encode().replace(b"BADNAME", b"caf\xe9"))
+
+    result = prepare(
+        config(root, tmp_path / "out", **{"prepare.max_image_pixels": 6000, "prepare.max_reject_fraction": 0.5})
+    )
+    assert result.manifest["counts"] == {"read": 25, "written": 20, "rejected": 5}
+    reasons = {r["image_id"]: r["reason"] for r in result.manifest["rejected"]}
+    reasons["BADNAME_1.png"] = reasons.pop("caf\\udce9_1.png")  # the manifest shows the bad byte escaped
+    assert set(reasons) == set(expected)
+    for name, reason in expected.items():
+        assert reason in reasons[name], (name, reasons[name])
+    sources = {
+        p for split in ("train", "val", "test") for p in read_split(result.output, split)["source_path"].to_pylist()
+    }
+    assert len(sources) == 20 and all(p.startswith(str(root / "images")) for p in sources)

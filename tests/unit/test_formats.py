@@ -409,3 +409,32 @@ def test_duplicate_names_are_refused(tmp_path):
     rows = table_rows() + [{"image": "airport_1.jpg", "caption": "x", "split": "test"}]
     with pytest.raises(AnnotationError, match=r"caps.csv: line 32: image airport_1.jpg is in split test"):
         read_table(write_csv(tmp_path / "caps.csv", rows), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "name, problem",
+    [
+        ("../outside.png", "points outside the images folder"),
+        ("x/../../outside.png", "points outside the images folder"),
+        ("/etc/passwd", "points outside the images folder"),
+        ("a\x00.png", "contains a NUL byte"),
+        ("caf\udce9.png", "not valid UTF-8"),
+        ("sub/./a.png", None),
+    ],
+)
+def test_file_names_that_cannot_be_read_are_rejected_per_record(tmp_path, name, problem):
+    path = write_karpathy(tmp_path, {name: ("train", ["one", "two", "three", "four", "five"])})
+    (record,) = read_karpathy(path, tmp_path / "images")
+    reason = check_record(record, 5)
+    assert (reason is None) if problem is None else (problem in reason)
+
+
+def test_one_image_file_is_one_image_whatever_its_spelling(tmp_path):
+    five = ["one", "two", "three", "four", "five"]
+    path = write_karpathy(tmp_path, {"a_1.jpg": ("train", five), "./x/../a_1.jpg": ("test", five)})
+    with pytest.raises(AnnotationError, match=r"image a_1.jpg appears twice \(train and test\)"):
+        read_karpathy(path, tmp_path)
+    rows = [{"image": name, "caption": f"caption {i}", "split": "train"} for i, name in enumerate(["b.png", "./b.png"])]
+    (record,) = read_table(write_csv(tmp_path / "caps.csv", rows), tmp_path / "images")
+    assert record.image_id == "b.png" and record.captions == ("caption 0", "caption 1")
+    assert record.path == str(tmp_path / "images" / "b.png")

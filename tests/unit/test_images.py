@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rsray.data.images import ImageRejected, decode_image, encode_image, process_image, resize_square
+from rsray.data.images import MAX_PIXELS, ImageRejected, decode_image, encode_image, process_image, resize_square
 
 
 def encoded(image: Image.Image, fmt: str) -> bytes:
@@ -74,3 +74,11 @@ def test_process_image_round_trip_sizes_and_encodings():
 def test_encoding_is_deterministic():
     image = rgb(32, 32)
     assert encode_image(image, "jpeg", 90) == encode_image(image, "jpeg", 90)
+
+
+def test_images_above_the_pixel_limit_are_rejected_from_the_header():
+    data = encoded(rgb(100, 80), "PNG")
+    with pytest.raises(ImageRejected, match=r"image too large: 100x80 is above prepare.max_image_pixels=7999"):
+        process_image(data, 32, max_pixels=7999)
+    assert process_image(data, 32, max_pixels=8000)
+    assert MAX_PIXELS < Image.MAX_IMAGE_PIXELS  # rsray refuses before Pillow would even warn

@@ -52,8 +52,8 @@ def test_tokenizer_adds_input_ids(tmp_path, tiny_tokenizer):
 def test_fingerprint_follows_config_and_image_files(tmp_path):
     batch_of(tmp_path, [])
     records = [Record("good_1.png", str(tmp_path / "good_1.png"), "train", None, CAPTIONS)]
-    base = _fingerprint(load_config(None), records)
-    assert base == _fingerprint(load_config(None, ["prepare.output=/elsewhere"]), records)  # not an input
-    assert base != _fingerprint(load_config(None, ["prepare.image_size=64"]), records)
+    base = _fingerprint(load_config(None), records, records)
+    assert base == _fingerprint(load_config(None, ["prepare.output=/elsewhere"]), records, records)  # not an input
+    assert base != _fingerprint(load_config(None, ["prepare.image_size=64"]), records, records)
     Image.new("RGB", (41, 30), "blue").save(tmp_path / "good_1.png")
-    assert base != _fingerprint(load_config(None), records)
+    assert base != _fingerprint(load_config(None), records, records)
