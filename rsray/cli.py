@@ -91,8 +91,8 @@ def run_cli(fn: Callable[[], int | None]) -> int:
     except BrokenPipeError:  # output piped into `head` and closed early: not an error
         sys.stdout = open(os.devnull, "w")
         return 0
-    except KeyboardInterrupt:
-        print("rsray: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print_error(f"interrupted{': ' if str(exc) else ''}{exc}", prefix="")
         return 130
 
 

@@ -169,6 +169,9 @@ class TrainConfig:
     # Before any worker starts, every shard's size is checked against the manifest, and these splits'
     # sha256 too (the numbers a run reports rest on them; `rsray data verify` checks all).
     verify_checksums: list[str] = field(default_factory=lambda: ["val", "test"])
+    # When the cluster cannot place num_workers x (cpus_per_worker CPU [+ 1 GPU]), wait this long for
+    # an autoscaler to add nodes, then refuse in one line (Ray Train alone would retry forever).
+    resource_wait_s: float = 60.0
 
     def check(self) -> Iterator[tuple[str, str]]:
         for name in ("epochs", "batch_size", "num_workers", "keep_checkpoints", "eval_batch_size"):
@@ -184,6 +187,8 @@ class TrainConfig:
             yield "max_failures", f"must be >= -1 (-1: retry forever), got {self.max_failures}"
         if self.decode_workers < 0:
             yield "decode_workers", f"must be >= 0, got {self.decode_workers}"
+        if self.resource_wait_s < 0:
+            yield "resource_wait_s", f"must be >= 0, got {self.resource_wait_s}"
         if set(self.verify_checksums) - {"train", "val", "test"}:
             yield "verify_checksums", f"must be a subset of train, val, test, got {self.verify_checksums}"
         if self.cache_train_split not in ("auto", "always", "never"):

@@ -33,7 +33,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,10 @@ SHUFFLE_BUFFER_BATCHES = 8  # local shuffle buffer per worker, in batches (at le
 
 class TrainingFailed(RuntimeError):
     """The Ray Train run ended in error (after its allowed restarts); the message is one line."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a training run; the message says what was kept."""
 
 
 # ----------------------------------------------------------------------------- config in workers
@@ -434,7 +438,59 @@ def preflight(cfg: Config) -> Config:
     point = resume_point(cfg)
     if point is not None:
         check_resume(cfg, point)
+    _wait_for_resources(cfg)
     return cfg
+
+
+WORKER_GROUP_START_RETRIES = 2  # Ray Train's default retries a worker group that cannot start forever
+
+
+def worker_resources(tc) -> dict[str, float]:
+    return {"CPU": tc.cpus_per_worker, **({"GPU": 1.0} if tc.use_gpu else {})}
+
+
+def placeable_workers(nodes: list[dict], need: Mapping[str, float]) -> int:
+    """How many workers needing `need` fit on the alive nodes of `ray.nodes()`, by their totals
+    (what is busy now frees up: Ray Train queues for it; what no node has never comes)."""
+    return sum(
+        min(int(node.get("Resources", {}).get(key, 0.0) // amount) for key, amount in need.items())
+        for node in nodes
+        if node.get("Alive")
+    )
+
+
+def _wait_for_resources(cfg: Config) -> None:
+    """Refuse, in one line, workers the cluster cannot place, after `train.resource_wait_s` for an
+    autoscaler to add nodes; say once that it waits."""
+    import ray
+
+    from rsray.runtime import ensure_ray
+
+    ensure_ray()
+    tc, need = cfg.train, worker_resources(cfg.train)
+    deadline, said = time.monotonic() + tc.resource_wait_s, False
+    while True:
+        nodes = [node for node in ray.nodes() if node.get("Alive")]
+        fits = placeable_workers(nodes, need)
+        if fits >= tc.num_workers:
+            return
+        if time.monotonic() >= deadline:
+            raise cfg.error(
+                "train.num_workers",
+                f"{tc.num_workers} workers of {need} cannot be placed: the cluster's {len(nodes)} node(s) hold "
+                f"{fits} of them at most; waited {tc.resource_wait_s:g} s (train.resource_wait_s) for more nodes. "
+                "Lower train.num_workers or train.cpus_per_worker, or add nodes",
+            )
+        if not said:
+            log.info(
+                "the cluster can place %d of %d workers of %s: waiting up to %g s for more nodes",
+                fits,
+                tc.num_workers,
+                need,
+                tc.resource_wait_s,
+            )
+            said = True
+        time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
 
 
 def build_trainer(cfg: Config, mlflow_run_id: str | None = None, callbacks: Sequence[Any] = (), checked: bool = False):
@@ -454,7 +510,7 @@ def build_trainer(cfg: Config, mlflow_run_id: str | None = None, callbacks: Sequ
         name=tc.run_name,
         storage_path=store.path,
         storage_filesystem=store.fs if storage.is_s3(tc.storage_path) else None,
-        failure_config=FailureConfig(max_failures=tc.max_failures),
+        failure_config=FailureConfig(max_failures=tc.max_failures, controller_failure_limit=WORKER_GROUP_START_RETRIES),
         checkpoint_config=CheckpointConfig(
             num_to_keep=tc.keep_checkpoints,
             checkpoint_score_attribute=selection_metric(model_config(cfg)),
@@ -562,7 +618,8 @@ def train(cfg: Config, tracker=None, callbacks: Sequence[Any] = ()):
         try:  # from here on, whatever stops the run ends its MLflow run too (never left RUNNING)
             ensure_ray()
             configure_data_context()  # the train stream's order is fixed for a seed: a config reproduces its run
-            result = build_trainer(resolved, mlflow_run_id=tracker.run_id, callbacks=callbacks, checked=True).fit()
+            trainer = build_trainer(resolved, mlflow_run_id=tracker.run_id, callbacks=callbacks, checked=True)
+            result = _fit_stopping_on_ctrl_c(trainer)
             if result.error:  # fit() raises in Ray 2.60; kept in case a version returns the error instead
                 raise TrainingFailed(f"training run {name} failed: {_summary(result.error)}")
         except TrainingFailedError as exc:
@@ -570,7 +627,9 @@ def train(cfg: Config, tracker=None, callbacks: Sequence[Any] = ()):
             raise TrainingFailed(f"training run {name} failed: {_summary(exc)}") from exc
         except KeyboardInterrupt:
             tracker.end("KILLED")
-            raise
+            raise TrainingInterrupted(
+                f"run {name} stopped; its last checkpoint is kept: the same command resumes it"
+            ) from None
         except BaseException:
             tracker.end("FAILED")
             raise
@@ -582,6 +641,46 @@ def train(cfg: Config, tracker=None, callbacks: Sequence[Any] = ()):
     result.mlflow_run_id, result.mlflow_link = tracker.run_id, tracker.ui_link()
     result.tracking_outage = tracker.outage()
     return result
+
+
+def _fit_stopping_on_ctrl_c(trainer):
+    """`trainer.fit()` in a helper thread, so that the first Ctrl-C reaches this thread at once.
+
+    On the main thread Ray Train installs its own SIGINT handler, which asks the controller to wind
+    down and returns; measured with Ray 2.60: one Ctrl-C ended `rsray train` with exit 1 and no
+    message, the MLflow run FAILED. Here the KeyboardInterrupt is ours: the caller marks the run
+    KILLED and `_stop_ray_work` ends this driver's Ray work, which stops the controller and the
+    workers it owns. (In a sweep, trials already run off the main thread.)"""
+    import threading
+
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # handed to the caller below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="rsray-fit", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(timeout=0.5)
+    except KeyboardInterrupt:
+        _stop_ray_work()
+        thread.join(timeout=30)  # its ray.get fails at once now; a thread left inside Ray crashes the exit
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def _stop_ray_work() -> None:
+    """End this driver's connection to Ray: Ray stops the actors the driver owns (the Train
+    controller, and with it the workers), or the whole local Ray when this process started it."""
+    import ray
+
+    ray.shutdown()
 
 
 def _log_earlier_epochs(tracker, history: list[dict[str, float]]) -> None:

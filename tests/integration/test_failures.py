@@ -11,7 +11,9 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -229,3 +231,86 @@ def test_storage_errors_are_one_line_naming_the_uri(s3_bucket, capsys):
     code = main(["data", "verify", f"s3://{s3_bucket}/x", "prepare.s3_endpoint=http://127.0.0.1:9"])
     err = capsys.readouterr().err
     assert code == 3 and err.count("\n") == 1 and "rsray-test" in err, err
+
+
+# ----------------------------------------------------------------------------- stopping and hanging
+
+
+def _still_training(pids: set[int]) -> set[int]:
+    """Those of `pids` that are still Ray Train worker processes."""
+    import psutil
+
+    alive = set()
+    for pid in pids:
+        try:
+            if psutil.Process(pid).cmdline()[0].startswith("ray::RayTrainWorker"):
+                alive.add(pid)
+        except (psutil.Error, IndexError):  # gone
+            pass
+    return alive
+
+
+def test_the_first_ctrl_c_stops_the_workers_and_marks_the_run_killed(prepared, ray_cluster, tmp_path, mlflow_server):
+    from mlflow import MlflowClient
+
+    log = tmp_path / "train.log"
+    proc = rsray_process(
+        [
+            "pipelines.train",
+            *run_args(prepared, tmp_path / "runs", "train.epochs=50"),
+            f"tracking.uri={mlflow_server}",
+            "tracking.experiment=ctrl-c",
+            "tracking.system_metrics=false",
+        ],
+        ray_cluster,
+        log,
+    )
+    client, deadline = MlflowClient(mlflow_server), time.monotonic() + 300
+    while True:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"epoch 0 never logged:\n{log.read_text()[-3000:]}"
+        experiment = client.get_experiment_by_name("ctrl-c")
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        if runs and "epoch" in runs[0].data.metrics:
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    try:
+        code = proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"one Ctrl-C did not stop `rsray train` in 90 s:\n{log.read_text()[-3000:]}")
+    output = log.read_text()
+    print(f"stopped {time.monotonic() - started:.1f} s after Ctrl-C")
+    assert code == 130, output[-3000:]
+    assert last_line(output).startswith("rsray: interrupted"), output[-3000:]
+    assert "Traceback" not in output
+    assert client.get_run(runs[0].info.run_id).info.status == "KILLED"
+    workers = {int(pid) for pid in re.findall(r"\(RayTrainWorker pid=(\d+)\)", output)}
+    assert workers, output[-3000:]
+    deadline = time.monotonic() + 30
+    while _still_training(workers) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _still_training(workers)
+
+
+def test_more_workers_than_the_cluster_can_place_is_one_line_after_the_wait(prepared, ray_cluster, tmp_path, capsys):
+    """Ray Train would retry starting the worker group forever; rsray waits train.resource_wait_s
+    for an autoscaler and then says what does not fit."""
+    started = time.monotonic()
+    code = main(
+        [
+            "train",
+            *run_args(prepared, tmp_path / "runs", "train.num_workers=99"),
+            "train.resource_wait_s=2",
+            "tracking.enabled=false",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and time.monotonic() - started < 60
+    assert last_line(err).startswith(
+        "rsray: error: command line: train.num_workers: 99 workers of {'CPU': 0.5} cannot be placed: "
+        "the cluster's 1 node(s) hold 8 of them at most"
+    ), err
+    assert "waited 2 s (train.resource_wait_s) for more nodes" in last_line(err)
