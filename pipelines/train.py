@@ -59,7 +59,11 @@ def main(argv=None) -> int:
         "model.instruction_checkpoint=train trains model.instruction_stage (model/scene_prior, "
         "its own run <run_name>-scene_prior, best by val accuracy) and then PriorCLIP from "
         "that checkpoint; model/priorclip_open does the same for clip_checkpoint (stage 1, "
-        "model/clip).",
+        "model/clip). Before an MLflow run opens or a worker starts it checks every shard against "
+        "the manifest (train.verify_checksums), that no live run uses train.run_name, that a rerun "
+        "of a run name would not resume with a changed setting, and that the cluster can place the "
+        "workers (waiting train.resource_wait_s for an autoscaler). A tracking outage mid-run is a "
+        "warning, not a failure; the first Ctrl-C stops the run (the same command resumes it).",
     )
     ns = parser.parse_intermixed_args(argv)
     setup_logging()

@@ -30,7 +30,9 @@ STAGES: dict[str, tuple[str, str]] = {
 }
 
 EPILOG = """config: a YAML file or a name under conf/ (e.g. presets/cpu-tiny), then key=value
-overrides such as data.root=/data/rsitmd prepare.image_size=256. Run `rsray STAGE --help`."""
+overrides such as data.root=/data/rsitmd prepare.image_size=256. Run `rsray STAGE --help`.
+exit codes: 0 done, 1 the work failed, 2 bad input or config, 3 storage (S3, a shard missing or
+changed), 130 interrupted; errors are one line."""
 
 
 def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:

@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -103,8 +104,14 @@ def read_split(
 
     def read_one(entry: dict) -> pa.Table:
         loc = root.join(*entry["path"].split("/"))
-        if not storage.exists(loc):
+        info = loc.fs.get_file_info(loc.path)
+        if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"{loc.uri}: listed in {root.join('manifest.json').uri} but missing")
+        if "bytes" in entry and info.size != entry["bytes"]:
+            raise ShardMismatch(
+                f"{loc.uri}: {info.size} bytes, the manifest says {entry['bytes']} "
+                "(truncated or changed after prepare; run prepare again)"
+            )
         if verify:
             digest = storage.sha256_of(loc.fs, loc.path)
             if digest != entry["sha256"]:

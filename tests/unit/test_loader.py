@@ -146,14 +146,24 @@ def test_missing_split_names_the_path(output):
         read_split(str(root), "nope")
 
 
-def test_verify_catches_a_changed_file(tmp_path):
+def test_a_changed_file_is_named_by_what_differs(tmp_path):
     write_output(tmp_path)
     path = tmp_path / "test" / "part-00000-0.parquet"
-    pq.write_table(pq.read_table(path).slice(1), path)
+    original = path.read_bytes()
+    flipped = bytearray(original)
+    flipped[len(flipped) // 2] ^= 0xFF  # same size, other bytes
+    path.write_bytes(bytes(flipped))
     read_split(str(tmp_path), "train", verify=True)  # untouched split still fine
     with pytest.raises(ShardMismatch, match="sha256"):
         read_split(str(tmp_path), "test", verify=True)
-    with pytest.raises(ShardMismatch, match="3 rows, the manifest says 4"):
+    pq.write_table(pq.read_table(io.BytesIO(original)).slice(1), path)
+    with pytest.raises(ShardMismatch, match=r"part-00000-0.parquet: \d+ bytes, the manifest says \d+ \(truncated"):
+        read_split(str(tmp_path), "test")
+    path.write_bytes(original)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    manifest["splits"]["test"]["files"][0]["rows"] = 5
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ShardMismatch, match="4 rows, the manifest says 5"):
         read_split(str(tmp_path), "test")
     path.unlink()
     with pytest.raises(FileNotFoundError, match="part-00000-0.parquet: listed in"):
