@@ -78,24 +78,34 @@ def run_cli(fn: Callable[[], int | None]) -> int:
     """Run a stage, turning errors a user can fix into one line and a non-zero exit code."""
     from rsray.data.formats import AnnotationError
     from rsray.data.prepare import TooManyRejections
+    from rsray.data.verify import ShardMismatch
 
     try:
         return fn() or 0
-    except (ConfigError, AnnotationError, FileNotFoundError, ValueError) as exc:
-        print_error(exc)
-        return 2
-    except OSError as exc:  # storage: S3 unreachable or refused, a shard missing or changed
-        print_error(exc)
-        return 3
-    except TooManyRejections as exc:
-        print_error(exc)
-        return 1
     except BrokenPipeError:  # output piped into `head` and closed early: not an error
         sys.stdout = open(os.devnull, "w")
         return 0
+    except ShardMismatch as exc:  # a shard missing or changed since prepare: storage, not input
+        print_error(exc)
+        return 3
+    except (ConfigError, AnnotationError, FileNotFoundError, ValueError) as exc:
+        print_error(exc)
+        return 2
+    except TooManyRejections as exc:
+        print_error(exc)
+        return 1
+    except OSError as exc:  # storage: S3 unreachable or refused
+        print_error(exc)
+        return 3
     except KeyboardInterrupt as exc:
         print_error(f"interrupted{': ' if str(exc) else ''}{exc}", prefix="")
         return 130
+    except Exception as exc:  # anything else still ends in one line; RSRAY_TRACEBACK=1 shows where
+        if os.environ.get("RSRAY_TRACEBACK"):
+            raise
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        print_error(f"{type(exc).__name__}: {lines[-1] if lines else ''} (RSRAY_TRACEBACK=1 shows the traceback)")
+        return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,7 +23,7 @@ SECRET_WORDS = ("secret", "password", "passwd", "token", "credential", "credenti
 SECRET_PARTS = ("key_id", "access_key", "api_key", "private_key", "signature")  # anywhere in a key
 
 # scheme://userinfo@ : userinfo is `user:password` or a bare token; both are credentials
-_USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.\-]*://)([^/\s@?#]+)@")
+_USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.\-]*://)([^/\s?#]+)@")  # to the authority's last @
 # ?name=value / &name=value where the name looks like a secret (presigned URLs, token query strings)
 _QUERY_VALUE = re.compile(r"([?&])([^=&#\s]+)=([^&#\s]*)")
 
@@ -48,6 +48,20 @@ def redact(text: Any) -> str:
         return f"{match.group(1)}{match.group(2)}={HIDDEN}" if is_secret(match.group(2)) else match.group(0)
 
     return _QUERY_VALUE.sub(query, _USERINFO.sub(userinfo, str(text)))
+
+
+_CONFIG_LINE = re.compile(r"^(\s*-?\s*)([\w.\-]+)(\s*[:=]\s*)(\S.*)$")
+
+
+def redact_config_text(text: str) -> str:
+    """`redact` for a config file's text kept as written (comments and all): also hides the value
+    of each `key: value` / `key=value` line whose key names a secret."""
+
+    def line(match: re.Match) -> str:
+        lead, key, sep, _ = match.groups()
+        return f"{lead}{key}{sep}{HIDDEN}" if is_secret(key) else match.group(0)
+
+    return "\n".join(_CONFIG_LINE.sub(line, row) for row in redact(text).split("\n"))
 
 
 def redact_tree(node: Any) -> Any:

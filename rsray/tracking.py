@@ -26,7 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from rsray.config import TrackingConfig
-from rsray.redact import is_secret, redact, redact_tree, split_credentials, without_credentials
+from rsray.redact import (
+    HIDDEN,
+    is_secret,
+    redact,
+    redact_config_text,
+    redact_tree,
+    split_credentials,
+    without_credentials,
+)
 
 log = logging.getLogger("rsray.tracking")
 
@@ -169,11 +177,15 @@ def mlflow_client(uri: str | None) -> Any:
     """An MlflowClient for `uri`. Credentials written into the URI (`http://user:password@host`) are
     handed to MLflow through its own variables (MLFLOW_TRACKING_USERNAME / _PASSWORD, in this
     process only) and the client gets the bare address, so nothing MLflow prints or logs (its
-    "View run at" lines, its errors) can show them. Variables the user set win."""
+    "View run at" lines, its errors) can show them. Variables the user set win; a redacted
+    password (`***`, from a saved config) is left to them. Only http(s) URIs: a database URI's
+    login is the database's."""
     from mlflow import MlflowClient
 
-    address, credentials = split_credentials(uri) if uri else (uri, None)
-    if credentials:
+    if not uri or not uri.startswith(("http://", "https://")):  # a database URI keeps its login
+        return MlflowClient(uri)
+    address, credentials = split_credentials(uri)
+    if credentials and credentials[1] != HIDDEN:  # `***`: a saved config; the variables hold the login
         os.environ.setdefault("MLFLOW_TRACKING_USERNAME", credentials[0])
         os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", credentials[1])
     return MlflowClient(address)
@@ -361,13 +373,14 @@ class Tracker:
 
     # -- logging (every call goes through `_call`, which never raises)
 
-    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, must_try: bool = False, **kwargs: Any) -> Any:
         """`fn` with retries; None when it gave up. Once a call has given up, the store counts as
         down: calls in the next OUTAGE_COOLDOWN_S seconds are skipped at once, and after that one
-        attempt without retries tells whether it is back. A dead server therefore costs one round
-        of retries, not one per call, and everything skipped is listed in `not_logged`."""
+        attempt without retries tells whether it is back (`must_try`: attempt it now in any case,
+        as ending the run does). A dead server therefore costs one round of retries, not one per
+        call, and everything skipped is listed in `not_logged`."""
         down = self._down_since is not None
-        if down and time.monotonic() - self._down_since < OUTAGE_COOLDOWN_S:
+        if down and not must_try and time.monotonic() - self._down_since < OUTAGE_COOLDOWN_S:
             self.not_logged.append(what)
             return None
         gave_up: list[BaseException] = []
@@ -392,8 +405,9 @@ class Tracker:
         command whose work succeeded while the tracking store was away."""
         if not self.not_logged:
             return None
-        shown = ", ".join(dict.fromkeys(self.not_logged[:6]))
-        more = f" and {len(self.not_logged) - 6} more" if len(self.not_logged) > 6 else ""
+        missed = list(dict.fromkeys(self.not_logged))
+        shown = ", ".join(missed[:6])
+        more = f" and {len(missed) - 6} more" if len(missed) > 6 else ""
         ended = any(what.startswith("end run") for what in self.not_logged)
         return f"MLflow at {without_credentials(self.uri)} failed; not logged: {shown}{more}" + (
             f"; run {self.run_id} stays RUNNING there until you end it" if ended else ""
@@ -409,7 +423,8 @@ class Tracker:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self._call("set tags", self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        tags = [RunTag(k, redact(v)) for k, v in tags.items() if not is_secret(k)]
+        self._call("set tags", self.client.log_batch, self.run_id, tags=tags)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int, prefix: str = "") -> None:
         """Numbers only (None and non-numbers are left out), names made MLflow-safe."""
@@ -441,7 +456,7 @@ class Tracker:
         self._call(f"log figure {name}", self.client.log_figure, self.run_id, fig, name)
 
     def log_text(self, text: str, name: str) -> None:
-        self._call(f"log {name}", self.client.log_text, self.run_id, redact(text), name)
+        self._call(f"log {name}", self.client.log_text, self.run_id, redact_config_text(text), name)
 
     def end(self, status: str = "FINISHED") -> None:
         """Stop system metrics and mark the run FINISHED, FAILED or KILLED (once)."""
@@ -451,7 +466,7 @@ class Tracker:
         if self._monitor is not None:
             self._call("stop system metrics", self._monitor.finish)
             self._monitor = None
-        self._call(f"end run ({status})", self.client.set_terminated, self.run_id, status)
+        self._call(f"end run ({status})", self.client.set_terminated, self.run_id, status, must_try=True)
 
     # -- reading back and linking
 
@@ -477,7 +492,8 @@ class Tracker:
                 SystemMetricsMonitor,
             )
 
-            self._monitor = SystemMetricsMonitor(self.run_id, tracking_uri=without_credentials(self.uri))
+            monitor_uri = without_credentials(self.uri) if self.uri.startswith("http") else self.uri
+            self._monitor = SystemMetricsMonitor(self.run_id, tracking_uri=monitor_uri)
             self._monitor.start()
         except Exception as exc:
             log.warning("MLflow: system metrics disabled: %s", _one_line(exc))
@@ -520,7 +536,9 @@ class NullTracker:
     experiment_id: str | None = None
     uri = ""
     resumed = False
-    not_logged: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.not_logged: list[str] = []
 
     def outage(self) -> str | None:
         return None

@@ -8,6 +8,7 @@ so training never pays for decoding full-size TIFFs again.
 from __future__ import annotations
 
 import io
+import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -15,8 +16,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 CONVERTIBLE_MODES = frozenset({"L", "LA", "P", "PA", "RGBA", "RGBX", "CMYK", "YCbCr", "1"})
 ENCODINGS = {"jpeg": "JPEG", "png": "PNG"}
 # rsray's own limit, checked from the header before any pixel is decoded: below Pillow's bomb
-# warning (Image.MAX_IMAGE_PIXELS, ~89 MP), so a huge file is a clear rejection, never a warning or
-# gigabytes of RAM in a Ray worker. 64 MP = 8000 x 8000; `prepare.max_image_pixels` changes it.
+# warning (Image.MAX_IMAGE_PIXELS, ~89 MP; files past it are rejected as too large as well), so a
+# huge file is a clear rejection, never a warning or gigabytes of RAM in a Ray worker.
+# 64 MP = 8000 x 8000; `prepare.max_image_pixels` changes it.
 MAX_PIXELS = 64_000_000
 
 
@@ -30,7 +32,9 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     if not data:
         raise ImageRejected("empty image file")
     try:
-        image = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # Pillow warns (and, at twice its limit, refuses) on open
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
         if image.width * image.height > max_pixels:
             raise ImageRejected(
                 f"image too large: {image.width}x{image.height} is above prepare.max_image_pixels={max_pixels}"
@@ -38,7 +42,9 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
         image.load()
     except ImageRejected:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise ImageRejected(f"image too large: {exc}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageRejected(f"cannot decode image: {exc}") from None
     if image.mode == "RGB":
         return image

@@ -106,7 +106,7 @@ def read_split(
         loc = root.join(*entry["path"].split("/"))
         info = loc.fs.get_file_info(loc.path)
         if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"{loc.uri}: listed in {root.join('manifest.json').uri} but missing")
+            raise ShardMismatch(f"{loc.uri}: listed in {root.join('manifest.json').uri} but missing")
         if "bytes" in entry and info.size != entry["bytes"]:
             raise ShardMismatch(
                 f"{loc.uri}: {info.size} bytes, the manifest says {entry['bytes']} "

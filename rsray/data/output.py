@@ -5,8 +5,9 @@ before that field are recognised by their schema) or the marker an unfinished pr
 (`prepare-in-progress.json`, written before the first shard and removed after the manifest). Any
 other folder with files in it is refused with one line: a file that happens to be called
 `manifest.json` proves nothing. In an rsray folder only rsray's files are replaced: the shards the
-manifest lists (or, after an interruption, shard-named files in the split folders), the manifest,
-the marker and the staging folder. A user's notes or extra files next to them are left alone.
+manifest lists and any other file named as rsray names shards (`part-NNNNN-K.parquet`) in a split
+folder, the manifest, the marker and the staging folder. A user's notes or other files next to
+them are left alone.
 
 Shards are written into `_staging/` first (Ray Data's overwrite mode empties the folder it
 writes to, so it may only ever write into a folder that is wholly rsray's) and moved into

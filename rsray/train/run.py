@@ -27,6 +27,7 @@ and the Train controller import this module to unpickle its functions, and start
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -461,8 +462,11 @@ def placeable_workers(nodes: list[dict], need: Mapping[str, float]) -> int:
 
 def _wait_for_resources(cfg: Config) -> None:
     """Refuse, in one line, workers the cluster cannot place, after `train.resource_wait_s` for an
-    autoscaler to add nodes; say once that it waits."""
+    autoscaler to add nodes; say once that it waits. While it waits it asks the autoscaler for the
+    workers' bundles (`ray.autoscaler.sdk.request_resources`: no Ray Train placement group exists
+    yet to create that demand), and withdraws the request after."""
     import ray
+    from ray.autoscaler.sdk import request_resources
 
     from rsray.runtime import ensure_ray
 
@@ -473,8 +477,12 @@ def _wait_for_resources(cfg: Config) -> None:
         nodes = [node for node in ray.nodes() if node.get("Alive")]
         fits = placeable_workers(nodes, need)
         if fits >= tc.num_workers:
+            if said:
+                request_resources(bundles=[])  # Ray Train's own placement group asks from here on
             return
         if time.monotonic() >= deadline:
+            if said:
+                request_resources(bundles=[])
             raise cfg.error(
                 "train.num_workers",
                 f"{tc.num_workers} workers of {need} cannot be placed: the cluster's {len(nodes)} node(s) hold "
@@ -482,6 +490,7 @@ def _wait_for_resources(cfg: Config) -> None:
                 "Lower train.num_workers or train.cpus_per_worker, or add nodes",
             )
         if not said:
+            request_resources(bundles=[need] * tc.num_workers)  # what an autoscaler scales up for
             log.info(
                 "the cluster can place %d of %d workers of %s: waiting up to %g s for more nodes",
                 fits,
@@ -598,12 +607,13 @@ def train(cfg: Config, tracker=None, callbacks: Sequence[Any] = ()):
     cfg = _absolute_paths(_train_earlier_stages(cfg))
     if not cfg.train.run_name:
         cfg.train.run_name = default_run_name(cfg)
-    with RunLock(cfg):  # one live run per name: two would mix their checkpoints
+    with contextlib.ExitStack() as held:
         try:
+            held.enter_context(RunLock(cfg))  # one live run per name: two would mix their checkpoints
             resolved = preflight(cfg)  # before the MLflow run opens: a refused run leaves none behind
-        except BaseException:
+        except BaseException as exc:
             if tracker is not None:  # a sweep trial's own run
-                tracker.end("FAILED")
+                tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise
         if tracker is None:
             tracker = NullTracker()
@@ -635,9 +645,14 @@ def train(cfg: Config, tracker=None, callbacks: Sequence[Any] = ()):
             raise
     # Training is done and its checkpoints are registered: nothing below may fail the run. A tracking
     # outage is collected by the tracker and reported once (`result.tracking_outage`).
-    _log_earlier_epochs(tracker, result.return_value or [])
-    _log_run_artifacts(tracker, cfg, result)
-    tracker.end("FINISHED")
+    try:
+        _log_earlier_epochs(tracker, result.return_value or [])
+        _log_run_artifacts(tracker, cfg, result)
+    except Exception as exc:  # e.g. the best checkpoint cannot be fetched from storage just now
+        log.warning("the run's artifacts were not logged to MLflow: %s", _summary(exc))
+        tracker.not_logged.append("run artifacts")
+    finally:  # even a Ctrl-C here: the training itself finished
+        tracker.end("FINISHED")
     result.mlflow_run_id, result.mlflow_link = tracker.run_id, tracker.ui_link()
     result.tracking_outage = tracker.outage()
     return result

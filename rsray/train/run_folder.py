@@ -5,9 +5,10 @@ an address and a promise. Two guards keep it:
 
 - `RunLock`: a small `rsray-run.json` in the folder while a run is live (host, pid, a heartbeat
   refreshed every HEARTBEAT_S seconds). A second run with that name is refused in one line while
-  the first one lives; a lock whose process is gone (same host) or whose heartbeat is older than
-  STALE_S (another host) is stale and taken over. On S3 there is no atomic create, so two runs
-  started within the same second could both win: the guard is for people, not for a scheduler.
+  the first one lives; a lock whose heartbeat is older than STALE_S, or whose process is gone (same
+  host), or that names this very process, is stale and taken over. The lock is written, not
+  created atomically (locally or on S3), so two runs started within the same second could both
+  win: the guard is for people, not for a scheduler.
 - `check_resume`: the config a rerun would resume with is compared to the config of the checkpoint
   Ray Train will resume from (the latest one it registered). Resuming restores weights, optimizer,
   scheduler and RNG states, so a change to anything that shapes them (the model section, learning
@@ -31,7 +32,7 @@ import yaml
 
 from rsray import storage
 from rsray.checkpoint import CONFIG_FILE
-from rsray.config import Config
+from rsray.config import Config, config_from_dict
 
 log = logging.getLogger("rsray.train")
 
@@ -48,6 +49,7 @@ RESUME_MAY_CHANGE = (
     "train.cache_train_split",
     "train.verify_checksums",
     "train.cpus_per_worker",
+    "train.resource_wait_s",
     "train.storage_path",
     "train.run_name",
     "tracking.",
@@ -58,7 +60,8 @@ RESUME_MAY_CHANGE = (
 
 
 def run_folder(cfg: Config) -> storage.Location:
-    return storage.resolve(cfg.train.storage_path, cfg.prepare.s3_endpoint).join(cfg.train.run_name)
+    """The folder Ray Train writes the run to (resolved as `build_trainer` resolves it)."""
+    return storage.resolve(cfg.train.storage_path).join(cfg.train.run_name)
 
 
 # ----------------------------------------------------------------------------- one live run per name
@@ -118,15 +121,22 @@ class RunLock:
 
 
 def _alive(holder: dict) -> bool:
-    if holder.get("host") == socket.gethostname():
-        try:
-            os.kill(int(holder.get("pid", -1)), 0)
-        except (ProcessLookupError, ValueError):
-            return False
-        except PermissionError:  # someone else's live process
-            return True
+    try:
+        fresh = time.time() - float(holder.get("heartbeat", 0)) < STALE_S
+        pid = int(holder.get("pid", -1))
+    except (TypeError, ValueError):
+        return False
+    if not fresh or holder.get("host") != socket.gethostname():
+        return fresh
+    if pid == os.getpid():  # this process: an earlier run in it that did not end cleanly
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
         return True
-    return time.time() - float(holder.get("heartbeat", 0)) < STALE_S
+    return True
 
 
 # ----------------------------------------------------------------------------- resuming
@@ -145,12 +155,19 @@ def resume_point(cfg: Config) -> ResumePoint | None:
     snapshot = folder.join(SNAPSHOT_FILE)
     if not storage.exists(snapshot):
         return None
-    latest = json.loads(storage.read_bytes(snapshot)).get("latest_checkpoint_result")
-    if not latest:
-        return None
-    checkpoint = folder.join(latest["checkpoint_dir_name"])
-    config = yaml.safe_load(storage.read_bytes(checkpoint.join(CONFIG_FILE)))
-    return ResumePoint(int(latest["metrics"]["epoch"]), checkpoint, config)
+    try:
+        latest = json.loads(storage.read_bytes(snapshot)).get("latest_checkpoint_result")
+        if not latest:
+            return None
+        checkpoint = folder.join(latest["checkpoint_dir_name"])
+        config = config_from_dict(yaml.safe_load(storage.read_bytes(checkpoint.join(CONFIG_FILE)))).public_dict()
+        return ResumePoint(int(latest["metrics"]["epoch"]), checkpoint, config)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError) as exc:
+        raise cfg.error(
+            "train.run_name",
+            f"{folder.uri} holds checkpoints, but where the run would resume cannot be read "
+            f"({type(exc).__name__}: {exc}); choose a new train.run_name",
+        ) from None
 
 
 def check_resume(cfg: Config, point: ResumePoint) -> None:
@@ -172,14 +189,12 @@ def check_resume(cfg: Config, point: ResumePoint) -> None:
             "the checkpoint's weights, optimizer and RNG and would ignore them: use a new train.run_name, or "
             "set them back",
         )
-    log.info(
-        "resuming run %s from epoch %d (%s): epochs %d..%d to go",
-        cfg.train.run_name,
-        point.epoch,
-        point.checkpoint.uri,
-        point.epoch + 1,
-        cfg.train.epochs - 1,
+    left = (
+        f"epochs {point.epoch + 1}..{cfg.train.epochs - 1} to go"
+        if point.epoch + 1 < cfg.train.epochs
+        else f"nothing left to train with train.epochs={cfg.train.epochs}"
     )
+    log.info("resuming run %s from epoch %d (%s): %s", cfg.train.run_name, point.epoch, point.checkpoint.uri, left)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -154,6 +154,16 @@ def test_s3_output_matches_local_output(local_run, dataset, s3_bucket):
         assert [f["sha256"] for f in s3_files] == [f["sha256"] for f in local_run.manifest["splits"][split]["files"]]
     assert read_manifest(uri)["counts"]["written"] == 60
 
+    import boto3  # a rewrite on S3 replaces rsray's objects only
+
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"])
+    client.put_object(Bucket=s3_bucket, Key="prepared/sample/notes.txt", Body=b"mine")
+    again = prepare(config(dataset, uri), force=True)
+    assert again.manifest["splits"] == result.manifest["splits"]
+    assert client.get_object(Bucket=s3_bucket, Key="prepared/sample/notes.txt")["Body"].read() == b"mine"
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="prepared/sample/")["Contents"]]
+    assert not [k for k in keys if "_staging" in k or "in-progress" in k]
+
 
 def test_too_many_rejections_fails_after_writing_the_manifest(ray_cluster, dataset, tmp_path):
     with pytest.raises(TooManyRejections, match=r"6 of 66 records rejected"):
@@ -274,9 +284,11 @@ def test_file_names_outside_the_images_folder_or_unreadable_are_rejected_per_rec
         ann["images"].append({"filename": name, "imgid": 20_000 + i, "split": "train", "sentences": five})
     (root / ANNOTATION_FILE).write_bytes(json.dumps(ann).encode().replace(b"BADNAME", b"caf\xe9"))
 
-    result = prepare(
-        config(root, tmp_path / "out", **{"prepare.max_image_pixels": 6000, "prepare.max_reject_fraction": 0.5})
-    )
+    overrides = {"prepare.max_image_pixels": 6000, "prepare.max_reject_fraction": 0.5}
+    overrides["tracking.uri"] = "http://rsray-user:pw-in-a-manifest@127.0.0.1:5000"  # recorded, redacted
+    result = prepare(config(root, tmp_path / "out", **overrides))
+    assert "pw-in-a-manifest" not in (tmp_path / "out" / "manifest.json").read_text()
+    assert result.manifest["config"]["tracking"]["uri"] == "http://rsray-user:***@127.0.0.1:5000"
     assert result.manifest["counts"] == {"read": 25, "written": 20, "rejected": 5}
     reasons = {r["image_id"]: r["reason"] for r in result.manifest["rejected"]}
     reasons["BADNAME_1.png"] = reasons.pop("caf\\udce9_1.png")  # the manifest shows the bad byte escaped

@@ -1,6 +1,7 @@
 """Per-image work of the prepare stage: decode, validate mode, resize, re-encode."""
 
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -82,3 +83,12 @@ def test_images_above_the_pixel_limit_are_rejected_from_the_header():
         process_image(data, 32, max_pixels=7999)
     assert process_image(data, 32, max_pixels=8000)
     assert MAX_PIXELS < Image.MAX_IMAGE_PIXELS  # rsray refuses before Pillow would even warn
+
+
+def test_files_past_pillows_bomb_limit_are_rejected_as_too_large_not_warned_about():
+    buffer = io.BytesIO()
+    Image.new("1", (10_000, 10_000)).save(buffer, format="PNG")  # 100 MP in 12 kB
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning would fail the test
+        with pytest.raises(ImageRejected, match="image too large: Image size"):
+            decode_image(buffer.getvalue(), max_pixels=200_000_000)

@@ -166,7 +166,7 @@ def test_a_changed_file_is_named_by_what_differs(tmp_path):
     with pytest.raises(ShardMismatch, match="4 rows, the manifest says 5"):
         read_split(str(tmp_path), "test")
     path.unlink()
-    with pytest.raises(FileNotFoundError, match="part-00000-0.parquet: listed in"):
+    with pytest.raises(ShardMismatch, match="part-00000-0.parquet: listed in"):
         read_split(str(tmp_path), "test")
 
 

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 
 from rsray.config import load_config
-from rsray.redact import RedactingFilter, is_secret, redact, redact_tree, split_credentials, without_credentials
+from rsray.redact import (
+    RedactingFilter,
+    is_secret,
+    redact,
+    redact_config_text,
+    redact_tree,
+    split_credentials,
+    without_credentials,
+)
 
 
 @pytest.mark.parametrize(
@@ -19,6 +28,7 @@ from rsray.redact import RedactingFilter, is_secret, redact, redact_tree, split_
         ("s3://bucket/key?X-Amz-Signature=abc&x=1", "s3://bucket/key?X-Amz-Signature=***&x=1"),
         ("http://h/api?token=abc&page=2", "http://h/api?token=***&page=2"),
         ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+        ("http://u:p@ss@host/x", "http://u:***@host/x"),  # an unencoded @ in the password
         ("user@example.com wrote sqlite:///mlflow.db", "user@example.com wrote sqlite:///mlflow.db"),
     ],
 )
@@ -59,3 +69,23 @@ def test_a_saved_config_reloads_with_the_password_hidden(tmp_path):
 def test_the_logging_filter_redacts_formatted_messages():
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "run at %s", ("http://a:b@h",), None)
     assert RedactingFilter().filter(record) and record.getMessage() == "run at http://a:***@h"
+
+
+def test_config_text_hides_secret_keys_and_uri_credentials():
+    text = "tracking:\n  uri: http://u:pw@h  # ours\n  password: hunter2\nmodel:\n  hf_token=abc\n  tokenizer: bert\n"
+    assert redact_config_text(text) == (
+        "tracking:\n  uri: http://u:***@h  # ours\n  password: ***\nmodel:\n  hf_token=***\n  tokenizer: bert\n"
+    )
+
+
+def test_mlflow_gets_the_bare_address_and_the_login_through_its_variables(monkeypatch, tmp_path):
+    from rsray.tracking import mlflow_client
+
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    assert mlflow_client("http://me:***@127.0.0.1:1")._tracking_client.tracking_uri == "http://127.0.0.1:1"
+    assert "MLFLOW_TRACKING_PASSWORD" not in os.environ  # a redacted password is no password
+    mlflow_client("http://me:s3cret@127.0.0.1:1")
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("me", "s3cret")
+    database = f"sqlite:///{tmp_path}/x.db"  # a database URI is passed on whole
+    assert mlflow_client(database)._tracking_client.tracking_uri == database
