@@ -158,11 +158,14 @@ def claim_folder(sweep: Sweep, folder) -> tuple[str, bool]:
 
 def _prepared_base(sweep: Sweep) -> Config:
     """The training config as trials receive it: paths absolute (a trial's driver runs in its own
-    trial folder) and earlier stages (PriorCLIP's scene prior) trained once for all trials."""
+    trial folder), its prepared data checked against the manifest, and earlier stages (PriorCLIP's
+    scene prior) trained once for all trials."""
+    from rsray.data.verify import verify_prepared
     from rsray.train.run import _absolute_paths, _train_earlier_stages
 
     base = _absolute_paths(copy.deepcopy(sweep.base))
-    if sweep.settings.kind == "train":
+    if sweep.settings.kind == "train":  # bad shards are refused once, before any trial starts
+        verify_prepared(base.train.data, base.prepare.s3_endpoint, tuple(base.train.verify_checksums))
         if not base.train.run_name:
             base.train.run_name = sweep.name  # names the earlier stages' runs, if any
         base = _train_earlier_stages(base)
