@@ -28,6 +28,11 @@ class OptimiserConfig:
     warmup: float = 0.0  # linear_warmup: the fraction of all optimizer steps spent warming up
     lr_decay: float = 1.0  # step: multiply lr by this ...
     decay_every: int = 1  # ... every this many epochs
+    # AdamW's weight decay skips every parameter with fewer than 2 dimensions or named as a bias,
+    # norm or logit scale (biases, LayerNorm/BatchNorm weights, temperatures: open_clip's rule, and
+    # PIR's AdamW); true = decay them all, as a bare AdamW(model.parameters()) does. Adam's (L2)
+    # decay always applies to all, as the VSE++/SWAN/DOVE releases have it.
+    decay_all_parameters: bool = False
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.optimizer not in ("adam", "adamw"):
@@ -67,10 +72,20 @@ def make_optimizer(
 
     `step` returns a StepLR the caller steps once per epoch; `linear_warmup` needs the run's
     `total_steps` and is stepped after every optimizer step (see `steps_per_batch`)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     optimizer_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[model_cfg.optimizer]
+    if model_cfg.optimizer == "adamw" and not model_cfg.decay_all_parameters:
+        groups = [
+            {"params": [p for name, p in named if not exempt_from_decay(name, p)]},
+            {"params": [p for name, p in named if exempt_from_decay(name, p)], "weight_decay": 0.0},
+        ]
+    else:
+        groups = [{"params": [p for _, p in named]}]
     optimizer = optimizer_cls(
-        params, lr=model_cfg.lr, betas=tuple(model_cfg.betas), weight_decay=model_cfg.weight_decay
+        [g for g in groups if g["params"]],
+        lr=model_cfg.lr,
+        betas=tuple(model_cfg.betas),
+        weight_decay=model_cfg.weight_decay,
     )
     if steps_per_batch(model_cfg):
         from transformers import get_linear_schedule_with_warmup
@@ -81,6 +96,12 @@ def make_optimizer(
         return optimizer, get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=model_cfg.decay_every, gamma=model_cfg.lr_decay)
     return optimizer, schedule
+
+
+def exempt_from_decay(name: str, param: torch.Tensor) -> bool:
+    """open_clip's rule: no weight decay for 0-d and 1-d parameters (biases, norm weights, logit
+    scales) or names that say they are one (`bn`, `ln`, `bias`, `logit_scale`; and `norm`)."""
+    return param.ndim < 2 or any(part in name for part in ("bn", "ln", "bias", "logit_scale", "norm"))
 
 
 def steps_per_batch(model_cfg: OptimiserConfig) -> bool:

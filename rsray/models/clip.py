@@ -64,7 +64,11 @@ class ClipConfig(WarmupAdamWConfig):
     freeze_text: bool = (
         False  # keep the text_checkpoint's weights (LiT-style, the other way round); its projection trains
     )
-    temperature: float | None = 0.07  # initial; null = the checkpoint's learned logit scale
+    # initial temperature; null (default) = the CLIPModel's own logit scale: a pretrained checkpoint's
+    # learned one (100 for OpenAI's CLIP), or CLIPConfig's init (1/0.07) when built from `clip`.
+    # A fixed 0.07 would throw a checkpoint's scale away, and at fine-tuning learning rates it never
+    # comes back (our choice, as open_clip's fine-tuning keeps it).
+    temperature: float | None = None
     learn_temperature: bool = True
     gather_across_workers: bool = True  # InfoNCE over every worker's batch (open_clip); false = local batch
     # Our choice for fine-tuning a pretrained CLIP: open_clip's ViT settings (weight decay 0.2,
@@ -91,8 +95,6 @@ class ClipConfig(WarmupAdamWConfig):
             yield "text_checkpoint", "needs text_input: input_ids (its own tokenizer's ids, via data.tokenizer)"
         if self.checkpoint and self.text_input == "tokens" and not self.text_checkpoint:
             yield "text_input", "a pretrained CLIP text tower needs its tokenizer's input_ids, not word tokens"
-        if self.temperature is None and not self.checkpoint:
-            yield "temperature", "null (take the checkpoint's) needs a checkpoint"
         if self.temperature is not None and self.temperature <= 0:
             yield "temperature", f"must be positive, got {self.temperature}"
         yield from _check_clip_fields(self.clip)

@@ -106,21 +106,16 @@ def test_fit_positions_keeps_the_last_token_of_long_rows():
 # ----------------------------------------------------------------------------- loading checkpoints
 
 
+def cfg_overrides(tmp_path) -> list[str]:
+    return [f"model.checkpoint={tmp_path / 'clip'}", "model.embed_dim=16", "model.augment.crop=32"]
+
+
 def test_clip_checkpoint_loads_with_equal_weights_and_outputs(tmp_path):
     source = tiny_clip(seed=3)
     with torch.no_grad():
         source.logit_scale.fill_(math.log(50.0))
     source.save_pretrained(tmp_path / "clip")
-    cfg = load_config(
-        "model/clip",
-        [
-            f"model.checkpoint={tmp_path / 'clip'}",
-            "model.embed_dim=16",
-            "model.temperature=null",
-            "model.augment.crop=32",
-        ],
-    )
-    model = build_model(cfg).eval()
+    model = build_model(load_config("model/clip", cfg_overrides(tmp_path))).eval()
 
     for ours, theirs in (
         (model.visual.model, source.vision_model),
@@ -132,9 +127,9 @@ def test_clip_checkpoint_loads_with_equal_weights_and_outputs(tmp_path):
         assert ours.state_dict().keys() == theirs_state.keys()
         for key, value in ours.state_dict().items():
             assert torch.equal(value, theirs_state[key]), key
-    assert float(model.logit_scale().detach()) == pytest.approx(
-        50.0, rel=1e-5
-    )  # temperature: null keeps the checkpoint's
+    assert float(model.logit_scale().detach()) == pytest.approx(50.0, rel=1e-5)  # the default keeps the checkpoint's
+    fixed = build_model(load_config("model/clip", [*cfg_overrides(tmp_path), "model.temperature=0.07"]))
+    assert float(fixed.logit_scale().detach()) == pytest.approx(1 / 0.07, rel=1e-5)  # a number sets it
 
     ids, mask = clip_ids([2, 6, 4])
     images = torch.randn(3, 3, 32, 32)
@@ -268,7 +263,9 @@ def test_captions_of_one_image_are_positives_of_each_other():
 def test_temperature_starts_at_clips_and_is_learned(learn):
     model = build_tiny(f"model.learn_temperature={str(learn).lower()}").train()
     start = model.logit_scale.log_scale.detach().clone()
-    assert float(model.logit_scale().detach()) == pytest.approx(1 / 0.07)
+    from transformers import CLIPConfig
+
+    assert float(model.logit_scale().detach()) == pytest.approx(math.exp(CLIPConfig().logit_scale_init_value))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):
         optimizer.zero_grad()
@@ -365,7 +362,6 @@ def test_minilm_demo_preset_names_one_folder_for_weights_and_tokenizer():
         ("model.clip.towers=2", "model.clip.towers: not a CLIPConfig field"),
         ("model.checkpoint=/some/clip", "model.checkpoint: a checkpoint brings its own CLIPConfig"),
         ("model.text_checkpoint=minilm", "model.text_checkpoint: needs text_input: input_ids"),
-        ("model.temperature=null", "model.temperature: null (take the checkpoint's) needs a checkpoint"),
         ("model.temperature=0", "model.temperature: must be positive"),
         ("model.freeze_text=true", "model.freeze_text: freezes a pretrained text_checkpoint; there is none"),
     ],

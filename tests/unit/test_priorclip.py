@@ -335,7 +335,10 @@ def test_linear_warmup_schedule_rises_then_decays_to_zero():
     assert isinstance(optimizer, torch.optim.AdamW)
     group = optimizer.param_groups[0]
     assert (group["betas"], group["weight_decay"]) == ((0.9, 0.98), 0.05)
-    assert len(group["params"]) == sum(1 for p in model.parameters() if p.requires_grad)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == sum(
+        1 for p in model.parameters() if p.requires_grad
+    )
+    assert optimizer.param_groups[1]["weight_decay"] == 0.0  # biases, norms, temperatures (PIR's AdamW)
     lrs = []
     for _ in range(10):
         lrs.append(schedule.get_last_lr()[0])

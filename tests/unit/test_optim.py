@@ -1,0 +1,61 @@
+"""AdamW's weight decay skips biases, norm weights and logit scales (open_clip's rule, PIR's AdamW)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from rsray.config import load_config
+from rsray.losses import LogitScale
+from rsray.models import model_config
+from rsray.optim import exempt_from_decay, make_optimizer
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 3)
+        self.ln_post = nn.LayerNorm(3)
+        self.bn1 = nn.BatchNorm1d(3)
+        self.embed = nn.Embedding(5, 3)
+        self.logit_scale = LogitScale(0.07)
+
+
+def one_step_with_zero_gradients(model, cfg) -> dict[str, torch.Tensor]:
+    """AdamW with a zero gradient moves a parameter only by its decay: p <- p * (1 - lr * wd)."""
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer, _ = make_optimizer(model, cfg, total_steps=10)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    return {name: p.detach() / before[name] for name, p in model.named_parameters() if before[name].abs().min() > 0}
+
+
+@pytest.mark.parametrize("decay_all", [False, True])
+def test_adamw_decays_weight_matrices_only_unless_told_to_decay_all(decay_all):
+    torch.manual_seed(0)
+    cfg = model_config(
+        load_config(
+            "model/clip-tiny", ["model.lr=0.1", "model.weight_decay=0.5", f"model.decay_all_parameters={decay_all}"]
+        )
+    )
+    ratios = one_step_with_zero_gradients(Small(), cfg)
+    shrunk = 1 - 0.1 * 0.5
+    for name, ratio in ratios.items():
+        decayed = decay_all or name in ("proj.weight", "embed.weight")
+        torch.testing.assert_close(ratio, torch.full_like(ratio, shrunk if decayed else 1.0), msg=name)
+
+
+def test_the_exemption_rule_is_open_clips():
+    assert exempt_from_decay("visual.transformer.resblocks.0.ln_1.weight", torch.zeros(8, 8))  # by name
+    assert exempt_from_decay("encoder.layer.0.attention.output.LayerNorm.weight", torch.zeros(8))
+    assert exempt_from_decay("text_projection.bias", torch.zeros(8))
+    assert exempt_from_decay("logit_scale.log_scale", torch.zeros(()))
+    assert not exempt_from_decay("visual.conv1.weight", torch.zeros(8, 3, 4, 4))
+
+
+def test_adam_l2_decay_still_applies_to_every_parameter():
+    cfg = model_config(load_config("model/vsepp-tiny", ["model.weight_decay=0.1"]))
+    optimizer, _ = make_optimizer(Small(), cfg)
+    assert len(optimizer.param_groups) == 1 and optimizer.param_groups[0]["weight_decay"] == 0.1
