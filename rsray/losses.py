@@ -11,10 +11,13 @@ Conventions, used by every function here:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from rsray.distributed import gather_no_grad, gather_with_grad, rank, world_size
 
 
 def positive_mask(image_ids: torch.Tensor | None, n: int, device: torch.device | None = None) -> torch.Tensor:
@@ -79,12 +82,56 @@ def info_nce_loss(
     n = scores.shape[0]
     if scores.shape != (n, n):
         raise ValueError(f"info_nce_loss needs square scores, got {list(scores.shape)}")
-    targets = positive_mask(image_ids, n, scores.device).to(scores.dtype)
-    targets = targets / targets.sum(dim=1, keepdim=True)  # symmetric mask: same for columns
-    logits = logit_scale * scores
-    i2t = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
-    t2i = -(targets * F.log_softmax(logits.t(), dim=1)).sum(dim=1).mean()
+    return info_nce_rows(scores, scores.t(), logit_scale, positive_mask(image_ids, n, scores.device))
+
+
+def info_nce_rows(
+    image_rows: torch.Tensor, text_rows: torch.Tensor, logit_scale: torch.Tensor | float, positives: torch.Tensor
+) -> torch.Tensor:
+    """`info_nce_loss` for some of the rows: `image_rows` [B, N] scores of B images against all N
+    captions, `text_rows` [B, N] of the B captions of the same pairs against all N images,
+    `positives` [B, N] which of the N show the row's image. The whole matrix is B = N."""
+    targets = positives.to(image_rows.dtype)
+    targets = targets / targets.sum(dim=1, keepdim=True)  # the same rows for both directions
+    i2t = -(targets * F.log_softmax(logit_scale * image_rows, dim=1)).sum(dim=1).mean()
+    t2i = -(targets * F.log_softmax(logit_scale * text_rows, dim=1)).sum(dim=1).mean()
     return (i2t + t2i) / 2
+
+
+def gathered_info_nce_loss(
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    image_ids: torch.Tensor | None = None,
+    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lambda a, b: a @ b.t(),
+) -> torch.Tensor:
+    """InfoNCE over every worker's batch, each worker computing only its own B rows against all W*B
+    (open_clip's `local_loss`): [B, W*B] logits per direction instead of the whole [W*B, W*B] on
+    every worker. The mean of the workers' losses is the whole matrix's loss, and with
+    `gather_with_grad`'s summing backward and DDP's average the parameter gradients are the whole
+    matrix's too (tested on two gloo processes). One process: exactly `info_nce_loss`."""
+    if world_size() == 1:
+        return info_nce_loss(score(images, texts), logit_scale, image_ids)
+    if image_ids is None:  # each pair its own image: positives are the pair's own position
+        image_ids = torch.arange(images.shape[0], device=images.device) + rank() * images.shape[0]
+    gathered = gather_with_grad(images), gather_with_grad(texts), gather_no_grad(image_ids)
+    return local_info_nce_loss(images, texts, image_ids, *gathered, logit_scale=logit_scale, score=score)
+
+
+def local_info_nce_loss(
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    image_ids: torch.Tensor,
+    all_images: torch.Tensor,
+    all_texts: torch.Tensor,
+    all_ids: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lambda a, b: a @ b.t(),
+) -> torch.Tensor:
+    """This worker's rows of the gathered InfoNCE, for callers that gathered already (PriorCLIP's
+    affiliation term uses the same gathered rows)."""
+    positives = image_ids[:, None] == all_ids[None, :]
+    return info_nce_rows(score(images, all_texts), score(all_images, texts).t(), logit_scale, positives)
 
 
 def intra_class_loss(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:

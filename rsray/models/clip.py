@@ -25,8 +25,7 @@ from torch import nn
 
 from rsray.data.augment import AugmentConfig
 from rsray.data.text import PAD_ID
-from rsray.distributed import gather_no_grad, gather_with_grad
-from rsray.losses import LogitScale, info_nce_loss
+from rsray.losses import LogitScale, gathered_info_nce_loss, info_nce_loss
 from rsray.models.base import Batch, RetrievalModel
 from rsray.models.encoders import TransformerTextEncoder, length_mask, masked_mean
 from rsray.models.registry import register_model
@@ -291,8 +290,8 @@ class Clip(RetrievalModel):
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         images, texts = self.encode_images(batch), self.encode_texts(batch)
         image_ids = batch.get("image_ids")
-        if self.config.gather_across_workers:
-            images, texts = gather_with_grad(images), gather_with_grad(texts)
-            image_ids = gather_no_grad(image_ids) if image_ids is not None else None
-        contrastive = info_nce_loss(self.score(images, texts), self.logit_scale(), image_ids)
+        if self.config.gather_across_workers:  # this worker's rows against every worker's batch
+            contrastive = gathered_info_nce_loss(images, texts, self.logit_scale(), image_ids, self.score)
+        else:
+            contrastive = info_nce_loss(self.score(images, texts), self.logit_scale(), image_ids)
         return {"total": contrastive, "info_nce": contrastive}

@@ -38,8 +38,8 @@ from torch import nn
 from rsray import storage
 from rsray.checkpoint import read_checkpoint
 from rsray.data.augment import AugmentConfig
-from rsray.distributed import gather_no_grad, gather_with_grad
-from rsray.losses import LogitScale, affiliation_loss, info_nce_loss
+from rsray.distributed import gather_no_grad, gather_with_grad, rank, world_size
+from rsray.losses import LogitScale, affiliation_loss, info_nce_loss, local_info_nce_loss
 from rsray.models.base import Batch, RetrievalModel, full_precision_scores
 from rsray.models.blocks import SelfAttentionBlock
 from rsray.models.clip import fit_positions
@@ -360,16 +360,23 @@ def contrastive_and_affiliation(
     lambda_cs: float,
 ) -> dict[str, torch.Tensor]:
     """PriorCLIP's loss on L2-normalised embeddings: InfoNCE + lambda_cs * affiliation, each with
-    its own learnable scale, both over every worker's rows when `gather`. The affiliation term is
+    its own learnable scale, both over every worker's rows when `gather` (InfoNCE as open_clip's
+    local loss: this worker's rows against all, the same gradients as the whole matrix). The affiliation term is
     computed even at lambda_cs = 0, so every parameter stays in the graph (DistributedDataParallel
     needs that) and the term is still reported."""
     image_ids, scene_ids = batch.get("image_ids"), batch["scene_ids"]
-    if gather:
-        images, texts = gather_with_grad(images), gather_with_grad(texts)
-        image_ids = gather_no_grad(image_ids) if image_ids is not None else None
-        scene_ids = gather_no_grad(scene_ids)
-    contrastive = info_nce_loss(full_precision_scores(images, texts), logit_scale, image_ids)
-    affiliation = affiliation_loss(images, texts, scene_ids, affiliation_scale)
+    if gather and world_size() > 1:  # InfoNCE: this worker's rows against all; affiliation: all rows
+        if image_ids is None:
+            image_ids = torch.arange(images.shape[0], device=images.device) + rank() * images.shape[0]
+        all_images, all_texts = gather_with_grad(images), gather_with_grad(texts)
+        all_ids, all_scenes = gather_no_grad(image_ids), gather_no_grad(scene_ids)
+        contrastive = local_info_nce_loss(
+            images, texts, image_ids, all_images, all_texts, all_ids, logit_scale, full_precision_scores
+        )
+        affiliation = affiliation_loss(all_images, all_texts, all_scenes, affiliation_scale)
+    else:
+        contrastive = info_nce_loss(full_precision_scores(images, texts), logit_scale, image_ids)
+        affiliation = affiliation_loss(images, texts, scene_ids, affiliation_scale)
     return {"total": contrastive + lambda_cs * affiliation, "info_nce": contrastive, "affiliation": affiliation}
 
 

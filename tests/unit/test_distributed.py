@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rsray.distributed import gather_no_grad, gather_with_grad, world_size
-from rsray.losses import info_nce_loss
+from rsray.losses import gathered_info_nce_loss, info_nce_loss
 
 WORLD, LOCAL, DIM = 2, 4, 8
 
@@ -38,6 +38,46 @@ def _worker(rank: int, port: int, images: torch.Tensor, texts: torch.Tensor, ids
         out[rank] = (float(loss.detach()), local_images.grad.clone(), local_texts.grad.clone(), all_ids.clone())
     finally:
         dist.destroy_process_group()
+
+
+def _local_loss_worker(rank: int, port: int, images, texts, ids, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        rows = slice(rank * LOCAL, (rank + 1) * LOCAL)
+        results = {}
+        for name, local_ids in (("ids", ids[rows]), ("no ids", None)):
+            local_images = images[rows].clone().requires_grad_(True)
+            local_texts = texts[rows].clone().requires_grad_(True)
+            loss = gathered_info_nce_loss(local_images, local_texts, 10.0, local_ids)
+            loss.backward()
+            results[name] = (float(loss.detach()), local_images.grad.clone(), local_texts.grad.clone())
+        out[rank] = results
+    finally:
+        dist.destroy_process_group()
+
+
+def test_local_rows_loss_gives_the_whole_matrix_gradients():
+    """open_clip's local loss: each worker [B, W*B] logits per direction, not [W*B, W*B]; the mean
+    of the workers' losses is the whole loss and each worker's rows get the gradients the whole
+    matrix gives them (times W, which DDP's average divides out), with and without image ids."""
+    torch.manual_seed(1)
+    images = torch.nn.functional.normalize(torch.randn(WORLD * LOCAL, DIM), dim=1)
+    texts = torch.nn.functional.normalize(torch.randn(WORLD * LOCAL, DIM), dim=1)
+    ids = torch.tensor([0, 0, 1, 2, 3, 4, 4, 5])
+    out = mp.Manager().dict()
+    mp.spawn(_local_loss_worker, args=(_free_port(), images, texts, ids, out), nprocs=WORLD, join=True)
+    for name, whole_ids in (("ids", ids), ("no ids", None)):
+        whole_images, whole_texts = images.clone().requires_grad_(True), texts.clone().requires_grad_(True)
+        whole = info_nce_loss(whole_images @ whole_texts.t(), 10.0, whole_ids)
+        whole.backward()
+        losses = [out[rank][name][0] for rank in range(WORLD)]
+        assert sum(losses) / WORLD == pytest.approx(float(whole.detach()), rel=1e-6), name
+        assert losses[0] != pytest.approx(losses[1], rel=1e-3)  # each worker really has its own rows
+        for rank in range(WORLD):
+            rows = slice(rank * LOCAL, (rank + 1) * LOCAL)
+            torch.testing.assert_close(out[rank][name][1], WORLD * whole_images.grad[rows], msg=name)
+            torch.testing.assert_close(out[rank][name][2], WORLD * whole_texts.grad[rows], msg=name)
 
 
 def test_single_process_returns_input():

@@ -317,10 +317,12 @@ def test_gathered_loss_on_two_workers_is_the_loss_of_the_whole_batch():
 
     out = mp.Manager().dict()
     mp.spawn(_gather_worker, args=(_free_port(), images, texts, batch, out), nprocs=WORLD, join=True)
+    for term in ("total", "info_nce"):  # InfoNCE: each worker its own rows against all; their mean is the whole
+        mean = sum(out[rank][0][term] for rank in range(WORLD)) / WORLD
+        assert mean == pytest.approx(float(whole[term]), rel=1e-5), term
     for rank in range(WORLD):
         gathered, alone = out[rank]
-        for term in ("total", "info_nce", "affiliation"):
-            assert gathered[term] == pytest.approx(float(whole[term]), rel=1e-5), term
+        assert gathered["affiliation"] == pytest.approx(float(whole["affiliation"]), rel=1e-5)  # over all rows
         assert alone["info_nce"] != pytest.approx(gathered["info_nce"], rel=1e-3)  # the switch matters
 
 
