@@ -86,7 +86,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    overrides = [f"model.roam_heads=[{args.heads}]"]
+    overrides = [f"model.roam_heads=[{args.heads}]", "model.allow_random_frozen_backbone=true"]  # timing only
     if args.chunk_pairs is not None:
         overrides.append(f"model.score_chunk_pairs={args.chunk_pairs}")
     torch.manual_seed(args.seed)

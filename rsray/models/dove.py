@@ -58,6 +58,9 @@ class DoveConfig(OptimiserConfig):
     backbone: str = "resnet50"  # a ResNet-style timm model (SWAN's encoder)
     backbone_checkpoint: str | None = None  # local weights file; null = random init
     freeze_backbone: bool = True
+    # A frozen backbone with no backbone_checkpoint stays random and never learns: refused unless this
+    # says it is meant (timing runs, tests of the plumbing).
+    allow_random_frozen_backbone: bool = False
     vmsf_hidden: int = 1024
     vmsf_dropout: float = 0.2
     # RoI encoder (ours)

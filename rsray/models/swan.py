@@ -42,6 +42,9 @@ class SwanConfig(OptimiserConfig):
     backbone: str = "resnet50"  # a ResNet-style timm model (SFGS needs the stem max-pool)
     backbone_checkpoint: str | None = None  # authors: AID-fine-tuned ResNet-50; null = random init
     freeze_backbone: bool = True
+    # A frozen backbone with no backbone_checkpoint stays random and never learns: refused unless this
+    # says it is meant (timing runs, tests of the plumbing).
+    allow_random_frozen_backbone: bool = False
     # SFGS
     grid: int = 16  # each SFGS branch is pooled to grid x grid: tokens of length grid^2
     sfgs_reduce: int = 32  # stem channels after the 1x1 conv

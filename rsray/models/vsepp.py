@@ -37,6 +37,9 @@ class VseppConfig(OptimiserConfig):
     backbone: str = "resnet50"  # any timm model name
     backbone_checkpoint: str | None = None  # local weights file; null = random init (nothing downloads)
     freeze_backbone: bool = False  # VSE++'s best results fine-tune the CNN
+    # A frozen backbone with no backbone_checkpoint stays random and never learns: refused unless this
+    # says it is meant (timing runs, tests of the plumbing).
+    allow_random_frozen_backbone: bool = False
     word_dim: int = 300
     glove_path: str | None = None  # GloVe-format vectors file; null = random word vectors
     gru_hidden: int = 512  # the caption embedding is the GRU state: must equal embed_dim
@@ -65,6 +68,13 @@ def check_common(cfg) -> Iterator[tuple[str, str]]:
             yield name, f"must be in [0, 1), got {getattr(cfg, name)}"
     if cfg.margin < 0:
         yield "margin", f"must not be negative, got {cfg.margin}"
+    if cfg.freeze_backbone and not cfg.backbone_checkpoint and not cfg.allow_random_frozen_backbone:
+        yield (
+            "backbone_checkpoint",
+            "is null while freeze_backbone is true: a frozen, randomly initialised backbone never learns. "
+            "Give a local weights file, or set model.freeze_backbone=false, or "
+            "model.allow_random_frozen_backbone=true if that is what you want",
+        )
 
 
 @register_model("vsepp", VseppConfig)

@@ -212,7 +212,7 @@ def test_bad_dove_values_name_the_key(override, needle):
 
 
 def test_paper_config_shapes():
-    cfg = model_config(load_config("model/dove"))
+    cfg = model_config(load_config("model/dove", ["model.allow_random_frozen_backbone=true"]))
     assert (cfg.embed_dim, cfg.lr, cfg.margin, cfg.roam_heads, cfg.dtga_inputs) == (
         512,
         2e-4,
@@ -221,7 +221,7 @@ def test_paper_config_shapes():
         ["f", "b"],
     )
     torch.manual_seed(0)
-    model = build_model(load_config("model/dove"), vocab_size=100).eval()
+    model = build_model(load_config("model/dove", ["model.allow_random_frozen_backbone=true"]), vocab_size=100).eval()
     assert model.roi.project.in_features == 1024 * 2 * 2  # layer 3 of ResNet-50, 2x2 bins
     with torch.no_grad():
         visual = model.visual(torch.randn(1, 3, 256, 256))

@@ -17,6 +17,7 @@ from rsray.models.blocks import JRU, WSA
 from rsray.models.encoders import BiGRU, TimmBackbone, WordEmbedding, read_word_vectors
 from rsray.models.swan import SwanVisualEncoder
 
+UNTRAINED = "model.allow_random_frozen_backbone=true"  # paper-sized shapes without the weights: nothing downloads
 VOCAB = 40
 MODELS = registered_models()
 
@@ -159,7 +160,8 @@ def test_tiny_model_loss_decreases(name):
 def test_frozen_backbone_gets_no_grad(name):
     if not hasattr(model_config(tiny(name)), "freeze_backbone"):
         pytest.skip("no timm backbone to freeze")
-    model = build_tiny(name, "model.freeze_backbone=true").train()
+    meant = [UNTRAINED] if hasattr(model_config(tiny(name)), "allow_random_frozen_backbone") else []
+    model = build_tiny(name, "model.freeze_backbone=true", *meant).train()
     backbone = [m for m in model.modules() if isinstance(m, TimmBackbone)]
     assert backbone
     model.loss(random_batch())["total"].backward()
@@ -256,7 +258,7 @@ def test_every_model_checks_its_optimiser_fields(name, override, needle):
 
 def test_the_optimiser_defaults_follow_each_paper():
     def optimiser(name):
-        cfg = model_config(load_config(f"model/{name}"))
+        cfg = model_config(load_config(f"model/{name}", [UNTRAINED] if name in ("swan", "dove") else []))
         return cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.schedule, cfg.lr_decay, cfg.decay_every
 
     assert optimiser("vsepp") == ("adam", 2e-4, 0.0, "step", 0.1, 15)
@@ -268,7 +270,7 @@ def test_the_optimiser_defaults_follow_each_paper():
 def test_typed_config_reaches_the_model():
     cfg = model_config(load_config("model/swan-tiny"))
     assert (cfg.embed_dim, cfg.grid, cfg.augment.crop, cfg.augment.rotation, cfg.lr_decay) == (32, 4, 64, 90.0, 0.7)
-    paper = model_config(load_config("model/swan"))
+    paper = model_config(load_config("model/swan", [UNTRAINED]))
     assert (paper.embed_dim, paper.grid, paper.text_pool, paper.max_violation, paper.decay_every) == (
         512,
         16,
@@ -489,7 +491,7 @@ def swan_paper_trainable(vocab, d=512, word=300, grid=16):
 
 def test_swan_paper_parameter_counts():
     torch.manual_seed(0)
-    model = build_model(load_config("model/swan"), vocab_size=1350)  # no weights: nothing downloads
+    model = build_model(load_config("model/swan", [UNTRAINED]), vocab_size=1350)  # no weights: nothing downloads
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     print(f"SWAN paper config, vocab 1350: trainable {trainable:,}, frozen {frozen:,}")
@@ -505,3 +507,11 @@ def test_swan_paper_parameter_counts():
     assert [m.shape[-1] for m in out.maps] == [64, 32, 16, 8]
     assert out.tokens.shape == (1, 256, 512) and out.fine.shape == out.multi_scale.shape == (1, 512)
     assert math.isfinite(out.fine.sum().item())
+
+
+@pytest.mark.parametrize("name", ["swan", "dove", "vsepp"])
+def test_a_frozen_backbone_without_weights_is_refused_unless_meant(name):
+    overrides = ["model.freeze_backbone=true"]
+    with pytest.raises(ConfigError, match=r"model.backbone_checkpoint: is null while freeze_backbone is true"):
+        model_config(load_config(f"model/{name}", overrides))
+    assert model_config(load_config(f"model/{name}", [*overrides, UNTRAINED])).allow_random_frozen_backbone
