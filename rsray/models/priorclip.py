@@ -256,7 +256,10 @@ class CrossAttentionBlock(nn.Module):
     """Post-LN cross-attention block: x = LN(x + drop(MHA(queries, x, x))); x = LN(x + drop(FFN(x))).
 
     The attended tokens `x` are the keys, values and residual stream; `queries` [B, Q, D] has Q =
-    x's length or 1 (one query for every position: its output is added to each token)."""
+    x's length or 1 (one query for every position: its output is added to each token). One query
+    gives the release's numbers (it expands the query to every position) only without dropout: in
+    training, with dropout, the query is expanded here too, so that each position draws its own
+    attention and output dropout as in the release; in eval one query is computed, not N copies."""
 
     def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float = 0.2):
         super().__init__()
@@ -268,6 +271,8 @@ class CrossAttentionBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, queries: torch.Tensor, key_padding_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if queries.shape[1] == 1 and self.training and (self.attn.dropout > 0 or self.drop1.p > 0):
+            queries = queries.expand(-1, x.shape[1], -1)  # per-position dropout masks, as the release's copies
         attended, _ = self.attn(queries, x, x, key_padding_mask=key_padding_mask, need_weights=False)
         x = self.norm1(x + self.drop1(attended))
         return self.norm2(x + self.drop2(self.ffn(x)))
@@ -298,8 +303,9 @@ class SpatialPAE(nn.Module):
     instruction-queried cross-attention. Returns token 0 before the rounds + head(token 0 after).
 
     The cross-attention query is the instruction mapped per round; it is the same for every
-    position (the release expands it to the token count), so one query is computed and its
-    output added to every token: the same numbers, without the copies."""
+    position (the release expands it to the token count), so in eval one query is computed and its
+    output added to every token: the same numbers, without the copies. In training with dropout it
+    is expanded as in the release (`CrossAttentionBlock`), so every position draws its own masks."""
 
     def __init__(
         self,

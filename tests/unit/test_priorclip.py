@@ -410,3 +410,21 @@ def test_open_domain_switches_change_image_embeddings():
         model_config(tiny("priorclip_open", "model.pool=cls", "model.belief=hard"))
     with torch.no_grad():
         assert math.isfinite(build("priorclip_open", "model.lambda_cs=0").loss(batch)["affiliation"].item())
+
+
+def test_one_instruction_query_is_the_releases_expanded_queries_in_eval_and_in_training():
+    """In eval one query gives the copies' numbers; in training (dropout) it is expanded, so the
+    same seed draws the same per-position masks as the release's copies."""
+    from rsray.models.priorclip import CrossAttentionBlock
+
+    torch.manual_seed(0)
+    block = CrossAttentionBlock(16, 4, 32, dropout=0.3)
+    x, query = torch.randn(2, 5, 16), torch.randn(2, 1, 16)
+    copies = query.expand(-1, 5, -1)
+    block.eval()
+    torch.testing.assert_close(block(x, query), block(x, copies))
+    block.train()
+    torch.manual_seed(7)
+    one = block(x, query)
+    torch.manual_seed(7)
+    torch.testing.assert_close(one, block(x, copies))
