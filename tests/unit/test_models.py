@@ -17,6 +17,16 @@ from rsray.models.blocks import JRU, WSA
 from rsray.models.encoders import BiGRU, TimmBackbone, WordEmbedding, read_word_vectors
 from rsray.models.swan import SwanVisualEncoder
 
+# each model's loss terms and the config key weighting each in `total` (None: weight 1)
+TERM_WEIGHTS = {
+    "vsepp": {"triplet": None},
+    "swan": {"triplet": None},
+    "clip": {"info_nce": None},
+    "dove": {"triplet": None, "global": "lambda_g"},
+    "priorclip": {"info_nce": None, "affiliation": "lambda_cs"},
+    "priorclip_open": {"info_nce": None, "affiliation": "lambda_cs"},
+    "scene_prior": {"image_ce": None, "caption_ce": "caption_weight"},
+}
 UNTRAINED = "model.allow_random_frozen_backbone=true"  # paper-sized shapes without the weights: nothing downloads
 VOCAB = 40
 MODELS = registered_models()
@@ -66,8 +76,14 @@ def test_tiny_model_trains_a_step(name):
         opt.step()
         times.append(time.perf_counter() - start)
     print(f"{name} tiny: fastest of 3 training steps {min(times) * 1000:.0f} ms")
-    assert "total" in losses and len(losses) >= 2  # total plus each term
+    weights = TERM_WEIGHTS[name]
+    assert "total" in losses and set(losses) - {"total"} <= set(weights) and len(losses) >= 2, losses
     assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values()), losses
+    cfg = model_config(tiny(name))  # total = the terms, each times its configured weight
+    expected = sum(
+        value * (getattr(cfg, weights[key]) if weights[key] else 1.0) for key, value in losses.items() if key != "total"
+    )
+    torch.testing.assert_close(losses["total"], expected)
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert sum(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in trainable) > 0.9 * len(trainable)
 
