@@ -28,6 +28,10 @@ class OptimiserConfig:
     warmup: float = 0.0  # linear_warmup: the fraction of all optimizer steps spent warming up
     lr_decay: float = 1.0  # step: multiply lr by this ...
     decay_every: int = 1  # ... every this many epochs
+    # step: the lr of 0-based epoch e is lr * lr_decay ** ((e + decay_epoch_offset) // decay_every).
+    # 0 = the papers' "every 20 epochs" (changes at 20, 40, ...); 1 = the SWAN release, which decays
+    # before epochs where e % 20 == 19 (changes at 19, 39, ...).
+    decay_epoch_offset: int = 0
     # AdamW's weight decay skips every parameter with fewer than 2 dimensions or named as a bias,
     # norm or logit scale (biases, LayerNorm/BatchNorm weights, temperatures: open_clip's rule, and
     # PIR's AdamW); true = decay them all, as a bare AdamW(model.parameters()) does. Adam's (L2)
@@ -51,6 +55,8 @@ class OptimiserConfig:
             yield "lr_decay", f"must be in (0, 1], got {self.lr_decay}"
         if self.decay_every < 1:
             yield "decay_every", f"must be at least 1, got {self.decay_every}"
+        if not 0 <= self.decay_epoch_offset < self.decay_every:
+            yield "decay_epoch_offset", f"must be in [0, decay_every={self.decay_every}), got {self.decay_epoch_offset}"
 
 
 @dataclass
@@ -94,6 +100,11 @@ def make_optimizer(
             raise ValueError("schedule linear_warmup needs the run's total number of optimizer steps")
         warmup_steps = round(model_cfg.warmup * total_steps)
         return optimizer, get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    if model_cfg.decay_epoch_offset:
+        every, offset, gamma = model_cfg.decay_every, model_cfg.decay_epoch_offset, model_cfg.lr_decay
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda epoch: gamma ** ((epoch + offset) // every)
+        )
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=model_cfg.decay_every, gamma=model_cfg.lr_decay)
     return optimizer, schedule
 

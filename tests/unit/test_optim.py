@@ -59,3 +59,18 @@ def test_adam_l2_decay_still_applies_to_every_parameter():
     cfg = model_config(load_config("model/vsepp-tiny", ["model.weight_decay=0.1"]))
     optimizer, _ = make_optimizer(Small(), cfg)
     assert len(optimizer.param_groups) == 1 and optimizer.param_groups[0]["weight_decay"] == 0.1
+
+
+@pytest.mark.parametrize("offset, changes", [(0, [20, 40]), (1, [19, 39])])
+def test_step_decay_follows_its_formula_and_the_releases_phase(offset, changes):
+    """lr of epoch e = lr * 0.7 ** ((e + offset) // 20): the paper's phase, or the SWAN release's
+    (it decays before epochs where e % 20 == 19)."""
+    cfg = model_config(load_config("model/swan-tiny", ["model.lr=0.1", f"model.decay_epoch_offset={offset}"]))
+    optimizer, schedule = make_optimizer(nn.Linear(2, 2), cfg)
+    lrs = []
+    for _ in range(45):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()  # once per epoch, as the training loop does
+    assert lrs == pytest.approx([0.1 * 0.7 ** ((e + offset) // 20) for e in range(45)])
+    assert [e for e in range(1, 45) if lrs[e] != lrs[e - 1]] == changes
