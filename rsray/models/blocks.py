@@ -90,12 +90,14 @@ class GatedSelfAttention(nn.Module):
     [M_Q, M_K] = sigmoid(G W_M + b) scale Q and K before softmax(Q K^T / sqrt(d)) V. The gate
     layers (d x d, d x d, d x 2d) are shared by the heads, and there is no output projection,
     as in the release. Padded keys are masked when `key_padding_mask` is given (the release
-    attends to padding; our choice). The release floor-divides the scores by sqrt(d), a bug we
-    do not keep: we divide.
+    attends to padding; our choice). The release floor-divides the scores by sqrt(d)
+    (`floor_divide=True` reproduces it: the scores become integers, so the gate, query and key
+    weights get exactly zero gradient); the paper divides, and so do we by default.
     """
 
-    def __init__(self, dim: int, heads: int = 2):
+    def __init__(self, dim: int, heads: int = 2, floor_divide: bool = False):
         super().__init__()
+        self.floor_divide = floor_divide
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by {heads} heads")
         self.heads, self.head_dim = heads, dim // heads
@@ -113,7 +115,9 @@ class GatedSelfAttention(nn.Module):
         q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
         mask_q, mask_k = torch.sigmoid(self.gate(self.gate_q(q) * self.gate_k(k))).chunk(2, dim=-1)
         q, k = q * mask_q, k * mask_k
-        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
+        scores = torch.div(
+            q @ k.transpose(-2, -1), math.sqrt(self.head_dim), rounding_mode="floor" if self.floor_divide else None
+        )
         if key_padding_mask is not None:
             scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
         out = torch.softmax(scores, dim=-1) @ v
@@ -127,9 +131,9 @@ class GSA(nn.Module):
     (our choice; `valid=None` reproduces the release, which does neither).
     """
 
-    def __init__(self, dim: int, heads: int = 2, dropout: float = 0.2):
+    def __init__(self, dim: int, heads: int = 2, dropout: float = 0.2, floor_divide: bool = False):
         super().__init__()
-        self.attn = GatedSelfAttention(dim, heads)
+        self.attn = GatedSelfAttention(dim, heads, floor_divide)
         self.norm = nn.BatchNorm1d(dim)
         self.drop = nn.Dropout(dropout)
 

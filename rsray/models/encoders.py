@@ -55,8 +55,10 @@ class TimmBackbone(FrozenParts, nn.Module):
     wrapper keeps the `maxpool` module, and it has no parameters, so applying it to the stem map
     is the same computation the backbone does next. Backbones without a max-pool refuse it.
 
-    `freeze=True`: no parameter is trained, the backbone stays in eval mode (BatchNorm uses its
-    running statistics whatever `model.train()` says) and runs without autograd.
+    `freeze=True`: no parameter is trained and the backbone runs without autograd; with
+    `frozen_bn="eval"` it stays in eval mode (BatchNorm uses its running statistics whatever
+    `model.train()` says); with "train" it follows `model.train()`, so BatchNorm normalises with
+    the batch's statistics and updates its running ones (the SWAN and PIR releases).
     `checkpoint`: a local file of the full model's weights (`torch.save(model.state_dict())`, or
     a dict holding it under `state_dict` / `model`, or .safetensors); the classifier is dropped,
     every other weight must be present.
@@ -69,8 +71,11 @@ class TimmBackbone(FrozenParts, nn.Module):
         freeze: bool = False,
         checkpoint: str | Path | None = None,
         pool_stem: bool = False,
+        frozen_bn: str = "eval",
     ):
         super().__init__()
+        if frozen_bn not in ("eval", "train"):
+            raise ValueError(f"frozen_bn must be eval or train, got {frozen_bn!r}")
         self.name, self.frozen, self.pool_stem = name, freeze, pool_stem
         self.out_indices = tuple(out_indices)
         kwargs = dict(features_only=True, out_indices=self.out_indices)
@@ -88,8 +93,10 @@ class TimmBackbone(FrozenParts, nn.Module):
             if maxpool is None or isinstance(maxpool, nn.Identity):
                 raise ValueError(f"backbone {name!r} has no stem max-pool: pool_stem needs a ResNet-style stem")
             self.reductions[self.out_indices.index(0)] *= 2  # the max-pool halves the stem map
-        if freeze:
+        if freeze and frozen_bn == "eval":
             self.freeze_part("body")
+        elif freeze:
+            self.body.requires_grad_(False)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
@@ -145,11 +152,18 @@ def last_valid(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 
 class WordEmbedding(nn.Embedding):
-    """Word vectors with <pad> (id 0) fixed at zero; random init U(-0.1, 0.1), or GloVe when loaded."""
+    """Word vectors with <pad> (id 0) fixed at zero; random init U(-0.1, 0.1) (`init="uniform"`,
+    VSE++'s) or N(0, 1) (`"normal"`, torch's default, which the SWAN release keeps for words
+    GloVe lacks), or GloVe when loaded."""
 
-    def __init__(self, vocab_size: int, dim: int):
+    def __init__(self, vocab_size: int, dim: int, init: str = "uniform"):
         super().__init__(vocab_size, dim, padding_idx=0)
-        nn.init.uniform_(self.weight, -0.1, 0.1)
+        if init == "uniform":
+            nn.init.uniform_(self.weight, -0.1, 0.1)
+        elif init == "normal":
+            nn.init.normal_(self.weight, 0.0, 1.0)
+        else:
+            raise ValueError(f"word init must be uniform or normal, got {init!r}")
         with torch.no_grad():
             self.weight[0].zero_()
 

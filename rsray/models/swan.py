@@ -8,6 +8,14 @@ Text: word embedding -> dropout -> BiGRU (directions averaged) -> TCGE (GSA | JR
   -> pool (mean, the paper; last valid token, the release) -> L2 norm.
 Score: cosine. Loss: bidirectional hinge triplet (hardest negative, the paper; sum, the release).
 
+Where the release differs from the paper or from our defaults, a switch reproduces it; together they
+are `conf/model/swan-release.yaml` (facts and where they were read: docs/release-facts.md):
+  text_pool last | max_violation false | mask_padding false (GSA attends to padding, BatchNorm over
+  it) | gsa_floor_divide true (a bug: zero gradient to the gate, query and key weights) |
+  triplet_negatives off_diagonal (same-image captions count as negatives) | frozen_bn train |
+  word_init normal | decay_epoch_offset 1 (lr decays at epochs 19, 39) | train.grad_clip 0 (never
+  clips). The WSA feed-forward is GELU in the release and in rsray (the paper says ReLU).
+
 Spatial sizes scale with the input: at 256 px the stem map is 64x64, layer2/3/4 are 32/16/8. SFGS
 pools each branch to `grid` x `grid` (16 in the paper); VMSF brings layer2 and layer4 to
 layer3's size (x0.5 and x2 at 256 px, nearest), which is 16x16 at 256 px and 4x4 at 64 px.
@@ -68,9 +76,17 @@ class SwanConfig(OptimiserConfig):
     tcge_dropout: float = 0.1  # inside that MLP (the release's value)
     text_pool: str = "mean"  # mean (paper) | last valid token (release)
     mask_padding: bool = True  # our choice: GSA ignores padded keys, BatchNorms use valid tokens only
+    gsa_floor_divide: bool = False  # paper: scores / sqrt(d); the release floor-divides (a bug: true)
+    word_init: str = "uniform"  # our choice U(-0.1, 0.1) (VSE++'s) | normal: N(0, 1), the release's
+    # the frozen ResNet's BatchNorm: eval = running statistics (our choice; the paper is silent) |
+    # train = batch statistics, running ones updated (the release only turns off requires_grad)
+    frozen_bn: str = "eval"
     # loss and optimisation
     margin: float = 0.2
     max_violation: bool = True  # hardest negative (paper); false = sum over negatives (release)
+    # which pairs of a batch are negatives: other_images (our choice: another caption of the same
+    # image never is) | off_diagonal (the release masks only the matched pair)
+    triplet_negatives: str = "other_images"
     lr_decay: float = 0.7
     decay_every: int = 20
 
@@ -79,6 +95,12 @@ class SwanConfig(OptimiserConfig):
         yield from check_common(self)
         if self.text_pool not in ("mean", "last"):
             yield "text_pool", f"must be mean or last, got {self.text_pool!r}"
+        if self.word_init not in ("uniform", "normal"):
+            yield "word_init", f"must be uniform or normal, got {self.word_init!r}"
+        if self.frozen_bn not in ("eval", "train"):
+            yield "frozen_bn", f"must be eval or train, got {self.frozen_bn!r}"
+        if self.triplet_negatives not in ("other_images", "off_diagonal"):
+            yield "triplet_negatives", f"must be other_images or off_diagonal, got {self.triplet_negatives!r}"
         for name in ("grid", "sfgs_reduce", "wsa_ffn", "vmsf_hidden", "tcge_hidden"):
             if getattr(self, name) < 1:
                 yield name, f"must be positive, got {getattr(self, name)}"
@@ -201,10 +223,16 @@ class SwanVisualEncoder(nn.Module):
         vmsf_hidden: int = 1024,
         vmsf_dropout: float = 0.2,
         fine_grained: bool = True,
+        frozen_bn: str = "eval",
     ):
         super().__init__()
         self.backbone = TimmBackbone(
-            backbone, out_indices=(0, 2, 3, 4), freeze=freeze, checkpoint=checkpoint, pool_stem=True
+            backbone,
+            out_indices=(0, 2, 3, 4),
+            freeze=freeze,
+            checkpoint=checkpoint,
+            pool_stem=True,
+            frozen_bn=frozen_bn,
         )
         stem, c2, c3, c4 = self.backbone.channels
         self.sfgs = (
@@ -234,6 +262,7 @@ class SwanVisualEncoder(nn.Module):
             cfg.vmsf_hidden,
             cfg.vmsf_dropout,
             fine_grained,
+            getattr(cfg, "frozen_bn", "eval"),
         )
 
     def forward(self, images: torch.Tensor) -> SwanVisual:
@@ -264,10 +293,11 @@ class TCGE(nn.Module):
         dropout: float = 0.1,
         pool: str = "mean",
         mask_padding: bool = True,
+        floor_divide: bool = False,
     ):
         super().__init__()
         self.pool, self.mask_padding = pool, mask_padding
-        self.gsa = GSA(dim, heads, gsa_dropout)
+        self.gsa = GSA(dim, heads, gsa_dropout, floor_divide)
         self.jru = JRU(dim)
         self.mlp = MLP(dim, hidden, dim, dropout)
 
@@ -296,7 +326,7 @@ class SWAN(RetrievalModel):
         d = config.embed_dim
         self.visual = SwanVisualEncoder.from_config(config)
         self.aggregate = nn.Sequential(nn.Linear(2 * d, d), nn.ReLU(inplace=True), nn.Linear(d, d))
-        self.embed = WordEmbedding(vocab_size, config.word_dim)
+        self.embed = WordEmbedding(vocab_size, config.word_dim, config.word_init)
         if config.glove_path:
             self.embed.load_vectors(config.glove_path, vocab)
         self.word_dropout = nn.Dropout(config.word_dropout)
@@ -309,6 +339,7 @@ class SWAN(RetrievalModel):
             config.tcge_dropout,
             config.text_pool,
             config.mask_padding,
+            config.gsa_floor_divide,
         )
 
     def encode_images(self, batch: Batch) -> torch.Tensor:
@@ -322,5 +353,6 @@ class SWAN(RetrievalModel):
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         scores = self.score(self.encode_images(batch), self.encode_texts(batch))
-        triplet = triplet_loss(scores, batch.get("image_ids"), self.config.margin, self.config.max_violation)
+        image_ids = batch.get("image_ids") if self.config.triplet_negatives == "other_images" else None
+        triplet = triplet_loss(scores, image_ids, self.config.margin, self.config.max_violation)
         return {"total": triplet, "triplet": triplet}

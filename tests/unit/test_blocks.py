@@ -30,7 +30,9 @@ def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return layer.weight @ x + layer.bias
 
 
-def gated_attention_by_hand(attn: GatedSelfAttention, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+def gated_attention_by_hand(
+    attn: GatedSelfAttention, x: torch.Tensor, valid: torch.Tensor | None, floor: bool = False
+) -> torch.Tensor:
     """The GSA formula, one sample, head and query at a time:
     G = gate_q(q_h) * gate_k(k_h); [M_Q, M_K] = sigmoid(gate(G)); q_h, k_h scaled by them;
     a_ij = softmax_j over valid keys of (q_i . k_j) / sqrt(d); out_i = sum_j a_ij v_j; heads concatenated."""
@@ -51,7 +53,8 @@ def gated_attention_by_hand(attn: GatedSelfAttention, x: torch.Tensor, valid: to
                 gated_k.append(k[t][part] * masks[d:])
             keys = [j for j in range(length) if valid is None or bool(valid[b, j])]
             for i in range(length):
-                logits = torch.stack([gated_q[i] @ gated_k[j] / math.sqrt(d) for j in keys])
+                divide = (lambda a, b: torch.floor(a / b)) if floor else (lambda a, b: a / b)
+                logits = torch.stack([divide(gated_q[i] @ gated_k[j], math.sqrt(d)) for j in keys])
                 weights = torch.softmax(logits, dim=0)
                 out[b, i, part] = sum(w * v[j][part] for w, j in zip(weights, keys, strict=True))
     return out
@@ -66,6 +69,18 @@ def test_gated_self_attention_is_its_formula(heads):
     with torch.no_grad():
         torch.testing.assert_close(attn(x), gated_attention_by_hand(attn, x, None))
         torch.testing.assert_close(attn(x, key_padding_mask=~valid), gated_attention_by_hand(attn, x, valid))
+
+
+def test_the_releases_floor_division_is_reproduced_and_starves_the_gates():
+    torch.manual_seed(5)
+    attn = GatedSelfAttention(8, 2, floor_divide=True)
+    x = torch.randn(2, 4, 8) * 3
+    out = attn(x)
+    torch.testing.assert_close(out, gated_attention_by_hand(attn, x, None, floor=True))
+    out.sum().backward()
+    for layer in (attn.q, attn.k, attn.gate_q, attn.gate_k, attn.gate):
+        assert torch.equal(layer.weight.grad, torch.zeros_like(layer.weight))  # floor: zero gradient
+    assert attn.v.weight.grad.abs().sum() > 0
 
 
 def test_gsa_block_adds_batch_normed_attention_from_valid_tokens_and_zeroes_padding():
