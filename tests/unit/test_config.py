@@ -54,9 +54,14 @@ def test_every_shipped_config_loads():
     files = sorted(CONF_DIR.rglob("*.yaml"))
     sweeps = sorted((CONF_DIR / "sweep").glob("*.yaml"))
     assert files and sweeps
+    needs = {  # what a user must add: the SMR sweep's checkpoint, the frozen ResNet-50's weights
+        "smr": ["sweep.checkpoint=data/runs/some-run/checkpoint"],
+        "swan-margin": ["model.backbone_checkpoint=/mnt/weights/resnet50.pth"],
+        "dove-lambda_g": ["model.backbone_checkpoint=/mnt/weights/resnet50.pth"],
+    }
     for f in files:
-        if f in sweeps:  # the evaluation-only SMR sweep needs a checkpoint to re-rank
-            load_sweep(f, ["sweep.checkpoint=data/runs/some-run/checkpoint"] if f.stem == "smr" else [])
+        if f in sweeps:
+            load_sweep(f, needs.get(f.stem, []))
         else:
             load_config(f)
 
