@@ -140,7 +140,12 @@ def intra_class_loss(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.T
 
 
 def affiliation_loss(
-    image_emb: torch.Tensor, text_emb: torch.Tensor, scene_ids: torch.Tensor, logit_scale: torch.Tensor | float
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    scene_ids: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    centres: str = "class",
+    transposed_t2i: bool = False,
 ) -> torch.Tensor:
     """PriorCLIP's affiliation loss: pull each sample towards its scene's centre in the other modality.
 
@@ -151,6 +156,11 @@ def affiliation_loss(
     the loss is the mean of the two directions (our choice: the spec names both terms but not
     how they combine). Centres are plain means, not re-normalised, and keep their gradient (as
     specified). Same-image rows share a scene, so they are never each other's negatives.
+
+    `centres="sample"` is PIR's release: one centre per row (the mean of the rows sharing its scene)
+    and the row's own centre as the target, so same-scene centres sit among the negatives.
+    `transposed_t2i` reproduces the release's text->image term, which takes the softmax of the
+    transposed logits (over texts for each image centre: a bug, kept only for the release preset).
     """
     valid = scene_ids >= 0
     if not bool(valid.any()):
@@ -161,6 +171,12 @@ def affiliation_loss(
     counts = torch.bincount(target, minlength=n_classes).to(images.dtype)[:, None]
     image_centres = images.new_zeros(n_classes, images.shape[1]).index_add(0, target, images) / counts
     text_centres = texts.new_zeros(n_classes, texts.shape[1]).index_add(0, target, texts) / counts
+    if centres == "sample":  # each row's own copy of its scene's centre, and that copy as the target
+        image_centres, text_centres = image_centres[target], text_centres[target]
+        target = torch.arange(images.shape[0], device=images.device)
+    elif centres != "class" or transposed_t2i:
+        raise ValueError(f"centres must be class or sample (transposed_t2i needs sample), got {centres!r}")
     image_to_text = F.cross_entropy(logit_scale * images @ text_centres.t(), target)
-    text_to_image = F.cross_entropy(logit_scale * texts @ image_centres.t(), target)
+    text_logits = logit_scale * texts @ image_centres.t()
+    text_to_image = F.cross_entropy(text_logits.t() if transposed_t2i else text_logits, target)
     return (image_to_text + text_to_image) / 2

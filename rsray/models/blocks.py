@@ -39,19 +39,27 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+def feed_forward(dim: int, ffn_dim: int, norm: bool = False) -> nn.Sequential:
+    """Linear(D, F) -> GELU -> Linear(F, D); with `norm`, Linear -> LayerNorm(F) -> GELU -> Linear
+    (PIR's release, `pae_ffn_norm`)."""
+    inner = [nn.LayerNorm(ffn_dim)] if norm else []
+    return nn.Sequential(nn.Linear(dim, ffn_dim), *inner, nn.GELU(), nn.Linear(ffn_dim, dim))
+
+
 class SelfAttentionBlock(nn.Module):
-    """Post-LN transformer block: x = LN(x + drop(MHA(x))); x = LN(x + drop(FFN(x))), FFN with GELU.
+    """Post-LN transformer block: x = LN(x + drop(MHA(x))); x = LN(x + drop(FFN(x))), FFN with GELU
+    (`feed_forward`; `ffn_norm` adds the LayerNorm inside it that PIR's release has).
 
     `dropout` applies to the attention weights and both residual branches.
     Parameters: MHA 4(D^2 + D), FFN 2 D F + F + D, two LayerNorms 4 D.
     """
 
-    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float = 0.1):
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float = 0.1, ffn_norm: bool = False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by {heads} heads")
         self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, dim))
+        self.ffn = feed_forward(dim, ffn_dim, ffn_norm)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop1, self.drop2 = nn.Dropout(dropout), nn.Dropout(dropout)
 

@@ -41,7 +41,7 @@ from rsray.data.augment import AugmentConfig
 from rsray.distributed import gather_no_grad, gather_with_grad, rank, world_size
 from rsray.losses import LogitScale, affiliation_loss, info_nce_loss, local_info_nce_loss
 from rsray.models.base import Batch, RetrievalModel, full_precision_scores
-from rsray.models.blocks import SelfAttentionBlock
+from rsray.models.blocks import SelfAttentionBlock, feed_forward
 from rsray.models.clip import fit_positions
 from rsray.models.encoders import FrozenParts, TimmBackbone, TransformerTextEncoder, check_text_config, length_mask
 from rsray.models.registry import register_model
@@ -85,10 +85,15 @@ class PriorClipConfig(WarmupAdamWConfig):
     heads: int = 8
     ffn_dim: int = 1024
     dropout: float = 0.2
+    pae_ffn_norm: bool = False  # paper: not said (ours: Linear-GELU-Linear); release: LayerNorm after the first Linear
     # loss
     temperature: float = 0.07  # InfoNCE, learnable
     affiliation_temperature: float = 0.07  # tau2, learnable
     lambda_cs: float = 1.0
+    # affiliation centres: class (the paper's scene centres; ours) | sample (PIR's release: one per
+    # row, the row's own as target); the release's text->image term is transposed (a bug: true)
+    affiliation_centres: str = "class"
+    affiliation_t2i_transposed: bool = False
     gather_across_workers: bool = True  # InfoNCE and affiliation over every worker's batch
     lr: float = 6.0e-5  # AdamW with warm-up (rsray.optim)
 
@@ -108,6 +113,10 @@ class PriorClipConfig(WarmupAdamWConfig):
             yield "max_text_tokens", f"must be at least 2 ([CLS] and a word), got {self.max_text_tokens}"
         if self.cycle_num < 0:
             yield "cycle_num", f"must not be negative, got {self.cycle_num}"
+        if self.affiliation_centres not in ("class", "sample"):
+            yield "affiliation_centres", f"must be class or sample, got {self.affiliation_centres!r}"
+        if self.affiliation_t2i_transposed and self.affiliation_centres != "sample":
+            yield "affiliation_t2i_transposed", "reproduces the release's term over per-sample centres: needs sample"
 
 
 def check_pae(cfg) -> Iterator[tuple[str, str]]:
@@ -261,10 +270,10 @@ class CrossAttentionBlock(nn.Module):
     training, with dropout, the query is expanded here too, so that each position draws its own
     attention and output dropout as in the release; in eval one query is computed, not N copies."""
 
-    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float = 0.2):
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float = 0.2, ffn_norm: bool = False):
         super().__init__()
         self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, dim))
+        self.ffn = feed_forward(dim, ffn_dim, ffn_norm)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop1, self.drop2 = nn.Dropout(dropout), nn.Dropout(dropout)
 
@@ -316,11 +325,16 @@ class SpatialPAE(nn.Module):
         dropout: float = 0.2,
         belief: str = "soft",
         filter_size: int = 40,
+        ffn_norm: bool = False,
     ):
         super().__init__()
         self.belief, self.filter_size = belief, filter_size
-        self.self_attn = nn.ModuleList([SelfAttentionBlock(dim, heads, ffn_dim, dropout) for _ in range(rounds)])
-        self.cross_attn = nn.ModuleList([CrossAttentionBlock(dim, heads, ffn_dim, dropout) for _ in range(rounds)])
+        self.self_attn = nn.ModuleList(
+            [SelfAttentionBlock(dim, heads, ffn_dim, dropout, ffn_norm) for _ in range(rounds)]
+        )
+        self.cross_attn = nn.ModuleList(
+            [CrossAttentionBlock(dim, heads, ffn_dim, dropout, ffn_norm) for _ in range(rounds)]
+        )
         self.instruction_maps = nn.ModuleList([nn.Linear(dim, dim) for _ in range(rounds)])
         self.head = nn.Linear(dim, dim)
 
@@ -338,10 +352,22 @@ class TemporalPAE(nn.Module):
     a per-round linear map of the previous round's tokens, keys and values the attended tokens;
     padded keys are masked everywhere. Returns CLS + head(CLS after the rounds)."""
 
-    def __init__(self, dim: int, rounds: int = 3, heads: int = 8, ffn_dim: int = 1024, dropout: float = 0.2):
+    def __init__(
+        self,
+        dim: int,
+        rounds: int = 3,
+        heads: int = 8,
+        ffn_dim: int = 1024,
+        dropout: float = 0.2,
+        ffn_norm: bool = False,
+    ):
         super().__init__()
-        self.self_attn = nn.ModuleList([SelfAttentionBlock(dim, heads, ffn_dim, dropout) for _ in range(rounds)])
-        self.cross_attn = nn.ModuleList([CrossAttentionBlock(dim, heads, ffn_dim, dropout) for _ in range(rounds)])
+        self.self_attn = nn.ModuleList(
+            [SelfAttentionBlock(dim, heads, ffn_dim, dropout, ffn_norm) for _ in range(rounds)]
+        )
+        self.cross_attn = nn.ModuleList(
+            [CrossAttentionBlock(dim, heads, ffn_dim, dropout, ffn_norm) for _ in range(rounds)]
+        )
         self.token_maps = nn.ModuleList([nn.Linear(dim, dim) for _ in range(rounds)])
         self.head = nn.Linear(dim, dim)
 
@@ -364,6 +390,8 @@ def contrastive_and_affiliation(
     affiliation_scale: torch.Tensor,
     gather: bool,
     lambda_cs: float,
+    centres: str = "class",
+    transposed_t2i: bool = False,
 ) -> dict[str, torch.Tensor]:
     """PriorCLIP's loss on L2-normalised embeddings: InfoNCE + lambda_cs * affiliation, each with
     its own learnable scale, both over every worker's rows when `gather` (InfoNCE as open_clip's
@@ -379,10 +407,10 @@ def contrastive_and_affiliation(
         contrastive = local_info_nce_loss(
             images, texts, image_ids, all_images, all_texts, all_ids, logit_scale, full_precision_scores
         )
-        affiliation = affiliation_loss(all_images, all_texts, all_scenes, affiliation_scale)
+        affiliation = affiliation_loss(all_images, all_texts, all_scenes, affiliation_scale, centres, transposed_t2i)
     else:
         contrastive = info_nce_loss(full_precision_scores(images, texts), logit_scale, image_ids)
-        affiliation = affiliation_loss(images, texts, scene_ids, affiliation_scale)
+        affiliation = affiliation_loss(images, texts, scene_ids, affiliation_scale, centres, transposed_t2i)
     return {"total": contrastive + lambda_cs * affiliation, "info_nce": contrastive, "affiliation": affiliation}
 
 
@@ -402,7 +430,14 @@ class PriorCLIP(RetrievalModel):
         self.vision_proj = nn.Linear(self.visual.width, d)
         self.instruction = InstructionEncoder(config.instruction_backbone, config.instruction_checkpoint, d)
         self.spatial_pae = SpatialPAE(
-            d, config.instru_num, config.heads, config.ffn_dim, config.dropout, config.belief, config.filter_size
+            d,
+            config.instru_num,
+            config.heads,
+            config.ffn_dim,
+            config.dropout,
+            config.belief,
+            config.filter_size,
+            config.pae_ffn_norm,
         )
         text_config = dict(config.text_config)
         self.cls_id = None
@@ -415,7 +450,9 @@ class PriorCLIP(RetrievalModel):
             text_config.update(vocab_size=vocab_size + 1, pad_token_id=0)
         self.text = TransformerTextEncoder(config.text_checkpoint, None if config.text_checkpoint else text_config)
         self.text_proj = nn.Linear(self.text.width, d)
-        self.temporal_pae = TemporalPAE(d, config.cycle_num, config.heads, config.ffn_dim, config.dropout)
+        self.temporal_pae = TemporalPAE(
+            d, config.cycle_num, config.heads, config.ffn_dim, config.dropout, config.pae_ffn_norm
+        )
         self.logit_scale = LogitScale(config.temperature)
         self.affiliation_scale = LogitScale(config.affiliation_temperature)
 
@@ -438,4 +475,6 @@ class PriorCLIP(RetrievalModel):
             self.affiliation_scale(),
             self.config.gather_across_workers,
             self.config.lambda_cs,
+            self.config.affiliation_centres,
+            self.config.affiliation_t2i_transposed,
         )

@@ -115,14 +115,21 @@ def test_wsa_pools_the_row_mean_of_w_transposed_x():
         torch.testing.assert_close(wsa(x, explicit=True), expected)
 
 
-def test_self_attention_block_is_post_ln_with_gelu_feed_forward():
+@pytest.mark.parametrize("ffn_norm", [False, True])
+def test_self_attention_block_is_post_ln_with_gelu_feed_forward(ffn_norm):
+    """x = LN(x + MHA(x)); x = LN(x + W2 GELU(W1 x)), or W2 GELU(LN(W1 x)) with PIR's inner LayerNorm."""
     torch.manual_seed(3)
-    block = SelfAttentionBlock(4, heads=2, ffn_dim=8, dropout=0.0).eval()
+    block = SelfAttentionBlock(4, heads=2, ffn_dim=8, dropout=0.0, ffn_norm=ffn_norm).eval()
     x = torch.randn(2, 3, 4)
     with torch.no_grad():
         attended, _ = block.attn(x, x, x, need_weights=False)
         h = nn.functional.layer_norm(x + attended, (4,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
-        ffn = block.ffn[2](nn.functional.gelu(block.ffn[0](h)))
+        first = block.ffn[0](h)
+        if ffn_norm:
+            inner = block.ffn[1]
+            assert isinstance(inner, nn.LayerNorm) and inner.normalized_shape == (8,)
+            first = nn.functional.layer_norm(first, (8,), inner.weight, inner.bias, inner.eps)
+        ffn = block.ffn[-1](nn.functional.gelu(first))
         expected = nn.functional.layer_norm(h + ffn, (4,), block.norm2.weight, block.norm2.bias, block.norm2.eps)
         torch.testing.assert_close(block(x), expected)
 

@@ -109,6 +109,29 @@ def test_affiliation():
     assert affiliation_loss(img, txt, torch.tensor([7, 3, 7, -1]), 1.0).item() == pytest.approx(0.560336, abs=1e-6)
 
 
+def test_affiliation_with_per_sample_centres_and_the_releases_transposed_term():
+    """PIR's release: one centre per row (its scene's mean), the row's own centre the target; the
+    text->image term optionally softmaxed over texts (transposed). Same rows as test_affiliation:
+    valid images [1,0],[0,1],[1,0], texts [1,0],[0,1],[0,1], scenes 0,1,0."""
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.6, 0.8]], dtype=torch.float64)
+    txt = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.8, 0.6]], dtype=torch.float64)
+    scenes = torch.tensor([0, 1, 0, -1])
+    e = math.e
+    # text centres per row: [.5,.5], [0,1], [.5,.5]; image centres per row: [1,0], [0,1], [1,0]
+    # image -> text centres: logits [.5,0,.5] (target 0), [.5,1,.5] (1), [.5,0,.5] (2)
+    i2t = (2 * (math.log(2 * e**0.5 + 1) - 0.5) + math.log(2 * e**0.5 + e) - 1) / 3
+    # text -> image centres: logits [1,0,1] (target 0), [0,1,0] (1), [0,1,0] (2)
+    t2i = (math.log(2 * e + 1) - 1 + math.log(e + 2) - 1 + math.log(e + 2)) / 3
+    # transposed, the release's bug: rows of M^T = [1,0,0] (target 0), [0,1,1] (1), [1,0,0] (2)
+    t2i_transposed = (math.log(e + 2) - 1 + math.log(2 * e + 1) - 1 + math.log(e + 2)) / 3
+    sample = affiliation_loss(img, txt, scenes, 1.0, centres="sample")
+    assert sample.item() == pytest.approx((i2t + t2i) / 2, abs=1e-9)
+    release = affiliation_loss(img, txt, scenes, 1.0, centres="sample", transposed_t2i=True)
+    assert release.item() == pytest.approx((i2t + t2i_transposed) / 2, abs=1e-9)
+    with pytest.raises(ValueError, match="transposed_t2i needs sample"):
+        affiliation_loss(img, txt, scenes, 1.0, transposed_t2i=True)
+
+
 def test_affiliation_without_labels_is_zero_with_grad():
     img = torch.randn(3, 4, requires_grad=True)
     loss = affiliation_loss(img, torch.randn(3, 4), torch.full((3,), -1), 1.0)

@@ -428,3 +428,29 @@ def test_one_instruction_query_is_the_releases_expanded_queries_in_eval_and_in_t
     one = block(x, query)
     torch.manual_seed(7)
     torch.testing.assert_close(one, block(x, copies))
+
+
+def test_release_switches_reach_the_model_and_its_loss():
+    """pae_ffn_norm puts PIR's LayerNorm inside every PAE feed-forward; the affiliation switches
+    give the model's loss exactly `affiliation_loss` with per-sample centres and the transposed term."""
+    from rsray.losses import affiliation_loss
+
+    model = build(
+        "priorclip",
+        "model.pae_ffn_norm=true",
+        "model.affiliation_centres=sample",
+        "model.affiliation_t2i_transposed=true",
+    )
+    norms = [
+        block.ffn[1] for pae in (model.spatial_pae, model.temporal_pae) for block in [*pae.self_attn, *pae.cross_attn]
+    ]
+    assert norms and all(isinstance(norm, torch.nn.LayerNorm) for norm in norms)
+    batch = word_batch()
+    with torch.no_grad():
+        images, texts = model.encode_images(batch), model.encode_texts(batch)
+        expected = affiliation_loss(
+            images, texts, batch["scene_ids"], model.affiliation_scale(), centres="sample", transposed_t2i=True
+        )
+        torch.testing.assert_close(model.loss(batch)["affiliation"], expected)
+    with pytest.raises(ConfigError, match="affiliation_t2i_transposed: reproduces the release's term"):
+        model_config(tiny("priorclip", "model.affiliation_t2i_transposed=true"))
