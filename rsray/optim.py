@@ -32,11 +32,13 @@ class OptimiserConfig:
     # 0 = the papers' "every 20 epochs" (changes at 20, 40, ...); 1 = the SWAN release, which decays
     # before epochs where e % 20 == 19 (changes at 19, 39, ...).
     decay_epoch_offset: int = 0
-    # AdamW's weight decay skips every parameter with fewer than 2 dimensions or named as a bias,
-    # norm or logit scale (biases, LayerNorm/BatchNorm weights, temperatures: open_clip's rule, and
-    # PIR's AdamW); true = decay them all, as a bare AdamW(model.parameters()) does. Adam's (L2)
-    # decay always applies to all, as the VSE++/SWAN/DOVE releases have it.
-    decay_all_parameters: bool = False
+    # Which parameters AdamW's weight decay skips: open_clip = every parameter with fewer than 2
+    # dimensions or named as a bias, norm or logit scale (biases, LayerNorm/BatchNorm weights,
+    # temperatures) | pir = names containing bias, LayerNorm or norm only (PIR's release: its
+    # temperatures and the PAE feed-forward LayerNorm are decayed) | none = decay them all, as a
+    # bare AdamW(model.parameters()) does. Adam's (L2) decay always applies to all, as the
+    # VSE++/SWAN/DOVE releases have it.
+    decay_exempt: str = "open_clip"
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.optimizer not in ("adam", "adamw"):
@@ -55,6 +57,8 @@ class OptimiserConfig:
             yield "lr_decay", f"must be in (0, 1], got {self.lr_decay}"
         if self.decay_every < 1:
             yield "decay_every", f"must be at least 1, got {self.decay_every}"
+        if self.decay_exempt not in ("open_clip", "pir", "none"):
+            yield "decay_exempt", f"must be open_clip, pir or none, got {self.decay_exempt!r}"
         if not 0 <= self.decay_epoch_offset < self.decay_every:
             yield "decay_epoch_offset", f"must be in [0, decay_every={self.decay_every}), got {self.decay_epoch_offset}"
 
@@ -80,10 +84,11 @@ def make_optimizer(
     `total_steps` and is stepped after every optimizer step (see `steps_per_batch`)."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     optimizer_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[model_cfg.optimizer]
-    if model_cfg.optimizer == "adamw" and not model_cfg.decay_all_parameters:
+    if model_cfg.optimizer == "adamw" and model_cfg.decay_exempt != "none":
+        exempt = {name for name, p in named if exempt_from_decay(name, p, model_cfg.decay_exempt)}
         groups = [
-            {"params": [p for name, p in named if not exempt_from_decay(name, p)]},
-            {"params": [p for name, p in named if exempt_from_decay(name, p)], "weight_decay": 0.0},
+            {"params": [p for name, p in named if name not in exempt]},
+            {"params": [p for name, p in named if name in exempt], "weight_decay": 0.0},
         ]
     else:
         groups = [{"params": [p for _, p in named]}]
@@ -109,9 +114,12 @@ def make_optimizer(
     return optimizer, schedule
 
 
-def exempt_from_decay(name: str, param: torch.Tensor) -> bool:
+def exempt_from_decay(name: str, param: torch.Tensor, rule: str = "open_clip") -> bool:
     """open_clip's rule: no weight decay for 0-d and 1-d parameters (biases, norm weights, logit
-    scales) or names that say they are one (`bn`, `ln`, `bias`, `logit_scale`; and `norm`)."""
+    scales) or names that say they are one (`bn`, `ln`, `bias`, `logit_scale`; and `norm`).
+    PIR's: names containing `bias`, `LayerNorm` or `norm` (case as written), whatever their shape."""
+    if rule == "pir":
+        return any(part in name for part in ("bias", "LayerNorm", "norm"))
     return param.ndim < 2 or any(part in name for part in ("bn", "ln", "bias", "logit_scale", "norm"))
 
 

@@ -73,6 +73,9 @@ class PriorClipConfig(WarmupAdamWConfig):
     belief: str = "soft"  # soft (PriorCLIP) | hard (PIR: keep the filter_size most believed tokens)
     filter_size: int = 40
     instru_num: int = 2
+    # the frozen scene prior's BatchNorm: eval = its running statistics (ours; the paper is silent) |
+    # train = batch statistics, running ones updated (PIR's release only turns off requires_grad)
+    instruction_bn: str = "eval"
     # text (Temporal-PAE)
     text_input: str = "input_ids"  # input_ids (data.tokenizer) | tokens (word vocabulary + a [CLS] id; ours)
     text_checkpoint: str | None = None  # local BERT-family folder (or alias, e.g. minilm)
@@ -113,6 +116,8 @@ class PriorClipConfig(WarmupAdamWConfig):
             yield "max_text_tokens", f"must be at least 2 ([CLS] and a word), got {self.max_text_tokens}"
         if self.cycle_num < 0:
             yield "cycle_num", f"must not be negative, got {self.cycle_num}"
+        if self.instruction_bn not in ("eval", "train"):
+            yield "instruction_bn", f"must be eval or train, got {self.instruction_bn!r}"
         if self.affiliation_centres not in ("class", "sample"):
             yield "affiliation_centres", f"must be class or sample, got {self.affiliation_centres!r}"
         if self.affiliation_t2i_transposed and self.affiliation_centres != "sample":
@@ -225,9 +230,11 @@ class SwinTokens(FrozenParts, nn.Module):
 class InstructionEncoder(nn.Module):
     """The frozen scene-prior CNN -> global average pool -> trainable linear to `dim` (the instruction)."""
 
-    def __init__(self, backbone: str, checkpoint: str | None, dim: int, key: str = "instruction_checkpoint"):
+    def __init__(
+        self, backbone: str, checkpoint: str | None, dim: int, key: str = "instruction_checkpoint", bn: str = "eval"
+    ):
         super().__init__()
-        self.backbone = TimmBackbone(backbone, out_indices=(-1,), freeze=True)
+        self.backbone = TimmBackbone(backbone, out_indices=(-1,), freeze=True, frozen_bn=bn)
         if checkpoint:
             self.backbone.body.load_state_dict(load_instruction_backbone(checkpoint, backbone, key))
         self.proj = nn.Linear(self.backbone.channels[-1], dim)
@@ -428,7 +435,9 @@ class PriorCLIP(RetrievalModel):
             config.backbone, config.backbone_kwargs, config.backbone_checkpoint, config.freeze_backbone
         )
         self.vision_proj = nn.Linear(self.visual.width, d)
-        self.instruction = InstructionEncoder(config.instruction_backbone, config.instruction_checkpoint, d)
+        self.instruction = InstructionEncoder(
+            config.instruction_backbone, config.instruction_checkpoint, d, bn=config.instruction_bn
+        )
         self.spatial_pae = SpatialPAE(
             d,
             config.instru_num,

@@ -32,19 +32,21 @@ def one_step_with_zero_gradients(model, cfg) -> dict[str, torch.Tensor]:
     return {name: p.detach() / before[name] for name, p in model.named_parameters() if before[name].abs().min() > 0}
 
 
-@pytest.mark.parametrize("decay_all", [False, True])
-def test_adamw_decays_weight_matrices_only_unless_told_to_decay_all(decay_all):
+@pytest.mark.parametrize("rule", ["open_clip", "pir", "none"])
+def test_adamw_decays_what_its_exemption_rule_leaves(rule):
     torch.manual_seed(0)
     cfg = model_config(
-        load_config(
-            "model/clip-tiny", ["model.lr=0.1", "model.weight_decay=0.5", f"model.decay_all_parameters={decay_all}"]
-        )
+        load_config("model/clip-tiny", ["model.lr=0.1", "model.weight_decay=0.5", f"model.decay_exempt={rule}"])
     )
     ratios = one_step_with_zero_gradients(Small(), cfg)
+    decayed = {  # open_clip: matrices only; pir: all but names with bias/LayerNorm/norm (so its temperature too)
+        "open_clip": {"proj.weight", "embed.weight"},
+        "pir": {"proj.weight", "embed.weight", "bn1.weight", "ln_post.weight", "logit_scale.log_scale"},
+        "none": set(ratios),
+    }[rule]
     shrunk = 1 - 0.1 * 0.5
     for name, ratio in ratios.items():
-        decayed = decay_all or name in ("proj.weight", "embed.weight")
-        torch.testing.assert_close(ratio, torch.full_like(ratio, shrunk if decayed else 1.0), msg=name)
+        torch.testing.assert_close(ratio, torch.full_like(ratio, shrunk if name in decayed else 1.0), msg=name)
 
 
 def test_the_exemption_rule_is_open_clips():

@@ -454,3 +454,20 @@ def test_release_switches_reach_the_model_and_its_loss():
         torch.testing.assert_close(model.loss(batch)["affiliation"], expected)
     with pytest.raises(ConfigError, match="affiliation_t2i_transposed: reproduces the release's term"):
         model_config(tiny("priorclip", "model.affiliation_t2i_transposed=true"))
+
+
+def test_the_release_preset_sets_each_documented_difference_and_trains_a_step():
+    release = load_config("model/priorclip-release")
+    typed = model_config(release)
+    switches = ("belief", "pae_ffn_norm", "affiliation_centres", "affiliation_t2i_transposed", "instruction_bn")
+    assert [getattr(typed, key) for key in switches] == ["hard", True, "sample", True, "train"]
+    assert (typed.decay_exempt, typed.filter_size) == ("pir", 40)
+    assert (release.train.batch_size, release.train.num_workers, release.train.epochs) == (128, 2, 50)
+    paper = model_config(load_config("model/priorclip"))
+    assert [getattr(paper, key) for key in switches] == ["soft", False, "class", False, "eval"]
+    # at test size: the tiny preset with the release's switches, one training step
+    model = build(
+        "priorclip", *(f"model.{key}={str(getattr(typed, key)).lower()}" for key in switches), "model.filter_size=8"
+    ).train()
+    assert model.instruction.backbone.body.training  # batch statistics in the frozen prior
+    model.loss(word_batch())["total"].backward()
