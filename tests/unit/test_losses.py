@@ -110,26 +110,38 @@ def test_affiliation():
 
 
 def test_affiliation_with_per_sample_centres_and_the_releases_transposed_term():
-    """PIR's release: one centre per row (its scene's mean), the row's own centre the target; the
-    text->image term optionally softmaxed over texts (transposed). Same rows as test_affiliation:
-    valid images [1,0],[0,1],[1,0], texts [1,0],[0,1],[0,1], scenes 0,1,0."""
-    img = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.6, 0.8]], dtype=torch.float64)
-    txt = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.8, 0.6]], dtype=torch.float64)
-    scenes = torch.tensor([0, 1, 0, -1])
-    e = math.e
-    # text centres per row: [.5,.5], [0,1], [.5,.5]; image centres per row: [1,0], [0,1], [1,0]
-    # image -> text centres: logits [.5,0,.5] (target 0), [.5,1,.5] (1), [.5,0,.5] (2)
-    i2t = (2 * (math.log(2 * e**0.5 + 1) - 0.5) + math.log(2 * e**0.5 + e) - 1) / 3
-    # text -> image centres: logits [1,0,1] (target 0), [0,1,0] (1), [0,1,0] (2)
-    t2i = (math.log(2 * e + 1) - 1 + math.log(e + 2) - 1 + math.log(e + 2)) / 3
-    # transposed, the release's bug: rows of M^T = [1,0,0] (target 0), [0,1,1] (1), [1,0,0] (2)
-    t2i_transposed = (math.log(e + 2) - 1 + math.log(2 * e + 1) - 1 + math.log(e + 2)) / 3
-    sample = affiliation_loss(img, txt, scenes, 1.0, centres="sample")
-    assert sample.item() == pytest.approx((i2t + t2i) / 2, abs=1e-9)
-    release = affiliation_loss(img, txt, scenes, 1.0, centres="sample", transposed_t2i=True)
-    assert release.item() == pytest.approx((i2t + t2i_transposed) / 2, abs=1e-9)
+    """PIR's release, transcribed with plain Python: row i's centre is the mean of the rows sharing
+    its scene, its own centre the target (rows i -> centres j); the release's text->image term
+    takes the softmax down column i of M[j][i] = t_j . c_i instead of along row i (transposed)."""
+    images = [[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]]
+    texts = [[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]
+    scenes = [0, 1, 0]
+
+    def centre(rows, i):
+        same = [rows[j] for j in range(3) if scenes[j] == scenes[i]]
+        return [sum(v[k] for v in same) / len(same) for k in range(2)]
+
+    def dot(a, b):
+        return a[0] * b[0] + a[1] * b[1]
+
+    image_centres, text_centres = [centre(images, i) for i in range(3)], [centre(texts, i) for i in range(3)]
+    i2t_logits = [[2.0 * dot(images[i], text_centres[j]) for j in range(3)] for i in range(3)]
+    t2i_logits = [[2.0 * dot(texts[i], image_centres[j]) for j in range(3)] for i in range(3)]
+
+    def ce(row, target):
+        return math.log(sum(math.exp(v) for v in row)) - row[target]
+
+    i2t = sum(ce(i2t_logits[i], i) for i in range(3)) / 3
+    t2i = sum(ce(t2i_logits[i], i) for i in range(3)) / 3
+    t2i_transposed = sum(ce([t2i_logits[j][i] for j in range(3)], i) for i in range(3)) / 3
+    assert abs(t2i - t2i_transposed) > 1e-3  # the example tells the two apart
+
+    args = (torch.tensor(images, dtype=torch.float64), torch.tensor(texts, dtype=torch.float64), torch.tensor(scenes))
+    assert affiliation_loss(*args, 2.0, centres="sample").item() == pytest.approx((i2t + t2i) / 2, abs=1e-12)
+    release = affiliation_loss(*args, 2.0, centres="sample", transposed_t2i=True)
+    assert release.item() == pytest.approx((i2t + t2i_transposed) / 2, abs=1e-12)
     with pytest.raises(ValueError, match="transposed_t2i needs sample"):
-        affiliation_loss(img, txt, scenes, 1.0, transposed_t2i=True)
+        affiliation_loss(*args, 2.0, transposed_t2i=True)
 
 
 def test_affiliation_without_labels_is_zero_with_grad():

@@ -1,0 +1,152 @@
+"""Mutation check for the formula tests: change one detail of a formula, run the tests that pin it,
+expect a failure, restore the file. `python -m tools.mutation_check` prints CAUGHT or MISSED per
+mutation (a few seconds each); every MISSED names a formula no test pins down.
+
+Each mutation edits a source file in place and puts it back in a `finally`; run it on a clean
+checkout (an interrupted run can leave a mutated file behind: `git diff` shows it).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BLOCKS, ENCODERS, LOSSES, OPTIM = (
+    "rsray/models/blocks.py",
+    "rsray/models/encoders.py",
+    "rsray/losses.py",
+    "rsray/optim.py",
+)
+BLOCK_TESTS, LOSS_TESTS = "tests/unit/test_blocks.py", "tests/unit/test_losses.py"
+
+# (file, original text, mutated text, what it breaks, the tests that must notice)
+MUTATIONS = [
+    (
+        BLOCKS,
+        'rounding_mode="floor" if self.floor_divide else None',
+        'rounding_mode="floor"',
+        "GSA always floor-divides",
+        BLOCK_TESTS,
+    ),
+    (
+        BLOCKS,
+        "mask_q, mask_k = torch.sigmoid(",
+        "mask_k, mask_q = torch.sigmoid(",
+        "GSA gate halves swapped",
+        BLOCK_TESTS,
+    ),
+    (
+        BLOCKS,
+        'scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))',
+        "scores = scores",
+        "GSA padding mask dropped",
+        BLOCK_TESTS,
+    ),
+    (
+        BLOCKS,
+        'torch.einsum("t,btd->bd", self.token_weight.mean(dim=1), x)',
+        'torch.einsum("t,btd->bd", self.token_weight.sum(dim=1), x)',
+        "WSA sums instead of averaging",
+        BLOCK_TESTS,
+    ),
+    (
+        BLOCKS,
+        "*inner, nn.GELU(), nn.Linear(ffn_dim, dim)",
+        "*inner, nn.ReLU(), nn.Linear(ffn_dim, dim)",
+        "feed-forward GELU -> ReLU",
+        BLOCK_TESTS,
+    ),
+    (
+        BLOCKS,
+        "inner = [nn.LayerNorm(ffn_dim)] if norm else []",
+        "inner = []",
+        "PIR's feed-forward LayerNorm dropped",
+        BLOCK_TESTS,
+    ),
+    (
+        BLOCKS,
+        "outs.append(torch.relu(masked_batch_norm(",
+        "outs.append((masked_batch_norm(",
+        "JRU ReLU dropped",
+        BLOCK_TESTS,
+    ),
+    (
+        BLOCKS,
+        "return torch.cat(outs, dim=1), torch.cat(valids, dim=1)",
+        "return torch.cat(outs[::-1], dim=1), torch.cat(valids[::-1], dim=1)",
+        "JRU windows reordered",
+        BLOCK_TESTS,
+    ),
+    (
+        BLOCKS,
+        "    out[valid] = bn(x[valid])",
+        "    out[valid] = bn(x.reshape(-1, x.shape[-1])).reshape(x.shape)[valid]",
+        "BatchNorm statistics over padding",
+        BLOCK_TESTS,
+    ),
+    (ENCODERS, "lengths.to(x.device) - 1]", "lengths.to(x.device) - 2]", "last-token pooling off by one", BLOCK_TESTS),
+    (
+        ENCODERS,
+        "return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)",
+        "return (x * weights).sum(dim=1) / x.shape[1]",
+        "mean pooling over padding",
+        BLOCK_TESTS,
+    ),
+    (
+        LOSSES,
+        "image_centres, text_centres = image_centres[target], text_centres[target]",
+        "pass",
+        "per-sample affiliation centres",
+        LOSS_TESTS,
+    ),
+    (
+        LOSSES,
+        "text_logits.t() if transposed_t2i else text_logits",
+        "text_logits",
+        "the release's transposed term",
+        LOSS_TESTS,
+    ),
+    (
+        LOSSES,
+        "targets = targets / targets.sum(dim=1, keepdim=True)",
+        "targets = targets",
+        "InfoNCE positives not normalised",
+        LOSS_TESTS,
+    ),
+    (OPTIM, "return param.ndim < 2 or any(", "return any(", "open_clip's 1-d exemption", "tests/unit/test_optim.py"),
+    (
+        OPTIM,
+        "gamma ** ((epoch + offset) // every)",
+        "gamma ** (epoch // every)",
+        "the release's lr phase",
+        "tests/unit/test_optim.py",
+    ),
+]
+
+
+def main() -> int:
+    missed = 0
+    for path, old, new, what, tests in MUTATIONS:
+        file = Path(path)
+        source = file.read_text()
+        if old not in source:
+            print(f"NOT APPLIED {what} (the code changed: update the mutation)")
+            missed += 1
+            continue
+        file.write_text(source.replace(old, new, 1))
+        try:
+            run = subprocess.run(
+                [sys.executable, "-m", "pytest", "-q", "-x", tests, "-p", "no:cacheprovider"], capture_output=True
+            )
+            caught = run.returncode != 0
+        finally:
+            file.write_text(source)
+        print(f"{'CAUGHT' if caught else 'MISSED'} {what}")
+        missed += not caught
+    print(f"{len(MUTATIONS) - missed} of {len(MUTATIONS)} mutations caught")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
