@@ -314,6 +314,15 @@ def belief_tokens(
     return tokens * (belief + ranks.to(tokens.dtype).rsqrt()).unsqueeze(-1)
 
 
+def attention_rounds(
+    rounds: int, dim: int, heads: int, ffn_dim: int, dropout: float, ffn_norm: bool
+) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """The self-attention and cross-attention blocks of a PAE's rounds, one of each per round."""
+    self_attn = [SelfAttentionBlock(dim, heads, ffn_dim, dropout, ffn_norm) for _ in range(rounds)]
+    cross_attn = [CrossAttentionBlock(dim, heads, ffn_dim, dropout, ffn_norm) for _ in range(rounds)]
+    return nn.ModuleList(self_attn), nn.ModuleList(cross_attn)
+
+
 class SpatialPAE(nn.Module):
     """Vision instruction representation: belief filtering, then `rounds` of self-attention and
     instruction-queried cross-attention. Returns token 0 before the rounds + head(token 0 after).
@@ -336,12 +345,7 @@ class SpatialPAE(nn.Module):
     ):
         super().__init__()
         self.belief, self.filter_size = belief, filter_size
-        self.self_attn = nn.ModuleList(
-            [SelfAttentionBlock(dim, heads, ffn_dim, dropout, ffn_norm) for _ in range(rounds)]
-        )
-        self.cross_attn = nn.ModuleList(
-            [CrossAttentionBlock(dim, heads, ffn_dim, dropout, ffn_norm) for _ in range(rounds)]
-        )
+        self.self_attn, self.cross_attn = attention_rounds(rounds, dim, heads, ffn_dim, dropout, ffn_norm)
         self.instruction_maps = nn.ModuleList([nn.Linear(dim, dim) for _ in range(rounds)])
         self.head = nn.Linear(dim, dim)
 
@@ -369,12 +373,7 @@ class TemporalPAE(nn.Module):
         ffn_norm: bool = False,
     ):
         super().__init__()
-        self.self_attn = nn.ModuleList(
-            [SelfAttentionBlock(dim, heads, ffn_dim, dropout, ffn_norm) for _ in range(rounds)]
-        )
-        self.cross_attn = nn.ModuleList(
-            [CrossAttentionBlock(dim, heads, ffn_dim, dropout, ffn_norm) for _ in range(rounds)]
-        )
+        self.self_attn, self.cross_attn = attention_rounds(rounds, dim, heads, ffn_dim, dropout, ffn_norm)
         self.token_maps = nn.ModuleList([nn.Linear(dim, dim) for _ in range(rounds)])
         self.head = nn.Linear(dim, dim)
 

@@ -39,6 +39,21 @@ def rsray_process(args: list[str], ray_cluster, log: Path, **env: str) -> subpro
         return subprocess.Popen([sys.executable, "-m", *args], env=environment, stdout=out, stderr=subprocess.STDOUT)
 
 
+def wait_for_epoch_0(uri: str, experiment: str, proc: subprocess.Popen, log: Path):
+    """The MLflow run of `rsray train` running in `proc`, once it has logged epoch 0."""
+    from mlflow import MlflowClient
+
+    client, deadline = MlflowClient(uri), time.monotonic() + 300
+    while True:
+        assert proc.poll() is None, f"training ended early:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"epoch 0 never logged:\n{log.read_text()[-3000:]}"
+        found = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([found.experiment_id]) if found else []
+        if runs and "epoch" in runs[0].data.metrics:
+            return runs[0]
+        time.sleep(0.5)
+
+
 def last_line(text: str) -> str:
     return text.strip().splitlines()[-1]
 
@@ -57,7 +72,6 @@ def outage(prepared, ray_cluster, tmp_path_factory):
     """`rsray train` (3 epochs) tracked on its own MLflow server. Once epoch 0 is logged, a second
     run with the same name is started in this process (it must be refused while the first lives),
     then the server is SIGKILLed; the first run goes on without it."""
-    from mlflow import MlflowClient
 
     from rsray.train.run import train
 
@@ -78,15 +92,7 @@ def outage(prepared, ray_cluster, tmp_path_factory):
             log,
             MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
         )
-        client, deadline = MlflowClient(server.uri), time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, f"training ended before the outage:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"epoch 0 never logged:\n{log.read_text()[-3000:]}"
-            experiment = client.get_experiment_by_name("outage")
-            runs_now = client.search_runs([experiment.experiment_id]) if experiment else []
-            if runs_now and "epoch" in runs_now[0].data.metrics:
-                break
-            time.sleep(0.5)
+        wait_for_epoch_0(server.uri, "outage", proc, log)
         with pytest.raises(ConfigError) as second:
             train(load_config(run_args(prepared, runs)[0], run_args(prepared, runs, "tracking.enabled=false")[1:]))
         server.kill()
@@ -265,15 +271,8 @@ def test_the_first_ctrl_c_stops_the_workers_and_marks_the_run_killed(prepared, r
         ray_cluster,
         log,
     )
-    client, deadline = MlflowClient(mlflow_server), time.monotonic() + 300
-    while True:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, f"epoch 0 never logged:\n{log.read_text()[-3000:]}"
-        experiment = client.get_experiment_by_name("ctrl-c")
-        runs = client.search_runs([experiment.experiment_id]) if experiment else []
-        if runs and "epoch" in runs[0].data.metrics:
-            break
-        time.sleep(0.5)
+    client = MlflowClient(mlflow_server)
+    run = wait_for_epoch_0(mlflow_server, "ctrl-c", proc, log)
     proc.send_signal(signal.SIGINT)
     started = time.monotonic()
     try:
@@ -286,7 +285,7 @@ def test_the_first_ctrl_c_stops_the_workers_and_marks_the_run_killed(prepared, r
     assert code == 130, output[-3000:]
     assert last_line(output).startswith("rsray: interrupted"), output[-3000:]
     assert "Traceback" not in output
-    assert client.get_run(runs[0].info.run_id).info.status == "KILLED"
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
     workers = {int(pid) for pid in re.findall(r"\(RayTrainWorker pid=(\d+)\)", output)}
     assert workers, output[-3000:]
     deadline = time.monotonic() + 30
