@@ -139,6 +139,13 @@ def intra_class_loss(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.T
     return (1 - F.cosine_similarity(image_emb, text_emb, dim=-1)).mean()
 
 
+def row_centres(embeddings: torch.Tensor, scene_ids: torch.Tensor) -> torch.Tensor:
+    """[N, D]: for each row, the mean of the rows with its scene (itself included): the releases'
+    per-sample centres. Rows with scene -1 get the mean of the unlabelled rows; the loss drops them."""
+    same = (scene_ids[:, None] == scene_ids[None, :]).to(embeddings.dtype)
+    return same @ embeddings / same.sum(dim=1, keepdim=True)
+
+
 def affiliation_loss(
     image_emb: torch.Tensor,
     text_emb: torch.Tensor,
@@ -146,6 +153,7 @@ def affiliation_loss(
     logit_scale: torch.Tensor | float,
     centres: str = "class",
     transposed_t2i: bool = False,
+    given_centres: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """PriorCLIP's affiliation loss: pull each sample towards its scene's centre in the other modality.
 
@@ -154,28 +162,36 @@ def affiliation_loss(
     are classes. Image rows are classified against the text centres and text rows against the
     image centres, logits = `logit_scale` * dot product, cross-entropy with the row's own scene;
     the loss is the mean of the two directions (our choice: the spec names both terms but not
-    how they combine). Centres are plain means, not re-normalised, and keep their gradient (as
-    specified). Same-image rows share a scene, so they are never each other's negatives.
+    how they combine; both releases do the same). Centres are plain means, not re-normalised, and
+    keep their gradient (as specified). Same-image rows share a scene, so they are never each
+    other's negatives.
 
-    `centres="sample"` is PIR's release: one centre per row (the mean of the rows sharing its scene)
-    and the row's own centre as the target, so same-scene centres sit among the negatives.
-    `transposed_t2i` reproduces the release's text->image term, which takes the softmax of the
-    transposed logits (over texts for each image centre: a bug, kept only for the release preset).
+    `centres="sample"` is the releases': one centre per row (the mean of the rows sharing its
+    scene, `row_centres`) and the row's own centre as the target, so same-scene centres sit among
+    the negatives. `given_centres` = (image, text) per-row centres computed elsewhere (the
+    releases compute them on each worker's rows and gather them). `transposed_t2i` reproduces
+    PIR's text->image term, which takes the softmax of the transposed logits (over texts for
+    each image centre: a bug, kept only for the release preset).
     """
     valid = scene_ids >= 0
     if not bool(valid.any()):
         return (image_emb.sum() + text_emb.sum()) * 0.0  # no labelled rows: zero, still in the graph
+    if centres not in ("class", "sample"):
+        raise ValueError(f"centres must be class or sample, got {centres!r}")
+    if centres == "class" and (transposed_t2i or given_centres is not None):
+        raise ValueError("transposed_t2i needs sample centres, and so do given centres")
     images, texts = image_emb[valid], text_emb[valid]
-    _, target = torch.unique(scene_ids[valid], return_inverse=True)  # class index among present scenes
-    n_classes = int(target.max()) + 1
-    counts = torch.bincount(target, minlength=n_classes).to(images.dtype)[:, None]
-    image_centres = images.new_zeros(n_classes, images.shape[1]).index_add(0, target, images) / counts
-    text_centres = texts.new_zeros(n_classes, texts.shape[1]).index_add(0, target, texts) / counts
     if centres == "sample":  # each row's own copy of its scene's centre, and that copy as the target
-        image_centres, text_centres = image_centres[target], text_centres[target]
+        if given_centres is None:
+            given_centres = (row_centres(image_emb, scene_ids), row_centres(text_emb, scene_ids))
+        image_centres, text_centres = given_centres[0][valid], given_centres[1][valid]
         target = torch.arange(images.shape[0], device=images.device)
-    elif centres != "class" or transposed_t2i:
-        raise ValueError(f"centres must be class or sample (transposed_t2i needs sample), got {centres!r}")
+    else:
+        _, target = torch.unique(scene_ids[valid], return_inverse=True)  # class index among present scenes
+        n_classes = int(target.max()) + 1
+        counts = torch.bincount(target, minlength=n_classes).to(images.dtype)[:, None]
+        image_centres = images.new_zeros(n_classes, images.shape[1]).index_add(0, target, images) / counts
+        text_centres = texts.new_zeros(n_classes, texts.shape[1]).index_add(0, target, texts) / counts
     image_to_text = F.cross_entropy(logit_scale * images @ text_centres.t(), target)
     text_logits = logit_scale * texts @ image_centres.t()
     text_to_image = F.cross_entropy(text_logits.t() if transposed_t2i else text_logits, target)

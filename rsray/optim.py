@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+SCHEDULES = ("step", "linear_warmup", "cosine_warmup")
+
 
 @dataclass
 class OptimiserConfig:
@@ -24,8 +26,11 @@ class OptimiserConfig:
     lr: float = 2e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    schedule: str = "step"  # step (per epoch) | linear_warmup (per optimizer step)
-    warmup: float = 0.0  # linear_warmup: the fraction of all optimizer steps spent warming up
+    # step (per epoch) | linear_warmup | cosine_warmup (per optimizer step: a linear rise from 0,
+    # then a linear (transformers' linear schedule) or cosine (open_clip's) decay to 0)
+    schedule: str = "step"
+    warmup: float = 0.0  # *_warmup: the fraction of all optimizer steps spent warming up ...
+    warmup_steps: int = 0  # ... or, when positive, this many steps (open_clip's --warmup)
     lr_decay: float = 1.0  # step: multiply lr by this ...
     decay_every: int = 1  # ... every this many epochs
     # step: the lr of 0-based epoch e is lr * lr_decay ** ((e + decay_epoch_offset) // decay_every).
@@ -49,8 +54,10 @@ class OptimiserConfig:
             yield "weight_decay", f"must not be negative, got {self.weight_decay}"
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             yield "betas", f"expected [beta1, beta2] in [0, 1), got {self.betas}"
-        if self.schedule not in ("linear_warmup", "step"):
-            yield "schedule", f"must be linear_warmup or step, got {self.schedule!r}"
+        if self.schedule not in SCHEDULES:
+            yield "schedule", f"must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
+        if self.warmup_steps < 0:
+            yield "warmup_steps", f"must not be negative, got {self.warmup_steps}"
         if not 0.0 <= self.warmup < 1.0:
             yield "warmup", f"must be a fraction in [0, 1), got {self.warmup}"
         if not 0.0 < self.lr_decay <= 1.0:
@@ -99,12 +106,14 @@ def make_optimizer(
         weight_decay=model_cfg.weight_decay,
     )
     if steps_per_batch(model_cfg):
-        from transformers import get_linear_schedule_with_warmup
+        from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
         if not total_steps or total_steps < 1:
-            raise ValueError("schedule linear_warmup needs the run's total number of optimizer steps")
-        warmup_steps = round(model_cfg.warmup * total_steps)
-        return optimizer, get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+            raise ValueError(f"schedule {model_cfg.schedule} needs the run's total number of optimizer steps")
+        warmup_steps = model_cfg.warmup_steps or round(model_cfg.warmup * total_steps)
+        cosine = model_cfg.schedule == "cosine_warmup"
+        make = get_cosine_schedule_with_warmup if cosine else get_linear_schedule_with_warmup
+        return optimizer, make(optimizer, warmup_steps, total_steps)
     if model_cfg.decay_epoch_offset:
         every, offset, gamma = model_cfg.decay_every, model_cfg.decay_epoch_offset, model_cfg.lr_decay
         return optimizer, torch.optim.lr_scheduler.LambdaLR(
@@ -124,6 +133,6 @@ def exempt_from_decay(name: str, param: torch.Tensor, rule: str = "open_clip") -
 
 
 def steps_per_batch(model_cfg: OptimiserConfig) -> bool:
-    """True when the schedule advances every optimizer step (linear_warmup), False when the caller
-    steps it once per epoch (step)."""
-    return model_cfg.schedule == "linear_warmup"
+    """True when the schedule advances every optimizer step (the *_warmup ones), False when the
+    caller steps it once per epoch (step)."""
+    return model_cfg.schedule in ("linear_warmup", "cosine_warmup")

@@ -39,7 +39,7 @@ from rsray import storage
 from rsray.checkpoint import read_checkpoint
 from rsray.data.augment import AugmentConfig
 from rsray.distributed import gather_no_grad, gather_with_grad, rank, world_size
-from rsray.losses import LogitScale, affiliation_loss, info_nce_loss, local_info_nce_loss
+from rsray.losses import LogitScale, affiliation_loss, info_nce_loss, local_info_nce_loss, row_centres
 from rsray.models.base import Batch, RetrievalModel, full_precision_scores
 from rsray.models.blocks import SelfAttentionBlock, feed_forward
 from rsray.models.clip import fit_positions
@@ -52,7 +52,52 @@ TRAIN_FIRST = "train"  # a stage checkpoint key with this value: `rsray train` t
 
 
 @dataclass
-class PriorClipConfig(WarmupAdamWConfig):
+class PriorClipLossConfig(WarmupAdamWConfig):
+    """The loss switches the closed and open-domain configs share: InfoNCE + lambda_cs * affiliation."""
+
+    affiliation_temperature: float = 0.07  # tau2, learnable (unless shared_logit_scale)
+    lambda_cs: float = 1.0
+    # affiliation centres: class (the paper's scene centres; ours) | sample (both releases: one per
+    # row, the row's own as target); PIR's text->image term is transposed (a bug: true)
+    affiliation_centres: str = "class"
+    # sample centres from each worker's own rows, then gathered (both releases), instead of from
+    # every worker's rows (ours: a scene's centre is the same on every worker)
+    affiliation_local_centres: bool = False
+    affiliation_t2i_transposed: bool = False
+    # InfoNCE positives: image (every caption of the row's image; ours and PIR's) | pair (only the
+    # row's own caption; open_clip's, as PIR-CLIP's release trains)
+    contrastive_positives: str = "image"
+    gather_across_workers: bool = True  # InfoNCE and affiliation over every worker's batch
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        yield from super().check()
+        if self.affiliation_temperature <= 0:
+            yield "affiliation_temperature", f"must be positive, got {self.affiliation_temperature}"
+        if self.lambda_cs < 0:
+            yield "lambda_cs", f"must not be negative, got {self.lambda_cs}"
+        if self.affiliation_centres not in ("class", "sample"):
+            yield "affiliation_centres", f"must be class or sample, got {self.affiliation_centres!r}"
+        if self.affiliation_t2i_transposed and self.affiliation_centres != "sample":
+            yield "affiliation_t2i_transposed", "reproduces the release's term over per-sample centres: needs sample"
+        if self.affiliation_local_centres and self.affiliation_centres != "sample":
+            yield "affiliation_local_centres", "the releases' per-worker centres are per-sample ones: needs sample"
+        if self.contrastive_positives not in ("image", "pair"):
+            yield "contrastive_positives", f"must be image or pair, got {self.contrastive_positives!r}"
+
+    def loss_switches(self) -> dict[str, Any]:
+        """The keyword arguments `contrastive_and_affiliation` takes from this config."""
+        return {
+            "gather": self.gather_across_workers,
+            "lambda_cs": self.lambda_cs,
+            "centres": self.affiliation_centres,
+            "local_centres": self.affiliation_local_centres,
+            "transposed_t2i": self.affiliation_t2i_transposed,
+            "positives": self.contrastive_positives,
+        }
+
+
+@dataclass
+class PriorClipConfig(PriorClipLossConfig):
     """Every closed-domain PriorCLIP setting; defaults are the paper's. Optimizer fields are read
     by the training loop."""
 
@@ -89,15 +134,8 @@ class PriorClipConfig(WarmupAdamWConfig):
     ffn_dim: int = 1024
     dropout: float = 0.2
     pae_ffn_norm: bool = False  # paper: not said (ours: Linear-GELU-Linear); release: LayerNorm after the first Linear
-    # loss
+    # loss (the affiliation switches: PriorClipLossConfig)
     temperature: float = 0.07  # InfoNCE, learnable
-    affiliation_temperature: float = 0.07  # tau2, learnable
-    lambda_cs: float = 1.0
-    # affiliation centres: class (the paper's scene centres; ours) | sample (PIR's release: one per
-    # row, the row's own as target); the release's text->image term is transposed (a bug: true)
-    affiliation_centres: str = "class"
-    affiliation_t2i_transposed: bool = False
-    gather_across_workers: bool = True  # InfoNCE and affiliation over every worker's batch
     lr: float = 6.0e-5  # AdamW with warm-up (rsray.optim)
 
     def check(self) -> Iterator[tuple[str, str]]:
@@ -118,10 +156,6 @@ class PriorClipConfig(WarmupAdamWConfig):
             yield "cycle_num", f"must not be negative, got {self.cycle_num}"
         if self.instruction_bn not in ("eval", "train"):
             yield "instruction_bn", f"must be eval or train, got {self.instruction_bn!r}"
-        if self.affiliation_centres not in ("class", "sample"):
-            yield "affiliation_centres", f"must be class or sample, got {self.affiliation_centres!r}"
-        if self.affiliation_t2i_transposed and self.affiliation_centres != "sample":
-            yield "affiliation_t2i_transposed", "reproduces the release's term over per-sample centres: needs sample"
 
 
 def check_pae(cfg) -> Iterator[tuple[str, str]]:
@@ -143,11 +177,8 @@ def check_pae(cfg) -> Iterator[tuple[str, str]]:
         yield "ffn_dim", f"must be positive, got {cfg.ffn_dim}"
     if not 0.0 <= cfg.dropout < 1.0:
         yield "dropout", f"must be in [0, 1), got {cfg.dropout}"
-    for name in ("temperature", "affiliation_temperature"):
-        if getattr(cfg, name) <= 0:
-            yield name, f"must be positive, got {getattr(cfg, name)}"
-    if cfg.lambda_cs < 0:
-        yield "lambda_cs", f"must not be negative, got {cfg.lambda_cs}"
+    if cfg.temperature <= 0:
+        yield "temperature", f"must be positive, got {cfg.temperature}"
 
 
 def check_stage_checkpoint(key: str, value: str | None) -> Iterator[tuple[str, str]]:
@@ -301,8 +332,14 @@ def belief_tokens(
 
     hard (PIR): the `filter_size` tokens of highest belief, most believed first.
     soft (PriorCLIP): every token in place, scaled by belief + 1/sqrt(rank), rank being its
-    1-based position in the belief order (ties by position)."""
+    1-based position in the belief order (ties by position).
+    token_norm (PIR-CLIP's release, open domain): every token in place, scaled by its belief, then
+    each channel L2-normalised across the tokens (F.normalize's default dim=1 on [B, N, C]); the
+    release computes a 1/sqrt(index) weight but never applies it, and doubles x * belief, which the
+    normalisation cancels."""
     belief = torch.softmax(torch.einsum("bnd,bd->bn", tokens, instruction), dim=1)
+    if mode == "token_norm":
+        return F.normalize(tokens * belief.unsqueeze(-1), dim=1)
     order = torch.sort(belief, dim=1, descending=True, stable=True).indices
     if mode == "hard":
         if filter_size > tokens.shape[1]:
@@ -398,13 +435,15 @@ def contrastive_and_affiliation(
     lambda_cs: float,
     centres: str = "class",
     transposed_t2i: bool = False,
+    local_centres: bool = False,
+    positives: str = "image",
 ) -> dict[str, torch.Tensor]:
-    """PriorCLIP's loss on L2-normalised embeddings: InfoNCE + lambda_cs * affiliation, each with
-    its own learnable scale, both over every worker's rows when `gather` (InfoNCE as open_clip's
-    local loss: this worker's rows against all, the same gradients as the whole matrix). The affiliation term is
-    computed even at lambda_cs = 0, so every parameter stays in the graph (DistributedDataParallel
-    needs that) and the term is still reported."""
-    image_ids, scene_ids = batch.get("image_ids"), batch["scene_ids"]
+    """PriorCLIP's loss on L2-normalised embeddings: InfoNCE + lambda_cs * affiliation, both over
+    every worker's rows when `gather` (InfoNCE as open_clip's local loss: this worker's rows
+    against all, the same gradients as the whole matrix). The switches are PriorClipLossConfig's
+    (`loss_switches`). The affiliation term is computed even at lambda_cs = 0, so every parameter
+    stays in the graph (DistributedDataParallel needs that) and the term is still reported."""
+    image_ids, scene_ids = batch.get("image_ids") if positives == "image" else None, batch["scene_ids"]
     if gather and world_size() > 1:  # InfoNCE: this worker's rows against all; affiliation: all rows
         if image_ids is None:
             image_ids = torch.arange(images.shape[0], device=images.device) + rank() * images.shape[0]
@@ -413,7 +452,15 @@ def contrastive_and_affiliation(
         contrastive = local_info_nce_loss(
             images, texts, image_ids, all_images, all_texts, all_ids, logit_scale, full_precision_scores
         )
-        affiliation = affiliation_loss(all_images, all_texts, all_scenes, affiliation_scale, centres, transposed_t2i)
+        given = None
+        if local_centres:  # the releases: each worker's own rows make its rows' centres
+            given = (
+                gather_with_grad(row_centres(images, scene_ids)),
+                gather_with_grad(row_centres(texts, scene_ids)),
+            )
+        affiliation = affiliation_loss(
+            all_images, all_texts, all_scenes, affiliation_scale, centres, transposed_t2i, given
+        )
     else:
         contrastive = info_nce_loss(full_precision_scores(images, texts), logit_scale, image_ids)
         affiliation = affiliation_loss(images, texts, scene_ids, affiliation_scale, centres, transposed_t2i)
@@ -481,8 +528,5 @@ class PriorCLIP(RetrievalModel):
             batch,
             self.logit_scale(),
             self.affiliation_scale(),
-            self.config.gather_across_workers,
-            self.config.lambda_cs,
-            self.config.affiliation_centres,
-            self.config.affiliation_t2i_transposed,
+            **self.config.loss_switches(),
         )

@@ -12,9 +12,21 @@ fine-tunes on the target set:
     `pool: instruction` pools the prepended instruction token (the release); `cls` pools CLIP's
     class token (our alternative: it keeps stage 1's pooling, needs belief soft).
   instruction: the frozen scene-prior CNN (as closed-domain PriorCLIP) -> linear to the vision width.
-  text: stage 1's text tower, frozen (eval mode, no autograd): captions keep stage 1's embeddings.
+  text: stage 1's text tower, frozen (eval mode, no autograd): captions keep stage 1's embeddings
+    (our choice; `freeze_text: false` trains it, as the release does).
 Loss: InfoNCE (stage 1's learnable temperature, carried on) + lambda_cs * affiliation (own
-  learnable tau2), gathered across workers like the closed-domain model.
+  learnable tau2, or CLIP's scale with `shared_logit_scale`), gathered across workers like the
+  closed-domain model.
+
+The authors' release (PIR-CLIP, read at jaychempan/PIR-CLIP 20bbe30; docs/release-facts.md) and
+`conf/model/priorclip_open-release.yaml`: belief `token_norm`, `shared_logit_scale`, per-sample
+affiliation centres from each worker's rows (`affiliation_centres: sample`,
+`affiliation_local_centres`), single-positive InfoNCE (`contrastive_positives: pair`), the text
+tower trained (`freeze_text: false`), AdamW (0.9, 0.999) with weight decay 0.5 and a cosine
+schedule after 10000 warm-up steps, open_clip's default augmentation. Not reproduced: its
+instruction CNN is CLIP's ModifiedResNet trained with the rest (no scene-prior stage), ours the
+frozen scene prior; its InfoNCE and affiliation are open_clip's (clamped scale of at most 100,
+as ours).
 
 `clip_checkpoint: null` builds stage 1 from the `clip` section instead (a ClipConfig, as in
 model/clip.yaml): random towers from a CLIPConfig for tests, or `clip.checkpoint` = a local
@@ -42,6 +54,7 @@ from rsray.models.clip import Clip, ClipConfig
 from rsray.models.encoders import FrozenParts
 from rsray.models.priorclip import (
     InstructionEncoder,
+    PriorClipLossConfig,
     belief_tokens,
     check_stage_checkpoint,
     contrastive_and_affiliation,
@@ -49,11 +62,12 @@ from rsray.models.priorclip import (
 )
 from rsray.models.registry import model_config, register_model
 from rsray.models.scene_prior import priorclip_augment
-from rsray.optim import WarmupAdamWConfig
+
+BELIEFS = ("soft", "hard", "token_norm")
 
 
 @dataclass
-class PriorClipOpenConfig(WarmupAdamWConfig):
+class PriorClipOpenConfig(PriorClipLossConfig):
     """Every stage-2 setting. Optimizer fields are read by the training loop."""
 
     # `rsray train` trains these stages first (in this order) when their checkpoint key says "train"
@@ -71,12 +85,13 @@ class PriorClipOpenConfig(WarmupAdamWConfig):
     instruction_backbone: str = "resnet50"  # must be the scene prior's backbone
     instruction_checkpoint: str | None = None  # scene-prior checkpoint folder | train | null (random, tests)
     instruction_stage: str = "model/scene_prior"
-    belief: str = "soft"  # soft | hard (keep the filter_size most believed tokens)
+    # soft (the paper: belief + 1/sqrt(rank)) | hard (keep the filter_size most believed tokens) |
+    # token_norm (the release: tokens scaled by belief, each channel L2-normalised across tokens)
+    belief: str = "soft"
     filter_size: int = 40
     pool: str = "instruction"  # instruction (the release) | cls (CLIP's class token; needs belief soft)
-    affiliation_temperature: float = 0.07  # tau2, learnable
-    lambda_cs: float = 1.0
-    gather_across_workers: bool = True
+    freeze_text: bool = True  # ours: captions keep stage 1's embeddings; the release trains the text tower
+    shared_logit_scale: bool = False  # the release: affiliation uses CLIP's logit scale, no tau2 of its own
     lr: float = 1.0e-5  # our choice: stage 2 fine-tunes a pretrained CLIP, as the clip baseline does
 
     def check(self) -> Iterator[tuple[str, str]]:
@@ -87,18 +102,14 @@ class PriorClipOpenConfig(WarmupAdamWConfig):
             yield "embed_dim", f"must equal clip.embed_dim ({self.clip.embed_dim})"
         if not timm.is_model(self.instruction_backbone):
             yield "instruction_backbone", f"not a timm model name: {self.instruction_backbone!r}"
-        if self.belief not in ("soft", "hard"):
-            yield "belief", f"must be soft or hard, got {self.belief!r}"
+        if self.belief not in BELIEFS:
+            yield "belief", f"must be one of {', '.join(BELIEFS)}, got {self.belief!r}"
         if self.filter_size < 1:
             yield "filter_size", f"must be positive, got {self.filter_size}"
         if self.pool not in ("instruction", "cls"):
             yield "pool", f"must be instruction or cls, got {self.pool!r}"
         if self.pool == "cls" and self.belief == "hard":
             yield "pool", "cls needs belief soft (hard filtering may drop the class token)"
-        if self.affiliation_temperature <= 0:
-            yield "affiliation_temperature", f"must be positive, got {self.affiliation_temperature}"
-        if self.lambda_cs < 0:
-            yield "lambda_cs", f"must not be negative, got {self.lambda_cs}"
 
 
 def stage_one(config: PriorClipOpenConfig, vocab_size: int | None) -> Clip:
@@ -130,13 +141,15 @@ class PriorCLIPOpen(FrozenParts, RetrievalModel):
         super().__init__()
         self.config = config
         self.clip = stage_one(config, vocab_size)
-        for part in ["clip.text"] + (["clip.visual"] if config.freeze_backbone else []):
+        frozen = (["clip.text"] if config.freeze_text else []) + (["clip.visual"] if config.freeze_backbone else [])
+        for part in frozen:
             self.freeze_part(part)  # frozen: no gradient, and no dropout either
         vision = self.clip.visual.model
         self.instruction = InstructionEncoder(
             config.instruction_backbone, config.instruction_checkpoint, vision.config.hidden_size
         )
-        self.affiliation_scale = LogitScale(config.affiliation_temperature)
+        # with a shared scale there is no tau2 parameter at all (DDP refuses parameters without gradients)
+        self.affiliation_scale = None if config.shared_logit_scale else LogitScale(config.affiliation_temperature)
         self.train()
 
     def encode_images(self, batch: Batch) -> torch.Tensor:
@@ -152,16 +165,16 @@ class PriorCLIPOpen(FrozenParts, RetrievalModel):
         return F.normalize(self.clip.visual.projection(pooled), dim=-1)
 
     def encode_texts(self, batch: Batch) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_text):
             return self.clip.encode_texts(batch)
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        logit_scale = self.clip.logit_scale()
         return contrastive_and_affiliation(
             self.encode_images(batch),
             self.encode_texts(batch),
             batch,
-            self.clip.logit_scale(),
-            self.affiliation_scale(),
-            self.config.gather_across_workers,
-            self.config.lambda_cs,
+            logit_scale,
+            logit_scale if self.affiliation_scale is None else self.affiliation_scale(),
+            **self.config.loss_switches(),
         )

@@ -140,7 +140,7 @@ def test_affiliation_with_per_sample_centres_and_the_releases_transposed_term():
     assert affiliation_loss(*args, 2.0, centres="sample").item() == pytest.approx((i2t + t2i) / 2, abs=1e-12)
     release = affiliation_loss(*args, 2.0, centres="sample", transposed_t2i=True)
     assert release.item() == pytest.approx((i2t + t2i_transposed) / 2, abs=1e-12)
-    with pytest.raises(ValueError, match="transposed_t2i needs sample"):
+    with pytest.raises(ValueError, match="transposed_t2i needs sample centres"):
         affiliation_loss(*args, 2.0, transposed_t2i=True)
 
 

@@ -262,7 +262,7 @@ def test_bad_model_values_name_the_key(override, needle):
     [
         ("model.lr=-1", "model.lr: must be positive"),
         ("model.betas=[0.9]", "model.betas: expected [beta1, beta2]"),
-        ("model.schedule=cosine", "model.schedule: must be linear_warmup or step"),
+        ("model.schedule=cosine", "model.schedule: must be one of step, linear_warmup, cosine_warmup"),
         ("model.optimizer=sgd", "model.optimizer: must be adam or adamw"),
     ],
 )

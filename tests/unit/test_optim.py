@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -76,3 +78,23 @@ def test_step_decay_follows_its_formula_and_the_releases_phase(offset, changes):
         schedule.step()  # once per epoch, as the training loop does
     assert lrs == pytest.approx([0.1 * 0.7 ** ((e + offset) // 20) for e in range(45)])
     assert [e for e in range(1, 45) if lrs[e] != lrs[e - 1]] == changes
+
+
+@pytest.mark.parametrize("schedule", ["linear_warmup", "cosine_warmup"])
+def test_warmup_schedules_follow_their_formulas(schedule):
+    """A linear rise from 0 over `warmup_steps` (absolute, as open_clip's --warmup), then a linear
+    or a half-cosine decay to 0 over the rest, one value per optimizer step."""
+    overrides = ["model.lr=0.1", f"model.schedule={schedule}", "model.warmup_steps=4", "model.warmup=0.5"]
+    cfg = model_config(load_config("model/clip-tiny", overrides))
+    optimizer, sched = make_optimizer(nn.Linear(2, 2), cfg, total_steps=20)
+    lrs = []
+    for _ in range(20):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        sched.step()
+    decay = {
+        "linear_warmup": lambda s: (20 - s) / 16,
+        "cosine_warmup": lambda s: 0.5 * (1 + math.cos(math.pi * (s - 4) / 16)),
+    }[schedule]
+    expected = [0.1 * (s / 4 if s < 4 else decay(s)) for s in range(20)]  # warmup_steps wins over the fraction
+    assert lrs == pytest.approx(expected)

@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 
 from rsray.checkpoint import CONFIG_FILE, STATE_FILE
 from rsray.config import ConfigError, load_config
+from rsray.losses import affiliation_loss, info_nce_loss, row_centres
 from rsray.models import build_model, model_config
 from rsray.models.priorclip import belief_tokens, contrastive_and_affiliation
 from rsray.optim import make_optimizer, steps_per_batch
@@ -68,6 +69,17 @@ def test_belief_soft_scales_every_token_by_belief_plus_inverse_sqrt_rank():
     rank = torch.tensor([3.0, 1.0, 4.0, 2.0])  # 1-based position in the belief order
     expected = tokens * (belief + 1 / rank.sqrt())[None, :, None]
     torch.testing.assert_close(belief_tokens(tokens, instruction, "soft"), expected)
+
+
+def test_belief_token_norm_is_the_open_releases_normalisation_across_tokens():
+    """PIR-CLIP: F.normalize(x * b + x * b) on [B, N, C], PyTorch's default dim=1 = the token axis."""
+    tokens = torch.tensor([[[1.0, 0.0], [3.0, 1.0], [0.0, 1.0], [2.0, 2.0]]])
+    instruction = torch.tensor([[1.0, 0.0]])
+    belief = torch.softmax(torch.tensor([1.0, 3.0, 0.0, 2.0]), dim=0)
+    scaled = 2 * tokens * belief[None, :, None]  # the release doubles it; the normalisation cancels that
+    expected = scaled / scaled.pow(2).sum(dim=1, keepdim=True).sqrt()  # each channel over the 4 tokens
+    torch.testing.assert_close(belief_tokens(tokens, instruction, "token_norm"), expected)
+    assert torch.allclose(expected.pow(2).sum(dim=1), torch.ones(1, 2))
 
 
 # ----------------------------------------------------------------------------- switches
@@ -136,7 +148,7 @@ def test_frozen_swin_gets_no_grad_and_instruction_backbone_is_always_frozen():
         ("model.heads=5", "model.heads: must divide embed_dim"),
         ("model.instruction_checkpoint=/no/such/folder", "model.instruction_checkpoint: no such checkpoint folder"),
         ("model.text_config.hiden_size=3", "model.text_config.hiden_size: not a bert config field"),
-        ("model.schedule=cosine", "model.schedule: must be linear_warmup or step"),
+        ("model.schedule=cosine", "model.schedule: must be one of step, linear_warmup, cosine_warmup"),
         ("model.betas=[0.9]", "model.betas: expected [beta1, beta2]"),
     ],
 )
@@ -303,7 +315,14 @@ def _gather_worker(rank: int, port: int, images, texts, batch, out) -> None:
         local = {k: v[rows] for k, v in batch.items()}
         gathered = contrastive_and_affiliation(images[rows], texts[rows], local, 14.0, 10.0, True, 1.0)
         alone = contrastive_and_affiliation(images[rows], texts[rows], local, 14.0, 10.0, False, 1.0)
-        out[rank] = ({k: float(v) for k, v in gathered.items()}, {k: float(v) for k, v in alone.items()})
+        local_centres = contrastive_and_affiliation(
+            images[rows], texts[rows], local, 14.0, 10.0, True, 1.0, centres="sample", local_centres=True
+        )
+        out[rank] = (
+            {k: float(v) for k, v in gathered.items()},
+            {k: float(v) for k, v in alone.items()},
+            float(local_centres["affiliation"]),
+        )
     finally:
         dist.destroy_process_group()
 
@@ -320,10 +339,17 @@ def test_gathered_loss_on_two_workers_is_the_loss_of_the_whole_batch():
     for term in ("total", "info_nce"):  # InfoNCE: each worker its own rows against all; their mean is the whole
         mean = sum(out[rank][0][term] for rank in range(WORLD)) / WORLD
         assert mean == pytest.approx(float(whole[term]), rel=1e-5), term
+    # the releases' centres: each worker's rows make its rows' centres, then all rows meet all centres
+    halves = [slice(0, LOCAL), slice(LOCAL, 2 * LOCAL)]
+    given = tuple(torch.cat([row_centres(x[h], batch["scene_ids"][h]) for h in halves]) for x in (images, texts))
+    per_worker = affiliation_loss(images, texts, batch["scene_ids"], 10.0, "sample", given_centres=given)
+    across = affiliation_loss(images, texts, batch["scene_ids"], 10.0, "sample")
+    assert float(per_worker) != pytest.approx(float(across), rel=1e-3)  # scene 0 spans both workers
     for rank in range(WORLD):
-        gathered, alone = out[rank]
+        gathered, alone, local_centres = out[rank]
         assert gathered["affiliation"] == pytest.approx(float(whole["affiliation"]), rel=1e-5)  # over all rows
         assert alone["info_nce"] != pytest.approx(gathered["info_nce"], rel=1e-3)  # the switch matters
+        assert local_centres == pytest.approx(float(per_worker), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- optimizer and schedule
@@ -377,6 +403,8 @@ def test_open_domain_stage_two_starts_from_a_stage_one_checkpoint(tmp_path):
     clip_cfg = tiny("clip")
     torch.manual_seed(11)
     stage_one = build_model(clip_cfg, vocab_size=VOCAB)
+    with torch.no_grad():
+        stage_one.logit_scale.log_scale.fill_(math.log(50.0))  # what stage 1 learned, not the 1/0.07 start
     folder = save_checkpoint(tmp_path / "clip-ckpt", clip_cfg, stage_one)
 
     model = build("priorclip_open", f"model.clip_checkpoint={folder}").train()
@@ -385,6 +413,12 @@ def test_open_domain_stage_two_starts_from_a_stage_one_checkpoint(tmp_path):
     batch = word_batch()
     with torch.no_grad():
         torch.testing.assert_close(model.encode_texts(batch), stage_one.eval().encode_texts(batch))
+        # the InfoNCE term runs at stage 1's learned scale
+        model.eval()
+        images, texts = model.encode_images(batch), model.encode_texts(batch)
+        expected = info_nce_loss(images @ texts.t(), 50.0, batch["image_ids"])
+        torch.testing.assert_close(model.loss(batch)["info_nce"], expected)
+        model.train()
     model.loss(batch)["total"].backward()
     assert not model.clip.text.training
     assert all(not p.requires_grad and p.grad is None for p in model.clip.text.parameters())  # text frozen
@@ -412,6 +446,64 @@ def test_open_domain_switches_change_image_embeddings():
         assert math.isfinite(build("priorclip_open", "model.lambda_cs=0").loss(batch)["affiliation"].item())
 
 
+def test_open_release_switches_reach_the_loss_and_the_text_tower():
+    """shared_logit_scale: no tau2 of its own, the affiliation term at CLIP's scale; pair positives:
+    InfoNCE against the diagonal although rows 0 and 1 show one image; freeze_text false: the text
+    tower trains."""
+    model = build(
+        "priorclip_open",
+        "model.shared_logit_scale=true",
+        "model.contrastive_positives=pair",
+        "model.affiliation_centres=sample",
+        "model.freeze_text=false",
+    )
+    assert model.affiliation_scale is None
+    batch = word_batch()
+    with torch.no_grad():
+        images, texts = model.encode_images(batch), model.encode_texts(batch)
+        scale = model.clip.logit_scale()
+        losses = model.loss(batch)
+        affiliation = affiliation_loss(images, texts, batch["scene_ids"], scale, "sample")
+        torch.testing.assert_close(losses["affiliation"], affiliation)
+        torch.testing.assert_close(losses["info_nce"], info_nce_loss(images @ texts.t(), scale))
+        assert float(losses["info_nce"]) != pytest.approx(
+            float(info_nce_loss(images @ texts.t(), scale, batch["image_ids"]))
+        )
+    model.train().loss(batch)["total"].backward()
+    assert model.clip.text.training
+    assert all(p.grad is not None for p in model.clip.text.parameters())
+    with pytest.raises(ConfigError, match="model.affiliation_local_centres: .* needs sample"):
+        model_config(tiny("priorclip_open", "model.affiliation_local_centres=true"))
+
+
+def test_the_open_release_preset_sets_each_documented_difference_and_trains_a_step():
+    release = model_config(load_config("model/priorclip_open-release"))
+    switches = {
+        "belief": "token_norm",
+        "freeze_text": False,
+        "shared_logit_scale": True,
+        "affiliation_centres": "sample",
+        "affiliation_local_centres": True,
+        "affiliation_t2i_transposed": False,
+        "contrastive_positives": "pair",
+        "weight_decay": 0.5,
+        "betas": [0.9, 0.999],
+        "schedule": "cosine_warmup",
+        "warmup_steps": 10000,
+        "decay_exempt": "open_clip",
+    }
+    assert {key: getattr(release, key) for key in switches} == switches
+    augment = release.augment
+    assert (augment.random_resized_crop, augment.hflip, augment.rand_augment) == ([0.9, 1.0], False, [])
+    paper = model_config(load_config("model/priorclip_open"))
+    assert {key: getattr(paper, key) for key in switches} != switches
+    model = build(
+        "priorclip_open",
+        *(f"model.{key}={str(switches[key]).lower()}" for key in list(switches)[:7]),
+    ).train()
+    model.loss(word_batch())["total"].backward()
+
+
 def test_one_instruction_query_is_the_releases_expanded_queries_in_eval_and_in_training():
     """In eval one query gives the copies' numbers; in training (dropout) it is expanded, so the
     same seed draws the same per-position masks as the release's copies."""
@@ -433,8 +525,6 @@ def test_one_instruction_query_is_the_releases_expanded_queries_in_eval_and_in_t
 def test_release_switches_reach_the_model_and_its_loss():
     """pae_ffn_norm puts PIR's LayerNorm inside every PAE feed-forward; the affiliation switches
     give the model's loss exactly `affiliation_loss` with per-sample centres and the transposed term."""
-    from rsray.losses import affiliation_loss
-
     model = build(
         "priorclip",
         "model.pae_ffn_norm=true",
