@@ -4,8 +4,8 @@ No code was released, so most of the structure is ours (see the spec, models.md 
 
 Image: SWAN's multi-scale visual encoder (reused, without SFGS) gives the VMSF token grid
   (16x16 of D at 256 px) and its pooled vector V_d. RoI encoder: `roi_align` on the layer-3 map
-  with the batch's boxes, or else a fixed multi-scale grid (1x1 + 2x2 + 3x3 = 14 boxes), then a
-  linear map to D: regional features R [B, K, D].
+  with a fixed multi-scale grid of boxes (1x1 + 2x2 + 3x3 = 14), then a linear map to D:
+  regional features R [B, K, D].
   IFA: R queries a cross-attention over the VMSF tokens (residual, LayerNorm), mean over
   regions, visual head -> L2 norm = the image embedding v (independent of any caption).
 Text: word embedding -> dropout -> BiGRU with the two directions kept apart (Hf, Hb) -> DTGA:
@@ -17,10 +17,15 @@ IGA: the image's pooled regional vector (projected) is the query of a single-hea
   L2 norm = the caption embedding *for that image*, c_ij. Score s_ij = v_i . c_ij: pairwise.
 Loss: triplet(s) + lambda_g * triplet(global), global = cos(V_d, t_g), both sides independent.
 
-Boxes from the data (batch key "boxes", our format): float [B, K, 4], (x1, y1, x2, y2) as
-fractions of the image the model sees (0..1, so they survive resizing), K the same for every
-image of a batch (a detector's top K; pad with the whole image [0, 0, 1, 1]). Whoever feeds them
-must move them with any crop/rotation of the image. Without the key the fixed grid is used.
+Regions are always the grid (our choice). The spec allows detector boxes from the data, but no
+reader produces them and SWAN's augmentation (a random rotation of up to 90 degrees, then a
+random crop) would have to move every box with the image: a box path nothing feeds was removed
+rather than kept untested. A detector's boxes would come back as a `table` column, moved by the
+augmentation, tested end to end.
+
+Scoring cost: the caption side of IGA (the keys and the text head's first Linear over each word)
+does not depend on the image, so `encode_texts` computes it once per caption and `score` only
+mixes it per pair: evaluation in image blocks never recomputes a caption's projections.
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ class DoveConfig(OptimiserConfig):
     vmsf_hidden: int = 1024
     vmsf_dropout: float = 0.2
     # RoI encoder (ours)
-    roi_grid: list[int] = field(default_factory=lambda: [1, 2, 3])  # n x n boxes per level when the batch has none
+    roi_grid: list[int] = field(default_factory=lambda: [1, 2, 3])  # an n x n grid of boxes per level
     roi_size: int = 2  # roi_align output (roi_size x roi_size), flattened, then linear to embed_dim
     # ROAM
     ifa_heads: int = 8  # our choice: IFA cross-attention heads (the spec fixes DTGA's at one, not IFA's)
@@ -117,6 +122,8 @@ class DoveTextFeatures(NamedTuple):
     words: torch.Tensor  # DTGA word features [M, L, D], zero at padding
     valid: torch.Tensor  # [M, L] bool, True at real words
     sentence: torch.Tensor  # t_g [M, D], L2-normalised mean of the word features
+    keys: torch.Tensor  # IGA keys of the words [M, L, D] (image-independent, computed once)
+    values: torch.Tensor  # the text head's first Linear on each word [M, L, H] (likewise)
 
 
 # ----------------------------------------------------------------------------- parts
@@ -132,10 +139,10 @@ def grid_boxes(levels: Sequence[int]) -> torch.Tensor:
 
 
 class RoIEncoder(nn.Module):
-    """Regional features [B, K, D]: roi_align on a feature map, flattened, linear to D.
+    """Regional features [B, K, D]: roi_align of the grid boxes on a feature map, flattened, linear to D.
 
-    Boxes are image fractions (see the module docstring); they are scaled to the map's size and
-    aligned (pixel centres at +0.5), so [0, 0, 1, 1] covers the whole map whatever its stride."""
+    Boxes are image fractions (x1, y1, x2, y2 in 0..1), scaled to the map's size and aligned
+    (pixel centres at +0.5), so [0, 0, 1, 1] covers the whole map whatever its stride."""
 
     def __init__(self, in_channels: int, dim: int, levels: Sequence[int] = (1, 2, 3), output_size: int = 2):
         super().__init__()
@@ -143,12 +150,9 @@ class RoIEncoder(nn.Module):
         self.register_buffer("grid", grid_boxes(levels), persistent=False)
         self.project = nn.Linear(in_channels * output_size**2, dim)
 
-    def forward(self, feature_map: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
         b, _, h, w = feature_map.shape
-        if boxes is None:
-            boxes = self.grid.expand(b, -1, -1)
-        if boxes.dim() != 3 or boxes.shape[0] != b or boxes.shape[2] != 4:
-            raise ValueError(f"boxes must be [batch={b}, K, 4] (x1, y1, x2, y2 in 0..1), got {list(boxes.shape)}")
+        boxes = self.grid.expand(b, -1, -1)
         scale = torch.tensor([w, h, w, h], dtype=feature_map.dtype, device=feature_map.device)
         rois = list((boxes.to(feature_map.dtype) * scale).unbind(0))
         pooled = roi_align(feature_map, rois, self.output_size, spatial_scale=1.0, aligned=True)
@@ -255,7 +259,7 @@ class DOVE(RetrievalModel):
         """(features for `score`, the L2-normalised pooled multi-scale vector V_d for the global
         loss, the regional features R)."""
         visual = self.visual(batch["images"])
-        regions = self.roi(visual.maps[2], batch.get("boxes"))  # maps: stem, layer2, layer3, layer4
+        regions = self.roi(visual.maps[2])  # maps: stem, layer2, layer3, layer4
         fused = self.ifa(regions, visual.tokens)
         embedding = F.normalize(self.visual_head(fused), dim=-1)
         query = self.iga_query(regions.mean(dim=1) if self.config.iga_query == "regions" else fused)
@@ -269,19 +273,20 @@ class DOVE(RetrievalModel):
         valid = length_mask(lengths.to(tokens.device), tokens.shape[1])
         forward, backward = self.gru(self.word_dropout(self.embed(tokens)), lengths)
         words = self.dtga(forward, backward, valid)
-        return DoveTextFeatures(words, valid, F.normalize(masked_mean(words, valid), dim=-1))
+        sentence = F.normalize(masked_mean(words, valid), dim=-1)
+        # the head's first Linear per word: exact, see Head
+        return DoveTextFeatures(words, valid, sentence, self.iga_key(words), self.text_head.first(words))
 
     # --- pairwise score
 
     def score(self, image_features: DoveImageFeatures, text_features: DoveTextFeatures) -> torch.Tensor:
         """s[i, j] = v_i . L2norm(text_head(sum_l a_ijl w_jl)), a_ij = softmax over caption j's valid
-        words of (query_i . key(w_jl)) / sqrt(D). Computed in chunks of at most `score_chunk_pairs`
+        words of (query_i . key(w_jl)) / sqrt(D). The captions' keys and first-Linear values come
+        with their features (`encode_texts`). Computed in chunks of at most `score_chunk_pairs`
         pairs, so only [chunk, hidden] activations exist at once, never [n_img, n_txt, D]."""
         embedding, query = image_features
-        words, valid = text_features.words, text_features.valid
-        n_img, n_txt = query.shape[0], words.shape[0]
-        keys = self.iga_key(words)  # [T, L, D]
-        values = self.text_head.first(words)  # [T, L, H]: the head's first Linear, per word (exact, see Head)
+        keys, values, valid = text_features.keys, text_features.values, text_features.valid
+        n_img, n_txt = query.shape[0], keys.shape[0]
         padding = ~valid[None]
         scale = 1.0 / math.sqrt(query.shape[-1])
         pairs = self.config.score_chunk_pairs

@@ -1,5 +1,6 @@
-"""DOVE: every switch changes the computation, batch boxes reach the RoI encoder, the blocked
-pairwise score equals the unblocked one, and the score of (image i, caption j) is what the loss sees."""
+"""DOVE: each block against its formula written out (RoI cells, DTGA, IFA, the pairwise IGA
+score), every switch changes the computation, the blocked pairwise score equals the unblocked one,
+and the score of (image i, caption j) is what the loss sees."""
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from rsray.eval.scoring import concat_rows, score_matrix, streaming_topk, take_r
 from rsray.losses import triplet_loss
 from rsray.models import build_model, model_config
 from rsray.models.dove import DOVE, DoveImageFeatures, DoveTextFeatures, grid_boxes
+from tests.unit.transcriptions import layer_norm, multihead_attention
 
 VOCAB = 40
 
@@ -120,21 +122,65 @@ def test_grid_boxes_are_the_multi_scale_grid():
     assert torch.allclose(areas[1:5].sum(), torch.tensor(1.0)) and torch.allclose(areas[5:].sum(), torch.tensor(1.0))
 
 
-def test_batch_boxes_replace_the_grid():
+def test_regions_are_the_grid_cells_of_the_map():
+    """roi_align with aligned boxes on a 4x4 map at 2x2 bins: the 1x1 level's bins each average a
+    2x2 block of pixels (2x2 samples at the pixel centres), the 2x2 level's cell (r, c) is exactly
+    map[2r:2r+2, 2c:2c+2] (one sample per bin); with an identity projection the regional features
+    are those numbers, level by level, row-major."""
+    from rsray.models.dove import RoIEncoder
+
+    channels = 3
+    encoder = RoIEncoder(channels, channels * 4, levels=[1, 2], output_size=2)
+    with torch.no_grad():
+        encoder.project.weight.copy_(torch.eye(channels * 4))
+        encoder.project.bias.zero_()
+        feature_map = torch.randn(2, channels, 4, 4)
+        regions = encoder(feature_map)
+    whole = torch.nn.functional.avg_pool2d(feature_map, 2).flatten(1)
+    cells = [feature_map[:, :, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2].flatten(1) for r in range(2) for c in range(2)]
+    torch.testing.assert_close(regions, torch.stack([whole, *cells], dim=1))
+
+
+def test_dtga_is_its_formula():
+    """H = g*A + (1-g)*B, g = sigmoid(W[A; B] + b); then LayerNorm(H + single-head attention over the
+    valid words), zero at padding."""
+    model = build().eval()
+    dtga = model.dtga
+    torch.manual_seed(2)
+    forward, backward = torch.randn(2, 3, 5, 32).unbind(0)
+    valid = torch.tensor([[True] * 5, [True, True, False, False, False], [True] * 3 + [False] * 2])
+    with torch.no_grad():
+        g = torch.sigmoid(torch.cat([forward, backward], -1) @ dtga.gate.weight.t() + dtga.gate.bias)
+        h = g * forward + (1 - g) * backward
+        expected = layer_norm(h + multihead_attention(dtga.attn, h, h, valid), dtga.norm) * valid[..., None]
+        torch.testing.assert_close(dtga(forward, backward, valid), expected)
+    assert dtga.attn.num_heads == 1
+
+
+def test_ifa_is_its_formula():
+    """IFA: mean over regions of LayerNorm(R + MultiHead(R, T, T))."""
+    model = build().eval()
+    torch.manual_seed(3)
+    regions, tokens = torch.randn(2, 14, 32), torch.randn(2, 16, 32)
+    with torch.no_grad():
+        expected = layer_norm(regions + multihead_attention(model.ifa.attn, regions, tokens), model.ifa.norm)
+        torch.testing.assert_close(model.ifa(regions, tokens), expected.mean(dim=1))
+
+
+def test_pairwise_score_is_the_iga_formula_pair_by_pair():
+    """s_ij = v_i . L2norm(text_head(sum_l a_ijl w_jl)), a_ij = softmax over caption j's valid words
+    of q_i . key(w_jl) / sqrt(D): written out for every pair, the head applied after pooling."""
     model = build().eval()
     batch = random_batch()
     with torch.no_grad():
-        _, _, grid_regions = model.image_parts(batch)
-        same = model.image_parts(dict(batch, boxes=grid_boxes([1, 2, 3]).expand(6, -1, -1)))[2]
-        assert grid_regions.shape == (6, 14, 32) and torch.equal(same, grid_regions)
-        g = torch.Generator().manual_seed(3)
-        corner = torch.rand(6, 5, 2, generator=g) * 0.5
-        boxes = torch.cat([corner, corner + 0.2 + 0.3 * torch.rand(6, 5, 2, generator=g)], dim=-1)
-        features, _, regions = model.image_parts(dict(batch, boxes=boxes))
-        assert regions.shape == (6, 5, 32) and not torch.allclose(regions[:, :5], grid_regions[:, :5], atol=1e-4)
-        assert not torch.allclose(features.embedding, model.encode_images(batch).embedding, atol=1e-4)
-        with pytest.raises(ValueError, match=r"boxes must be \[batch=6, K, 4\]"):
-            model.image_parts(dict(batch, boxes=boxes[:, :, :3]))
+        images, texts = encode(model, batch)
+        scores = model.score(images, texts)
+        for i in range(6):
+            for j in range(6):
+                words = texts.words[j][texts.valid[j]]  # [L_j, D]
+                attention = torch.softmax(model.iga_key(words) @ images.query[i] / 32**0.5, dim=0)
+                caption = torch.nn.functional.normalize(model.text_head(attention @ words), dim=-1)
+                torch.testing.assert_close(scores[i, j], images.embedding[i] @ caption, msg=f"pair {i}, {j}")
 
 
 # ----------------------------------------------------------------------------- pairwise score

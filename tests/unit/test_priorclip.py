@@ -19,9 +19,10 @@ from rsray.checkpoint import CONFIG_FILE, STATE_FILE
 from rsray.config import ConfigError, load_config
 from rsray.losses import affiliation_loss, info_nce_loss, row_centres
 from rsray.models import build_model, model_config
-from rsray.models.priorclip import belief_tokens, contrastive_and_affiliation
+from rsray.models.priorclip import SpatialPAE, TemporalPAE, belief_tokens, contrastive_and_affiliation
 from rsray.optim import make_optimizer, steps_per_batch
 from rsray.train.loop import selection_metric
+from tests.unit.transcriptions import post_ln_block
 
 VOCAB = 40
 
@@ -80,6 +81,40 @@ def test_belief_token_norm_is_the_open_releases_normalisation_across_tokens():
     expected = scaled / scaled.pow(2).sum(dim=1, keepdim=True).sqrt()  # each channel over the 4 tokens
     torch.testing.assert_close(belief_tokens(tokens, instruction, "token_norm"), expected)
     assert torch.allclose(expected.pow(2).sum(dim=1), torch.ones(1, 2))
+
+
+@pytest.mark.parametrize("ffn_norm", [False, True])
+def test_spatial_pae_rounds_are_their_formula(ffn_norm):
+    """x = belief(tokens); each round x = CA_r(SA_r(x), query = W_r instruction + b_r), the one
+    query's attention added to every token; out = token 0 before the rounds + head(token 0 after)."""
+    torch.manual_seed(0)
+    pae = SpatialPAE(16, rounds=2, heads=4, ffn_dim=32, dropout=0.0, belief="hard", filter_size=5, ffn_norm=ffn_norm)
+    pae.eval()
+    tokens, instruction = torch.randn(2, 7, 16), torch.randn(2, 16)
+    with torch.no_grad():
+        x = belief_tokens(tokens, instruction, "hard", 5)
+        for r in range(2):
+            query = instruction @ pae.instruction_maps[r].weight.t() + pae.instruction_maps[r].bias
+            x = post_ln_block(pae.cross_attn[r], post_ln_block(pae.self_attn[r], x), queries=query[:, None])
+        expected = tokens[:, 0] + x[:, 0] @ pae.head.weight.t() + pae.head.bias
+        torch.testing.assert_close(pae(tokens, instruction), expected)
+
+
+def test_temporal_pae_rounds_are_their_formula():
+    """Each round x = CA_r(SA_r(x), queries = W_r x + b_r of the round's input), padded keys masked
+    in both; out = CLS + head(CLS after the rounds)."""
+    torch.manual_seed(1)
+    pae = TemporalPAE(16, rounds=3, heads=4, ffn_dim=32, dropout=0.0).eval()
+    tokens = torch.randn(3, 6, 16)
+    valid = torch.arange(6)[None, :] < torch.tensor([[6], [2], [4]])
+    with torch.no_grad():
+        x = tokens
+        for r in range(3):
+            queries = x @ pae.token_maps[r].weight.t() + pae.token_maps[r].bias
+            attended = post_ln_block(pae.self_attn[r], x, key_valid=valid)
+            x = post_ln_block(pae.cross_attn[r], attended, queries=queries, key_valid=valid)
+        expected = tokens[:, 0] + x[:, 0] @ pae.head.weight.t() + pae.head.bias
+        torch.testing.assert_close(pae(tokens, valid), expected)
 
 
 # ----------------------------------------------------------------------------- switches
