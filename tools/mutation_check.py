@@ -18,7 +18,9 @@ BLOCKS, ENCODERS, LOSSES, OPTIM = (
     "rsray/losses.py",
     "rsray/optim.py",
 )
+PRIORCLIP, DOVE = "rsray/models/priorclip.py", "rsray/models/dove.py"
 BLOCK_TESTS, LOSS_TESTS = "tests/unit/test_blocks.py", "tests/unit/test_losses.py"
+PRIORCLIP_TESTS, DOVE_TESTS = "tests/unit/test_priorclip.py", "tests/unit/test_dove.py"
 
 # (file, original text, mutated text, what it breaks, the tests that must notice)
 MUTATIONS = [
@@ -95,11 +97,49 @@ MUTATIONS = [
     ),
     (
         LOSSES,
-        "image_centres, text_centres = image_centres[target], text_centres[target]",
-        "pass",
+        "return same @ embeddings / same.sum(dim=1, keepdim=True)",
+        "return embeddings",
         "per-sample affiliation centres",
         LOSS_TESTS,
     ),
+    (PRIORCLIP, "if local_centres:", "if False:", "per-worker affiliation centres", PRIORCLIP_TESTS),
+    (
+        PRIORCLIP,
+        "return F.normalize(tokens * belief.unsqueeze(-1), dim=1)",
+        "return F.normalize(tokens * belief.unsqueeze(-1), dim=-1)",
+        "open release's belief normalised over channels, not tokens",
+        PRIORCLIP_TESTS,
+    ),
+    (
+        PRIORCLIP,
+        "        return tokens[:, 0] + self.head(x[:, 0])\n\n\nclass TemporalPAE",
+        "        return x[:, 0] + self.head(x[:, 0])\n\n\nclass TemporalPAE",
+        "Spatial-PAE residual from after the rounds",
+        PRIORCLIP_TESTS,
+    ),
+    (
+        PRIORCLIP,
+        "token_map(x), key_padding_mask=padding)",
+        "token_map(x), key_padding_mask=None)",
+        "Temporal-PAE cross-attention attends to padding",
+        PRIORCLIP_TESTS,
+    ),
+    (DOVE, "h = g * a + (1 - g) * b", "h = (1 - g) * a + g * b", "DTGA gate sides swapped", DOVE_TESTS),
+    (
+        DOVE,
+        "return self.norm(regions + attended).mean(dim=1)",
+        "return self.norm(regions + attended).sum(dim=1)",
+        "IFA sums the regions",
+        DOVE_TESTS,
+    ),
+    (
+        DOVE,
+        "scale = 1.0 / math.sqrt(query.shape[-1])",
+        "scale = 1.0",
+        "IGA scores not scaled by sqrt(D)",
+        DOVE_TESTS,
+    ),
+    (DOVE, "spatial_scale=1.0, aligned=True", "spatial_scale=1.0, aligned=False", "RoI boxes not aligned", DOVE_TESTS),
     (
         LOSSES,
         "text_logits.t() if transposed_t2i else text_logits",
