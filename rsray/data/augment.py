@@ -9,6 +9,8 @@ which is faster for these operations and the only way bicubic works everywhere):
   train: Resize(train_resize, shorter side) -> RandomRotation([0, rotation]) if rotation > 0
          -> RandomCrop(crop) -> RandomHorizontalFlip if hflip -> RandAugment(num_ops, magnitude)
          if rand_augment -> float tensor in [0, 1] -> Normalize(MEANS[normalize]) (a plain torch.Tensor)
+         `rand_augment_impl: blip` uses BLIP's RandomAugment (rsray.data.blip_augment: PIR's
+         release) instead of torchvision's; its magnitude is a level of 10, not of 31 bins.
          With `random_resized_crop: [min, max]`, RandomResizedCrop(crop, scale=(min, max)) replaces
          Resize + RandomCrop (CLIP style); rotation, if any, still comes before it.
   eval:  Resize((eval_resize, eval_resize)) -> float tensor -> Normalize. No randomness.
@@ -50,6 +52,7 @@ class AugmentConfig:
     hflip: bool = False
     random_resized_crop: list[float] = field(default_factory=list)  # [min, max] scale: CLIP-style crop instead
     rand_augment: list[int] = field(default_factory=list)  # [num_ops, magnitude]; empty = off
+    rand_augment_impl: str = "torchvision"  # torchvision (RandAugment, 31 bins) | blip (PIR's, level of 10)
     eval_resize: int = 256  # evaluation: resize to this square, no crop
     normalize: str = "imagenet"  # imagenet | clip
     interpolation: str = "bilinear"  # bilinear | bicubic
@@ -68,6 +71,10 @@ class AugmentConfig:
             yield "random_resized_crop", "expected [min_scale, max_scale]"
         if self.rand_augment and len(self.rand_augment) != 2:
             yield "rand_augment", "expected [num_ops, magnitude]"
+        if self.rand_augment_impl not in ("torchvision", "blip"):
+            yield "rand_augment_impl", f"must be torchvision or blip, got {self.rand_augment_impl!r}"
+        elif self.rand_augment_impl == "blip" and len(self.rand_augment) == 2 and not 0 <= self.rand_augment[1] <= 10:
+            yield "rand_augment", f"blip's magnitude is a level in [0, 10], got {self.rand_augment[1]}"
 
 
 Transform = Callable[[Any], Any]  # PIL image or uint8 tensor [3, H, W] -> float tensor [3, H, W]
@@ -119,7 +126,12 @@ def train_transform(cfg: AugmentConfig) -> Transform:
         steps.append(v2.RandomHorizontalFlip(0.5))
     if cfg.rand_augment:
         num_ops, magnitude = (int(x) for x in cfg.rand_augment)
-        steps.append(v2.RandAugment(num_ops=num_ops, magnitude=magnitude, interpolation=mode))
+        if cfg.rand_augment_impl == "blip":
+            from rsray.data.blip_augment import BlipRandomAugment
+
+            steps.append(BlipRandomAugment(num_ops, magnitude))
+        else:
+            steps.append(v2.RandAugment(num_ops=num_ops, magnitude=magnitude, interpolation=mode))
     return v2.Compose(steps + _finish(cfg))
 
 

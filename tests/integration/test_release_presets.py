@@ -79,6 +79,7 @@ def test_priorclip_release_tiny_trains_with_every_release_switch(prepared, tmp_p
         "decay_exempt": "pir",
     }
     assert {k: model[k] for k in expected} == expected
+    assert model["augment"]["rand_augment_impl"] == "blip" and model["augment"]["rand_augment"] == [2, 7]
     # the PAE feed-forward LayerNorm the release adds is in the trained state
     # (Linear, LayerNorm, GELU, Linear): without the switch, position 1 is the GELU and has no weight
     assert any(k.endswith(".ffn.1.weight") and v.dim() == 1 for k, v in state.items())
