@@ -66,6 +66,8 @@ class DataConfig:
     # splits whose captions build the word vocabulary; [train, val, test] = the reference vocabularies
     vocab_splits: list[str] = field(default_factory=lambda: ["train"])
     vocab_min_count: int = 5
+    # a stop word in a caption: drop (the protocol's recipe) | unk (kept as <unk>: SWAN's release)
+    stopwords: str = "drop"
     tokenizer: str | None = None  # local path of a BERT-family tokenizer (nothing downloads)
 
     def check(self) -> Iterator[tuple[str, str]]:
@@ -81,6 +83,8 @@ class DataConfig:
             yield "captions_per_image", f"must be positive, got {self.captions_per_image}"
         if self.vocab_min_count < 1:
             yield "vocab_min_count", f"must be positive, got {self.vocab_min_count}"
+        if self.stopwords not in ("drop", "unk"):
+            yield "stopwords", f"must be drop or unk, got {self.stopwords!r}"
         unknown = set(self.vocab_splits) - {"train", "val", "test"}
         if unknown or not self.vocab_splits:
             yield "vocab_splits", f"must be a non-empty subset of train, val, test, got {self.vocab_splits}"

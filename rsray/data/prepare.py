@@ -205,7 +205,9 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
                 log.info("%s is up to date (same input and config); nothing to do", out.uri)
                 return PrepareResult(previous, out.uri, skipped=True, seconds=time.perf_counter() - started)
 
-            vocab = build_vocabulary(accepted, splits=tuple(data_cfg.vocab_splits), min_count=data_cfg.vocab_min_count)
+            vocab = build_vocabulary(
+                accepted, tuple(data_cfg.vocab_splits), data_cfg.vocab_min_count, data_cfg.stopwords
+            )
             log.info(
                 "read %d records (%d rejected by caption checks); vocabulary: %d entries",
                 len(records),
@@ -325,7 +327,7 @@ def prepare_in_process(cfg: Config, batch_size: int = 32) -> tuple[dict[str, pa.
     simply left out here (the Ray stage is the one that reports them)."""
     records = read_records(cfg.data)
     accepted, _ = _check_captions(records, cfg.data.captions_per_image)
-    vocab = build_vocabulary(accepted, splits=tuple(cfg.data.vocab_splits), min_count=cfg.data.vocab_min_count)
+    vocab = build_vocabulary(accepted, tuple(cfg.data.vocab_splits), cfg.data.vocab_min_count, cfg.data.stopwords)
     process = ImageBatchProcessor(
         cfg.prepare.image_size,
         cfg.prepare.image_encoding,
@@ -459,6 +461,8 @@ def _fingerprint(cfg: Config, records: list[Record], accepted: list[Record]) -> 
     digest = hashlib.sha256()
     settings = {k: v for k, v in cfg.to_dict().items() if k in ("data", "prepare")}
     settings["prepare"] = {k: v for k, v in settings["prepare"].items() if k not in ("output", "parallelism")}
+    if settings["data"].get("stopwords") == "drop":  # the recipe before the switch: earlier outputs stay current
+        del settings["data"]["stopwords"]
     digest.update(json.dumps([SCHEMA_VERSION, settings], sort_keys=True).encode())
     for r in records:
         digest.update(repr((r.image_id, r.path, r.split, r.scene, r.captions)).encode("utf-8", "surrogateescape"))

@@ -2,7 +2,10 @@
 
 The vocabulary follows the protocol's recipe (lower-case, drop punctuation and stop words, keep
 words seen `min_count` times); `encode` applies the very same steps, so a caption is always
-mapped the way the vocabulary was counted.
+mapped the way the vocabulary was counted. `stopwords` says what `encode` does with a stop word:
+`drop` it (the protocol's recipe, ours) or keep it as `<unk>` (`unk`: SWAN's release, whose
+vocabulary has no stop words but whose captions keep every word, so the last-word pooling of its
+text encoder often lands on an `<unk>`). Either way the vocabulary itself has no stop words.
 """
 
 from __future__ import annotations
@@ -64,10 +67,15 @@ def content_words(caption: str) -> list[str]:
     return [w for w in words(caption) if w not in STOP_WORDS]
 
 
+STOPWORD_RULES = ("drop", "unk")
+
+
 class Vocabulary:
     """Word -> id map: 0 = <pad>, 1 = <unk>, then words by descending count, ties alphabetical."""
 
-    def __init__(self, itos: Sequence[str], min_count: int = 5):
+    def __init__(self, itos: Sequence[str], min_count: int = 5, stopwords: str = "drop"):
+        if stopwords not in STOPWORD_RULES:
+            raise ValueError(f"stopwords must be drop or unk, got {stopwords!r}")
         if list(itos[:2]) != [PAD, UNK]:
             raise ValueError(f"a vocabulary must start with {PAD}, {UNK}; got {list(itos[:2])}")
         self.itos = list(itos)
@@ -75,16 +83,19 @@ class Vocabulary:
         if len(self.stoi) != len(self.itos):
             raise ValueError("a vocabulary must not repeat a word")
         self.min_count = min_count
+        self.stopwords = stopwords
 
     @classmethod
-    def build(cls, captions: Iterable[str], min_count: int = 5) -> Vocabulary:
+    def build(cls, captions: Iterable[str], min_count: int = 5, stopwords: str = "drop") -> Vocabulary:
         counts = Counter(w for caption in captions for w in content_words(caption))
         kept = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
-        return cls([PAD, UNK, *kept], min_count=min_count)
+        return cls([PAD, UNK, *kept], min_count=min_count, stopwords=stopwords)
 
     def encode(self, caption: str) -> list[int]:
-        """Ids of the caption's content words; words outside the vocabulary map to <unk>."""
-        return [self.stoi.get(w, UNK_ID) for w in content_words(caption)]
+        """Ids of the caption's content words (stop words too, as <unk>, under `unk`); words
+        outside the vocabulary map to <unk>."""
+        kept = words(caption) if self.stopwords == "unk" else content_words(caption)
+        return [self.stoi.get(w, UNK_ID) for w in kept]
 
     def decode(self, ids: Iterable[int]) -> list[str]:
         return [self.itos[i] for i in ids]
@@ -96,17 +107,23 @@ class Vocabulary:
         return word in self.stoi
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Vocabulary) and self.itos == other.itos and self.min_count == other.min_count
+        return isinstance(other, Vocabulary) and (self.itos, self.min_count, self.stopwords) == (
+            other.itos,
+            other.min_count,
+            other.stopwords,
+        )
 
     def __repr__(self) -> str:
-        return f"Vocabulary({len(self)} entries, min_count={self.min_count})"
+        return f"Vocabulary({len(self)} entries, min_count={self.min_count}, stopwords={self.stopwords})"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"min_count": self.min_count, "words": list(self.itos)}  # words[i] has id i, <pad> and <unk> first
+        # words[i] has id i, <pad> and <unk> first
+        return {"min_count": self.min_count, "stopwords": self.stopwords, "words": list(self.itos)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Vocabulary:
-        return cls(data["words"], min_count=int(data.get("min_count", 5)))
+        """Manifests from before `stopwords` existed dropped them."""
+        return cls(data["words"], min_count=int(data.get("min_count", 5)), stopwords=data.get("stopwords", "drop"))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False))
@@ -116,10 +133,13 @@ class Vocabulary:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-def build_vocabulary(records: Iterable[Any], splits: Sequence[str] = ("train",), min_count: int = 5) -> Vocabulary:
+def build_vocabulary(
+    records: Iterable[Any], splits: Sequence[str] = ("train",), min_count: int = 5, stopwords: str = "drop"
+) -> Vocabulary:
     """The vocabulary of the captions of `records` whose split is in `splits` (train only: no leakage)."""
     wanted = set(splits)
-    return Vocabulary.build((c for r in records if r.split in wanted for c in r.captions), min_count=min_count)
+    captions = (c for r in records if r.split in wanted for c in r.captions)
+    return Vocabulary.build(captions, min_count=min_count, stopwords=stopwords)
 
 
 def load_tokenizer(path: str | Path):

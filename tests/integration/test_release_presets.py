@@ -49,8 +49,32 @@ def frozen_bn_statistics(model_state: dict, prefix: str) -> dict[str, torch.Tens
     return stats
 
 
-def test_swan_release_tiny_trains_with_every_release_switch(prepared, tmp_path):
-    model, state = train_preset("swan-release-tiny", prepared, tmp_path)
+@pytest.fixture(scope="module")
+def prepared_keeping_stopwords(ray_cluster, tmp_path_factory) -> str:
+    """A tiny sample prepared as SWAN's release tokenizes: stop words kept as <unk>."""
+    from rsray.data.prepare import prepare, read_manifest
+    from rsray.data.synthetic import generate_sample
+
+    root = tmp_path_factory.mktemp("sample-unk")
+    generate_sample(root, n_images=60, image_size=64, seed=1, progress=False)
+    output = tmp_path_factory.mktemp("prepared-unk") / "sample"
+    overrides = [f"data.root={root}", f"prepare.output={output}", "data.stopwords=unk"]
+    prepare(load_config("presets/cpu-tiny", overrides))
+    assert read_manifest(str(output))["vocab"]["stopwords"] == "unk"
+    return str(output)
+
+
+def test_swan_release_refuses_data_prepared_with_stop_words_dropped(prepared, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    code = main(["train", "model/swan-release-tiny", f"train.data={prepared}", f"train.storage_path={runs}"])
+    assert code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "data.stopwords: is unk, but" in line and "prepared with stopwords drop" in line
+    assert not list(runs.rglob("checkpoint_*"))  # refused before any worker started
+
+
+def test_swan_release_tiny_trains_with_every_release_switch(prepared_keeping_stopwords, tmp_path):
+    model, state = train_preset("swan-release-tiny", prepared_keeping_stopwords, tmp_path)
     expected = {
         "text_pool": "last",
         "max_violation": False,

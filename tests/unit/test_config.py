@@ -79,6 +79,7 @@ def test_config_names_resolve_under_conf():
         ("prepare:\n  max_reject_fraction: -0.5\n", [], "prepare.max_reject_fraction: must be in [0, 1]"),
         ("data:\n  validation:\n    fold: 7\n", [], "data.validation.fold: must be in [0, 5)"),
         ("data:\n  format: xml\n", [], "data.format: must be karpathy"),
+        ("data:\n  stopwords: keep\n", [], "data.stopwords: must be drop or unk, got 'keep'"),
         ("colours: {}\n", [], "colours: unknown key"),
     ],
 )

@@ -56,6 +56,21 @@ def test_encode_unknown_and_stop_words():
     assert vocab.encode("the of and") == []
 
 
+def test_stop_words_kept_as_unk_is_swans_release_rule():
+    """stopwords=unk: the same vocabulary (no stop words in it), but a stop word stays in the
+    sequence as <unk>, in place; so the caption's last word can be an <unk>."""
+    dropped = Vocabulary.build(CAPTIONS, min_count=5)
+    kept = Vocabulary.build(CAPTIONS, min_count=5, stopwords="unk")
+    assert kept.itos == dropped.itos and kept != dropped
+    assert kept.encode("Two PLANES near a boat, at the airport.") == [5, 4, UNK_ID, UNK_ID, UNK_ID, UNK_ID, UNK_ID, 2]
+    assert kept.encode("planes of the") == [4, UNK_ID, UNK_ID]  # last-word pooling reads an <unk>
+    assert Vocabulary.from_dict(kept.to_dict()) == kept
+    legacy = {"min_count": 5, "words": dropped.itos}  # a manifest written before the switch
+    assert Vocabulary.from_dict(legacy) == dropped
+    with pytest.raises(ValueError, match="stopwords must be drop or unk"):
+        Vocabulary(dropped.itos, stopwords="keep")
+
+
 def test_save_load_round_trip(tmp_path):
     vocab = Vocabulary.build(CAPTIONS, min_count=2)
     vocab.save(tmp_path / "vocab.json")
