@@ -156,6 +156,9 @@ class TrainConfig:
     run_name: str = ""  # default: <model>-<dataset>-<time>
     seed: int = 0
     grad_clip: float = 2.0  # 0 = off
+    # BatchNorm layers share batch statistics across workers (torch's SyncBatchNorm, as SWAN's
+    # release does under --distributed); GPU workers only (PyTorch syncs CUDA tensors only)
+    sync_batchnorm: bool = False
     amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | off
     max_failures: int = 2  # worker-group restarts Ray Train may make, resuming from the last checkpoint
     keep_checkpoints: int = 2  # best by validation mR are kept
@@ -185,6 +188,8 @@ class TrainConfig:
             yield "cpus_per_worker", f"must be positive, got {self.cpus_per_worker}"
         if self.grad_clip < 0:
             yield "grad_clip", f"must be >= 0, got {self.grad_clip}"
+        if self.sync_batchnorm and not self.use_gpu:
+            yield "sync_batchnorm", "needs use_gpu (PyTorch's SyncBatchNorm syncs GPU tensors only)"
         if self.amp not in ("auto", "bf16", "off"):
             yield "amp", f"must be auto, bf16 or off, got {self.amp!r}"
         if self.max_failures < -1:

@@ -39,11 +39,14 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-def feed_forward(dim: int, ffn_dim: int, norm: bool = False) -> nn.Sequential:
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+
+
+def feed_forward(dim: int, ffn_dim: int, norm: bool = False, activation: str = "gelu") -> nn.Sequential:
     """Linear(D, F) -> GELU -> Linear(F, D); with `norm`, Linear -> LayerNorm(F) -> GELU -> Linear
-    (PIR's release, `pae_ffn_norm`)."""
+    (PIR's release, `pae_ffn_norm`); `activation: relu` for SWAN's paper."""
     inner = [nn.LayerNorm(ffn_dim)] if norm else []
-    return nn.Sequential(nn.Linear(dim, ffn_dim), *inner, nn.GELU(), nn.Linear(ffn_dim, dim))
+    return nn.Sequential(nn.Linear(dim, ffn_dim), *inner, ACTIVATIONS[activation](), nn.Linear(ffn_dim, dim))
 
 
 class SelfAttentionBlock(nn.Module):
@@ -54,12 +57,20 @@ class SelfAttentionBlock(nn.Module):
     Parameters: MHA 4(D^2 + D), FFN 2 D F + F + D, two LayerNorms 4 D.
     """
 
-    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float = 0.1, ffn_norm: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        ffn_dim: int,
+        dropout: float = 0.1,
+        ffn_norm: bool = False,
+        activation: str = "gelu",
+    ):
         super().__init__()
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by {heads} heads")
         self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
-        self.ffn = feed_forward(dim, ffn_dim, ffn_norm)
+        self.ffn = feed_forward(dim, ffn_dim, ffn_norm, activation)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop1, self.drop2 = nn.Dropout(dropout), nn.Dropout(dropout)
 
@@ -75,12 +86,15 @@ class WSA(nn.Module):
     W is [T, D] (T tokens). SWAN forms W^T X ([D, D] per sample) and mean-pools it over its rows
     to one D vector. Row-mean of W^T X = (row-mean of W^T) X = sum_t mean_k(W[t, k]) X[t], so we
     compute that directly (no [B, D, D] tensor; `explicit=True` forms it, for the test).
-    W starts N(0, 1), as in the release.
+    W starts N(0, 1), as in the release. The block's feed-forward uses ReLU in the paper, GELU in
+    the release (`activation`).
     """
 
-    def __init__(self, num_tokens: int, dim: int, heads: int, ffn_dim: int, dropout: float = 0.1):
+    def __init__(
+        self, num_tokens: int, dim: int, heads: int, ffn_dim: int, dropout: float = 0.1, activation: str = "gelu"
+    ):
         super().__init__()
-        self.block = SelfAttentionBlock(dim, heads, ffn_dim, dropout)
+        self.block = SelfAttentionBlock(dim, heads, ffn_dim, dropout, activation=activation)
         self.token_weight = nn.Parameter(torch.randn(num_tokens, dim))
 
     def forward(self, x: torch.Tensor, explicit: bool = False) -> torch.Tensor:

@@ -14,7 +14,9 @@ are `conf/model/swan-release.yaml` (facts and where they were read: docs/release
   it) | gsa_floor_divide true (a bug: zero gradient to the gate, query and key weights) |
   triplet_negatives off_diagonal (same-image captions count as negatives) | frozen_bn train |
   word_init normal | decay_epoch_offset 1 (lr decays at epochs 19, 39) | train.grad_clip 0 (never
-  clips). The WSA feed-forward is GELU in the release and in rsray (the paper says ReLU).
+  clips) | wsa_activation gelu (the paper's WSA feed-forward is ReLU) | data.stopwords unk (stop
+  words stay in captions as <unk>) | train.num_workers 1 (its README trains on one GPU; with more,
+  train.sync_batchnorm is its --distributed).
 
 Spatial sizes scale with the input: at 256 px the stem map is 64x64, layer2/3/4 are 32/16/8. SFGS
 pools each branch to `grid` x `grid` (16 in the paper); VMSF brings layer2 and layer4 to
@@ -62,6 +64,7 @@ class SwanConfig(OptimiserConfig):
     wsa_heads: int = 8
     wsa_ffn: int = 1024
     wsa_dropout: float = 0.1  # attention weights and residual branches
+    wsa_activation: str = "gelu"  # WSA feed-forward: relu (paper) | gelu (release; configs from before the switch)
     # VMSF
     vmsf_hidden: int = 1024  # MLP embed_dim -> vmsf_hidden -> embed_dim
     vmsf_dropout: float = 0.2
@@ -97,6 +100,8 @@ class SwanConfig(OptimiserConfig):
             yield "text_pool", f"must be mean or last, got {self.text_pool!r}"
         if self.word_init not in ("uniform", "normal"):
             yield "word_init", f"must be uniform or normal, got {self.word_init!r}"
+        if self.wsa_activation not in ("relu", "gelu"):
+            yield "wsa_activation", f"must be relu or gelu, got {self.wsa_activation!r}"
         if self.frozen_bn not in ("eval", "train"):
             yield "frozen_bn", f"must be eval or train, got {self.frozen_bn!r}"
         if self.triplet_negatives not in ("other_images", "off_diagonal"):
@@ -145,6 +150,7 @@ class SFGS(nn.Module):
         ffn_dim: int = 1024,
         dropout: float = 0.1,
         attn_dropout: float = 0.1,
+        activation: str = "gelu",
     ):
         super().__init__()
         self.reduce = conv_bn_relu(in_channels, reduce)
@@ -155,7 +161,7 @@ class SFGS(nn.Module):
             ]
         )
         self.project = nn.Sequential(nn.Linear(grid * grid, dim), nn.ReLU(inplace=True), nn.Dropout(dropout))
-        self.wsa = WSA(sum(branches), dim, heads, ffn_dim, attn_dropout)
+        self.wsa = WSA(sum(branches), dim, heads, ffn_dim, attn_dropout, activation)
 
     def forward(self, stem: torch.Tensor) -> torch.Tensor:
         x = self.reduce(stem)
@@ -224,6 +230,7 @@ class SwanVisualEncoder(nn.Module):
         vmsf_dropout: float = 0.2,
         fine_grained: bool = True,
         frozen_bn: str = "eval",
+        wsa_activation: str = "gelu",
     ):
         super().__init__()
         self.backbone = TimmBackbone(
@@ -237,7 +244,17 @@ class SwanVisualEncoder(nn.Module):
         stem, c2, c3, c4 = self.backbone.channels
         self.sfgs = (
             SFGS(
-                stem, dim, grid, sfgs_reduce, sfgs_branches, sfgs_kernels, wsa_heads, wsa_ffn, sfgs_dropout, wsa_dropout
+                stem,
+                dim,
+                grid,
+                sfgs_reduce,
+                sfgs_branches,
+                sfgs_kernels,
+                wsa_heads,
+                wsa_ffn,
+                sfgs_dropout,
+                wsa_dropout,
+                wsa_activation,
             )
             if fine_grained
             else None
@@ -263,6 +280,7 @@ class SwanVisualEncoder(nn.Module):
             cfg.vmsf_dropout,
             fine_grained,
             getattr(cfg, "frozen_bn", "eval"),
+            getattr(cfg, "wsa_activation", "gelu"),
         )
 
     def forward(self, images: torch.Tensor) -> SwanVisual:

@@ -252,6 +252,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
         model.load_state_dict(saved["model"])
         start_epoch, history = int(saved["epoch"]) + 1, list(saved["history"])
 
+    if tc.sync_batchnorm and context.get_world_size() > 1:
+        model = with_sync_batchnorm(model)
     distributed = _Distributed(ray.train.torch.prepare_model(_LossForward(model)))
     optimizer, scheduler = make_optimizer(model, model_cfg, total_steps=tc.epochs * _steps_per_epoch(manifest, tc))
     per_batch_schedule = steps_per_batch(model_cfg)
@@ -442,6 +444,12 @@ def preflight(cfg: Config) -> Config:
         check_resume(cfg, point)
     _wait_for_resources(cfg)
     return cfg
+
+
+def with_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with every BatchNorm a SyncBatchNorm (`train.sync_batchnorm`): same parameters,
+    buffers, state-dict keys and train/eval modes, so checkpoints load either way."""
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def _check_caption_rule(cfg: Config) -> None:

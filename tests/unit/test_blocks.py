@@ -115,11 +115,13 @@ def test_wsa_pools_the_row_mean_of_w_transposed_x():
         torch.testing.assert_close(wsa(x, explicit=True), expected)
 
 
-@pytest.mark.parametrize("ffn_norm", [False, True])
-def test_self_attention_block_is_post_ln_with_gelu_feed_forward(ffn_norm):
-    """x = LN(x + MHA(x)); x = LN(x + W2 GELU(W1 x)), or W2 GELU(LN(W1 x)) with PIR's inner LayerNorm."""
+@pytest.mark.parametrize("ffn_norm, activation", [(False, "gelu"), (True, "gelu"), (False, "relu")])
+def test_self_attention_block_is_post_ln_with_its_feed_forward(ffn_norm, activation):
+    """x = LN(x + MHA(x)); x = LN(x + W2 GELU(W1 x)), or W2 GELU(LN(W1 x)) with PIR's inner
+    LayerNorm, or ReLU for SWAN's paper WSA."""
     torch.manual_seed(3)
-    block = SelfAttentionBlock(4, heads=2, ffn_dim=8, dropout=0.0, ffn_norm=ffn_norm).eval()
+    block = SelfAttentionBlock(4, heads=2, ffn_dim=8, dropout=0.0, ffn_norm=ffn_norm, activation=activation)
+    block.eval()
     x = torch.randn(2, 3, 4)
     with torch.no_grad():
         attended, _ = block.attn(x, x, x, need_weights=False)
@@ -129,7 +131,8 @@ def test_self_attention_block_is_post_ln_with_gelu_feed_forward(ffn_norm):
             inner = block.ffn[1]
             assert isinstance(inner, nn.LayerNorm) and inner.normalized_shape == (8,)
             first = nn.functional.layer_norm(first, (8,), inner.weight, inner.bias, inner.eps)
-        ffn = block.ffn[-1](nn.functional.gelu(first))
+        act = nn.functional.gelu if activation == "gelu" else nn.functional.relu
+        ffn = block.ffn[-1](act(first))
         expected = nn.functional.layer_norm(h + ffn, (4,), block.norm2.weight, block.norm2.bias, block.norm2.eps)
         torch.testing.assert_close(block(x), expected)
 

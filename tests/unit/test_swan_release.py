@@ -91,3 +91,10 @@ def test_word_init_normal_is_torchs_default_and_uniform_vse_s():
     uniform = WordEmbedding(2000, 50, "uniform").weight[1:].detach()
     assert float(normal.std()) == pytest.approx(1.0, abs=0.02) and float(normal.mean()) == pytest.approx(0.0, abs=0.02)
     assert float(uniform.abs().max()) <= 0.1 and float(uniform.std()) == pytest.approx(0.1 / 3**0.5, rel=0.05)
+
+
+def test_wsa_activation_is_relu_in_the_paper_config_and_gelu_in_the_release():
+    for name, expected in (("swan-tiny", torch.nn.ReLU), ("swan-release-tiny", torch.nn.GELU)):
+        torch.manual_seed(0)
+        model = build_model(load_config(f"model/{name}"), vocab_size=30)
+        assert isinstance(model.visual.sfgs.wsa.block.ffn[1], expected), name

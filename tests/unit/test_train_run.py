@@ -20,6 +20,7 @@ from rsray.train.run import (
     cache_train_split,
     default_run_name,
     epoch_line,
+    with_sync_batchnorm,
 )
 
 
@@ -116,3 +117,29 @@ def test_an_epoch_line_names_losses_speed_data_wait_and_validation():
     assert "(25% of it waiting for data)" in line
     assert "val mR 23.46 (i2t R@1 8.0, t2i R@1 7.2)" in line
     assert epoch_line({**metrics, "epoch": 0}).startswith("epoch 0: ")
+
+
+def test_sync_batchnorm_keeps_weights_modes_and_checkpoint_keys():
+    """SWAN's release converts BatchNorm to SyncBatchNorm under DDP: the converted model has the
+    same state dict, computes the same numbers in one process, and its frozen backbone stays in
+    eval mode through model.train()."""
+    from rsray.models import build_model
+
+    cfg = load_config("model/swan-tiny", ["model.freeze_backbone=true", "model.allow_random_frozen_backbone=true"])
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab_size=30).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model.encode_images({"images": images})
+    converted = with_sync_batchnorm(model)
+    norms = [m for m in converted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
+    assert converted.state_dict().keys() == before.keys()
+    assert all(torch.equal(converted.state_dict()[k], v) for k, v in before.items())
+    with torch.no_grad():
+        torch.testing.assert_close(converted.eval().encode_images({"images": images}), expected)
+    converted.train()
+    assert all(not m.training for m in converted.visual.backbone.body.modules())  # frozen: eval mode kept
+    with pytest.raises(ConfigError, match="train.sync_batchnorm: needs use_gpu"):
+        load_config("model/swan-tiny", ["train.sync_batchnorm=true"])
