@@ -232,8 +232,15 @@ def test_evaluation_metrics_from_blocked_scores():
     with torch.no_grad():
         images, texts = encode(model, batch)
         scores = score_matrix(model, images, texts, block=4)
+        full = model.score(images, texts)
     metrics = retrieval_metrics(scores, torch.arange(6))
-    assert 0 <= metrics["mR"] <= 100 and metrics["i2t_R10"] == 100.0  # 6 candidates: all within 10
+    # one caption per image: R@1 is the share of rows (columns) whose best score is the diagonal
+    own = torch.arange(6)
+    i2t_r1 = 100 * (full.argmax(dim=1) == own).float().mean().item()
+    t2i_r1 = 100 * (full.argmax(dim=0) == own).float().mean().item()
+    assert (metrics["i2t_R1"], metrics["t2i_R1"]) == (pytest.approx(i2t_r1), pytest.approx(t2i_r1))
+    assert metrics == retrieval_metrics(full, own)  # blocked or whole, the same numbers
+    assert metrics["i2t_R10"] == 100.0  # 6 candidates: all within 10
 
 
 # ----------------------------------------------------------------------------- config
