@@ -58,6 +58,8 @@ class OptimiserConfig:
             yield "schedule", f"must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
         if self.warmup_steps < 0:
             yield "warmup_steps", f"must not be negative, got {self.warmup_steps}"
+        if self.warmup_steps and self.schedule == "step":
+            yield "warmup_steps", "applies to linear_warmup and cosine_warmup, not to schedule step"
         if not 0.0 <= self.warmup < 1.0:
             yield "warmup", f"must be a fraction in [0, 1), got {self.warmup}"
         if not 0.0 < self.lr_decay <= 1.0:
@@ -87,8 +89,9 @@ def make_optimizer(
 ) -> tuple[torch.optim.Optimizer, Any]:
     """The config's optimizer over the model's trainable parameters, and its learning-rate schedule.
 
-    `step` returns a StepLR the caller steps once per epoch; `linear_warmup` needs the run's
-    `total_steps` and is stepped after every optimizer step (see `steps_per_batch`)."""
+    `step` returns a StepLR (or the release-phase LambdaLR) the caller steps once per epoch;
+    `linear_warmup` and `cosine_warmup` need the run's `total_steps` and are stepped after every
+    optimizer step (see `steps_per_batch`)."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     optimizer_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[model_cfg.optimizer]
     if model_cfg.optimizer == "adamw" and model_cfg.decay_exempt != "none":

@@ -31,6 +31,21 @@ def load_checkpoint(uri: str, s3_endpoint: str | None = None):
     return model.eval(), cfg, state
 
 
+def check_same_tokens(cfg, data: str) -> None:
+    """Other prepared data must map words to ids as the checkpoint's did: the same word vocabulary
+    and the same stop-word rule (`data.stopwords`), or its captions would read as other words."""
+    trained = read_manifest(cfg.train.data, cfg.prepare.s3_endpoint)["vocab"]
+    other = read_manifest(data, cfg.prepare.s3_endpoint)["vocab"]
+    rule = (other.get("stopwords", "drop"), trained.get("stopwords", "drop"))
+    if rule[0] != rule[1]:
+        raise ValueError(f"{data}: prepared with data.stopwords={rule[0]}, the checkpoint trained on {rule[1]}")
+    if other["words"] != trained["words"]:
+        raise ValueError(
+            f"{data}: its word vocabulary ({len(other['words'])} entries) is not the one the checkpoint "
+            f"trained with ({cfg.train.data}, {len(trained['words'])} entries)"
+        )
+
+
 @torch.no_grad()
 def evaluate_checkpoint(
     uri: str, split: str = "test", data: str | None = None, smr: SMRConfig | None = None, device: str = "cpu"
@@ -40,6 +55,8 @@ def evaluate_checkpoint(
     model, cfg, state = load_checkpoint(uri)
     model.to(device)
     data = data or cfg.train.data
+    if data != cfg.train.data:
+        check_same_tokens(cfg, data)
     table = read_split(data, split, cfg.prepare.s3_endpoint)
     scored = score_split(model, table, model_config(cfg).augment, device)
     smr = smr or SMRConfig()

@@ -5,9 +5,13 @@ Text: CLIP's causal text transformer pooled at the last attended token (see `Cli
 text projection -> L2 norm; or, with `text_checkpoint`, a BERT-family encoder from a local folder
 (mean-pooled or CLS) projected to the embedding size: that is how real pretrained text weights
 (all-MiniLM-L6-v2, `rsray.pretrained`) enter on machines that cannot download.
-Score: cosine. Loss: symmetric InfoNCE with a learnable temperature; every in-batch caption of the
-same image is a positive; embeddings are gathered across Ray Train workers first, so each query
-sees every worker's batch as negatives (`gather_across_workers`).
+Score: cosine. Loss: symmetric InfoNCE with a learnable temperature that starts at the checkpoint's
+learned logit scale (`temperature: null`; a number overrides it); every in-batch caption of the
+same image is a positive (open_clip: only the row's own caption). With `gather_across_workers`
+each worker scores its own rows against every worker's (open_clip's local loss: the same
+gradients as the whole matrix), so each query sees every worker's batch as negatives. AdamW skips
+weight decay on biases, norms and the logit scale (open_clip's rule, `decay_exempt`). Unlike
+open_clip's default, `train.grad_clip` clips at 2.0 unless set to 0 (docs/fidelity.md).
 
 Weights come from a local CLIPModel folder (`checkpoint`, from_pretrained, nothing downloads) or
 are initialised from a CLIPConfig written in the model config (`clip`), as the tiny preset does.

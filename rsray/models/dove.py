@@ -25,7 +25,9 @@ augmentation, tested end to end.
 
 Scoring cost: the caption side of IGA (the keys and the text head's first Linear over each word)
 does not depend on the image, so `encode_texts` computes it once per caption and `score` only
-mixes it per pair: evaluation in image blocks never recomputes a caption's projections.
+mixes it per pair: evaluation in image blocks never recomputes a caption's projections. The
+price is memory: L x (D + H) floats per caption of the gallery (30 words at D 512, H 1024: 184 KB),
+the word features themselves are not kept.
 """
 
 from __future__ import annotations
@@ -119,7 +121,9 @@ class DoveImageFeatures(NamedTuple):
 
 
 class DoveTextFeatures(NamedTuple):
-    words: torch.Tensor  # DTGA word features [M, L, D], zero at padding
+    """What scoring needs of a caption, the image-independent part of IGA computed once (the word
+    features themselves are not kept: `word_features` gives them)."""
+
     valid: torch.Tensor  # [M, L] bool, True at real words
     sentence: torch.Tensor  # t_g [M, D], L2-normalised mean of the word features
     keys: torch.Tensor  # IGA keys of the words [M, L, D] (image-independent, computed once)
@@ -268,14 +272,18 @@ class DOVE(RetrievalModel):
     def encode_images(self, batch: Batch) -> DoveImageFeatures:
         return self.image_parts(batch)[0]
 
-    def encode_texts(self, batch: Batch) -> DoveTextFeatures:
+    def word_features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(DTGA word features [M, L, D], zero at padding; valid [M, L])."""
         tokens, lengths = batch["tokens"], batch["lengths"]
         valid = length_mask(lengths.to(tokens.device), tokens.shape[1])
         forward, backward = self.gru(self.word_dropout(self.embed(tokens)), lengths)
-        words = self.dtga(forward, backward, valid)
+        return self.dtga(forward, backward, valid), valid
+
+    def encode_texts(self, batch: Batch) -> DoveTextFeatures:
+        words, valid = self.word_features(batch)
         sentence = F.normalize(masked_mean(words, valid), dim=-1)
         # the head's first Linear per word: exact, see Head
-        return DoveTextFeatures(words, valid, sentence, self.iga_key(words), self.text_head.first(words))
+        return DoveTextFeatures(valid, sentence, self.iga_key(words), self.text_head.first(words))
 
     # --- pairwise score
 

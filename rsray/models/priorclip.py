@@ -16,6 +16,15 @@ Loss: multi-positive symmetric InfoNCE (learnable temperature) + lambda_cs * aff
   workers (`gather_across_workers`: contrastive losses want every worker's negatives; the
   triplet models stay per-worker).
 
+PIR's release (jaychempan/PIR; `conf/model/priorclip-release.yaml`, docs/fidelity.md) differs in:
+hard belief (`belief`), a LayerNorm inside every PAE feed-forward (`pae_ffn_norm`), per-sample
+affiliation centres computed per GPU with a transposed text->image term (`affiliation_centres`,
+`affiliation_local_centres`, `affiliation_t2i_transposed`), the frozen prior's BatchNorm in train
+mode (`instruction_bn`), narrower AdamW decay exemptions (`decay_exempt: pir`), BLIP's
+RandomAugment (`augment.rand_augment_impl`) and no gradient clipping (`train.grad_clip: 0`). Not
+reproduced: BERT without an attention mask, temperatures as unclamped, weight-decayed divisors
+(ours: clamped log-scales), checkpoint selection on the test split.
+
 The instruction encoder's weights come from a scene-prior checkpoint folder
 (`instruction_checkpoint`, loaded with weights_only=True), or are trained first by the same
 command when it says `train` (see `rsray train --help`); null leaves a random frozen CNN, which is

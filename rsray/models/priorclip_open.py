@@ -133,7 +133,8 @@ def stage_one(config: PriorClipOpenConfig, vocab_size: int | None) -> Clip:
 
 @register_model("priorclip_open", PriorClipOpenConfig)
 class PriorCLIPOpen(FrozenParts, RetrievalModel):
-    """Stage 2: CLIP's vision transformer under a frozen scene prior; stage 1's text tower frozen."""
+    """Stage 2: CLIP's vision transformer under a frozen scene prior; stage 1's text tower frozen
+    (trained with `freeze_text: false`)."""
 
     two_tower = True
 

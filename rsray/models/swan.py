@@ -16,7 +16,9 @@ are `conf/model/swan-release.yaml` (facts and where they were read: docs/release
   word_init normal | decay_epoch_offset 1 (lr decays at epochs 19, 39) | train.grad_clip 0 (never
   clips) | wsa_activation gelu (the paper's WSA feed-forward is ReLU) | data.stopwords unk (stop
   words stay in captions as <unk>) | train.num_workers 1 (its README trains on one GPU; with more,
-  train.sync_batchnorm is its --distributed).
+  train.sync_batchnorm is its --distributed). Not reproduced: its rotation's nearest-neighbour
+  interpolation (rsray's is bilinear) and its GloVe lookup fallback for missing words (stripping
+  `-`, `.`, `'`; the part before `/`). docs/fidelity.md has the table.
 
 Spatial sizes scale with the input: at 256 px the stem map is 64x64, layer2/3/4 are 32/16/8. SFGS
 pools each branch to `grid` x `grid` (16 in the paper); VMSF brings layer2 and layer4 to
@@ -45,7 +47,9 @@ from rsray.optim import OptimiserConfig
 
 @dataclass
 class SwanConfig(OptimiserConfig):
-    """Every SWAN hyper-parameter; defaults are the paper's (Adam, lr 2e-4 x0.7 every 20 epochs)."""
+    """Every SWAN hyper-parameter; defaults are the paper's (Adam, lr 2e-4 x0.7 every 20 epochs),
+    except `wsa_activation`: gelu, what configs written before the switch trained with (swan.yaml
+    sets the paper's relu)."""
 
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # resize 278, rotate 0-90, crop 256; eval 256
     embed_dim: int = 512

@@ -434,8 +434,9 @@ def preflight(cfg: Config) -> Config:
 
     model_config(cfg)
     verify_prepared(cfg.train.data, cfg.prepare.s3_endpoint, tuple(cfg.train.verify_checksums))
-    _check_caption_rule(cfg)
+    stopwords = _check_caption_rule(cfg)
     cfg = _absolute_paths(copy.deepcopy(cfg))
+    cfg.data.stopwords = stopwords  # the checkpoint's config says how its captions were tokenized
     _fill_model_from_data(cfg)
     if not cfg.train.run_name:
         cfg.train.run_name = default_run_name(cfg)
@@ -452,20 +453,20 @@ def with_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
-def _check_caption_rule(cfg: Config) -> None:
-    """A config that names `data.stopwords` (a release preset does) must train on data prepared
-    that way: the shards hold the token ids, so a mismatch would silently train the other recipe."""
+def _check_caption_rule(cfg: Config) -> str:
+    """The stop-word rule `train.data` was prepared with. A config that names `data.stopwords` (a
+    release preset does) must train on data prepared that way: the shards hold the token ids, so
+    a mismatch would silently train the other recipe."""
     from rsray.data.prepare import read_manifest
 
-    if cfg.source_of("data.stopwords") == "defaults":
-        return  # nothing asked: train on the data as prepared
     prepared = read_manifest(cfg.train.data, cfg.prepare.s3_endpoint)["vocab"].get("stopwords", "drop")
-    if prepared != cfg.data.stopwords:
+    if cfg.source_of("data.stopwords") != "defaults" and prepared != cfg.data.stopwords:
         raise cfg.error(
             "data.stopwords",
             f"is {cfg.data.stopwords}, but {cfg.train.data} was prepared with stopwords {prepared}: "
             f"prepare it again with data.stopwords={cfg.data.stopwords}",
         )
+    return prepared
 
 
 WORKER_GROUP_START_RETRIES = 2  # Ray Train's default retries a worker group that cannot start forever

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 
 
 def train_preset(name: str, prepared: str, storage: Path) -> tuple[dict, dict]:
-    """`rsray train model/<name>` on 2 workers; (the best checkpoint's saved config, its state)."""
+    """`rsray train model/<name>` on 2 workers; (the last checkpoint's saved config, its state)."""
     code = main(
         [
             "train",
@@ -40,7 +40,7 @@ def train_preset(name: str, prepared: str, storage: Path) -> tuple[dict, dict]:
     state = torch.load(checkpoints[-1] / STATE_FILE, weights_only=True)
     saved = load_config(checkpoints[-1] / CONFIG_FILE)
     assert all(math.isfinite(v) for k, v in state["metrics"].items() if k.startswith(("train/", "val/")))
-    return saved.model, state["model"]
+    return saved.model, state
 
 
 def frozen_bn_statistics(model_state: dict, prefix: str) -> dict[str, torch.Tensor]:
@@ -74,7 +74,8 @@ def test_swan_release_refuses_data_prepared_with_stop_words_dropped(prepared, tm
 
 
 def test_swan_release_tiny_trains_with_every_release_switch(prepared_keeping_stopwords, tmp_path):
-    model, state = train_preset("swan-release-tiny", prepared_keeping_stopwords, tmp_path)
+    model, saved = train_preset("swan-release-tiny", prepared_keeping_stopwords, tmp_path)
+    state = saved["model"]
     expected = {
         "text_pool": "last",
         "max_violation": False,
@@ -84,6 +85,7 @@ def test_swan_release_tiny_trains_with_every_release_switch(prepared_keeping_sto
         "frozen_bn": "train",
         "word_init": "normal",
         "decay_epoch_offset": 1,
+        "wsa_activation": "gelu",
         "freeze_backbone": True,
     }
     assert {k: model[k] for k in expected} == expected
@@ -93,12 +95,14 @@ def test_swan_release_tiny_trains_with_every_release_switch(prepared_keeping_sto
 
 
 def test_priorclip_release_tiny_trains_with_every_release_switch(prepared, tmp_path):
-    model, state = train_preset("priorclip-release-tiny", prepared, tmp_path)
+    model, saved = train_preset("priorclip-release-tiny", prepared, tmp_path)
+    state = saved["model"]
     expected = {
         "belief": "hard",
         "pae_ffn_norm": True,
         "affiliation_centres": "sample",
         "affiliation_t2i_transposed": True,
+        "affiliation_local_centres": True,
         "instruction_bn": "train",
         "decay_exempt": "pir",
     }
@@ -109,3 +113,24 @@ def test_priorclip_release_tiny_trains_with_every_release_switch(prepared, tmp_p
     assert any(k.endswith(".ffn.1.weight") and v.dim() == 1 for k, v in state.items())
     stats = frozen_bn_statistics(state, "instruction.backbone.")
     assert all(v.abs().max() > 0 for v in stats.values())
+
+
+def test_priorclip_open_release_tiny_trains_with_every_release_switch(prepared, tmp_path):
+    model, saved = train_preset("priorclip_open-release-tiny", prepared, tmp_path)
+    expected = {
+        "belief": "token_norm",
+        "freeze_text": False,
+        "shared_logit_scale": True,
+        "affiliation_centres": "sample",
+        "affiliation_local_centres": True,
+        "contrastive_positives": "pair",
+        "weight_decay": 0.5,
+        "betas": [0.9, 0.999],
+        "schedule": "cosine_warmup",
+    }
+    assert {k: model[k] for k in expected} == expected
+    assert not any(k.startswith("affiliation_scale.") for k in saved["model"])  # CLIP's scale only
+    # 480 pairs / 2 workers / 16 = 15 steps an epoch; 10 warm-up steps, then a cosine to 0 at step 30:
+    # the lr logged as epoch 1 starts (step 15) is lr * (1 + cos(pi * 5 / 20)) / 2
+    lrs = [m["lr"] for m in saved["history"]]
+    assert lrs[0] == 0 and lrs[1] == pytest.approx(1e-3 * (1 + math.cos(math.pi * 5 / 20)) / 2)

@@ -50,3 +50,26 @@ def test_a_checkpoint_loads_without_its_pretrained_backbone_and_word_vectors(tmp
 def test_a_folder_without_state_is_refused_by_name(tmp_path):
     with pytest.raises(FileNotFoundError, match="state.pt: not found .* an rsray checkpoint folder"):
         load_checkpoint(str(tmp_path))
+
+
+def test_other_data_must_tokenize_as_the_checkpoints_did(tmp_path):
+    """`rsray evaluate --data`: the same word vocabulary and stop-word rule, or a one-line refusal."""
+    import json
+
+    from rsray.config import load_config
+    from rsray.eval.checkpoint import check_same_tokens
+
+    def prepared(name: str, words: list[str], stopwords: str | None) -> str:
+        folder = tmp_path / name
+        folder.mkdir()
+        vocab = {"min_count": 5, "words": words, **({"stopwords": stopwords} if stopwords else {})}
+        (folder / "manifest.json").write_text(json.dumps({"vocab": vocab}))
+        return str(folder)
+
+    words = ["<pad>", "<unk>", "airport", "plane"]
+    cfg = load_config("model/swan-tiny", [f"train.data={prepared('trained', words, None)}"])
+    check_same_tokens(cfg, prepared("same", words, "drop"))  # an old manifest dropped stop words too
+    with pytest.raises(ValueError, match=r"unk: prepared with data.stopwords=unk, the checkpoint trained on drop"):
+        check_same_tokens(cfg, prepared("unk", words, "unk"))
+    with pytest.raises(ValueError, match=r"its word vocabulary \(3 entries\) is not the one the checkpoint trained"):
+        check_same_tokens(cfg, prepared("other", words[:3], "drop"))

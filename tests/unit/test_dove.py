@@ -175,9 +175,10 @@ def test_pairwise_score_is_the_iga_formula_pair_by_pair():
     with torch.no_grad():
         images, texts = encode(model, batch)
         scores = model.score(images, texts)
+        all_words, valid = model.word_features(batch)
         for i in range(6):
             for j in range(6):
-                words = texts.words[j][texts.valid[j]]  # [L_j, D]
+                words = all_words[j][valid[j]]  # [L_j, D]
                 attention = torch.softmax(model.iga_key(words) @ images.query[i] / 32**0.5, dim=0)
                 caption = torch.nn.functional.normalize(model.text_head(attention @ words), dim=-1)
                 torch.testing.assert_close(scores[i, j], images.embedding[i] @ caption, msg=f"pair {i}, {j}")
@@ -215,7 +216,7 @@ def test_blocked_score_equals_unblocked():
             assert torch.allclose(score_matrix(model, images, texts, block=block), full, atol=1e-6)
         # captions encoded in two batches with different padding, concatenated as evaluation does
         parts = [model.encode_texts(rows(batch, slice(0, 1))), model.encode_texts(rows(batch, slice(1, 7)))]
-        assert parts[0].words.shape[1] != parts[1].words.shape[1]
+        assert parts[0].keys.shape[1] != parts[1].keys.shape[1]
         joined = concat_rows(parts)
         assert isinstance(joined, DoveTextFeatures) and isinstance(take_rows(images, 0, 2), DoveImageFeatures)
         assert torch.allclose(score_matrix(model, images, joined, block=2), full, atol=1e-5)

@@ -355,10 +355,18 @@ def _gather_worker(rank: int, port: int, images, texts, batch, out) -> None:
         local_centres = contrastive_and_affiliation(
             images[rows], texts[rows], local, 14.0, 10.0, True, 1.0, centres="sample", local_centres=True
         )
+        grads = {}
+        for name, switches in (("class", {}), ("local", {"centres": "sample", "local_centres": True})):
+            leaf_images, leaf_texts = images[rows].clone().requires_grad_(), texts[rows].clone().requires_grad_()
+            contrastive_and_affiliation(leaf_images, leaf_texts, local, 14.0, 10.0, True, 1.0, **switches)[
+                "total"
+            ].backward()
+            grads[name] = (leaf_images.grad, leaf_texts.grad)
         out[rank] = (
             {k: float(v) for k, v in gathered.items()},
             {k: float(v) for k, v in alone.items()},
             float(local_centres["affiliation"]),
+            grads,
         )
     finally:
         dist.destroy_process_group()
@@ -382,11 +390,30 @@ def test_gathered_loss_on_two_workers_is_the_loss_of_the_whole_batch():
     per_worker = affiliation_loss(images, texts, batch["scene_ids"], 10.0, "sample", given_centres=given)
     across = affiliation_loss(images, texts, batch["scene_ids"], 10.0, "sample")
     assert float(per_worker) != pytest.approx(float(across), rel=1e-3)  # scene 0 spans both workers
+    # gradients: every worker's rows get W x the whole batch's (DDP's average divides W out), for
+    # InfoNCE's local rows and the affiliation term alike, with class or per-worker centres
+    whole_grads = {}
+    for name in ("class", "local"):
+        leaf_images, leaf_texts = images.clone().requires_grad_(), texts.clone().requires_grad_()
+        contrastive = info_nce_loss(leaf_images @ leaf_texts.t(), 14.0, batch["image_ids"])
+        if name == "class":
+            affiliation = affiliation_loss(leaf_images, leaf_texts, batch["scene_ids"], 10.0)
+        else:
+            centres = tuple(
+                torch.cat([row_centres(x[h], batch["scene_ids"][h]) for h in halves]) for x in (leaf_images, leaf_texts)
+            )
+            affiliation = affiliation_loss(leaf_images, leaf_texts, batch["scene_ids"], 10.0, "sample", False, centres)
+        (contrastive + affiliation).backward()
+        whole_grads[name] = (leaf_images.grad, leaf_texts.grad)
     for rank in range(WORLD):
-        gathered, alone, local_centres = out[rank]
+        gathered, alone, local_centres, grads = out[rank]
         assert gathered["affiliation"] == pytest.approx(float(whole["affiliation"]), rel=1e-5)  # over all rows
         assert alone["info_nce"] != pytest.approx(gathered["info_nce"], rel=1e-3)  # the switch matters
         assert local_centres == pytest.approx(float(per_worker), rel=1e-5)
+        rows = slice(rank * LOCAL, (rank + 1) * LOCAL)
+        for name in ("class", "local"):
+            for worker, single in zip(grads[name], whole_grads[name], strict=True):
+                torch.testing.assert_close(worker, WORLD * single[rows], msg=f"{name} centres, rank {rank}")
 
 
 # ----------------------------------------------------------------------------- optimizer and schedule

@@ -1,7 +1,7 @@
 """Attention blocks written out by hand, for the formula tests of DOVE's and PriorCLIP's blocks:
 nn.MultiheadAttention as per-head softmax(Q K^T / sqrt(d)) V, LayerNorm as its formula, and the
 post-LN block x = LN(x + MHA(q, x, x)); x = LN(x + FFN(x)) whose FFN is Linear -> [LayerNorm] ->
-GELU -> Linear. Not rsray's code: a second writing of the same formulas to compare against."""
+GELU (or ReLU) -> Linear. Not rsray's code: a second writing of the same formulas to compare against."""
 
 from __future__ import annotations
 
@@ -45,5 +45,6 @@ def post_ln_block(
     inner = h @ first.weight.t() + first.bias
     if isinstance(block.ffn[1], nn.LayerNorm):  # PIR's release: Linear -> LayerNorm -> GELU -> Linear
         inner = layer_norm(inner, block.ffn[1])
-    ffn = nn.functional.gelu(inner) @ last.weight.t() + last.bias
+    activation = nn.functional.relu if isinstance(block.ffn[-2], nn.ReLU) else nn.functional.gelu
+    ffn = activation(inner) @ last.weight.t() + last.bias
     return layer_norm(h + ffn, block.norm2)
