@@ -32,11 +32,23 @@ from tests.conftest import MlflowServer
 pytestmark = pytest.mark.integration
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """A test suite started in the background (`make test &`) inherits SIGINT ignored, and Python
+    then never turns a Ctrl-C into KeyboardInterrupt: give the child what a terminal gives it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def rsray_process(args: list[str], ray_cluster, log: Path, **env: str) -> subprocess.Popen:
     """`python -m pipelines.<stage> ...` joined to the tests' Ray, output to `log`."""
     environment = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, **env}
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", *args], env=environment, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", *args],
+            env=environment,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_sigint_as_in_a_terminal,
+        )
 
 
 def wait_for_epoch_0(uri: str, experiment: str, proc: subprocess.Popen, log: Path):
