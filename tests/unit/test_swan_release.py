@@ -55,11 +55,22 @@ def test_the_release_preset_sets_each_documented_difference():
 
 
 def test_the_release_preset_trains_a_step_at_test_size():
+    """Its loss is the summed triplet over every off-diagonal pair; its floor-divided GSA scores
+    leave the gate, query and key weights without gradient while the values learn."""
+    from rsray.models.blocks import GatedSelfAttention
+
     torch.manual_seed(0)
-    model = build_model(tiny_release(), vocab_size=40).train()
-    loss = model.loss(random_batch())["total"]
-    loss.backward()
-    assert loss.item() > 0
+    model = build_model(tiny_release(), vocab_size=40)
+    batch = random_batch()
+    with torch.no_grad():
+        model.eval()
+        scores = model.score(model.encode_images(batch), model.encode_texts(batch))
+        torch.testing.assert_close(model.loss(batch)["total"], triplet_loss(scores, None, 0.2, False))
+    model.train().loss(batch)["total"].backward()
+    (gsa,) = [m for m in model.modules() if isinstance(m, GatedSelfAttention)]
+    starved = [gsa.gate_q, gsa.gate_k, gsa.gate, gsa.q, gsa.k]
+    assert all(p.grad is None or not p.grad.any() for layer in starved for p in layer.parameters())
+    assert gsa.v.weight.grad.abs().max() > 0
 
 
 def test_off_diagonal_negatives_count_the_same_images_other_captions():
