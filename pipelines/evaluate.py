@@ -11,13 +11,15 @@ from rsray.cli import run_cli, setup_logging
 
 def run(ns) -> int:
     from pipelines.metrics import format_table
-    from rsray.eval.checkpoint import evaluate_checkpoint
+    from rsray.eval.checkpoint import evaluate_loaded, load_checkpoint
+    from rsray.eval.record import log_to_checkpoint_run
     from rsray.eval.rerank import SMRConfig
 
     smr = SMRConfig(ns.smr_k, ns.smr_w, ns.smr_beta)
     for name, problem in smr.check():
         raise ValueError(f"--smr-{name}: {problem}")
-    report = evaluate_checkpoint(ns.checkpoint, split=ns.split, data=ns.data, smr=smr)
+    model, cfg, state = load_checkpoint(ns.checkpoint)
+    report = evaluate_loaded(model, cfg, state, ns.checkpoint, split=ns.split, data=ns.data, smr=smr)[0]
     print(f"{ns.checkpoint} (epoch {report['epoch']}) on {report['split']} of {report['data']}")
     print(format_table(report["metrics"], "without SMR"))
     print(format_table(report["smr_metrics"], f"with SMR (K={smr.k}, w={smr.w}, beta={smr.beta})"))
@@ -25,6 +27,8 @@ def run(ns) -> int:
         with open(ns.output, "w") as out:
             json.dump(report, out, indent=1)
         print(f"numbers and per-query ranks written to {ns.output}")
+    if not ns.no_mlflow:
+        print(log_to_checkpoint_run(cfg, report))
     return 0
 
 
@@ -40,6 +44,12 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--data", help="prepared output to read instead of the one in the checkpoint's config")
     parser.add_argument("--output", "-o", metavar="FILE.json", help="write the numbers and per-query ranks here")
+    parser.add_argument(
+        "--no-mlflow",
+        action="store_true",
+        help="do not log the numbers into the checkpoint's MLflow run (by default they go there as "
+        "<split>/* and <split>_smr/*, or into a child run of it when --data is other data)",
+    )
     parser.add_argument("--smr-k", type=int, default=30, help="SMR top-K (default 30)")
     parser.add_argument("--smr-w", type=float, default=1.0, help="SMR boost weight (default 1)")
     parser.add_argument("--smr-beta", type=float, default=0.1, help="SMR rank decay (default 0.1)")

@@ -35,6 +35,13 @@ def print_summary(cfg, result) -> None:
     best = best_checkpoint(result, cfg)
     print(f"run folder: {result.path}")
     print(f"best checkpoint ({selection_metric(model_config(cfg))}): {best.path if best else 'none'}")
+    test = getattr(result, "test_report", None)
+    if test:  # logged into the MLflow run as test/* and test_smr/*
+        m, smr = test["metrics"], test["smr_metrics"]
+        print(
+            f"test split: i2t R@1 {m['i2t_R1']:.1f}, t2i R@1 {m['t2i_R1']:.1f}, mR {m['mR']:.2f}; "
+            f"with SMR mR {smr['mR']:.2f}"
+        )
     if getattr(result, "mlflow_link", ""):
         print(
             f"MLflow run {result.mlflow_run_id}: {result.mlflow_link}"

@@ -51,8 +51,24 @@ def evaluate_checkpoint(
     uri: str, split: str = "test", data: str | None = None, smr: SMRConfig | None = None, device: str = "cpu"
 ) -> dict[str, Any]:
     """Scores `split` of the checkpoint's prepared data (or `data`) and returns
-    {"checkpoint", "epoch", "split", "data", "metrics", "smr_metrics", "smr", "ranks"}."""
-    model, cfg, state = load_checkpoint(uri)
+    {"checkpoint", "epoch", "split", "data", "metrics", "smr_metrics", "smr", "ranks", "image_ids",
+    "mlflow_run_id"} (the run the checkpoint was logged to, or None)."""
+    return evaluate_loaded(*load_checkpoint(uri), uri, split, data, smr, device)[0]
+
+
+@torch.no_grad()
+def evaluate_loaded(
+    model,
+    cfg,
+    state: dict,
+    uri: str,
+    split: str = "test",
+    data: str | None = None,
+    smr: SMRConfig | None = None,
+    device: str = "cpu",
+) -> tuple[dict[str, Any], Any, Any]:
+    """`evaluate_checkpoint` for a checkpoint already loaded; also returns the scored split and its
+    Arrow table (for the retrieval figures)."""
     model.to(device)
     data = data or cfg.train.data
     if data != cfg.train.data:
@@ -61,7 +77,7 @@ def evaluate_checkpoint(
     scored = score_split(model, table, model_config(cfg).augment, device)
     smr = smr or SMRConfig()
     reranked = smr_rerank(scored.scores, k=smr.k, w=smr.w, beta=smr.beta)
-    return {
+    report = {
         "checkpoint": uri,
         "epoch": int(state["epoch"]),
         "split": split,
@@ -71,4 +87,6 @@ def evaluate_checkpoint(
         "smr": {"k": smr.k, "w": smr.w, "beta": smr.beta},
         "ranks": retrieval_ranks(scored.scores, scored.caption_image),  # 0-based: i2t per image, t2i per caption
         "image_ids": table["image_id"].to_pylist(),
+        "mlflow_run_id": state.get("mlflow_run_id"),
     }
+    return report, scored, table

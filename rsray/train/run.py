@@ -216,7 +216,7 @@ def epoch_line(metrics: dict[str, float], epochs: int | None = None) -> str:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
-    """The Ray Train worker function. `config`: {"config": Config.to_dict()}.
+    """The Ray Train worker function. `config`: {"config": Config.to_dict(), "mlflow_run_id": id or None}.
 
     Returns (on every rank; Ray keeps rank 0's) the per-epoch metrics of the whole run."""
     import ray.train
@@ -314,6 +314,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
                         "rng": _rng_state(),
                         "metrics": dict(metrics),
                         "history": history,
+                        # the MLflow run this epoch was logged to: `rsray evaluate` adds its numbers there
+                        "mlflow_run_id": config.get("mlflow_run_id"),
                     },
                     Path(folder) / STATE_FILE,
                 )
@@ -555,7 +557,7 @@ def build_trainer(cfg: Config, mlflow_run_id: str | None = None, callbacks: Sequ
     )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict()},
+        train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": mlflow_run_id},
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}
         ),
@@ -741,7 +743,8 @@ def _log_earlier_epochs(tracker, history: list[dict[str, float]]) -> None:
 
 def _log_run_artifacts(tracker, cfg: Config, result) -> None:
     """What a person opens in MLflow after a run: config, final metrics, curves, best checkpoint,
-    top-5 retrieval grids and the embedding projection on the validation split."""
+    top-5 retrieval grids and the embedding projection on the validation split, and the best
+    checkpoint's test-split numbers, ranks and grids (`result.test_report`)."""
     from rsray.figures import loss_and_mr_curves
 
     if tracker.run_id is None:  # tracking disabled: nothing to draw the figures for
@@ -757,6 +760,33 @@ def _log_run_artifacts(tracker, cfg: Config, result) -> None:
             tracker.log_artifact(folder, "best_checkpoint")
             for name, figure in _validation_figures(folder, cfg).items():
                 tracker.log_figure(figure, f"figures/{name}")
+            result.test_report = _log_test_evaluation(tracker, folder, cfg)
+
+
+def _log_test_evaluation(tracker, checkpoint_folder: str, cfg: Config) -> dict[str, Any] | None:
+    """The best checkpoint scored on the test split, logged into the run (`rsray.eval.record`):
+    the numbers a paper reports, where the runs table shows them. Training has finished by now, so
+    a failure here is a warning and never fails the run."""
+    from rsray.eval.checkpoint import evaluate_loaded, load_checkpoint
+    from rsray.eval.record import log_evaluation
+    from rsray.figures import split_figures
+
+    try:
+        model, checkpoint_cfg, state = load_checkpoint(checkpoint_folder)
+        report, scored, table = evaluate_loaded(model, checkpoint_cfg, state, checkpoint_folder, "test")
+        figures = split_figures(scored.scores, scored.caption_image, table, seed=cfg.train.seed)  # the grids
+    except Exception as exc:
+        log.warning("the test split was not evaluated: %s", _summary(exc))
+        tracker.not_logged.append("test evaluation")
+        return None
+    log_evaluation(tracker, report, figures)
+    log.info(
+        "test split, best checkpoint (epoch %d): mR %.2f, with SMR %.2f",
+        report["epoch"],
+        report["metrics"]["mR"],
+        report["smr_metrics"]["mR"],
+    )
+    return report
 
 
 def best_checkpoint(result, cfg: Config):

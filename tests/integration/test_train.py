@@ -169,7 +169,40 @@ def test_mlflow_holds_params_per_epoch_metrics_and_artifacts(trained, mlflow_ser
         f"figures/{name}"
         for name in ("loss_and_mr.png", "retrieval_t2i.png", "retrieval_i2t.png", "embedding_projection.png")
     } <= figures
+    assert {"figures/test_retrieval_t2i.png", "figures/test_retrieval_i2t.png"} <= figures
     assert result.mlflow_link.endswith("?workflowType=machine_learning")
+
+
+def test_the_best_checkpoints_test_numbers_are_in_its_mlflow_run(trained, mlflow_server, tmp_path):
+    """The table a paper reports, where the runs table shows it: test/* and test_smr/* at the best
+    epoch, equal to scoring the best checkpoint again, and the per-query ranks as an artifact."""
+    import mlflow.artifacts
+    from mlflow import MlflowClient
+
+    from rsray.eval.checkpoint import evaluate_checkpoint
+    from rsray.train.run import best_checkpoint
+
+    cfg, result = trained
+    best = best_checkpoint(result, cfg)
+    expected = evaluate_checkpoint(s3_uri(best), split="test")
+    run = MlflowClient(mlflow_server).get_run(result.mlflow_run_id)
+    for prefix, numbers in (("test/", expected["metrics"]), ("test_smr/", expected["smr_metrics"])):
+        for key in ("i2t_R1", "t2i_R10", "mR", "i2t_medr", "t2i_meanr", "i2t_SR1"):
+            assert run.data.metrics[prefix + key] == pytest.approx(numbers[key], abs=1e-6), prefix + key
+    steps = [m.step for m in MlflowClient(mlflow_server).get_metric_history(run.info.run_id, "test/mR")]
+    assert steps == [expected["epoch"]]  # logged once, at the best epoch
+    ranks = json.loads(
+        Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run.info.run_id,
+                artifact_path="test/ranks.json",
+                dst_path=str(tmp_path),
+                tracking_uri=mlflow_server,
+            )
+        ).read_text()
+    )
+    assert ranks["ranks"] == expected["ranks"] and ranks["image_ids"] == expected["image_ids"]
+    assert f"mR {expected['metrics']['mR']:.2f}; with SMR mR {expected['smr_metrics']['mR']:.2f}" in result.summary
 
 
 def test_no_credential_from_the_tracking_uri_is_printed_logged_or_written(
@@ -211,7 +244,7 @@ def test_rsray_evaluate_scores_the_checkpoint_with_and_without_smr(trained, tmp_
     _, result = trained
     checkpoint, reported = result.best_checkpoints[-1]
     out = tmp_path / "eval.json"
-    assert main(["evaluate", s3_uri(checkpoint), "--split", "val", "-o", str(out)]) == 0  # from S3
+    assert main(["evaluate", s3_uri(checkpoint), "--split", "val", "-o", str(out), "--no-mlflow"]) == 0  # from S3
     printed = capsys.readouterr().out
     assert "without SMR" in printed and "with SMR (K=30" in printed
     report = json.loads(out.read_text())
@@ -220,6 +253,32 @@ def test_rsray_evaluate_scores_the_checkpoint_with_and_without_smr(trained, tmp_
     assert len(report["ranks"]["t2i"]) == 5 * len(report["ranks"]["i2t"]) == 5 * len(report["image_ids"])
     assert main(["evaluate", str(tmp_path / "nowhere")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_rsray_evaluate_logs_into_the_checkpoints_run_or_a_child_of_it(trained, prepared, mlflow_server, capsys):
+    """By default the numbers go where people look: the checkpoint's own MLflow run for its own
+    data; a child run of it (linked, tagged) for other prepared data, never mixed with the run's."""
+    from mlflow import MlflowClient
+
+    from rsray.cli import main
+
+    _, result = trained
+    client = MlflowClient(mlflow_server)
+    checkpoint, reported = result.best_checkpoints[-1]
+    before = len(client.get_metric_history(result.mlflow_run_id, "test/mR"))
+    assert main(["evaluate", s3_uri(checkpoint)]) == 0
+    assert f"logged to MLflow: its run {result.mlflow_run_id} (test/*, test_smr/*)" in capsys.readouterr().out
+    history = client.get_metric_history(result.mlflow_run_id, "test/mR")
+    assert len(history) == before + 1 and history[-1].step == int(reported["epoch"])
+
+    assert main(["evaluate", s3_uri(checkpoint), "--data", prepared, "--split", "val"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("logged to MLflow: run ") and f"a child of {result.mlflow_run_id}" in line
+    child = client.get_run(line.split()[4].rstrip(","))
+    assert child.data.tags["mlflow.parentRunId"] == child.data.tags["rsray.evaluates"] == result.mlflow_run_id
+    assert child.data.params["data"] == prepared
+    # the same data as the run's (a copy on S3): the child's val numbers are the run's
+    assert child.data.metrics["val/mR"] == pytest.approx(reported["val/mR"], abs=1e-6)
 
 
 def test_a_rerun_with_the_same_name_resumes_from_the_last_checkpoint(trained):

@@ -73,3 +73,14 @@ def test_other_data_must_tokenize_as_the_checkpoints_did(tmp_path):
         check_same_tokens(cfg, prepared("unk", words, "unk"))
     with pytest.raises(ValueError, match=r"its word vocabulary \(3 entries\) is not the one the checkpoint trained"):
         check_same_tokens(cfg, prepared("other", words[:3], "drop"))
+
+
+def test_an_untracked_checkpoint_is_evaluated_without_mlflow():
+    from rsray.config import load_config
+    from rsray.eval.record import log_to_checkpoint_run
+
+    report = {"mlflow_run_id": None, "data": "d", "split": "test"}
+    line = log_to_checkpoint_run(load_config("model/swan-tiny", ["tracking.enabled=false"]), report)
+    assert line == "not logged to MLflow: the checkpoint's run was not tracked"
+    line = log_to_checkpoint_run(load_config("model/swan-tiny"), report)  # tracked config, no run recorded
+    assert line == "not logged to MLflow: the checkpoint's run was not tracked"
