@@ -439,6 +439,18 @@ class Tracker:
         for i in range(0, len(batch), 1000):
             self._call(f"log metrics (step {step})", self.client.log_batch, self.run_id, metrics=batch[i : i + 1000])
 
+    def log_dataset(self, name: str, digest: str, source: str, profile: Mapping[str, Any], context: str) -> None:
+        """The data a run used as an MLflow dataset input (MLflow 3's runs table filters by it):
+        `source` is its URI, `context` the role (training)."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        source_type = "s3" if str(source).startswith("s3://") else "local"
+        dataset = Dataset(name, digest, source_type, json.dumps({"uri": redact(source)}), profile=json.dumps(profile))
+        inputs = [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])]
+        self._call(f"log dataset {name}", self.client.log_inputs, self.run_id, datasets=inputs)
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """A local file, or every file under a local folder (e.g. a checkpoint directory)."""
         path = Path(path)
@@ -550,6 +562,7 @@ class NullTracker:
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int, prefix: str = "") -> None: ...
+    def log_dataset(self, name: str, digest: str, source: str, profile: Mapping[str, Any], context: str) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_dict(self, obj: Any, name: str) -> None: ...
     def log_figure(self, fig: Any, name: str) -> None: ...

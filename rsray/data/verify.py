@@ -54,3 +54,26 @@ def verify_prepared(uri: str, s3_endpoint: str | None = None, checksum_splits: t
                 "(changed after prepare; run prepare again)"
             )
     return Verified(files=len(listed), bytes=sum(f["bytes"] for _, f in listed), checksummed=len(to_hash))
+
+
+def data_digest(manifest: dict) -> str:
+    """What exactly a run trained and was scored on, in 16 hex digits: the sha256 over every shard's
+    split, path and sha256 (as the manifest lists them) and the word vocabulary with its rule. Any
+    re-prepare that changes a shard changes it; the same files prepared again do not."""
+    import hashlib
+    import json
+
+    files = sorted(
+        (split, f["path"], f["sha256"]) for split in SPLITS for f in manifest["splits"].get(split, {}).get("files", [])
+    )
+    vocab = manifest.get("vocab", {})
+    payload = [files, vocab.get("words", []), vocab.get("stopwords", "drop")]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
+
+
+def dataset_profile(manifest: dict) -> dict:
+    """Per-split images and captions, and the vocabulary size: what MLflow shows next to the digest."""
+    splits = {
+        s: {k: manifest["splits"][s][k] for k in ("images", "captions")} for s in SPLITS if s in manifest["splits"]
+    }
+    return {"splits": splits, "vocabulary": len(manifest.get("vocab", {}).get("words", []))}

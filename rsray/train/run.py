@@ -653,6 +653,7 @@ def train(cfg: Config, tracker=None, callbacks: Sequence[Any] = ()):
                     tags={"model": cfg.model.get("name", ""), "dataset": cfg.data.name},
                 )
         name = cfg.train.run_name
+        _log_data_input(tracker, resolved)
         try:  # from here on, whatever stops the run ends its MLflow run too (never left RUNNING)
             ensure_ray()
             configure_data_context()  # the train stream's order is fixed for a seed: a config reproduces its run
@@ -684,6 +685,20 @@ def train(cfg: Config, tracker=None, callbacks: Sequence[Any] = ()):
     result.mlflow_run_id, result.mlflow_link = tracker.run_id, tracker.ui_link()
     result.tracking_outage = tracker.outage()
     return result
+
+
+def _log_data_input(tracker, cfg: Config) -> None:
+    """The prepared data as the run's MLflow dataset input: its name, URI, a digest of its shards'
+    checksums (`rsray.data.verify.data_digest`) and its split counts, so runs can be filtered by
+    exactly which data they used. A tracking failure here is collected, as every other."""
+    from rsray.data.prepare import read_manifest
+    from rsray.data.verify import data_digest, dataset_profile
+
+    if tracker.run_id is None:
+        return
+    manifest = read_manifest(cfg.train.data, cfg.prepare.s3_endpoint)
+    name = manifest.get("dataset") or cfg.data.name
+    tracker.log_dataset(name, data_digest(manifest), cfg.train.data, dataset_profile(manifest), "training")
 
 
 def _fit_stopping_on_ctrl_c(trainer):

@@ -171,6 +171,16 @@ def test_mlflow_holds_params_per_epoch_metrics_and_artifacts(trained, mlflow_ser
     } <= figures
     assert {"figures/test_retrieval_t2i.png", "figures/test_retrieval_i2t.png"} <= figures
     assert result.mlflow_link.endswith("?workflowType=machine_learning")
+    # the prepared data as its dataset input: name, URI, the shards' digest, the split counts
+    from rsray.data.prepare import read_manifest
+    from rsray.data.verify import data_digest
+
+    (data,) = run.inputs.dataset_inputs
+    manifest = read_manifest(cfg.train.data)
+    assert (data.dataset.name, data.dataset.digest) == (manifest["dataset"], data_digest(manifest))
+    assert json.loads(data.dataset.source) == {"uri": cfg.train.data} and data.dataset.source_type == "s3"
+    assert json.loads(data.dataset.profile)["splits"]["test"]["images"] == manifest["splits"]["test"]["images"]
+    assert {t.key: t.value for t in data.tags} == {"mlflow.data.context": "training"}
 
 
 def test_the_best_checkpoints_test_numbers_are_in_its_mlflow_run(trained, mlflow_server, tmp_path):
