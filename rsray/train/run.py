@@ -696,7 +696,12 @@ def _log_data_input(tracker, cfg: Config) -> None:
 
     if tracker.run_id is None:
         return
-    manifest = read_manifest(cfg.train.data, cfg.prepare.s3_endpoint)
+    try:
+        manifest = read_manifest(cfg.train.data, cfg.prepare.s3_endpoint)
+    except Exception as exc:  # read a moment ago by the preflight: a storage hiccup must not stop training
+        log.warning("the run's dataset input was not logged: %s", _summary(exc))
+        tracker.not_logged.append("dataset input")
+        return
     name = manifest.get("dataset") or cfg.data.name
     tracker.log_dataset(name, data_digest(manifest), cfg.train.data, dataset_profile(manifest), "training")
 
