@@ -25,6 +25,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "train": ("pipelines.train", "train a model on Ray Train (DDP workers), checkpoint every epoch"),
     "sweep": ("pipelines.sweep", "sweep hyperparameters: Ray Tune over Ray Train runs, ASHA, MLflow parent/child runs"),
     "evaluate": ("pipelines.evaluate", "score a checkpoint on the test split, with and without SMR"),
+    "compare": ("pipelines.compare", "the paper-style table of an experiment's runs (md, csv, LaTeX) from MLflow"),
     "demo": ("pipelines.demo", "run the whole pipeline on the embedded sample"),
     "metrics": ("pipelines.metrics", "R@K, mR, ranks, SR@K (and SMR) from a saved similarity matrix (.npy)"),
 }

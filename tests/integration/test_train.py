@@ -402,3 +402,34 @@ def test_a_killed_worker_process_resumes_from_the_last_checkpoint(prepared, tmp_
     assert sorted(step for step, _ in logged) == list(range(epochs))
     assert [value for _, value in sorted(logged)] == pytest.approx([m["val/mR"] for m in history])
     assert victim not in _training_worker_pids()  # the victim really died (Ray started a new group)
+
+
+def test_rsray_compare_prints_the_runs_own_test_numbers_and_logs_the_table(trained, mlflow_server, capsys):
+    """The paper table from MLflow's records: the same numbers as the run's test/* metrics (the
+    shared run alone, by --runs), in CSV; a compare run holds the three formats and two figures."""
+    from mlflow import MlflowClient
+
+    from rsray.cli import main
+    from rsray.compare import COLUMNS
+
+    _, result = trained
+    run_id = result.mlflow_run_id
+    settings = [f"tracking.uri={mlflow_server}", "tracking.experiment=train-test"]
+    assert main(["compare", "train/cpu-tiny", *settings, "--runs", run_id, "--format", "csv"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    header, row = out[0].split(","), out[1].split(",")
+    assert row[:2] == ["vsepp", "1"]
+    metrics = MlflowClient(mlflow_server).get_run(run_id).data.metrics
+    for key, heading in COLUMNS:
+        assert float(row[header.index(heading)]) == pytest.approx(metrics[key], abs=5e-5), key
+    compare_id = out[-1].split()[4]
+    client = MlflowClient(mlflow_server)
+    assert client.get_run(compare_id).data.tags["rsray.kind"] == "compare"
+    logged = {a.path for a in client.list_artifacts(compare_id, "compare")}
+    assert logged == {"compare/table.md", "compare/table.csv", "compare/table.tex"}
+    assert {a.path for a in client.list_artifacts(compare_id, "figures")} == {
+        "figures/compare_mR.png",
+        "figures/compare_recall.png",
+    }
+    assert main(["compare", "train/cpu-tiny", f"tracking.uri={mlflow_server}", "tracking.experiment=nope"]) == 2
+    assert "MLflow has no experiment 'nope'" in capsys.readouterr().err

@@ -1,0 +1,155 @@
+"""The paper-style comparison table, from what MLflow recorded: one row per model (or per any tag's
+value), the test split's i2t/t2i R@1/5/10, mR and mR with SMR, as mean ± standard deviation where
+a group holds repeated runs (seeds, folds).
+
+The numbers are the runs' own `test/*` and `test_smr/mR` metrics (logged when training ends, or by
+`rsray evaluate`): the table is never recomputed, so it says exactly what the runs table says.
+Formats: Markdown (for a README or an issue), CSV (for a spreadsheet) and LaTeX (booktabs, for
+the paper). `figures` draws mR per group with error bars and the R@K curves.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# (metric in the run, column heading)
+COLUMNS = (
+    ("test/i2t_R1", "i2t R@1"),
+    ("test/i2t_R5", "i2t R@5"),
+    ("test/i2t_R10", "i2t R@10"),
+    ("test/t2i_R1", "t2i R@1"),
+    ("test/t2i_R5", "t2i R@5"),
+    ("test/t2i_R10", "t2i R@10"),
+    ("test/mR", "mR"),
+    ("test_smr/mR", "mR+SMR"),
+)
+FORMATS = ("md", "csv", "latex")
+
+
+class NothingToCompare(ValueError):
+    """No finished run with test numbers matched (one line, names the experiment or run)."""
+
+
+@dataclass
+class Group:
+    """The runs of one row and their values per metric (a missing metric is left out)."""
+
+    name: str
+    run_ids: list[str] = field(default_factory=list)
+    values: dict[str, list[float]] = field(default_factory=dict)
+
+    def mean(self, key: str) -> float:
+        return statistics.fmean(self.values[key]) if self.values.get(key) else math.nan
+
+    def std(self, key: str) -> float:
+        """Sample standard deviation (n - 1); 0 for a single run."""
+        values = self.values.get(key, [])
+        return statistics.stdev(values) if len(values) > 1 else 0.0
+
+    def cell(self, key: str, digits: int = 2, plus_minus: str = " ± ") -> str:
+        if not self.values.get(key):
+            return "-"
+        text = f"{self.mean(key):.{digits}f}"
+        return text + f"{plus_minus}{self.std(key):.{digits}f}" if len(self.values[key]) > 1 else text
+
+
+def collect(client: Any, experiment: str, run_ids: Sequence[str] = (), group_by: str = "model") -> list[Group]:
+    """Finished runs of `experiment` (or exactly `run_ids`) that carry `test/mR`, grouped by their
+    `group_by` tag (the run name when a run lacks it), groups in the order their first run started."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise NothingToCompare(f"MLflow has no experiment {experiment!r} (tracking.experiment)")
+    runs = client.search_runs([found.experiment_id], filter_string="attributes.status = 'FINISHED'")
+    if run_ids:
+        by_id = {run.info.run_id: run for run in runs}
+        missing = [run_id for run_id in run_ids if run_id not in by_id]
+        if missing:
+            raise NothingToCompare(f"run {missing[0]} is not a finished run of experiment {experiment!r}")
+        runs = [by_id[run_id] for run_id in run_ids]
+    runs = sorted((run for run in runs if "test/mR" in run.data.metrics), key=lambda run: run.info.start_time)
+    if not runs:
+        raise NothingToCompare(f"no finished run of experiment {experiment!r} has test numbers (test/mR)")
+    groups: dict[str, Group] = {}
+    for run in runs:
+        name = run.data.tags.get(group_by) or run.info.run_name or run.info.run_id
+        group = groups.setdefault(name, Group(name))
+        group.run_ids.append(run.info.run_id)
+        for key, _ in COLUMNS:
+            if key in run.data.metrics:
+                group.values.setdefault(key, []).append(float(run.data.metrics[key]))
+    return list(groups.values())
+
+
+def table(groups: Sequence[Group], fmt: str = "md") -> str:
+    """The table in `fmt` (md | csv | latex). CSV has mean and std columns (and the run count);
+    the others write `mean ± std` where a group has several runs."""
+    headings = [heading for _, heading in COLUMNS]
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["group", "runs", *(h for heading in headings for h in (heading, f"{heading} std"))])
+        for g in groups:
+            numbers = [f"{x:.4f}" for key, _ in COLUMNS for x in (g.mean(key), g.std(key))]
+            writer.writerow([g.name, len(g.run_ids), *numbers])
+        return out.getvalue()
+    if fmt == "md":
+        lines = ["| model | runs | " + " | ".join(headings) + " |", "|---|---:|" + "---:|" * len(headings)]
+        lines += [
+            f"| {g.name} | {len(g.run_ids)} | " + " | ".join(g.cell(key) for key, _ in COLUMNS) + " |" for g in groups
+        ]
+        return "\n".join(lines) + "\n"
+    if fmt == "latex":
+        escape = str.maketrans({"_": r"\_", "&": r"\&", "%": r"\%", "#": r"\#"})
+        spec = "l" + "r" * (len(headings) + 1)
+        lines = [
+            rf"\begin{{tabular}}{{{spec}}}",
+            r"\toprule",
+            "Model & Runs & " + " & ".join(headings) + r" \\",
+            r"\midrule",
+        ]
+        for g in groups:
+            cells = [g.cell(key, plus_minus=r" $\pm$ ") for key, _ in COLUMNS]
+            lines.append(f"{g.name.translate(escape)} & {len(g.run_ids)} & " + " & ".join(cells) + r" \\")
+        lines += [r"\bottomrule", r"\end{tabular}"]
+        return "\n".join(lines) + "\n"
+    raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+
+
+def figures(groups: Sequence[Group]) -> dict[str, Any]:
+    """compare_mR.png (mR and mR+SMR per group, error bars = std) and compare_recall.png (R@1/5/10
+    per group, image->text and text->image)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = [g.name for g in groups]
+    x = np.arange(len(groups))
+    bars, ax = plt.subplots(figsize=(max(4, 1.2 * len(groups) + 2), 3.5))
+    for offset, (key, label) in ((-0.2, ("test/mR", "mR")), (0.2, ("test_smr/mR", "mR+SMR"))):
+        ax.bar(
+            x + offset, [g.mean(key) for g in groups], 0.4, yerr=[g.std(key) for g in groups], label=label, capsize=3
+        )
+    ax.set_xticks(x, names)
+    ax.set_ylabel("test mR (%)")
+    ax.legend()
+    bars.tight_layout()
+    curves, axes = plt.subplots(1, 2, figsize=(8, 3.5), sharey=True)
+    for ax, direction in zip(axes, ("i2t", "t2i"), strict=True):
+        for g in groups:
+            keys = [f"test/{direction}_R{k}" for k in (1, 5, 10)]
+            ax.errorbar([1, 5, 10], [g.mean(k) for k in keys], yerr=[g.std(k) for k in keys], marker="o", label=g.name)
+        ax.set_title("image -> text" if direction == "i2t" else "text -> image")
+        ax.set_xlabel("K")
+        ax.set_xticks([1, 5, 10])
+    axes[0].set_ylabel("R@K (%)")
+    axes[1].legend(fontsize="small")
+    curves.tight_layout()
+    return {"compare_mR.png": bars, "compare_recall.png": curves}
