@@ -77,7 +77,8 @@ def _train_trial(params: dict[str, Any], context: TrialContext) -> None:
         return
     tracker = _child_tracker(context, cfg, trial_id, params)
     tracker.log_dict(cfg.public_dict(), "config.yaml")  # early-stopped trials never reach train()'s artifacts
-    result = train(cfg, tracker=tracker, callbacks=[_epochs_to_tune(cfg.train.epochs)])
+    # no trial is scored on the test split: the sweep scores its best checkpoint (rsray.sweep.report)
+    result = train(cfg, tracker=tracker, callbacks=[_epochs_to_tune(cfg.train.epochs)], score_test=False)
     last = (result.return_value or [result.metrics])[-1]
     ray.tune.report(
         {

@@ -619,13 +619,14 @@ def _train_earlier_stages(cfg: Config) -> Config:
     return cfg
 
 
-def train(cfg: Config, tracker=None, callbacks: Sequence[Any] = ()):
+def train(cfg: Config, tracker=None, callbacks: Sequence[Any] = (), score_test: bool = True):
     """Start or join Ray, train, record the run in MLflow (`tracking.enabled`), and return the
     `ray.train.Result` (raises TrainingFailed). The driver owns the MLflow run; each epoch is logged
     into it by `EpochLogger` in the Ray Train controller, so a worker-group restart adds no second run. The returned
     Result also carries `mlflow_run_id` and `mlflow_link` (the runs table in the MLflow UI).
     A sweep trial passes its own `tracker` (its child run, which this function ends) and
-    `callbacks` for `build_trainer`."""
+    `callbacks` for `build_trainer`, and `score_test=False`: a sweep scores only its best
+    checkpoint on the test split, so no trial's test numbers are there to select by."""
     from ray.train import TrainingFailedError
 
     from rsray.runtime import configure_data_context, ensure_ray
@@ -676,7 +677,7 @@ def train(cfg: Config, tracker=None, callbacks: Sequence[Any] = ()):
     # outage is collected by the tracker and reported once (`result.tracking_outage`).
     try:
         _log_earlier_epochs(tracker, result.return_value or [])
-        _log_run_artifacts(tracker, cfg, result)
+        _log_run_artifacts(tracker, cfg, result, score_test)
     except Exception as exc:  # e.g. the best checkpoint cannot be fetched from storage just now
         log.warning("the run's artifacts were not logged to MLflow: %s", _summary(exc))
         tracker.not_logged.append("run artifacts")
@@ -761,7 +762,7 @@ def _log_earlier_epochs(tracker, history: list[dict[str, float]]) -> None:
             tracker.log_metrics(metrics, step=int(metrics["epoch"]))
 
 
-def _log_run_artifacts(tracker, cfg: Config, result) -> None:
+def _log_run_artifacts(tracker, cfg: Config, result, score_test: bool = True) -> None:
     """What a person opens in MLflow after a run: config, final metrics, curves, best checkpoint,
     top-5 retrieval grids and the embedding projection on the validation split, and the best
     checkpoint's test-split numbers, ranks and grids (`result.test_report`)."""
@@ -780,7 +781,7 @@ def _log_run_artifacts(tracker, cfg: Config, result) -> None:
             tracker.log_artifact(folder, "best_checkpoint")
             for name, figure in _validation_figures(folder, cfg).items():
                 tracker.log_figure(figure, f"figures/{name}")
-            result.test_report = _log_test_evaluation(tracker, folder, cfg)
+            result.test_report = _log_test_evaluation(tracker, folder, cfg) if score_test else None
 
 
 def _log_test_evaluation(tracker, checkpoint_folder: str, cfg: Config) -> dict[str, Any] | None:

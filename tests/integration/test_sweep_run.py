@@ -180,6 +180,8 @@ def test_parent_run_holds_the_comparison_and_child_runs_their_trials(swept):
         assert float(run.data.params["model.lr"]) == trial.params["model.lr"]
         assert int(run.data.params["train.num_workers"]) == trial.params["train.num_workers"]
         assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml"}
+        assert not any(key.startswith("test") for key in run.data.metrics)  # only the sweep's best sees test
+        assert run.inputs.dataset_inputs[0].dataset.name  # each trial records the data it used
         workers.add(trial.params["train.num_workers"])
     assert workers == {1, 2}  # trials are themselves multi-worker Ray Train runs
 
