@@ -16,6 +16,7 @@ import torch
 from rsray.checkpoint import CONFIG_FILE, STATE_FILE
 from rsray.cli import main
 from rsray.config import load_config
+from tests.unit.test_swan_release import SWITCHES
 
 pytestmark = pytest.mark.integration
 
@@ -76,18 +77,7 @@ def test_swan_release_refuses_data_prepared_with_stop_words_dropped(prepared, tm
 def test_swan_release_tiny_trains_with_every_release_switch(prepared_keeping_stopwords, tmp_path):
     model, saved = train_preset("swan-release-tiny", prepared_keeping_stopwords, tmp_path)
     state = saved["model"]
-    expected = {
-        "text_pool": "last",
-        "max_violation": False,
-        "mask_padding": False,
-        "gsa_floor_divide": True,
-        "triplet_negatives": "off_diagonal",
-        "frozen_bn": "train",
-        "word_init": "normal",
-        "decay_epoch_offset": 1,
-        "wsa_activation": "gelu",
-        "freeze_backbone": True,
-    }
+    expected = {**SWITCHES, "wsa_activation": "gelu", "freeze_backbone": True}
     assert {k: model[k] for k in expected} == expected
     # timm starts BatchNorm at mean 0: batch statistics moved it although the backbone is frozen
     stats = frozen_bn_statistics(state, "visual.backbone.")

@@ -24,16 +24,8 @@ SWITCHES = {
 
 
 def tiny_release(*overrides: str):
-    """The release preset at test size: swan-tiny's sizes as overrides on top of it."""
-    tiny = load_config("model/swan-tiny").model
-    skip = {*SWITCHES, "name", "freeze_backbone"}
-    sizes = [
-        f"model.{key}={value}"
-        for key, value in tiny.items()
-        if key not in skip and value is not None and not isinstance(value, dict)
-    ]
-    extra = ["model.augment.crop=64", "model.allow_random_frozen_backbone=true"]
-    return load_config("model/swan-release", [*sizes, *extra, *overrides])
+    """The release preset at test size (model/swan-release-tiny: its switches over the tiny sizes)."""
+    return load_config("model/swan-release-tiny", list(overrides))
 
 
 def test_the_release_preset_sets_each_documented_difference():
