@@ -32,13 +32,14 @@ def log_to_checkpoint_run(cfg: Any, report: dict[str, Any], figures: dict[str, A
     config), or into a child of that run when the data is not the data it trained on. Returns one
     line for the user; a tracking problem is that line, never an error (the numbers were printed)."""
     from rsray.redact import redact
-    from rsray.tracking import Tracker, TrackingUnavailable
+    from rsray.tracking import Tracker, TrackingUnavailable, check_reachable
 
     run_id = report.get("mlflow_run_id")
     if not cfg.tracking.enabled or not run_id:
         return "not logged to MLflow: the checkpoint's run was not tracked"
     try:
         if report["data"] == cfg.train.data:
+            check_reachable(cfg.tracking.uri)  # one quick request: a dead server is a warning at once
             tracker = Tracker.attach(cfg.tracking, run_id)
         else:
             tracker = Tracker.start(

@@ -84,3 +84,20 @@ def test_an_untracked_checkpoint_is_evaluated_without_mlflow():
     assert line == "not logged to MLflow: the checkpoint's run was not tracked"
     line = log_to_checkpoint_run(load_config("model/swan-tiny"), report)  # tracked config, no run recorded
     assert line == "not logged to MLflow: the checkpoint's run was not tracked"
+
+
+def test_an_unreachable_tracking_server_is_a_warning_at_once():
+    import socket
+    import time
+
+    from rsray.config import load_config
+    from rsray.eval.record import log_to_checkpoint_run
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = load_config("model/swan-tiny", [f"tracking.uri=http://user:secret@127.0.0.1:{port}"])
+    started = time.monotonic()
+    line = log_to_checkpoint_run(cfg, {"mlflow_run_id": "abc", "data": cfg.train.data, "split": "test"})
+    assert line.startswith("warning: not logged to MLflow:") and "secret" not in line
+    assert time.monotonic() - started < 10
