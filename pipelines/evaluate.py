@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+import tempfile
 
 from rsray.cli import run_cli, setup_logging
 
@@ -18,8 +21,15 @@ def run(ns) -> int:
     smr = SMRConfig(ns.smr_k, ns.smr_w, ns.smr_beta)
     for name, problem in smr.check():
         raise ValueError(f"--smr-{name}: {problem}")
-    model, cfg, state = load_checkpoint(ns.checkpoint)
-    report = evaluate_loaded(model, cfg, state, ns.checkpoint, split=ns.split, data=ns.data, smr=smr)[0]
+    with contextlib.ExitStack() as stack:
+        folder = ns.checkpoint
+        if ns.checkpoint.startswith(MODEL_URIS):  # a logged or registered model: its checkpoint inside
+            from rsray.logged_model import download_model
+
+            into = stack.enter_context(tempfile.TemporaryDirectory(prefix="rsray-model-"))
+            folder = download_model(ns.checkpoint, tracking_uri(ns), into)
+        model, cfg, state = load_checkpoint(folder)
+        report = evaluate_loaded(model, cfg, state, ns.checkpoint, split=ns.split, data=ns.data, smr=smr)[0]
     print(f"{ns.checkpoint} (epoch {report['epoch']}) on {report['split']} of {report['data']}")
     print(format_table(report["metrics"], "without SMR"))
     print(format_table(report["smr_metrics"], f"with SMR (K={smr.k}, w={smr.w}, beta={smr.beta})"))
@@ -32,6 +42,16 @@ def run(ns) -> int:
     return 0
 
 
+MODEL_URIS = ("models:/", "runs:/")
+
+
+def tracking_uri(ns) -> str:
+    """Where a models:/ URI is resolved: --tracking-uri, else $MLFLOW_TRACKING_URI, else rsray's default."""
+    from rsray.config import TrackingConfig
+
+    return ns.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or TrackingConfig().uri
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="rsray evaluate",
@@ -40,7 +60,16 @@ def main(argv=None) -> int:
         "rank and SR@1/5/10 where scenes exist, without and with SMR re-ranking. Weights load with "
         "torch.load(weights_only=True): no arbitrary pickles.",
     )
-    parser.add_argument("checkpoint", help="checkpoint folder written by `rsray train`")
+    parser.add_argument(
+        "checkpoint",
+        help="checkpoint folder written by `rsray train` (local or s3://), or a logged model: "
+        "models:/NAME@ALIAS (registered with tracking.register_as), models:/MODEL_ID, runs:/RUN_ID/model",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow server or store that resolves a models:/ URI (default: $MLFLOW_TRACKING_URI, else "
+        "sqlite:///mlflow.db)",
+    )
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--data", help="prepared output to read instead of the one in the checkpoint's config")
     parser.add_argument("--output", "-o", metavar="FILE.json", help="write the numbers and per-query ranks here")

@@ -42,6 +42,9 @@ def print_summary(cfg, result) -> None:
             f"test split: i2t R@1 {m['i2t_R1']:.1f}, t2i R@1 {m['t2i_R1']:.1f}, mR {m['mR']:.2f}; "
             f"with SMR mR {smr['mR']:.2f}"
         )
+    if getattr(result, "model_id", None):  # the pyfunc that embeds captions and images
+        registered = getattr(result, "registered_model", None)
+        print(f"MLflow model: models:/{result.model_id}" + (f", registered as {registered}" if registered else ""))
     if getattr(result, "mlflow_link", ""):
         print(
             f"MLflow run {result.mlflow_run_id}: {result.mlflow_link}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Iterator
@@ -213,12 +214,22 @@ class TrackingConfig:
     enabled: bool = True
     retries: int = 5  # a transient failure mid-run is retried this many times, then skipped
     system_metrics: bool = True
+    # The best checkpoint as an MLflow model (a pyfunc embedding captions and images), linked to the
+    # run's test metrics; with register_as, a new version of that registered model, aliased
+    # register_alias (default <model>-<dataset>): `rsray evaluate models:/NAME@ALIAS`.
+    log_model: bool = True
+    register_as: str = ""
+    register_alias: str = ""
 
     def check(self) -> Iterator[tuple[str, str]]:
         if not self.uri:
             yield "uri", "must not be empty (sqlite:///mlflow.db or http://host:port)"
         if self.retries < 0:
             yield "retries", f"must be >= 0, got {self.retries}"
+        if self.register_alias and not re.fullmatch(r"[\w\-]+", self.register_alias):
+            yield "register_alias", f"letters, digits, _ and - only, got {self.register_alias!r}"
+        if re.fullmatch(r"latest|v\d+", self.register_alias or ""):
+            yield "register_alias", f"{self.register_alias!r} is reserved by MLflow"
 
 
 @dataclass

@@ -426,13 +426,31 @@ class Tracker:
         tags = [RunTag(k, redact(v)) for k, v in tags.items() if not is_secret(k)]
         self._call("set tags", self.client.log_batch, self.run_id, tags=tags)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int, prefix: str = "") -> None:
-        """Numbers only (None and non-numbers are left out), names made MLflow-safe."""
+    def log_metrics(
+        self,
+        metrics: Mapping[str, float],
+        step: int,
+        prefix: str = "",
+        model_id: str | None = None,
+        dataset: tuple[str, str] | None = None,
+    ) -> None:
+        """Numbers only (None and non-numbers are left out), names made MLflow-safe. `model_id` and
+        `dataset` (name, digest) link them to a logged model and the data they were measured on
+        (MLflow 3 shows them on the model's page)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
+        name, digest = dataset or (None, None)
         batch = [
-            Metric(metric_name(f"{prefix}{k}"), x, now, int(step))
+            Metric(
+                metric_name(f"{prefix}{k}"),
+                x,
+                now,
+                int(step),
+                model_id=model_id,
+                dataset_name=name,
+                dataset_digest=digest,
+            )
             for k, v in metrics.items()
             if (x := _number(v)) is not None
         ]
@@ -561,7 +579,7 @@ class NullTracker:
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
-    def log_metrics(self, metrics: Mapping[str, float], step: int, prefix: str = "") -> None: ...
+    def log_metrics(self, metrics: Mapping[str, float], step: int, prefix: str = "", **links: Any) -> None: ...
     def log_dataset(self, name: str, digest: str, source: str, profile: Mapping[str, Any], context: str) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_dict(self, obj: Any, name: str) -> None: ...

@@ -15,11 +15,19 @@ from typing import Any
 RANKS_NOTE = "0-based ranks of the first match: i2t per image (image_ids order), t2i per caption"
 
 
-def log_evaluation(tracker: Any, report: dict[str, Any], figures: dict[str, Any] | None = None) -> None:
-    """Log `report` (`rsray.eval.checkpoint.evaluate_checkpoint`'s) into `tracker`'s run."""
+def log_evaluation(
+    tracker: Any,
+    report: dict[str, Any],
+    figures: dict[str, Any] | None = None,
+    model_id: str | None = None,
+    dataset: tuple[str, str] | None = None,
+) -> None:
+    """Log `report` (`rsray.eval.checkpoint.evaluate_checkpoint`'s) into `tracker`'s run; with
+    `model_id` and `dataset` (name, digest) the numbers are linked to the logged model and data."""
     split, step = report["split"], report["epoch"]
-    tracker.log_metrics(report["metrics"], step, prefix=f"{split}/")
-    tracker.log_metrics(report["smr_metrics"], step, prefix=f"{split}_smr/")
+    links = {"model_id": model_id, "dataset": dataset}
+    tracker.log_metrics(report["metrics"], step, prefix=f"{split}/", **links)
+    tracker.log_metrics(report["smr_metrics"], step, prefix=f"{split}_smr/", **links)
     ranks = {"note": RANKS_NOTE, "epoch": step, "data": report["data"], "smr": report["smr"]}
     ranks.update(ranks=report["ranks"], image_ids=report["image_ids"])
     tracker.log_dict(ranks, f"{split}/ranks.json")

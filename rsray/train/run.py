@@ -781,13 +781,40 @@ def _log_run_artifacts(tracker, cfg: Config, result, score_test: bool = True) ->
             tracker.log_artifact(folder, "best_checkpoint")
             for name, figure in _validation_figures(folder, cfg).items():
                 tracker.log_figure(figure, f"figures/{name}")
-            result.test_report = _log_test_evaluation(tracker, folder, cfg) if score_test else None
+            result.test_report = result.model_id = result.registered_model = None
+            if score_test:
+                result.model_id, result.registered_model = _log_model(tracker, folder, cfg)
+                result.test_report = _log_test_evaluation(tracker, folder, cfg, result.model_id)
 
 
-def _log_test_evaluation(tracker, checkpoint_folder: str, cfg: Config) -> dict[str, Any] | None:
+def _log_model(tracker, checkpoint_folder: str, cfg: Config) -> tuple[str | None, str | None]:
+    """The best checkpoint as the run's MLflow model (`rsray.logged_model`), registered when
+    `tracking.register_as` names a model: (model id, models:/NAME@ALIAS), None for what was not
+    done. Never fails the run."""
+    from rsray.data.prepare import read_manifest
+    from rsray.logged_model import log_embedding_model
+
+    if not cfg.tracking.log_model:
+        return None, None
+    try:
+        return log_embedding_model(
+            tracker, checkpoint_folder, read_manifest(cfg.train.data, cfg.prepare.s3_endpoint), cfg
+        )
+    except Exception as exc:
+        log.warning("the run's MLflow model was not logged: %s", _summary(exc))
+        tracker.not_logged.append("model")
+        return None, None
+
+
+def _log_test_evaluation(
+    tracker, checkpoint_folder: str, cfg: Config, model_id: str | None = None
+) -> dict[str, Any] | None:
     """The best checkpoint scored on the test split, logged into the run (`rsray.eval.record`):
-    the numbers a paper reports, where the runs table shows them. Training has finished by now, so
-    a failure here is a warning and never fails the run."""
+    the numbers a paper reports, where the runs table shows them, linked to the logged model
+    (`model_id`) and the data's digest. Training has finished by now, so a failure here is a
+    warning and never fails the run."""
+    from rsray.data.prepare import read_manifest
+    from rsray.data.verify import data_digest
     from rsray.eval.checkpoint import evaluate_loaded, load_checkpoint
     from rsray.eval.record import log_evaluation
     from rsray.figures import split_figures
@@ -796,11 +823,13 @@ def _log_test_evaluation(tracker, checkpoint_folder: str, cfg: Config) -> dict[s
         model, checkpoint_cfg, state = load_checkpoint(checkpoint_folder)
         report, scored, table = evaluate_loaded(model, checkpoint_cfg, state, checkpoint_folder, "test")
         figures = split_figures(scored.scores, scored.caption_image, table, seed=cfg.train.seed)  # the grids
+        manifest = read_manifest(cfg.train.data, cfg.prepare.s3_endpoint)
     except Exception as exc:
         log.warning("the test split was not evaluated: %s", _summary(exc))
         tracker.not_logged.append("test evaluation")
         return None
-    log_evaluation(tracker, report, figures)
+    dataset = (manifest.get("dataset") or cfg.data.name, data_digest(manifest))
+    log_evaluation(tracker, report, figures, model_id=model_id, dataset=dataset)
     log.info(
         "test split, best checkpoint (epoch %d): mR %.2f, with SMR %.2f",
         report["epoch"],

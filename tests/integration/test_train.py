@@ -33,6 +33,7 @@ pytestmark = pytest.mark.integration
 
 EPOCHS = 2
 RUNS_PREFIX = "on-s3/runs"
+REGISTERED = "vsepp-test"
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,7 @@ def trained(prepared_on_s3, s3_bucket, mlflow_server):
             "train.decode_workers=1",  # each worker forks a decode process
             f"tracking.uri={with_password(mlflow_server)}",
             "tracking.experiment=train-test",
+            f"tracking.register_as={REGISTERED}",
         ],
     )
     started = time.perf_counter()
@@ -289,6 +291,63 @@ def test_rsray_evaluate_logs_into_the_checkpoints_run_or_a_child_of_it(trained, 
     assert child.data.params["data"] == prepared
     # the same data as the run's (a copy on S3): the child's val numbers are the run's
     assert child.data.metrics["val/mR"] == pytest.approx(reported["val/mR"], abs=1e-6)
+
+
+def test_the_best_checkpoint_is_a_logged_model_that_embeds_as_the_checkpoint_does(trained, prepared, mlflow_server):
+    """MLflow 3's convention: the run's model (a pyfunc with its signature and code) loads with
+    mlflow.pyfunc.load_model from the server (artifacts on S3) and embeds a raw caption and image
+    file as the checkpoint embeds the prepared rows; the test numbers are linked to it and the data."""
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from rsray.eval.checkpoint import load_checkpoint
+    from rsray.eval.split import encode_split
+    from rsray.train.run import best_checkpoint
+
+    cfg, result = trained
+    client = MlflowClient(mlflow_server)
+    logged = client.get_logged_model(result.model_id)
+    assert logged.source_run_id == result.mlflow_run_id and logged.name == "model"
+    linked = {m.key: m for m in logged.metrics or []}
+    assert linked["test/mR"].value == pytest.approx(result.test_report["metrics"]["mR"], abs=1e-9)
+    assert (
+        linked["test_smr/mR"].dataset_digest
+        == client.get_run(result.mlflow_run_id).inputs.dataset_inputs[0].dataset.digest
+    )
+    assert f"MLflow model: models:/{result.model_id}, registered as models:/{REGISTERED}@vsepp-sample" in result.summary
+
+    mlflow.set_tracking_uri(mlflow_server)
+    served = mlflow.pyfunc.load_model(f"models:/{result.model_id}")
+    assert served.metadata.get_input_schema().input_names() == ["caption", "image"]
+    model, checkpoint_cfg, _ = load_checkpoint(s3_uri(best_checkpoint(result, cfg)))
+    table = read_split(prepared, "test")
+    images, texts = encode_split(model, table, model_config(checkpoint_cfg).augment)
+    caption = table["captions"][2].as_py()[1]  # image 2's second caption: row 2 * 5 + 1
+    image_file = Path(table["source_path"][3].as_py()).read_bytes()  # the sample's own file, before prepare
+    out = served.predict(pd.DataFrame({"caption": [caption, None], "image": [None, image_file]}))
+    assert out.shape == (2, texts.shape[1])
+    assert abs(out[0] - texts[11].numpy()).max() < 1e-5
+    assert abs(out[1] - images[3].numpy()).max() < 1e-5
+
+
+def test_rsray_evaluate_reads_a_registered_model_by_its_alias(trained, mlflow_server, capsys):
+    """`tracking.register_as` registered the model with the alias <model>-<dataset>; `rsray evaluate
+    models:/NAME@ALIAS` scores it as the checkpoint and logs into the run that trained it."""
+    from mlflow import MlflowClient
+
+    from rsray.cli import main
+
+    _, result = trained
+    version = MlflowClient(mlflow_server).get_model_version_by_alias(REGISTERED, "vsepp-sample")
+    assert version.model_id == result.model_id and version.run_id == result.mlflow_run_id
+    uri = f"models:/{REGISTERED}@vsepp-sample"
+    assert main(["evaluate", uri, "--tracking-uri", mlflow_server, "--no-mlflow"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"{uri} (epoch {result.test_report['epoch']}) on test")
+    assert f"{result.test_report['metrics']['mR']:.2f}" in printed
+    assert main(["evaluate", f"models:/{REGISTERED}@nowhere", "--tracking-uri", mlflow_server]) == 2
+    assert f"models:/{REGISTERED}@nowhere: cannot be read from {mlflow_server}" in capsys.readouterr().err
 
 
 def test_a_rerun_with_the_same_name_resumes_from_the_last_checkpoint(trained):

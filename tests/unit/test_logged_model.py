@@ -1,0 +1,122 @@
+"""rsray.logged_model: the MLflow model embeds a raw caption or image file exactly as evaluation
+embeds the prepared shard row, loads from its own artifacts, and refuses bad rows by number."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from rsray.checkpoint import CONFIG_FILE, STATE_FILE
+from rsray.config import load_config
+from rsray.data.prepare import prepare_in_process
+from rsray.data.synthetic import generate_sample
+from rsray.eval.split import encode_split
+from rsray.logged_model import (
+    CHECKPOINT,
+    FOLDER_PREFIX,
+    EmbeddingModel,
+    architecture_folders,
+    preprocess_settings,
+    registry_alias,
+    write_artifacts,
+)
+from rsray.models import build_model, model_config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A vsepp-tiny checkpoint over a prepared sample (in this process), its manifest's fields."""
+    tmp = tmp_path_factory.mktemp("logged")
+    generate_sample(tmp / "sample", n_images=30, image_size=48, seed=0, progress=False)
+    cfg = load_config("model/vsepp-tiny", [f"data.root={tmp / 'sample'}", "prepare.image_size=40"])
+    tables, vocab = prepare_in_process(cfg)
+    manifest = {
+        "dataset": "sample",
+        "vocab": vocab.to_dict(),
+        "tokenizer": None,
+        "image_size": 40,
+        "image_encoding": "jpeg",
+        "config": cfg.public_dict(),
+    }
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab_size=len(vocab)).eval()
+    folder = tmp / "checkpoint"
+    folder.mkdir()
+    torch.save(
+        {"model": model.state_dict(), "epoch": 2, "optimizer": {"big": torch.zeros(3)}, "mlflow_run_id": "r1"},
+        folder / STATE_FILE,
+    )
+    cfg.save(folder / CONFIG_FILE)
+    return model, cfg, tables["test"], manifest, folder, tmp
+
+
+def test_raw_caption_and_image_file_embed_as_evaluation_embeds_the_prepared_row(trained):
+    model, cfg, table, manifest, folder, tmp = trained
+    artifacts = write_artifacts(folder, manifest, tmp / "artifacts-a")
+    served = EmbeddingModel()
+    served.load(artifacts)
+    images, texts = encode_split(model, table, model_config(cfg).augment)
+    captions = [c for row in table["captions"].to_pylist() for c in row]
+    files = [Path(p).read_bytes() for p in table["source_path"].to_pylist()]  # the original files
+    assert len(files) >= 2
+    frame = pd.DataFrame({"caption": captions[:7] + [None] * 2, "image": [None] * 7 + files[:2]})
+    out = served.predict(None, frame)
+    assert out.dtype == "float32" and out.shape == (9, texts.shape[1])
+    torch.testing.assert_close(torch.from_numpy(out[:7]), texts[:7], atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(out[7:]), images[:2], atol=1e-5, rtol=0)
+
+
+def test_the_slim_checkpoint_keeps_weights_epoch_and_run_but_not_the_optimizer(trained):
+    _, _, _, manifest, folder, tmp = trained
+    artifacts = write_artifacts(folder, manifest, tmp / "artifacts-b")
+    state = torch.load(Path(artifacts[CHECKPOINT]) / STATE_FILE, weights_only=True)
+    assert set(state) == {"model", "epoch", "mlflow_run_id"} and state["epoch"] == 2
+    settings = json.loads(Path(artifacts["preprocess"]).read_text())
+    assert settings == preprocess_settings(manifest)
+    assert (settings["image_size"], settings["jpeg_quality"], settings["vocab"]) == (40, 95, manifest["vocab"])
+
+
+def test_rows_need_exactly_one_of_caption_or_image(trained):
+    _, _, _, manifest, folder, tmp = trained
+    served = EmbeddingModel()
+    served.load(write_artifacts(folder, manifest, tmp / "artifacts-c"))
+    with pytest.raises(ValueError, match="input row 1: give exactly one of caption or image, got none"):
+        served.predict(None, pd.DataFrame({"caption": ["a river", None], "image": [None, None]}))
+    with pytest.raises(ValueError, match=r"input row 0: .* got \['caption', 'image'\]"):
+        served.predict(None, pd.DataFrame({"caption": ["a river"], "image": [b"x"]}))
+    with pytest.raises(ValueError, match="expected `caption`"):
+        served.predict(None, pd.DataFrame({"text": ["a river"]}))
+
+
+def test_folders_that_define_the_model_travel_but_initial_weights_do_not(tmp_path):
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "backbone").mkdir()
+    saved = {
+        "model": {
+            "name": "clip",
+            "clip": {"checkpoint": str(tmp_path / "clip")},
+            "text_checkpoint": "minilm",
+            "backbone_checkpoint": str(tmp_path / "backbone"),
+            "lr": 1.0,
+        },
+        "data": {"tokenizer": str(tmp_path / "tok")},
+    }
+    assert architecture_folders(saved) == {
+        "model.clip.checkpoint": str(tmp_path / "clip"),
+        "data.tokenizer": str(tmp_path / "tok"),
+    }
+    assert FOLDER_PREFIX + "data.tokenizer" == "folder:data.tokenizer"
+
+
+def test_the_registry_alias_defaults_to_model_and_dataset():
+    cfg = load_config("model/swan-tiny", ["data.name=rsicd"])
+    assert registry_alias(cfg) == "swan-rsicd"
+    cfg = load_config("model/swan-tiny", ["tracking.register_alias=best_fold0"])
+    assert registry_alias(cfg) == "best_fold0"
+    with pytest.raises(Exception, match="tracking.register_alias"):
+        load_config("model/swan-tiny", ["tracking.register_alias=v3"])
