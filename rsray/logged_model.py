@@ -255,6 +255,7 @@ def log_embedding_model(
     when registered); None for what was not done: the model scores pairs, or the store did not
     take it (collected by the tracker)."""
     import mlflow
+    import pandas as pd
 
     from rsray.models import model_config
     from rsray.models.registry import _lookup
@@ -280,6 +281,7 @@ def log_embedding_model(
                     artifacts=artifacts,
                     code_paths=[str(Path(__file__).parent)],
                     signature=signature(dim),
+                    input_example=pd.DataFrame({"caption": ["many green trees are around a pond"]}),
                     pip_requirements=pip_requirements(),
                     tags={"model": str(cfg.model.get("name", "")), "dataset": str(cfg.data.name)},
                 )

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.integration
 
 EPOCHS = 2
 RUNS_PREFIX = "on-s3/runs"
-REGISTERED = "vsepp-test"
+REGISTERED, ALIAS = "vsepp-test", "vsepp-rsray_sample"  # alias: <model>-<data.name>
 
 
 @pytest.fixture(scope="module")
@@ -315,7 +315,7 @@ def test_the_best_checkpoint_is_a_logged_model_that_embeds_as_the_checkpoint_doe
         linked["test_smr/mR"].dataset_digest
         == client.get_run(result.mlflow_run_id).inputs.dataset_inputs[0].dataset.digest
     )
-    assert f"MLflow model: models:/{result.model_id}, registered as models:/{REGISTERED}@vsepp-sample" in result.summary
+    assert f"MLflow model: models:/{result.model_id}, registered as models:/{REGISTERED}@{ALIAS}" in result.summary
 
     mlflow.set_tracking_uri(mlflow_server)
     served = mlflow.pyfunc.load_model(f"models:/{result.model_id}")
@@ -339,9 +339,9 @@ def test_rsray_evaluate_reads_a_registered_model_by_its_alias(trained, mlflow_se
     from rsray.cli import main
 
     _, result = trained
-    version = MlflowClient(mlflow_server).get_model_version_by_alias(REGISTERED, "vsepp-sample")
-    assert version.model_id == result.model_id and version.run_id == result.mlflow_run_id
-    uri = f"models:/{REGISTERED}@vsepp-sample"
+    version = MlflowClient(mlflow_server).get_model_version_by_alias(REGISTERED, ALIAS)
+    assert version.source == f"models:/{result.model_id}" and version.run_id == result.mlflow_run_id
+    uri = f"models:/{REGISTERED}@{ALIAS}"
     assert main(["evaluate", uri, "--tracking-uri", mlflow_server, "--no-mlflow"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith(f"{uri} (epoch {result.test_report['epoch']}) on test")
