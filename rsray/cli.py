@@ -24,6 +24,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "data": ("pipelines.data", "dataset tools: `rsray data inspect TARGET [--json]`"),
     "train": ("pipelines.train", "train a model on Ray Train (DDP workers), checkpoint every epoch"),
     "sweep": ("pipelines.sweep", "sweep hyperparameters: Ray Tune over Ray Train runs, ASHA, MLflow parent/child runs"),
+    "study": ("pipelines.study", "one config over several seeds and/or validation folds: child runs, mean ± std"),
     "evaluate": ("pipelines.evaluate", "score a checkpoint on the test split, with and without SMR"),
     "compare": ("pipelines.compare", "the paper-style table of an experiment's runs (md, csv, LaTeX) from MLflow"),
     "demo": ("pipelines.demo", "run the whole pipeline on the embedded sample"),

@@ -61,7 +61,8 @@ class Group:
 
 def collect(client: Any, experiment: str, run_ids: Sequence[str] = (), group_by: str = "model") -> list[Group]:
     """Finished runs of `experiment` (or exactly `run_ids`) that carry `test/mR`, grouped by their
-    `group_by` tag (the run name when a run lacks it), groups in the order their first run started."""
+    `group_by` tag (the run name when a run lacks it), groups in the order their first run started.
+    A study's parent run (`rsray study`) is left out: its members are in the group as repeats."""
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise NothingToCompare(f"MLflow has no experiment {experiment!r} (tracking.experiment)")
@@ -72,7 +73,10 @@ def collect(client: Any, experiment: str, run_ids: Sequence[str] = (), group_by:
         if missing:
             raise NothingToCompare(f"run {missing[0]} is not a finished run of experiment {experiment!r}")
         runs = [by_id[run_id] for run_id in run_ids]
-    runs = sorted((run for run in runs if "test/mR" in run.data.metrics), key=lambda run: run.info.start_time)
+    runs = sorted(
+        (run for run in runs if "test/mR" in run.data.metrics and run.data.tags.get("rsray.kind") != "study"),
+        key=lambda run: run.info.start_time,
+    )  # a study's parent holds its members' means: the members are the repeats
     if not runs:
         raise NothingToCompare(f"no finished run of experiment {experiment!r} has test numbers (test/mR)")
     groups: dict[str, Group] = {}

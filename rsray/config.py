@@ -233,6 +233,23 @@ class TrackingConfig:
 
 
 @dataclass
+class StudyConfig:
+    """`rsray study`: one config trained over several seeds and/or validation folds (rsray.study)."""
+
+    name: str = ""  # the parent run and the members' run-name stem; default <model>-<dataset>-study
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    folds: int = 0  # 0: the data's own validation; k >= 2: folds 0..k-1, each prepared and trained
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if not self.seeds:
+            yield "seeds", "must list at least one seed"
+        elif len(set(self.seeds)) != len(self.seeds):
+            yield "seeds", f"lists a seed twice: {self.seeds}"
+        if self.folds == 1 or self.folds < 0:
+            yield "folds", f"must be 0 (the data's own validation) or at least 2, got {self.folds}"
+
+
+@dataclass
 class Config:
     """Everything one rsray command needs; sections are added as stages land."""
 
@@ -243,6 +260,7 @@ class Config:
     model: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
     origins: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def check(self) -> Iterator[tuple[str, str]]:
