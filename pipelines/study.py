@@ -34,8 +34,8 @@ def main(argv=None) -> int:
         "checkpoint is scored on the test split; the parent logs the mean (test/*, test_smr/*) and "
         "the sample standard deviation (test_std/*, test_smr_std/*) and the report prints e.g. "
         "`mR 34.10 ± 0.60 (3 folds)`. Running the same study again reuses finished members and "
-        "resumes an interrupted one. Example: rsray study presets/sample model=... study.seeds=[0,1] "
-        "or --seeds 0 1 --folds 3.",
+        "resumes an interrupted one. Examples: `rsray study train/cpu-tiny --seeds 0 1`, "
+        "`rsray study train/cpu-tiny --folds 3 --seeds 0` (folds need the raw data: data.root).",
     )
     parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="same as study.seeds=[...]")
     parser.add_argument("--folds", type=int, metavar="K", help="same as study.folds=K")
