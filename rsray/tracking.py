@@ -513,8 +513,10 @@ class Tracker:
         return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
 
     def run_link(self, host_base: str | None = None) -> str:
-        """This run's own page in the MLflow UI."""
-        return self.ui_link(host_base).split("?")[0] + f"/{self.run_id}"
+        """This run's own page in the MLflow UI, in the training view (without the parameter MLflow
+        3.17 opens a run page in its GenAI view: seen in a browser)."""
+        table, query = self.ui_link(host_base).split("?")
+        return f"{table}/{self.run_id}?{query}"
 
     def _start_system_metrics(self) -> None:
         try:
