@@ -106,6 +106,10 @@ def test_run_params_tags_metrics_and_artifacts(local_cfg, tmp_path):
         tracker.ui_link("http://h:5000/")
         == f"http://h:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
     )
+    assert (  # a bare run page opens in MLflow 3.17's GenAI view (seen in a browser)
+        tracker.run_link("http://h:5000")
+        == f"http://h:5000/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    )
 
 
 def test_failed_block_marks_run_failed_and_child_nests(local_cfg):
