@@ -196,3 +196,86 @@ def affiliation_loss(
     text_logits = logit_scale * texts @ image_centres.t()
     text_to_image = F.cross_entropy(text_logits.t() if transposed_t2i else text_logits, target)
     return (image_to_text + text_to_image) / 2
+
+
+# ----------------------------------------------------------------------------- CMPAGL (ALBEF-style)
+
+
+def queue_itc_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    momentum_image: torch.Tensor,
+    momentum_text: torch.Tensor,
+    image_ids: torch.Tensor,
+    queue: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    temperature: torch.Tensor | float,
+    alpha: float = 0.0,
+) -> torch.Tensor:
+    """ALBEF's image-text contrastive loss with a momentum encoder and a feature queue.
+
+    Online embeddings (L2-normalised) are scored against [this batch's momentum embeddings; the
+    queue] / temperature, both ways. The targets are multi-positive: every key with the query's
+    image id (in the batch or the queue) shares the target mass equally; with `alpha` > 0 they are
+    mixed with the momentum model's own softmax (momentum distillation):
+    targets = alpha * softmax(momentum sims) + (1 - alpha) * positives. Loss = (i2t + t2i) / 2,
+    each the mean over queries of the cross-entropy with soft targets."""
+    queue_image, queue_text, queue_ids = queue
+    keys_text = torch.cat([momentum_text, queue_text], dim=0)
+    keys_image = torch.cat([momentum_image, queue_image], dim=0)
+    key_ids = torch.cat([image_ids, queue_ids], dim=0)
+    positives = (image_ids[:, None] == key_ids[None, :]).to(image.dtype)
+    targets = positives / positives.sum(dim=1, keepdim=True)
+    sims_i2t = image @ keys_text.t() / temperature
+    sims_t2i = text @ keys_image.t() / temperature
+    targets_i2t = targets_t2i = targets
+    if alpha > 0:
+        with torch.no_grad():
+            teacher_i2t = (momentum_image @ keys_text.t() / temperature).softmax(dim=1)
+            teacher_t2i = (momentum_text @ keys_image.t() / temperature).softmax(dim=1)
+        targets_i2t = alpha * teacher_i2t + (1 - alpha) * targets
+        targets_t2i = alpha * teacher_t2i + (1 - alpha) * targets
+    loss_i2t = -(F.log_softmax(sims_i2t, dim=1) * targets_i2t).sum(dim=1).mean()
+    loss_t2i = -(F.log_softmax(sims_t2i, dim=1) * targets_t2i).sum(dim=1).mean()
+    return (loss_i2t + loss_t2i) / 2
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    special_ids: tuple[int, ...],
+    mask_id: int,
+    vocab_size: int,
+    probability: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masking for MLM: each valid token that is not special (CLS, SEP, PAD: `special_ids`)
+    is chosen with `probability`; a chosen token becomes [MASK] 80% of the time, a random token
+    10%, itself 10%. Returns (masked ids, labels: the original id where chosen, -100 elsewhere)."""
+    device = input_ids.device
+    eligible = attention_mask.bool() & ~torch.isin(input_ids, torch.tensor(special_ids, device=device))
+    draw = torch.rand(input_ids.shape, generator=generator, device=device)
+    chosen = eligible & (draw < probability)
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+    how = torch.rand(input_ids.shape, generator=generator, device=device)
+    masked = input_ids.clone()
+    masked[chosen & (how < 0.8)] = mask_id
+    replace = chosen & (how >= 0.8) & (how < 0.9)
+    masked[replace] = torch.randint(vocab_size, input_ids.shape, generator=generator, device=device)[replace]
+    return masked, labels
+
+
+def sample_hard_negatives(
+    scores: torch.Tensor, image_ids: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ITM's hard negatives (ALBEF, BLIP): for each row of `scores` [B, B] (a query against the
+    batch's keys), one key drawn with probability softmax(scores)[j] over the keys of *another*
+    image (same-image keys get 0). Returns (key index per row, valid: rows that had a negative)."""
+    scores = scores.detach().float()
+    same = image_ids[:, None] == image_ids[None, :]
+    weights = scores.softmax(dim=1).masked_fill(same, 0.0)
+    valid = (~same).any(dim=1)
+    underflow = valid & (weights.sum(dim=1) == 0)  # fp32 softmax can round every other key to 0
+    weights[underflow] = (~same[underflow]).float()
+    weights[~valid] = 1.0  # multinomial needs mass; these rows are dropped by the caller
+    drawn = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+    return drawn, valid
