@@ -142,10 +142,25 @@ def ranks_t2i(S: torch.Tensor, caption_image: torch.Tensor) -> torch.Tensor:
     return _ranks_t2i(S, _check_matrix(S, caption_image))
 
 
-def retrieval_ranks(S: torch.Tensor, caption_image: torch.Tensor) -> dict[str, list[int]]:
-    """Per-query 0-based ranks as plain lists, {"i2t": [n_img], "t2i": [n_txt]}, for per-query reports."""
+def _t2i_matrix(S: torch.Tensor, t2i_scores: torch.Tensor | None) -> torch.Tensor:
+    """The matrix text-to-image ranks are read from: S itself, or a second one of the same shape
+    (a re-scoring stage that orders each direction differently, `rsray.eval.scoring.rescore_topk`)."""
+    if t2i_scores is None:
+        return S
+    if t2i_scores.shape != S.shape:
+        raise ValueError(f"t2i_scores has shape {tuple(t2i_scores.shape)}, S {tuple(S.shape)}")
+    if torch.isnan(t2i_scores).any():
+        raise ValueError("the t2i score matrix contains NaN")
+    return t2i_scores.to(S.device)
+
+
+def retrieval_ranks(
+    S: torch.Tensor, caption_image: torch.Tensor, t2i_scores: torch.Tensor | None = None
+) -> dict[str, list[int]]:
+    """Per-query 0-based ranks as plain lists, {"i2t": [n_img], "t2i": [n_txt]}, for per-query
+    reports; t2i from `t2i_scores` when given."""
     ci = _check_matrix(S, caption_image)
-    return {"i2t": _ranks_i2t(S, ci).tolist(), "t2i": _ranks_t2i(S, ci).tolist()}
+    return {"i2t": _ranks_i2t(S, ci).tolist(), "t2i": _ranks_t2i(_t2i_matrix(S, t2i_scores), ci).tolist()}
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -194,16 +209,23 @@ def _median(x: torch.Tensor) -> float:
 
 
 def retrieval_metrics(
-    S: torch.Tensor, caption_image: torch.Tensor, image_scenes: Scenes | None = None, ks: Sequence[int] = DEFAULT_KS
+    S: torch.Tensor,
+    caption_image: torch.Tensor,
+    image_scenes: Scenes | None = None,
+    ks: Sequence[int] = DEFAULT_KS,
+    t2i_scores: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """All protocol numbers of one similarity matrix, as {name: float}.
 
     Keys: i2t_R1 i2t_R5 i2t_R10 t2i_R1 t2i_R5 t2i_R10 mR (percent), i2t_medr i2t_meanr t2i_medr
     t2i_meanr (1-based ranks) and, given one scene per image (None = no scene), i2t_SR1 .. t2i_SR10.
+    With `t2i_scores`, text-to-image numbers are read from that matrix's columns instead of S's
+    (image-to-text always from S's rows): two-stage retrieval orders each direction on its own.
     """
     ci = _check_matrix(S, caption_image)
     ks = check_ks(ks)
-    r_i2t, r_t2i = _ranks_i2t(S, ci), _ranks_t2i(S, ci)
+    T = _t2i_matrix(S, t2i_scores)
+    r_i2t, r_t2i = _ranks_i2t(S, ci), _ranks_t2i(T, ci)
     out = recall_at_k(r_i2t, r_t2i, ks)
     for name, r in (("i2t", r_i2t), ("t2i", r_t2i)):
         out[f"{name}_medr"] = _median(r + 1)
@@ -211,5 +233,5 @@ def retrieval_metrics(
     if image_scenes is not None:
         scenes = scene_ids(image_scenes, S.shape[0], S.device)
         k = max(ks)
-        out.update(scene_recall(stable_topk(S, k)[1], stable_topk(S.t(), k)[1], ci, scenes, ks))
+        out.update(scene_recall(stable_topk(S, k)[1], stable_topk(T.t(), k)[1], ci, scenes, ks))
     return out

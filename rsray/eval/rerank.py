@@ -55,6 +55,28 @@ def stable_ranks(S: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.empty(S.shape, dtype=torch.int32, device=S.device).scatter_(dim, order, positions.expand_as(order))
 
 
+def smr_rerank_pair(
+    S_i2t: torch.Tensor, S_t2i: torch.Tensor, k: int = 30, w: float = 1.0, beta: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SMR after a stage that orders each direction on its own matrix (`rescore_topk`): r_f from
+    the rows of S_i2t, r_b from the columns of S_t2i, one weight W from both, applied to each
+    matrix shifted positive. With S_t2i = S_i2t it is `smr_rerank` twice."""
+    problems = [f"smr.{key}: {problem}" for key, problem in SMRConfig(k, w, beta).check()]
+    if problems:
+        raise ValueError("; ".join(problems))
+    if S_i2t.shape != S_t2i.shape or S_i2t.dim() != 2 or S_i2t.numel() == 0:
+        raise ValueError(
+            f"expected two non-empty [images, captions] matrices, got {tuple(S_i2t.shape)} and {tuple(S_t2i.shape)}"
+        )
+    S_i2t, S_t2i = S_i2t.float(), S_t2i.float()
+    if not (torch.isfinite(S_i2t).all() and torch.isfinite(S_t2i).all()):
+        raise ValueError("SMR needs finite scores: a matrix holds NaN or infinity")
+    r_f, r_b = stable_ranks(S_i2t, dim=1), stable_ranks(S_t2i, dim=0)
+    outside = (r_f >= k) & (r_b >= k)
+    weight = (r_f + r_b).to(S_i2t.dtype).mul_(-beta / 2).exp_().mul_(w).add_(1).masked_fill_(outside, 1)
+    return (S_i2t - S_i2t.min() + SHIFT_EPS) * weight, (S_t2i - S_t2i.min() + SHIFT_EPS) * weight
+
+
 def smr_rerank(S: torch.Tensor, k: int = 30, w: float = 1.0, beta: float = 0.1) -> torch.Tensor:
     """S_opt for an [n_img, n_txt] similarity matrix S (formula in the module docstring); same
     shape and device, scores shifted to be positive, to be evaluated like any other matrix."""

@@ -181,3 +181,75 @@ def metrics_from_topk(
     if image_scenes is not None:
         out.update(scene_recall(i2t_idx, t2i_idx, ci, scene_ids(image_scenes, n_img, ci.device), ks))
     return out
+
+
+# ----------------------------------------------------------------------------- re-scoring (ITM)
+
+
+def index_rows(features: Features, index: torch.Tensor) -> Features:
+    """Rows `index` (any order, repeats allowed) of every tensor in `features`."""
+    if isinstance(features, torch.Tensor):
+        return features[index.to(features.device)]
+    if isinstance(features, Mapping):
+        return {key: index_rows(value, index) for key, value in features.items()}
+    parts = [index_rows(value, index) for value in features]
+    return type(features)(*parts) if hasattr(features, "_fields") else type(features)(parts)
+
+
+@torch.no_grad()
+def rescore_topk(
+    model: RetrievalModel,
+    itc: torch.Tensor,
+    image_features: Features,
+    text_features: Features,
+    k: int,
+    pair_batch: int = 256,
+    i2t_idx: torch.Tensor | None = None,
+    t2i_idx: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """ALBEF/BLIP's second stage: each query's top k by the first-stage scores `itc` re-scored by
+    `model.pair_scores` (e.g. ITM log-odds), both directions. Returns (S_i2t, S_t2i, pairs scored).
+
+    One matrix cannot keep both directions' order outside the top k, so there are two: in S_i2t
+    each image's top-k captions carry their re-scored value and every other entry keeps its ITC
+    order below the lowest re-scored value; S_t2i is the same per caption (column). Rank image i's
+    captions by row i of S_i2t and caption j's images by column j of S_t2i. The union of both
+    directions' pairs is scored once each, in batches of `pair_batch`, shortest captions first when
+    the text features carry a `mask` (so each batch's padding stays short). Lists from
+    `streaming_topk` may be passed as `i2t_idx` / `t2i_idx` instead of being read off `itc`."""
+    if k < 1 or pair_batch < 1:
+        raise ValueError(f"k and pair_batch must be positive, got k={k}, pair_batch={pair_batch}")
+    n_img, n_txt = itc.shape
+    if i2t_idx is None:
+        i2t_idx = stable_topk(itc, min(k, n_txt))[1]
+    if t2i_idx is None:
+        t2i_idx = stable_topk(itc.t(), min(k, n_img))[1]
+    device = itc.device
+    rows = torch.cat([torch.arange(n_img, device=device).repeat_interleave(i2t_idx.shape[1]), t2i_idx.flatten()])
+    cols = torch.cat([i2t_idx.flatten(), torch.arange(n_txt, device=device).repeat_interleave(t2i_idx.shape[1])])
+    keys = torch.unique(rows * n_txt + cols)  # sorted: each pair once
+    pair_rows, pair_cols = keys // n_txt, keys % n_txt
+    mask = getattr(text_features, "mask", None)
+    order = (
+        mask.sum(1).to(device)[pair_cols].argsort(stable=True)
+        if isinstance(mask, torch.Tensor)
+        else torch.arange(len(keys), device=device)
+    )
+    values = torch.empty(len(keys), dtype=torch.float32, device=device)
+    for start in range(0, len(keys), pair_batch):
+        chosen = order[start : start + pair_batch]
+        scores = model.pair_scores(
+            index_rows(image_features, pair_rows[chosen]), index_rows(text_features, pair_cols[chosen])
+        )
+        values[chosen] = scores.float().to(device)
+    below = values.min() - 1.0 - (itc.max() - itc.float())  # ITC order, under every re-scored value
+    s_i2t, s_t2i = below.clone(), below
+
+    def rescored(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return values[torch.searchsorted(keys, r * n_txt + c)]
+
+    image_rows = torch.arange(n_img, device=device)[:, None].expand_as(i2t_idx)
+    s_i2t[image_rows, i2t_idx] = rescored(image_rows, i2t_idx)
+    caption_cols = torch.arange(n_txt, device=device)[:, None].expand_as(t2i_idx)
+    s_t2i[t2i_idx, caption_cols] = rescored(t2i_idx, caption_cols)
+    return s_i2t, s_t2i, len(keys)

@@ -2,6 +2,7 @@
 
 from rsray.models import (  # noqa: F401  (imported to register each model)
     clip,
+    cmpagl,
     dove,
     priorclip,
     priorclip_open,

@@ -72,11 +72,15 @@ class BertHalves(nn.Module):
 
         return create_bidirectional_mask(self.config, hidden, attention_mask)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[B, L, W] hidden states of the text half (CLS first)."""
-        hidden = self.embeddings(input_ids=input_ids)
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, modules: tuple[nn.Module, nn.Module] | None = None
+    ) -> torch.Tensor:
+        """[B, L, W] hidden states of the text half (CLS first); `modules` = (embeddings, layers)
+        runs copies of them instead (the momentum encoder's)."""
+        embeddings, layers = modules or (self.embeddings, self.text_layers)
+        hidden = embeddings(input_ids=input_ids)
         mask = self._self_mask(hidden, attention_mask)
-        for layer in self.text_layers:
+        for layer in layers:
             hidden = layer(hidden, mask)
         return hidden
 

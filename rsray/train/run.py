@@ -254,7 +254,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
 
     if tc.sync_batchnorm and context.get_world_size() > 1:
         model = with_sync_batchnorm(model)
-    distributed = _Distributed(ray.train.torch.prepare_model(_LossForward(model)))
+    ddp_kwargs = dict(getattr(model, "ddp_kwargs", {}))  # e.g. CMPAGL: its queue is never re-broadcast
+    distributed = _Distributed(
+        ray.train.torch.prepare_model(_LossForward(model), parallel_strategy_kwargs=ddp_kwargs or None)
+    )
     optimizer, scheduler = make_optimizer(model, model_cfg, total_steps=tc.epochs * _steps_per_epoch(manifest, tc))
     per_batch_schedule = steps_per_batch(model_cfg)
     if saved is not None:

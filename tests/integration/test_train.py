@@ -239,6 +239,14 @@ def test_no_credential_from_the_tracking_uri_is_printed_logged_or_written(
         mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path), tracking_uri=mlflow_server)
     )
     recorded += [file.read_bytes().decode("latin-1") for file in artifacts.rglob("*") if file.is_file()]
+    model = Path(  # the logged model lives outside the run's artifacts (MLflow 3)
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{result.model_id}", dst_path=str(tmp_path / "model"), tracking_uri=mlflow_server
+        )
+    )
+    model_files = [file for file in model.rglob("*") if file.is_file()]
+    assert any(file.name == "preprocess.json" for file in model_files)
+    recorded += [file.read_bytes().decode("latin-1") for file in model_files]
     client = boto3.client("s3", endpoint_url=s3_endpoint)
     listing = client.list_objects_v2(Bucket=s3_bucket, Prefix=f"{RUNS_PREFIX}/vsepp-tiny-test/")["Contents"]
     for item in listing:

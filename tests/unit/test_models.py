@@ -26,6 +26,7 @@ TERM_WEIGHTS = {
     "priorclip": {"info_nce": None, "affiliation": "lambda_cs"},
     "priorclip_open": {"info_nce": None, "affiliation": "lambda_cs"},
     "scene_prior": {"image_ce": None, "caption_ce": "caption_weight"},
+    "cmpagl": {"itc": "w_itc", "triplet": "w_triplet", "intra": "w_intra", "itm": "w_itm", "mlm": "w_mlm"},
 }
 UNTRAINED = "model.allow_random_frozen_backbone=true"  # paper-sized shapes without the weights: nothing downloads
 VOCAB = 40

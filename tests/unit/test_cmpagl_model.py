@@ -1,0 +1,117 @@
+"""rsray.models.cmpagl: its state (queue, pointer, step, momentum weights) survives a checkpoint,
+the momentum weights never reach the optimizer, and across two real gloo workers under DDP the
+queue holds both workers' features in rank order and the momentum weights stay bitwise equal."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from rsray.config import load_config
+from rsray.models import build_model, model_config
+from rsray.optim import make_optimizer
+
+VOCAB, WORLD, BATCH = 40, 2, 4
+
+
+def tiny(seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(load_config("model/cmpagl-tiny"), vocab_size=VOCAB)
+
+
+def batch_for(rank: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed * 10 + rank)
+    lengths = torch.randint(2, 8, (BATCH,), generator=g)
+    tokens = torch.randint(2, VOCAB, (BATCH, 8), generator=g)
+    tokens[torch.arange(8)[None, :] >= lengths[:, None]] = 0
+    return {
+        "images": torch.randn(BATCH, 3, 64, 64, generator=g),
+        "tokens": tokens,
+        "lengths": lengths,
+        "image_ids": torch.arange(BATCH) + 100 * rank + 1000 * seed,
+        "scene_ids": torch.zeros(BATCH, dtype=torch.long),
+    }
+
+
+def test_the_checkpoint_carries_queue_pointer_step_and_momentum_weights():
+    model = tiny().train()
+    for step in range(2):
+        model.loss(batch_for(0, step))["total"].backward()
+    state = model.state_dict()
+    assert {"queue.image", "queue.text", "queue.ids", "queue.ptr", "queue.filled", "step"} <= set(state)
+    assert any(k.startswith("momentum.copies.visual.") for k in state)
+    restored = tiny(seed=1)
+    restored.load_state_dict(state)
+    assert int(restored.queue.filled) == 2 * BATCH and int(restored.step) == 2
+    assert restored.queue.ids[: 2 * BATCH].tolist() == list(range(BATCH)) + list(range(1000, 1000 + BATCH))
+    for key in ("queue.image", "momentum.copies.text_proj.weight", "momentum.copies.visual.swin.norm.weight"):
+        assert torch.equal(restored.state_dict()[key], state[key]), key
+
+
+def test_momentum_weights_get_no_gradient_and_are_not_optimised():
+    model = tiny().train()
+    model.loss(batch_for(0, 0))["total"].backward()
+    momentum = {id(p) for p in model.momentum.parameters()}
+    assert momentum and all(p.grad is None and not p.requires_grad for p in model.momentum.parameters())
+    optimizer, _ = make_optimizer(model, model_config(load_config("model/cmpagl-tiny")))
+    optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert not optimised & momentum
+    assert id(model.bert.mlm_head.predictions.decoder.weight) == id(model.bert.embeddings.word_embeddings.weight)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _LossForward(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return self.model.loss(batch)["total"]
+
+
+def _ddp_worker(rank: int, port: int, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(100 + rank)  # each worker draws its own MLM masks and ITM negatives
+        model = tiny(seed=0).train()  # same initial weights on both
+        ddp = torch.nn.parallel.DistributedDataParallel(_LossForward(model), **model.ddp_kwargs)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        first_ids = None
+        for step in range(3):
+            loss = ddp(batch_for(rank, step))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if step == 0:
+                first_ids = model.queue.ids[: WORLD * BATCH].clone()
+        out[rank] = {
+            "first_ids": first_ids,
+            "momentum": [p.detach().clone() for p in model.momentum.parameters()],
+            "queue": model.queue.image[: int(model.queue.filled)].clone(),
+            "filled": int(model.queue.filled),
+        }
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_workers_share_one_queue_in_rank_order_and_identical_momentum_weights():
+    out = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    expected = list(range(BATCH)) + list(range(100, 100 + BATCH))  # rank 0's batch, then rank 1's
+    for rank in range(WORLD):
+        assert out[rank]["first_ids"].tolist() == expected
+        assert out[rank]["filled"] == 3 * WORLD * BATCH
+    assert torch.equal(out[0]["queue"], out[1]["queue"])
+    assert all(torch.equal(a, b) for a, b in zip(out[0]["momentum"], out[1]["momentum"], strict=True))
+    start = list(tiny(seed=0).momentum.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(out[0]["momentum"], start, strict=True))  # they moved
