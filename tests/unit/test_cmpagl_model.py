@@ -115,3 +115,26 @@ def test_two_workers_share_one_queue_in_rank_order_and_identical_momentum_weight
     assert all(torch.equal(a, b) for a, b in zip(out[0]["momentum"], out[1]["momentum"], strict=True))
     start = list(tiny(seed=0).momentum.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(out[0]["momentum"], start, strict=True))  # they moved
+
+
+def test_the_paper_config_counts_the_parameters_cmpagl_md_lists():
+    """Swin-T + global windows, BERT-base split 6 + 6 with cross-attention and the MLM head, the
+    256-d projections and the ITM head; the momentum copies hold the image side and the text half."""
+    with torch.device("meta"):
+        model = build_model(load_config("model/cmpagl"), vocab_size=VOCAB)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # tied decoder counted once
+    momentum = sum(p.numel() for p in model.momentum.parameters())
+    h, v, d = 768, 30522, 256
+    swin, global_windows = 27_519_354, 3_930_624  # test_gswin counts both from timm and the formula
+    embeddings = v * h + 512 * h + 2 * h + 2 * h
+    layer = 4 * (h * h + h) + 2 * h + (h * 3072 + 3072) + (3072 * h + h) + 2 * h
+    cross = 4 * (h * h + h) + 2 * h
+    mlm_head = h * h + h + 2 * h + v
+    projections = 2 * (h * d + d)
+    assert (
+        trainable
+        == swin + global_windows + embeddings + 12 * layer + 6 * cross + mlm_head + projections + (2 * h + 2) + 1
+    )  # + ITM head + log temperature
+    assert momentum == swin + global_windows + projections + embeddings + 6 * layer
+    # cmpagl.md §4 says about 155.6 M and 98.2 M: its parts (31.45 + 108.89 + 14.16 + 0.65 + 0.39) sum to 155.54
+    assert round(trainable / 1e6, 2) == 155.54 and round(momentum / 1e6, 1) == 98.2

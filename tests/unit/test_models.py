@@ -158,6 +158,12 @@ def test_tiny_pairwise_model_scores(name):
     assert torch.allclose(padded, scores, atol=1e-5)
 
 
+# What must fall to 60% in 30 steps on one random batch: the total, except CMPAGL's, whose MLM
+# predicts random tokens, whose ITM matches noise to random captions and whose ITC floor rises as
+# its queue fills: there the hinge must (it sits at 2 x margin if the embeddings collapse).
+LEARNED_TERM = {"cmpagl": "triplet"}
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_tiny_model_loss_decreases(name):
     model = build_tiny(name).train()
@@ -165,11 +171,11 @@ def test_tiny_model_loss_decreases(name):
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=model.config.lr)
     history = []
     for _ in range(30):
-        loss = model.loss(batch)["total"]
+        losses = model.loss(batch)
         opt.zero_grad()
-        loss.backward()
+        losses["total"].backward()
         opt.step()
-        history.append(loss.item())
+        history.append(losses[LEARNED_TERM.get(name, "total")].item())
     assert sum(history[-5:]) / 5 < 0.6 * history[0], history
 
 

@@ -54,7 +54,8 @@ def test_only_the_top_k_is_reordered_and_the_rest_keeps_itc_order(k):
             rest = [j for j in range(first.shape[1]) if j not in kept]
             by_itc = sorted(rest, key=lambda j: -first[q, j].item())
             assert sorted(rest, key=lambda j: -second[q, j].item()) == by_itc, (name, q)  # ITC order beyond k
-            assert max(second[q, j].item() for j in rest) < min(second[q, j].item() for j in kept)
+            if rest:  # k beyond a 6-image gallery keeps every image
+                assert max(second[q, j].item() for j in rest) < min(second[q, j].item() for j in kept)
     assert len(scorer.pairs) == len(set(scorer.pairs)) == scored  # each pair once
     union = {(i, j) for i in range(N_IMG) for j in stable_topk(itc, k)[1][i].tolist()}
     union |= {(i, j) for j in range(N_IMG * PER) for i in stable_topk(itc.t(), min(k, N_IMG))[1][j].tolist()}
