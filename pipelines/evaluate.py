@@ -29,10 +29,17 @@ def run(ns) -> int:
             into = stack.enter_context(tempfile.TemporaryDirectory(prefix="rsray-model-"))
             folder = download_model(ns.checkpoint, tracking_uri(ns), into)
         model, cfg, state = load_checkpoint(folder)
-        report = evaluate_loaded(model, cfg, state, ns.checkpoint, split=ns.split, data=ns.data, smr=smr)[0]
+        report = evaluate_loaded(
+            model, cfg, state, ns.checkpoint, split=ns.split, data=ns.data, smr=smr, itm_topk=ns.itm_topk
+        )[0]
     print(f"{ns.checkpoint} (epoch {report['epoch']}) on {report['split']} of {report['data']}")
-    print(format_table(report["metrics"], "without SMR"))
-    print(format_table(report["smr_metrics"], f"with SMR (K={smr.k}, w={smr.w}, beta={smr.beta})"))
+    first = "ITC, " if report["stages"] else ""
+    print(format_table(report["metrics"], f"{first}without SMR"))
+    print(format_table(report["smr_metrics"], f"{first}with SMR (K={smr.k}, w={smr.w}, beta={smr.beta})"))
+    for name, stage in report["stages"].items():  # CMPAGL: + ITM re-scoring of each query's top k
+        what = f"+{name.upper()} (top {stage['k']} re-scored, {stage['pairs']} pairs, {stage['seconds']:.1f} s)"
+        print(format_table(stage["metrics"], f"{what}, without SMR"))
+        print(format_table(stage["smr_metrics"], f"{what}, with SMR"))
     if ns.output:
         with open(ns.output, "w") as out:
             json.dump(report, out, indent=1)
@@ -78,6 +85,13 @@ def main(argv=None) -> int:
         action="store_true",
         help="do not log the numbers into the checkpoint's MLflow run (by default they go there as "
         "<split>/* and <split>_smr/*, or into a child run of it when --data is other data)",
+    )
+    parser.add_argument(
+        "--itm-topk",
+        type=int,
+        metavar="K",
+        help="models with a second stage (CMPAGL): re-score each query's top K by ITM (default: the "
+        "model's itm_topk; 0 skips the stage)",
     )
     parser.add_argument("--smr-k", type=int, default=30, help="SMR top-K (default 30)")
     parser.add_argument("--smr-w", type=float, default=1.0, help="SMR boost weight (default 1)")

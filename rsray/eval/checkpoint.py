@@ -17,6 +17,7 @@ from rsray.data.prepare import read_manifest
 from rsray.eval.metrics import retrieval_metrics, retrieval_ranks
 from rsray.eval.rerank import SMRConfig, smr_rerank
 from rsray.eval.split import score_split
+from rsray.eval.stages import has_second_stage, rescore_stage
 from rsray.models import model_config
 from rsray.models.registry import build_for_loading
 
@@ -66,9 +67,12 @@ def evaluate_loaded(
     data: str | None = None,
     smr: SMRConfig | None = None,
     device: str = "cpu",
+    itm_topk: int | None = None,
 ) -> tuple[dict[str, Any], Any, Any]:
     """`evaluate_checkpoint` for a checkpoint already loaded; also returns the scored split and its
-    Arrow table (for the retrieval figures)."""
+    Arrow table (for the retrieval figures). A model with a second stage (CMPAGL's ITM) adds
+    `report["stages"]["itm"]`: its numbers without and with SMR, re-scoring each query's top
+    `itm_topk` (default: the model's `itm_topk`; 0 skips the stage)."""
     model.to(device)
     data = data or cfg.train.data
     if data != cfg.train.data:
@@ -88,5 +92,11 @@ def evaluate_loaded(
         "ranks": retrieval_ranks(scored.scores, scored.caption_image),  # 0-based: i2t per image, t2i per caption
         "image_ids": table["image_id"].to_pylist(),
         "mlflow_run_id": state.get("mlflow_run_id"),
+        "stages": {},
     }
+    if has_second_stage(model):
+        model_cfg = model_config(cfg)
+        k = model_cfg.itm_topk if itm_topk is None else itm_topk
+        if k > 0:
+            report["stages"]["itm"] = rescore_stage(model, scored, k, model_cfg.itm_batch, smr)
     return report, scored, table

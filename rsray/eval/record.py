@@ -28,6 +28,15 @@ def log_evaluation(
     links = {"model_id": model_id, "dataset": dataset}
     tracker.log_metrics(report["metrics"], step, prefix=f"{split}/", **links)
     tracker.log_metrics(report["smr_metrics"], step, prefix=f"{split}_smr/", **links)
+    for stage, numbers in (report.get("stages") or {}).items():  # e.g. test_itm/*, test_itm_smr/*
+        tracker.log_metrics(
+            {**numbers["metrics"], "seconds": numbers["seconds"], "k": numbers["k"]},
+            step,
+            prefix=f"{split}_{stage}/",
+            **links,
+        )
+        if "smr_metrics" in numbers:
+            tracker.log_metrics(numbers["smr_metrics"], step, prefix=f"{split}_{stage}_smr/", **links)
     ranks = {"note": RANKS_NOTE, "epoch": step, "data": report["data"], "smr": report["smr"]}
     ranks.update(ranks=report["ranks"], image_ids=report["image_ids"])
     tracker.log_dict(ranks, f"{split}/ranks.json")

@@ -233,6 +233,16 @@ class Cmpagl(RetrievalModel):
         logits = self.itm_logits(image_features.tokens, text).float()
         return logits[:, 1] - logits[:, 0]
 
+    def validation_metrics(self, split: Any, table: Any) -> dict[str, float]:
+        """With `itm_in_validation`, the ITM stage's numbers as `itm_*` (and `itm_seconds`) from the
+        features validation already encoded; otherwise none (validation stays ITC only)."""
+        if not self.config.itm_in_validation:
+            return {}
+        from rsray.eval.stages import rescore_stage
+
+        stage = rescore_stage(self, split, self.config.itm_topk, self.config.itm_batch)
+        return {**{f"itm_{k}": v for k, v in stage["metrics"].items()}, "itm_seconds": stage["seconds"]}
+
     # -- training
 
     def distill_alpha(self) -> float:

@@ -138,3 +138,32 @@ def test_the_paper_config_counts_the_parameters_cmpagl_md_lists():
     assert momentum == swin + global_windows + projections + embeddings + 6 * layer
     # cmpagl.md §4 says about 155.6 M and 98.2 M: its parts (31.45 + 108.89 + 14.16 + 0.65 + 0.39) sum to 155.54
     assert round(trainable / 1e6, 2) == 155.54 and round(momentum / 1e6, 1) == 98.2
+
+
+def test_the_itm_stage_on_a_prepared_split_equals_full_itm_ranking_when_k_covers_the_gallery(tmp_path):
+    """The real model end to end: prepared shards -> ITC matrix -> ITM re-scoring. With k at the
+    gallery's size the stage is full ITM ranking, checked against every pair scored directly."""
+    from rsray.data.prepare import prepare_in_process
+    from rsray.data.synthetic import generate_sample
+    from rsray.eval.metrics import retrieval_ranks
+    from rsray.eval.scoring import index_rows
+    from rsray.eval.split import score_split
+    from rsray.eval.stages import rescore_stage
+
+    generate_sample(tmp_path / "s", n_images=40, image_size=64, seed=0, progress=False)
+    cfg = load_config("model/cmpagl-tiny", [f"data.root={tmp_path / 's'}", "prepare.image_size=64"])
+    tables, vocab = prepare_in_process(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab_size=len(vocab)).eval()
+    scored = score_split(model, tables["test"], model_config(cfg).augment)
+    n_img, n_txt = scored.scores.shape
+    stage = rescore_stage(model, scored, k=n_txt, pair_batch=5)
+    rows = torch.arange(n_img).repeat_interleave(n_txt)
+    cols = torch.arange(n_txt).repeat(n_img)
+    with torch.no_grad():
+        full = model.pair_scores(index_rows(scored.image_features, rows), index_rows(scored.text_features, cols))
+    expected = retrieval_ranks(full.view(n_img, n_txt), scored.caption_image)
+    assert stage["ranks"] == expected and stage["pairs"] == n_img * n_txt
+    small = rescore_stage(model, scored, k=2)
+    assert small["pairs"] <= n_img * 2 + n_txt * 2 and set(small["metrics"]) == set(stage["metrics"])
+    assert set(model.validation_metrics(scored, tables["test"])) >= {"itm_mR", "itm_i2t_R1", "itm_seconds"}
