@@ -328,24 +328,49 @@ def register(tracker: Any, model_id: str, name: str, alias: str) -> str | None:
 
 
 def download_model(uri: str, tracking_uri: str, into: str | Path) -> str:
-    """`models:/NAME@ALIAS` (or `models:/<model id>`, `runs:/<run id>/model`) downloaded under
-    `into` -> the slim checkpoint folder inside it, which `rsray evaluate` scores as any other."""
+    """`models:/NAME@ALIAS` (or `models:/NAME/VERSION`, `models:/<model id>`, `runs:/<run id>/model`)
+    downloaded under `into` -> the slim checkpoint folder inside it, which `rsray evaluate` scores
+    as any other. The URI is resolved against `tracking_uri` itself (MLflow would resolve a
+    models:/ URI against the process's global registry URI, whatever `tracking_uri` says)."""
     import mlflow.artifacts
 
     from rsray.redact import without_credentials
     from rsray.tracking import check_reachable, mlflow_client
 
     check_reachable(tracking_uri)
-    mlflow_client(tracking_uri)  # credentials in the URI move into MLflow's variables
+    client = mlflow_client(tracking_uri)  # credentials in the URI move into MLflow's variables
     address = without_credentials(tracking_uri)
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(into), tracking_uri=address))
+        location = artifact_location(client, uri)
+        local = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(into), tracking_uri=address)
+        )
     except Exception as exc:
         raise FileNotFoundError(f"{uri}: cannot be read from {address} ({_line(exc)})") from None
     found = sorted(local.rglob(f"artifacts/{CHECKPOINT}/state.pt"))
     if not found:
         raise FileNotFoundError(f"{uri}: not an rsray model (no artifacts/{CHECKPOINT}/state.pt inside)")
     return str(found[0].parent)
+
+
+def artifact_location(client: Any, uri: str) -> str:
+    """Where a model URI's files are, asked of `client`'s own server: a logged model's artifact
+    location for models:/<model id>, NAME@ALIAS and NAME/VERSION; other URIs (runs:/) as given."""
+    if not uri.startswith("models:/"):
+        return uri
+    reference = uri[len("models:/") :].rstrip("/")
+    if reference.startswith("m-") and "/" not in reference and "@" not in reference:
+        return client.get_logged_model(reference).artifact_location
+    if "@" in reference:
+        name, alias = reference.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias)
+    else:
+        name, _, number = reference.rpartition("/")
+        version = client.get_model_version(name, number)
+    source = version.source
+    if source.startswith("models:/m-"):
+        return client.get_logged_model(source[len("models:/") :]).artifact_location
+    return source
 
 
 def _line(exc: BaseException) -> str:

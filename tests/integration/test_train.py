@@ -239,9 +239,10 @@ def test_no_credential_from_the_tracking_uri_is_printed_logged_or_written(
         mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path), tracking_uri=mlflow_server)
     )
     recorded += [file.read_bytes().decode("latin-1") for file in artifacts.rglob("*") if file.is_file()]
+    location = MlflowClient(mlflow_server).get_logged_model(result.model_id).artifact_location
     model = Path(  # the logged model lives outside the run's artifacts (MLflow 3)
         mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{result.model_id}", dst_path=str(tmp_path / "model"), tracking_uri=mlflow_server
+            artifact_uri=location, dst_path=str(tmp_path / "model"), tracking_uri=mlflow_server
         )
     )
     model_files = [file for file in model.rglob("*") if file.is_file()]
@@ -339,14 +340,17 @@ def test_the_best_checkpoint_is_a_logged_model_that_embeds_as_the_checkpoint_doe
     assert abs(out[1] - images[3].numpy()).max() < 1e-5
 
 
-def test_rsray_evaluate_reads_a_registered_model_by_its_alias(trained, mlflow_server, capsys):
+def test_rsray_evaluate_reads_a_registered_model_by_its_alias(trained, mlflow_server, capsys, tmp_path):
     """`tracking.register_as` registered the model with the alias <model>-<dataset>; `rsray evaluate
-    models:/NAME@ALIAS` scores it as the checkpoint and logs into the run that trained it."""
+    models:/NAME@ALIAS` scores it as the checkpoint and logs into the run that trained it. The URI
+    is resolved on --tracking-uri's server whatever the process's global MLflow URI is."""
+    import mlflow
     from mlflow import MlflowClient
 
     from rsray.cli import main
 
     _, result = trained
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")  # not the server: --tracking-uri must win
     version = MlflowClient(mlflow_server).get_model_version_by_alias(REGISTERED, ALIAS)
     assert version.source == f"models:/{result.model_id}" and version.run_id == result.mlflow_run_id
     uri = f"models:/{REGISTERED}@{ALIAS}"
@@ -354,6 +358,8 @@ def test_rsray_evaluate_reads_a_registered_model_by_its_alias(trained, mlflow_se
     printed = capsys.readouterr().out
     assert printed.startswith(f"{uri} (epoch {result.test_report['epoch']}) on test")
     assert f"{result.test_report['metrics']['mR']:.2f}" in printed
+    assert main(["evaluate", f"models:/{result.model_id}", "--tracking-uri", mlflow_server, "--no-mlflow"]) == 0
+    assert f"{result.test_report['metrics']['mR']:.2f}" in capsys.readouterr().out
     assert main(["evaluate", f"models:/{REGISTERED}@nowhere", "--tracking-uri", mlflow_server]) == 2
     assert f"models:/{REGISTERED}@nowhere: cannot be read from {mlflow_server}" in capsys.readouterr().err
 
