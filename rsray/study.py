@@ -67,11 +67,11 @@ class StudyReport:
         return Group(self.name, [], self.metrics)
 
     def spread(self) -> str:
-        """ "3 folds", "2 seeds" or "3 folds x 2 seeds"."""
-        folds = sorted({m.fold for m in self.members if m.fold is not None})
-        seeds = sorted({m.seed for m in self.members})
-        parts = ([f"{len(folds)} folds"] if folds else []) + (
-            [f"{len(seeds)} seeds"] if len(seeds) > 1 or not folds else []
+        """What was repeated: e.g. 3 folds, 2 seeds, or 3 folds x 2 seeds."""
+        folds = {m.fold for m in self.members if m.fold is not None}
+        seeds = {m.seed for m in self.members}
+        parts = ([_count(len(folds), "fold")] if folds else []) + (
+            [_count(len(seeds), "seed")] if len(seeds) > 1 or not folds else []
         )
         return " x ".join(parts)
 
@@ -81,6 +81,10 @@ class StudyReport:
         out = [f"{label} {group.cell('test/' + key)} ({spread})" for key, label in REPORTED]
         out.append(f"mR with SMR {group.cell('test_smr/mR')} ({spread})")
         return out
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def study_name(cfg: Any) -> str:
