@@ -21,6 +21,8 @@ BLOCKS, ENCODERS, LOSSES, OPTIM = (
 PRIORCLIP, DOVE = "rsray/models/priorclip.py", "rsray/models/dove.py"
 BLOCK_TESTS, LOSS_TESTS = "tests/unit/test_blocks.py", "tests/unit/test_losses.py"
 PRIORCLIP_TESTS, DOVE_TESTS = "tests/unit/test_priorclip.py", "tests/unit/test_dove.py"
+GSWIN, MOMENTUM = "rsray/models/gswin.py", "rsray/models/momentum.py"
+CMPAGL_TESTS = "tests/unit/test_cmpagl_losses.py"
 
 # (file, original text, mutated text, what it breaks, the tests that must notice)
 MUTATIONS = [
@@ -168,6 +170,48 @@ MUTATIONS = [
         "gamma ** (epoch // every)",
         "the release's lr phase",
         "tests/unit/test_optim.py",
+    ),
+    (
+        LOSSES,
+        "targets = positives / positives.sum(dim=1, keepdim=True)",
+        "targets = positives",
+        "CMPAGL ITC multi-positive targets not normalised",
+        CMPAGL_TESTS,
+    ),
+    (
+        LOSSES,
+        "targets_i2t = alpha * teacher_i2t + (1 - alpha) * targets",
+        "targets_i2t = alpha * targets + (1 - alpha) * teacher_i2t",
+        "CMPAGL distillation mix swapped",
+        CMPAGL_TESTS,
+    ),
+    (
+        LOSSES,
+        "replace = chosen & (how >= 0.8) & (how < 0.9)",
+        "replace = chosen & (how >= 0.8)",
+        "MLM 80/10/10 -> 80/20/0",
+        CMPAGL_TESTS,
+    ),
+    (
+        LOSSES,
+        "weights = scores.softmax(dim=1).masked_fill(same, 0.0)",
+        "weights = scores.softmax(dim=1)",
+        "ITM negatives may share the image",
+        CMPAGL_TESTS,
+    ),
+    (
+        MOMENTUM,
+        "torch._foreach_lerp_(own, theirs, 1.0 - self.momentum)",
+        "torch._foreach_lerp_(own, theirs, self.momentum)",
+        "momentum step uses m instead of 1 - m",
+        CMPAGL_TESTS,
+    ),
+    (
+        GSWIN,
+        "pooled = F.adaptive_avg_pool2d(x.permute(0, 3, 1, 2), self.window)",
+        "pooled = F.adaptive_max_pool2d(x.permute(0, 3, 1, 2), self.window)",
+        "global window max- instead of average-pooled",
+        "tests/unit/test_gswin.py",
     ),
 ]
 
