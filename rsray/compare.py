@@ -30,6 +30,9 @@ COLUMNS = (
     ("test_smr/mR", "mR+SMR"),
 )
 FORMATS = ("md", "csv", "latex")
+# A model with a second retrieval stage (CMPAGL's ITM) gets a row per stage after its own:
+# (row suffix, prefix of the stage's numbers, the stage's mR+SMR metric or None)
+STAGE_ROWS = ((" +ITM", "test_itm/", "test_itm_smr/mR"), (" +ITM+SMR", "test_itm_smr/", None))
 
 
 class NothingToCompare(ValueError):
@@ -62,7 +65,8 @@ class Group:
 def collect(client: Any, experiment: str, run_ids: Sequence[str] = (), group_by: str = "model") -> list[Group]:
     """Finished runs of `experiment` (or exactly `run_ids`) that carry `test/mR`, grouped by their
     `group_by` tag (the run name when a run lacks it), groups in the order their first run started.
-    A study's parent run (`rsray study`) is left out: its members are in the group as repeats."""
+    A study's parent run (`rsray study`) is left out: its members are in the group as repeats.
+    A run with a second retrieval stage adds rows `<name> +ITM` and `<name> +ITM+SMR` (`STAGE_ROWS`)."""
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise NothingToCompare(f"MLflow has no experiment {experiment!r} (tracking.experiment)")
@@ -82,12 +86,23 @@ def collect(client: Any, experiment: str, run_ids: Sequence[str] = (), group_by:
     groups: dict[str, Group] = {}
     for run in runs:
         name = run.data.tags.get(group_by) or run.info.run_name or run.info.run_id
-        group = groups.setdefault(name, Group(name))
-        group.run_ids.append(run.info.run_id)
-        for key, _ in COLUMNS:
-            if key in run.data.metrics:
-                group.values.setdefault(key, []).append(float(run.data.metrics[key]))
+        metrics = run.data.metrics
+        _add(groups, name, run.info.run_id, {key: metrics.get(key) for key, _ in COLUMNS})
+        for suffix, prefix, smr_key in STAGE_ROWS:
+            if f"{prefix}mR" in metrics:
+                stage = {key: metrics.get(key.replace("test/", prefix, 1)) for key, _ in COLUMNS[:-1]}
+                stage[COLUMNS[-1][0]] = metrics.get(smr_key) if smr_key else None
+                _add(groups, name + suffix, run.info.run_id, stage)
     return list(groups.values())
+
+
+def _add(groups: dict[str, Group], name: str, run_id: str, values: dict[str, float | None]) -> None:
+    """One run's numbers (by column key; None = not measured) into the row `name`."""
+    group = groups.setdefault(name, Group(name))
+    group.run_ids.append(run_id)
+    for key, value in values.items():
+        if value is not None:
+            group.values.setdefault(key, []).append(float(value))
 
 
 def table(groups: Sequence[Group], fmt: str = "md") -> str:

@@ -51,3 +51,32 @@ def test_a_missing_number_is_a_dash_and_figures_are_drawn():
     bars = drawn["compare_mR.png"].axes[0]
     heights = sorted(round(patch.get_height(), 6) for patch in bars.patches)
     assert heights == [36.0, 37.0, 48.0, 49.0]  # mR and mR+SMR of each group
+
+
+def test_a_model_with_an_itm_stage_gets_a_row_per_stage_from_a_real_store(tmp_path):
+    """CMPAGL's three rows (ITC, +ITM, +ITM+SMR) from what its run logged, after its own row; a
+    study's parent is not a repeat. Against a real MLflow store (SQLite)."""
+    from mlflow import MlflowClient
+
+    from rsray.compare import collect
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("stages")
+
+    def run(model: str, metrics: dict[str, float], kind: str = "") -> None:
+        created = client.create_run(experiment, tags={"model": model, **({"rsray.kind": kind} if kind else {})})
+        for key, value in metrics.items():
+            client.log_metric(created.info.run_id, key, value)
+        client.set_terminated(created.info.run_id)
+
+    itc = {key: 10.0 + i for i, (key, _) in enumerate(COLUMNS)}
+    itm = {key.replace("test/", "test_itm/"): 20.0 + i for i, (key, _) in enumerate(COLUMNS[:-1])}
+    itm_smr = {key.replace("test/", "test_itm_smr/"): 30.0 + i for i, (key, _) in enumerate(COLUMNS[:-1])}
+    run("vsepp", {key: 1.0 for key, _ in COLUMNS})
+    run("cmpagl", {**itc, **itm, **itm_smr})
+    run("cmpagl", {key: 99.0 for key, _ in COLUMNS}, kind="study")  # a study parent: left out
+    rows = table(collect(client, "stages"), "md").splitlines()[2:]
+    assert [row.split(" | ")[0] for row in rows] == ["| vsepp", "| cmpagl", "| cmpagl +ITM", "| cmpagl +ITM+SMR"]
+    assert rows[1].endswith("| 16.00 | 17.00 |")  # ITC's mR and mR+SMR
+    assert rows[2].endswith("| 26.00 | 36.00 |")  # +ITM's mR, and +ITM+SMR's mR in the SMR column
+    assert rows[3].startswith("| cmpagl +ITM+SMR | 1 | 30.00 |") and rows[3].endswith("| 36.00 | - |")
