@@ -49,7 +49,7 @@ def run(ns) -> int:
     return 0
 
 
-MODEL_URIS = ("models:/", "runs:/")
+MODEL_URIS = ("models:/",)
 
 
 def tracking_uri(ns) -> str:
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "checkpoint",
         help="checkpoint folder written by `rsray train` (local or s3://), or a logged model: "
-        "models:/NAME@ALIAS (registered with tracking.register_as), models:/MODEL_ID, runs:/RUN_ID/model",
+        "models:/NAME@ALIAS (registered with tracking.register_as), models:/NAME/VERSION or models:/MODEL_ID",
     )
     parser.add_argument(
         "--tracking-uri",

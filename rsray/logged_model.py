@@ -328,7 +328,7 @@ def register(tracker: Any, model_id: str, name: str, alias: str) -> str | None:
 
 
 def download_model(uri: str, tracking_uri: str, into: str | Path) -> str:
-    """`models:/NAME@ALIAS` (or `models:/NAME/VERSION`, `models:/<model id>`, `runs:/<run id>/model`)
+    """`models:/NAME@ALIAS` (or `models:/NAME/VERSION`, `models:/<model id>`)
     downloaded under `into` -> the slim checkpoint folder inside it, which `rsray evaluate` scores
     as any other. The URI is resolved against `tracking_uri` itself (MLflow would resolve a
     models:/ URI against the process's global registry URI, whatever `tracking_uri` says)."""
@@ -355,7 +355,8 @@ def download_model(uri: str, tracking_uri: str, into: str | Path) -> str:
 
 def artifact_location(client: Any, uri: str) -> str:
     """Where a model URI's files are, asked of `client`'s own server: a logged model's artifact
-    location for models:/<model id>, NAME@ALIAS and NAME/VERSION; other URIs (runs:/) as given."""
+    location for models:/<model id>, NAME@ALIAS and NAME/VERSION. (MLflow 3 keeps a logged model
+    outside its run's artifacts: `runs:/<run id>/model` finds nothing there, measured.)"""
     if not uri.startswith("models:/"):
         return uri
     reference = uri[len("models:/") :].rstrip("/")
