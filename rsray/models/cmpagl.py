@@ -44,9 +44,10 @@ from rsray.losses import (
 )
 from rsray.models.base import Batch, RetrievalModel, full_precision_scores
 from rsray.models.bert_halves import BertHalves
-from rsray.models.encoders import check_text_config, length_mask
+from rsray.models.encoders import check_text_config
 from rsray.models.gswin import Gswin
 from rsray.models.momentum import FeatureQueue, MomentumCopy
+from rsray.models.priorclip import text_inputs
 from rsray.models.registry import register_model
 from rsray.optim import WarmupAdamWConfig
 from rsray.pretrained import resolve_local
@@ -190,22 +191,9 @@ class Cmpagl(RetrievalModel):
     # -- inputs and features
 
     def text_inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids, attention mask) capped at `max_text_tokens`: the tokenizer's input_ids, or word
-        tokens behind a CLS id (text_input: tokens)."""
-        if self.config.text_input == "tokens":
-            tokens = batch["tokens"]
-            cls = torch.full_like(tokens[:, :1], self.special[0])
-            ids = torch.cat([cls, tokens], dim=1)
-            mask = torch.cat([torch.ones_like(cls), length_mask(batch["lengths"], tokens.shape[1]).long()], dim=1)
-        else:
-            if "input_ids" not in batch:
-                raise ValueError(
-                    "model.text_input is input_ids but the batch has none: set data.tokenizer to the "
-                    "BERT's tokenizer folder and prepare again (or model.text_input=tokens)"
-                )
-            ids, mask = batch["input_ids"], batch["attention_mask"]
-        cap = self.config.max_text_tokens
-        return ids[:, :cap], mask[:, :cap]
+        """(ids, attention mask) of at most `max_text_tokens`, as PriorCLIP's BERT reads them: the
+        tokenizer's input_ids (a longer caption keeps its [SEP]), or word tokens behind a CLS id."""
+        return text_inputs(batch, self.config.text_input, self.config.max_text_tokens, self.special[0])
 
     def encode_images(self, batch: Batch) -> ImageFeatures:
         tokens = self.visual(batch["images"])
