@@ -258,11 +258,11 @@ def log_embedding_model(
     import pandas as pd
 
     from rsray.models import model_config
-    from rsray.models.registry import _lookup
+    from rsray.models.registry import model_class
     from rsray.redact import without_credentials
     from rsray.tracking import mlflow_client
 
-    if not getattr(_lookup(cfg)[0], "two_tower", True):
+    if not model_class(cfg).two_tower:
         log.info("no MLflow model logged: %s scores pairs and has no embedding per item", cfg.model.get("name"))
         return None, None
     model_config(cfg)  # the config is checked before anything is written
@@ -287,12 +287,14 @@ def log_embedding_model(
                 )
             return info.model_id
 
+        name = getattr(cfg.tracking, "register_as", "")
         try:
-            model_id = tracker._call("log model", log_model)
+            model_id = tracker.retried("log model", log_model)
+            # inside the same URI: a local store checks the version's source against MLflow's global
+            # URI (measured with SQLite: "Logged model ... not found" otherwise)
+            registered = register(tracker, model_id, name, registry_alias(cfg)) if model_id and name else None
         finally:
             mlflow.set_tracking_uri(previous)
-    name = getattr(cfg.tracking, "register_as", "")
-    registered = register(tracker, model_id, name, registry_alias(cfg)) if model_id and name else None
     return model_id, registered
 
 
@@ -307,20 +309,23 @@ def registry_alias(cfg: Any) -> str:
 def register(tracker: Any, model_id: str, name: str, alias: str) -> str | None:
     """A new version of registered model `name` from the logged model, and `alias` pointing at it:
     `models:/NAME@ALIAS`, or None when the registry did not take it."""
+    from mlflow.exceptions import MlflowException
+
     from rsray.tracking import mlflow_client
 
     def register_version() -> str:
         client = mlflow_client(tracker.uri)
         try:
             client.create_registered_model(name)
-        except Exception:  # it exists already
-            pass
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # a later version of the same name is fine
+                raise
         model = client.get_logged_model(model_id)
         version = client.create_model_version(name, model.model_uri, run_id=tracker.run_id, model_id=model_id)
         client.set_registered_model_alias(name, alias, version.version)
         return version.version
 
-    version = tracker._call(f"register {name}", register_version)
+    version = tracker.retried(f"register {name}", register_version)
     if not version:
         return None
     log.info("registered as models:/%s@%s (version %s)", name, alias, version)

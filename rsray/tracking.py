@@ -400,6 +400,11 @@ class Tracker:
             self._down_since = None
         return result
 
+    def retried(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`fn(*args, **kwargs)` under this run's retry and outage rules (`_call`): for logging that
+        goes through MLflow's own APIs (a logged model, a registry version); None when given up."""
+        return self._call(what, fn, *args, **kwargs)
+
     def outage(self) -> str | None:
         """One line saying what could not be logged (None when everything was): for the end of a
         command whose work succeeded while the tracking store was away."""

@@ -49,6 +49,11 @@ def _lookup(cfg: Config) -> tuple[type[RetrievalModel], type]:
     return _MODELS[name]
 
 
+def model_class(cfg: Config) -> type[RetrievalModel]:
+    """The class `model.name` names (its class attributes, e.g. `two_tower`, without building it)."""
+    return _lookup(cfg)[0]
+
+
 def model_config(cfg: Config) -> Any:
     """The `model:` section typed as the named model's config dataclass (checked, one-line errors)."""
     _, config_cls = _lookup(cfg)

@@ -120,3 +120,28 @@ def test_the_registry_alias_defaults_to_model_and_dataset():
     assert registry_alias(cfg) == "best_fold0"
     with pytest.raises(Exception, match="tracking.register_alias"):
         load_config("model/swan-tiny", ["tracking.register_alias=v3"])
+
+
+def test_registration_on_a_local_store_moves_the_alias_to_each_new_version(trained, tmp_path):
+    """The default store is a SQLite file: registering there must work too (MLflow checks a version's
+    source against its global URI), and a second run's model becomes version 2 under the alias."""
+    from mlflow import MlflowClient
+
+    from rsray.logged_model import download_model, log_embedding_model
+    from rsray.tracking import Tracker
+
+    _, cfg, _, manifest, folder, _ = trained
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for key, value in {"uri": uri, "register_as": "unit", "system_metrics": False}.items():
+        setattr(cfg.tracking, key, value)
+    ids = []
+    for _ in range(2):
+        tracker = Tracker.start(cfg.tracking, "run")
+        model_id, registered = log_embedding_model(tracker, folder, manifest, cfg)
+        tracker.end()
+        assert registered == "models:/unit@vsepp-rsray_sample" and not tracker.not_logged
+        ids.append(model_id)
+    version = MlflowClient(uri).get_model_version_by_alias("unit", "vsepp-rsray_sample")
+    assert str(version.version) == "2" and version.source == f"models:/{ids[1]}"
+    checkpoint = download_model("models:/unit@vsepp-rsray_sample", uri, tmp_path / "down")
+    assert torch.load(Path(checkpoint) / STATE_FILE, weights_only=True)["epoch"] == 2
