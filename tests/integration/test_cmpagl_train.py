@@ -28,9 +28,7 @@ def _queue(result) -> dict[str, torch.Tensor]:
     return {name: state[f"queue.{name}"] for name in ("ids", "ptr", "filled", "image")}
 
 
-def test_cmpagl_trains_resumes_with_its_queue_and_evaluates_in_three_stages(
-    prepared, mlflow_server, tmp_path, capsys
-):
+def test_cmpagl_trains_resumes_with_its_queue_and_evaluates_in_three_stages(prepared, mlflow_server, tmp_path, capsys):
     from mlflow import MlflowClient
 
     from rsray.cli import main
