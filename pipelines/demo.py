@@ -26,6 +26,7 @@ DEMO_RUNS = (
     ("clip", ()),
     ("priorclip", ("model.instruction_checkpoint=train",)),
     ("priorclip_open", ("model.clip_checkpoint={clip}",)),
+    ("cmpagl", ()),  # compare adds its +ITM and +ITM+SMR rows
 )
 
 
