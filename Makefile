@@ -55,7 +55,7 @@ test-fast: venv
 	$(PY) -m pytest tests/unit
 
 test-integration: venv
-	$(PY) -m pytest tests/integration
+	$(PY) -m pytest tests/integration tests/multinode
 
 bench-prepare: venv
 	$(PY) -m benchmarks.prepare_throughput --images 5000 --size 256

@@ -143,6 +143,9 @@ class SampleConfig:
             yield "image_size", f"must be at least 32, got {self.image_size}"
 
 
+PLACEMENTS = ("pack", "spread", "strict_pack", "strict_spread")  # Ray's placement group strategies
+
+
 @dataclass
 class TrainConfig:
     """How a model is trained on Ray Train: workers, epochs, batches, checkpoints, fault tolerance."""
@@ -180,6 +183,14 @@ class TrainConfig:
     # When the cluster cannot place num_workers x (cpus_per_worker CPU [+ 1 GPU]), wait this long for
     # an autoscaler to add nodes, then refuse in one line (Ray Train alone would retry forever).
     resource_wait_s: float = 60.0
+    # How Ray Train places the workers' bundles on nodes (ScalingConfig.placement_strategy): pack
+    # (Ray's default and its advice for GPU training: as few nodes as possible, so DDP's all-reduce
+    # stays inside a node where it can) | spread (one per node where it can) | strict_pack | strict_spread.
+    placement: str = "pack"
+    # On a cluster of several nodes every node reads train.data and writes train.storage_path, so a
+    # local folder is refused before any worker starts unless this confirms that every node mounts
+    # the same path (NFS, a shared volume).
+    shared_fs_ok: bool = False
 
     def check(self) -> Iterator[tuple[str, str]]:
         for name in ("epochs", "batch_size", "num_workers", "keep_checkpoints", "eval_batch_size"):
@@ -203,6 +214,8 @@ class TrainConfig:
             yield "verify_checksums", f"must be a subset of train, val, test, got {self.verify_checksums}"
         if self.cache_train_split not in ("auto", "always", "never"):
             yield "cache_train_split", f"must be auto, always or never, got {self.cache_train_split!r}"
+        if self.placement not in PLACEMENTS:
+            yield "placement", f"must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}"
 
 
 @dataclass

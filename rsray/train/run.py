@@ -270,6 +270,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
 
     val = read_split(tc.data, "val", cfg.prepare.s3_endpoint) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
+    placed = {"workers": context.get_world_size(), "worker_nodes": _nodes_of_workers(context.get_world_size())}
     amp_dtype = _amp_dtype(tc.amp, device)
 
     with BatchDecoder(model_cfg.augment, tc.decode_workers) as decoder:  # forked once, reused every epoch
@@ -296,6 +297,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
                 "pairs_per_s": pairs / max(seconds, 1e-9),
                 "train_seconds": seconds,
                 "data_wait_seconds": data_seconds,
+                **placed,
             }
             metrics.update({f"train/{'loss' if k == 'total' else k}": v for k, v in losses.items()})
             if rank != 0:
@@ -325,6 +327,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
                 config_from_dict(config["config"]).save(Path(folder) / CONFIG_FILE)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
     return history
+
+
+def _nodes_of_workers(world_size: int) -> int:
+    """How many Ray nodes the worker group runs on, from each worker's own node id (gathered)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if world_size < 2 or not torch.distributed.is_initialized():
+        return 1
+    nodes: list[str | None] = [None] * world_size
+    torch.distributed.all_gather_object(nodes, node)
+    return len(set(nodes))
 
 
 def _steps_per_epoch(manifest: dict, tc) -> int:
@@ -429,8 +443,9 @@ def cache_train_split(setting: str, pair_bytes: float, object_store_bytes: float
 
 def preflight(cfg: Config) -> Config:
     """Everything checked before an MLflow run or any worker starts, each refusal one line: the
-    model section, the prepared data against its manifest (`rsray.data.verify`), and, when the run
-    name has checkpoints, that resuming would not ignore a changed setting (`run_folder`). Returns
+    model section, that every node can reach the data and storage paths, the prepared data against
+    its manifest (`rsray.data.verify`), and, when the run name has checkpoints, that resuming would
+    not ignore a changed setting (`run_folder`). Returns
     the resolved copy the workers get: local paths absolute, model keys that follow from the data
     filled in, a run name."""
     from rsray.data.verify import verify_prepared
@@ -438,6 +453,7 @@ def preflight(cfg: Config) -> Config:
     from rsray.train.run_folder import check_resume, resume_point
 
     model_config(cfg)
+    _check_every_node_sees_the_paths(cfg)
     verify_prepared(cfg.train.data, cfg.prepare.s3_endpoint, tuple(cfg.train.verify_checksums))
     stopwords = _check_caption_rule(cfg)
     cfg = _absolute_paths(copy.deepcopy(cfg))
@@ -450,6 +466,32 @@ def preflight(cfg: Config) -> Config:
         check_resume(cfg, point)
     _wait_for_resources(cfg)
     return cfg
+
+
+def local_paths_unseen_by_other_nodes(cfg: Config, alive_nodes: int) -> list[tuple[str, str]]:
+    """(key, path) of `train.data` and `train.storage_path` when they are local folders, the
+    cluster has more than one node and `train.shared_fs_ok` does not say every node mounts them."""
+    if alive_nodes < 2 or cfg.train.shared_fs_ok:
+        return []
+    paths = {"train.data": cfg.train.data, "train.storage_path": cfg.train.storage_path}
+    return [(key, path) for key, path in paths.items() if "://" not in path]
+
+
+def _check_every_node_sees_the_paths(cfg: Config) -> None:
+    """Refuse, before any worker starts, a local folder that only this machine sees: Ray Data
+    reads the shards and Ray Train writes checkpoints from whichever node a task or worker is on."""
+    import ray
+
+    from rsray.runtime import ensure_ray
+
+    ensure_ray()
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    for key, path in local_paths_unseen_by_other_nodes(cfg, nodes):
+        raise cfg.error(
+            key,
+            f"{path} is a local folder, but the Ray cluster has {nodes} nodes and the others cannot "
+            "read or write it: use s3://..., or a path every node mounts and set train.shared_fs_ok=true",
+        )
 
 
 def with_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
@@ -562,7 +604,10 @@ def build_trainer(cfg: Config, mlflow_run_id: str | None = None, callbacks: Sequ
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": mlflow_run_id},
         scaling_config=ScalingConfig(
-            num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}
+            num_workers=tc.num_workers,
+            use_gpu=tc.use_gpu,
+            resources_per_worker={"CPU": tc.cpus_per_worker},
+            placement_strategy=tc.placement.upper(),
         ),
         run_config=run_config,
         datasets={"train": train_dataset(cfg)},
@@ -636,6 +681,7 @@ def train(cfg: Config, tracker=None, callbacks: Sequence[Any] = (), score_test: 
     from rsray.tracking import NullTracker, Tracker
     from rsray.train.run_folder import RunLock
 
+    _check_every_node_sees_the_paths(cfg)  # before the run lock writes into train.storage_path
     cfg = _absolute_paths(_train_earlier_stages(cfg))
     if not cfg.train.run_name:
         cfg.train.run_name = default_run_name(cfg)

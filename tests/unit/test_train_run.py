@@ -20,6 +20,7 @@ from rsray.train.run import (
     cache_train_split,
     default_run_name,
     epoch_line,
+    local_paths_unseen_by_other_nodes,
     with_sync_batchnorm,
 )
 
@@ -42,6 +43,26 @@ def test_the_train_split_is_cached_when_it_fits_or_when_told(setting, pair_bytes
 def test_a_bad_cache_setting_names_the_key():
     with pytest.raises(ConfigError, match="train.cache_train_split"):
         load_config("train/cpu-tiny", ["train.cache_train_split=sometimes"])
+
+
+def test_a_placement_ray_does_not_have_names_the_key():
+    with pytest.raises(ConfigError, match=r"train.placement: must be one of pack, spread, strict_pack, strict_spread"):
+        load_config("train/cpu-tiny", ["train.placement=scatter"])
+
+
+@pytest.mark.parametrize(
+    "nodes, overrides, refused",
+    [
+        (1, [], []),  # one node: a local folder is what it sees
+        (2, [], ["train.data", "train.storage_path"]),
+        (3, ["train.storage_path=s3://bucket/runs"], ["train.data"]),
+        (2, ["train.data=s3://bucket/data", "train.storage_path=s3://bucket/runs"], []),
+        (2, ["train.shared_fs_ok=true"], []),  # the user says every node mounts them
+    ],
+)
+def test_local_folders_are_refused_on_a_cluster_of_several_nodes(nodes, overrides, refused):
+    cfg = load_config("train/cpu-tiny", overrides)
+    assert [key for key, _ in local_paths_unseen_by_other_nodes(cfg, nodes)] == refused
 
 
 def test_rng_states_round_trip_through_a_safe_checkpoint(tmp_path):

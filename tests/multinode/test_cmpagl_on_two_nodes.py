@@ -1,5 +1,7 @@
-"""CMPAGL tiny on real Ray Train (2 DDP workers): one epoch, then a rerun of the same name that
-resumes from its checkpoint with the feature queue it left, and `rsray evaluate` of the result
+"""Training across two Ray nodes: a local folder is refused before any worker starts, and CMPAGL
+tiny trains with its 2 DDP workers spread over both nodes (each worker's node id, gathered, says
+so): one epoch, then a rerun of the same name that resumes from its checkpoint with the feature
+queue it left (gathered from workers on different nodes), and `rsray evaluate` of the result
 printing its three retrieval stages (ITC, +ITM, each with and without SMR). Tracked on the MLflow
 server: the run's test numbers hold every stage."""
 
@@ -28,7 +30,29 @@ def _queue(result) -> dict[str, torch.Tensor]:
     return {name: state[f"queue.{name}"] for name in ("ids", "ptr", "filled", "image")}
 
 
-def test_cmpagl_trains_resumes_with_its_queue_and_evaluates_in_three_stages(prepared, mlflow_server, tmp_path, capsys):
+def test_a_local_folder_is_refused_on_two_nodes_before_any_worker_starts(prepared_on_nodes, tmp_path, capsys):
+    from rsray.cli import main
+
+    storage = tmp_path / "runs"
+    code = main(
+        [
+            "train",
+            "train/cpu-tiny",
+            f"train.data={prepared_on_nodes}",
+            f"train.storage_path={storage}",
+            "tracking.enabled=false",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("rsray: error: command line: train.data: ") and "2 nodes" in err[0]
+    assert "s3://" in err[0] and "train.shared_fs_ok=true" in err[0]
+    assert not storage.exists()  # nothing started, nothing written
+
+
+def test_cmpagl_trains_on_both_nodes_resumes_with_its_queue_and_evaluates_in_three_stages(
+    prepared_on_nodes, mlflow_server, tmp_path, capsys
+):
     from mlflow import MlflowClient
 
     from rsray.cli import main
@@ -42,12 +66,14 @@ def test_cmpagl_trains_resumes_with_its_queue_and_evaluates_in_three_stages(prep
     cfg = load_config(
         run,
         [
-            f"train.data={prepared}",
+            f"train.data={prepared_on_nodes}",
             f"train.storage_path={tmp_path / 'runs'}",
             "train.epochs=1",
             f"train.batch_size={BATCH}",
             f"train.num_workers={WORKERS}",
             "train.cpus_per_worker=0.5",
+            "train.placement=spread",  # one worker per node
+            "train.shared_fs_ok=true",  # both nodes are this machine: its folders are shared
             "train.run_name=cmpagl-tiny-test",
             f"model.queue_size={QUEUE}",
             f"tracking.uri={mlflow_server}",
@@ -60,6 +86,7 @@ def test_cmpagl_trains_resumes_with_its_queue_and_evaluates_in_three_stages(prep
     history = first.return_value
     assert all(math.isfinite(history[0][f"train/{term}"]) for term in ("itc", "triplet", "intra", "itm", "mlm"))
     assert "val/itm_mR" in history[0]  # the tiny config re-scores with ITM during validation
+    assert history[0]["workers"] == WORKERS and history[0]["worker_nodes"] == 2
     # 480 training pairs / 2 workers / 16 = 15 steps; each step gathers both workers' 16 momentum features
     steps = 480 // WORKERS // BATCH
     after_one = _queue(first)
