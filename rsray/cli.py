@@ -97,7 +97,9 @@ def run_cli(fn: Callable[[], int | None]) -> int:
         print_error(exc)
         return 1
     except OSError as exc:  # storage: S3 unreachable or refused
-        print_error(exc)
+        from rsray.storage import explain_unreachable
+
+        print_error(explain_unreachable(exc) or exc)
         return 3
     except KeyboardInterrupt as exc:
         print_error(f"interrupted{': ' if str(exc) else ''}{exc}", prefix="")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,12 +60,31 @@ def _bucket_region(bucket: str) -> str:
         return "us-east-1"
 
 
+DEFAULT_S3_ATTEMPTS = 10
+
+
+def s3_attempts() -> int:
+    """Tries per S3 request: the AWS SDKs' own AWS_MAX_ATTEMPTS when set, else 10. The SDKs'
+    default of 3 gives up within a second of a throttling or dropped-connection burst."""
+    value = os.environ.get("AWS_MAX_ATTEMPTS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else DEFAULT_S3_ATTEMPTS
+
+
 def resolve(uri: str | Path, endpoint: str | None = None) -> Location:
-    """Turn a local path or s3:// URI into a Location usable from the driver and Ray workers."""
+    """Turn a local path or s3:// URI into a Location usable from the driver and Ray workers.
+
+    S3 requests are retried by the AWS SDK inside pyarrow (its standard retry strategy: throttling,
+    5xx and connection errors, exponential backoff with jitter) up to `s3_attempts()` times. pyarrow
+    23 does not pickle the strategy, so a filesystem sent to a Ray task or worker retries with
+    pyarrow's default there (the same strategy, 3 attempts); Ray Data also retries a whole file
+    write on those errors (`DataContext.write_file_retry_on_errors`)."""
     uri = str(uri)
     if is_s3(uri):
         endpoint = s3_endpoint(endpoint)
-        kwargs = {"region": s3_region(uri[len("s3://") :].split("/", 1)[0], endpoint)}
+        kwargs = {
+            "region": s3_region(uri[len("s3://") :].split("/", 1)[0], endpoint),
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=s3_attempts()),
+        }
         if endpoint:
             kwargs["endpoint_override"] = endpoint
             if endpoint.startswith("http://"):
@@ -114,3 +134,22 @@ def sha256_of(fs: pafs.FileSystem, path: str, chunk: int = 1 << 20) -> str:
         while block := stream.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+_PYARROW_S3_ERROR = re.compile(r"key '(?P<key>[^']*)' in bucket '(?P<bucket>[^']*)'")
+_UNREACHABLE = ("NETWORK_CONNECTION", "Could not connect", "Couldn't connect", "Could not resolve host")
+
+
+def explain_unreachable(exc: BaseException) -> str | None:
+    """One line for an S3 endpoint that cannot be reached, naming the object's URI and the endpoint
+    (and which setting named it); None for any other error. pyarrow's own message names the bucket
+    and key apart and says only "curlCode: 7"."""
+    text = " ".join(str(exc).split())
+    if not any(marker in text for marker in _UNREACHABLE):
+        return None
+    found = _PYARROW_S3_ERROR.search(text)
+    where = f"s3://{found['bucket']}/{found['key']}" if found else "S3"
+    env = next((name for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL") if os.environ.get(name)), None)
+    endpoint = f"{os.environ[env]} (from {env})" if env else "named by prepare.s3_endpoint, or AWS's own"
+    details = text.split("Details: ", 1)[1] if "Details: " in text else text
+    return f"{where}: cannot reach the S3 endpoint {endpoint}: {details}"

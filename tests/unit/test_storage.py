@@ -57,3 +57,33 @@ def test_s3_requests_are_signed_for_the_buckets_region(monkeypatch):
     monkeypatch.setenv("AWS_REGION", "us-west-2")
     assert storage.s3_region("frankfurt-bucket") == "us-west-2"
     storage._bucket_region.cache_clear()
+
+
+def test_an_unreachable_s3_endpoint_is_one_line_naming_the_uri_and_the_endpoint(monkeypatch, capsys):
+    """A real request to a closed port on 127.0.0.1, through the command a user runs first."""
+    from rsray.cli import main
+    from tests.conftest import free_port
+
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    assert main(["data", "inspect", "s3://some-bucket/prepared"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(
+        f"rsray: error: s3://some-bucket/prepared/manifest.json: cannot reach the S3 endpoint {endpoint} "
+        "(from AWS_ENDPOINT_URL_S3): "
+    )
+
+
+def test_s3_attempts_follow_the_aws_sdks_variable(monkeypatch):
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
+    assert storage.s3_attempts() == storage.DEFAULT_S3_ATTEMPTS
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "4")
+    assert storage.s3_attempts() == 4
+    for bad in ("0", "many", "-2"):
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", bad)
+        assert storage.s3_attempts() == storage.DEFAULT_S3_ATTEMPTS
+    assert storage.explain_unreachable(OSError("Access Denied")) is None  # other errors pass as they are
