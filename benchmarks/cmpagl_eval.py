@@ -39,7 +39,7 @@ from benchmarks.eval_throughput import measured, peak_rss_mb, sync
 from rsray.config import load_config
 from rsray.eval.metrics import caption_to_image, retrieval_metrics
 from rsray.eval.rerank import smr_rerank, smr_rerank_pair
-from rsray.eval.scoring import concat_rows, index_rows, rescore_topk, score_matrix, stable_topk
+from rsray.eval.scoring import concat_rows, index_rows, rescore_topk, score_matrix, scoring_order, topk_pairs
 from rsray.models import build_model, model_config
 from rsray.models.base import to_device
 from rsray.optim import make_optimizer
@@ -127,15 +127,11 @@ def encode(model, args, lengths, device, autocast):
 
 def estimate_itm(model, itc, images, texts, k, args, device, autocast) -> None:
     """The stage's exact pair count at k, and its time from `--itm-sample` of those pairs."""
-    n_img, n_txt = itc.shape
-    i2t = stable_topk(itc, min(k, n_txt))[1]
-    t2i = stable_topk(itc.t(), min(k, n_img))[1]
-    rows = torch.cat([torch.arange(n_img, device=itc.device).repeat_interleave(i2t.shape[1]), t2i.flatten()])
-    cols = torch.cat([i2t.flatten(), torch.arange(n_txt, device=itc.device).repeat_interleave(t2i.shape[1])])
-    keys = torch.unique(rows * n_txt + cols)
+    n_txt = itc.shape[1]
+    _, _, keys = topk_pairs(itc, k)  # the pairs rescore_topk would score
     g = torch.Generator().manual_seed(args.seed + 2)
-    sample = keys[torch.randperm(len(keys), generator=g)[: args.itm_sample].to(keys.device)]
-    sample = sample[texts.mask.sum(1).to(sample.device)[sample % n_txt].argsort(stable=True)]  # as rescore_topk
+    sample = keys[torch.randperm(len(keys), generator=g)[: args.itm_sample].to(keys.device)].sort().values
+    sample = sample[scoring_order(sample, n_txt, texts)]  # in rescore_topk's order
     batch = model.config.itm_batch
     with measured(f"+ITM k={k}: {len(sample):,} of its {len(keys):,} pairs", device), autocast():
         started = time.perf_counter()

@@ -196,6 +196,32 @@ def index_rows(features: Features, index: torch.Tensor) -> Features:
     return type(features)(*parts) if hasattr(features, "_fields") else type(features)(parts)
 
 
+def topk_pairs(itc: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(i2t_idx, t2i_idx, keys): each image's top-k captions and each caption's top-k images by
+    `itc`, and their union as sorted pair keys `row * n_txt + col` (each pair once)."""
+    n_img, n_txt = itc.shape
+    i2t_idx = stable_topk(itc, min(k, n_txt))[1]
+    t2i_idx = stable_topk(itc.t(), min(k, n_img))[1]
+    return i2t_idx, t2i_idx, pair_keys(i2t_idx, t2i_idx, n_img, n_txt)
+
+
+def pair_keys(i2t_idx: torch.Tensor, t2i_idx: torch.Tensor, n_img: int, n_txt: int) -> torch.Tensor:
+    """The union of both directions' top-k lists as sorted keys `row * n_txt + col`."""
+    device = i2t_idx.device
+    rows = torch.cat([torch.arange(n_img, device=device).repeat_interleave(i2t_idx.shape[1]), t2i_idx.flatten()])
+    cols = torch.cat([i2t_idx.flatten(), torch.arange(n_txt, device=device).repeat_interleave(t2i_idx.shape[1])])
+    return torch.unique(rows * n_txt + cols)
+
+
+def scoring_order(keys: torch.Tensor, n_txt: int, text_features: Features) -> torch.Tensor:
+    """The order pairs are scored in: shortest captions first when the text features carry a
+    `mask`, so each batch's padding stays short; else as given."""
+    mask = getattr(text_features, "mask", None)
+    if not isinstance(mask, torch.Tensor):
+        return torch.arange(len(keys), device=keys.device)
+    return mask.sum(1).to(keys.device)[keys % n_txt].argsort(stable=True)
+
+
 @torch.no_grad()
 def rescore_topk(
     model: RetrievalModel,
@@ -225,16 +251,9 @@ def rescore_topk(
     if t2i_idx is None:
         t2i_idx = stable_topk(itc.t(), min(k, n_img))[1]
     device = itc.device
-    rows = torch.cat([torch.arange(n_img, device=device).repeat_interleave(i2t_idx.shape[1]), t2i_idx.flatten()])
-    cols = torch.cat([i2t_idx.flatten(), torch.arange(n_txt, device=device).repeat_interleave(t2i_idx.shape[1])])
-    keys = torch.unique(rows * n_txt + cols)  # sorted: each pair once
+    keys = pair_keys(i2t_idx, t2i_idx, n_img, n_txt)
     pair_rows, pair_cols = keys // n_txt, keys % n_txt
-    mask = getattr(text_features, "mask", None)
-    order = (
-        mask.sum(1).to(device)[pair_cols].argsort(stable=True)
-        if isinstance(mask, torch.Tensor)
-        else torch.arange(len(keys), device=device)
-    )
+    order = scoring_order(keys, n_txt, text_features)
     values = torch.empty(len(keys), dtype=torch.float32, device=device)
     for start in range(0, len(keys), pair_batch):
         chosen = order[start : start + pair_batch]
