@@ -7,14 +7,19 @@ by `AWS_ENDPOINT_URL_S3` or the config's `s3_endpoint`.
 
 from __future__ import annotations
 
+import copyreg
 import functools
 import hashlib
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pyarrow.fs as pafs
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -64,28 +69,64 @@ DEFAULT_S3_ATTEMPTS = 3  # the AWS SDKs' default
 
 
 def s3_attempts() -> int:
-    """Tries per S3 request: the AWS SDKs' own AWS_MAX_ATTEMPTS when set, else their default 3.
-    Each retry waits longer (exponential backoff): measured against an endpoint that is not there,
-    the error comes after 1.2 s with 3 tries, 6 s with 5 and 92 s with 10, so a higher default
-    would make a wrong endpoint wait minutes; raise it for a bucket that throttles hard."""
+    """Tries per S3 request: the AWS SDKs' own AWS_MAX_ATTEMPTS when set, else their default 3."""
     value = os.environ.get("AWS_MAX_ATTEMPTS", "")
     return int(value) if value.isdigit() and int(value) > 0 else DEFAULT_S3_ATTEMPTS
+
+
+def s3_retry_strategy() -> pafs.S3RetryStrategy:
+    """The AWS SDK's retry of throttling (503 SlowDown), 5xx answers and dropped connections, with
+    exponential backoff, `s3_attempts()` tries per request.
+
+    Not pyarrow's default `AwsStandardS3RetryStrategy`: measured here (pyarrow 23), its retry quota
+    is spent and never refilled, so one filesystem object retries 100 times in its whole life and
+    then fails the next throttled request at once (a prepare through a proxy failing every third
+    request died on its 101st). The SDK's classic strategy has no quota; its `max_attempts` counts
+    retries, hence the -1."""
+    return pafs.AwsDefaultS3RetryStrategy(max_attempts=s3_attempts() - 1)
+
+
+def _rebuild_s3(kwargs: dict) -> pafs.S3FileSystem:
+    return pafs.S3FileSystem(**kwargs, retry_strategy=s3_retry_strategy())
+
+
+def _reduce_s3(fs: pafs.S3FileSystem):
+    """pyarrow pickles an S3 filesystem without its retry strategy, so a copy sent to a Ray task or
+    Train worker would get the leaking default; this rebuilds it with ours there (and with that
+    process's AWS_MAX_ATTEMPTS). cloudpickle, and so Ray, consults `copyreg` first."""
+    _, (kwargs,) = fs.__reduce__()
+    return _rebuild_s3, (kwargs,)
+
+
+copyreg.pickle(pafs.S3FileSystem, _reduce_s3)
+
+# The SDK cannot retry a read whose error answer does not fit the caller's buffer: pyarrow hands
+# each ranged GET a buffer the size of the range, a 503 SlowDown's XML body (about 120 bytes)
+# overflows a small one (a Parquet footer's 8), and the SDK reports INTERNAL_FAILURE, which it
+# counts as final. Measured here through the fault proxy; Apache Doris met it on real S3.
+_BUFFER_OVERFLOWED_BY_AN_ERROR = ("Failed to flush response stream",)
+
+
+def reading(fn: Callable[[], T], what: str) -> T:
+    """`fn()` (one whole read: open, read, close), again after the error above, with Ray Data's
+    backoff (`call_with_retry`: 1 s, 2 s, ...) up to `s3_attempts()` times; other errors raise."""
+    from ray.data._internal.util import call_with_retry
+
+    return call_with_retry(fn, what, match=_BUFFER_OVERFLOWED_BY_AN_ERROR, max_attempts=s3_attempts())
 
 
 def resolve(uri: str | Path, endpoint: str | None = None) -> Location:
     """Turn a local path or s3:// URI into a Location usable from the driver and Ray workers.
 
-    S3 requests are retried by the AWS SDK inside pyarrow (its standard retry strategy: throttling,
-    5xx and connection errors, exponential backoff with jitter) up to `s3_attempts()` times. pyarrow
-    23 does not pickle the strategy, so a filesystem sent to a Ray task or worker retries with
-    pyarrow's default there (the same strategy, 3 attempts) whatever AWS_MAX_ATTEMPTS says; Ray
-    Data also retries a whole file write on those errors (`DataContext.write_file_retry_on_errors`)."""
+    S3 requests are retried by the AWS SDK inside pyarrow (`s3_retry_strategy`), also in the Ray
+    tasks and workers a filesystem is sent to; Ray Data also retries a whole file write on those
+    errors (`DataContext.write_file_retry_on_errors`)."""
     uri = str(uri)
     if is_s3(uri):
         endpoint = s3_endpoint(endpoint)
         kwargs = {
             "region": s3_region(uri[len("s3://") :].split("/", 1)[0], endpoint),
-            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=s3_attempts()),
+            "retry_strategy": s3_retry_strategy(),
         }
         if endpoint:
             kwargs["endpoint_override"] = endpoint
@@ -97,8 +138,11 @@ def resolve(uri: str | Path, endpoint: str | None = None) -> Location:
 
 
 def read_bytes(loc: Location) -> bytes:
-    with loc.fs.open_input_stream(loc.path) as stream:
-        return stream.read()
+    def read() -> bytes:
+        with loc.fs.open_input_stream(loc.path) as stream:
+            return stream.read()
+
+    return reading(read, f"read {loc.uri}")
 
 
 def write_bytes(loc: Location, data: bytes) -> None:
@@ -131,11 +175,14 @@ def list_files(loc: Location, suffix: str = "") -> list[str]:
 
 
 def sha256_of(fs: pafs.FileSystem, path: str, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with fs.open_input_stream(path) as stream:
-        while block := stream.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+    def hash_it() -> str:
+        digest = hashlib.sha256()
+        with fs.open_input_stream(path) as stream:
+            while block := stream.read(chunk):
+                digest.update(block)
+        return digest.hexdigest()
+
+    return reading(hash_it, f"hash {path}")
 
 
 _PYARROW_S3_ERROR = re.compile(r"key '(?P<key>[^']*)' in bucket '(?P<bucket>[^']*)'")

@@ -1,13 +1,17 @@
 """An HTTP proxy on 127.0.0.1 that forwards to an S3 endpoint (moto's server) and fails some requests
 the way S3 and networks do: every `every`-th request is answered 503 SlowDown (S3's throttling
-reply) or has its connection dropped before any answer. The rest pass unchanged, so a client
-with working retries sees exactly what the endpoint holds."""
+reply) or has its connection dropped before any answer. Only first attempts count: a retry (the
+AWS SDKs number each try in the `amz-sdk-request` header) always passes, so however many
+processes share the proxy, a client that retries at all never meets two faults in a row. The
+rest pass unchanged, so a client with working retries sees exactly what the endpoint holds."""
 
 from __future__ import annotations
 
 import http.client
 import itertools
+import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -15,19 +19,22 @@ SLOW_DOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
     b"<Message>Please reduce your request rate.</Message></Error>"
 )
+_ATTEMPT = re.compile(r"attempt=(\d+)")
 
 
 class FaultyProxy:
     """`with FaultyProxy(endpoint, every=3, fault="503") as proxy:` then point clients at `proxy.url`.
-    `fault`: "503", "drop" or "mixed" (alternating). `proxy.requests` / `proxy.faults` count."""
+    `fault`: "503", "drop" or "mixed" (alternating). `delay` (seconds, settable while it runs) holds
+    every request that long, to slow a client down enough to interrupt it. `proxy.requests` /
+    `proxy.faults` / `proxy.retries` (requests that were a later attempt) count."""
 
-    def __init__(self, upstream: str, every: int = 3, fault: str = "mixed"):
+    def __init__(self, upstream: str, every: int = 3, fault: str = "mixed", delay: float = 0.0):
         if fault not in ("503", "drop", "mixed"):
             raise ValueError(f"fault must be 503, drop or mixed, got {fault!r}")
         target = urlsplit(upstream)
         self.upstream = (target.hostname, target.port)
-        self.every, self.fault = every, fault
-        self.requests = self.faults = 0
+        self.every, self.fault, self.delay = every, fault, delay
+        self.requests = self.faults = self.retries = 0
         self._lock = threading.Lock()
         self._counter = itertools.count(1)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -44,9 +51,13 @@ class FaultyProxy:
         self._server.server_close()
         self._thread.join(timeout=10)
 
-    def _next_fault(self) -> str | None:
+    def _next_fault(self, sdk_request: str) -> str | None:
+        attempt = _ATTEMPT.search(sdk_request)
         with self._lock:
             self.requests += 1
+            if attempt and int(attempt.group(1)) > 1:
+                self.retries += 1
+                return None
             n = next(self._counter)
             if n % self.every:
                 return None
@@ -77,7 +88,8 @@ class FaultyProxy:
 
             def _forward(self) -> None:
                 body = self._body()  # read first: a dropped request has still been sent in full
-                fault = proxy._next_fault()
+                time.sleep(proxy.delay)
+                fault = proxy._next_fault(self.headers.get("amz-sdk-request", ""))
                 if fault == "drop":
                     self.close_connection = True
                     self.connection.close()
@@ -87,7 +99,8 @@ class FaultyProxy:
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(SLOW_DOWN)))
                     self.end_headers()
-                    self.wfile.write(SLOW_DOWN)
+                    if self.command != "HEAD":  # a HEAD answer has no body: bytes sent would poison the next
+                        self.wfile.write(SLOW_DOWN)
                     return
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "transfer-encoding"}
                 headers["Content-Length"] = str(len(body))

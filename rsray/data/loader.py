@@ -119,8 +119,12 @@ def read_split(
                     f"{loc.uri}: sha256 {digest} differs from the manifest's {entry['sha256']} "
                     "(file changed after prepare; run prepare again)"
                 )
-        with loc.fs.open_input_file(loc.path) as handle:
-            table = pq.ParquetFile(handle).read(columns=list(columns) if columns is not None else None)
+
+        def read() -> pa.Table:
+            with loc.fs.open_input_file(loc.path) as handle:
+                return pq.ParquetFile(handle).read(columns=list(columns) if columns is not None else None)
+
+        table = storage.reading(read, f"read {loc.uri}")
         if table.num_rows != entry["rows"]:
             raise ShardMismatch(f"{loc.uri}: {table.num_rows} rows, the manifest says {entry['rows']}")
         return table

@@ -404,7 +404,10 @@ def _describe_split(out: storage.Location, split: str, paths: list[str]) -> dict
     """Counts, image ids and per-file checksums of one split's shards (`paths`: the files this
     prepare wrote), read back from storage."""
     loc = out.join(split)
-    tables = [pq.read_table(path, filesystem=loc.fs, columns=["image_id", "captions"]) for path in paths]
+    tables = [
+        storage.reading(lambda p=path: pq.read_table(p, filesystem=loc.fs, columns=["image_id", "captions"]), path)
+        for path in paths
+    ]
     with ThreadPoolExecutor(max_workers=8) as pool:  # hashing releases the GIL; S3 reads overlap
         digests = list(pool.map(lambda path: storage.sha256_of(loc.fs, path), paths))
     files = [
@@ -493,7 +496,13 @@ def _cluster_cpus() -> int:
 
 def read_manifest(uri: str, s3_endpoint: str | None = None) -> dict:
     """Load a prepared output's manifest (used by inspect, training and tests)."""
-    loc = storage.resolve(uri, s3_endpoint).join(MANIFEST)
+    root = storage.resolve(uri, s3_endpoint)
+    loc = root.join(MANIFEST)
     if not storage.exists(loc):
+        if storage.exists(root.join(output.IN_PROGRESS)):
+            raise FileNotFoundError(
+                f"{loc.uri}: no manifest: a prepare started here and did not finish "
+                f"({output.IN_PROGRESS} is there); run `rsray prepare` with the same config again to complete it"
+            )
         raise FileNotFoundError(f"{loc.uri}: no manifest (has the prepare stage finished here?)")
     return json.loads(storage.read_bytes(loc))

@@ -9,10 +9,7 @@ train split need runs of their own.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import math
 import time
 from pathlib import Path
@@ -27,71 +24,10 @@ from rsray.eval.split import evaluate
 from rsray.models import build_model, model_config
 from rsray.tracking import metric_history
 from rsray.train.run import train
+from tests.integration.conftest import ALIAS, EPOCHS, REGISTERED, RUNS_PREFIX
 from tests.integration.credentials import PASSWORD, with_password
 
 pytestmark = pytest.mark.integration
-
-EPOCHS = 2
-RUNS_PREFIX = "on-s3/runs"
-REGISTERED, ALIAS = "vsepp-test", "vsepp-rsray_sample"  # alias: <model>-<data.name>
-
-
-@pytest.fixture(scope="module")
-def prepared_on_s3(prepared, s3_endpoint, s3_bucket) -> str:
-    """The session's prepared sample uploaded to S3 as a user would (boto3)."""
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=s3_endpoint)
-    for file in Path(prepared).rglob("*"):
-        if file.is_file():
-            client.upload_file(str(file), s3_bucket, f"on-s3/data/{file.relative_to(prepared).as_posix()}")
-    return f"s3://{s3_bucket}/on-s3/data"
-
-
-class _Lines(logging.Handler):
-    """Every log line of the driver while the shared run trains, as rsray formats them."""
-
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
-@pytest.fixture(scope="module")
-def trained(prepared_on_s3, s3_bucket, mlflow_server):
-    """The shared run, tracked through a URI that carries a user name and password (the server
-    ignores them; a server with MLflow's basic-auth app would check them). Returns (cfg, result)
-    and sets `result.log_lines` and `result.summary` (what `rsray train` prints)."""
-    from pipelines.train import print_summary
-
-    cfg = load_config(
-        "train/cpu-tiny",
-        [
-            f"train.data={prepared_on_s3}",
-            f"train.storage_path=s3://{s3_bucket}/{RUNS_PREFIX}",
-            f"train.epochs={EPOCHS}",
-            "train.run_name=vsepp-tiny-test",
-            "train.decode_workers=1",  # each worker forks a decode process
-            f"tracking.uri={with_password(mlflow_server)}",
-            "tracking.experiment=train-test",
-            f"tracking.register_as={REGISTERED}",
-        ],
-    )
-    started = time.perf_counter()
-    lines = _Lines()
-    logging.getLogger().addHandler(lines)
-    try:
-        result = train(cfg)
-    finally:
-        logging.getLogger().removeHandler(lines)
-    print(f"2 workers x {EPOCHS} epochs: {time.perf_counter() - started:.1f}s")
-    summary = io.StringIO()
-    with contextlib.redirect_stdout(summary):
-        print_summary(cfg, result)
-    result.log_lines, result.summary = lines.lines, summary.getvalue()
-    return cfg, result
 
 
 def s3_uri(checkpoint) -> str:
