@@ -25,15 +25,18 @@ _ATTEMPT = re.compile(r"attempt=(\d+)")
 class FaultyProxy:
     """`with FaultyProxy(endpoint, every=3, fault="503") as proxy:` then point clients at `proxy.url`.
     `fault`: "503", "drop" or "mixed" (alternating). `delay` (seconds, settable while it runs) holds
-    every request that long, to slow a client down enough to interrupt it. `proxy.requests` /
+    every request that long, to slow a client down enough to interrupt it; after `limit` faults (when
+    given) every request passes. `proxy.requests` /
     `proxy.faults` / `proxy.retries` (requests that were a later attempt) count."""
 
-    def __init__(self, upstream: str, every: int = 3, fault: str = "mixed", delay: float = 0.0):
+    def __init__(
+        self, upstream: str, every: int = 3, fault: str = "mixed", delay: float = 0.0, limit: int | None = None
+    ):
         if fault not in ("503", "drop", "mixed"):
             raise ValueError(f"fault must be 503, drop or mixed, got {fault!r}")
         target = urlsplit(upstream)
         self.upstream = (target.hostname, target.port)
-        self.every, self.fault, self.delay = every, fault, delay
+        self.every, self.fault, self.delay, self.limit = every, fault, delay, limit
         self.requests = self.faults = self.retries = 0
         self._lock = threading.Lock()
         self._counter = itertools.count(1)
@@ -59,7 +62,7 @@ class FaultyProxy:
                 self.retries += 1
                 return None
             n = next(self._counter)
-            if n % self.every:
+            if n % self.every or (self.limit is not None and self.faults >= self.limit):
                 return None
             self.faults += 1
             if self.fault != "mixed":

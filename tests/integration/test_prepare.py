@@ -255,7 +255,7 @@ def test_an_interrupted_prepare_is_never_read_as_complete_and_is_redone(ray_clus
     (folder / IN_PROGRESS).write_text(json.dumps({"producer": PRODUCER}))
     (folder / "_staging" / "train").mkdir(parents=True)
     (folder / "_staging" / "train" / "part-00003-0.parquet").write_bytes(b"half a shard")
-    with pytest.raises(FileNotFoundError, match="no manifest"):
+    with pytest.raises(FileNotFoundError, match="no manifest: a prepare started here and did not finish"):
         read_manifest(str(folder))
     redone = prepare(config(dataset, folder))
     assert not redone.skipped and redone.manifest["splits"] == done.manifest["splits"]

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pyarrow.parquet as pq
 import pytest
 
 from rsray import storage
@@ -76,6 +77,39 @@ def test_a_filesystem_sent_to_a_ray_worker_keeps_retrying_past_100_retries(s3_en
         received = ray.cloudpickle.loads(ray.cloudpickle.dumps(sent))
         sizes = {received.get_file_info(f"{s3_bucket}/faults/quota.bin").size for _ in range(120)}
     assert sizes == {1} and proxy.retries == proxy.faults == 120
+
+
+def test_a_small_ranged_read_whose_error_overflows_its_buffer_is_retried(s3_endpoint, s3_bucket, monkeypatch):
+    """A Parquet column of one row is read in a range of a few dozen bytes; a 503's XML body does not
+    fit, and the SDK reports that as final (INTERNAL_FAILURE). `storage.reading` reads again."""
+    import io as _io
+
+    import boto3
+    import pyarrow as pa
+
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
+    buffer = _io.BytesIO()
+    columns = {f"c{i}": [i] for i in range(4)}
+    pq.write_table(pa.table(columns), buffer)
+    boto3.client("s3", endpoint_url=s3_endpoint).put_object(
+        Bucket=s3_bucket, Key="faults/t.parquet", Body=buffer.getvalue()
+    )
+    key = f"{s3_bucket}/faults/t.parquet"
+    # 503 for the first three requests: the size (HEAD) and the footer are retried by the SDK, the
+    # first column's few bytes are not
+    with FaultyProxy(s3_endpoint, every=1, fault="503", limit=3) as proxy:
+        with pytest.raises(OSError, match="INTERNAL_FAILURE during GetObject operation: Failed to flush response"):
+            _read_parquet(storage.resolve(f"s3://{key}", proxy.url).fs, key)
+    with FaultyProxy(s3_endpoint, every=1, fault="503", limit=3) as proxy:
+        fs = storage.resolve(f"s3://{key}", proxy.url).fs
+        table = storage.reading(lambda: _read_parquet(fs, key), "read the test file")
+    assert proxy.faults == 3
+    assert table.to_pydict() == columns
+
+
+def _read_parquet(fs, path: str):
+    with fs.open_input_file(path) as handle:
+        return pq.ParquetFile(handle).read()
 
 
 @pytest.fixture(scope="module")
