@@ -12,6 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.credentials import ADMIN, PASSWORD, RAY_TOKEN, S3_SECRET_KEY, USER
+
+# Every Ray cluster the tests start requires a token, as cluster/ sets Ray up: the session's own
+# (`RAY_TOKEN`, from the environment, which Ray reads first), never ~/.ray/auth_token. Set before
+# anything imports Ray: a process reads RAY_AUTH_MODE once, when Ray's config first loads.
+os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": RAY_TOKEN})
+
 SHARED_DATASETS = Path(
     os.environ.get("RSRAY_SHARED_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets")
 )
@@ -74,6 +81,21 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> N
     wait_until(listening, proc, f"127.0.0.1:{port}", timeout)
 
 
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """os.environ with `values` set (every child process inherits them), restored afterwards."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
     """moto's S3 server as a separate process on 127.0.0.1; credentials set for every child."""
@@ -86,18 +108,12 @@ def s3_endpoint(tmp_path_factory):
     endpoint = f"http://127.0.0.1:{port}"
     env = {
         "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ENDPOINT_URL_S3": endpoint,
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield endpoint
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with environment(env):
+        yield endpoint
     proc.terminate()
     proc.wait(timeout=10)
     log.close()
@@ -175,14 +191,21 @@ def wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> No
 
 class MlflowServer:
     """A real `mlflow server` process on 127.0.0.1: runs in a SQLite file in `folder`, artifacts at
-    `artifacts` (a folder or s3://...). `uri` is its tracking URI; `kill()` is an outage."""
+    `artifacts` (a folder or s3://...). `uri` is its tracking URI; `kill()` is an outage.
 
-    def __init__(self, folder: Path, artifacts: str, env: dict | None = None):
+    With `admin` (user, password) it runs MLflow's basic-auth app as cluster/mlflow does: the
+    admin account comes from MLFLOW_AUTH_ADMIN_USERNAME/PASSWORD, the ini (written here) holds no
+    secret, every other user gets `default_permission`, and nothing is served without a login."""
+
+    def __init__(self, folder: Path, artifacts: str, env: dict | None = None, admin: tuple[str, str] | None = None):
         self.folder, self.port = folder, free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.log = open(folder / "mlflow-server.log", "w")
         command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db"]
         command += ["--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(self.port)]
+        if admin:
+            env = {**(env or os.environ), **_basic_auth_settings(folder, *admin)}
+            command += ["--app-name", "basic-auth"]
         self.proc = subprocess.Popen(
             command + ["--workers", "1"], stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=folder
         )
@@ -214,6 +237,37 @@ class MlflowServer:
         self.log.close()
 
 
+def _basic_auth_settings(folder: Path, user: str, password: str) -> dict[str, str]:
+    """The environment of a basic-auth server: its ini (no secret in it: the admin comes from the
+    variables) and the admin account; credentials are checked once a minute per login, not on
+    every request (MLflow's cache; it hashes with PBKDF2)."""
+    import secrets
+
+    ini = folder / "basic_auth.ini"
+    ini.write_text(
+        "[mlflow]\ndefault_permission = EDIT\n"
+        f"database_uri = sqlite:///{folder}/auth.db\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        "auth_cache_ttl_seconds = 60\n"
+    )
+    return {
+        "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+        "MLFLOW_AUTH_ADMIN_USERNAME": user,
+        "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+    }
+
+
+def create_mlflow_user(uri: str, admin: tuple[str, str], user: str, password: str) -> None:
+    """An ordinary account on a basic-auth server, made through its REST API by the admin."""
+    import requests
+
+    reply = requests.post(
+        f"{uri}/api/2.0/mlflow/users/create", json={"username": user, "password": password}, auth=admin, timeout=30
+    )
+    reply.raise_for_status()
+
+
 def _descendants(pid: int) -> list[int]:
     children = Path(f"/proc/{pid}/task/{pid}/children")
     found = [int(c) for c in children.read_text().split()] if children.exists() else []
@@ -222,9 +276,14 @@ def _descendants(pid: int) -> list[int]:
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory, s3_endpoint, s3_bucket):
-    """A real `mlflow server` on 127.0.0.1: runs in a SQLite file, artifacts proxied to
-    s3://<bucket>/mlflow on the moto server. Yields the tracking URI (http://127.0.0.1:PORT)."""
+    """A real `mlflow server` on 127.0.0.1 with MLflow's basic-auth app: runs in a SQLite file,
+    artifacts proxied to s3://<bucket>/mlflow on the moto server. rsray and the tests log in as an
+    ordinary user through MLflow's own variables (MLFLOW_TRACKING_USERNAME / _PASSWORD), set here
+    for this process and every child (start Ray after this fixture). Yields the tracking URI
+    (http://127.0.0.1:PORT)."""
     env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), f"s3://{s3_bucket}/mlflow", env)
-    yield server.uri
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), f"s3://{s3_bucket}/mlflow", env, admin=ADMIN)
+    create_mlflow_user(server.uri, ADMIN, USER, PASSWORD)
+    with environment({"MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": PASSWORD}):
+        yield server.uri
     server.stop()

@@ -15,14 +15,13 @@ import pytest
 from rsray.config import load_config
 from rsray.train.run import train
 from tests.conftest import prepare_tiny_sample, quick_train_polling
-from tests.integration.credentials import with_password
 
 
 @pytest.fixture(scope="package")
-def ray_cluster(s3_endpoint):
+def ray_cluster(s3_endpoint, mlflow_server):
     """A real local Ray (separate worker processes) for every integration module; it stops when
-    the last one ends, so the unit tests run without Ray as they would alone. It starts after the S3
-    fixture has put the test credentials in os.environ, so the raylet and every worker inherit them."""
+    the last one ends, so the unit tests run without Ray as they would alone. It starts after the S3 and
+    MLflow fixtures have put the test credentials in os.environ, so the raylet and every worker inherit them."""
     import ray
 
     with quick_train_polling():
@@ -69,8 +68,8 @@ class _Lines(logging.Handler):
 @pytest.fixture(scope="package")
 def trained(prepared_on_s3, s3_bucket, mlflow_server):
     """The shared run (test_train reads it; test_storage_faults repeats it through S3 faults and
-    compares), tracked through a URI that carries a user name and password (the server
-    ignores them; a server with MLflow's basic-auth app would check them). Returns (cfg, result)
+    compares), tracked on the basic-auth MLflow server with the login from the environment, as a
+    cluster job is. Returns (cfg, result)
     and sets `result.log_lines` and `result.summary` (what `rsray train` prints)."""
     from pipelines.train import print_summary
 
@@ -82,7 +81,7 @@ def trained(prepared_on_s3, s3_bucket, mlflow_server):
             f"train.epochs={EPOCHS}",
             "train.run_name=vsepp-tiny-test",
             "train.decode_workers=1",  # each worker forks a decode process
-            f"tracking.uri={with_password(mlflow_server)}",
+            f"tracking.uri={mlflow_server}",  # the login comes from MLFLOW_TRACKING_USERNAME/_PASSWORD
             "tracking.experiment=train-test",
             f"tracking.register_as={REGISTERED}",
         ],

@@ -24,7 +24,7 @@ import yaml
 
 from rsray.config import CONF_DIR, load_config
 from rsray.sweep import TAG_EARLY, TAG_ROLE, TAG_SWEEP, TAG_TRIAL, load_sweep, run_sweep
-from tests.integration.credentials import PASSWORD, with_password
+from tests.credentials import PASSWORD, with_password
 
 pytestmark = pytest.mark.integration
 

@@ -11,6 +11,7 @@ import pytest
 from rsray.config import TrackingConfig
 from rsray.figures import loss_and_mr_curves
 from rsray.tracking import Tracker
+from tests.credentials import PASSWORD, USER
 
 pytestmark = pytest.mark.integration
 
@@ -57,3 +58,23 @@ def test_run_through_a_tracking_server(mlflow_server, s3_endpoint, s3_bucket, tm
     ]
     assert any(k.endswith(f"{tracker.run_id}/artifacts/results/final_metrics.json") for k in keys), keys
     assert any(k.endswith("figures/curves.png") for k in keys), keys
+
+
+def test_the_basic_auth_server_refuses_anyone_without_a_valid_login(mlflow_server, monkeypatch):
+    """The session's server runs MLflow's basic-auth app: no login or a wrong password is refused,
+    MLflow's own client without the login variables too; the user's login works."""
+    import requests
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    def search(**login) -> int:
+        url = f"{mlflow_server}/api/2.0/mlflow/experiments/search"
+        return requests.get(url, params={"max_results": 1}, timeout=30, **login).status_code
+
+    assert search() == 401
+    assert search(auth=(USER, "not-the-password")) == 401
+    assert search(auth=(USER, PASSWORD)) == 200
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+    with pytest.raises(MlflowException, match="401"):
+        MlflowClient(mlflow_server).search_experiments(max_results=1)

@@ -8,24 +8,34 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import prepare_tiny_sample, quick_train_polling
+from tests.conftest import free_port, prepare_tiny_sample, quick_train_polling
 
 NODES = 2
 STORE = 150 * 1024 * 1024  # object store per node
 
 
 @pytest.fixture(scope="package")
-def ray_nodes(s3_endpoint):
-    """Head + one more node, 2 logical CPUs each, every process on 127.0.0.1; started after the S3
-    fixture has put the test credentials in os.environ, so every raylet and worker inherits them."""
+def ray_nodes(s3_endpoint, mlflow_server):
+    """Head + one more node, 2 logical CPUs each, every process on 127.0.0.1, token authentication
+    on (the session's token: tests/conftest.py); the head serves the dashboard and job API on 127.0.0.1
+    (`cluster.dashboard_url`). Started after the S3 and MLflow fixtures have put the test
+    credentials in os.environ, so every raylet and worker inherits them."""
     import ray
     from ray.cluster_utils import Cluster
 
     with quick_train_polling():
+        dashboard_port = free_port()
         cluster = Cluster(
             initialize_head=True,
-            head_node_args={"num_cpus": 2, "object_store_memory": STORE, "include_dashboard": False},
+            head_node_args={
+                "num_cpus": 2,
+                "object_store_memory": STORE,
+                "include_dashboard": True,
+                "dashboard_host": "127.0.0.1",
+                "dashboard_port": dashboard_port,
+            },
         )
+        cluster.dashboard_url = f"http://127.0.0.1:{dashboard_port}"
         for _ in range(NODES - 1):
             cluster.add_node(num_cpus=2, object_store_memory=STORE)
         cluster.wait_for_nodes()
