@@ -19,6 +19,7 @@ from tests.credentials import ADMIN, PASSWORD, RAY_TOKEN, S3_SECRET_KEY, USER
 # anything imports Ray: a process reads RAY_AUTH_MODE once, when Ray's config first loads.
 os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": RAY_TOKEN})
 
+START_MLFLOW = Path(__file__).resolve().parents[1] / "cluster" / "mlflow" / "start-mlflow.sh"
 SHARED_DATASETS = Path(
     os.environ.get("RSRAY_SHARED_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets")
 )
@@ -193,19 +194,20 @@ class MlflowServer:
     """A real `mlflow server` process on 127.0.0.1: runs in a SQLite file in `folder`, artifacts at
     `artifacts` (a folder or s3://...). `uri` is its tracking URI; `kill()` is an outage.
 
-    With `admin` (user, password) it runs MLflow's basic-auth app as cluster/mlflow does: the
-    admin account comes from MLFLOW_AUTH_ADMIN_USERNAME/PASSWORD, the ini (written here) holds no
-    secret, every other user gets `default_permission`, and nothing is served without a login."""
+    With `admin` (user, password) it is started by cluster/mlflow/start-mlflow.sh, the MLflow
+    image's entrypoint: MLflow's basic-auth app with every secret from the environment, and
+    nothing served without a login."""
 
     def __init__(self, folder: Path, artifacts: str, env: dict | None = None, admin: tuple[str, str] | None = None):
         self.folder, self.port = folder, free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.log = open(folder / "mlflow-server.log", "w")
-        command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db"]
-        command += ["--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(self.port)]
+        command = [sys.executable, "-m", "mlflow", "server"]
         if admin:
-            env = {**(env or os.environ), **_basic_auth_settings(folder, *admin)}
-            command += ["--app-name", "basic-auth"]
+            command = ["sh", str(START_MLFLOW)]
+            env = {**(env or os.environ), **_basic_auth_environment(folder, *admin)}
+        command += ["--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination", artifacts]
+        command += ["--host", "127.0.0.1", "--port", str(self.port)]
         self.proc = subprocess.Popen(
             command + ["--workers", "1"], stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=folder
         )
@@ -237,24 +239,17 @@ class MlflowServer:
         self.log.close()
 
 
-def _basic_auth_settings(folder: Path, user: str, password: str) -> dict[str, str]:
-    """The environment of a basic-auth server: its ini (no secret in it: the admin comes from the
-    variables) and the admin account; credentials are checked once a minute per login, not on
-    every request (MLflow's cache; it hashes with PBKDF2)."""
+def _basic_auth_environment(folder: Path, user: str, password: str) -> dict[str, str]:
+    """What start-mlflow.sh needs, as a Kubernetes Secret would provide it; `mlflow` is this
+    environment's."""
     import secrets
 
-    ini = folder / "basic_auth.ini"
-    ini.write_text(
-        "[mlflow]\ndefault_permission = EDIT\n"
-        f"database_uri = sqlite:///{folder}/auth.db\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-        "auth_cache_ttl_seconds = 60\n"
-    )
     return {
-        "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "MLFLOW_AUTH_ADMIN_USERNAME": user,
         "MLFLOW_AUTH_ADMIN_PASSWORD": password,
         "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+        "MLFLOW_AUTH_DB_URI": f"sqlite:///{folder}/auth.db",
     }
 
 

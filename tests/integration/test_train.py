@@ -24,7 +24,7 @@ from rsray.eval.split import evaluate
 from rsray.models import build_model, model_config
 from rsray.tracking import metric_history
 from rsray.train.run import train
-from tests.credentials import PASSWORD, S3_SECRET_KEY
+from tests.credentials import PASSWORD, RAY_TOKEN, S3_SECRET_KEY
 from tests.integration.conftest import ALIAS, EPOCHS, REGISTERED, RUNS_PREFIX
 
 pytestmark = pytest.mark.integration
@@ -157,7 +157,7 @@ def test_neither_the_mlflow_password_nor_the_s3_secret_is_printed_logged_or_writ
     trained, mlflow_server, s3_endpoint, s3_bucket, tmp_path
 ):
     """The run logged into the basic-auth server with the login from the environment, and neither
-    that password nor the S3 secret key reaches a console line, an MLflow param, tag or artifact,
+    that password, the S3 secret key nor the Ray token reaches a console line, an MLflow param, tag or artifact,
     the logged model, a file in Ray Train's run folder (checkpoints included) or Ray's own logs."""
     import boto3
     import mlflow.artifacts
@@ -193,7 +193,7 @@ def test_neither_the_mlflow_password_nor_the_s3_secret_is_printed_logged_or_writ
     recorded += [file.read_bytes().decode("latin-1") for file in ray_logs.rglob("*") if file.is_file()]
     leaks = [
         text[max(0, text.find(secret) - 80) : text.find(secret) + 20]
-        for secret in (PASSWORD, S3_SECRET_KEY)
+        for secret in (PASSWORD, S3_SECRET_KEY, RAY_TOKEN)
         for text in recorded
         if secret in text
     ]

@@ -313,3 +313,57 @@ def test_compose_runs_postgres_and_an_s3_backed_mlflow_server():
     assert "--artifacts-destination=${MLFLOW_ARTIFACTS:?" in command
     assert services["mlflow"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert "${POSTGRES_PASSWORD:?" in services["postgres"]["environment"]["POSTGRES_PASSWORD"]
+
+
+# ----------------------------------------------------------------------------- security defaults
+
+
+def test_the_ray_clusters_require_a_token_that_no_file_holds():
+    assert raycluster()["spec"]["authOptions"] == {"mode": "token"}  # KubeRay generates the Secret
+    config = launcher()
+    options = " ".join(config["docker"]["run_options"])
+    assert "--env RAY_AUTH_MODE=token" in options
+    token_path = re.search(r"--env RAY_AUTH_TOKEN_PATH=(\S+)", options).group(1)
+    host_file = re.search(rf"--volume (\S+):{re.escape(token_path)}:ro", options).group(1)
+    fetch = [c for c in config["initialization_commands"] if c.endswith(f"> {host_file})")]
+    assert len(fetch) == 1 and "umask 077" in fetch[0] and "--with-decryption" in fetch[0]  # from SSM, private
+    env_file = re.search(r"--env-file (\S+)", options).group(1)
+    assert any(c.endswith(f"> {env_file})") and "umask 077" in c for c in config["initialization_commands"])
+    for text in (ROOT / "cluster" / "aws-gpu.yaml", ROOT / "cluster" / "kuberay" / "raycluster.yaml"):
+        assert not re.search(r"RAY_AUTH_TOKEN=[^$\s]", text.read_text()), f"{text}: a literal token"
+
+
+def test_the_mlflow_server_needs_a_login_and_is_not_published():
+    assert re.search(r'^ENTRYPOINT \["start-mlflow"\]', dockerfile("cluster/mlflow/Dockerfile"), re.M)
+    assert "COPY start-mlflow.sh /usr/local/bin/start-mlflow" in dockerfile("cluster/mlflow/Dockerfile")
+    assert "mlflow[auth]==" in dockerfile("cluster/mlflow/Dockerfile")
+    deployment, service = load_yaml("cluster/mlflow/k8s.yaml")
+    env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    for name in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_AUTH_DB_URI"):
+        assert "secretKeyRef" in env[name]["valueFrom"], name
+    assert service["spec"]["type"] == "ClusterIP"
+    compose = load_yaml("cluster/mlflow/docker-compose.yaml")[0]["services"]["mlflow"]
+    assert compose["ports"] == ["${MLFLOW_BIND:-127.0.0.1}:5000:5000"]
+    for name in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert compose["environment"][name] == f"${{{name}:?set {name}}}"
+
+
+@pytest.mark.parametrize(
+    "missing", ["MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_AUTH_DB_URI"]
+)
+def test_start_mlflow_refuses_to_start_without_each_secret(missing, tmp_path):
+    """The entrypoint itself, run: it stops before `mlflow` with the name of what is missing (the
+    tests' MLflow server shows it starting when all are there)."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "TMPDIR": str(tmp_path),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": "x",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "y",
+        "MLFLOW_AUTH_DB_URI": "sqlite:///z",
+    }
+    del env[missing]
+    done = subprocess.run(
+        ["sh", str(CLUSTER / "mlflow" / "start-mlflow.sh")], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode != 0 and f"{missing}: set {missing}" in done.stderr
+    assert not list(tmp_path.iterdir())  # no settings file written
