@@ -153,7 +153,18 @@ class TrainConfig:
     data: str = "data/prepared/rsray_sample"  # a prepared output (folder or s3://) with manifest.json
     epochs: int = 10
     batch_size: int = 32  # per worker
-    num_workers: int = 2  # Ray Train workers (one per GPU on a cluster)
+    # Ray Train workers (one per GPU on a cluster), or [min, max]: an elastic run. It starts with
+    # as many as the cluster holds (at least min), goes on with fewer when a node is lost instead of
+    # waiting for a replacement, and grows back (up to max) when nodes return, each time resuming
+    # from its last checkpoint (Ray Train's ScalingConfig(num_workers=(min, max))).
+    num_workers: int | list[int] = 2
+    # An elastic run's learning rate when it has fewer than max workers, whose global batch is
+    # smaller: linear (the linear scaling rule, Goyal et al. 2017: lr x workers / max, so lr per
+    # sample stays as configured for max workers) | constant (the configured lr whatever the batch).
+    # Per-step schedules (warmup/cosine) count their steps for max workers in either case.
+    elastic_lr: str = "linear"
+    # How often a healthy elastic run checks whether more workers could be placed (seconds).
+    elastic_resize_s: float = 60.0
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     storage_path: str = "runs"  # checkpoints and Ray Train results: folder or s3://
@@ -192,10 +203,30 @@ class TrainConfig:
     # the same path (NFS, a shared volume).
     shared_fs_ok: bool = False
 
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if self.elastic else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[-1] if self.elastic else self.num_workers
+
     def check(self) -> Iterator[tuple[str, str]]:
-        for name in ("epochs", "batch_size", "num_workers", "keep_checkpoints", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "keep_checkpoints", "eval_batch_size"):
             if getattr(self, name) < 1:
                 yield name, f"must be positive, got {getattr(self, name)}"
+        if self.elastic and (len(self.num_workers) != 2 or not 1 <= self.num_workers[0] <= self.num_workers[1]):
+            yield "num_workers", f"must be a count or [min, max] with 1 <= min <= max, got {self.num_workers}"
+        elif not self.elastic and self.num_workers < 1:
+            yield "num_workers", f"must be positive, got {self.num_workers}"
+        if self.elastic_lr not in ("linear", "constant"):
+            yield "elastic_lr", f"must be linear or constant, got {self.elastic_lr!r}"
+        if self.elastic_resize_s <= 0:
+            yield "elastic_resize_s", f"must be positive, got {self.elastic_resize_s}"
         if self.cpus_per_worker <= 0:
             yield "cpus_per_worker", f"must be positive, got {self.cpus_per_worker}"
         if self.grad_clip < 0:
@@ -465,6 +496,9 @@ def _coerce(value: Any, hint: Any, key: str, fail) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        for alternative in inner[1:]:  # `int | list[int]`: a list takes the list alternative
+            if typing.get_origin(alternative) is list and isinstance(value, list):
+                return _coerce(value, alternative, key, fail)
         return _coerce(value, inner[0], key, fail)
     if origin is dict or hint is Any:
         if origin is dict and not isinstance(value, dict):

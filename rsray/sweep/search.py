@@ -24,7 +24,10 @@ def max_concurrent_trials(sweep: Sweep, cluster: dict[str, float]) -> int:
     cpus = float(cluster.get("CPU", 0)) - s.reserve_cpus
     if s.kind == "smr":
         return max(1, int(cpus))
-    workers = max(candidates(sweep, "train.num_workers", sweep.base.train.num_workers))
+    workers = max(
+        max(value) if isinstance(value, list) else value  # an elastic [min, max]: its max
+        for value in candidates(sweep, "train.num_workers", sweep.base.train.num_workers)
+    )
     per_worker = max(candidates(sweep, "train.cpus_per_worker", sweep.base.train.cpus_per_worker))
     fits = int(cpus / (s.trial_cpus + workers * per_worker) + 1e-9)  # 3 / 0.75 is 4, not 3.99...
     if any(candidates(sweep, "train.use_gpu", sweep.base.train.use_gpu)):

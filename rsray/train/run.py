@@ -260,9 +260,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     )
     optimizer, scheduler = make_optimizer(model, model_cfg, total_steps=tc.epochs * _steps_per_epoch(manifest, tc))
     per_batch_schedule = steps_per_batch(model_cfg)
+    lr_scale = elastic_lr_scale(tc, context.get_world_size())
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+    rescale_learning_rate(optimizer, scheduler, lr_scale / (saved or {}).get("lr_scale", 1.0))
     if saved is not None and rank == 0:
         _set_rng_state(saved["rng"])  # the saved states are rank 0's
     else:
@@ -297,6 +299,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
                 "pairs_per_s": pairs / max(seconds, 1e-9),
                 "train_seconds": seconds,
                 "data_wait_seconds": data_seconds,
+                "lr_scale": lr_scale,
                 **placed,
             }
             metrics.update({f"train/{'loss' if k == 'total' else k}": v for k, v in losses.items()})
@@ -317,6 +320,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
                         "scheduler": scheduler.state_dict(),
                         "epoch": epoch,
                         "rng": _rng_state(),
+                        "lr_scale": lr_scale,  # in the optimizer's and scheduler's state
                         "metrics": dict(metrics),
                         "history": history,
                         # the MLflow run this epoch was logged to: `rsray evaluate` adds its numbers there
@@ -327,6 +331,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
                 config_from_dict(config["config"]).save(Path(folder) / CONFIG_FILE)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
     return history
+
+
+def elastic_lr_scale(tc, world_size: int) -> float:
+    """The factor on the configured learning rate for `world_size` workers: `train.elastic_lr`
+    linear scales it with the global batch (workers / max workers) in an elastic run; a fixed run
+    and `constant` keep it."""
+    if not tc.elastic or tc.elastic_lr == "constant":
+        return 1.0
+    return world_size / tc.max_workers
+
+
+def rescale_learning_rate(optimizer, scheduler, factor: float) -> None:
+    """Multiply the learning rate by `factor` from here on, whatever the schedule: the optimizer's
+    current lr (what StepLR's chained form goes on from) and the scheduler's base lrs (what the
+    LambdaLR schedules multiply). A resumed run passes new scale / the checkpoint's scale."""
+    if factor == 1.0:
+        return
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] *= factor
+    scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def _nodes_of_workers(world_size: int) -> int:
@@ -343,8 +370,9 @@ def _nodes_of_workers(world_size: int) -> int:
 
 def _steps_per_epoch(manifest: dict, tc) -> int:
     """Optimizer steps of one epoch on each worker: the train pairs split evenly over the workers,
-    in full batches (Ray Train's shards are equal and read with drop_last)."""
-    return max(1, manifest["splits"]["train"]["captions"] // tc.num_workers // tc.batch_size)
+    in full batches (Ray Train's shards are equal and read with drop_last); an elastic run plans for
+    its max workers."""
+    return max(1, manifest["splits"]["train"]["captions"] // tc.max_workers // tc.batch_size)
 
 
 class EpochLogger(UserCallback):
@@ -391,11 +419,11 @@ def train_dataset(cfg: Config):
     if not files:
         raise cfg.error("train.data", f"{cfg.train.data} has no train split to train on")
     pairs = manifest["splits"]["train"]["captions"]
-    if pairs < cfg.train.batch_size * cfg.train.num_workers:
+    if pairs < cfg.train.batch_size * cfg.train.max_workers:
         raise cfg.error(
             "train.batch_size",
             f"{pairs} training pairs give no full batch of {cfg.train.batch_size} "
-            f"on each of {cfg.train.num_workers} workers",
+            f"on each of {cfg.train.max_workers} workers",
         )
     root = storage.resolve(cfg.train.data, cfg.prepare.s3_endpoint)
     columns = ["image_id", "scene", "caption_tokens", "image"]
@@ -549,7 +577,7 @@ def _wait_for_resources(cfg: Config) -> None:
     while True:
         nodes = [node for node in ray.nodes() if node.get("Alive")]
         fits = placeable_workers(nodes, need)
-        if fits >= tc.num_workers:
+        if fits >= tc.min_workers:
             if said:
                 request_resources(bundles=[])  # Ray Train's own placement group asks from here on
             return
@@ -558,16 +586,16 @@ def _wait_for_resources(cfg: Config) -> None:
                 request_resources(bundles=[])
             raise cfg.error(
                 "train.num_workers",
-                f"{tc.num_workers} workers of {need} cannot be placed: the cluster's {len(nodes)} node(s) hold "
+                f"{tc.min_workers} workers of {need} cannot be placed: the cluster's {len(nodes)} node(s) hold "
                 f"{fits} of them at most; waited {tc.resource_wait_s:g} s (train.resource_wait_s) for more nodes. "
                 "Lower train.num_workers or train.cpus_per_worker, or add nodes",
             )
         if not said:
-            request_resources(bundles=[need] * tc.num_workers)  # what an autoscaler scales up for
+            request_resources(bundles=[need] * tc.min_workers)  # what an autoscaler scales up for
             log.info(
                 "the cluster can place %d of %d workers of %s: waiting up to %g s for more nodes",
                 fits,
-                tc.num_workers,
+                tc.min_workers,
                 need,
                 tc.resource_wait_s,
             )
@@ -604,7 +632,8 @@ def build_trainer(cfg: Config, mlflow_run_id: str | None = None, callbacks: Sequ
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": mlflow_run_id},
         scaling_config=ScalingConfig(
-            num_workers=tc.num_workers,
+            num_workers=tuple(tc.num_workers) if tc.elastic else tc.num_workers,
+            elastic_resize_monitor_interval_s=tc.elastic_resize_s,
             use_gpu=tc.use_gpu,
             resources_per_worker={"CPU": tc.cpus_per_worker},
             placement_strategy=tc.placement.upper(),
