@@ -165,6 +165,11 @@ class TrainConfig:
     elastic_lr: str = "linear"
     # How often a healthy elastic run checks whether more workers could be placed (seconds).
     elastic_resize_s: float = 60.0
+    # Custom Ray resources each worker needs besides its CPUs (and GPU), e.g. {accelerator_type:A100: 0.001}
+    # to land on such nodes, or a per-node slot resource to allow one worker per node. An elastic
+    # run counts the workers it can start from resources alone (Ray Train ignores placement), so a
+    # resource each node has once is how "one worker per node" holds there.
+    worker_resources: dict[str, float] = field(default_factory=dict)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     storage_path: str = "runs"  # checkpoints and Ray Train results: folder or s3://
@@ -225,6 +230,11 @@ class TrainConfig:
             yield "num_workers", f"must be positive, got {self.num_workers}"
         if self.elastic_lr not in ("linear", "constant"):
             yield "elastic_lr", f"must be linear or constant, got {self.elastic_lr!r}"
+        if any(
+            key in ("CPU", "GPU") or isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0
+            for key, amount in self.worker_resources.items()
+        ):
+            yield "worker_resources", "custom resources with positive amounts (CPU and GPU have their own keys)"
         if self.elastic_resize_s <= 0:
             yield "elastic_resize_s", f"must be positive, got {self.elastic_resize_s}"
         if self.cpus_per_worker <= 0:

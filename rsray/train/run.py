@@ -548,7 +548,7 @@ WORKER_GROUP_START_RETRIES = 2  # Ray Train's default retries a worker group tha
 
 
 def worker_resources(tc) -> dict[str, float]:
-    return {"CPU": tc.cpus_per_worker, **({"GPU": 1.0} if tc.use_gpu else {})}
+    return {"CPU": tc.cpus_per_worker, **({"GPU": 1.0} if tc.use_gpu else {}), **tc.worker_resources}
 
 
 def placeable_workers(nodes: list[dict], need: Mapping[str, float]) -> int:
@@ -635,7 +635,7 @@ def build_trainer(cfg: Config, mlflow_run_id: str | None = None, callbacks: Sequ
             num_workers=tuple(tc.num_workers) if tc.elastic else tc.num_workers,
             elastic_resize_monitor_interval_s=tc.elastic_resize_s,
             use_gpu=tc.use_gpu,
-            resources_per_worker={"CPU": tc.cpus_per_worker},
+            resources_per_worker={"CPU": tc.cpus_per_worker, **tc.worker_resources},
             placement_strategy=tc.placement.upper(),
         ),
         run_config=run_config,

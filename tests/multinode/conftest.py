@@ -12,6 +12,9 @@ from tests.conftest import free_port, prepare_tiny_sample, quick_train_polling
 
 NODES = 2
 STORE = 150 * 1024 * 1024  # object store per node
+# Every node holds one of this custom resource, as a one-GPU node holds one GPU: a run whose workers
+# need one each (train.worker_resources) gets one worker per node, elastic runs included.
+SLOT = {"train_slot": 1}
 
 
 @pytest.fixture(scope="package")
@@ -30,6 +33,7 @@ def ray_nodes(s3_endpoint, mlflow_server):
             head_node_args={
                 "num_cpus": 2,
                 "object_store_memory": STORE,
+                "resources": SLOT,
                 "include_dashboard": True,
                 "dashboard_host": "127.0.0.1",
                 "dashboard_port": dashboard_port,
@@ -37,7 +41,7 @@ def ray_nodes(s3_endpoint, mlflow_server):
         )
         cluster.dashboard_url = f"http://127.0.0.1:{dashboard_port}"
         for _ in range(NODES - 1):
-            cluster.add_node(num_cpus=2, object_store_memory=STORE)
+            cluster.add_node(num_cpus=2, object_store_memory=STORE, resources=SLOT)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
         yield cluster

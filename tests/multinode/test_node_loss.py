@@ -1,0 +1,181 @@
+"""A node lost mid-training on the two-node cluster (`Cluster.remove_node`: its raylet, object
+store and the Train worker on it are gone, as when a machine dies).
+
+- Fixed workers (2, one per node, `strict_spread`): the run cannot go on with one, waits, and
+  once a replacement node joins (what an autoscaler provides) resumes from its last checkpoint and
+  finishes every epoch.
+- Elastic (`train.num_workers=[1, 2]`): the run goes on with one worker at once and grows back to
+  two when a node returns; the learning rate follows `train.elastic_lr` (linear) each epoch. Its
+  workers need one `train_slot` each, a resource every node has once: Ray Train counts an elastic
+  group's size from resources alone (it ignores `strict_spread`, and with it asked for two workers
+  on one node and waited out its 60 s start timeout).
+
+In both, MLflow holds each epoch exactly once with its worker count, and the final checkpoint
+re-evaluates to the val mR it reported. Each test leaves the cluster with two nodes again.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rsray.checkpoint import read_checkpoint
+from rsray.config import config_from_dict
+from rsray.data.loader import read_split, vocab_size
+from rsray.data.prepare import read_manifest
+from rsray.eval.split import evaluate
+from rsray.models import build_model, model_config
+from tests.multinode.conftest import SLOT, STORE
+
+pytestmark = pytest.mark.integration
+
+LR = 1e-3  # vsepp-tiny's learning rate, flat over these epochs (its step decay comes every 15)
+
+
+def _train(prepared, runs: Path, name: str, mlflow_server: str, cluster, log: Path, *extra: str):
+    """`rsray train` VSE++ tiny joined to the two-node cluster, output to `log`."""
+    args = [
+        "train/cpu-tiny",
+        f"train.data={prepared}",
+        f"train.storage_path={runs}",
+        f"train.run_name={name}",
+        "train.shared_fs_ok=true",  # both nodes are this machine
+        "train.placement=strict_spread",  # one worker per node: a lost node takes its worker
+        "train.cpus_per_worker=0.5",
+        "train.max_failures=4",
+        f"tracking.uri={mlflow_server}",
+        f"tracking.experiment=node-loss-{name}",
+        "tracking.system_metrics=false",
+        "tracking.log_model=false",
+        *extra,
+    ]
+    # After a node is lost Ray Train may first try the old size again, from a resource view that
+    # still counts the dead node, and waits out its worker-group start timeout (60 s by default)
+    # before going on with fewer; Ray Train passes RAY_TRAIN_* variables on to its controller.
+    env = {**os.environ, "RAY_ADDRESS": cluster.address, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipelines.train", *args], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def _wait(condition, proc: subprocess.Popen, log: Path, what: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"training ended before {what}:\n{log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s:\n{log.read_text()[-4000:]}"
+        time.sleep(0.2)
+
+
+def _checkpoints(runs: Path, name: str) -> list[Path]:
+    return sorted((runs / name).glob("checkpoint_*/state.pt"))
+
+
+def _logged_epochs(mlflow_server: str, name: str) -> int:
+    """Epochs the MLflow run holds: Ray Train has registered their checkpoints (a checkpoint folder
+    appears before every worker has reported, and a group lost then restarts without it)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name(f"node-loss-{name}")
+    runs = client.search_runs([experiment.experiment_id]) if experiment else []
+    return len(client.get_metric_history(runs[0].info.run_id, "val/mR")) if runs else 0
+
+
+def _epochs_trained(log: Path, epoch: int) -> int:
+    """How many times a Train worker trained `epoch` (more than once: a restart without its checkpoint)."""
+    lines = log.read_text().splitlines()
+    return sum("RayTrainWorker pid=" in line and f"epoch {epoch} of 0.." in line for line in lines)
+
+
+def _lose_the_worker_node(cluster):
+    worker_node = next(node for node in cluster.list_all_nodes() if node is not cluster.head_node)
+    cluster.remove_node(worker_node)
+
+
+def _add_a_node(cluster) -> None:
+    cluster.add_node(num_cpus=2, object_store_memory=STORE, resources=SLOT)
+    cluster.wait_for_nodes()
+
+
+def _mlflow_epochs(mlflow_server: str, name: str) -> tuple[dict[int, float], dict[int, float], dict[int, float]]:
+    """val/mR, workers and lr per epoch as the MLflow run holds them (each epoch must be there once)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name(f"node-loss-{name}")
+    (run,) = client.search_runs([experiment.experiment_id])
+    series = {}
+    for key in ("val/mR", "workers", "lr"):
+        history = client.get_metric_history(run.info.run_id, key)
+        steps = [m.step for m in history]
+        assert sorted(steps) == sorted(set(steps)), f"{key}: an epoch logged twice: {steps}"
+        series[key] = {m.step: m.value for m in history}
+    return series["val/mR"], series["workers"], series["lr"]
+
+
+def _final_checkpoint_reevaluates(runs: Path, name: str, prepared: str, reported: float) -> None:
+    kept = [read_checkpoint(str(state.parent)) for state in _checkpoints(runs, name)]
+    state, saved_config = max(kept, key=lambda checkpoint: checkpoint[0]["epoch"])
+    cfg = config_from_dict(saved_config)
+    model = build_model(cfg, vocab_size=vocab_size(read_manifest(prepared)))
+    model.load_state_dict(state["model"])
+    scores = evaluate(model, read_split(prepared, "val"), model_config(cfg).augment)
+    assert state["epoch"] == cfg.train.epochs - 1
+    assert scores["mR"] == pytest.approx(reported, abs=1e-6) == pytest.approx(state["metrics"]["val/mR"], abs=1e-6)
+
+
+def test_fixed_workers_wait_for_a_replacement_node_and_resume_from_the_last_checkpoint(
+    ray_nodes, prepared_on_nodes, mlflow_server, tmp_path
+):
+    name, runs, log, epochs = "fixed", tmp_path / "runs", tmp_path / "fixed.log", 3
+    proc = _train(prepared_on_nodes, runs, name, mlflow_server, ray_nodes, log, f"train.epochs={epochs}")
+    try:
+        _wait(lambda: _logged_epochs(mlflow_server, name) >= 1, proc, log, "a registered epoch")
+        _lose_the_worker_node(ray_nodes)
+        lost_at = _logged_epochs(mlflow_server, name)
+        time.sleep(8)  # one node cannot hold two strict_spread workers: nothing may move on
+        assert proc.poll() is None and _logged_epochs(mlflow_server, name) == lost_at, log.read_text()[-3000:]
+        _add_a_node(ray_nodes)
+        code = proc.wait(timeout=300)
+    finally:
+        proc.kill()
+    assert code == 0, log.read_text()[-4000:]
+    mr, workers, _ = _mlflow_epochs(mlflow_server, name)
+    assert sorted(mr) == list(range(epochs)) and set(workers.values()) == {2}
+    assert _epochs_trained(log, 0) == 1  # the restart went on from epoch 0's checkpoint
+    _final_checkpoint_reevaluates(runs, name, prepared_on_nodes, mr[epochs - 1])
+
+
+def test_an_elastic_run_goes_on_with_fewer_workers_and_grows_back(
+    ray_nodes, prepared_on_nodes, mlflow_server, tmp_path
+):
+    # enough epochs for Ray Train to see the returned node (its resource view lags by seconds)
+    name, runs, log, epochs = "elastic", tmp_path / "runs", tmp_path / "elastic.log", 7
+    extra = [f"train.epochs={epochs}", "train.num_workers=[1,2]", "train.elastic_resize_s=1"]
+    extra += ["train.worker_resources={train_slot: 1}", "train.placement=pack"]  # one per node, counted by Ray
+    proc = _train(prepared_on_nodes, runs, name, mlflow_server, ray_nodes, log, *extra)
+    try:
+        _wait(lambda: _logged_epochs(mlflow_server, name) >= 1, proc, log, "a registered epoch")
+        _lose_the_worker_node(ray_nodes)
+        before = _logged_epochs(mlflow_server, name)
+        _wait(lambda: _logged_epochs(mlflow_server, name) > before, proc, log, "an epoch on one worker", timeout=120)
+        _add_a_node(ray_nodes)
+        code = proc.wait(timeout=300)
+    finally:
+        proc.kill()
+    assert code == 0, log.read_text()[-4000:]
+    mr, workers, lr = _mlflow_epochs(mlflow_server, name)
+    assert sorted(mr) == list(range(epochs))
+    counts = [int(workers[epoch]) for epoch in range(epochs)]
+    assert counts[0] == 2 and 1 in counts and counts[-1] == 2, counts  # shrank without waiting, grew back
+    assert _epochs_trained(log, 0) == 1  # each restart went on from the last checkpoint
+    print(f"\nworkers per epoch: {counts}")
+    for epoch in range(epochs):  # the linear rule: lr x workers / max (the tiny preset's schedule is flat)
+        assert lr[epoch] == pytest.approx(LR * counts[epoch] / 2, rel=1e-9), (epoch, counts)
+    _final_checkpoint_reevaluates(runs, name, prepared_on_nodes, mr[epochs - 1])
