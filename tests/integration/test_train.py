@@ -3,8 +3,8 @@ S3 (moto's server), VSE++ tiny on 2 DDP workers for 2 epochs, recorded on the ML
 
 One run serves every test that only reads what it left: the reported metrics, the checkpoint
 (loaded with `weights_only=True`, re-scored to the mR reported for it, evaluated from S3 by
-`rsray evaluate`), its MLflow record, and a rerun that resumes it. Killing a worker and the cached
-train split need runs of their own.
+`rsray evaluate`), its MLflow record, and a rerun that resumes it. The cached train split needs a
+run of its own; workers lost mid-run (with their node) are tests/multinode/test_node_loss.py's.
 """
 
 from __future__ import annotations
