@@ -73,6 +73,7 @@ def run_sweep(sweep: Sweep) -> SweepReport:
         s.deterministic_data,
     )
     trainable = make_trainable(sweep, context, scored)
+    keep_credentials_out_of_trial_runtime_envs()
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(s.state_save_s))
     fs = folder.fs if storage.is_s3(sweep.folder) else None
     try:
@@ -217,3 +218,17 @@ def _parent_params(sweep: Sweep) -> dict[str, Any]:
 
 def _trial_dirname(trial) -> str:
     return trial.trial_id
+
+
+def keep_credentials_out_of_trial_runtime_envs() -> None:
+    """Ray Tune copies the driver's AWS keys into every trial actor's `runtime_env` env_vars, which
+    Ray's runtime-env agent writes whole into its log and the dashboard shows (found by the secret
+    scan of tests/integration/test_train.py: the S3 secret key in Ray's logs after a sweep). A
+    trial inherits its node's environment like every other Ray worker, where the keys already are
+    (a Secret, an env file, an instance profile), so the copy adds nothing but the leak. Tune's
+    list is a module constant of Ray 2.60 (`ray.tune.execution.class_cache`)."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = frozenset(
+        name for name in class_cache.ENV_VARS_TO_PROPAGATE if not name.startswith("AWS_")
+    )

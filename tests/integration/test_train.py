@@ -322,6 +322,7 @@ def test_a_rerun_with_the_same_name_resumes_from_the_last_checkpoint(trained):
     assert [step for step, _ in logged] == list(range(EPOCHS + 1))
 
 
+@pytest.mark.parametrize("cache", ["always", "never"])
 def test_a_cached_train_split_is_read_once_and_replayed(prepared, tmp_path, cache):
     """With the split cached, the epochs' pair stream no longer needs the shard files; without, it reads them.
     The shards are read by Ray Data's Parquet reader V1 (V2 lists files with 32 actors)."""

@@ -15,6 +15,10 @@ STORE = 150 * 1024 * 1024  # object store per node
 # Every node holds one of this custom resource, as a one-GPU node holds one GPU: a run whose workers
 # need one each (train.worker_resources) gets one worker per node, elastic runs included.
 SLOT = {"train_slot": 1}
+# How soon the head declares a lost node dead: Ray's defaults (a check every 3 s, dead after 5
+# misses, each waiting up to 10 s) kept a removed node counted for about 30 s, and Ray Train's
+# elastic group tried the old size three times meanwhile. A check a second, dead after 5 misses.
+NODE_HEALTH = {"health_check_period_ms": 1000, "health_check_timeout_ms": 1000, "health_check_failure_threshold": 5}
 
 
 @pytest.fixture(scope="package")
@@ -34,6 +38,7 @@ def ray_nodes(s3_endpoint, mlflow_server):
                 "num_cpus": 2,
                 "object_store_memory": STORE,
                 "resources": SLOT,
+                "_system_config": NODE_HEALTH,
                 "include_dashboard": True,
                 "dashboard_host": "127.0.0.1",
                 "dashboard_port": dashboard_port,

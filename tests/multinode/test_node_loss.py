@@ -139,7 +139,7 @@ def test_fixed_workers_wait_for_a_replacement_node_and_resume_from_the_last_chec
         _wait(lambda: _logged_epochs(mlflow_server, name) >= 1, proc, log, "a registered epoch")
         _lose_the_worker_node(ray_nodes)
         lost_at = _logged_epochs(mlflow_server, name)
-        time.sleep(8)  # one node cannot hold two strict_spread workers: nothing may move on
+        time.sleep(5)  # one node cannot hold two strict_spread workers: nothing may move on
         assert proc.poll() is None and _logged_epochs(mlflow_server, name) == lost_at, log.read_text()[-3000:]
         _add_a_node(ray_nodes)
         code = proc.wait(timeout=300)
@@ -156,7 +156,7 @@ def test_an_elastic_run_goes_on_with_fewer_workers_and_grows_back(
     ray_nodes, prepared_on_nodes, mlflow_server, tmp_path
 ):
     # enough epochs for Ray Train to see the returned node (its resource view lags by seconds)
-    name, runs, log, epochs = "elastic", tmp_path / "runs", tmp_path / "elastic.log", 7
+    name, runs, log, epochs = "elastic", tmp_path / "runs", tmp_path / "elastic.log", 6
     extra = [f"train.epochs={epochs}", "train.num_workers=[1,2]", "train.elastic_resize_s=1"]
     extra += ["train.worker_resources={train_slot: 1}", "train.placement=pack"]  # one per node, counted by Ray
     proc = _train(prepared_on_nodes, runs, name, mlflow_server, ray_nodes, log, *extra)

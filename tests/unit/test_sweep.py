@@ -417,3 +417,23 @@ def test_a_resumed_asha_compares_new_results_with_trials_from_before_the_interru
     # 40 after one epoch is below the restored trial's 51 at that rung: stopped. With empty rungs
     # (Tune's own ASHA after a resume) the first trial to reach a rung always continues.
     assert scheduler.on_trial_result(None, fresh, {"epochs_done": 1, sweep.metric: 40.0}) == "STOP"
+
+
+def test_trial_actors_get_no_aws_keys_in_their_runtime_env(monkeypatch):
+    """Ray Tune would copy them into each trial's runtime_env, which Ray logs whole."""
+    from ray.tune.execution import class_cache
+
+    from rsray.sweep.driver import keep_credentials_out_of_trial_runtime_envs
+
+    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", class_cache.ENV_VARS_TO_PROPAGATE)  # restored after
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "a-secret")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "an-id")
+
+    class Trial:
+        pass
+
+    before = class_cache._ActorClassCache().get(Trial)._default_options["runtime_env"]["env_vars"]
+    assert before["AWS_SECRET_ACCESS_KEY"] == "a-secret"  # what Ray Tune does on its own
+    keep_credentials_out_of_trial_runtime_envs()
+    after = class_cache._ActorClassCache().get(Trial)._default_options["runtime_env"]["env_vars"]
+    assert not any(name.startswith("AWS_") for name in after) and after["PL_DISABLE_FORK"] == "1"
