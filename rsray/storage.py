@@ -109,10 +109,16 @@ _BUFFER_OVERFLOWED_BY_AN_ERROR = ("Failed to flush response stream",)
 
 def reading(fn: Callable[[], T], what: str) -> T:
     """`fn()` (one whole read: open, read, close), again after the error above, with Ray Data's
-    backoff (`call_with_retry`: 1 s, 2 s, ...) up to `s3_attempts()` times; other errors raise."""
+    backoff (`call_with_retry`: 1 s, 2 s, ...), `s3_attempts()` tries in all; other errors raise.
+    Ray Data is imported only when a read has failed that way."""
+    try:
+        return fn()
+    except OSError as exc:
+        if not any(sign in str(exc) for sign in _BUFFER_OVERFLOWED_BY_AN_ERROR) or s3_attempts() < 2:
+            raise
     from ray.data._internal.util import call_with_retry
 
-    return call_with_retry(fn, what, match=_BUFFER_OVERFLOWED_BY_AN_ERROR, max_attempts=s3_attempts())
+    return call_with_retry(fn, what, match=_BUFFER_OVERFLOWED_BY_AN_ERROR, max_attempts=s3_attempts() - 1)
 
 
 def resolve(uri: str | Path, endpoint: str | None = None) -> Location:

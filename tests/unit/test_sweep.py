@@ -425,7 +425,8 @@ def test_trial_actors_get_no_aws_keys_in_their_runtime_env(monkeypatch):
 
     from rsray.sweep.driver import keep_credentials_out_of_trial_runtime_envs
 
-    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", class_cache.ENV_VARS_TO_PROPAGATE)  # restored after
+    tunes_own = class_cache.ENV_VARS_TO_PROPAGATE | {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}  # before any sweep
+    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", tunes_own)  # restored after
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "a-secret")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "an-id")
 
