@@ -97,7 +97,11 @@ def run_sweep(sweep: Sweep) -> SweepReport:
                     trial_dirname_creator=_trial_dirname,
                 ),
                 run_config=tune.RunConfig(
-                    name=sweep.name, storage_path=folder.path.rsplit("/", 1)[0], storage_filesystem=fs, verbose=1
+                    name=sweep.name,
+                    storage_path=folder.path.rsplit("/", 1)[0],
+                    storage_filesystem=fs,
+                    failure_config=tune.FailureConfig(max_failures=s.trial_max_failures),
+                    verbose=1,
                 ),
             )
         grid = tuner.fit()

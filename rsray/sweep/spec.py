@@ -85,6 +85,10 @@ class SweepSettings:
     trial_cpus: float = 0.25  # the trial's driver actor (it only waits on its Train run); our choice
     reserve_cpus: float = 1.0  # CPUs left free for Ray Data's read and decode tasks; our choice
     state_save_s: float = 2.0  # Tune saves its experiment state at most this often (Ray's default: >= 10 s)
+    # Tune restarts a trial whose driver actor died (its node was lost) up to this many times; the
+    # restarted trial finds its MLflow child run and its Train run resumes from its last checkpoint.
+    # A lost Train worker is train.max_failures' business, inside the trial. -1: restart forever.
+    trial_max_failures: int = 3  # our choice (Tune's default, 0, ends a sweep's trial with its node)
     # Ray Data hands out training batches in a fixed order in every trial (preserve_order): without
     # it two runs of one config differ by several mR points on small data, hiding the effect swept.
     deterministic_data: bool = True  # our choice
@@ -104,6 +108,8 @@ class SweepSettings:
             yield "max_concurrent_trials", f"must be >= 0 (0: fit the cluster), got {self.max_concurrent_trials}"
         if self.trial_cpus < 0 or self.reserve_cpus < 0:
             yield "trial_cpus" if self.trial_cpus < 0 else "reserve_cpus", "must be >= 0"
+        if self.trial_max_failures < -1:
+            yield "trial_max_failures", f"must be >= -1 (-1: restart forever), got {self.trial_max_failures}"
         if self.state_save_s <= 0:
             yield "state_save_s", f"must be positive, got {self.state_save_s}"
         if self.kind == "smr" and not self.checkpoint:

@@ -4,9 +4,11 @@ Ray Train resumes a run whose folder already holds registered checkpoints, so a 
 an address and a promise. Two guards keep it:
 
 - `RunLock`: a small `rsray-run.json` in the folder while a run is live (host, pid, a heartbeat
-  refreshed every HEARTBEAT_S seconds). A second run with that name is refused in one line while
-  the first one lives; a lock whose heartbeat is older than STALE_S, or whose process is gone (same
-  host), or that names this very process, is stale and taken over. The lock is written, not
+  refreshed every HEARTBEAT_S seconds, the Ray node). A second run with that name is refused in one
+  line while the first one lives; a lock whose heartbeat is older than STALE_S, or whose process is
+  gone (same host), or whose Ray node the cluster has declared dead (a lost machine: a sweep's
+  trial restarted elsewhere must not wait STALE_S for it), or that names this very process, is
+  stale and taken over. The lock is written, not
   created atomically (locally or on S3), so two runs started within the same second could both
   win: the guard is for people, not for a scheduler.
 - `check_resume`: the config a rerun would resume with is compared to the config of the checkpoint
@@ -76,6 +78,8 @@ class RunLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        if node := _this_ray_node():
+            self.record["ray_node"] = node
 
     def __enter__(self) -> RunLock:
         holder = self._holder()
@@ -120,7 +124,25 @@ class RunLock:
                 log.debug("heartbeat to %s failed: %s", self.lock.uri, exc)
 
 
+def _this_ray_node() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+def _on_a_dead_ray_node(holder: dict) -> bool:
+    """The holder ran on a node of this Ray cluster that the cluster has declared dead."""
+    import ray
+
+    node = holder.get("ray_node")
+    if not node or not ray.is_initialized():
+        return False
+    return any(n["NodeID"] == node and not n["Alive"] for n in ray.nodes())
+
+
 def _alive(holder: dict) -> bool:
+    if _on_a_dead_ray_node(holder):
+        return False
     try:
         fresh = time.time() - float(holder.get("heartbeat", 0)) < STALE_S
         pid = int(holder.get("pid", -1))

@@ -11,11 +11,13 @@ store and the Train worker on it are gone, as when a machine dies).
   on one node and waited out its 60 s start timeout).
 
 In both, MLflow holds each epoch exactly once with its worker count, and the final checkpoint
-re-evaluates to the val mR it reported. Each test leaves the cluster with two nodes again.
+re-evaluates to the val mR it reported. While the fixed run waits, a run lock that names the lost
+node is shown to be stale at once. Each test leaves the cluster with two nodes again.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -25,11 +27,12 @@ from pathlib import Path
 import pytest
 
 from rsray.checkpoint import read_checkpoint
-from rsray.config import config_from_dict
+from rsray.config import ConfigError, config_from_dict, load_config
 from rsray.data.loader import read_split, vocab_size
 from rsray.data.prepare import read_manifest
 from rsray.eval.split import evaluate
 from rsray.models import build_model, model_config
+from rsray.train.run_folder import LOCK_FILE, RunLock
 from tests.multinode.conftest import SLOT, STORE
 
 pytestmark = pytest.mark.integration
@@ -93,9 +96,37 @@ def _epochs_trained(log: Path, epoch: int) -> int:
     return sum("RayTrainWorker pid=" in line and f"epoch {epoch} of 0.." in line for line in lines)
 
 
-def _lose_the_worker_node(cluster):
+def _lose_the_worker_node(cluster) -> str:
+    """Remove the node that is not the head; its Ray node id."""
     worker_node = next(node for node in cluster.list_all_nodes() if node is not cluster.head_node)
     cluster.remove_node(worker_node)
+    return worker_node.node_id
+
+
+def _a_run_lock_from_a_dead_node_is_taken_over(lost_node: str, live_node: str, tmp_path: Path) -> None:
+    """A run lock written on another machine with a fresh heartbeat holds while its Ray node lives
+    and is taken over at once when the cluster has declared that node dead (a sweep's trial
+    restarted elsewhere would otherwise wait STALE_S)."""
+    import ray
+
+    _wait_until(lambda: not any(n["NodeID"] == lost_node and n["Alive"] for n in ray.nodes()), "the node declared dead")
+    cfg = load_config("train/cpu-tiny", [f"train.storage_path={tmp_path / 'locks'}", "train.run_name=held"])
+    lock = tmp_path / "locks" / "held" / LOCK_FILE
+    lock.parent.mkdir(parents=True)
+    record = {"host": "another-machine", "pid": 1, "heartbeat": time.time()}
+    lock.write_text(json.dumps({**record, "ray_node": live_node}))
+    with pytest.raises(ConfigError, match="'held' is in use by a live run"):
+        RunLock(cfg).__enter__()
+    lock.write_text(json.dumps({**record, "ray_node": lost_node}))
+    with RunLock(cfg):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+
+
+def _wait_until(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.2)
 
 
 def _add_a_node(cluster) -> None:
@@ -137,10 +168,11 @@ def test_fixed_workers_wait_for_a_replacement_node_and_resume_from_the_last_chec
     proc = _train(prepared_on_nodes, runs, name, mlflow_server, ray_nodes, log, f"train.epochs={epochs}")
     try:
         _wait(lambda: _logged_epochs(mlflow_server, name) >= 1, proc, log, "a registered epoch")
-        _lose_the_worker_node(ray_nodes)
+        lost = _lose_the_worker_node(ray_nodes)
         lost_at = _logged_epochs(mlflow_server, name)
         time.sleep(5)  # one node cannot hold two strict_spread workers: nothing may move on
         assert proc.poll() is None and _logged_epochs(mlflow_server, name) == lost_at, log.read_text()[-3000:]
+        _a_run_lock_from_a_dead_node_is_taken_over(lost, ray_nodes.head_node.node_id, tmp_path)
         _add_a_node(ray_nodes)
         code = proc.wait(timeout=300)
     finally:

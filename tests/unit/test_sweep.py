@@ -145,6 +145,7 @@ SETTING_ERRORS = [
     ("  scheduler: {reduction_factor: 1}\n", [], "sweep.scheduler.reduction_factor", "must be > 1"),
     ("  kind: smr\n  checkpoint: c\n", [], "sweep.space.model.lr", "an smr sweep varies only"),
     ("  colour: red\n", [], "sweep.colour", "unknown key"),
+    ("  trial_max_failures: -2\n", [], "sweep.trial_max_failures", "must be >= -1 (-1: restart forever), got -2"),
 ]
 
 
