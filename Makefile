@@ -19,6 +19,9 @@ ISOLATED_PIP := $(PIP) --isolated $(if $(CERT),--cert $(CERT))
 # No wheel cache: the torch pair downloads about 3 GB of CUDA wheels, and caching them doubles
 # the disk the install needs at its peak (a CI run once ran out of disk while downloading them).
 NO_CACHE := --no-cache-dir
+# Two pytest-xdist workers: one runs tests/integration whole, the other tests/multinode and then the
+# unit tests (the scheduler is in tests/conftest.py). `make test PARALLEL=` runs it all in one process.
+PARALLEL ?= -n 2
 
 .PHONY: venv demo lint format test test-fast test-integration bench-prepare bench-eval bench-train bench-dove bench-cmpagl clean
 
@@ -48,14 +51,14 @@ format: venv
 
 # Everything, as CI runs it; pytest prints the 25 slowest tests at the end (pyproject addopts).
 test: lint
-	$(PY) -m pytest tests
+	$(PY) -m pytest $(PARALLEL) tests
 
 # The inner loop: unit tests only (no Ray cluster, servers or training runs).
 test-fast: venv
 	$(PY) -m pytest tests/unit
 
 test-integration: venv
-	$(PY) -m pytest tests/integration tests/multinode
+	$(PY) -m pytest $(PARALLEL) tests/integration tests/multinode
 
 bench-prepare: venv
 	$(PY) -m benchmarks.prepare_throughput --images 5000 --size 256

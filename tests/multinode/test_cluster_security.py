@@ -31,6 +31,19 @@ def _submit_without_the_token(url: str, headers: dict[str, str]) -> tuple[int, s
         return refused.code, refused.read().decode()
 
 
+def _submit(client, entrypoint: str, timeout: float = 120) -> str:
+    """Submit once the head's job agent is up: right after a cluster starts, and under load, Ray
+    answers 500 "No available agent to submit job, please try again later" for a while."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint)
+        except RuntimeError as error:
+            if "No available agent" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
 def test_the_job_api_refuses_a_job_without_the_token_and_runs_rsray_with_it(ray_nodes, prepared_on_nodes):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -42,7 +55,7 @@ def test_the_job_api_refuses_a_job_without_the_token_and_runs_rsray_with_it(ray_
     assert os.environ["RAY_AUTH_TOKEN"]  # the client sends it; the job's driver inherits the cluster's
     client = JobSubmissionClient(url)
     rsray = Path(sys.executable).parent / "rsray"  # this environment's, as on a cluster's image
-    job = client.submit_job(entrypoint=f"{rsray} data inspect {prepared_on_nodes}")
+    job = _submit(client, f"{rsray} data inspect {prepared_on_nodes}")
     deadline = time.monotonic() + 120
     while not (status := client.get_job_status(job)).is_terminal():
         assert time.monotonic() < deadline, client.get_job_logs(job)[-3000:]
