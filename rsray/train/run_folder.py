@@ -8,9 +8,8 @@ an address and a promise. Two guards keep it:
   line while the first one lives; a lock whose heartbeat is older than STALE_S, or whose process is
   gone (same host), or whose Ray node the cluster has declared dead (a lost machine: a sweep's
   trial restarted elsewhere must not wait STALE_S for it), or that names this very process, is
-  stale and taken over. The lock is written, not
-  created atomically (locally or on S3), so two runs started within the same second could both
-  win: the guard is for people, not for a scheduler.
+  stale and taken over. The lock is written, not created atomically (locally or on S3), so two
+  runs started within the same second could both win: the guard is for people, not for a scheduler.
 - `check_resume`: the config a rerun would resume with is compared to the config of the checkpoint
   Ray Train will resume from (the latest one it registered). Resuming restores weights, optimizer,
   scheduler and RNG states, so a change to anything that shapes them (the model section, learning
