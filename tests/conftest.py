@@ -32,8 +32,9 @@ NO_PACKAGE_FIXTURES = ("tests/integration/test_learning.py",)
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """`make test` runs two pytest-xdist workers. Each Ray package goes whole to one worker, so
-    its package-scoped Ray, sample and trained runs are made once. The other worker takes the other
+    """`make test PARALLEL="-n 2"` runs two pytest-xdist workers (off by default: see the Makefile).
+    Each Ray package goes whole to one worker, so its package-scoped Ray, sample and trained runs
+    are made once. The other worker takes the other
     package, then the modules that need no Ray, then the unit tests one by one. Most of the suite
     waits on subprocesses, servers and Ray's start-up (one core was idle about half the time), so
     the halves overlap instead of queueing. This is xdist's own extension point: its

@@ -103,13 +103,16 @@ def _lose_the_worker_node(cluster) -> str:
     return worker_node.node_id
 
 
-def _a_run_lock_from_a_dead_node_is_taken_over(lost_node: str, live_node: str, tmp_path: Path) -> None:
+def _a_run_lock_from_a_dead_node_is_taken_over(lost_node: str, live_node: str, tmp_path: Path, proc, log) -> None:
     """A run lock written on another machine with a fresh heartbeat holds while its Ray node lives
     and is taken over at once when the cluster has declared that node dead (a sweep's trial
     restarted elsewhere would otherwise wait STALE_S)."""
     import ray
 
-    _wait_until(lambda: not any(n["NodeID"] == lost_node and n["Alive"] for n in ray.nodes()), "the node declared dead")
+    def declared_dead() -> bool:
+        return not any(n["NodeID"] == lost_node and n["Alive"] for n in ray.nodes())
+
+    _wait(declared_dead, proc, log, "lost node declared dead", timeout=60)
     cfg = load_config("train/cpu-tiny", [f"train.storage_path={tmp_path / 'locks'}", "train.run_name=held"])
     lock = tmp_path / "locks" / "held" / LOCK_FILE
     lock.parent.mkdir(parents=True)
@@ -120,13 +123,6 @@ def _a_run_lock_from_a_dead_node_is_taken_over(lost_node: str, live_node: str, t
     lock.write_text(json.dumps({**record, "ray_node": lost_node}))
     with RunLock(cfg):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
-
-
-def _wait_until(condition, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
-        time.sleep(0.2)
 
 
 def _add_a_node(cluster) -> None:
@@ -172,7 +168,7 @@ def test_fixed_workers_wait_for_a_replacement_node_and_resume_from_the_last_chec
         lost_at = _logged_epochs(mlflow_server, name)
         time.sleep(5)  # one node cannot hold two strict_spread workers: nothing may move on
         assert proc.poll() is None and _logged_epochs(mlflow_server, name) == lost_at, log.read_text()[-3000:]
-        _a_run_lock_from_a_dead_node_is_taken_over(lost, ray_nodes.head_node.node_id, tmp_path)
+        _a_run_lock_from_a_dead_node_is_taken_over(lost, ray_nodes.head_node.node_id, tmp_path, proc, log)
         _add_a_node(ray_nodes)
         code = proc.wait(timeout=300)
     finally:
