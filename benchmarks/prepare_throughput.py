@@ -23,12 +23,12 @@ import pyarrow.parquet as pq
 
 def plain_loop(cfg, out_dir: Path) -> int:
     """The same per-batch work as the Ray stage, in one process, one batch after another."""
-    from rsray.data.prepare import _COMPRESSION, prepare_in_process
+    from rsray.data.prepare import SHARD_COMPRESSION, prepare_in_process
 
     tables, _ = prepare_in_process(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     for split, table in tables.items():
-        pq.write_table(table, out_dir / f"{split}.parquet", compression=_COMPRESSION)
+        pq.write_table(table, out_dir / f"{split}.parquet", compression=SHARD_COMPRESSION)
     return sum(t.num_rows for t in tables.values())
 
 

@@ -168,8 +168,9 @@ def main(argv=None) -> int:
             train_table, vocab_size = tables["train"], len(vocab)
         else:
             from rsray.data.loader import read_split
-            from rsray.data.loader import vocab_size as manifest_vocab_size
-            from rsray.data.prepare import prepare, read_manifest
+            from rsray.data.manifest import read_manifest
+            from rsray.data.manifest import vocab_size as manifest_vocab_size
+            from rsray.data.prepare import prepare
             from rsray.runtime import ensure_ray
 
             ensure_ray()

@@ -63,7 +63,7 @@ def _has_val_split(detected: list[str]) -> bool:
 
 def manifest_statistics(uri: str, s3_endpoint: str | None) -> dict:
     """The same keys as for annotations, read from a prepared output's manifest."""
-    from rsray.data.prepare import read_manifest
+    from rsray.data.manifest import read_manifest
 
     m = read_manifest(uri, s3_endpoint)
     return {
@@ -79,7 +79,7 @@ def manifest_statistics(uri: str, s3_endpoint: str | None) -> dict:
 
 
 def verify(target: str, overrides: list[str]) -> int:
-    from rsray.data.prepare import SPLITS
+    from rsray.data.manifest import SPLITS
     from rsray.data.verify import verify_prepared
 
     cfg = load_config(None, overrides)

@@ -34,13 +34,15 @@ def run(cfg, epochs: int) -> int:
     import time
     from types import SimpleNamespace
 
-    from pipelines import compare, prepare, sample
-    from pipelines.data import manifest_statistics
     from rsray.config import load_config
     from rsray.data.stats import format_statistics
     from rsray.eval.checkpoint import evaluate_checkpoint
     from rsray.tracking import ui_command
-    from rsray.train.run import best_checkpoint, train
+    from rsray.train.records import best_checkpoint
+    from rsray.train.run import train
+
+    from . import compare, prepare, sample
+    from .data import manifest_statistics
 
     started = time.perf_counter()
     sample.run(cfg)

@@ -13,10 +13,11 @@ from rsray.cli import run_cli, setup_logging
 
 
 def run(ns) -> int:
-    from pipelines.metrics import format_table
     from rsray.eval.checkpoint import evaluate_loaded, load_checkpoint
     from rsray.eval.record import log_to_checkpoint_run
     from rsray.eval.rerank import SMRConfig
+
+    from .metrics import format_table
 
     smr = SMRConfig(ns.smr_k, ns.smr_w, ns.smr_beta)
     for name, problem in smr.check():

@@ -27,7 +27,7 @@ def print_summary(cfg, result) -> None:
     from rsray.models import model_config
     from rsray.tracking import ui_command
     from rsray.train.loop import selection_metric
-    from rsray.train.run import best_checkpoint, epoch_line
+    from rsray.train.records import best_checkpoint, epoch_line
 
     history = result.return_value or ([m for _, m in result.best_checkpoints or []])
     for m in history:

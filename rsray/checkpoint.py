@@ -1,6 +1,6 @@
-"""The layout of an rsray checkpoint folder: what training writes, later stages start from and
-evaluation loads. It sits below models, training and evaluation so that each reads the same files
-without importing the others.
+"""The layout of an rsray checkpoint folder, written and read here: what training writes
+(`write_checkpoint`), later stages start from and evaluation loads. It sits below models, training
+and evaluation so that each reads the same files without importing the others.
 
 A checkpoint folder (local or s3://) holds `state.pt`, loaded with `weights_only=True` (tensors
 and plain data only, never arbitrary pickles): model, optimizer, scheduler, epoch, RNG state and
@@ -68,3 +68,37 @@ def load_checkpoint_state(checkpoint) -> dict[str, Any]:
     """The `state.pt` dict of a `ray.train.Checkpoint` (tensors on CPU)."""
     with checkpoint.as_directory() as folder:
         return load_state(Path(folder) / STATE_FILE)
+
+
+def write_checkpoint(
+    folder: str | Path,
+    config: Any,
+    *,
+    model: dict[str, Any],
+    optimizer: dict[str, Any],
+    scheduler: dict[str, Any],
+    epoch: int,
+    rng: dict[str, Any],
+    lr_scale: float,
+    metrics: dict[str, float],
+    history: list[dict[str, float]],
+    mlflow_run_id: str | None,
+) -> None:
+    """Write a training checkpoint into `folder`: `state.pt` (state dicts, the epoch just trained, the
+    RNG states, the elastic lr factor already in the optimizer's and scheduler's state, this epoch's
+    metrics, the run's history, and the MLflow run it was logged to, where `rsray evaluate` adds its
+    numbers) and `config.yaml` (the resolved `rsray.config.Config`)."""
+    folder = Path(folder)
+    state = {
+        "model": model,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "epoch": epoch,
+        "rng": rng,
+        "lr_scale": lr_scale,
+        "metrics": dict(metrics),
+        "history": history,
+        "mlflow_run_id": mlflow_run_id,
+    }
+    torch.save(state, folder / STATE_FILE)
+    config.save(folder / CONFIG_FILE)

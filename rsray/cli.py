@@ -1,15 +1,14 @@
-"""The `rsray` command: one entry point that dispatches to the stage functions in `pipelines/`.
+"""What every `rsray` command shares: the `[config] [key=value ...]` arguments, logging, and the
+one-line error and exit code that end a command a user can fix (`run_cli`).
 
-`rsray prepare conf.yaml key=value` and `python -m pipelines.prepare conf.yaml key=value` run the
-same code. Every stage takes an optional config file (a path, or a name under conf/ such as
-`presets/cpu-tiny`) followed by `key=value` overrides. Errors a user can fix are printed as one
-line and exit non-zero, without a traceback.
+The commands themselves live in `pipelines/` (installed as `rsray.pipelines`), each a thin
+`main(argv)`; `pipelines/cli.py` is the `rsray` entry point that dispatches to them. This module
+sits below them and imports none of them.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
@@ -17,22 +16,8 @@ from collections.abc import Callable, Sequence
 
 from rsray.config import Config, ConfigError, load_config
 
-# subcommand -> (module with main(argv), one-line summary)
-STAGES: dict[str, tuple[str, str]] = {
-    "sample": ("pipelines.sample", "draw the embedded sample dataset (aerial-like scenes + captions)"),
-    "prepare": ("pipelines.prepare", "validate, resize and tokenize a dataset into Parquet shards (Ray Data)"),
-    "data": ("pipelines.data", "dataset tools: `rsray data inspect TARGET [--json]`"),
-    "train": ("pipelines.train", "train a model on Ray Train (DDP workers), checkpoint every epoch"),
-    "sweep": ("pipelines.sweep", "sweep hyperparameters: Ray Tune over Ray Train runs, ASHA, MLflow parent/child runs"),
-    "study": ("pipelines.study", "one config over several seeds and/or validation folds: child runs, mean ± std"),
-    "evaluate": ("pipelines.evaluate", "score a checkpoint on the test split, with and without SMR"),
-    "compare": ("pipelines.compare", "the paper-style table of an experiment's runs (md, csv, LaTeX) from MLflow"),
-    "demo": ("pipelines.demo", "run the whole pipeline on the embedded sample"),
-    "metrics": ("pipelines.metrics", "R@K, mR, ranks, SR@K (and SMR) from a saved similarity matrix (.npy)"),
-}
-
-EPILOG = """config: a YAML file or a name under conf/ (e.g. presets/cpu-tiny), then key=value
-overrides such as data.root=/data/rsitmd prepare.image_size=256. Run `rsray STAGE --help`.
+EPILOG = """config: a YAML file or a shipped preset (e.g. presets/cpu-tiny; `conf/` in the source), then
+key=value overrides such as data.root=/data/rsitmd prepare.image_size=256. Run `rsray STAGE --help`.
 exit codes: 0 done, 1 the work failed, 2 bad input or config, 3 storage (S3, a shard missing or
 changed), 130 interrupted; errors are one line."""
 
@@ -110,21 +95,3 @@ def run_cli(fn: Callable[[], int | None]) -> int:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         print_error(f"{type(exc).__name__}: {lines[-1] if lines else ''} (RSRAY_TRACEBACK=1 shows the traceback)")
         return 1
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
-        lines = [f"  {name:<9} {summary}" for name, (_, summary) in STAGES.items()]
-        print(
-            "usage: rsray STAGE [config.yaml] [key=value ...]\n\n"
-            "rsray trains and compares remote-sensing image-text retrieval models on Ray.\n\n"
-            "stages:\n" + "\n".join(lines) + "\n\n" + EPILOG
-        )
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    module = importlib.import_module(STAGES[argv[0]][0])
-    return module.main(argv[1:])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,7 +21,16 @@ from typing import Any
 import yaml
 
 COMMAND_LINE = "command line"
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def _conf_dir() -> Path:
+    """The shipped configs: `rsray/conf` in an installed wheel, the repository's `conf/` in a source
+    checkout (pyproject.toml installs the one as the other)."""
+    here = Path(__file__).resolve().parent
+    return here / "conf" if (here / "conf").is_dir() else here.parent / "conf"
+
+
+CONF_DIR = _conf_dir()
 
 
 class ConfigError(ValueError):

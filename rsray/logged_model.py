@@ -176,8 +176,9 @@ def preprocess_settings(manifest: dict) -> dict[str, Any]:
 def architecture_folders(saved: dict) -> dict[str, str]:
     """{dotted key: local folder} of the config's folders that define the model or its tokenizer
     (read again at load); files that gave only initial weights are not needed (`build_for_loading`)."""
-    from rsray.models.registry import INITIAL_WEIGHTS_KEYS
+    from rsray.models.registry import initial_weight_keys
 
+    initial = initial_weight_keys((saved.get("model") or {}).get("name", ""))
     found: dict[str, str] = {}
 
     def walk(tree: dict, prefix: str) -> None:
@@ -185,7 +186,7 @@ def architecture_folders(saved: dict) -> dict[str, str]:
             dotted = f"{prefix}{key}"
             if isinstance(value, dict):
                 walk(value, f"{dotted}.")
-            elif isinstance(value, str) and key not in INITIAL_WEIGHTS_KEYS and Path(value).is_dir():
+            elif isinstance(value, str) and key not in initial and Path(value).is_dir():
                 found[dotted] = value
 
     walk(saved.get("model") or {}, "model.")

@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from rsray import storage
 from rsray.data.augment import AugmentConfig, eval_transform, reseed, seeded_rng, train_transform
 from rsray.data.images import decode_image
+from rsray.data.manifest import read_manifest
 from rsray.data.pairs import (  # noqa: F401 - the Arrow half of this module's contract, re-exported
     SCENES_KEY,
     SPLIT_KEY,
@@ -64,7 +65,6 @@ from rsray.data.pairs import (  # noqa: F401 - the Arrow half of this module's c
     scene_ids,
     scene_index,
 )
-from rsray.data.prepare import read_manifest
 from rsray.data.text import PAD_ID, UNK_ID
 from rsray.data.verify import ShardMismatch
 
@@ -140,11 +140,6 @@ def read_split(
     metadata[SCENES_KEY] = json.dumps(sorted(manifest.get("scenes") or {})).encode()
     metadata[SPLIT_KEY] = split.encode()
     return table.replace_schema_metadata(metadata)
-
-
-def vocab_size(manifest: dict) -> int:
-    """Entries of the word vocabulary, <pad> (0) and <unk> (1) included: the embedding table size."""
-    return len(manifest["vocab"]["words"])
 
 
 def caption_image_index(table: pa.Table) -> torch.Tensor:

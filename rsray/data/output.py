@@ -24,16 +24,12 @@ import time
 from dataclasses import dataclass, field
 
 from rsray import storage
+from rsray.data.manifest import IN_PROGRESS_FILE, MANIFEST_FILE, PRODUCER, SPLITS, is_rsray_manifest, write_manifest
 
 log = logging.getLogger("rsray.prepare")
 
-MANIFEST = "manifest.json"
-IN_PROGRESS = "prepare-in-progress.json"
-PRODUCER = "rsray prepare"
 STAGING = "_staging"
-SPLITS = ("train", "val", "test")
 SHARD_NAME = re.compile(r"^part-\d{5}(-\d+)?\.parquet$")
-_LEGACY_MANIFEST_KEYS = {"schema_version", "input_fingerprint", "counts", "splits"}  # before `producer`
 
 
 class NotAnRsrayOutput(ValueError):
@@ -50,25 +46,17 @@ class OutputState:
     foreign: list[str] = field(default_factory=list)  # files next to them that are not rsray's
 
 
-def is_rsray_manifest(data: object) -> bool:
-    if not isinstance(data, dict):
-        return False
-    return data.get("producer") == PRODUCER or (
-        "producer" not in data and _LEGACY_MANIFEST_KEYS <= set(data) and data.get("schema_version") == 1
-    )
-
-
 def inspect_output(out: storage.Location) -> OutputState:
     """The state of `out`; raises NotAnRsrayOutput when it holds files and is not rsray's."""
     files = storage.list_files(out)
     if not files:
         return OutputState()
-    manifest = _read_json(out.join(MANIFEST)) if out.join(MANIFEST).path in files else None
-    marker = _read_json(out.join(IN_PROGRESS)) if out.join(IN_PROGRESS).path in files else None
+    manifest = _read_json(out.join(MANIFEST_FILE)) if out.join(MANIFEST_FILE).path in files else None
+    marker = _read_json(out.join(IN_PROGRESS_FILE)) if out.join(IN_PROGRESS_FILE).path in files else None
     marker_is_ours = isinstance(marker, dict) and marker.get("producer") == PRODUCER
     if not is_rsray_manifest(manifest) and not marker_is_ours:
-        if out.join(MANIFEST).path in files:
-            problem = f"{out.join(MANIFEST).uri} is not a manifest rsray wrote"
+        if out.join(MANIFEST_FILE).path in files:
+            problem = f"{out.join(MANIFEST_FILE).uri} is not a manifest rsray wrote"
         else:
             problem = f"{out.uri} holds files rsray did not write (e.g. {_relative(out, files[0])})"
         raise NotAnRsrayOutput(
@@ -85,13 +73,13 @@ def begin(out: storage.Location, state: OutputState) -> storage.Location:
     """Mark `out` as being written, remove the earlier prepare's files (only those), and return the
     empty staging folder for the new shards."""
     storage.write_bytes(
-        out.join(IN_PROGRESS),
+        out.join(IN_PROGRESS_FILE),
         json.dumps({"producer": PRODUCER, "started": time.time(), "host": socket.gethostname()}).encode(),
     )
     if state.interrupted:
         log.info("%s: an earlier prepare did not finish; its files are replaced", out.uri)
-    for path in sorted(state.ours, key=lambda p: p.endswith(MANIFEST), reverse=True):  # manifest first
-        if path != out.join(IN_PROGRESS).path:
+    for path in sorted(state.ours, key=lambda p: p.endswith(MANIFEST_FILE), reverse=True):  # manifest first
+        if path != out.join(IN_PROGRESS_FILE).path:
             out.fs.delete_file(path)
     if state.foreign:
         log.info(
@@ -120,13 +108,13 @@ def publish(out: storage.Location) -> dict[str, list[str]]:
 
 def finish(out: storage.Location, manifest: dict) -> None:
     """Write the manifest (last: it means complete), then drop the in-progress marker."""
-    storage.write_bytes(out.join(MANIFEST), json.dumps(manifest, indent=1).encode())
-    out.fs.delete_file(out.join(IN_PROGRESS).path)
+    write_manifest(out, manifest)
+    out.fs.delete_file(out.join(IN_PROGRESS_FILE).path)
 
 
 def _is_ours(out: storage.Location, path: str) -> bool:
     relative = _relative(out, path)
-    if relative in (MANIFEST, IN_PROGRESS) or relative.startswith(f"{STAGING}/"):
+    if relative in (MANIFEST_FILE, IN_PROGRESS_FILE) or relative.startswith(f"{STAGING}/"):
         return True
     folder, _, name = relative.rpartition("/")
     return folder in SPLITS and bool(SHARD_NAME.match(name))

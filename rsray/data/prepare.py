@@ -32,14 +32,11 @@ from rsray.config import Config
 from rsray.data import output
 from rsray.data.formats import Record, check_record, read_records
 from rsray.data.images import MAX_PIXELS, ImageRejected, process_image
+from rsray.data.manifest import MANIFEST_FILE, SCHEMA_VERSION, SPLITS, build_manifest
 from rsray.data.text import Vocabulary, build_vocabulary, load_tokenizer
 from rsray.runtime import configure_data_context, ensure_ray
 
 log = logging.getLogger("rsray.prepare")
-
-SCHEMA_VERSION = 1
-MANIFEST = output.MANIFEST
-SPLITS = output.SPLITS
 
 
 class TooManyRejections(RuntimeError):
@@ -195,7 +192,7 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
             raise cfg.error("prepare.output", str(exc)) from None
         previous = state.previous
         with ThreadPoolExecutor(max_workers=1) as background:
-            fingerprint = background.submit(_fingerprint, cfg, records, accepted)  # stats every image: overlap it
+            fingerprint = background.submit(input_fingerprint, cfg, records, accepted)  # stats every image: overlap it
             if (
                 not force
                 and previous
@@ -226,11 +223,12 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
                     max_pixels=prep.max_image_pixels,
                 )
             )
-            _process_and_write([_record_row(r) for r in accepted], staging, settings, ledger, prep)
+            _process_and_write([record_row(r) for r in accepted], staging, settings, ledger, prep)
             image_rejections, workers = ray.get(ledger.summary.remote())
             shards = output.publish(out)
-            split_info = {split: _describe_split(out, split, shards[split]) for split in SPLITS}
-            manifest = _manifest(cfg, records, rejected + image_rejections, split_info, vocab, fingerprint.result())
+            split_info = {split: describe_split(out, split, shards[split]) for split in SPLITS}
+            rejected = rejected + image_rejections
+            manifest = build_manifest(cfg, records, rejected, split_info, vocab, fingerprint.result())
     finally:
         ray.kill(ledger)
 
@@ -248,7 +246,7 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
     if fraction > prep.max_reject_fraction:
         raise TooManyRejections(
             f"{counts['rejected']} of {counts['read']} records rejected ({fraction:.1%}), above "
-            f"prepare.max_reject_fraction={prep.max_reject_fraction}; reasons in {out.join(MANIFEST).uri}"
+            f"prepare.max_reject_fraction={prep.max_reject_fraction}; reasons in {out.join(MANIFEST_FILE).uri}"
         )
     return result
 
@@ -265,7 +263,7 @@ def _process_and_write(items: list[dict], out: storage.Location, settings: str, 
     per_task = _rows_per_task(len(items), prep)
     parts = []
     for split in SPLITS:
-        table = pa.Table.from_pylist([item for item in items if item["split"] == split], schema=_RECORD_SCHEMA)
+        table = pa.Table.from_pylist([item for item in items if item["split"] == split], schema=RECORD_SCHEMA)
         if table.num_rows:
             parts.append(ray.data.from_arrow([table.slice(i, per_task) for i in range(0, table.num_rows, per_task)]))
     dataset = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
@@ -284,7 +282,7 @@ def _process_and_write(items: list[dict], out: storage.Location, settings: str, 
             filename_provider=_shard_names(),
             max_rows_per_file=prep.rows_per_file,
             mode=_overwrite(),
-            compression=_COMPRESSION,
+            compression=SHARD_COMPRESSION,
         )
     )
 
@@ -300,7 +298,7 @@ _FOLDER = "_folder"  # a copy of `split` naming the output folder; not stored in
 
 
 # Encoded JPEG/PNG bytes do not compress: spend no CPU on the image column.
-_COMPRESSION = {"image": "none", "captions": "snappy", "caption_tokens": "snappy"}
+SHARD_COMPRESSION = {"image": "none", "captions": "snappy", "caption_tokens": "snappy"}
 
 
 def _overwrite():
@@ -337,7 +335,7 @@ def prepare_in_process(cfg: Config, batch_size: int = 32) -> tuple[dict[str, pa.
         cfg.prepare.s3_endpoint,
         cfg.prepare.max_image_pixels,
     )
-    rows = pa.Table.from_pylist([_record_row(r) for r in accepted], schema=_RECORD_SCHEMA)
+    rows = pa.Table.from_pylist([record_row(r) for r in accepted], schema=RECORD_SCHEMA)
     table = pa.concat_tables([process(rows.slice(i, batch_size))[0] for i in range(0, rows.num_rows, batch_size)])
     return {split: table.filter(pc.equal(table["split"], split)) for split in SPLITS}, vocab
 
@@ -379,7 +377,7 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-_RECORD_SCHEMA = pa.schema(
+RECORD_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()),
         ("path", pa.string()),
@@ -390,7 +388,7 @@ _RECORD_SCHEMA = pa.schema(
 )
 
 
-def _record_row(record: Record) -> dict:
+def record_row(record: Record) -> dict:
     return {
         "image_id": record.image_id,
         "path": record.path,
@@ -400,7 +398,7 @@ def _record_row(record: Record) -> dict:
     }
 
 
-def _describe_split(out: storage.Location, split: str, paths: list[str]) -> dict:
+def describe_split(out: storage.Location, split: str, paths: list[str]) -> dict:
     """Counts, image ids and per-file checksums of one split's shards (`paths`: the files this
     prepare wrote), read back from storage."""
     loc = out.join(split)
@@ -424,41 +422,7 @@ def _describe_split(out: storage.Location, split: str, paths: list[str]) -> dict
     return {"images": len(image_ids), "captions": captions, "image_ids": image_ids, "files": files}
 
 
-def _manifest(cfg: Config, records, rejected, split_info, vocab: Vocabulary, fingerprint: str) -> dict:
-    written = sum(info["images"] for info in split_info.values())
-    scenes: dict[str, int] = {}
-    for r in records:
-        if r.scene is not None:
-            scenes[r.scene] = scenes.get(r.scene, 0) + 1
-    manifest = {
-        "producer": output.PRODUCER,
-        "schema_version": SCHEMA_VERSION,
-        "dataset": cfg.data.name,
-        "format": cfg.data.format,
-        "input_fingerprint": fingerprint,
-        "counts": {"read": len(records), "written": written, "rejected": len(rejected)},
-        "splits": split_info,
-        "validation": {
-            "mode": cfg.data.validation.mode,
-            "folds": cfg.data.validation.folds,
-            "fold": cfg.data.validation.fold,
-            "seed": cfg.data.validation.seed,
-        },
-        "image_size": cfg.prepare.image_size,
-        "image_encoding": cfg.prepare.image_encoding,
-        "scenes": dict(sorted(scenes.items())),
-        "vocab": vocab.to_dict(),
-        "vocab_splits": list(cfg.data.vocab_splits),
-        "tokenizer": cfg.data.tokenizer,
-        "rejected": sorted(rejected, key=lambda r: (r["split"], r["image_id"])),
-        "config": cfg.public_dict(),
-    }
-    if manifest["counts"]["read"] != written + len(rejected):  # the no-silent-loss invariant
-        raise RuntimeError(f"prepare lost records: read {len(records)}, written {written}, rejected {len(rejected)}")
-    return manifest
-
-
-def _fingerprint(cfg: Config, records: list[Record], accepted: list[Record]) -> str:
+def input_fingerprint(cfg: Config, records: list[Record], accepted: list[Record]) -> str:
     """Hash of everything the output depends on: config, records, and each accepted image file's
     size+mtime (rejected records' paths are never touched: they may point outside the dataset)."""
     digest = hashlib.sha256()
@@ -492,17 +456,3 @@ def _cluster_cpus() -> int:
     import ray
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
-
-
-def read_manifest(uri: str, s3_endpoint: str | None = None) -> dict:
-    """Load a prepared output's manifest (used by inspect, training and tests)."""
-    root = storage.resolve(uri, s3_endpoint)
-    loc = root.join(MANIFEST)
-    if not storage.exists(loc):
-        if storage.exists(root.join(output.IN_PROGRESS)):
-            raise FileNotFoundError(
-                f"{loc.uri}: no manifest: a prepare started here and did not finish "
-                f"({output.IN_PROGRESS} is there); run `rsray prepare` with the same config again to complete it"
-            )
-        raise FileNotFoundError(f"{loc.uri}: no manifest (has the prepare stage finished here?)")
-    return json.loads(storage.read_bytes(loc))

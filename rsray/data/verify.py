@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 
 from rsray import storage
-from rsray.data.prepare import MANIFEST, SPLITS, read_manifest
+from rsray.data.manifest import MANIFEST_FILE, SPLITS, Manifest, read_manifest
 
 
 class ShardMismatch(OSError):
@@ -29,16 +29,19 @@ class Verified:
     checksummed: int  # files whose sha256 was compared
 
 
-def verify_prepared(uri: str, s3_endpoint: str | None = None, checksum_splits: tuple[str, ...] = ()) -> Verified:
-    """Check every listed file of `uri`'s manifest; raise ShardMismatch naming the first bad one."""
-    manifest = read_manifest(uri, s3_endpoint)
+def verify_prepared(
+    uri: str, s3_endpoint: str | None = None, checksum_splits: tuple[str, ...] = (), manifest: Manifest | None = None
+) -> Verified:
+    """Check every listed file of `uri`'s manifest (`manifest`, when the caller has read it); raise
+    ShardMismatch naming the first bad one."""
+    manifest = manifest if manifest is not None else read_manifest(uri, s3_endpoint)
     root = storage.resolve(uri, s3_endpoint)
     listed = [(split, f) for split in SPLITS for f in manifest.get("splits", {}).get(split, {}).get("files", [])]
     locations = [root.join(*f["path"].split("/")) for _, f in listed]
     infos = root.fs.get_file_info([loc.path for loc in locations]) if locations else []
     for (_, entry), loc, info in zip(listed, locations, infos, strict=True):
         if info.type == pafs.FileType.NotFound:
-            raise ShardMismatch(f"{loc.uri}: listed in {root.join(MANIFEST).uri} but missing (run prepare again)")
+            raise ShardMismatch(f"{loc.uri}: listed in {root.join(MANIFEST_FILE).uri} but missing (run prepare again)")
         if info.size != entry["bytes"]:
             raise ShardMismatch(
                 f"{loc.uri}: {info.size} bytes, the manifest says {entry['bytes']} "

@@ -12,8 +12,8 @@ import torch
 
 from rsray.checkpoint import CONFIG_FILE, read_checkpoint
 from rsray.config import config_from_dict
-from rsray.data.loader import read_split, vocab_size
-from rsray.data.prepare import read_manifest
+from rsray.data.loader import read_split
+from rsray.data.manifest import read_manifest, vocab_size
 from rsray.eval.metrics import retrieval_metrics, retrieval_ranks
 from rsray.eval.rerank import SMRConfig, smr_rerank
 from rsray.eval.split import score_split

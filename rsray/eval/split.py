@@ -75,15 +75,30 @@ def evaluate(
     """The protocol's numbers on one split's whole gallery (scene recall where scenes exist);
     with `smr`, the same again after SMR re-ranking under `smr_` names. A model that defines
     `validation_metrics(split, table) -> {name: value}` adds its own numbers, computed from the
-    features already encoded here (the scene prior adds its classification accuracy)."""
+    features already encoded here (the scene prior adds its classification accuracy); one that
+    defines `validation_rescore()` gets its second stage's numbers too (`rescore_metrics`)."""
     split = score_split(model, table, augment, device, image_batch)
     metrics = retrieval_metrics(split.scores, split.caption_image, split.scenes)
     own_metrics = getattr(model, "validation_metrics", None)
     if own_metrics is not None:
         metrics.update(own_metrics(split, table))
+    metrics.update(rescore_metrics(model, split))
     if smr is not None:
         reranked = smr_rerank(split.scores, k=smr.k, w=smr.w, beta=smr.beta)
         metrics.update(
             {f"smr_{k}": v for k, v in retrieval_metrics(reranked, split.caption_image, split.scenes).items()}
         )
     return metrics
+
+
+def rescore_metrics(model: RetrievalModel, split: SplitScores) -> dict[str, float]:
+    """The second stage's numbers on `split` as `itm_*` (and `itm_seconds`) when the model asks for
+    them in validation (`validation_rescore() -> (k, pairs per forward)`, CMPAGL's ITM); else none."""
+    asks = getattr(model, "validation_rescore", None)
+    settings = asks() if asks is not None else None
+    if settings is None:
+        return {}
+    from rsray.eval.stages import rescore_stage
+
+    stage = rescore_stage(model, split, *settings)
+    return {**{f"itm_{k}": v for k, v in stage["metrics"].items()}, "itm_seconds": stage["seconds"]}

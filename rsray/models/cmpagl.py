@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +63,9 @@ def cmpagl_augment() -> AugmentConfig:
 @dataclass
 class CmpaglConfig(WarmupAdamWConfig):
     """Every CMPAGL setting; values the paper does not give are ALBEF's or ours (module docstring)."""
+
+    # files read only for the initial weights: a saved state replaces them (`build_for_loading`)
+    initial_weights: ClassVar[tuple[str, ...]] = ("backbone_checkpoint",)
 
     augment: AugmentConfig = field(default_factory=cmpagl_augment)
     embed_dim: int = 256  # ITC projection (ALBEF)
@@ -221,15 +224,12 @@ class Cmpagl(RetrievalModel):
         logits = self.itm_logits(image_features.tokens, text).float()
         return logits[:, 1] - logits[:, 0]
 
-    def validation_metrics(self, split: Any, table: Any) -> dict[str, float]:
-        """With `itm_in_validation`, the ITM stage's numbers as `itm_*` (and `itm_seconds`) from the
-        features validation already encoded; otherwise none (validation stays ITC only)."""
+    def validation_rescore(self) -> tuple[int, int] | None:
+        """With `itm_in_validation`, (top k, pairs per forward) of the ITM stage that validation
+        adds as `itm_*` numbers (`rsray.eval.split.rescore_metrics`); None keeps validation ITC only."""
         if not self.config.itm_in_validation:
-            return {}
-        from rsray.eval.stages import rescore_stage
-
-        stage = rescore_stage(self, split, self.config.itm_topk, self.config.itm_batch)
-        return {**{f"itm_{k}": v for k, v in stage["metrics"].items()}, "itm_seconds": stage["seconds"]}
+            return None
+        return self.config.itm_topk, self.config.itm_batch
 
     # -- training
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +59,9 @@ STREAMS = ("f", "b")
 class DoveConfig(OptimiserConfig):
     """Every DOVE hyper-parameter. Paper numbers where it gives them (SWAN's training, 512-d);
     the rest is our choice, each a switch."""
+
+    # files read only for the initial weights: a saved state replaces them (`build_for_loading`)
+    initial_weights: ClassVar[tuple[str, ...]] = ("backbone_checkpoint", "glove_path")
 
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # SWAN's pipeline
     embed_dim: int = 512

@@ -44,8 +44,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rsray import storage
-from rsray.checkpoint import read_checkpoint
 from rsray.data.augment import AugmentConfig
 from rsray.distributed import gather_no_grad, gather_with_grad, rank, world_size
 from rsray.losses import LogitScale, affiliation_loss, info_nce_loss, local_info_nce_loss, row_centres
@@ -55,9 +53,8 @@ from rsray.models.clip import fit_positions
 from rsray.models.encoders import FrozenParts, TimmBackbone, TransformerTextEncoder, check_text_config, length_mask
 from rsray.models.registry import register_model
 from rsray.models.scene_prior import backbone_state_dict, priorclip_augment
+from rsray.models.stages import check_stage_checkpoint, read_stage_checkpoint
 from rsray.optim import WarmupAdamWConfig
-
-TRAIN_FIRST = "train"  # a stage checkpoint key with this value: `rsray train` trains that stage first
 
 
 @dataclass
@@ -109,6 +106,9 @@ class PriorClipLossConfig(WarmupAdamWConfig):
 class PriorClipConfig(PriorClipLossConfig):
     """Every closed-domain PriorCLIP setting; defaults are the paper's. Optimizer fields are read
     by the training loop."""
+
+    # files read only for the initial weights: a saved state replaces them (`build_for_loading`)
+    initial_weights: ClassVar[tuple[str, ...]] = ("backbone_checkpoint", "instruction_checkpoint")
 
     # `rsray train` trains model.instruction_stage first when instruction_checkpoint is "train"
     earlier_stages: ClassVar[dict[str, str]] = {"instruction_checkpoint": "instruction_stage"}
@@ -188,29 +188,6 @@ def check_pae(cfg) -> Iterator[tuple[str, str]]:
         yield "dropout", f"must be in [0, 1), got {cfg.dropout}"
     if cfg.temperature <= 0:
         yield "temperature", f"must be positive, got {cfg.temperature}"
-
-
-def check_stage_checkpoint(key: str, value: str | None) -> Iterator[tuple[str, str]]:
-    """A stage checkpoint is null, "train", an s3:// folder, or an existing local folder."""
-    if value in (None, TRAIN_FIRST) or storage.is_s3(value):
-        return
-    if not Path(value).is_dir():
-        yield key, f"no such checkpoint folder: {value} (or `train` to train that stage first)"
-
-
-# ----------------------------------------------------------------------------- stage checkpoints
-
-
-def read_stage_checkpoint(uri: str, key: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(state.pt loaded with weights_only=True, config.yaml as plain data) of an rsray checkpoint
-    folder, local or s3://, that a later stage starts from; `key` names the config key in errors."""
-    if uri == TRAIN_FIRST:
-        raise ValueError(
-            f"model.{key}: `train` means: train that stage first, which `rsray train` does "
-            "before building this model (it then names the stage's best checkpoint here)"
-        )
-    state, config = read_checkpoint(uri, context=f"model.{key}: ")
-    return state, config
 
 
 def load_instruction_backbone(uri: str, backbone: str, key: str = "instruction_checkpoint") -> dict[str, torch.Tensor]:

@@ -56,12 +56,11 @@ from rsray.models.priorclip import (
     InstructionEncoder,
     PriorClipLossConfig,
     belief_tokens,
-    check_stage_checkpoint,
     contrastive_and_affiliation,
-    read_stage_checkpoint,
 )
 from rsray.models.registry import model_config, register_model
 from rsray.models.scene_prior import priorclip_augment
+from rsray.models.stages import check_stage_checkpoint, read_stage_checkpoint
 
 BELIEFS = ("soft", "hard", "token_norm")
 
@@ -69,6 +68,9 @@ BELIEFS = ("soft", "hard", "token_norm")
 @dataclass
 class PriorClipOpenConfig(PriorClipLossConfig):
     """Every stage-2 setting. Optimizer fields are read by the training loop."""
+
+    # files read only for the initial weights: a saved state replaces them (`build_for_loading`)
+    initial_weights: ClassVar[tuple[str, ...]] = ("instruction_checkpoint",)
 
     # `rsray train` trains these stages first (in this order) when their checkpoint key says "train"
     earlier_stages: ClassVar[dict[str, str]] = {

@@ -78,18 +78,22 @@ def build_model(cfg: Config, vocab_size: int | None = None, vocab: Sequence[str]
     return cls(config, vocab_size=vocab_size, vocab=vocab)
 
 
-# Model keys that name files read only for a model's initial weights: a saved state replaces them.
-INITIAL_WEIGHTS_KEYS = ("backbone_checkpoint", "glove_path", "instruction_checkpoint")
+def initial_weight_keys(name: str) -> tuple[str, ...]:
+    """The model keys of model `name` that name files read only for its initial weights (pretrained
+    backbone, word vectors, an earlier stage), as its config class declares in `initial_weights`."""
+    if name not in _MODELS:
+        return ()
+    return tuple(getattr(_MODELS[name][1], "initial_weights", ()))
 
 
 def build_for_loading(cfg: Config, vocab_size: int) -> RetrievalModel:
     """The model of a saved run, to load its saved state into. The files that only gave the run its
-    initial weights (`INITIAL_WEIGHTS_KEYS`: pretrained backbone, word vectors, the scene prior)
+    initial weights (`initial_weight_keys`: pretrained backbone, word vectors, the scene prior)
     are not read, so a checkpoint evaluates on a machine without them (a cluster's /mnt/weights on
     a laptop). Files that define the architecture (a CLIP or BERT folder, PriorCLIP open's stage 1)
     are still read."""
     cfg = copy.deepcopy(cfg)
-    for key in INITIAL_WEIGHTS_KEYS:
+    for key in initial_weight_keys(model_class(cfg).model_name):
         if cfg.model.get(key):
             cfg.model[key] = None
     return build_model(cfg, vocab_size=vocab_size)

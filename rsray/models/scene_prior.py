@@ -65,6 +65,9 @@ def priorclip_augment() -> AugmentConfig:
 class ScenePriorConfig(OptimiserConfig):
     """Every scene-prior setting (AdamW, our choice for fine-tuning an ImageNet CNN)."""
 
+    # files read only for the initial weights: a saved state replaces them (`build_for_loading`)
+    initial_weights: ClassVar[tuple[str, ...]] = ("backbone_checkpoint",)
+
     selection_metric: ClassVar[str] = "accuracy"  # the best checkpoint is the best image classifier
 
     augment: AugmentConfig = field(default_factory=priorclip_augment)

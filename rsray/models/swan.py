@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,9 @@ class SwanConfig(OptimiserConfig):
     """Every SWAN hyper-parameter; defaults are the paper's (Adam, lr 2e-4 x0.7 every 20 epochs),
     except `wsa_activation`: gelu, what configs written before the switch trained with (swan.yaml
     sets the paper's relu)."""
+
+    # files read only for the initial weights: a saved state replaces them (`build_for_loading`)
+    initial_weights: ClassVar[tuple[str, ...]] = ("backbone_checkpoint", "glove_path")
 
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # resize 278, rotate 0-90, crop 256; eval 256
     embed_dim: int = 512

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import timm
 import torch
@@ -31,6 +32,9 @@ class VseppConfig(OptimiserConfig):
     pipeline (278 -> rotate -> crop 256) so the two compare like with like; mean over valid
     tokens (as the spec says; the VSE++ paper takes the last GRU state).
     """
+
+    # files read only for the initial weights: a saved state replaces them (`build_for_loading`)
+    initial_weights: ClassVar[tuple[str, ...]] = ("backbone_checkpoint", "glove_path")
 
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # SWAN's pipeline, to compare like with like
     embed_dim: int = 512

@@ -46,7 +46,7 @@ and checking a sweep file (`rsray sweep --help`, a config error) starts in a fra
 """
 
 from rsray.sweep.driver import SweepInterrupted, run_sweep
-from rsray.sweep.report import SweepReport, TrialSummary, best_trial
+from rsray.sweep.report import SweepReport, best_trial
 from rsray.sweep.spec import (
     TAG_EARLY,
     TAG_ROLE,
@@ -59,6 +59,7 @@ from rsray.sweep.spec import (
     resolved_scheduler,
     trial_config,
 )
+from rsray.sweep.summary import TrialSummary
 
 __all__ = [
     "TAG_EARLY",

@@ -166,14 +166,16 @@ def _prepared_base(sweep: Sweep) -> Config:
     trial folder), its prepared data checked against the manifest, and earlier stages (PriorCLIP's
     scene prior) trained once for all trials."""
     from rsray.data.verify import verify_prepared
-    from rsray.train.run import _absolute_paths, _train_earlier_stages
+    from rsray.train.plan import absolute_paths
+    from rsray.train.run import train
+    from rsray.train.stages import train_earlier_stages
 
-    base = _absolute_paths(copy.deepcopy(sweep.base))
+    base = absolute_paths(copy.deepcopy(sweep.base))
     if sweep.settings.kind == "train":  # bad shards are refused once, before any trial starts
         verify_prepared(base.train.data, base.prepare.s3_endpoint, tuple(base.train.verify_checksums))
         if not base.train.run_name:
             base.train.run_name = sweep.name  # names the earlier stages' runs, if any
-        base = _train_earlier_stages(base)
+        base = train_earlier_stages(base, train)
         base.train.run_name = ""
     return base
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from rsray.sweep.spec import Param
 
 if TYPE_CHECKING:
-    from rsray.sweep.report import TrialSummary
+    from rsray.sweep.summary import TrialSummary
 
 
 def metric_vs_params(

@@ -7,8 +7,8 @@ from __future__ import annotations
 import logging
 
 from rsray.config import Config
-from rsray.sweep.report import TrialSummary
 from rsray.sweep.spec import EPOCHS_DONE, TAG_EARLY, TAG_ROLE, TAG_SWEEP, TAG_TRIAL
+from rsray.sweep.summary import TrialSummary
 
 log = logging.getLogger(__name__)
 

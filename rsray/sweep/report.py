@@ -18,27 +18,9 @@ from rsray import storage
 from rsray.config import Config
 from rsray.sweep.figures import metric_vs_params
 from rsray.sweep.spec import EPOCHS_DONE, TRIALS_FOLDER, Sweep, join_uri, trial_config
+from rsray.sweep.summary import TrialSummary
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrialSummary:
-    """One row of the sweep's summary table."""
-
-    trial_id: str
-    params: dict[str, Any]
-    status: str  # finished | early_stopped | error
-    epochs_done: int
-    best: float  # the sweep metric at the trial's best epoch (nan if it never reported)
-    best_epoch: int
-    last: float
-    error: str = ""
-    run_id: str = ""
-
-    @property
-    def early_stopped(self) -> bool:
-        return self.status == "early_stopped"
 
 
 @dataclass

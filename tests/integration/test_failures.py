@@ -23,9 +23,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rsray.cli import main
+from pipelines.cli import main
 from rsray.config import ConfigError, load_config
-from rsray.data.prepare import read_manifest
+from rsray.data.manifest import read_manifest
 from rsray.data.verify import ShardMismatch
 from tests.conftest import MlflowServer
 

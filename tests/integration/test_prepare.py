@@ -16,7 +16,8 @@ from PIL import Image
 
 from rsray import storage
 from rsray.config import load_config
-from rsray.data.prepare import TooManyRejections, prepare, read_manifest
+from rsray.data.manifest import read_manifest
+from rsray.data.prepare import TooManyRejections, prepare
 from rsray.data.synthetic import ANNOTATION_FILE, generate_sample
 
 pytestmark = pytest.mark.integration
@@ -247,7 +248,8 @@ def test_a_rewrite_replaces_only_the_files_rsray_wrote(ray_cluster, dataset, tmp
 
 def test_an_interrupted_prepare_is_never_read_as_complete_and_is_redone(ray_cluster, dataset, tmp_path):
     """What a prepare killed while writing leaves: its marker, staged and old shards, no manifest."""
-    from rsray.data.output import IN_PROGRESS, PRODUCER
+    from rsray.data.manifest import IN_PROGRESS_FILE as IN_PROGRESS
+    from rsray.data.manifest import PRODUCER
 
     folder = tmp_path / "interrupted"
     done = prepare(config(dataset, folder))

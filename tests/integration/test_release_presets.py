@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipelines.cli import main
 from rsray.checkpoint import CONFIG_FILE, STATE_FILE
-from rsray.cli import main
 from rsray.config import load_config
 from tests.unit.test_swan_release import SWITCHES
 
@@ -53,7 +53,8 @@ def frozen_bn_statistics(model_state: dict, prefix: str) -> dict[str, torch.Tens
 @pytest.fixture(scope="module")
 def prepared_keeping_stopwords(ray_cluster, tmp_path_factory) -> str:
     """A tiny sample prepared as SWAN's release tokenizes: stop words kept as <unk>."""
-    from rsray.data.prepare import prepare, read_manifest
+    from rsray.data.manifest import read_manifest
+    from rsray.data.prepare import prepare
     from rsray.data.synthetic import generate_sample
 
     root = tmp_path_factory.mktemp("sample-unk")

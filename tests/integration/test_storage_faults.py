@@ -26,9 +26,11 @@ import pytest
 
 from rsray import storage
 from rsray.config import load_config
-from rsray.data.prepare import prepare, read_manifest
+from rsray.data.manifest import read_manifest
+from rsray.data.prepare import prepare
 from rsray.data.verify import verify_prepared
-from rsray.train.run import best_checkpoint, train
+from rsray.train.records import best_checkpoint
+from rsray.train.run import train
 from tests.faulty_proxy import FaultyProxy
 
 pytestmark = pytest.mark.integration
@@ -195,7 +197,7 @@ def _kill_prepare_while_it_writes(overrides, ray_cluster, s3_endpoint, s3_bucket
 
 def _rsray(argv: list[str], proxy: FaultyProxy) -> tuple[int, list[str]]:
     """`rsray ...` in this process with AWS_ENDPOINT_URL_S3 at the proxy; (exit code, stderr lines)."""
-    from rsray.cli import main
+    from pipelines.cli import main
 
     err = io.StringIO()
     saved = os.environ["AWS_ENDPOINT_URL_S3"]
@@ -210,7 +212,7 @@ def _rsray(argv: list[str], proxy: FaultyProxy) -> tuple[int, list[str]]:
 
 def _evaluate(checkpoint, out: Path) -> dict:
     """`rsray evaluate` of a checkpoint on S3 (its config names the endpoint it was trained through)."""
-    from rsray.cli import main
+    from pipelines.cli import main
 
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["evaluate", f"s3://{checkpoint.path}", "--split", "test", "-o", str(out), "--no-mlflow"]) == 0

@@ -9,7 +9,7 @@ import statistics
 
 import pytest
 
-from rsray.cli import main
+from pipelines.cli import main
 
 pytestmark = pytest.mark.integration
 

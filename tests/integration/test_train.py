@@ -17,8 +17,8 @@ import pytest
 
 from rsray.checkpoint import CONFIG_FILE, load_checkpoint_state
 from rsray.config import load_config
-from rsray.data.loader import read_split, vocab_size
-from rsray.data.prepare import read_manifest
+from rsray.data.loader import read_split
+from rsray.data.manifest import read_manifest, vocab_size
 from rsray.eval.split import evaluate
 from rsray.models import build_model, model_config
 from rsray.tracking import metric_history
@@ -109,7 +109,7 @@ def test_mlflow_holds_params_per_epoch_metrics_and_artifacts(trained, mlflow_ser
     assert {"figures/test_retrieval_t2i.png", "figures/test_retrieval_i2t.png"} <= figures
     assert result.mlflow_link.endswith("?workflowType=machine_learning")
     # the prepared data as its dataset input: name, URI, the shards' digest, the split counts
-    from rsray.data.prepare import read_manifest
+    from rsray.data.manifest import read_manifest
     from rsray.data.verify import data_digest
 
     (data,) = run.inputs.dataset_inputs
@@ -127,7 +127,7 @@ def test_the_best_checkpoints_test_numbers_are_in_its_mlflow_run(trained, mlflow
     from mlflow import MlflowClient
 
     from rsray.eval.checkpoint import evaluate_checkpoint
-    from rsray.train.run import best_checkpoint
+    from rsray.train.records import best_checkpoint
 
     cfg, result = trained
     best = best_checkpoint(result, cfg)
@@ -202,7 +202,7 @@ def test_neither_the_mlflow_password_nor_the_s3_secret_is_printed_logged_or_writ
 def test_rsray_evaluate_scores_the_checkpoint_with_and_without_smr(trained, tmp_path, capsys):
     import json
 
-    from rsray.cli import main
+    from pipelines.cli import main
 
     _, result = trained
     checkpoint, reported = result.best_checkpoints[-1]
@@ -223,7 +223,7 @@ def test_rsray_evaluate_logs_into_the_checkpoints_run_or_a_child_of_it(trained, 
     data; a child run of it (linked, tagged) for other prepared data, never mixed with the run's."""
     from mlflow import MlflowClient
 
-    from rsray.cli import main
+    from pipelines.cli import main
 
     _, result = trained
     client = MlflowClient(mlflow_server)
@@ -254,7 +254,7 @@ def test_the_best_checkpoint_is_a_logged_model_that_embeds_as_the_checkpoint_doe
 
     from rsray.eval.checkpoint import load_checkpoint
     from rsray.eval.split import encode_split
-    from rsray.train.run import best_checkpoint
+    from rsray.train.records import best_checkpoint
 
     cfg, result = trained
     client = MlflowClient(mlflow_server)
@@ -289,7 +289,7 @@ def test_rsray_evaluate_reads_a_registered_model_by_its_alias(trained, mlflow_se
     import mlflow
     from mlflow import MlflowClient
 
-    from rsray.cli import main
+    from pipelines.cli import main
 
     _, result = trained
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")  # not the server: --tracking-uri must win
@@ -328,15 +328,16 @@ def test_a_cached_train_split_is_read_once_and_replayed(prepared, tmp_path, cach
     The shards are read by Ray Data's Parquet reader V1 (V2 lists files with 32 actors)."""
     import shutil
 
+    from rsray.data.stream import train_dataset
     from rsray.runtime import configure_data_context
-    from rsray.train.run import train_dataset
 
     configure_data_context()
     copy = tmp_path / "prepared"
     shutil.copytree(prepared, copy)
     cfg = load_config("train/cpu-tiny", [f"train.data={copy}", f"train.cache_train_split={cache}"])
-    pairs = train_dataset(cfg)
-    expected = read_manifest(str(copy))["splits"]["train"]["captions"]
+    manifest = read_manifest(str(copy))
+    pairs = train_dataset(cfg, manifest)
+    expected = manifest["splits"]["train"]["captions"]
     assert pairs.count() == expected
     if cache == "always":  # the read ran when the split was cached: its stats name the reader
         assert "ReadParquet" in pairs.stats() and "ListFiles" not in pairs.stats()
@@ -354,7 +355,7 @@ def test_rsray_compare_prints_the_runs_own_test_numbers_and_logs_the_table(train
     shared run alone, by --runs), in CSV; a compare run holds the three formats and two figures."""
     from mlflow import MlflowClient
 
-    from rsray.cli import main
+    from pipelines.cli import main
     from rsray.compare import COLUMNS
 
     _, result = trained

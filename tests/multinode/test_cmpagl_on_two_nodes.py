@@ -16,7 +16,8 @@ import yaml
 
 from rsray.checkpoint import load_checkpoint_state
 from rsray.config import CONF_DIR, load_config
-from rsray.train.run import best_checkpoint, train
+from rsray.train.records import best_checkpoint
+from rsray.train.run import train
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +32,7 @@ def _queue(result) -> dict[str, torch.Tensor]:
 
 
 def test_a_local_folder_is_refused_on_two_nodes_before_any_worker_starts(prepared_on_nodes, tmp_path, capsys):
-    from rsray.cli import main
+    from pipelines.cli import main
 
     storage = tmp_path / "runs"
     code = main(
@@ -55,7 +56,7 @@ def test_cmpagl_trains_on_both_nodes_resumes_with_its_queue_and_evaluates_in_thr
 ):
     from mlflow import MlflowClient
 
-    from rsray.cli import main
+    from pipelines.cli import main
 
     run = tmp_path / "cmpagl.yaml"
     run.write_text(

@@ -28,8 +28,8 @@ import pytest
 
 from rsray.checkpoint import read_checkpoint
 from rsray.config import ConfigError, config_from_dict, load_config
-from rsray.data.loader import read_split, vocab_size
-from rsray.data.prepare import read_manifest
+from rsray.data.loader import read_split
+from rsray.data.manifest import read_manifest, vocab_size
 from rsray.eval.split import evaluate
 from rsray.models import build_model, model_config
 from rsray.train.run_folder import LOCK_FILE, RunLock

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from rsray.cli import STAGES, main
+from pipelines.cli import STAGES, main
 from rsray.data.synthetic import generate_sample
 
 

@@ -20,7 +20,7 @@ import pytest
 import tomllib
 import yaml
 
-from rsray.cli import STAGES
+from pipelines.cli import STAGES
 from rsray.config import Config, load_config
 from rsray.models import model_config
 

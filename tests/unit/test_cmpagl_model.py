@@ -147,7 +147,7 @@ def test_the_itm_stage_on_a_prepared_split_equals_full_itm_ranking_when_k_covers
     from rsray.data.synthetic import generate_sample
     from rsray.eval.metrics import retrieval_ranks
     from rsray.eval.scoring import index_rows
-    from rsray.eval.split import score_split
+    from rsray.eval.split import rescore_metrics, score_split
     from rsray.eval.stages import rescore_stage
 
     generate_sample(tmp_path / "s", n_images=40, image_size=64, seed=0, progress=False)
@@ -166,4 +166,6 @@ def test_the_itm_stage_on_a_prepared_split_equals_full_itm_ranking_when_k_covers
     assert stage["ranks"] == expected and stage["pairs"] == n_img * n_txt
     small = rescore_stage(model, scored, k=2)
     assert small["pairs"] <= n_img * 2 + n_txt * 2 and set(small["metrics"]) == set(stage["metrics"])
-    assert set(model.validation_metrics(scored, tables["test"])) >= {"itm_mR", "itm_i2t_R1", "itm_seconds"}
+    assert set(rescore_metrics(model, scored)) >= {"itm_mR", "itm_i2t_R1", "itm_seconds"}  # itm_in_validation
+    model.config.itm_in_validation = False
+    assert rescore_metrics(model, scored) == {}

@@ -10,7 +10,7 @@ from torch import nn
 from rsray.config import ConfigError, load_config
 from rsray.models import model_config
 from rsray.optim import make_optimizer
-from rsray.train.run import _steps_per_epoch, elastic_lr_scale, rescale_learning_rate
+from rsray.train.scaling import elastic_lr_scale, rescale_learning_rate, steps_per_epoch
 
 
 def test_num_workers_takes_a_count_or_min_and_max():
@@ -35,7 +35,7 @@ def test_the_lr_scales_with_workers_over_max_only_when_elastic_and_linear():
 
 def test_an_elastic_run_plans_its_steps_for_max_workers():
     tc = load_config("train/cpu-tiny", ["train.num_workers=[1, 2]", "train.batch_size=16"]).train
-    assert _steps_per_epoch({"splits": {"train": {"captions": 100}}}, tc) == 3  # 100 / 2 / 16
+    assert steps_per_epoch({"splits": {"train": {"captions": 100}}}, tc) == 3  # 100 / 2 / 16
 
 
 def _lrs(schedule: str, factor_at: int | None, factor: float, steps: int = 12) -> list[float]:

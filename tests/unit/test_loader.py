@@ -34,9 +34,9 @@ from rsray.data.loader import (
     pairs_from_arrow,
     read_split,
     scene_index,
-    vocab_size,
 )
-from rsray.data.prepare import MANIFEST, SPLITS, _describe_split, shard_schema
+from rsray.data.manifest import MANIFEST_FILE, SPLITS, vocab_size
+from rsray.data.prepare import describe_split, shard_schema
 
 AUG = AugmentConfig(train_resize=36, crop=32, rotation=90.0, eval_resize=24)
 WORDS = ["<pad>", "<unk>", "plane", "airport", "beach", "sea", "tree", "road"]
@@ -96,12 +96,12 @@ def write_output(root, with_ids=False) -> dict:
                 scenes[s] = scenes.get(s, 0) + 1
     manifest = {
         "schema_version": 1,
-        "splits": {s: _describe_split(loc, s, storage.list_files(loc.join(s), ".parquet")) for s in SPLITS},
+        "splits": {s: describe_split(loc, s, storage.list_files(loc.join(s), ".parquet")) for s in SPLITS},
         "scenes": dict(sorted(scenes.items())),
         "vocab": {"min_count": 1, "words": WORDS},
         "tokenizer": "tiny" if with_ids else None,
     }
-    (root / MANIFEST).write_text(json.dumps(manifest))
+    (root / MANIFEST_FILE).write_text(json.dumps(manifest))
     return manifest
 
 
@@ -160,9 +160,9 @@ def test_a_changed_file_is_named_by_what_differs(tmp_path):
     with pytest.raises(ShardMismatch, match=r"part-00000-0.parquet: \d+ bytes, the manifest says \d+ \(truncated"):
         read_split(str(tmp_path), "test")
     path.write_bytes(original)
-    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
     manifest["splits"]["test"]["files"][0]["rows"] = 5
-    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(ShardMismatch, match="4 rows, the manifest says 5"):
         read_split(str(tmp_path), "test")
     path.unlink()
@@ -332,12 +332,12 @@ def test_bert_ids_path(tmp_path):
 def test_rows_from_the_prepare_processor_load(tmp_path):
     """Real prepare rows (ImageBatchProcessor, no Ray) go through the same functions."""
     from rsray.data.formats import Record
-    from rsray.data.prepare import ImageBatchProcessor, _record_row
+    from rsray.data.prepare import ImageBatchProcessor, record_row
     from rsray.data.text import Vocabulary
 
     captions = ("two planes at the airport.", ".", "a red plane", "planes", "airport near a road")
     Image.new("RGB", (50, 40), "blue").save(tmp_path / "a_1.png")
-    records = pa.Table.from_pylist([_record_row(Record("a_1.png", str(tmp_path / "a_1.png"), "train", "a", captions))])
+    records = pa.Table.from_pylist([record_row(Record("a_1.png", str(tmp_path / "a_1.png"), "train", "a", captions))])
     vocab = Vocabulary.build(captions, min_count=1)
     table, rejected = ImageBatchProcessor(40, "jpeg", 90, vocab.to_dict(), None, None)(records)
     assert not rejected

@@ -95,13 +95,12 @@ def test_rows_need_exactly_one_of_caption_or_image(trained):
 def test_folders_that_define_the_model_travel_but_initial_weights_do_not(tmp_path):
     (tmp_path / "clip").mkdir()
     (tmp_path / "tok").mkdir()
-    (tmp_path / "backbone").mkdir()
+    (tmp_path / "prior").mkdir()
     saved = {
-        "model": {
-            "name": "clip",
+        "model": {  # priorclip_open declares instruction_checkpoint an initial-weights key
+            "name": "priorclip_open",
             "clip": {"checkpoint": str(tmp_path / "clip")},
-            "text_checkpoint": "minilm",
-            "backbone_checkpoint": str(tmp_path / "backbone"),
+            "instruction_checkpoint": str(tmp_path / "prior"),
             "lr": 1.0,
         },
         "data": {"tokenizer": str(tmp_path / "tok")},
@@ -111,6 +110,15 @@ def test_folders_that_define_the_model_travel_but_initial_weights_do_not(tmp_pat
         "data.tokenizer": str(tmp_path / "tok"),
     }
     assert FOLDER_PREFIX + "data.tokenizer" == "folder:data.tokenizer"
+
+
+def test_each_model_declares_which_keys_are_initial_weights():
+    from rsray.models.registry import initial_weight_keys
+
+    assert initial_weight_keys("swan") == ("backbone_checkpoint", "glove_path")
+    assert initial_weight_keys("priorclip") == ("backbone_checkpoint", "instruction_checkpoint")
+    assert initial_weight_keys("priorclip_open") == ("instruction_checkpoint",)  # its CLIP folder is architecture
+    assert initial_weight_keys("clip") == ()
 
 
 def test_the_registry_alias_defaults_to_model_and_dataset():

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from rsray.cli import STAGES, main
+from pipelines.cli import STAGES, main
 from tests.unit.test_metrics import KEYS, SCENE_KEYS  # the protocol's key order, written out once
 
 
@@ -29,7 +29,7 @@ def run_json(capsys, *args) -> dict:
 
 
 def test_registered():
-    assert STAGES["metrics"][0] == "pipelines.metrics"
+    assert STAGES["metrics"][0] == "metrics"
 
 
 def test_json_on_a_perfect_matrix(saved, capsys):

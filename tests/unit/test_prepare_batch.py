@@ -7,7 +7,7 @@ from PIL import Image
 
 from rsray.config import load_config
 from rsray.data.formats import Record
-from rsray.data.prepare import ImageBatchProcessor, _fingerprint, _record_row, shard_schema
+from rsray.data.prepare import ImageBatchProcessor, input_fingerprint, record_row, shard_schema
 from rsray.data.text import Vocabulary
 
 CAPTIONS = ("two red planes at the airport.",) * 5
@@ -16,7 +16,7 @@ CAPTIONS = ("two red planes at the airport.",) * 5
 def batch_of(tmp_path, names):
     Image.new("RGB", (40, 30), "red").save(tmp_path / "good_1.png")
     records = [Record(n, str(tmp_path / n), "train", "good", CAPTIONS) for n in names]
-    return pa.Table.from_pylist([_record_row(r) for r in records])
+    return pa.Table.from_pylist([record_row(r) for r in records])
 
 
 def processor(tokenizer=None):
@@ -52,8 +52,8 @@ def test_tokenizer_adds_input_ids(tmp_path, tiny_tokenizer):
 def test_fingerprint_follows_config_and_image_files(tmp_path):
     batch_of(tmp_path, [])
     records = [Record("good_1.png", str(tmp_path / "good_1.png"), "train", None, CAPTIONS)]
-    base = _fingerprint(load_config(None), records, records)
-    assert base == _fingerprint(load_config(None, ["prepare.output=/elsewhere"]), records, records)  # not an input
-    assert base != _fingerprint(load_config(None, ["prepare.image_size=64"]), records, records)
+    base = input_fingerprint(load_config(None), records, records)
+    assert base == input_fingerprint(load_config(None, ["prepare.output=/elsewhere"]), records, records)  # not an input
+    assert base != input_fingerprint(load_config(None, ["prepare.image_size=64"]), records, records)
     Image.new("RGB", (41, 30), "blue").save(tmp_path / "good_1.png")
-    assert base != _fingerprint(load_config(None), records, records)
+    assert base != input_fingerprint(load_config(None), records, records)

@@ -13,8 +13,8 @@ import pytest
 
 from rsray import storage
 from rsray.config import ConfigError, load_config
-from rsray.train.run import placeable_workers, worker_resources
 from rsray.train.run_folder import LOCK_FILE, ResumePoint, RunLock, check_resume
+from rsray.train.scaling import placeable_workers, worker_resources
 
 
 def config(tmp_path, *overrides):

@@ -61,7 +61,7 @@ def test_s3_requests_are_signed_for_the_buckets_region(monkeypatch):
 
 def test_an_unreachable_s3_endpoint_is_one_line_naming_the_uri_and_the_endpoint(monkeypatch, capsys):
     """A real request to a closed port on 127.0.0.1, through the command a user runs first."""
-    from rsray.cli import main
+    from pipelines.cli import main
     from tests.conftest import free_port
 
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there

@@ -10,19 +10,13 @@ import pytest
 import torch
 
 from rsray.config import ConfigError, load_config
-from rsray.train.run import (
-    _absolute_paths,
-    _rng_state,
-    _seed_everything,
-    _set_rng_state,
-    _steps_per_epoch,
-    _summary,
-    cache_train_split,
-    default_run_name,
-    epoch_line,
-    local_paths_unseen_by_other_nodes,
-    with_sync_batchnorm,
-)
+from rsray.data.stream import cache_train_split
+from rsray.train.errors import error_summary
+from rsray.train.plan import absolute_paths, default_run_name
+from rsray.train.records import epoch_line
+from rsray.train.rng import rng_state, seed_everything, set_rng_state
+from rsray.train.scaling import local_paths_unseen_by_other_nodes, steps_per_epoch
+from rsray.train.worker import with_sync_batchnorm
 
 
 @pytest.mark.parametrize(
@@ -66,30 +60,30 @@ def test_local_folders_are_refused_on_a_cluster_of_several_nodes(nodes, override
 
 
 def test_rng_states_round_trip_through_a_safe_checkpoint(tmp_path):
-    _seed_everything(3, 1)
-    saved = _rng_state()
+    seed_everything(3, 1)
+    saved = rng_state()
     path = tmp_path / "rng.pt"
     torch.save(saved, path)
     expected = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
-    _seed_everything(99)
-    _set_rng_state(torch.load(path, weights_only=True))
+    seed_everything(99)
+    set_rng_state(torch.load(path, weights_only=True))
     again = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
     assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
 
 
 def test_seeds_differ_per_part():
-    _seed_everything(0, 0)
+    seed_everything(0, 0)
     first = torch.rand(2)
-    _seed_everything(0, 1)
+    seed_everything(0, 1)
     assert not torch.equal(first, torch.rand(2))
 
 
 def test_steps_per_epoch_split_the_pairs_over_workers_in_full_batches():
     cfg = load_config("train/cpu-tiny", ["train.batch_size=16", "train.num_workers=2"])
     manifest = {"splits": {"train": {"captions": 100}}}
-    assert _steps_per_epoch(manifest, cfg.train) == 3  # 50 pairs per worker -> 3 full batches of 16
+    assert steps_per_epoch(manifest, cfg.train) == 3  # 50 pairs per worker -> 3 full batches of 16
     manifest["splits"]["train"]["captions"] = 5
-    assert _steps_per_epoch(manifest, cfg.train) == 1  # never 0: a schedule needs a positive total
+    assert steps_per_epoch(manifest, cfg.train) == 1  # never 0: a schedule needs a positive total
 
 
 def test_relative_local_paths_become_absolute_for_workers(tmp_path, monkeypatch):
@@ -100,7 +94,7 @@ def test_relative_local_paths_become_absolute_for_workers(tmp_path, monkeypatch)
     cfg.model["glove_path"] = "glove.txt"
     cfg.model["clip"] = {"checkpoint": "prepared"}
     cfg.model["missing_path"] = "not-here"
-    out = _absolute_paths(cfg)
+    out = absolute_paths(cfg)
     assert out.train.data == str(tmp_path / "prepared")
     assert out.tracking.uri == "sqlite:///" + str(tmp_path / "runs.db")
     assert out.model["glove_path"] == str(tmp_path / "glove.txt")
@@ -116,8 +110,8 @@ def test_default_run_names_say_model_and_dataset():
 
 
 def test_a_worker_traceback_is_summarised_in_its_last_line():
-    assert _summary(RuntimeError("Traceback:\n  File x\nValueError: bad batch\n\n")) == "ValueError: bad batch"
-    assert _summary(RuntimeError("")) == "RuntimeError"
+    assert error_summary(RuntimeError("Traceback:\n  File x\nValueError: bad batch\n\n")) == "ValueError: bad batch"
+    assert error_summary(RuntimeError("")) == "RuntimeError"
 
 
 def test_an_epoch_line_names_losses_speed_data_wait_and_validation():

@@ -1,0 +1,141 @@
+"""The prepared output's manifest: the one contract between `rsray prepare` and every later stage.
+
+Prepare builds it (`build_manifest`) and writes it last (`write_manifest`), so a manifest means a
+complete output; training, evaluation, the loader, verification and `rsray data inspect` read it
+with `read_manifest`. Its shape is written down here as TypedDicts (what a reader may rely on);
+on disk it stays plain JSON, so a manifest from before these types still reads.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypedDict
+
+from rsray import storage
+
+MANIFEST_FILE = "manifest.json"
+IN_PROGRESS_FILE = "prepare-in-progress.json"  # the marker an unfinished prepare leaves
+PRODUCER = "rsray prepare"
+SCHEMA_VERSION = 1
+SPLITS = ("train", "val", "test")
+_LEGACY_KEYS = {"schema_version", "input_fingerprint", "counts", "splits"}  # manifests before `producer`
+
+
+class ShardFile(TypedDict):
+    path: str  # relative to the output, e.g. "train/part-00000-0.parquet"
+    rows: int
+    sha256: str
+    bytes: int
+
+
+class SplitInfo(TypedDict):
+    images: int
+    captions: int
+    image_ids: list[str]  # sorted
+    files: list[ShardFile]
+
+
+class Counts(TypedDict):
+    read: int
+    written: int
+    rejected: int
+
+
+class Manifest(TypedDict, total=False):
+    producer: str
+    schema_version: int
+    dataset: str
+    format: str
+    input_fingerprint: str
+    counts: Counts
+    splits: dict[str, SplitInfo]
+    validation: dict[str, Any]  # mode, folds, fold, seed
+    image_size: int
+    image_encoding: str
+    scenes: dict[str, int]  # scene -> images, sorted by name
+    vocab: dict[str, Any]  # `rsray.data.text.Vocabulary.to_dict()`: words, min_count, stopwords, ...
+    vocab_splits: list[str]
+    tokenizer: str | None
+    rejected: list[dict[str, Any]]  # {image_id, path, split, reason}, sorted by (split, image_id)
+    config: dict[str, Any]  # the prepare's config, credentials redacted
+
+
+class LostRecords(RuntimeError):
+    """A manifest whose counts do not add up: prepare would have lost a record silently."""
+
+
+def build_manifest(
+    cfg: Any, records: list, rejected: list[dict], split_info: dict[str, SplitInfo], vocab: Any, fingerprint: str
+) -> Manifest:
+    """The manifest of one prepare: `records` read, `rejected` with reasons, the splits' shards as
+    written (`split_info`), the vocabulary and the input fingerprint. Raises LostRecords unless
+    every record read is written or rejected (the no-silent-loss invariant)."""
+    written = sum(info["images"] for info in split_info.values())
+    scenes: dict[str, int] = {}
+    for r in records:
+        if r.scene is not None:
+            scenes[r.scene] = scenes.get(r.scene, 0) + 1
+    manifest: Manifest = {
+        "producer": PRODUCER,
+        "schema_version": SCHEMA_VERSION,
+        "dataset": cfg.data.name,
+        "format": cfg.data.format,
+        "input_fingerprint": fingerprint,
+        "counts": {"read": len(records), "written": written, "rejected": len(rejected)},
+        "splits": split_info,
+        "validation": {
+            "mode": cfg.data.validation.mode,
+            "folds": cfg.data.validation.folds,
+            "fold": cfg.data.validation.fold,
+            "seed": cfg.data.validation.seed,
+        },
+        "image_size": cfg.prepare.image_size,
+        "image_encoding": cfg.prepare.image_encoding,
+        "scenes": dict(sorted(scenes.items())),
+        "vocab": vocab.to_dict(),
+        "vocab_splits": list(cfg.data.vocab_splits),
+        "tokenizer": cfg.data.tokenizer,
+        "rejected": sorted(rejected, key=lambda r: (r["split"], r["image_id"])),
+        "config": cfg.public_dict(),
+    }
+    if len(records) != written + len(rejected):
+        raise LostRecords(f"prepare lost records: read {len(records)}, written {written}, rejected {len(rejected)}")
+    return manifest
+
+
+def write_manifest(out: storage.Location, manifest: Manifest) -> None:
+    storage.write_bytes(out.join(MANIFEST_FILE), json.dumps(manifest, indent=1).encode())
+
+
+def read_manifest(uri: str, s3_endpoint: str | None = None) -> Manifest:
+    """The manifest of the prepared output `uri` (local or s3://); a missing one is one line saying
+    whether a prepare started there and did not finish."""
+    root = storage.resolve(uri, s3_endpoint)
+    loc = root.join(MANIFEST_FILE)
+    if not storage.exists(loc):
+        if storage.exists(root.join(IN_PROGRESS_FILE)):
+            raise FileNotFoundError(
+                f"{loc.uri}: no manifest: a prepare started here and did not finish "
+                f"({IN_PROGRESS_FILE} is there); run `rsray prepare` with the same config again to complete it"
+            )
+        raise FileNotFoundError(f"{loc.uri}: no manifest (has the prepare stage finished here?)")
+    return json.loads(storage.read_bytes(loc))
+
+
+def is_rsray_manifest(data: object) -> bool:
+    """Whether `data` is a manifest rsray wrote (by its producer, or the schema of older ones)."""
+    if not isinstance(data, dict):
+        return False
+    return data.get("producer") == PRODUCER or (
+        "producer" not in data and _LEGACY_KEYS <= set(data) and data.get("schema_version") == 1
+    )
+
+
+def vocab_size(manifest: Manifest) -> int:
+    """Entries of the word vocabulary, <pad> (0) and <unk> (1) included: the embedding table size."""
+    return len(manifest["vocab"]["words"])
+
+
+def train_pairs(manifest: Manifest) -> int:
+    """(image, caption) pairs of the train split: what one epoch trains on."""
+    return manifest["splits"]["train"]["captions"]

@@ -1,0 +1,179 @@
+"""The Ray Train worker: build the model, resume from Ray's checkpoint, and train epoch after epoch on
+this worker's shard of the training stream; rank 0 validates on the whole validation split, writes
+the checkpoint and reports it. The epoch itself is `rsray.train.loop.train_epoch`, plain PyTorch.
+
+Models, the loader and evaluation are imported inside `train_loop_per_worker`: the Ray Train
+controller imports this module to unpickle the function, and starts without them.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from rsray.checkpoint import load_checkpoint_state, write_checkpoint
+from rsray.config import config_from_dict
+from rsray.train.records import epoch_line
+from rsray.train.reduce import mean_across_workers, nodes_of_workers, reduce_across_workers
+from rsray.train.rng import rng_state, seed_everything, set_rng_state
+from rsray.train.scaling import elastic_lr_scale, rescale_learning_rate, steps_per_epoch
+
+log = logging.getLogger("rsray.train")
+
+
+class LossForward(nn.Module):
+    """`forward(batch) = model.loss(batch)`, so DistributedDataParallel sees the loss computation
+    (DDP synchronises gradients only for calls through its forward)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return self.model.loss(batch)
+
+
+class DistributedModel(nn.Module):
+    """What `rsray.train.loop.train_epoch` needs (`loss`, `train`, `parameters`) on a DDP model."""
+
+    def __init__(self, wrapped: nn.Module):
+        super().__init__()
+        self.wrapped = wrapped
+
+    def loss(self, batch):
+        return self.wrapped(batch)
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `train.amp` on `device`: bf16 when asked, or (auto) on CUDA; else none."""
+    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def with_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with every BatchNorm a SyncBatchNorm (`train.sync_batchnorm`): same parameters,
+    buffers, state-dict keys and train/eval modes, so checkpoints load either way."""
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
+    """The Ray Train worker function. `config`: {"config": Config.to_dict(), "manifest": the run
+    plan's manifest, "mlflow_run_id": id or None}.
+
+    Returns (on every rank; Ray keeps rank 0's) the per-epoch metrics of the whole run."""
+    import ray.train
+    import ray.train.torch
+
+    from rsray.data.decode import BatchDecoder
+    from rsray.data.loader import read_split
+    from rsray.data.manifest import vocab_size
+    from rsray.data.stream import pair_batches
+    from rsray.eval.split import evaluate
+    from rsray.models import build_model, model_config
+    from rsray.optim import make_optimizer, steps_per_batch
+    from rsray.runtime import quiet_ray_progress_logs
+    from rsray.train.loop import train_epoch
+
+    quiet_ray_progress_logs()
+    cfg = config_from_dict(config["config"])
+    tc = cfg.train
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    device = ray.train.torch.get_device()
+    if isinstance(device, list):
+        device = device[0]
+
+    manifest = config["manifest"]
+    seed_everything(tc.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = build_model(cfg, vocab_size=vocab_size(manifest), vocab=manifest["vocab"]["words"])
+    model_cfg = model_config(cfg)
+
+    start_epoch, history, saved = 0, [], None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        saved = load_checkpoint_state(checkpoint)
+        model.load_state_dict(saved["model"])
+        start_epoch, history = int(saved["epoch"]) + 1, list(saved["history"])
+
+    if tc.sync_batchnorm and context.get_world_size() > 1:
+        model = with_sync_batchnorm(model)
+    ddp_kwargs = dict(getattr(model, "ddp_kwargs", {}))  # e.g. CMPAGL: its queue is never re-broadcast
+    distributed = DistributedModel(
+        ray.train.torch.prepare_model(LossForward(model), parallel_strategy_kwargs=ddp_kwargs or None)
+    )
+    optimizer, scheduler = make_optimizer(model, model_cfg, total_steps=tc.epochs * steps_per_epoch(manifest, tc))
+    per_batch_schedule = steps_per_batch(model_cfg)
+    lr_scale = elastic_lr_scale(tc, context.get_world_size())
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+    rescale_learning_rate(optimizer, scheduler, lr_scale / (saved or {}).get("lr_scale", 1.0))
+    if saved is not None and rank == 0:
+        set_rng_state(saved["rng"])  # the saved states are rank 0's
+    else:
+        seed_everything(tc.seed, rank, start_epoch)
+
+    val = read_split(tc.data, "val", cfg.prepare.s3_endpoint) if rank == 0 else None
+    shard = ray.train.get_dataset_shard("train")
+    placed = {"workers": context.get_world_size(), "worker_nodes": nodes_of_workers(context.get_world_size())}
+    autocast_dtype = amp_dtype(tc.amp, device)
+
+    with BatchDecoder(model_cfg.augment, tc.decode_workers) as decoder:  # forked once, reused every epoch
+        for epoch in range(start_epoch, tc.epochs):
+            lr = float(scheduler.get_last_lr()[0])
+            batches = pair_batches(shard, tc.batch_size, decoder, tc.seed, epoch, rank)
+            stats = train_epoch(
+                distributed,
+                batches,
+                optimizer,
+                device=device,
+                grad_clip=tc.grad_clip or None,
+                amp_dtype=autocast_dtype,
+                scheduler=scheduler if per_batch_schedule else None,
+            )
+            if not per_batch_schedule:
+                scheduler.step()
+            losses = mean_across_workers(stats.losses, device)
+            (pairs,) = reduce_across_workers([float(stats.pairs)], device)
+            seconds, data_seconds = reduce_across_workers([stats.seconds, stats.data_seconds], device, op="max")
+            metrics: dict[str, float] = {
+                "epoch": epoch,
+                "lr": lr,
+                "pairs_per_s": pairs / max(seconds, 1e-9),
+                "train_seconds": seconds,
+                "data_wait_seconds": data_seconds,
+                "lr_scale": lr_scale,
+                **placed,
+            }
+            metrics.update({f"train/{'loss' if k == 'total' else k}": v for k, v in losses.items()})
+            if rank != 0:
+                ray.train.report(metrics)
+                continue
+            started = time.perf_counter()
+            scores = evaluate(model, val, model_cfg.augment, device=device, image_batch=tc.eval_batch_size)
+            metrics.update({f"val/{k}": v for k, v in scores.items()})
+            metrics["val_seconds"] = time.perf_counter() - started
+            history.append(dict(metrics))
+            log.info(epoch_line(metrics, tc.epochs))  # not print(): Ray Train echoes a worker print to logging too
+            with tempfile.TemporaryDirectory(prefix="rsray-ckpt-") as folder:
+                write_checkpoint(
+                    folder,
+                    config_from_dict(config["config"]),
+                    model=model.state_dict(),
+                    optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(),
+                    epoch=epoch,
+                    rng=rng_state(),
+                    lr_scale=lr_scale,
+                    metrics=metrics,
+                    history=history,
+                    mlflow_run_id=config.get("mlflow_run_id"),
+                )
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+    return history
