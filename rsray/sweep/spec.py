@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from rsray import config as config_module
+from rsray import config_tree as trees
 from rsray import storage
 from rsray.config import COMMAND_LINE, Config, ConfigError
 
@@ -235,9 +235,9 @@ _SweepYamlLoader.add_implicit_resolver(
 def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
     """Read a sweep file and `key=value` overrides; check the settings and every swept value
     against the training config. Errors are one line naming the file (or command line) and key."""
-    path = config_module.find_config_file(path, "sweep file")
-    tree = config_module.read_yaml_mapping(path, _SweepYamlLoader)
-    defaults = config_module.pop_defaults(tree, path)
+    path = trees.find_config_file(path, "sweep file")
+    tree = trees.read_yaml_mapping(path, _SweepYamlLoader)
+    defaults = trees.pop_defaults(tree, path)
     section = tree.pop("sweep", None)
     if not isinstance(section, dict):
         raise ConfigError(
@@ -249,12 +249,12 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
     config_tree: dict[str, Any] = {}
     origins: dict[str, str] = {}
     for parent in defaults:  # the training config, merged exactly as load_config merges a file
-        config_module.merge_config_file(parent, config_tree, origins, seen=(path,))
-    config_module.merge_into(config_tree, tree, origins, str(path))
+        trees.merge_config_file(parent, config_tree, origins, seen=(path,))
+    trees.merge_into(config_tree, tree, origins, str(path))
     sweep_tree = {"sweep": section}
-    config_module.merge_into({}, sweep_tree, origins, str(path))  # records where sweep keys come from
+    trees.merge_into({}, sweep_tree, origins, str(path))  # records where sweep keys come from
     for item in overrides:
-        key, value = config_module.parse_override(item, _SweepYamlLoader)
+        key, value = trees.parse_override(item, _SweepYamlLoader)
         space = sweep_tree["sweep"].setdefault("space", {}) if key.startswith("sweep.space.") else None
         if isinstance(space, dict):
             swept, _, kind = key[len("sweep.space.") :].rpartition(".")
@@ -263,11 +263,11 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
             origins[f"sweep.space.{swept}"] = COMMAND_LINE
             continue
         target = sweep_tree if key.split(".")[0] == "sweep" else config_tree
-        config_module.merge_into(target, config_module.nest(key, value), origins, COMMAND_LINE)
+        trees.merge_into(target, trees.nest(key, value), origins, COMMAND_LINE)
 
-    base = config_module.build_section(Config, config_tree, prefix="", origins=origins)
+    base = trees.build_section(Config, config_tree, prefix="", origins=origins)
     base.origins = origins
-    settings = config_module.build_section(SweepSettings, sweep_tree["sweep"], prefix="sweep.", origins=origins)
+    settings = trees.build_section(SweepSettings, sweep_tree["sweep"], prefix="sweep.", origins=origins)
     sweep = Sweep(str(path), settings, [], base, origins)
     sweep.params = _parse_space(sweep, settings.space)
     _check_params(sweep)
@@ -298,7 +298,7 @@ def _parse_space(sweep: Sweep, space: dict[str, Any]) -> list[Param]:
     for key, node in space.items():
         where = f"sweep.space.{key}"
         if not isinstance(node, dict) or not node:
-            raise sweep.error(where, f"expected {{{'|'.join(KINDS)}: [...]}}, got {config_module.value_kind(node)}")
+            raise sweep.error(where, f"expected {{{'|'.join(KINDS)}: [...]}}, got {trees.value_kind(node)}")
         kinds = [k for k in node if k in KINDS]
         if not kinds:
             raise sweep.error(where, f"unknown kind {', '.join(map(str, node))}: use one of {', '.join(KINDS)}")
@@ -306,7 +306,7 @@ def _parse_space(sweep: Sweep, space: dict[str, Any]) -> list[Param]:
             raise sweep.error(where, f"give exactly one of {', '.join(KINDS)}, got {', '.join(map(str, node))}")
         kind, values = kinds[0], node[kinds[0]]
         if not isinstance(values, list) or not values:
-            raise sweep.error(where, f"{kind}: expected a non-empty list, got {config_module.value_kind(values)}")
+            raise sweep.error(where, f"{kind}: expected a non-empty list, got {trees.value_kind(values)}")
         if kind in ("uniform", "loguniform", "randint"):
             values = _bounds(sweep, where, kind, values)
         params.append(Param(key, kind, values))

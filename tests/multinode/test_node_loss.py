@@ -67,7 +67,7 @@ def _train(prepared, runs: Path, name: str, mlflow_server: str, cluster, log: Pa
         )
 
 
-def _wait(condition, proc: subprocess.Popen, log: Path, what: str, timeout: float = 240) -> None:
+def wait_until(condition, proc: subprocess.Popen, log: Path, what: str, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert proc.poll() is None, f"training ended before {what}:\n{log.read_text()[-4000:]}"
@@ -96,7 +96,7 @@ def _epochs_trained(log: Path, epoch: int) -> int:
     return sum("RayTrainWorker pid=" in line and f"epoch {epoch} of 0.." in line for line in lines)
 
 
-def _lose_the_worker_node(cluster) -> str:
+def lose_the_worker_node(cluster) -> str:
     """Remove the node that is not the head; its Ray node id."""
     worker_node = next(node for node in cluster.list_all_nodes() if node is not cluster.head_node)
     cluster.remove_node(worker_node)
@@ -112,7 +112,7 @@ def _a_run_lock_from_a_dead_node_is_taken_over(lost_node: str, live_node: str, t
     def declared_dead() -> bool:
         return not any(n["NodeID"] == lost_node and n["Alive"] for n in ray.nodes())
 
-    _wait(declared_dead, proc, log, "lost node declared dead", timeout=60)
+    wait_until(declared_dead, proc, log, "lost node declared dead", timeout=60)
     cfg = load_config("train/cpu-tiny", [f"train.storage_path={tmp_path / 'locks'}", "train.run_name=held"])
     lock = tmp_path / "locks" / "held" / LOCK_FILE
     lock.parent.mkdir(parents=True)
@@ -125,7 +125,7 @@ def _a_run_lock_from_a_dead_node_is_taken_over(lost_node: str, live_node: str, t
         assert json.loads(lock.read_text())["pid"] == os.getpid()
 
 
-def _add_a_node(cluster) -> None:
+def add_a_node(cluster) -> None:
     cluster.add_node(num_cpus=2, object_store_memory=STORE, resources=SLOT)
     cluster.wait_for_nodes()
 
@@ -163,13 +163,13 @@ def test_fixed_workers_wait_for_a_replacement_node_and_resume_from_the_last_chec
     name, runs, log, epochs = "fixed", tmp_path / "runs", tmp_path / "fixed.log", 2
     proc = _train(prepared_on_nodes, runs, name, mlflow_server, ray_nodes, log, f"train.epochs={epochs}")
     try:
-        _wait(lambda: _logged_epochs(mlflow_server, name) >= 1, proc, log, "a registered epoch")
-        lost = _lose_the_worker_node(ray_nodes)
+        wait_until(lambda: _logged_epochs(mlflow_server, name) >= 1, proc, log, "a registered epoch")
+        lost = lose_the_worker_node(ray_nodes)
         lost_at = _logged_epochs(mlflow_server, name)
         time.sleep(5)  # one node cannot hold two strict_spread workers: nothing may move on
         assert proc.poll() is None and _logged_epochs(mlflow_server, name) == lost_at, log.read_text()[-3000:]
         _a_run_lock_from_a_dead_node_is_taken_over(lost, ray_nodes.head_node.node_id, tmp_path, proc, log)
-        _add_a_node(ray_nodes)
+        add_a_node(ray_nodes)
         code = proc.wait(timeout=300)
     finally:
         proc.kill()
@@ -190,11 +190,13 @@ def test_an_elastic_run_goes_on_with_fewer_workers_and_grows_back(
     extra += ["train.worker_resources={train_slot: 1}", "train.placement=pack"]  # one per node, counted by Ray
     proc = _train(prepared_on_nodes, runs, name, mlflow_server, ray_nodes, log, *extra)
     try:
-        _wait(lambda: _logged_epochs(mlflow_server, name) >= 1, proc, log, "a registered epoch")
-        _lose_the_worker_node(ray_nodes)
+        wait_until(lambda: _logged_epochs(mlflow_server, name) >= 1, proc, log, "a registered epoch")
+        lose_the_worker_node(ray_nodes)
         before = _logged_epochs(mlflow_server, name)
-        _wait(lambda: _logged_epochs(mlflow_server, name) > before, proc, log, "an epoch on one worker", timeout=120)
-        _add_a_node(ray_nodes)
+        wait_until(
+            lambda: _logged_epochs(mlflow_server, name) > before, proc, log, "an epoch on one worker", timeout=120
+        )
+        add_a_node(ray_nodes)
         code = proc.wait(timeout=300)
     finally:
         proc.kill()

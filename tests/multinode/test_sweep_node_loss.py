@@ -17,7 +17,7 @@ import pytest
 
 from rsray.config import CONF_DIR
 from rsray.sweep import TAG_ROLE, TAG_TRIAL
-from tests.multinode.test_node_loss import _add_a_node, _lose_the_worker_node, _wait
+from tests.multinode.test_node_loss import add_a_node, lose_the_worker_node, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -83,11 +83,11 @@ def test_a_sweep_resumes_its_trials_after_a_node_loss_without_duplicated_runs(
             runs = _trial_runs(client)
             return len(runs) == 2 and all(_epochs_logged(client, run_id) for run_id in runs)
 
-        _wait(both_trials_trained_an_epoch, proc, log, "an epoch in both trials", timeout=300)
-        _lose_the_worker_node(ray_nodes)
+        wait_until(both_trials_trained_an_epoch, proc, log, "an epoch in both trials", timeout=300)
+        lose_the_worker_node(ray_nodes)
         at_loss = {run_id: len(_epochs_logged(client, run_id)) for run_id in _trial_runs(client)}
         assert all(done < EPOCHS for done in at_loss.values()), f"a trial ended before the node loss: {at_loss}"
-        _add_a_node(ray_nodes)
+        add_a_node(ray_nodes)
         code = proc.wait(timeout=420)
     finally:
         proc.kill()

@@ -3,13 +3,10 @@
 import pytest
 import yaml
 
-from rsray.config import (
-    CONF_DIR,
-    Config,
-    ConfigError,
+from rsray.config import CONF_DIR, Config, ConfigError, load_config
+from rsray.config_tree import (
     build_section,
     find_config_file,
-    load_config,
     merge_config_file,
     merge_into,
     nest,

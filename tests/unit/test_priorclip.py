@@ -19,7 +19,8 @@ from rsray.checkpoint import CONFIG_FILE, STATE_FILE
 from rsray.config import ConfigError, load_config
 from rsray.losses import affiliation_loss, info_nce_loss, row_centres
 from rsray.models import build_model, model_config
-from rsray.models.priorclip import SpatialPAE, TemporalPAE, belief_tokens, contrastive_and_affiliation
+from rsray.models.pae import SpatialPAE, TemporalPAE, belief_tokens
+from rsray.models.priorclip import contrastive_and_affiliation
 from rsray.optim import make_optimizer, steps_per_batch
 from rsray.train.loop import selection_metric
 from tests.unit.transcriptions import post_ln_block
@@ -584,7 +585,7 @@ def test_the_open_release_preset_sets_each_documented_difference_and_trains_a_st
 def test_one_instruction_query_is_the_releases_expanded_queries_in_eval_and_in_training():
     """In eval one query gives the copies' numbers; in training (dropout) it is expanded, so the
     same seed draws the same per-position masks as the release's copies."""
-    from rsray.models.priorclip import CrossAttentionBlock
+    from rsray.models.pae import CrossAttentionBlock
 
     torch.manual_seed(0)
     block = CrossAttentionBlock(16, 4, 32, dropout=0.3)

@@ -10,16 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rsray.data.synthetic import (
-    ANNOTATION_FILE,
-    SCENES,
-    Canvas,
-    Thing,
-    draw_scene,
-    generate_sample,
-    noun_phrase,
-    sample_item,
-)
+from rsray.data.synthetic import ANNOTATION_FILE, SCENES, draw_scene, generate_sample, sample_item
+from rsray.data.synthetic.canvas import Canvas, Thing
+from rsray.data.synthetic.captions import noun_phrase
 
 KEY_WORDS = {  # the object a caption set must mention for each class
     "airport": ("plane", "runway"),

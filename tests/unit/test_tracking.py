@@ -240,9 +240,9 @@ def test_start_accepts_whole_config_or_its_dict(local_cfg):
 
 def test_git_commit_falls_back_to_the_image_label(tmp_path, monkeypatch):
     """No .git (a container image): the commit baked in as RSRAY_GIT_COMMIT is reported."""
-    import rsray.tracking as tracking
+    import rsray.tracking_store as tracking
 
-    monkeypatch.setattr(tracking, "__file__", str(tmp_path / "rsray" / "tracking.py"))
+    monkeypatch.setattr(tracking, "__file__", str(tmp_path / "rsray" / "tracking_store.py"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
     monkeypatch.setenv("RSRAY_GIT_COMMIT", "abc123")
