@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", "-o", metavar="FILE", help="also write the printed table here")
     parser.add_argument("--no-log", action="store_true", help="print only; log no compare run to MLflow")
     ns = parser.parse_intermixed_args(argv)
-    setup_logging()
+    setup_logging(ns.verbose, "compare")
     return run_cli(lambda: run(config_from_args(ns.args), ns))
 
 

@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     ns = parser.parse_intermixed_args(argv)
-    setup_logging()
+    setup_logging(ns.verbose, "data")
     if not ns.args or ns.args[0] not in ("inspect", "verify") or len(ns.args) < 2:
         parser.error("usage: rsray data inspect TARGET [--json] [key=value ...] | rsray data verify PREPARED")
     target, overrides = ns.args[1], ns.args[2:]

@@ -35,19 +35,19 @@ def run(cfg, epochs: int) -> int:
     from types import SimpleNamespace
 
     from rsray.config import load_config
-    from rsray.data.stats import format_statistics
+    from rsray.console import hide_on_console
     from rsray.eval.checkpoint import evaluate_checkpoint
     from rsray.tracking import ui_command
     from rsray.train.records import best_checkpoint
     from rsray.train.run import train
 
     from . import compare, prepare, sample
-    from .data import manifest_statistics
 
+    # one line per step and model here; what prepare and each run narrate is in the log file
+    hide_on_console("rsray.prepare", "rsray.train", "rsray.tracking", "rsray.logged_model")
     started = time.perf_counter()
     sample.run(cfg)
     prepared = prepare.run(cfg)
-    print(format_statistics(manifest_statistics(prepared.output, cfg.prepare.s3_endpoint)))
 
     run_ids, links, best_paths, n_images = [], {}, {}, 0
     for name, extra in DEMO_RUNS:
@@ -63,7 +63,7 @@ def run(cfg, epochs: int) -> int:
                 *(e.format(**best_paths) for e in extra),
             ],
         )
-        print(f"\ntraining {name} (tiny preset) with {train_cfg.train.num_workers} Ray Train workers, {epochs} epochs")
+        print(f"training {name} (tiny preset) with {train_cfg.train.num_workers} Ray Train workers, {epochs} epochs")
         model_started = time.perf_counter()
         result = train(train_cfg)
         best = best_checkpoint(result, train_cfg)
@@ -73,20 +73,23 @@ def run(cfg, epochs: int) -> int:
         run_ids.append(result.mlflow_run_id)
         n_images = len(report["image_ids"])
         links[name] = result.mlflow_link
-        print(f"{name}: test mR {report['metrics']['mR']:.2f} ({time.perf_counter() - model_started:.0f} s)")
+        print(
+            f"{name}: test mR {report['metrics']['mR']:.2f}, with SMR {report['smr_metrics']['mR']:.2f} "
+            f"({time.perf_counter() - model_started:.0f} s)"
+        )
 
-    print("\ntest split (best checkpoint by validation mR), from the runs' MLflow records")
+    print("test split (best checkpoint by validation mR), from the runs' MLflow records")
     options = SimpleNamespace(runs=run_ids, format="md", group_by="model", output=None, no_log=False)
     compare.run(cfg, options)  # the demo's runs in its experiment (cfg.tracking), as `rsray compare --runs`
     if n_images:
         chance = chance_metrics(n_images, cfg.train.seed)
         print(f"{table_row(chance)}   (random scores: what an untrained model gets)")
-    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s")
+    print(f"demo finished in {time.perf_counter() - started:.0f} s")
     link = next(iter(links.values()), "")
     if cfg.tracking.uri.startswith("sqlite"):
-        print(f"\nOpen the runs in MLflow:  {ui_command(cfg.tracking.uri)}\nthen browse {link}")
+        print(f"Open the runs in MLflow:  {ui_command(cfg.tracking.uri)}\nthen browse {link}")
     else:
-        print(f"\nMLflow runs: {link}")
+        print(f"MLflow runs: {link}")
     return 0
 
 
@@ -137,7 +140,7 @@ def main(argv=None) -> int:
         help="training epochs per model (default 3: the whole demo took 7 min 54 s on 2 cores)",
     )
     ns = parser.parse_intermixed_args(argv)
-    setup_logging()
+    setup_logging(ns.verbose, "demo")
     return run_cli(lambda: run(config_from_args(ns.args, default="presets/demo"), ns.epochs))
 
 

@@ -9,7 +9,7 @@ import os
 import sys
 import tempfile
 
-from rsray.cli import run_cli, setup_logging
+from rsray.cli import add_verbose_flag, run_cli, setup_logging
 
 
 def run(ns) -> int:
@@ -97,8 +97,9 @@ def main(argv=None) -> int:
     parser.add_argument("--smr-k", type=int, default=30, help="SMR top-K (default 30)")
     parser.add_argument("--smr-w", type=float, default=1.0, help="SMR boost weight (default 1)")
     parser.add_argument("--smr-beta", type=float, default=0.1, help="SMR rank decay (default 0.1)")
+    add_verbose_flag(parser)
     ns = parser.parse_args(argv)
-    setup_logging()
+    setup_logging(ns.verbose, "evaluate")
     return run_cli(lambda: run(ns))
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rsray.cli import run_cli, setup_logging
+from rsray.cli import add_verbose_flag, run_cli, setup_logging
 
 EPILOG = """This stage reads no config file and takes no key=value overrides: the options above are all
 it uses. Example: rsray metrics scores.npy --scenes test_scenes.txt --smr --json"""
@@ -98,8 +98,9 @@ def main(argv=None) -> int:
     parser.add_argument("--smr-w", type=float, default=1.0, metavar="W", help="SMR boost weight (default 1)")
     parser.add_argument("--smr-beta", type=float, default=0.1, metavar="BETA", help="SMR rank decay (default 0.1)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    add_verbose_flag(parser)
     ns = parser.parse_intermixed_args(argv)
-    setup_logging()
+    setup_logging(ns.verbose, "metrics")
 
     def compute() -> int:
         from rsray.eval.metrics import retrieval_metrics

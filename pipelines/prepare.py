@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--force", action="store_true", help="rewrite even if the output is up to date")
     ns = parser.parse_intermixed_args(argv)
-    setup_logging()
+    setup_logging(ns.verbose, "prepare")
     return run_cli(lambda: run(config_from_args(ns.args), force=ns.force) and 0)
 
 

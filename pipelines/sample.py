@@ -34,7 +34,7 @@ def main(argv=None) -> int:
         "5 captions each, written as images + Karpathy JSON into data.root.",
     )
     ns = parser.parse_intermixed_args(argv)
-    setup_logging()
+    setup_logging(ns.verbose, "sample")
     return run_cli(lambda: run(config_from_args(ns.args)) and 0)
 
 

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         overrides.append(f"study.seeds=[{','.join(str(s) for s in ns.seeds)}]")
     if ns.folds is not None:
         overrides.append(f"study.folds={ns.folds}")
-    setup_logging()
+    setup_logging(ns.verbose, "study")
     return run_cli(lambda: run(config_from_args(overrides)))
 
 

@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         "starting with sweep. change the sweep section, others the training config.",
     )
     ns = parser.parse_intermixed_args(argv)
-    setup_logging()
+    setup_logging(ns.verbose, "sweep")
     return run_cli(lambda: run(ns.args))
 
 

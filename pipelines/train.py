@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         "warning, not a failure; the first Ctrl-C stops the run (the same command resumes it).",
     )
     ns = parser.parse_intermixed_args(argv)
-    setup_logging()
+    setup_logging(ns.verbose, "train")
     return run_cli(lambda: run(config_from_args(ns.args, default="train/cpu-tiny")))
 
 

@@ -9,7 +9,6 @@ sits below them and imports none of them.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -33,7 +32,18 @@ def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
         metavar="[config.yaml] [key=value ...]",
         help="optional config file, then overrides (dotted keys)",
     )
+    add_verbose_flag(parser)
     return parser
+
+
+def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show Ray's, Ray Data's and MLflow's own log lines on the console too (they always go to "
+        "the command's log file, named on the console: $RSRAY_LOG_DIR or ~/.cache/rsray/logs)",
+    )
 
 
 def config_from_args(args: Sequence[str], default: str | None = "presets/sample") -> Config:
@@ -43,15 +53,11 @@ def config_from_args(args: Sequence[str], default: str | None = "presets/sample"
     return load_config(path, args)
 
 
-def setup_logging(verbose: bool = False) -> None:
-    """`rsray: message` lines on stderr, credentials inside URIs redacted whoever logs them."""
-    from rsray.redact import RedactingFilter
+def setup_logging(verbose: bool = False, stage: str = "rsray") -> None:
+    """rsray's lines on stderr, every library's in the command's log file (`rsray.console`)."""
+    from rsray.console import setup_logging as route
 
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="rsray: %(message)s", stream=sys.stderr, force=True
-    )
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(RedactingFilter())
+    route(verbose, stage)
 
 
 def print_error(exc: BaseException | str, prefix: str = "error: ") -> None:
@@ -89,9 +95,15 @@ def run_cli(fn: Callable[[], int | None]) -> int:
     except KeyboardInterrupt as exc:
         print_error(f"interrupted{': ' if str(exc) else ''}{exc}", prefix="")
         return 130
-    except Exception as exc:  # anything else still ends in one line; RSRAY_TRACEBACK=1 shows where
+    except Exception as exc:  # anything else still ends in one line; the log file has the traceback
         if os.environ.get("RSRAY_TRACEBACK"):
             raise
+        import logging
+
+        from rsray.console import log_file
+
+        logging.getLogger("traceback").info("the error that ended this command", exc_info=exc)
+        where = f"the traceback is in {log_file()}" if log_file() else "RSRAY_TRACEBACK=1 shows the traceback"
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        print_error(f"{type(exc).__name__}: {lines[-1] if lines else ''} (RSRAY_TRACEBACK=1 shows the traceback)")
+        print_error(f"{type(exc).__name__}: {lines[-1] if lines else ''} ({where})")
         return 1

@@ -18,11 +18,16 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     """Initialise Ray once per process; a no-op when it is already running."""
     import ray
 
+    from rsray.console import log_file, route_library_logs
+
     if ray.is_initialized():
         return
+    route_library_logs()  # Ray's own lines (token setup, "Started a local Ray instance") into the log file
+    logs = f"; Ray's and MLflow's logs: {log_file()}" if log_file() else ""
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-        log.info("joined Ray cluster at %s", os.environ["RAY_ADDRESS"])
+        route_library_logs()  # and what its workers print, but rsray's own lines
+        log.info("joined Ray cluster at %s%s", os.environ["RAY_ADDRESS"], logs)
         return
     cpus = num_cpus or max(4, 2 * (os.cpu_count() or 1))
     ray.init(
@@ -31,8 +36,9 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         log_to_driver=True,
         runtime_env={"worker_process_setup_hook": "rsray.runtime.local_worker_setup"},
     )
+    route_library_logs()
     _wait_for_cpus(cpus)
-    log.info("started a local Ray with %d logical CPUs", cpus)
+    log.info("started a local Ray with %d logical CPUs%s", cpus, logs)
 
 
 def quiet_ray_progress_logs() -> None:
@@ -59,7 +65,10 @@ def local_worker_setup() -> None:
     """The local Ray's `worker_process_setup_hook`. Also silences Ray Train's placement-group cleaner,
     which asks the State API every few seconds and warns that it is unavailable: a local Ray runs
     without the dashboard that serves it, so the warning is always true and says nothing."""
+    from rsray.console import own_lines_in_workers
+
     quiet_ray_progress_logs()
+    own_lines_in_workers()
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
@@ -74,7 +83,15 @@ def _wait_for_cpus(expected: int, timeout_s: float = 10.0) -> None:
 
 
 def configure_data_context() -> None:
-    """Deterministic row order, so re-running the prepare stage writes identical shards."""
+    """Deterministic row order, so re-running the prepare stage writes identical shards; Ray Data's
+    progress bars on a terminal only (elsewhere its progress goes to the log file as lines)."""
+    import sys
+
     from ray.data import DataContext
 
-    DataContext.get_current().execution_options.preserve_order = True
+    from rsray.console import route_library_logs
+
+    route_library_logs()  # importing ray.data gave its logger a console handler of its own
+    context = DataContext.get_current()
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = sys.stderr.isatty()

@@ -70,6 +70,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     import ray.train
     import ray.train.torch
 
+    from rsray.console import own_lines_in_workers
     from rsray.data.decode import BatchDecoder
     from rsray.data.loader import read_split
     from rsray.data.manifest import vocab_size
@@ -81,6 +82,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     from rsray.train.loop import train_epoch
 
     quiet_ray_progress_logs()
+    own_lines_in_workers()  # rank 0's epoch line reaches the driver's console as an rsray line
     cfg = config_from_dict(config["config"])
     tc = cfg.train
     context = ray.train.get_context()

@@ -135,7 +135,8 @@ def generate_sample(
     annotation.unlink(missing_ok=True)  # a run cut short must never look like the previous sample
     image_dir.mkdir(parents=True, exist_ok=True)
     images = []
-    for index in tqdm(range(n_images), desc="drawing sample", unit="img", file=sys.stderr, disable=not progress):
+    bar = progress and sys.stderr.isatty()  # a bar on a terminal; in a log file, the one line the command prints
+    for index in tqdm(range(n_images), desc="drawing sample", unit="img", file=sys.stderr, disable=not bar):
         scene, image, texts = sample_item(index, seed, image_size)
         filename = f"{scene}_{index}{FORMATS[image_format]}"
         if image_format == "png":

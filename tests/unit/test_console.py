@@ -1,0 +1,90 @@
+"""The quiet console (`rsray.console`): rsray's lines on stderr, the libraries' in the log file,
+`--verbose` brings them back, and worker output keeps only rsray's own lines on the console."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+
+from rsray import console
+
+
+@pytest.fixture
+def fresh_logging(tmp_path, monkeypatch):
+    """setup_logging rewires the root logger and library loggers: put them back afterwards."""
+    monkeypatch.setenv("RSRAY_LOG_DIR", str(tmp_path / "logs"))
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    libraries = {
+        name: (list(logging.getLogger(name).handlers), logging.getLogger(name).propagate)
+        for name in console.LIBRARY_LOGGERS
+    }
+    state = dict(console._state)
+    yield tmp_path / "logs"
+    for handler in root.handlers:
+        handler.close()
+    root.handlers[:], root.level = saved
+    for name, (handlers, propagate) in libraries.items():
+        logging.getLogger(name).handlers[:] = handlers
+        logging.getLogger(name).propagate = propagate
+    logging.captureWarnings(False)
+    console._state.update(state)
+
+
+def test_library_lines_go_to_the_log_file_and_rsray_lines_to_both(fresh_logging, capsys):
+    library = logging.getLogger("ray.data")
+    library.addHandler(logging.StreamHandler(sys.stderr))  # what Ray Data does at import
+    library.propagate = False
+    path = console.setup_logging(verbose=False, stage="train")
+    assert path.parent == fresh_logging and path.name.startswith("train-")
+    library.info("Execution plan of Dataset dataset_0")
+    logging.getLogger("rsray.train").info("epoch 0 of 0..2: loss 1.0")
+    logging.getLogger("mlflow.tracking").error("the store is away")
+    logging.getLogger("rsray.prepare").info("reading s3://AKIAKEY:SECRETVALUE@bucket/x")
+    err = capsys.readouterr().err
+    assert "rsray: epoch 0 of 0..2: loss 1.0" in err and "the store is away" in err
+    assert "Execution plan" not in err
+    written = path.read_text()
+    assert "ray.data: Execution plan of Dataset dataset_0" in written and "epoch 0 of 0..2" in written
+    assert "SECRETVALUE" not in written and "SECRETVALUE" not in err
+
+
+def test_verbose_puts_the_libraries_back_on_the_console(fresh_logging, capsys):
+    console.setup_logging(verbose=True, stage="prepare")
+    logging.getLogger("ray").info("Started a local Ray instance.")
+    assert "Started a local Ray instance." in capsys.readouterr().err
+
+
+def test_forwarded_worker_output_keeps_only_rsray_lines_on_the_console(fresh_logging, capsys):
+    path = console.setup_logging(verbose=False, stage="train")
+    console.print_worker_lines(
+        {
+            "pid": 12,
+            "actor_name": "RayTrainWorker",
+            "lines": [
+                "Setting up process group for: env:// [rank=0, world_size=2]",
+                "rsray: epoch 1 of 0..2: loss 0.5",
+            ],
+        }
+    )
+    err = capsys.readouterr().err
+    assert err == "rsray: epoch 1 of 0..2: loss 0.5\n"
+    written = path.read_text()
+    assert (
+        "(RayTrainWorker pid=12) Setting up process group" in written
+        and "(RayTrainWorker pid=12) rsray: epoch 1" in written
+    )
+
+
+def test_inside_a_worker_rsray_lines_carry_the_prefix_the_driver_keeps(monkeypatch, capsys):
+    logger = logging.getLogger("rsray")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    try:
+        console.own_lines_in_workers()
+        console.own_lines_in_workers()  # idempotent: one handler
+        logging.getLogger("rsray.train").info("epoch 2 of 0..2")
+        assert capsys.readouterr().err == "rsray: epoch 2 of 0..2\n"
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved
