@@ -1,7 +1,8 @@
 """The `rsray` command: one entry point that dispatches to the stage modules next to this one.
 
-`rsray prepare conf.yaml key=value` and `python -m pipelines.prepare conf.yaml key=value` run the
-same code. In the installed package these modules are `rsray.pipelines.*` (pyproject.toml maps
+`rsray prepare conf.yaml key=value`, `python -m rsray.pipelines.prepare conf.yaml key=value` and, in
+the repository's root, `python -m pipelines.prepare ...` run the same code. In the installed
+package these modules are `rsray.pipelines.*` (pyproject.toml maps
 the folder there, so no module named `pipelines` lands at the top of site-packages); the stages are
 found relative to this package, so both names work.
 """

@@ -51,6 +51,7 @@ def setup_logging(verbose: bool = False, stage: str = "rsray") -> Path | None:
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")  # MLflow's loggers then reach ours
     if not verbose:  # a bar per artifact fetched (a checkpoint scored after training): noise on a console
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # rsray prints its own link
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from tests.credentials import ADMIN, PASSWORD, RAY_TOKEN, S3_SECRET_KEY, USER
 # (`RAY_TOKEN`, from the environment, which Ray reads first), never ~/.ray/auth_token. Set before
 # anything imports Ray: a process reads RAY_AUTH_MODE once, when Ray's config first loads.
 os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": RAY_TOKEN})
+# Each command's log file (rsray.console) goes to one folder of this session, which the secret scan reads.
+os.environ.setdefault("RSRAY_LOG_DIR", tempfile.mkdtemp(prefix="rsray-test-logs-"))
 
 START_MLFLOW = Path(__file__).resolve().parents[1] / "cluster" / "mlflow" / "start-mlflow.sh"
 SHARED_DATASETS = Path(

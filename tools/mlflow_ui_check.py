@@ -1,4 +1,4 @@
-"""Check the MLflow UI in a real browser and take the README's screenshots.
+"""Check the MLflow UI in a real browser and take the screenshots the docs show (docs/images/).
 
 Starts `mlflow server` on 127.0.0.1 over a tracking store (the `make demo` experiment by default),
 opens the link rsray prints (the experiment's training view, `?workflowType=machine_learning`) in

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from rsray.config import load_config
+from rsray.console import setup_logging
 from rsray.train.run import train
 from tests.conftest import prepare_tiny_sample, quick_train_polling
 
@@ -70,7 +71,8 @@ def trained(prepared_on_s3, s3_bucket, mlflow_server):
     """The shared run (test_train reads it; test_storage_faults repeats it through S3 faults and
     compares), tracked on the basic-auth MLflow server with the login from the environment, as a
     cluster job is. Returns (cfg, result)
-    and sets `result.log_lines` and `result.summary` (what `rsray train` prints)."""
+    and sets `result.log_lines` and `result.summary` (what `rsray train` prints) and `result.command_log`
+    (the command's log file, `rsray.console`)."""
     from pipelines.train import print_summary
 
     cfg = load_config(
@@ -87,6 +89,7 @@ def trained(prepared_on_s3, s3_bucket, mlflow_server):
         ],
     )
     started = time.perf_counter()
+    command_log = setup_logging(stage="train")  # as `rsray train` does: the libraries' lines go to this file
     lines = _Lines()
     logging.getLogger().addHandler(lines)
     try:
@@ -97,5 +100,5 @@ def trained(prepared_on_s3, s3_bucket, mlflow_server):
     summary = io.StringIO()
     with contextlib.redirect_stdout(summary):
         print_summary(cfg, result)
-    result.log_lines, result.summary = lines.lines, summary.getvalue()
+    result.log_lines, result.summary, result.command_log = lines.lines, summary.getvalue(), command_log
     return cfg, result

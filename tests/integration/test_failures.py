@@ -105,7 +105,7 @@ def outage(prepared, ray_cluster, tmp_path_factory):
     ]
     try:
         proc = rsray_process(
-            ["pipelines.train", *run_args(prepared, runs, "train.epochs=3", *extra)],
+            ["rsray.pipelines.train", *run_args(prepared, runs, "train.epochs=3", *extra)],
             ray_cluster,
             log,
             MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
@@ -280,7 +280,7 @@ def test_the_first_ctrl_c_stops_the_workers_and_marks_the_run_killed(prepared, r
     log = tmp_path / "train.log"
     proc = rsray_process(
         [
-            "pipelines.train",
+            "rsray.pipelines.train",
             *run_args(prepared, tmp_path / "runs", "train.epochs=50"),
             f"tracking.uri={mlflow_server}",
             "tracking.experiment=ctrl-c",
@@ -304,8 +304,9 @@ def test_the_first_ctrl_c_stops_the_workers_and_marks_the_run_killed(prepared, r
     assert last_line(output).startswith("rsray: interrupted"), output[-3000:]
     assert "Traceback" not in own_lines(output)
     assert client.get_run(run.info.run_id).info.status == "KILLED"
-    workers = {int(pid) for pid in re.findall(r"\(RayTrainWorker pid=(\d+)\)", output)}
-    assert workers, output[-3000:]
+    (command_log,) = Path(os.environ["RSRAY_LOG_DIR"]).glob(f"train-*-{proc.pid}.log")  # what Ray's workers printed
+    workers = {int(pid) for pid in re.findall(r"\(RayTrainWorker pid=(\d+)\)", command_log.read_text())}
+    assert workers, command_log.read_text()[-3000:]
     deadline = time.monotonic() + 30
     while _still_training(workers) and time.monotonic() < deadline:
         time.sleep(0.5)

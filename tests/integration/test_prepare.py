@@ -177,7 +177,7 @@ def test_cli_joins_the_cluster_and_exits_non_zero_on_rejections(ray_cluster, dat
     args = [
         sys.executable,
         "-m",
-        "pipelines.prepare",
+        "rsray.pipelines.prepare",
         "presets/cpu-tiny",
         f"data.root={dataset}",
         f"prepare.output={tmp_path / 'cli'}",

@@ -85,7 +85,7 @@ def swept(sweep_file, ray_cluster, mlflow_server):
     started = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pipelines.sweep", str(sweep_file)],
+            [sys.executable, "-m", "rsray.pipelines.sweep", str(sweep_file)],
             cwd=sweep_file.parent,
             env=env,
             stdout=out,

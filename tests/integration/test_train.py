@@ -157,7 +157,8 @@ def test_neither_the_mlflow_password_nor_the_s3_secret_is_printed_logged_or_writ
 ):
     """The run logged into the basic-auth server with the login from the environment, and neither
     that password, the S3 secret key nor the Ray token reaches a console line, an MLflow param, tag or artifact,
-    the logged model, a file in Ray Train's run folder (checkpoints included) or Ray's own logs."""
+    the logged model, a file in Ray Train's run folder (checkpoints included), Ray's own logs or the
+    commands' log files."""
     import boto3
     import mlflow.artifacts
     import ray
@@ -190,6 +191,9 @@ def test_neither_the_mlflow_password_nor_the_s3_secret_is_printed_logged_or_writ
     assert any("config.yaml" in item["Key"] for item in listing) and len(recorded) > 10
     ray_logs = Path(ray._private.worker._global_node.get_logs_dir_path())  # driver, raylet, workers, Train
     recorded += [file.read_bytes().decode("latin-1") for file in ray_logs.rglob("*") if file.is_file()]
+    command_log = result.command_log.read_text()  # rsray.console's: Ray's, Ray Data's and MLflow's lines of the run
+    assert "ray.data" in command_log
+    recorded.append(command_log)
     leaks = [
         text[max(0, text.find(secret) - 80) : text.find(secret) + 20]
         for secret in (PASSWORD, S3_SECRET_KEY, RAY_TOKEN)

@@ -31,9 +31,10 @@ def _submit_without_the_token(url: str, headers: dict[str, str]) -> tuple[int, s
         return refused.code, refused.read().decode()
 
 
-def _submit(client, entrypoint: str, timeout: float = 120) -> str:
+def _submit(client, entrypoint: str, timeout: float = 300) -> str:
     """Submit once the head's job agent is up: right after a cluster starts, and under load, Ray
-    answers 500 "No available agent to submit job, please try again later" for a while."""
+    answers 500 "No available agent to submit job, please try again later" for a while (over 120 s
+    once, with the integration package training beside it under `-n 2`)."""
     deadline = time.monotonic() + timeout
     while True:
         try:

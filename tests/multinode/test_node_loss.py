@@ -63,7 +63,7 @@ def _train(prepared, runs: Path, name: str, mlflow_server: str, cluster, log: Pa
     env = {**os.environ, "RAY_ADDRESS": cluster.address, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}
     with open(log, "w") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "pipelines.train", *args], env=env, stdout=out, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "rsray.pipelines.train", *args], env=env, stdout=out, stderr=subprocess.STDOUT
         )
 
 
@@ -92,8 +92,8 @@ def _logged_epochs(mlflow_server: str, name: str) -> int:
 
 def _epochs_trained(log: Path, epoch: int) -> int:
     """How many times a Train worker trained `epoch` (more than once: a restart without its checkpoint)."""
-    lines = log.read_text().splitlines()
-    return sum("RayTrainWorker pid=" in line and f"epoch {epoch} of 0.." in line for line in lines)
+    lines = log.read_text().splitlines()  # rank 0's epoch lines reach the console as rsray's own (rsray.console)
+    return sum(line.startswith(f"rsray: epoch {epoch} of 0..") for line in lines)
 
 
 def lose_the_worker_node(cluster) -> str:

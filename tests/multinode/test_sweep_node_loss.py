@@ -71,7 +71,7 @@ def test_a_sweep_resumes_its_trials_after_a_node_loss_without_duplicated_runs(
     env = {**os.environ, "RAY_ADDRESS": ray_nodes.address, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pipelines.sweep", str(sweep_file)],
+            [sys.executable, "-m", "rsray.pipelines.sweep", str(sweep_file)],
             cwd=tmp_path,
             env=env,
             stdout=out,

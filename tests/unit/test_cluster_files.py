@@ -2,7 +2,7 @@
 
 Nothing here starts a cluster: the launcher config goes through Ray's own schema and validation
 (what `ray up` runs first), KubeRay commands are parsed and their configs loaded with rsray's
-loader, capacities are compared with the training config, and pins with pyproject.toml.
+loader, capacities are compared with the training config, and pins with constraints.txt (the tested set).
 """
 
 from __future__ import annotations
@@ -27,8 +27,11 @@ from rsray.models import model_config
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+# the exact versions the tests ran with (pyproject.toml holds ranges): the cluster's image must match them
 PINS = dict(
-    re.match(r"^([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==(\S+)$", dep).groups() for dep in PYPROJECT["project"]["dependencies"]
+    re.match(r"^([A-Za-z0-9_.-]+)==(\S+)$", line).groups()
+    for line in (ROOT / "constraints.txt").read_text().splitlines()
+    if line and not line.startswith("#")
 )
 CLUSTER_CONFIG = "cluster/conf/rsitmd-swan-8gpu.yaml"
 WEIGHTS_MOUNT = "/mnt/weights"
@@ -104,19 +107,25 @@ def test_paths_named_in_the_docs_exist():
 # ----------------------------------------------------------------------------- images
 
 
-def test_image_requirements_are_pyproject_pins_plus_ray_default():
-    requirements = image_requirements(ROOT / "pyproject.toml")
+def test_image_requirements_are_pyproject_dependencies_plus_ray_default_at_the_tested_version():
+    requirements = image_requirements(ROOT / "pyproject.toml", ROOT / "constraints.txt")
     assert requirements[:-1] == [d.replace(" ", "") for d in PYPROJECT["project"]["dependencies"]]
     assert requirements[-1] == f"ray[default]=={PINS['ray']}"
 
 
-def test_image_requirements_refuse_an_unpinned_ray(tmp_path):
-    (tmp_path / "pyproject.toml").write_text('[project]\ndependencies = ["ray[train]>=2", "torch==2.13.0"]\n')
+def test_image_requirements_refuse_constraints_without_a_pinned_ray(tmp_path):
+    (tmp_path / "pyproject.toml").write_text('[project]\ndependencies = ["ray[train]>=2", "torch>=2.13"]\n')
+    (tmp_path / "constraints.txt").write_text("torch==2.13.0\n")
     with pytest.raises(ValueError, match="pinned ray"):
-        image_requirements(tmp_path / "pyproject.toml")
+        image_requirements(tmp_path / "pyproject.toml", tmp_path / "constraints.txt")
 
 
-def test_dockerfile_torch_pins_equal_pyprojects():
+def test_every_dependency_is_pinned_in_constraints():
+    names = [re.match(r"^([A-Za-z0-9_.-]+)", d)[1].lower() for d in PYPROJECT["project"]["dependencies"]]
+    assert not [name for name in names if name not in {pin.lower() for pin in PINS}]
+
+
+def test_dockerfile_torch_pins_equal_the_tested_set():
     text = dockerfile()
     args = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", text, re.M))
     assert args["TORCH_VERSION"] == PINS["torch"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections import Counter
 
 import numpy as np
@@ -163,8 +164,11 @@ def test_rerun_with_same_arguments_does_not_rewrite(tmp_path):
     assert left == {img["filename"] for img in json.loads(path.read_text())["images"]} | {foreign.name}
 
 
-def test_progress_bar_goes_to_stderr(tmp_path, capsys):
-    generate_sample(tmp_path, n_images=10, image_size=32, progress=True)
+def test_progress_bar_goes_to_stderr_on_a_terminal_only(tmp_path, capsys, monkeypatch):
+    generate_sample(tmp_path / "log", n_images=10, image_size=32, progress=True)
+    assert capsys.readouterr() == ("", "")  # stderr is a file or a pipe: the command's one line says it all
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    generate_sample(tmp_path / "terminal", n_images=10, image_size=32, progress=True)
     out, err = capsys.readouterr()
     assert out == "" and "10/10" in err
 
