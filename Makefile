@@ -23,7 +23,7 @@ NO_CACHE := --no-cache-dir
 # that need no Ray and the unit tests on the other (scheduler: tests/conftest.py). Most of the suite
 # waits on Ray's start-up, servers and subprocesses, so the halves overlap. `make test PARALLEL=` runs
 # one process.
-PARALLEL ?= -n 2
+PARALLEL ?=
 
 .PHONY: venv demo lint format test test-fast test-integration bench-prepare bench-eval bench-train bench-dove bench-cmpagl docs clean
 
