@@ -19,10 +19,10 @@ ISOLATED_PIP := $(PIP) --isolated $(if $(CERT),--cert $(CERT))
 # No wheel cache: the torch pair downloads about 3 GB of CUDA wheels, and caching them doubles
 # the disk the install needs at its peak (a CI run once ran out of disk while downloading them).
 NO_CACHE := --no-cache-dir
-# Two pytest-xdist workers by default: tests/integration whole on one, tests/multinode, the modules
-# that need no Ray and the unit tests on the other (scheduler: tests/conftest.py). Most of the suite
-# waits on Ray's start-up, servers and subprocesses, so the halves overlap. `make test PARALLEL=` runs
-# one process.
+# `make test PARALLEL="-n 2"`: two pytest-xdist workers, tests/integration whole on one, tests/multinode,
+# the modules that need no Ray and the unit tests on the other (scheduler: tests/conftest.py). Off by
+# default: on 2 cores the two Ray clusters starve each other (24 min 51 s against about 19 in one
+# process, measured; the two-node head's job agent then took over 300 s to come up).
 PARALLEL ?=
 
 .PHONY: venv demo lint format test test-fast test-integration bench-prepare bench-eval bench-train bench-dove bench-cmpagl docs clean

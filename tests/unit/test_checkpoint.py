@@ -101,3 +101,44 @@ def test_an_unreachable_tracking_server_is_a_warning_at_once():
     line = log_to_checkpoint_run(cfg, {"mlflow_run_id": "abc", "data": cfg.train.data, "split": "test"})
     assert line.startswith("warning: not logged to MLflow:") and "secret" not in line
     assert time.monotonic() - started < 10
+
+
+def test_write_checkpoint_writes_what_read_checkpoint_reads(tmp_path):
+    """The layout both ways in one module: a training checkpoint written by `write_checkpoint` loads
+    with weights_only (tensors and plain data) and its config.yaml names the run's settings."""
+    from rsray.checkpoint import read_checkpoint, write_checkpoint
+    from rsray.train.rng import rng_state
+
+    cfg = load_config("model/vsepp-tiny", ["train.seed=7"])
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    history = [{"epoch": 0, "val/mR": 12.5}]
+    write_checkpoint(
+        tmp_path,
+        cfg,
+        model=model.state_dict(),
+        optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(),
+        epoch=0,
+        rng=rng_state(),
+        lr_scale=0.5,
+        metrics=history[0],
+        history=history,
+        mlflow_run_id="abc",
+    )
+    state, config = read_checkpoint(str(tmp_path))
+    assert set(state) == {
+        "model",
+        "optimizer",
+        "scheduler",
+        "epoch",
+        "rng",
+        "lr_scale",
+        "metrics",
+        "history",
+        "mlflow_run_id",
+    }
+    assert torch.equal(state["model"]["weight"], model.weight.detach())
+    assert (state["epoch"], state["lr_scale"], state["mlflow_run_id"], state["history"]) == (0, 0.5, "abc", history)
+    assert config["train"]["seed"] == 7 and config["model"]["name"] == "vsepp"
