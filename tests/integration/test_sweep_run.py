@@ -3,7 +3,7 @@
 One sweep serves every test here, because the trials are the expensive part: 4 trials crossing
 model.lr (one that learns in an epoch, one too small to move the weights) with train.num_workers
 (1 and 2 Ray Train workers), 2 epochs each, ASHA after the first epoch, one trial at a time. It is
-started as `python -m pipelines.sweep` in a subprocess joined to this module's Ray, killed with
+started as `python -m rsray.pipelines.sweep` in a subprocess joined to this module's Ray, killed with
 SIGKILL (a crashed driver) as soon as its third trial has begun (the first finished, the second
 stopped by ASHA), and then resumed by running the same sweep again in this process.
 """
