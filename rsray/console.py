@@ -4,9 +4,12 @@ Ray, Ray Data, Ray Train and MLflow each log at INFO to the console by default (
 progress reports, token setup, "Started monitoring system metrics"); their lines, and what Ray's
 workers print (forwarded to the driver), are written to a log file per command instead:
 `$RSRAY_LOG_DIR` (default `~/.cache/rsray/logs`)`/<stage>-<time>-<pid>.log`. The console keeps
-rsray's lines at INFO and above, anyone's errors, and the lines rsray's own loggers print inside
-Ray workers (rank 0's epoch line). `-v/--verbose` puts every library's lines back on the console.
-Credentials are redacted on both (`rsray.redact`).
+rsray's lines at INFO and above, the driver's libraries' errors, and the lines rsray's own loggers
+print inside Ray workers (rank 0's epoch line, the Train controller's and sweep trials' warnings).
+Other worker output (a library's warning inside a worker, a worker's traceback) is in the file
+only; a task or actor that fails is still reported by Ray's own error listener, and a run that
+fails ends in rsray's one-line error. `-v/--verbose` puts every library's lines back on the
+console. Credentials are redacted on both, tracebacks included (`rsray.redact`).
 
 Ray's forwarded worker output is re-routed through Ray's stdstream dispatcher (an internal of Ray
 2.60: `ray._private.ray_logging.global_worker_stdstream_dispatcher`); where that is missing, Ray prints
@@ -27,6 +30,16 @@ LIBRARY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "alembi
 _WORKER_OUTPUT = logging.getLogger("ray.worker_output")  # forwarded worker lines, into the log file
 _ROUTE_HANDLER = "rsray_worker_lines"
 _state: dict = {"verbose": False, "log_file": None, "console": None}
+
+
+class RedactingFormatter(logging.Formatter):
+    """Formats a record, traceback included, then redacts the whole text (`rsray.redact`): a
+    credential inside an exception's message must not reach the console or the log file either."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from rsray.redact import redact
+
+        return redact(super().format(record))
 
 
 class OwnLinesOnly(logging.Filter):
@@ -55,22 +68,24 @@ def setup_logging(verbose: bool = False, stage: str = "rsray") -> Path | None:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
+        if isinstance(handler, logging.FileHandler):  # an earlier command's log file in this process
+            handler.close()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(logging.Formatter("rsray: %(message)s"))
+    console.setFormatter(RedactingFormatter("rsray: %(message)s"))
     console.addFilter(RedactingFilter())
     if not verbose:
         console.addFilter(OwnLinesOnly())
     root.addHandler(console)
-    log_file = log_file_path(stage)
     try:
+        log_file = log_file_path(stage)  # Path.home() raises RuntimeError where no home is known
         log_file.parent.mkdir(parents=True, exist_ok=True)
         to_file = logging.FileHandler(log_file, encoding="utf-8")
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:
         logging.getLogger("rsray").warning("no log file (%s): library logs go nowhere; -v shows them", exc)
         log_file = None
     else:
-        to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        to_file.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         to_file.addFilter(RedactingFilter())
         root.addHandler(to_file)
     logging.captureWarnings(True)
@@ -126,10 +141,12 @@ def _route_worker_output() -> None:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:  # another Ray: its own printing stays
         return
-    if "ray_print_logs" not in [name for name, _ in getattr(dispatcher, "handlers", [])]:
+    names = [name for name, _ in getattr(dispatcher, "handlers", [])]
+    if "ray_print_logs" not in names:
         return  # not connected yet (ensure_ray calls this again) or already routed
     dispatcher.remove_handler("ray_print_logs")
-    dispatcher.add_handler(_ROUTE_HANDLER, print_worker_lines)
+    if _ROUTE_HANDLER not in names:  # a later Ray session in this process: ours is still there
+        dispatcher.add_handler(_ROUTE_HANDLER, print_worker_lines)
 
 
 def print_worker_lines(data: dict) -> None:

@@ -57,8 +57,10 @@ def _train_trial(params: dict[str, Any], context: TrialContext) -> None:
     import ray.tune
     from ray.data import DataContext
 
+    from rsray.console import own_lines_in_workers
     from rsray.train.run import train
 
+    own_lines_in_workers()  # this actor's rsray warnings reach the driver's console on a cluster too
     trial_id = ray.tune.get_context().get_trial_id()
     # This actor builds the trial's Ray Dataset, so its DataContext applies. No progress bars: with
     # trials reading at once they interleave into thousands of lines, and Tune's table is the progress.
@@ -138,9 +140,11 @@ def _smr_trial(params: dict[str, Any], context: TrialContext, scored) -> None:
     import ray.tune
 
     from rsray.config import config_from_dict
+    from rsray.console import own_lines_in_workers
     from rsray.eval.metrics import retrieval_metrics
     from rsray.eval.rerank import SMRConfig, smr_rerank
 
+    own_lines_in_workers()
     trial_id = ray.tune.get_context().get_trial_id()
     smr = SMRConfig(**{key.split(".")[1]: value for key, value in params.items()})
     metrics = retrieval_metrics(

@@ -52,6 +52,9 @@ class EpochLogger(UserCallback):
         if checkpoint is None or not metrics:
             return
         if self._tracker is None:
+            from rsray.console import own_lines_in_workers
+
+            own_lines_in_workers()  # a tracking warning here reaches the driver's console on a cluster too
             self._tracker = Tracker.attach(self.tracking_cfg, self.run_id)
         self._tracker.log_metrics(metrics[0], step=int(metrics[0]["epoch"]))
 

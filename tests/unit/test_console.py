@@ -88,3 +88,26 @@ def test_inside_a_worker_rsray_lines_carry_the_prefix_the_driver_keeps(monkeypat
         assert capsys.readouterr().err == "rsray: epoch 2 of 0..2\n"
     finally:
         logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def test_a_credential_in_a_traceback_is_redacted_in_the_log_file(fresh_logging, capsys):
+    path = console.setup_logging(verbose=False, stage="evaluate")
+    try:
+        raise ValueError("cannot reach http://alice:s3cr3t@mlflow:5000/api")
+    except ValueError as exc:
+        logging.getLogger("traceback").info("the error that ended this command", exc_info=exc)
+        logging.getLogger("rsray.eval").error("failed", exc_info=exc)
+    written, err = path.read_text(), capsys.readouterr().err
+    assert "Traceback" in written and "alice:***@mlflow" in written and "rsray: failed" in err
+    assert "s3cr3t" not in written and "s3cr3t" not in err
+
+
+def test_a_second_ray_session_in_one_process_routes_worker_lines_once(fresh_logging, monkeypatch):
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    monkeypatch.setattr(dispatcher, "handlers", [])
+    console.setup_logging(verbose=False, stage="train")
+    for _ in range(2):  # ray.init adds Ray's printer each time; ray.shutdown removes only Ray's
+        dispatcher.add_handler("ray_print_logs", print)
+        console.route_library_logs()
+    assert [name for name, _ in dispatcher.handlers] == ["rsray_worker_lines"]

@@ -27,10 +27,11 @@ def private_imports(path: Path) -> list[str]:
     """`from <our module> import _name` in `path` (a module's own privates stay its own)."""
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in OUR_PACKAGES:
-            found += [
-                f"{node.module}.{a.name}" for a in node.names if a.name.startswith("_") and a.name != "__version__"
-            ]
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level > 0 or (node.module or "").split(".")[0] in OUR_PACKAGES:  # relative imports are ours too
+            where = "." * node.level + (node.module or "")
+            found += [f"{where}.{a.name}" for a in node.names if a.name.startswith("_") and a.name != "__version__"]
     return found
 
 
@@ -43,5 +44,5 @@ def test_no_file_imports_another_modules_private_names():
 
 def test_the_private_import_scan_sees_one(tmp_path):
     probe = tmp_path / "probe.py"
-    probe.write_text("from rsray.train.run import _hidden, public\n")
-    assert private_imports(probe) == ["rsray.train.run._hidden"]
+    probe.write_text("from rsray.train.run import _hidden, public\nfrom .data import _rows\n")
+    assert private_imports(probe) == ["rsray.train.run._hidden", ".data._rows"]
