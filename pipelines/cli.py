@@ -19,7 +19,7 @@ from rsray.cli import EPILOG
 STAGES: dict[str, tuple[str, str]] = {
     "sample": ("sample", "draw the embedded sample dataset (aerial-like scenes + captions)"),
     "prepare": ("prepare", "validate, resize and tokenize a dataset into Parquet shards (Ray Data)"),
-    "data": ("data", "dataset tools: `rsray data inspect TARGET [--json]`"),
+    "data": ("data", "dataset tools: `rsray data inspect TARGET [--json]`, `rsray data verify PREPARED`"),
     "train": ("train", "train a model on Ray Train (DDP workers), checkpoint every epoch"),
     "sweep": ("sweep", "sweep hyperparameters: Ray Tune over Ray Train runs, ASHA, MLflow parent/child runs"),
     "study": ("study", "one config over several seeds and/or validation folds: child runs, mean ± std"),
