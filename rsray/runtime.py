@@ -2,7 +2,10 @@
 
 With `RAY_ADDRESS` set (or inside `ray job submit`) we join that cluster. Otherwise we start a
 local Ray with more logical CPUs than cores: on a 2-core machine, Ray Data tasks and Train
-workers that each ask for a whole CPU would otherwise wait on each other forever.
+workers that each ask for a whole CPU would otherwise wait on each other forever. "Otherwise"
+is `address="local"`: without it, `ray.init()` joins whatever address the last `ray start` or
+`ray.cluster_utils.Cluster` left in `<tmp>/ray/ray_current_cluster`, and a file left by a killed
+cluster made every command fail with Ray's "num_cpus and num_gpus must not be provided".
 """
 
 from __future__ import annotations
@@ -30,7 +33,10 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         log.info("joined Ray cluster at %s%s", os.environ["RAY_ADDRESS"], logs)
         return
     cpus = num_cpus or max(4, 2 * (os.cpu_count() or 1))
+    if os.path.exists(ray_address_file()):
+        log.info("not joining the Ray cluster recorded in %s: set RAY_ADDRESS to join one", ray_address_file())
     ray.init(
+        address="local",
         num_cpus=cpus,
         include_dashboard=False,
         log_to_driver=True,
@@ -39,6 +45,13 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     route_library_logs()
     _wait_for_cpus(cpus)
     log.info("started a local Ray with %d logical CPUs%s", cpus, logs)
+
+
+def ray_address_file() -> str:
+    """Where `ray start` records the cluster a bare `ray.init()` would join (Ray's own helper)."""
+    from ray._common.utils import get_ray_address_file
+
+    return get_ray_address_file(None)
 
 
 def quiet_ray_progress_logs() -> None:

@@ -26,7 +26,13 @@ def ray_cluster(s3_endpoint, mlflow_server):
     import ray
 
     with quick_train_polling():
-        ray.init(num_cpus=4, object_store_memory=300 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+        ray.init(
+            address="local",
+            num_cpus=4,
+            object_store_memory=300 * 1024 * 1024,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
         yield ray
         ray.shutdown()
 

@@ -5,8 +5,10 @@ module with a generic name (`pipelines`) may land at the top of site-packages.""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -43,6 +45,12 @@ def test_the_installed_command_samples_and_prepares_from_an_empty_folder(install
     site = installed.parent / "site"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
     env["PYTHONPATH"] = str(site)  # the installed copy only: the working folder is empty, the tree is not on the path
+    # A cluster killed without its shutdown leaves its address behind, where a bare ray.init() would
+    # join it: rsray without RAY_ADDRESS starts its own Ray regardless. (Short: Ray's socket paths.)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")
+    env["RAY_TMPDIR"] = str(ray_tmp)
 
     def rsray(*args: str) -> str:
         done = subprocess.run(
@@ -64,4 +72,5 @@ def test_the_installed_command_samples_and_prepares_from_an_empty_folder(install
     assert (tmp_path / "data" / "sample-tiny" / "dataset_rsray_sample.json").is_file()
     output = rsray("prepare", "presets/cpu-tiny")
     assert "40 images" in output
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     assert (tmp_path / "data" / "prepared" / "sample-tiny" / "manifest.json").is_file()
