@@ -32,9 +32,9 @@ def save_run(tmp_path, *overrides: str):
 
 
 def test_a_checkpoint_loads_without_its_pretrained_backbone_and_word_vectors(tmp_path):
-    backbone = tmp_path / "resnet10t.pth"
+    backbone = tmp_path / "test_resnet.pth"
     torch.manual_seed(1)
-    torch.save(timm.create_model("resnet10t").state_dict(), backbone)
+    torch.save(timm.create_model("test_resnet").state_dict(), backbone)
     vectors = tmp_path / "glove.txt"
     vectors.write_text("river " + " ".join(["0.5"] * 16) + "\n")
     trained, folder = save_run(tmp_path, f"model.backbone_checkpoint={backbone}", f"model.glove_path={vectors}")

@@ -333,10 +333,10 @@ def test_glove_file_is_loaded_for_known_words(tmp_path):
 
 def test_backbone_checkpoint_round_trip(tmp_path):
     torch.manual_seed(1)
-    source = timm.create_model("resnet10t", num_classes=7)  # e.g. a scene classifier: its head is dropped
-    path = tmp_path / "resnet10t.pth"
+    source = timm.create_model("test_resnet", num_classes=7)  # e.g. a scene classifier: its head is dropped
+    path = tmp_path / "test_resnet.pth"
     torch.save({"state_dict": source.state_dict()}, path)
-    loaded = TimmBackbone("resnet10t", out_indices=(4,), checkpoint=path)
+    loaded = TimmBackbone("test_resnet", out_indices=(4,), checkpoint=path)
     for key, value in loaded.body.state_dict().items():
         assert torch.equal(value, source.state_dict()[key]), key
     # and through a model's config
@@ -345,7 +345,7 @@ def test_backbone_checkpoint_round_trip(tmp_path):
     # a file with other keys is refused, naming what is missing
     torch.save({"backbone.conv1.weight": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="weights missing"):
-        TimmBackbone("resnet10t", checkpoint=tmp_path / "bad.pth")
+        TimmBackbone("test_resnet", checkpoint=tmp_path / "bad.pth")
 
 
 def test_pooled_stem_is_layer1_input():
