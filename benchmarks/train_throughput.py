@@ -34,6 +34,7 @@ from rsray.data.synthetic import generate_sample
 from rsray.models import build_model, model_config
 from rsray.optim import make_optimizer
 from rsray.train.loop import train_epoch
+from rsray.train.precision import AMP_SETTINGS, choose_precision
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=32, help="pairs per batch (per worker)")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per loop; the first is warm-up")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (bare loop; Ray uses a GPU with --device cuda)")
-    parser.add_argument("--amp", default="off", choices=["off", "bf16"], help="autocast dtype")
+    parser.add_argument("--amp", default="off", choices=AMP_SETTINGS, help="train.amp (rsray.train.precision)")
     parser.add_argument(
         "--decode-workers",
         type=int,
@@ -96,12 +97,20 @@ def bare_loop(cfg, train_table, vocab_size: int, args: argparse.Namespace) -> li
         num_workers=args.decode_workers,
         pin_memory=device.type == "cuda",
     )
-    amp = torch.bfloat16 if args.amp == "bf16" else None
+    precision = choose_precision(args.amp, device)
+    scaler = precision.grad_scaler(device)
+    print(f"  {precision.reason}", flush=True)
     rates = []
     for epoch in range(args.epochs):
         loader.sampler.set_epoch(epoch)
         stats = train_epoch(
-            model, loader, optimizer, device=device, grad_clip=cfg.train.grad_clip or None, amp_dtype=amp
+            model,
+            loader,
+            optimizer,
+            device=device,
+            grad_clip=cfg.train.grad_clip or None,
+            amp_dtype=precision.dtype,
+            scaler=scaler,
         )
         schedule.step()
         if device.type == "cuda":

@@ -83,11 +83,12 @@ def write_checkpoint(
     metrics: dict[str, float],
     history: list[dict[str, float]],
     mlflow_run_id: str | None,
+    grad_scaler: dict[str, Any] | None = None,
 ) -> None:
     """Write a training checkpoint into `folder`: `state.pt` (state dicts, the epoch just trained, the
     RNG states, the elastic lr factor already in the optimizer's and scheduler's state, this epoch's
-    metrics, the run's history, and the MLflow run it was logged to, where `rsray evaluate` adds its
-    numbers) and `config.yaml` (the resolved `rsray.config.Config`)."""
+    metrics, the run's history, the MLflow run it was logged to, where `rsray evaluate` adds its
+    numbers, and under fp16 the GradScaler's state) and `config.yaml` (the resolved `rsray.config.Config`)."""
     folder = Path(folder)
     state = {
         "model": model,
@@ -100,5 +101,7 @@ def write_checkpoint(
         "history": history,
         "mlflow_run_id": mlflow_run_id,
     }
+    if grad_scaler is not None:  # fp16's loss scale, so a resumed run does not search for it again
+        state["grad_scaler"] = grad_scaler
     torch.save(state, folder / STATE_FILE)
     config.save(folder / CONFIG_FILE)

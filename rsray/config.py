@@ -183,7 +183,9 @@ class TrainConfig:
     # BatchNorm layers share batch statistics across workers (torch's SyncBatchNorm, as SWAN's
     # release does under --distributed); GPU workers only (PyTorch syncs CUDA tensors only)
     sync_batchnorm: bool = False
-    amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | off
+    # auto: bf16 on a GPU with native bf16, fp16 with loss scaling on an older one (V100, T4), off
+    # on CPU | bf16 | fp16 (with loss scaling) | off (rsray.train.precision)
+    amp: str = "auto"
     max_failures: int = 2  # worker-group restarts Ray Train may make, resuming from the last checkpoint
     keep_checkpoints: int = 2  # best by validation mR are kept
     eval_batch_size: int = 64  # images per batch when rank 0 scores the validation split
@@ -247,8 +249,8 @@ class TrainConfig:
             yield "grad_clip", f"must be >= 0, got {self.grad_clip}"
         if self.sync_batchnorm and not self.use_gpu:
             yield "sync_batchnorm", "needs use_gpu (PyTorch's SyncBatchNorm syncs GPU tensors only)"
-        if self.amp not in ("auto", "bf16", "off"):
-            yield "amp", f"must be auto, bf16 or off, got {self.amp!r}"
+        if self.amp not in ("auto", "bf16", "fp16", "off"):
+            yield "amp", f"must be auto, bf16, fp16 or off, got {self.amp!r}"
         if self.max_failures < -1:
             yield "max_failures", f"must be >= -1 (-1: retry forever), got {self.max_failures}"
         if self.decode_workers < 0:

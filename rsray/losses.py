@@ -171,11 +171,24 @@ def affiliation_loss(
     the negatives. `given_centres` = (image, text) per-row centres computed elsewhere (the
     releases compute them on each worker's rows and gather them). `transposed_t2i` reproduces
     PIR's text->image term, which takes the softmax of the transposed logits (over texts for
-    each image centre: a bug, kept only for the release preset).
+    each image centre: a bug, kept only for the release preset). Computed in fp32 under any autocast.
     """
+    with torch.autocast(image_emb.device.type, enabled=False):  # fp32 logits under any autocast
+        return _affiliation_fp32(
+            image_emb.float(),
+            text_emb.float(),
+            scene_ids,
+            logit_scale,
+            centres,
+            transposed_t2i,
+            None if given_centres is None else (given_centres[0].float(), given_centres[1].float()),
+        )
+
+
+def _affiliation_fp32(image_emb, text_emb, scene_ids, logit_scale, centres, transposed_t2i, given_centres):
     valid = scene_ids >= 0
-    if not bool(valid.any()):
-        return (image_emb.sum() + text_emb.sum()) * 0.0  # no labelled rows: zero, still in the graph
+    if not bool(valid.any()):  # no labelled rows: zero, still in the graph (DDP waits for every gradient)
+        return (image_emb.sum() + text_emb.sum()) * 0.0 + 0.0 * logit_scale
     if centres not in ("class", "sample"):
         raise ValueError(f"centres must be class or sample, got {centres!r}")
     if centres == "class" and (transposed_t2i or given_centres is not None):
@@ -218,8 +231,16 @@ def queue_itc_loss(
     image id (in the batch or the queue) shares the target mass equally; with `alpha` > 0 they are
     mixed with the momentum model's own softmax (momentum distillation):
     targets = alpha * softmax(momentum sims) + (1 - alpha) * positives. Loss = (i2t + t2i) / 2,
-    each the mean over queries of the cross-entropy with soft targets."""
-    queue_image, queue_text, queue_ids = queue
+    each the mean over queries of the cross-entropy with soft targets. Computed in fp32 under any
+    autocast (rsray's rule for similarity logits)."""
+    with torch.autocast(image.device.type, enabled=False):  # fp32 logits: / 0.07 magnifies bf16's rounding
+        return _queue_itc_fp32(
+            *(t.float() for t in (image, text, momentum_image, momentum_text)), image_ids, queue, temperature, alpha
+        )
+
+
+def _queue_itc_fp32(image, text, momentum_image, momentum_text, image_ids, queue, temperature, alpha) -> torch.Tensor:
+    queue_image, queue_text, queue_ids = queue[0].float(), queue[1].float(), queue[2]
     keys_text = torch.cat([momentum_text, queue_text], dim=0)
     keys_image = torch.cat([momentum_image, queue_image], dim=0)
     key_ids = torch.cat([image_ids, queue_ids], dim=0)

@@ -149,7 +149,8 @@ class RoIEncoder(nn.Module):
     """Regional features [B, K, D]: roi_align of the grid boxes on a feature map, flattened, linear to D.
 
     Boxes are image fractions (x1, y1, x2, y2 in 0..1), scaled to the map's size and aligned
-    (pixel centres at +0.5), so [0, 0, 1, 1] covers the whole map whatever its stride."""
+    (pixel centres at +0.5), so [0, 0, 1, 1] covers the whole map whatever its stride. The pooling
+    runs in fp32 under any autocast; the projection autocasts as usual."""
 
     def __init__(self, in_channels: int, dim: int, levels: Sequence[int] = (1, 2, 3), output_size: int = 2):
         super().__init__()
@@ -159,11 +160,15 @@ class RoIEncoder(nn.Module):
 
     def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
         b, _, h, w = feature_map.shape
-        boxes = self.grid.expand(b, -1, -1)
-        scale = torch.tensor([w, h, w, h], dtype=feature_map.dtype, device=feature_map.device)
-        rois = list((boxes.to(feature_map.dtype) * scale).unbind(0))
-        pooled = roi_align(feature_map, rois, self.output_size, spatial_scale=1.0, aligned=True)
-        return self.project(pooled.flatten(1)).view(b, boxes.shape[1], -1)
+        k = self.grid.shape[0]
+        scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=feature_map.device)
+        image_index = torch.arange(b, dtype=torch.float32, device=feature_map.device).repeat_interleave(k)
+        # [B*K, 5] rois (image index, x1, y1, x2, y2) in fp32, built here: given a list, torchvision
+        # writes the image index in the boxes' dtype, and bf16 holds integers exactly only to 256.
+        rois = torch.cat([image_index[:, None], (self.grid.float() * scale).repeat(b, 1)], dim=1)
+        with torch.autocast(feature_map.device.type, enabled=False):
+            pooled = roi_align(feature_map.float(), rois, self.output_size, spatial_scale=1.0, aligned=True)
+        return self.project(pooled.flatten(1)).view(b, k, -1)
 
 
 class IFA(nn.Module):

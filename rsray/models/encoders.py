@@ -217,6 +217,10 @@ class BiGRU(nn.Module):
     `merge="mean"` returns one [B, L, H] sequence, the two directions averaged (SWAN, VSE++);
     `merge="separate"` returns (forward, backward), each [B, L, H] (DOVE's DTGA gates them).
     Positions past a row's length are zero.
+
+    The GRU runs in fp32 outside any autocast (our choice, `train.amp`): CUDA autocast sends cuDNN's
+    RNN to fp16 whatever dtype was asked for, bf16 included, and no GradScaler guards that fp16.
+    Its output is fp32; the layers after it autocast as usual.
     """
 
     def __init__(self, input_dim: int, hidden: int, merge: str = "mean"):
@@ -227,8 +231,9 @@ class BiGRU(nn.Module):
         self.rnn = nn.GRU(input_dim, hidden, num_layers=1, batch_first=True, bidirectional=True)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor):
-        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, _ = self.rnn(packed)
+        packed = pack_padded_sequence(x.float(), lengths.cpu(), batch_first=True, enforce_sorted=False)
+        with torch.autocast(x.device.type, enabled=False):
+            out, _ = self.rnn(packed)
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
         forward, backward = out[..., : self.hidden], out[..., self.hidden :]
         if self.merge == "separate":

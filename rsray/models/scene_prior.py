@@ -150,13 +150,17 @@ class ScenePrior(RetrievalModel):
         return F.normalize(self.text_proj(words), dim=-1)
 
     def scene_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """[B, num_classes]: scaled cosine of L2-normalised embeddings to each scene prototype."""
-        return self.logit_scale() * embeddings @ F.normalize(self.prototypes, dim=-1).t()
+        """[B, num_classes]: scaled cosine of L2-normalised embeddings to each scene prototype, in
+        fp32 under any autocast (rsray's rule for logits)."""
+        with torch.autocast(embeddings.device.type, enabled=False):
+            return self.logit_scale() * embeddings.float() @ F.normalize(self.prototypes.float(), dim=-1).t()
 
     def _classification_loss(self, embeddings: torch.Tensor, scene_ids: torch.Tensor) -> torch.Tensor:
         known = scene_ids >= 0
         if not bool(known.any()):
-            return embeddings.sum() * 0.0  # no labelled row: zero, still in the graph
+            # no labelled row: zero, with every parameter the loss uses still in the graph (DDP
+            # waits for a gradient of each, and another worker's batch may have labels)
+            return (embeddings.sum() + self.scene_logits(embeddings[:1]).sum()) * 0.0
         if int(scene_ids.max()) >= self.config.num_classes:
             raise ValueError(f"scene id {int(scene_ids.max())} but model.num_classes is {self.config.num_classes}")
         return F.cross_entropy(self.scene_logits(embeddings[known]), scene_ids[known])

@@ -37,9 +37,13 @@ def train_epoch(
     grad_clip: float | None = 2.0,
     amp_dtype: torch.dtype | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> EpochStats:
-    """One pass over `batches`: loss, backward, clip, step. `amp_dtype=torch.bfloat16` on GPU.
-    A `scheduler` given here is stepped after every optimizer step (per-batch schedules).
+    """One pass over `batches`: loss, backward, clip, step, under autocast to `amp_dtype`
+    (`rsray.train.precision`). With fp16 a `scaler` scales the loss, and the gradients are unscaled
+    before clipping, so `grad_clip` bounds the true gradient norm; a step with inf/NaN gradients
+    is skipped by the scaler. A `scheduler` given here is stepped after every optimizer step
+    (per-batch schedules).
     The stats split the time into waiting for batches and the rest, to tell a data-bound epoch
     from a compute-bound one."""
     model.train()
@@ -60,10 +64,18 @@ def train_epoch(
         with torch.autocast(device_type=device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
             losses = model.loss(batch)
         optimizer.zero_grad(set_to_none=True)
-        losses["total"].backward()
+        if scaler is None:
+            losses["total"].backward()
+        else:
+            scaler.scale(losses["total"]).backward()
+            scaler.unscale_(optimizer)
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
-        optimizer.step()
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+            scaler.update()
         if scheduler is not None:
             scheduler.step()
         for name, value in losses.items():

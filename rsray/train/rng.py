@@ -19,8 +19,10 @@ def seed_everything(*parts: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict[str, Any]:
-    """This process's RNG states (torch CPU, NumPy, Python, and CUDA where present)."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """This process's RNG states: torch CPU, NumPy, Python, and on a CUDA `device` that device's
+    own generator only. A Ray Train worker sees every GPU of its node; saving all of them
+    (`get_rng_state_all`) made a checkpoint that a worker seeing fewer GPUs could not load."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss_next = random.getstate()
     state = {
@@ -34,13 +36,15 @@ def rng_state() -> dict[str, Any]:
         },
         "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `rng_state` saved."""
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore what `rng_state` saved, the CUDA state into `device` (the resuming worker's own,
+    whatever its index or how many GPUs it sees). Checkpoints written before this held a list,
+    one state per GPU the saving worker saw: the entry at this device's index, else the first."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state(
@@ -48,5 +52,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     )
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("cuda")
+    if saved is None or device is None or device.type != "cuda":
+        return
+    if isinstance(saved, (list, tuple)):
+        saved = saved[device.index] if device.index is not None and device.index < len(saved) else saved[0]
+    torch.cuda.set_rng_state(saved, device)

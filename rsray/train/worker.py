@@ -18,6 +18,7 @@ from torch import nn
 
 from rsray.checkpoint import load_checkpoint_state, write_checkpoint
 from rsray.config import config_from_dict
+from rsray.train.precision import choose_precision
 from rsray.train.records import epoch_line
 from rsray.train.reduce import mean_across_workers, nodes_of_workers, reduce_across_workers
 from rsray.train.rng import rng_state, seed_everything, set_rng_state
@@ -49,17 +50,14 @@ class DistributedModel(nn.Module):
         return self.wrapped(batch)
 
 
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of `train.amp` on `device`: bf16 when asked, or (auto) on CUDA; else none."""
-    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
 def with_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     """`model` with every BatchNorm a SyncBatchNorm (`train.sync_batchnorm`): same parameters,
-    buffers, state-dict keys and train/eval modes, so checkpoints load either way."""
-    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    buffers, state-dict keys and train/eval modes, so checkpoints load either way. timm's converter,
+    not torch's: torch's turns timm's fused `BatchNormAct2d` (EfficientNet, ConvNeXt stems, ...)
+    into a plain SyncBatchNorm and drops its activation; timm's makes it a `SyncBatchNormAct`."""
+    from timm.layers import convert_sync_batchnorm
+
+    return convert_sync_batchnorm(model)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
@@ -116,15 +114,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
     rescale_learning_rate(optimizer, scheduler, lr_scale / (saved or {}).get("lr_scale", 1.0))
+    precision = choose_precision(tc.amp, device)
+    scaler = precision.grad_scaler(device)
+    if scaler is not None and saved is not None and saved.get("grad_scaler"):
+        scaler.load_state_dict(saved["grad_scaler"])
+    if rank == 0:  # a GPU run says which precision it chose and why; a CPU run has no choice to report
+        log.log(logging.INFO if device.type == "cuda" else logging.DEBUG, "%s", precision.reason)
     if saved is not None and rank == 0:
-        set_rng_state(saved["rng"])  # the saved states are rank 0's
+        set_rng_state(saved["rng"], device)  # the saved states are rank 0's
     else:
         seed_everything(tc.seed, rank, start_epoch)
 
     val = read_split(tc.data, "val", cfg.prepare.s3_endpoint) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
     placed = {"workers": context.get_world_size(), "worker_nodes": nodes_of_workers(context.get_world_size())}
-    autocast_dtype = amp_dtype(tc.amp, device)
 
     with BatchDecoder(model_cfg.augment, tc.decode_workers) as decoder:  # forked once, reused every epoch
         for epoch in range(start_epoch, tc.epochs):
@@ -136,8 +139,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
                 optimizer,
                 device=device,
                 grad_clip=tc.grad_clip or None,
-                amp_dtype=autocast_dtype,
+                amp_dtype=precision.dtype,
                 scheduler=scheduler if per_batch_schedule else None,
+                scaler=scaler,
             )
             if not per_batch_schedule:
                 scheduler.step()
@@ -171,7 +175,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
                     optimizer=optimizer.state_dict(),
                     scheduler=scheduler.state_dict(),
                     epoch=epoch,
-                    rng=rng_state(),
+                    rng=rng_state(device),
+                    grad_scaler=scaler.state_dict() if scaler is not None else None,
                     lr_scale=lr_scale,
                     metrics=metrics,
                     history=history,
