@@ -139,6 +139,8 @@ class ScenePrior(RetrievalModel):
         self.text_proj = nn.Linear(config.word_dim, config.embed_dim)
         self.prototypes = nn.Parameter(torch.randn(config.num_classes, config.embed_dim) / config.embed_dim**0.5)
         self.logit_scale = LogitScale(config.temperature)
+        if config.caption_weight == 0:  # the caption branch only validates: DDP must not wait for its gradients
+            self.ddp_kwargs = {"find_unused_parameters": True}
 
     def encode_images(self, batch: Batch) -> torch.Tensor:
         (features,) = self.backbone(batch["images"])

@@ -244,3 +244,64 @@ def test_fp16_loss_scaling_clips_the_unscaled_gradient():
         torch.cat([d.flatten() for d in steps["fp16"]]), torch.cat([d.flatten() for d in steps["fp32"]]), dim=0
     )
     assert float(cosine) > 0.98
+
+
+def _parameters_without_gradient(model, batch) -> list[str]:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    model.loss(batch)["total"].backward()
+    return [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+
+
+@pytest.mark.parametrize("name", ["scene_prior", "priorclip", "priorclip_open", "swan", "vsepp"])
+def test_a_batch_without_scene_labels_still_gives_every_parameter_a_gradient(name):
+    """DDP waits for a gradient of every parameter on every worker: a worker whose batch has no
+    labelled row (or whose loss skips a term) must still put every parameter in the graph."""
+    from tests.unit.test_models import build_tiny, random_batch
+
+    model = build_tiny(name)
+    assert not model.__dict__.get("ddp_kwargs", {}).get("find_unused_parameters")
+    unlabelled = {**random_batch(), "scene_ids": torch.full((8,), -1)}
+    assert _parameters_without_gradient(model, random_batch()) == []
+    assert _parameters_without_gradient(model, unlabelled) == []
+
+
+def _ddp_worker(rank: int, port: int, overrides: list[str], out: dict) -> None:
+    """Two steps of the scene prior under DDP on 2 gloo workers, rank 1's batches unlabelled."""
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from rsray.train.loop import train_epoch
+    from rsray.train.worker import DistributedModel, LossForward
+    from tests.unit.test_models import build_tiny, random_batch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        model = build_tiny("scene_prior", *overrides)
+        ddp = DistributedModel(DistributedDataParallel(LossForward(model), **getattr(model, "ddp_kwargs", {})))
+        batches = [random_batch(seed=s) for s in range(2)]
+        if rank == 1:
+            batches = [{**b, "scene_ids": torch.full((8,), -1)} for b in batches]
+        stats = train_epoch(ddp, batches, torch.optim.SGD(model.parameters(), lr=0.1), grad_clip=None)
+        out[rank] = (stats.pairs, [p.detach().clone() for p in model.parameters()])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.caption_weight=0"]])
+def test_the_scene_prior_trains_under_ddp_with_unlabelled_batches_and_without_captions(overrides):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(port, overrides, out), nprocs=2, join=True)
+    assert out[0][0] == out[1][0] == 16  # both workers took both steps
+    for ours, theirs in zip(out[0][1], out[1][1], strict=True):
+        assert torch.equal(ours, theirs)  # and stayed in step: every gradient was all-reduced
