@@ -53,7 +53,8 @@ format: venv
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# Everything, as CI runs it; pytest prints the 25 slowest tests at the end (pyproject addopts).
+# Everything, as CI runs it (every benchmark at its --smoke size included: tests/unit/test_benchmark_smoke.py);
+# pytest prints the 25 slowest tests at the end (pyproject addopts).
 test: lint docs
 	$(PY) -m pytest $(PARALLEL) tests
 

@@ -60,7 +60,10 @@ def main(argv=None) -> None:
         help="noise around the shared vectors (larger: harder batch, larger loss)",
     )
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--smoke", action="store_true", help="a batch of 16 of 32-d vectors, one noise (make test)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.batch, args.dim, args.noise = 16, 32, [2.0]
     print(f"batch {args.batch}, dim {args.dim}, device {args.device}; gradient error = |g - g_fp32| / |g_fp32|")
     print(
         f"{'noise':>5}  {'loss':<26} {'fp32 loss':>10} {'bf16 loss':>10} {'bf16 grad err':>14} {'fp32-scores err':>16}"

@@ -60,13 +60,15 @@ def caption_lengths(n: int, max_tokens: int, seed: int) -> tuple[torch.Tensor, s
 
 
 def caption_batch(lengths: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
-    """BERT inputs padded to the batch's longest caption: [CLS] words [SEP] [PAD]..."""
+    """BERT inputs padded to the batch's longest caption: [CLS] words [SEP] [PAD]...; and the same
+    words as word-vocabulary tokens, for a config whose `text_input` is `tokens` (the tiny one)."""
     width = int(lengths.max())
     ids = torch.randint(1000, VOCAB, (len(lengths), width), generator=g)
     mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    words = ids * mask
     ids[:, 0] = 101
     ids[torch.arange(len(lengths)), lengths - 1] = 102
-    return {"input_ids": ids * mask, "attention_mask": mask}
+    return {"input_ids": ids * mask, "attention_mask": mask, "tokens": words, "lengths": lengths.clone()}
 
 
 def image_batch(n: int, size: int, g: torch.Generator) -> dict[str, torch.Tensor]:
@@ -168,7 +170,11 @@ def main(argv=None) -> None:
     parser.add_argument("--itm-sample", type=int, default=512, help="pairs timed per k when estimating +ITM")
     parser.add_argument("--full-itm", action=argparse.BooleanOptionalAction, default=None, help="run +ITM whole")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="cmpagl-tiny, 6 images, k=2, +ITM whole (make test)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.images, args.ks, args.train_batch, args.train_steps, args.itm_sample = 6, "2", 4, 1, 8
+        args.full_itm = True
     device = torch.device(args.device)
     full = device.type == "cuda" if args.full_itm is None else args.full_itm
     dtype = torch.bfloat16 if args.amp == "bf16" else None
@@ -179,12 +185,12 @@ def main(argv=None) -> None:
         return torch.autocast(device_type=device.type, dtype=dtype)
 
     torch.manual_seed(args.seed)
-    cfg = load_config("model/cmpagl")
+    cfg = load_config("model/cmpagl-tiny" if args.smoke else "model/cmpagl")
     model = build_model(cfg, vocab_size=VOCAB).to(device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(
         f"CMPAGL benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
-        f"device {device}, amp {args.amp}; paper config: {trainable:,} trainable parameters, "
+        f"device {device}, amp {args.amp}; {'tiny (smoke)' if args.smoke else 'paper'} config: {trainable:,} trainable parameters, "
         f"itm_batch {model.config.itm_batch}, max_text_tokens {model.config.max_text_tokens}"
     )
     n_captions = args.images * CAPTIONS_PER_IMAGE

@@ -18,7 +18,7 @@ metrics are at chance level: they show the path runs end to end, not how DOVE ra
 
 Prints wall time and peak memory (process peak RSS; tracemalloc for Python-level allocations).
 
-    python -m benchmarks.dove_eval [--heads mlp,mlp] [--chunk-pairs 16384] [--block 1024] [--stream]
+    python -m benchmarks.dove_eval [--heads mlp,mlp] [--chunk-pairs 16384] [--block 1024] [--stream] [--smoke]
 """
 
 from __future__ import annotations
@@ -54,21 +54,25 @@ def caption_lengths(n: int, seed: int) -> tuple[torch.Tensor, str]:
     return torch.randint(4, 10, (n,), generator=g), "drawn 4..9 (no RSICD caption file found)"
 
 
-def random_features(dim: int, lengths: torch.Tensor, seed: int, device: torch.device):
-    """Image and caption features as DOVE's encoders return them, in evaluation-sized batches."""
+def random_features(model, n_images: int, lengths: torch.Tensor, seed: int, device: torch.device):
+    """Image and caption features as DOVE's encoders return them, in evaluation-sized batches: random
+    word features, and from them the model's own IGA keys and first text-head Linear (`encode_texts`)."""
     g = torch.Generator().manual_seed(seed)
+    dim = model.config.embed_dim
     images = []
-    for start in range(0, N_IMAGES, 64):
-        n = min(64, N_IMAGES - start)
+    for start in range(0, n_images, 64):
+        n = min(64, n_images - start)
         images.append(
             DoveImageFeatures(F.normalize(torch.randn(n, dim, generator=g), dim=-1), torch.randn(n, dim, generator=g))
         )
     texts = []
-    for start in range(0, len(lengths), 256):
-        part = lengths[start : start + 256]
-        valid = torch.arange(int(part.max()))[None, :] < part[:, None]
-        words = torch.randn(len(part), valid.shape[1], dim, generator=g) * valid.unsqueeze(-1)
-        texts.append(DoveTextFeatures(words, valid, F.normalize(torch.randn(len(part), dim, generator=g), dim=-1)))
+    with torch.no_grad():
+        for start in range(0, len(lengths), 256):
+            part = lengths[start : start + 256]
+            valid = torch.arange(int(part.max()))[None, :] < part[:, None]
+            words = torch.randn(len(part), valid.shape[1], dim, generator=g) * valid.unsqueeze(-1)
+            sentence = F.normalize(torch.randn(len(part), dim, generator=g), dim=-1)
+            texts.append(DoveTextFeatures(valid, sentence, model.iga_key(words), model.text_head.first(words)))
     image_features, text_features = concat_rows(images), concat_rows(texts)
     return (
         DoveImageFeatures(*(t.to(device) for t in image_features)),
@@ -83,14 +87,19 @@ def main(argv=None) -> None:
     parser.add_argument("--chunk-pairs", type=int, default=None, help="score_chunk_pairs (default: the config's)")
     parser.add_argument("--block", type=int, default=1024, help="score_matrix block (images and captions)")
     parser.add_argument("--stream", action="store_true", help="also streaming_topk (k=10) + metrics_from_topk")
+    parser.add_argument("--images", type=int, default=N_IMAGES, help="test images, 5 captions each (RSICD: 1,093)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="dove-tiny on 24 images, streaming too (make test)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.images, args.stream, args.block = 24, True, 32
     device = torch.device(args.device)
     overrides = [f"model.roam_heads=[{args.heads}]", "model.allow_random_frozen_backbone=true"]  # timing only
     if args.chunk_pairs is not None:
         overrides.append(f"model.score_chunk_pairs={args.chunk_pairs}")
     torch.manual_seed(args.seed)
-    model = build_model(load_config("model/dove", overrides), vocab_size=1250).to(device).eval()
+    preset = "model/dove-tiny" if args.smoke else "model/dove"
+    model = build_model(load_config(preset, overrides), vocab_size=1250).to(device).eval()
     cfg = model.config
     d, hidden = cfg.embed_dim, cfg.head_hidden if "mlp" in cfg.roam_heads[1] else cfg.embed_dim
     print(
@@ -99,18 +108,19 @@ def main(argv=None) -> None:
         f"score_chunk_pairs {cfg.score_chunk_pairs}, block {args.block}"
     )
 
-    n_captions = N_IMAGES * CAPTIONS_PER_IMAGE
+    n_images = args.images
+    n_captions = n_images * CAPTIONS_PER_IMAGE
     lengths, source = caption_lengths(n_captions, args.seed)
-    images, texts = random_features(d, lengths, args.seed, device)
-    caption_image = caption_to_image(N_IMAGES, CAPTIONS_PER_IMAGE, device)
+    images, texts = random_features(model, n_images, lengths, args.seed, device)
+    caption_image = caption_to_image(n_images, CAPTIONS_PER_IMAGE, device)
     feature_mb = sum(t.numel() * t.element_size() for t in (*images, *texts)) / 2**20
     print(
-        f"  {N_IMAGES:,} images x {n_captions:,} captions; caption lengths {source}: mean "
-        f"{lengths.float().mean():.2f}, max {int(lengths.max())} (words padded to {texts.words.shape[1]})"
+        f"  {n_images:,} images x {n_captions:,} captions; caption lengths {source}: mean "
+        f"{lengths.float().mean():.2f}, max {int(lengths.max())} (words padded to {texts.valid.shape[1]})"
     )
     print(
         f"  features {feature_mb:,.0f} MiB; the full [n_img, n_txt, {d}] caption-embedding tensor would be "
-        f"{N_IMAGES * n_captions * d * 4 / 2**30:,.1f} GiB; one chunk's head activations are about "
+        f"{n_images * n_captions * d * 4 / 2**30:,.1f} GiB; one chunk's head activations are about "
         f"{cfg.score_chunk_pairs * (2 * hidden + 2 * d) * 4 / 2**20:,.0f} MiB"
     )
     print(f"  peak RSS before scoring: {peak_rss_mb():,.0f} MiB")
@@ -120,7 +130,7 @@ def main(argv=None) -> None:
             scores = score_matrix(model, images, texts, block=args.block)
             metrics = retrieval_metrics(scores.float(), caption_image)
         print("    " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-        pairs = N_IMAGES * n_captions
+        pairs = n_images * n_captions
         if args.stream:
             with measured("streaming_topk (k=10) + metrics_from_topk", device):
                 _, i2t_idx, _, t2i_idx = streaming_topk(model, images, texts, k=10, block=args.block)

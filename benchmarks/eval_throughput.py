@@ -162,7 +162,10 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of the RSICD-sized part")
     parser.add_argument("--skip-large", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="one RSICD-sized run, a small 'large' part (make test)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.repeats, args.large_images, args.large_captions, args.dim, args.block = 1, 300, 1500, 32, 256
     device = torch.device(args.device)
     print(
         f"eval benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "

@@ -40,7 +40,10 @@ def main(argv=None) -> None:
         "--out-size", type=int, default=278, help="prepared image size in px (default 278, as conf/data/rsitmd.yaml)"
     )
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "rsray-bench"))
+    parser.add_argument("--smoke", action="store_true", help="30 images of 32 px (make test)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.images, args.size, args.out_size = 30, 32, 32
 
     from rsray.cli import setup_logging
     from rsray.config import load_config

@@ -63,7 +63,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "worker (Ray sets its OMP_NUM_THREADS to them); default 1",
     )
     parser.add_argument("--bare-only", action="store_true", help="skip the Ray Train loop (no Ray needed)")
-    return parser.parse_args(argv)
+    parser.add_argument("--smoke", action="store_true", help="40 images, 2 epochs, the bare loop only (make test)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.images, args.epochs, args.batch, args.bare_only = 40, 2, 8, True
+    return args
 
 
 def model_overrides(args: argparse.Namespace) -> list[str]:

@@ -88,11 +88,13 @@ def placeable_workers(nodes: list[dict], need: Mapping[str, float]) -> int:
     )
 
 
-def wait_for_resources(cfg: Config) -> None:
+def wait_for_resources(cfg: Config, progress_every_s: float = 30.0) -> None:
     """Refuse, in one line, workers the cluster cannot place, after `train.resource_wait_s` for an
-    autoscaler to add nodes; say once that it waits. While it waits it asks the autoscaler for the
-    workers' bundles (`ray.autoscaler.sdk.request_resources`: no Ray Train placement group exists
-    yet to create that demand), and withdraws the request after."""
+    autoscaler to add nodes (GPU nodes scaling from zero take minutes: cluster/ sets 900 s); say
+    that it waits, and every `progress_every_s` how far it got. While it waits it asks the
+    autoscaler for the workers' bundles (`ray.autoscaler.sdk.request_resources`: no Ray Train
+    placement group exists yet to create that demand), and withdraws the request however the wait
+    ends (Ctrl-C included): a request left behind would keep the nodes up."""
     import ray
     from ray.autoscaler.sdk import request_resources
 
@@ -100,31 +102,43 @@ def wait_for_resources(cfg: Config) -> None:
 
     ensure_ray()
     tc, need = cfg.train, worker_resources(cfg.train)
-    deadline, said = time.monotonic() + tc.resource_wait_s, False
-    while True:
-        nodes = [node for node in ray.nodes() if node.get("Alive")]
-        fits = placeable_workers(nodes, need)
-        if fits >= tc.min_workers:
-            if said:
-                request_resources(bundles=[])  # Ray Train's own placement group asks from here on
-            return
-        if time.monotonic() >= deadline:
-            if said:
-                request_resources(bundles=[])
-            raise cfg.error(
-                "train.num_workers",
-                f"{tc.min_workers} workers of {need} cannot be placed: the cluster's {len(nodes)} node(s) hold "
-                f"{fits} of them at most; waited {tc.resource_wait_s:g} s (train.resource_wait_s) for more nodes. "
-                "Lower train.num_workers or train.cpus_per_worker, or add nodes",
-            )
-        if not said:
-            request_resources(bundles=[need] * tc.min_workers)  # what an autoscaler scales up for
-            log.info(
-                "the cluster can place %d of %d workers of %s: waiting up to %g s for more nodes",
-                fits,
-                tc.min_workers,
-                need,
-                tc.resource_wait_s,
-            )
-            said = True
-        time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+    started = time.monotonic()
+    deadline, said, next_progress = started + tc.resource_wait_s, False, started + progress_every_s
+    try:
+        while True:
+            nodes = [node for node in ray.nodes() if node.get("Alive")]
+            fits = placeable_workers(nodes, need)
+            if fits >= tc.min_workers:
+                return
+            now = time.monotonic()
+            if now >= deadline:
+                raise cfg.error(
+                    "train.num_workers",
+                    f"{tc.min_workers} workers of {need} cannot be placed: the cluster's {len(nodes)} node(s) hold "
+                    f"{fits} of them at most; waited {tc.resource_wait_s:g} s (train.resource_wait_s) for more "
+                    "nodes. Lower train.num_workers or train.cpus_per_worker, or add nodes",
+                )
+            if not said:
+                request_resources(bundles=[need] * tc.min_workers)  # what an autoscaler scales up for
+                log.info(
+                    "the cluster can place %d of %d workers of %s: waiting up to %g s for more nodes",
+                    fits,
+                    tc.min_workers,
+                    need,
+                    tc.resource_wait_s,
+                )
+                said = True
+            elif now >= next_progress:
+                log.info(
+                    "still waiting for nodes: %d of %d workers placeable on %d node(s), %.0f s of %g s left",
+                    fits,
+                    tc.min_workers,
+                    len(nodes),
+                    deadline - now,
+                    tc.resource_wait_s,
+                )
+                next_progress = now + progress_every_s
+            time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+    finally:
+        if said:
+            request_resources(bundles=[])  # Ray Train's own placement group asks from here on
