@@ -190,7 +190,8 @@ def main(argv=None) -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(
         f"CMPAGL benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
-        f"device {device}, amp {args.amp}; {'tiny (smoke)' if args.smoke else 'paper'} config: {trainable:,} trainable parameters, "
+        f"device {device}, amp {args.amp}; {'tiny (smoke)' if args.smoke else 'paper'} config: "
+        f"{trainable:,} trainable parameters, "
         f"itm_batch {model.config.itm_batch}, max_text_tokens {model.config.max_text_tokens}"
     )
     n_captions = args.images * CAPTIONS_PER_IMAGE
