@@ -20,6 +20,11 @@ from torch import nn
 from rsray.distributed import gather_no_grad, gather_with_grad, rank, world_size
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """`t` in fp32 when it is in a 16-bit float dtype (what autocast hands on), else as it is (fp64 stays)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def positive_mask(image_ids: torch.Tensor | None, n: int, device: torch.device | None = None) -> torch.Tensor:
     """[n, n] bool, True where rows i and j show the same image (the diagonal always)."""
     if image_ids is None:
@@ -175,13 +180,13 @@ def affiliation_loss(
     """
     with torch.autocast(image_emb.device.type, enabled=False):  # fp32 logits under any autocast
         return _affiliation_fp32(
-            image_emb.float(),
-            text_emb.float(),
+            at_least_fp32(image_emb),
+            at_least_fp32(text_emb),
             scene_ids,
             logit_scale,
             centres,
             transposed_t2i,
-            None if given_centres is None else (given_centres[0].float(), given_centres[1].float()),
+            None if given_centres is None else (at_least_fp32(given_centres[0]), at_least_fp32(given_centres[1])),
         )
 
 
@@ -235,12 +240,16 @@ def queue_itc_loss(
     autocast (rsray's rule for similarity logits)."""
     with torch.autocast(image.device.type, enabled=False):  # fp32 logits: / 0.07 magnifies bf16's rounding
         return _queue_itc_fp32(
-            *(t.float() for t in (image, text, momentum_image, momentum_text)), image_ids, queue, temperature, alpha
+            *(at_least_fp32(t) for t in (image, text, momentum_image, momentum_text)),
+            image_ids,
+            queue,
+            temperature,
+            alpha,
         )
 
 
 def _queue_itc_fp32(image, text, momentum_image, momentum_text, image_ids, queue, temperature, alpha) -> torch.Tensor:
-    queue_image, queue_text, queue_ids = queue[0].float(), queue[1].float(), queue[2]
+    queue_image, queue_text, queue_ids = at_least_fp32(queue[0]), at_least_fp32(queue[1]), queue[2]
     keys_text = torch.cat([momentum_text, queue_text], dim=0)
     keys_image = torch.cat([momentum_image, queue_image], dim=0)
     key_ids = torch.cat([image_ids, queue_ids], dim=0)

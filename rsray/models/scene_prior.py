@@ -35,7 +35,7 @@ from torch import nn
 
 from rsray.data.augment import AugmentConfig
 from rsray.data.loader import image_scenes, scene_index
-from rsray.losses import LogitScale
+from rsray.losses import LogitScale, at_least_fp32
 from rsray.models.base import Batch, RetrievalModel
 from rsray.models.encoders import TimmBackbone, WordEmbedding, length_mask, masked_mean
 from rsray.models.registry import register_model
@@ -155,7 +155,7 @@ class ScenePrior(RetrievalModel):
         """[B, num_classes]: scaled cosine of L2-normalised embeddings to each scene prototype, in
         fp32 under any autocast (rsray's rule for logits)."""
         with torch.autocast(embeddings.device.type, enabled=False):
-            return self.logit_scale() * embeddings.float() @ F.normalize(self.prototypes.float(), dim=-1).t()
+            return self.logit_scale() * at_least_fp32(embeddings) @ F.normalize(self.prototypes, dim=-1).t()
 
     def _classification_loss(self, embeddings: torch.Tensor, scene_ids: torch.Tensor) -> torch.Tensor:
         known = scene_ids >= 0
