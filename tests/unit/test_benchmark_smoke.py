@@ -13,6 +13,7 @@ SMOKES = {
     "cmpagl_eval": "+ITM+SMR k=2",
     "dove_eval": "streamed R@K equal the full matrix's",
     "eval_throughput": "streaming",
+    "gpu_check": "checks OK",
     "train_throughput": "bare PyTorch loop:",
 }
 
@@ -21,7 +22,8 @@ SMOKES = {
 def test_the_benchmark_runs_at_its_smoke_size(name, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # anything a benchmark writes stays in the test's folder
     module = importlib.import_module(f"benchmarks.{name}")
-    module.main(["--smoke", "--device", "cpu"])
+    code = module.main(["--smoke", "--device", "cpu"])
     printed = capsys.readouterr().out
+    assert code in (None, 0), printed[-2000:]  # gpu_check: 1 when a check failed
     assert SMOKES[name] in printed, printed[-2000:]
     assert "nan" not in printed.lower().replace("nan_", ""), printed[-2000:]
