@@ -13,12 +13,13 @@ from rsray.cli import add_verbose_flag, run_cli, setup_logging
 
 
 def run(ns) -> int:
-    from rsray.eval.checkpoint import evaluate_loaded, load_checkpoint
+    from rsray.eval.checkpoint import eval_device, evaluate_loaded, load_checkpoint
     from rsray.eval.record import log_to_checkpoint_run
     from rsray.eval.rerank import SMRConfig
 
     from .metrics import format_table
 
+    device = eval_device(ns.device)
     smr = SMRConfig(ns.smr_k, ns.smr_w, ns.smr_beta)
     for name, problem in smr.check():
         raise ValueError(f"--smr-{name}: {problem}")
@@ -30,10 +31,8 @@ def run(ns) -> int:
             into = stack.enter_context(tempfile.TemporaryDirectory(prefix="rsray-model-"))
             folder = download_model(ns.checkpoint, tracking_uri(ns), into)
         model, cfg, state = load_checkpoint(folder)
-        report = evaluate_loaded(
-            model, cfg, state, ns.checkpoint, split=ns.split, data=ns.data, smr=smr, itm_topk=ns.itm_topk
-        )[0]
-    print(f"{ns.checkpoint} (epoch {report['epoch']}) on {report['split']} of {report['data']}")
+        report = evaluate_loaded(model, cfg, state, ns.checkpoint, ns.split, ns.data, smr, device, ns.itm_topk)[0]
+    print(f"{ns.checkpoint} (epoch {report['epoch']}) on {report['split']} of {report['data']}, scored on {device}")
     first = "ITC, " if report["stages"] else ""
     print(format_table(report["metrics"], f"{first}without SMR"))
     print(format_table(report["smr_metrics"], f"{first}with SMR (K={smr.k}, w={smr.w}, beta={smr.beta})"))
@@ -93,6 +92,12 @@ def main(argv=None) -> int:
         metavar="K",
         help="models with a second stage (CMPAGL): re-score each query's top K by ITM (default: the "
         "model's itm_topk; 0 skips the stage)",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cuda", "cpu"],
+        help="where the model scores (default auto: this machine's GPU when it has one, else the CPU)",
     )
     parser.add_argument("--smr-k", type=int, default=30, help="SMR top-K (default 30)")
     parser.add_argument("--smr-w", type=float, default=1.0, help="SMR boost weight (default 1)")

@@ -21,6 +21,18 @@ from rsray.eval.stages import has_second_stage, rescore_stage
 from rsray.models import model_config
 from rsray.models.registry import build_for_loading
 
+DEVICES = ("auto", "cuda", "cpu")
+
+
+def eval_device(name: str = "auto") -> str:
+    """Where evaluation runs: `auto` is the GPU when this process has one (CMPAGL's ITM stage at paper
+    size takes hours on CPU), else the CPU; `cuda` without a GPU is refused in one line."""
+    if name not in DEVICES:
+        raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this process sees no GPU (--device auto uses one when there is one)")
+    return "cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name)
+
 
 def load_checkpoint(uri: str, s3_endpoint: str | None = None):
     """(model in eval mode, resolved Config, state dict) from a checkpoint folder, local or s3://."""

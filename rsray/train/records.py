@@ -132,16 +132,18 @@ def log_test_evaluation(
 ) -> dict[str, Any] | None:
     """The best checkpoint scored on the test split, logged into the run (`rsray.eval.record`):
     the numbers a paper reports, where the runs table shows them, linked to the logged model
-    (`model_id`) and the data's digest. Training has finished by now, so a failure here is a
-    warning and never fails the run."""
+    (`model_id`) and the data's digest. On the driver's GPU when it has one. Training has finished
+    by now, so a failure here is a warning and never fails the run."""
     from rsray.data.verify import data_digest
-    from rsray.eval.checkpoint import evaluate_loaded, load_checkpoint
+    from rsray.eval.checkpoint import eval_device, evaluate_loaded, load_checkpoint
     from rsray.eval.record import log_evaluation
     from rsray.figures import split_figures
 
     try:
         model, checkpoint_cfg, state = load_checkpoint(checkpoint_folder)
-        report, scored, table = evaluate_loaded(model, checkpoint_cfg, state, checkpoint_folder, "test")
+        report, scored, table = evaluate_loaded(
+            model, checkpoint_cfg, state, checkpoint_folder, "test", device=eval_device("auto")
+        )
         figures = split_figures(scored.scores, scored.caption_image, table, seed=cfg.train.seed)  # the grids
     except Exception as exc:
         log.warning("the test split was not evaluated: %s", error_summary(exc))
@@ -175,7 +177,7 @@ def validation_figures(checkpoint_folder: str, cfg: Config) -> dict[str, Any]:
     import sys
 
     from rsray.data.loader import read_split
-    from rsray.eval.checkpoint import load_checkpoint
+    from rsray.eval.checkpoint import eval_device, load_checkpoint
     from rsray.eval.split import score_split
     from rsray.figures import split_figures
     from rsray.models import model_config
@@ -183,7 +185,8 @@ def validation_figures(checkpoint_folder: str, cfg: Config) -> dict[str, Any]:
     try:
         model, checkpoint_cfg, _ = load_checkpoint(checkpoint_folder)
         table = read_split(cfg.train.data, "val", cfg.prepare.s3_endpoint)
-        scored = score_split(model, table, model_config(checkpoint_cfg).augment)
+        device = eval_device("auto")  # the driver's GPU when it has one
+        scored = score_split(model.to(device), table, model_config(checkpoint_cfg).augment, device)
         return split_figures(
             scored.scores, scored.caption_image, table, scored.image_features, scored.text_features, seed=cfg.train.seed
         )

@@ -305,3 +305,18 @@ def test_the_scene_prior_trains_under_ddp_with_unlabelled_batches_and_without_ca
     assert out[0][0] == out[1][0] == 16  # both workers took both steps
     for ours, theirs in zip(out[0][1], out[1][1], strict=True):
         assert torch.equal(ours, theirs)  # and stayed in step: every gradient was all-reduced
+
+
+def test_evaluation_runs_on_the_gpu_when_there_is_one(monkeypatch):
+    """`rsray evaluate --device auto` and the post-training test scoring: the GPU when the process
+    has one (CMPAGL's ITM stage is hours on CPU at paper size); `cuda` without one is one line."""
+    from rsray.eval.checkpoint import eval_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert eval_device("auto") == "cpu" and eval_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match=r"^--device cuda: this process sees no GPU"):
+        eval_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert eval_device("auto") == "cuda" and eval_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="--device must be one of auto, cuda, cpu"):
+        eval_device("tpu")
