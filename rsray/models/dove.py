@@ -43,7 +43,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from rsray.data.augment import AugmentConfig
-from rsray.losses import triplet_loss
+from rsray.losses import at_least_fp32, triplet_loss
 from rsray.models.base import Batch, RetrievalModel, full_precision_scores
 from rsray.models.encoders import BiGRU, WordEmbedding, length_mask, masked_mean
 from rsray.models.registry import register_model
@@ -160,14 +160,14 @@ class RoIEncoder(nn.Module):
 
     def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
         b, _, h, w = feature_map.shape
-        k = self.grid.shape[0]
-        scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=feature_map.device)
-        image_index = torch.arange(b, dtype=torch.float32, device=feature_map.device).repeat_interleave(k)
-        # [B*K, 5] rois (image index, x1, y1, x2, y2) in fp32, built here: given a list, torchvision
-        # writes the image index in the boxes' dtype, and bf16 holds integers exactly only to 256.
-        rois = torch.cat([image_index[:, None], (self.grid.float() * scale).repeat(b, 1)], dim=1)
-        with torch.autocast(feature_map.device.type, enabled=False):
-            pooled = roi_align(feature_map.float(), rois, self.output_size, spatial_scale=1.0, aligned=True)
+        k, maps = self.grid.shape[0], at_least_fp32(feature_map)
+        scale = torch.tensor([w, h, w, h], dtype=maps.dtype, device=maps.device)
+        image_index = torch.arange(b, dtype=maps.dtype, device=maps.device).repeat_interleave(k)
+        # [B*K, 5] rois (image index, x1, y1, x2, y2) in fp32 (or fp64), built here: given a list,
+        # torchvision writes the image index in the boxes' dtype, and bf16 holds integers exactly only to 256.
+        rois = torch.cat([image_index[:, None], (self.grid.to(maps.dtype) * scale).repeat(b, 1)], dim=1)
+        with torch.autocast(maps.device.type, enabled=False):
+            pooled = roi_align(maps, rois, self.output_size, spatial_scale=1.0, aligned=True)
         return self.project(pooled.flatten(1)).view(b, k, -1)
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from rsray.losses import at_least_fp32
 from rsray.pretrained import resolve_local
 
 log = logging.getLogger(__name__)
@@ -231,7 +232,7 @@ class BiGRU(nn.Module):
         self.rnn = nn.GRU(input_dim, hidden, num_layers=1, batch_first=True, bidirectional=True)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor):
-        packed = pack_padded_sequence(x.float(), lengths.cpu(), batch_first=True, enforce_sorted=False)
+        packed = pack_padded_sequence(at_least_fp32(x), lengths.cpu(), batch_first=True, enforce_sorted=False)
         with torch.autocast(x.device.type, enabled=False):
             out, _ = self.rnn(packed)
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
