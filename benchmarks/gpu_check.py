@@ -10,9 +10,10 @@ failing check never stops the rest; the exit code is 1 when any failed.
 Checks: versions, bf16 support and TF32 flags; the BiGRU's dtype under autocast; the RNG state of
 several GPUs restored on one; each model's training step in fp32/bf16/fp16 on real decoded batches
 (finite loss, peak memory); validation on the device against CPU (mR difference); decode processes
-forked after CUDA started; a checkpoint device -> CPU -> device; a one-rank process group (NCCL on
-a GPU, gloo on CPU: float64 all_reduce, all_gather_object, the gather with gradients, SyncBatchNorm
-with bf16 input on a GPU); then (not with --smoke) pairs/s per model at paper size with synthetic
+forked after CUDA started; batches pinned before their copy to the GPU; a checkpoint device -> CPU
+-> device; a one-rank process group (NCCL on a GPU, gloo on CPU: float64 all_reduce,
+all_gather_object, the gather with gradients, SyncBatchNorm with bf16 input on a GPU); then (not
+with --smoke) pairs/s per model at paper size with synthetic
 batches, the data path's ceiling aside.
 """
 
@@ -196,6 +197,30 @@ def decode_after_cuda(ctx: Context) -> str:
         got = list(forked.batches(chunks, np.random.default_rng(0)))
     assert all(torch.equal(a["images"], b["images"]) for a, b in zip(expected, got, strict=True)), "batches differ"
     return f"{len(got)} batches from 2 forked processes equal in-process decoding"
+
+
+@check("batches copied to the GPU from pinned memory")
+def pinned_copies(ctx: Context) -> str:
+    from rsray.models.base import to_device
+
+    if ctx.device.type != "cuda":
+        return "nothing to check on CPU (no copy)"
+    pinned = []
+    original = torch.Tensor.pin_memory
+
+    def recording(tensor, *args, **kwargs):
+        out = original(tensor, *args, **kwargs)
+        pinned.append(out.is_pinned())
+        return out
+
+    torch.Tensor.pin_memory = recording
+    try:
+        moved = to_device({"images": torch.randn(8, 3, 64, 64), "lengths": torch.ones(8)}, ctx.device)
+        torch.cuda.synchronize(ctx.device)
+    finally:
+        torch.Tensor.pin_memory = original
+    assert pinned == [True, True] and moved["images"].is_cuda, f"pinned {pinned}"
+    return "every tensor pinned, then copied with non_blocking"
 
 
 @check("checkpoint device -> CPU -> device")

@@ -23,7 +23,12 @@ Batch = dict[str, torch.Tensor]
 
 
 def to_device(batch: Batch, device: torch.device | str) -> Batch:
-    """The batch's tensors on `device` (other values, e.g. caption strings, as they are)."""
+    """The batch's tensors on `device` (other values, e.g. caption strings, as they are). To a GPU
+    they go from pinned memory, so the copy is asynchronous (`non_blocking` from pageable memory
+    waits for it); the decode processes hand over pageable tensors."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        batch = {k: v.pin_memory() if torch.is_tensor(v) and v.device.type == "cpu" else v for k, v in batch.items()}
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
