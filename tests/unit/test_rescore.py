@@ -95,7 +95,20 @@ def test_each_direction_is_read_from_its_own_matrix():
         and both["t2i_meanr"] == retrieval_metrics(b, ci)["t2i_meanr"]
     )
     assert retrieval_ranks(a, ci, b)["t2i"] == retrieval_ranks(b, ci)["t2i"]
-    s_i2t, s_t2i = smr_rerank_pair(a, b, k=4)
-    assert retrieval_ranks(s_i2t, ci)["i2t"] == retrieval_ranks(smr_rerank_pair(a, b, k=4)[0], ci)["i2t"]
+    # SMR's weight reads the forward ranks from a's rows and the backward ranks from b's columns
+    # (plain Python below), and each direction keeps its own matrix, shifted positive
+    k, w, beta = 4, 1.0, 0.1
+    s_i2t, s_t2i = smr_rerank_pair(a, b, k=k, w=w, beta=beta)
+    rows, cols = a.tolist(), b.tolist()
+
+    def position(values: list[float], j: int) -> int:  # 0-based, descending, ties by index
+        return sum(v > values[j] or (v == values[j] and i < j) for i, v in enumerate(values))
+
+    for i in range(a.shape[0]):
+        for j in range(a.shape[1]):
+            r_f, r_b = position(rows[i], j), position([row[j] for row in cols], i)
+            weight = 1.0 if r_f >= k and r_b >= k else 1.0 + w * math.exp(-beta * (r_f + r_b) / 2)
+            assert float(s_i2t[i, j]) == pytest.approx((rows[i][j] - float(a.min()) + 1e-6) * weight, rel=1e-5)
+            assert float(s_t2i[i, j]) == pytest.approx((cols[i][j] - float(b.min()) + 1e-6) * weight, rel=1e-5)
     with pytest.raises(ValueError, match="t2i_scores has shape"):
         retrieval_metrics(a, ci, t2i_scores=b[:, :3])
