@@ -295,13 +295,17 @@ def mask_tokens(
 
 
 def sample_hard_negatives(
-    scores: torch.Tensor, image_ids: torch.Tensor, generator: torch.Generator | None = None
+    scores: torch.Tensor, image_ids: torch.Tensor, generator: torch.Generator | None = None, hardest: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ITM's hard negatives (ALBEF, BLIP): for each row of `scores` [B, B] (a query against the
-    batch's keys), one key drawn with probability softmax(scores)[j] over the keys of *another*
-    image (same-image keys get 0). Returns (key index per row, valid: rows that had a negative)."""
+    batch's keys, as logits: ALBEF passes similarity / temperature), one key drawn with probability
+    softmax(scores)[j] over the keys of *another* image (same-image keys get 0); `hardest` takes the
+    most probable instead. Returns (key index per row, valid: rows that had a negative)."""
     scores = scores.detach().float()
     same = image_ids[:, None] == image_ids[None, :]
+    if hardest:
+        valid = (~same).any(dim=1)
+        return scores.masked_fill(same, float("-inf")).argmax(dim=1), valid
     weights = scores.softmax(dim=1).masked_fill(same, 0.0)
     valid = (~same).any(dim=1)
     underflow = valid & (weights.sum(dim=1) == 0)  # fp32 softmax can round every other key to 0

@@ -11,7 +11,8 @@ What comes from where (cmpagl.md; the paper gives only its abstract and figure c
 - ALBEF (the layout the paper's sentence describes): 256-d projections of the CLS tokens,
   temperature 0.07 learnable, momentum 0.995, multi-positive targets over a feature queue,
   momentum distillation alpha 0.4 (ramped over `distill_warmup_steps`), ITM negatives drawn from
-  the ITC softmax, MLM 15% with BERT's 80/10/10, AdamW.
+  softmax(online . momentum / temperature) in each direction (`itm_negatives: sample`; `hardest`
+  takes the most similar, our fallback), MLM 15% with BERT's 80/10/10, AdamW.
 - our choice: the global window (pooled to the stage window), queue 8192 with image-id-aware
   positives, triplet averaged per batch (hardest negative), `lambda_intra` 0.1 (1.0 collapsed the
   embeddings, see the field), every loss weight 1, MLM without distillation, ITM re-scoring only
@@ -101,6 +102,7 @@ class CmpaglConfig(WarmupAdamWConfig):
     w_itm: float = 1.0
     w_mlm: float = 1.0
     mlm_probability: float = 0.15
+    itm_negatives: str = "sample"  # sample: from softmax(ITC logits) [ALBEF] | hardest: the most similar
     itm_topk: int = 16  # ITM re-scores each query's top k by ITC
     itm_batch: int = 256  # pairs per ITM forward when re-scoring
     itm_in_validation: bool = False  # validation is ITC only (ITM is slow on CPU); true adds ITM stages
@@ -125,6 +127,8 @@ class CmpaglConfig(WarmupAdamWConfig):
             yield "distill_alpha", f"must be in [0, 1], got {self.distill_alpha}"
         if not 0.0 < self.mlm_probability < 1.0:
             yield "mlm_probability", f"must be in (0, 1), got {self.mlm_probability}"
+        if self.itm_negatives not in ("sample", "hardest"):
+            yield "itm_negatives", f"must be sample or hardest, got {self.itm_negatives!r}"
         for name in ("embed_dim", "queue_size", "max_text_tokens", "itm_topk", "itm_batch"):
             if getattr(self, name) < 1:
                 yield name, f"must be positive, got {getattr(self, name)}"
@@ -272,23 +276,36 @@ class Cmpagl(RetrievalModel):
         batch_size = sims.shape[0]
         triplet = triplet_loss(sims, image_ids, c.margin, c.max_violation) / batch_size
         intra = intra_class_loss(image.embedding, text.embedding)
-        itm = self._itm_loss(image, text, sims, image_ids)
+        # ALBEF's ITM negatives: drawn from softmax(online . momentum / temperature), each direction
+        itm_i2t = full_precision_scores(image.embedding, momentum_text) / temperature
+        itm_t2i = full_precision_scores(text.embedding, momentum_image) / temperature
+        itm = self._itm_loss(image, text, itm_i2t, itm_t2i, image_ids)
         mlm = self._mlm_loss(ids, mask, image.tokens)
         self.queue.enqueue(momentum_image, momentum_text, image_ids)
         self.step += 1
         total = c.w_itc * itc + c.w_triplet * triplet + c.w_intra * intra + c.w_itm * itm + c.w_mlm * mlm
         return {"total": total, "itc": itc, "triplet": triplet, "intra": intra, "itm": itm, "mlm": mlm}
 
-    def _itm_loss(self, image: ImageFeatures, text: TextFeatures, sims: torch.Tensor, image_ids: torch.Tensor):
+    def _itm_loss(
+        self,
+        image: ImageFeatures,
+        text: TextFeatures,
+        i2t: torch.Tensor,
+        t2i: torch.Tensor,
+        image_ids: torch.Tensor,
+    ):
         """Cross-entropy of ITM on the batch's pairs (match) and one hard negative per image and
-        per caption (no match), drawn from the ITC softmax among other images' rows."""
-        negative_text, image_rows = sample_hard_negatives(sims, image_ids)
-        negative_image, text_rows = sample_hard_negatives(sims.t(), image_ids)
+        per caption (no match) among other images' rows: drawn from the softmax of the ITC logits
+        `i2t` [images, texts] and `t2i` [texts, images] (`itm_negatives: sample`, ALBEF), or the
+        most similar one (`hardest`)."""
+        device, hardest = i2t.device, self.config.itm_negatives == "hardest"
+        negative_text, image_rows = sample_hard_negatives(i2t, image_ids, hardest=hardest)
+        negative_image, text_rows = sample_hard_negatives(t2i, image_ids, hardest=hardest)
         image_rows, text_rows = image_rows.nonzero().squeeze(1), text_rows.nonzero().squeeze(1)
         tokens = torch.cat([image.tokens, image.tokens[image_rows], image.tokens[negative_image[text_rows]]])
-        pick = torch.cat([torch.arange(len(image_ids), device=sims.device), negative_text[image_rows], text_rows])
+        pick = torch.cat([torch.arange(len(image_ids), device=device), negative_text[image_rows], text_rows])
         logits = self.itm_logits(tokens, (None, text.hidden[pick], text.mask[pick]))
-        labels = torch.zeros(len(pick), dtype=torch.long, device=sims.device)
+        labels = torch.zeros(len(pick), dtype=torch.long, device=device)
         labels[: len(image_ids)] = 1
         return F.cross_entropy(logits.float(), labels)
 

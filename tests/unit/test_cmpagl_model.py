@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -169,3 +170,46 @@ def test_the_itm_stage_on_a_prepared_split_equals_full_itm_ranking_when_k_covers
     assert set(rescore_metrics(model, scored)) >= {"itm_mR", "itm_i2t_R1", "itm_seconds"}  # itm_in_validation
     model.config.itm_in_validation = False
     assert rescore_metrics(model, scored) == {}
+
+
+def test_itm_negatives_are_drawn_from_the_itc_logits_with_momentum_keys(monkeypatch):
+    """ALBEF: for each image, softmax(image . momentum caption / temperature) over the batch; for
+    each caption, softmax(caption . momentum image / temperature). Checked at the model: what
+    `Cmpagl.loss` hands the sampler, against the features it handed the ITC loss."""
+    import rsray.models.cmpagl as cmpagl
+
+    seen: dict[str, object] = {"sampler": []}
+    real_itc, real_sampler = cmpagl.queue_itc_loss, cmpagl.sample_hard_negatives
+
+    def itc(image, text, momentum_image, momentum_text, ids, queue, temperature, alpha):
+        seen["itc"] = (image.detach(), text.detach(), momentum_image, momentum_text, float(temperature))
+        return real_itc(image, text, momentum_image, momentum_text, ids, queue, temperature, alpha)
+
+    def sampler(scores, ids, generator=None, hardest=False):
+        seen["sampler"].append((scores.detach(), hardest))
+        return real_sampler(scores, ids, generator, hardest)
+
+    monkeypatch.setattr(cmpagl, "queue_itc_loss", itc)
+    monkeypatch.setattr(cmpagl, "sample_hard_negatives", sampler)
+    model = tiny()
+    model.train()
+    model.loss(batch_for(0, 0))
+    image, text, momentum_image, momentum_text, temperature = seen["itc"]
+    (i2t, hardest_i2t), (t2i, hardest_t2i) = seen["sampler"]
+    torch.testing.assert_close(i2t, image @ momentum_text.t() / temperature)
+    torch.testing.assert_close(t2i, text @ momentum_image.t() / temperature)
+    assert not hardest_i2t and not hardest_t2i and temperature == pytest.approx(0.07, rel=1e-4)
+    seen["sampler"].clear()
+    build_model(load_config("model/cmpagl-tiny", ["model.itm_negatives=hardest"]), vocab_size=VOCAB).loss(
+        batch_for(0, 0)
+    )
+    assert [hardest for _, hardest in seen["sampler"]] == [True, True]
+
+
+def test_the_hardest_itm_negative_is_the_most_similar_other_image():
+    from rsray.losses import sample_hard_negatives
+
+    scores = torch.tensor([[5.0, 4.0, 1.0, 2.0], [4.0, 5.0, 3.0, 1.0], [0.0, 2.0, 5.0, 4.0], [9.0, 0.0, 1.0, 5.0]])
+    ids = torch.tensor([0, 0, 1, 2])
+    drawn, valid = sample_hard_negatives(scores, ids, hardest=True)
+    assert drawn.tolist() == [3, 2, 3, 0] and valid.all()  # the largest score outside its own image
