@@ -13,8 +13,9 @@ What comes from where (cmpagl.md; the paper gives only its abstract and figure c
   momentum distillation alpha 0.4 (ramped over `distill_warmup_steps`), ITM negatives drawn from
   softmax(online . momentum / temperature) in each direction (`itm_negatives: sample`; `hardest`
   takes the most similar, our fallback), MLM 15% with BERT's 80/10/10, AdamW.
-- our choice: the global window (pooled to the stage window), queue 8192 with image-id-aware
-  positives, triplet averaged per batch (hardest negative), `lambda_intra` 0.1 (1.0 collapsed the
+- our choice: the global window (pooled to the stage window) with its block's stochastic depth
+  (drop path; the paper is silent), queue 8192 with image-id-aware positives, triplet averaged
+  per batch (hardest negative; `triplet_reduction: sum` is VSE++'s sum), `lambda_intra` 0.1 (1.0 collapsed the
   embeddings, see the field), every loss weight 1, MLM without distillation, ITM re-scoring only
   the top `itm_topk` and keeping ITC order below them.
 
@@ -93,6 +94,7 @@ class CmpaglConfig(WarmupAdamWConfig):
     distill_warmup_steps: int = 1000
     margin: float = 0.2
     max_violation: bool = True
+    triplet_reduction: str = "mean"  # mean over the batch's queries | sum (VSE++'s): the spec's switch
     # our choice, measured: at 1.0 the intra pull (mean 1 - cos over matched pairs) outweighs the
     # batch-averaged hinge and every embedding collapsed to one point on the tiny preset (hinge stuck
     # at 2 x margin); at 0.1 the hinge reached 0 in 30 steps. Sweep it (conf/sweep/cmpagl-losses.yaml).
@@ -127,6 +129,8 @@ class CmpaglConfig(WarmupAdamWConfig):
             yield "distill_alpha", f"must be in [0, 1], got {self.distill_alpha}"
         if not 0.0 < self.mlm_probability < 1.0:
             yield "mlm_probability", f"must be in (0, 1), got {self.mlm_probability}"
+        if self.triplet_reduction not in ("mean", "sum"):
+            yield "triplet_reduction", f"must be mean or sum, got {self.triplet_reduction!r}"
         if self.itm_negatives not in ("sample", "hardest"):
             yield "itm_negatives", f"must be sample or hardest, got {self.itm_negatives!r}"
         for name in ("embed_dim", "queue_size", "max_text_tokens", "itm_topk", "itm_batch"):
@@ -274,7 +278,9 @@ class Cmpagl(RetrievalModel):
         )
         sims = full_precision_scores(image.embedding, text.embedding)
         batch_size = sims.shape[0]
-        triplet = triplet_loss(sims, image_ids, c.margin, c.max_violation) / batch_size
+        triplet = triplet_loss(sims, image_ids, c.margin, c.max_violation)
+        if c.triplet_reduction == "mean":
+            triplet = triplet / batch_size
         intra = intra_class_loss(image.embedding, text.embedding)
         # ALBEF's ITM negatives: drawn from softmax(online . momentum / temperature), each direction
         itm_i2t = full_precision_scores(image.embedding, momentum_text) / temperature

@@ -80,7 +80,7 @@ class GswinBlock(SwinTransformerBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
         x = x + self.drop_path1(self._attn(self.norm1(x)))
-        x = x + self.global_attn(x)
+        x = x + self.drop_path1(self.global_attn(x))  # our choice: the block's stochastic depth, as its other branches
         x = x.reshape(b, -1, c)
         x = x + self.drop_path2(self.mlp(self.norm2(x)))
         return x.reshape(b, h, w, c)

@@ -213,3 +213,38 @@ def test_the_hardest_itm_negative_is_the_most_similar_other_image():
     ids = torch.tensor([0, 0, 1, 2])
     drawn, valid = sample_hard_negatives(scores, ids, hardest=True)
     assert drawn.tolist() == [3, 2, 3, 0] and valid.all()  # the largest score outside its own image
+
+
+@pytest.mark.parametrize("reduction, divisor", [("mean", BATCH), ("sum", 1)])
+def test_the_triplet_term_is_reduced_as_configured(monkeypatch, reduction, divisor):
+    """`triplet_reduction`: the hinge summed over the batch's queries, divided by the batch (mean,
+    the spec's default) or not (sum, VSE++'s). Checked at the model, against what triplet_loss gave."""
+    import rsray.models.cmpagl as cmpagl
+
+    summed = []
+    real = cmpagl.triplet_loss
+
+    def recording(*args, **kwargs):
+        summed.append(real(*args, **kwargs).detach())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cmpagl, "triplet_loss", recording)
+    torch.manual_seed(0)
+    model = build_model(load_config("model/cmpagl-tiny", [f"model.triplet_reduction={reduction}"]), vocab_size=VOCAB)
+    losses = model.loss(batch_for(0, 0))
+    (total,) = summed
+    torch.testing.assert_close(losses["triplet"].detach(), total / divisor)
+
+
+def test_the_global_branch_takes_its_blocks_drop_path():
+    """Stochastic depth on the global-window branch too (our choice): with drop_path_rate 1 in
+    training every residual branch of a Gswin block is dropped, the global one included."""
+    from rsray.models.gswin import Gswin
+
+    kwargs = {"img_size": 64, "embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2], "window_size": 4}
+    gswin = Gswin("swin_tiny_patch4_window7_224", None, (0, 1), drop_path_rate=1.0, **kwargs).train()
+    block = gswin.swin.layers[1].blocks[0]  # timm spaces the rate over the depth: the last block gets 1.0
+    with torch.no_grad():
+        torch.nn.init.normal_(block.global_attn.proj.weight)  # zero-initialised: make the branch count
+        x = torch.randn(2, 8, 8, 32)
+        assert torch.equal(block(x), x)  # every branch dropped (timm's DropPath with rate 1 zeroes it)
