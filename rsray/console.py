@@ -55,6 +55,23 @@ def log_file_path(stage: str) -> Path:
     return folder / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
 
 
+class CurrentStderrHandler(logging.StreamHandler):
+    """A console handler writing to whatever `sys.stderr` is when a line is logged, not the stream
+    it was when the command started: an in-process caller that swaps stderr and closes it later (a
+    test's capture, a notebook cell) would otherwise leave a handler writing to a closed file."""
+
+    def __init__(self):
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):  # StreamHandler.__init__ assigns one; the property ignores it
+        pass
+
+
 def setup_logging(verbose: bool = False, stage: str = "rsray") -> Path | None:
     """Console and log-file handlers on the root logger (replacing any), library loggers routed
     to them, Python warnings captured. Returns the log file (None when it cannot be created: then
@@ -71,7 +88,7 @@ def setup_logging(verbose: bool = False, stage: str = "rsray") -> Path | None:
         if isinstance(handler, logging.FileHandler):  # an earlier command's log file in this process
             handler.close()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    console = logging.StreamHandler(sys.stderr)
+    console = CurrentStderrHandler()
     console.setFormatter(RedactingFormatter("rsray: %(message)s"))
     console.addFilter(RedactingFilter())
     if not verbose:

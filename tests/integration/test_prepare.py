@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -130,13 +131,30 @@ def test_rerun_is_a_no_op_and_forced_rerun_is_identical(local_run, dataset):
     assert forced.manifest["splits"] == local_run.manifest["splits"]  # same files, same sha256
 
 
+def _start_worker_processes(ray, count: int) -> None:
+    """Have `count` idle worker processes ready, as a running cluster has: a cold Ray on a busy
+    2-core machine starts its second worker process about a second after the first."""
+
+    @ray.remote(num_cpus=1)
+    def hold(seconds: float) -> int:
+        time.sleep(seconds)
+        return os.getpid()
+
+    assert len(set(ray.get([hold.remote(1.0) for _ in range(count)]))) >= 2
+
+
 def test_work_is_spread_over_several_ray_worker_processes(ray_cluster, tmp_path):
-    """With enough images to keep a worker busy, Ray Data runs batches in parallel processes."""
+    """With enough images to keep a worker busy, Ray Data runs batches in parallel processes.
+
+    Ray Data starts an operator with one task until it has its cluster's resources (refreshed each
+    second): 400 images at 128 px were done by that one task before the refresh (CI saw it once,
+    and a fresh Ray here does it every time); at 256 px the work outlasts the ramp."""
     root = tmp_path / "bigger"
-    generate_sample(root, n_images=400, image_size=128, seed=5, progress=False)
+    generate_sample(root, n_images=400, image_size=256, seed=5, progress=False)
+    _start_worker_processes(ray_cluster, 4)
     result = prepare(
         load_config(
-            "presets/cpu-tiny", [f"data.root={root}", f"prepare.output={tmp_path / 'out'}", "prepare.image_size=96"]
+            "presets/cpu-tiny", [f"data.root={root}", f"prepare.output={tmp_path / 'out'}", "prepare.image_size=224"]
         )
     )
     assert result.manifest["counts"]["written"] == 400

@@ -111,3 +111,19 @@ def test_a_second_ray_session_in_one_process_routes_worker_lines_once(fresh_logg
         dispatcher.add_handler("ray_print_logs", print)
         console.route_library_logs()
     assert [name for name, _ in dispatcher.handlers] == ["rsray_worker_lines"]
+
+
+def test_the_console_follows_stderr_swapped_and_closed_after_setup(fresh_logging, monkeypatch):
+    """A command run in-process under a capture that is closed later (what pytest does between
+    tests) must not leave a handler that writes to the closed file."""
+    import io
+
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    console.setup_logging(verbose=False, stage="prepare")
+    logging.getLogger("rsray.prepare").info("read 400 records")
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", second)
+    logging.getLogger("rsray.prepare").info("wrote 400 records")
+    assert second.getvalue() == "rsray: wrote 400 records\n"
