@@ -57,21 +57,41 @@ def triplet_loss(
     return cost_i2t.sum() + cost_t2i.sum()
 
 
-class LogitScale(nn.Module):
-    """Learnable inverse temperature, CLIP style: stored as a log, returned as exp(log), clamped.
+CLAMPS = ("forward", "after_step")  # where LogitScale keeps its scale at most max_scale
 
-    Initialised to 1 / `temperature` (0.07 -> 14.29); never above `max_scale` (100, as CLIP).
+
+class LogitScale(nn.Module):
+    """Learnable inverse temperature, CLIP style: stored as a log, returned as exp(log).
+
+    Initialised to 1 / `temperature` (0.07 -> 14.29); never above `max_scale` (100, as CLIP), kept
+    there one of two ways (`clamp`):
+    - forward (ours): the returned scale is clamped; the stored log may pass ln max_scale, and
+      there it has no gradient to bring it back.
+    - after_step (open_clip, PIR-CLIP's release): the returned scale is exp(log) as stored, and
+      the training loop calls `after_optimizer_step` after every step, which clamps the stored log
+      in place to [0, ln max_scale] (a scale between 1 and max_scale).
     """
 
-    def __init__(self, temperature: float = 0.07, max_scale: float = 100.0, learnable: bool = True):
+    def __init__(
+        self, temperature: float = 0.07, max_scale: float = 100.0, learnable: bool = True, clamp: str = "forward"
+    ):
         super().__init__()
         if not 0 < temperature:
             raise ValueError(f"temperature must be positive, got {temperature}")
-        self.max_log = math.log(max_scale)
+        if clamp not in CLAMPS:
+            raise ValueError(f"clamp must be one of {', '.join(CLAMPS)}, got {clamp!r}")
+        self.max_log, self.clamp = math.log(max_scale), clamp
         self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)), requires_grad=learnable)
 
     def forward(self) -> torch.Tensor:
+        if self.clamp == "after_step":
+            return self.log_scale.exp()
         return self.log_scale.clamp(max=self.max_log).exp()
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        if self.clamp == "after_step":
+            self.log_scale.clamp_(0.0, self.max_log)
 
 
 def info_nce_loss(

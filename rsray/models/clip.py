@@ -11,7 +11,10 @@ same image is a positive (open_clip: only the row's own caption). With `gather_a
 each worker scores its own rows against every worker's (open_clip's local loss: the same
 gradients as the whole matrix), so each query sees every worker's batch as negatives. AdamW skips
 weight decay on biases, norms and the logit scale (open_clip's rule, `decay_exempt`). Unlike
-open_clip's default, `train.grad_clip` clips at 2.0 unless set to 0 (docs/fidelity.md).
+open_clip's default, `train.grad_clip` clips at 2.0 unless set to 0 (docs/fidelity.md). Two
+open_clip details are switches: the logit scale clamped where used (ours) or in place after each
+step (`logit_scale_clamp: after_step`), and the towers' activation (`activation`: the
+checkpoint's, quick_gelu as OpenAI's, or exact gelu as open_clip's own configs).
 
 Weights come from a local CLIPModel folder (`checkpoint`, from_pretrained, nothing downloads) or
 are initialised from a CLIPConfig written in the model config (`clip`), as the tiny preset does.
@@ -29,12 +32,14 @@ from torch import nn
 
 from rsray.data.augment import AugmentConfig
 from rsray.data.text import PAD_ID
-from rsray.losses import LogitScale, gathered_info_nce_loss, info_nce_loss
+from rsray.losses import CLAMPS, LogitScale, gathered_info_nce_loss, info_nce_loss
 from rsray.models.base import Batch, RetrievalModel
 from rsray.models.encoders import TransformerTextEncoder, length_mask, masked_mean
 from rsray.models.registry import register_model
 from rsray.optim import WarmupAdamWConfig
 from rsray.pretrained import resolve_local
+
+ACTIVATIONS = ("quick_gelu", "gelu")  # transformers' names (ACT2FN), the towers' hidden_act
 
 
 def clip_augment() -> AugmentConfig:
@@ -73,6 +78,12 @@ class ClipConfig(WarmupAdamWConfig):
     # comes back (our choice, as open_clip's fine-tuning keeps it).
     temperature: float | None = None
     learn_temperature: bool = True
+    # forward (ours: the scale clamped at 100 when used) | after_step (open_clip and PIR-CLIP's
+    # release: the stored log scale clamped in place to [0, ln 100] after every optimizer step)
+    logit_scale_clamp: str = "forward"
+    # the towers' MLP activation: null keeps the checkpoint's (transformers' CLIPConfig default:
+    # quick_gelu, OpenAI's) | quick_gelu | gelu (exact; open_clip's default, PIR-CLIP's release)
+    activation: str | None = None
     gather_across_workers: bool = True  # InfoNCE over every worker's batch (open_clip); false = local batch
     # Our choice for fine-tuning a pretrained CLIP: open_clip's ViT settings (weight decay 0.2,
     # betas 0.9/0.98) with a small lr and 10% warm-up (rsray.optim).
@@ -100,6 +111,13 @@ class ClipConfig(WarmupAdamWConfig):
             yield "text_input", "a pretrained CLIP text tower needs its tokenizer's input_ids, not word tokens"
         if self.temperature is not None and self.temperature <= 0:
             yield "temperature", f"must be positive, got {self.temperature}"
+        if self.logit_scale_clamp not in CLAMPS:
+            yield "logit_scale_clamp", f"must be one of {', '.join(CLAMPS)}, got {self.logit_scale_clamp!r}"
+        if self.activation not in (None, *ACTIVATIONS):
+            yield "activation", f"must be null or one of {', '.join(ACTIVATIONS)}, got {self.activation!r}"
+        for tower in ("text_config", "vision_config"):
+            if self.activation and "hidden_act" in (self.clip.get(tower) or {}):
+                yield f"clip.{tower}.hidden_act", "set model.activation instead (it sets both towers)"
         yield from _check_clip_fields(self.clip)
 
 
@@ -233,8 +251,11 @@ def load_clip_model(config: ClipConfig, vocab_size: int | None = None):
 
     if config.checkpoint:
         folder = resolve_local(config.checkpoint)
+        saved = CLIPConfig.from_pretrained(str(folder), local_files_only=True)
+        if config.activation:
+            saved.text_config.hidden_act = saved.vision_config.hidden_act = config.activation
         model, info = CLIPModel.from_pretrained(
-            str(folder), local_files_only=True, dtype=torch.float32, output_loading_info=True
+            str(folder), config=saved, local_files_only=True, dtype=torch.float32, output_loading_info=True
         )
         _refuse_missing(info, folder)
         if model.config.projection_dim != config.embed_dim:
@@ -245,6 +266,9 @@ def load_clip_model(config: ClipConfig, vocab_size: int | None = None):
         return model
     fields = {k: dict(v) if isinstance(v, dict) else v for k, v in config.clip.items()}
     fields["projection_dim"] = config.embed_dim
+    if config.activation:
+        for tower in ("text_config", "vision_config"):
+            fields.setdefault(tower, {})["hidden_act"] = config.activation
     if config.text_input == "tokens":
         if vocab_size is None:
             raise ValueError("text_input: tokens needs vocab_size (the word vocabulary) to size the text tower")
@@ -273,7 +297,7 @@ class Clip(RetrievalModel):
         temperature = (
             config.temperature if config.temperature is not None else 1.0 / float(clip.logit_scale.detach().exp())
         )
-        self.logit_scale = LogitScale(temperature, learnable=config.learn_temperature)
+        self.logit_scale = LogitScale(temperature, learnable=config.learn_temperature, clamp=config.logit_scale_clamp)
 
     def encode_images(self, batch: Batch) -> torch.Tensor:
         return F.normalize(self.visual(batch["images"]), dim=-1)

@@ -46,14 +46,21 @@ def belief_tokens(
     hard (PIR): the `filter_size` tokens of highest belief, most believed first.
     soft (PriorCLIP): every token in place, scaled by belief + 1/sqrt(rank), rank being its
     1-based position in the belief order (ties by position).
-    token_norm (PIR-CLIP's release, open domain): every token in place, scaled by its belief, then
-    each channel L2-normalised across the tokens (F.normalize's default dim=1 on [B, N, C]); the
-    release computes a 1/sqrt(index) weight but never applies it, and doubles x * belief, which the
-    normalisation cancels."""
+    token_norm (PIR-CLIP's release at 20bbe30, open domain): every token in place, scaled by its
+    belief, then each channel L2-normalised across the tokens (F.normalize's default dim=1 on
+    [B, N, C]); that commit computes a 1/sqrt(index) weight but never applies it, and doubles
+    x * belief, which the normalisation cancels.
+    token_norm_index (PIR-CLIP's release at 9554baf, its HEAD): normalise(x * belief + x * w) as
+    above, w[k] = 1 / sqrt(1 + the token index of the k-th most believed token). The weight is
+    indexed by rank but holds a token index, so it is neither a rank weight nor its token's own;
+    reproduced as written."""
     belief = torch.softmax(torch.einsum("bnd,bd->bn", tokens, instruction), dim=1)
     if mode == "token_norm":
         return F.normalize(tokens * belief.unsqueeze(-1), dim=1)
     order = torch.sort(belief, dim=1, descending=True, stable=True).indices
+    if mode == "token_norm_index":
+        index_weights = (order + 1).to(tokens.dtype).rsqrt()
+        return F.normalize(tokens * belief.unsqueeze(-1) + tokens * index_weights.unsqueeze(-1), dim=1)
     if mode == "hard":
         if filter_size > tokens.shape[1]:
             raise ValueError(f"model.filter_size: {filter_size} exceeds the image's {tokens.shape[1]} tokens")

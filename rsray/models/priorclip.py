@@ -56,6 +56,8 @@ from rsray.models.scene_prior import backbone_state_dict, priorclip_augment
 from rsray.models.stages import check_stage_checkpoint, read_stage_checkpoint
 from rsray.optim import WarmupAdamWConfig
 
+GATHER_GRADIENTS = ("whole_batch", "mean_over_workers")
+
 
 @dataclass
 class PriorClipLossConfig(WarmupAdamWConfig):
@@ -74,6 +76,10 @@ class PriorClipLossConfig(WarmupAdamWConfig):
     # row's own caption; open_clip's, as PIR-CLIP's release trains)
     contrastive_positives: str = "image"
     gather_across_workers: bool = True  # InfoNCE and affiliation over every worker's batch
+    # the gradient the gathered loss gives each worker: whole_batch (ours: the whole batch's, as
+    # open_clip's local loss) | mean_over_workers (both releases: they gather without a gradient
+    # path to the other workers' rows, so after DDP's average each worker holds 1/W of it)
+    gather_gradient: str = "whole_batch"
 
     def check(self) -> Iterator[tuple[str, str]]:
         yield from super().check()
@@ -89,6 +95,8 @@ class PriorClipLossConfig(WarmupAdamWConfig):
             yield "affiliation_local_centres", "the releases' per-worker centres are per-sample ones: needs sample"
         if self.contrastive_positives not in ("image", "pair"):
             yield "contrastive_positives", f"must be image or pair, got {self.contrastive_positives!r}"
+        if self.gather_gradient not in GATHER_GRADIENTS:
+            yield "gather_gradient", f"must be one of {', '.join(GATHER_GRADIENTS)}, got {self.gather_gradient!r}"
 
     def loss_switches(self) -> dict[str, Any]:
         """The keyword arguments `contrastive_and_affiliation` takes from this config."""
@@ -99,6 +107,7 @@ class PriorClipLossConfig(WarmupAdamWConfig):
             "local_centres": self.affiliation_local_centres,
             "transposed_t2i": self.affiliation_t2i_transposed,
             "positives": self.contrastive_positives,
+            "gather_gradient": self.gather_gradient,
         }
 
 
@@ -297,12 +306,15 @@ def contrastive_and_affiliation(
     transposed_t2i: bool = False,
     local_centres: bool = False,
     positives: str = "image",
+    gather_gradient: str = "whole_batch",
 ) -> dict[str, torch.Tensor]:
     """PriorCLIP's loss on L2-normalised embeddings: InfoNCE + lambda_cs * affiliation, both over
     every worker's rows when `gather` (InfoNCE as open_clip's local loss: this worker's rows
     against all, the same gradients as the whole matrix). The switches are PriorClipLossConfig's
     (`loss_switches`). The affiliation term is computed even at lambda_cs = 0, so every parameter
-    stays in the graph (DistributedDataParallel needs that) and the term is still reported."""
+    stays in the graph (DistributedDataParallel needs that) and the term is still reported.
+    `gather_gradient: mean_over_workers` divides the gathered total's gradient (not its value) by
+    the number of workers, which is what the releases' gradient-free gathers leave after DDP."""
     image_ids, scene_ids = batch.get("image_ids") if positives == "image" else None, batch["scene_ids"]
     if gather and world_size() > 1:  # InfoNCE: this worker's rows against all; affiliation: all rows
         if image_ids is None:
@@ -321,10 +333,19 @@ def contrastive_and_affiliation(
         affiliation = affiliation_loss(
             all_images, all_texts, all_scenes, affiliation_scale, centres, transposed_t2i, given
         )
+        total = contrastive + lambda_cs * affiliation
+        if gather_gradient == "mean_over_workers":
+            total = scale_gradient(total, 1.0 / world_size())
+        return {"total": total, "info_nce": contrastive, "affiliation": affiliation}
     else:
         contrastive = info_nce_loss(full_precision_scores(images, texts), logit_scale, image_ids)
         affiliation = affiliation_loss(images, texts, scene_ids, affiliation_scale, centres, transposed_t2i)
     return {"total": contrastive + lambda_cs * affiliation, "info_nce": contrastive, "affiliation": affiliation}
+
+
+def scale_gradient(value: torch.Tensor, factor: float) -> torch.Tensor:
+    """`value` unchanged, its gradient times `factor` (value + 0: the same number to the last bit)."""
+    return value.detach() + (value - value.detach()) * factor
 
 
 @register_model("priorclip", PriorClipConfig)

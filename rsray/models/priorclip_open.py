@@ -18,15 +18,18 @@ Loss: InfoNCE (stage 1's learnable temperature, carried on) + lambda_cs * affili
   learnable tau2, or CLIP's scale with `shared_logit_scale`), gathered across workers like the
   closed-domain model.
 
-The authors' release (PIR-CLIP, read at jaychempan/PIR-CLIP 20bbe30; docs/release-facts.md) and
-`conf/model/priorclip_open-release.yaml`: belief `token_norm`, `shared_logit_scale`, per-sample
-affiliation centres from each worker's rows (`affiliation_centres: sample`,
-`affiliation_local_centres`), single-positive InfoNCE (`contrastive_positives: pair`), the text
-tower trained (`freeze_text: false`), AdamW (0.9, 0.999) with weight decay 0.5 and a cosine
-schedule after 10000 warm-up steps, open_clip's default augmentation. Not reproduced: its
-instruction CNN is CLIP's ModifiedResNet trained with the rest (no scene-prior stage), ours the
-frozen scene prior; its InfoNCE and affiliation are open_clip's (clamped scale of at most 100,
-as ours).
+The authors' release (PIR-CLIP, read at jaychempan/PIR-CLIP's HEAD 9554baf and at 20bbe30 before
+it; docs/release-facts.md) and `conf/model/priorclip_open-release.yaml`: belief `token_norm_index`
+(HEAD's line; `token_norm` is 20bbe30's), random towers with exact GELU (`clip_checkpoint: null`,
+`clip.activation: gelu`: its README trains with no --pretrained), `shared_logit_scale`, the
+stored logit scale clamped in place to [0, ln 100] after each step (`logit_scale_clamp:
+after_step`; ours clamps where it is used), 1/W of the whole batch's gradient (`gather_gradient:
+mean_over_workers`; ours gives the whole batch's), per-sample affiliation centres from each
+worker's rows (`affiliation_centres: sample`, `affiliation_local_centres`), single-positive
+InfoNCE (`contrastive_positives: pair`), the text tower trained (`freeze_text: false`), AdamW
+(0.9, 0.999) with weight decay 0.5 and a cosine schedule after 10000 warm-up steps, open_clip's
+default augmentation. Not reproduced: its instruction CNN is CLIP's ModifiedResNet trained with
+the rest (no scene-prior stage), ours the frozen scene prior.
 
 `clip_checkpoint: null` builds stage 1 from the `clip` section instead (a ClipConfig, as in
 model/clip.yaml): random towers from a CLIPConfig for tests, or `clip.checkpoint` = a local
@@ -48,7 +51,7 @@ import torch.nn.functional as F
 
 from rsray.config import config_from_dict
 from rsray.data.augment import AugmentConfig
-from rsray.losses import LogitScale
+from rsray.losses import CLAMPS, LogitScale
 from rsray.models.base import Batch, RetrievalModel
 from rsray.models.clip import Clip, ClipConfig
 from rsray.models.encoders import FrozenParts
@@ -58,7 +61,7 @@ from rsray.models.registry import model_config, register_model
 from rsray.models.scene_prior import priorclip_augment
 from rsray.models.stages import check_stage_checkpoint, read_stage_checkpoint
 
-BELIEFS = ("soft", "hard", "token_norm")
+BELIEFS = ("soft", "hard", "token_norm", "token_norm_index")
 
 
 @dataclass
@@ -84,12 +87,16 @@ class PriorClipOpenConfig(PriorClipLossConfig):
     instruction_checkpoint: str | None = None  # scene-prior checkpoint folder | train | null (random, tests)
     instruction_stage: str = "model/scene_prior"
     # soft (the paper: belief + 1/sqrt(rank)) | hard (keep the filter_size most believed tokens) |
-    # token_norm (the release: tokens scaled by belief, each channel L2-normalised across tokens)
+    # token_norm (the release at 20bbe30: tokens scaled by belief, each channel L2-normalised across
+    # tokens) | token_norm_index (the release at its HEAD 9554baf: belief + 1/sqrt(1 + sorted index))
     belief: str = "soft"
     filter_size: int = 40
     pool: str = "instruction"  # instruction (the release) | cls (CLIP's class token; needs belief soft)
     freeze_text: bool = True  # ours: captions keep stage 1's embeddings; the release trains the text tower
     shared_logit_scale: bool = False  # the release: affiliation uses CLIP's logit scale, no tau2 of its own
+    # forward (ours: each scale clamped at 100 where used) | after_step (the release, open_clip's:
+    # the stored log scales clamped in place to [0, ln 100] after every optimizer step)
+    logit_scale_clamp: str = "forward"
     lr: float = 1.0e-5  # our choice: stage 2 fine-tunes a pretrained CLIP, as the clip baseline does
 
     def check(self) -> Iterator[tuple[str, str]]:
@@ -106,6 +113,8 @@ class PriorClipOpenConfig(PriorClipLossConfig):
             yield "filter_size", f"must be positive, got {self.filter_size}"
         if self.pool not in ("instruction", "cls"):
             yield "pool", f"must be instruction or cls, got {self.pool!r}"
+        if self.logit_scale_clamp not in CLAMPS:
+            yield "logit_scale_clamp", f"must be one of {', '.join(CLAMPS)}, got {self.logit_scale_clamp!r}"
         if self.pool == "cls" and self.belief == "hard":
             yield "pool", "cls needs belief soft (hard filtering may drop the class token)"
 
@@ -148,7 +157,12 @@ class PriorCLIPOpen(FrozenParts, RetrievalModel):
             config.instruction_backbone, config.instruction_checkpoint, vision.config.hidden_size
         )
         # with a shared scale there is no tau2 parameter at all (DDP refuses parameters without gradients)
-        self.affiliation_scale = None if config.shared_logit_scale else LogitScale(config.affiliation_temperature)
+        self.affiliation_scale = (
+            None
+            if config.shared_logit_scale
+            else LogitScale(config.affiliation_temperature, clamp=config.logit_scale_clamp)
+        )
+        self.clip.logit_scale.clamp = config.logit_scale_clamp  # stage 1's scale, now under stage 2's rule
         self.train()
 
     def encode_images(self, batch: Batch) -> torch.Tensor:

@@ -76,6 +76,7 @@ def train_epoch(
         else:
             scaler.step(optimizer)
             scaler.update()
+        after_optimizer_step(model)
         if scheduler is not None:
             scheduler.step()
         for name, value in losses.items():
@@ -85,6 +86,15 @@ def train_epoch(
     return EpochStats(
         {k: float(v) / max(steps, 1) for k, v in sums.items()}, pairs, time.perf_counter() - started, data_seconds
     )
+
+
+def after_optimizer_step(model: torch.nn.Module) -> None:
+    """Run the in-place updates a module asks for after each optimizer step (`after_optimizer_step`:
+    open_clip's logit-scale clamp, `rsray.losses.LogitScale`)."""
+    for module in model.modules():
+        hook = getattr(module, "after_optimizer_step", None)
+        if callable(hook) and module is not model:
+            hook()
 
 
 def selection_metric(model_cfg: Any) -> str:

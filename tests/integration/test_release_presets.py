@@ -109,7 +109,7 @@ def test_priorclip_release_tiny_trains_with_every_release_switch(prepared, tmp_p
 def test_priorclip_open_release_tiny_trains_with_every_release_switch(prepared, tmp_path):
     model, saved = train_preset("priorclip_open-release-tiny", prepared, tmp_path)
     expected = {
-        "belief": "token_norm",
+        "belief": "token_norm_index",
         "freeze_text": False,
         "shared_logit_scale": True,
         "affiliation_centres": "sample",

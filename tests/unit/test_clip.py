@@ -364,6 +364,8 @@ def test_minilm_demo_preset_names_one_folder_for_weights_and_tokenizer():
         ("model.checkpoint=/some/clip", "model.checkpoint: a checkpoint brings its own CLIPConfig"),
         ("model.text_checkpoint=minilm", "model.text_checkpoint: needs text_input: input_ids"),
         ("model.temperature=0", "model.temperature: must be positive"),
+        ("model.activation=relu", "model.activation: must be null or one of quick_gelu, gelu"),
+        ("model.logit_scale_clamp=never", "model.logit_scale_clamp: must be one of forward, after_step"),
         ("model.freeze_text=true", "model.freeze_text: freezes a pretrained text_checkpoint; there is none"),
     ],
 )
@@ -371,3 +373,26 @@ def test_bad_clip_values_name_the_key(override, needle):
     with pytest.raises(ConfigError) as err:
         model_config(load_config("model/clip-tiny", [override]))
     assert needle in str(err.value) and "command line" in str(err.value) and "\n" not in str(err.value)
+
+
+def _mlp_layers(model) -> list:
+    return [layer.mlp for tower in (model.visual.model, model.text.model) for layer in tower.encoder.layers]
+
+
+@pytest.mark.parametrize("activation", ["gelu", "quick_gelu"])
+def test_activation_switch_sets_both_towers_mlps(activation, tmp_path):
+    """`activation` is each tower MLP's fc2(act(fc1(x))), act exact GELU (open_clip's, PIR-CLIP's
+    release) or x * sigmoid(1.702 x) (OpenAI's), built from `clip` or loaded from a checkpoint."""
+    act = {"gelu": F.gelu, "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}[activation]
+    tiny_clip(seed=3).save_pretrained(tmp_path / "clip")  # saved with transformers' default, quick_gelu
+    built = build_tiny(f"model.activation={activation}")
+    loaded = build_model(load_config("model/clip", [*cfg_overrides(tmp_path), f"model.activation={activation}"]))
+    for model in (built, loaded):
+        for mlp in _mlp_layers(model):
+            x_in = torch.randn(2, 5, mlp.fc1.in_features) * 3
+            expected = F.linear(act(F.linear(x_in, mlp.fc1.weight, mlp.fc1.bias)), mlp.fc2.weight, mlp.fc2.bias)
+            torch.testing.assert_close(mlp(x_in), expected)
+    with pytest.raises(ConfigError, match="model.clip.text_config.hidden_act: set model.activation instead"):
+        model_config(
+            load_config("model/clip-tiny", ["model.activation=gelu", "model.clip.text_config.hidden_act=gelu"])
+        )

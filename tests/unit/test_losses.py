@@ -149,3 +149,27 @@ def test_affiliation_without_labels_is_zero_with_grad():
     loss = affiliation_loss(img, torch.randn(3, 4), torch.full((3,), -1), 1.0)
     loss.backward()
     assert loss.item() == 0.0 and img.grad is not None
+
+
+@pytest.mark.parametrize("clamp", ["forward", "after_step"])
+def test_logit_scale_clamp_forward_or_in_place_after_each_step(clamp):
+    """forward (ours): the scale used is min(exp(log), 100), the stored log passes ln 100 and gets
+    no gradient back; after_step (open_clip): exp(log) as stored, clamped in place to [0, ln 100]."""
+    scale = LogitScale(1 / 99.0, clamp=clamp)
+    optimizer = torch.optim.SGD(scale.parameters(), lr=1.0)
+    (-scale()).backward()  # d/dlog of -exp(log) = -99: one step moves the log up by 99
+    optimizer.step()
+    scale.after_optimizer_step()
+    if clamp == "forward":
+        assert float(scale.log_scale.detach()) == pytest.approx(math.log(99.0) + 99.0)
+        assert float(scale().detach()) == pytest.approx(100.0)
+        optimizer.zero_grad()
+        (-scale()).backward()
+        assert float(scale.log_scale.grad) == 0.0  # stuck above ln 100
+    else:
+        assert float(scale.log_scale.detach()) == pytest.approx(math.log(100.0), abs=1e-6)  # float32's ln 100
+        with torch.no_grad():
+            scale.log_scale.fill_(-3.0)
+        assert float(scale().detach()) == pytest.approx(math.exp(-3.0))  # no clamp where it is used
+        scale.after_optimizer_step()
+        assert float(scale.log_scale.detach()) == 0.0  # the lower bound: a scale of at least 1

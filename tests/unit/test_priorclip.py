@@ -84,6 +84,20 @@ def test_belief_token_norm_is_the_open_releases_normalisation_across_tokens():
     assert torch.allclose(expected.pow(2).sum(dim=1), torch.ones(1, 2))
 
 
+def test_belief_token_norm_index_is_the_open_releases_head_line():
+    """PIR-CLIP at 9554baf: normalize(x * b + x * w), w = 1 / sqrt(sorted_ind + 1) indexed by rank
+    position: token k is weighted by 1/sqrt(1 + index of the k-th most believed token)."""
+    tokens = torch.tensor([[[1.0, 0.0], [3.0, 1.0], [0.0, 1.0], [2.0, 2.0]]])
+    instruction = torch.tensor([[1.0, 0.0]])
+    belief = torch.softmax(torch.tensor([1.0, 3.0, 0.0, 2.0]), dim=0)
+    # the belief order is tokens 1, 3, 0, 2: position k gets 1/sqrt(1 + that index)
+    weights = torch.tensor([1 / 2**0.5, 1 / 2, 1.0, 1 / 3**0.5])
+    mixed = tokens * belief[None, :, None] + tokens * weights[None, :, None]
+    expected = mixed / mixed.pow(2).sum(dim=1, keepdim=True).sqrt()
+    torch.testing.assert_close(belief_tokens(tokens, instruction, "token_norm_index"), expected)
+    assert not torch.allclose(expected, belief_tokens(tokens, instruction, "token_norm"))
+
+
 @pytest.mark.parametrize("ffn_norm", [False, True])
 def test_spatial_pae_rounds_are_their_formula(ffn_norm):
     """x = belief(tokens); each round x = CA_r(SA_r(x), query = W_r instruction + b_r), the one
@@ -356,13 +370,18 @@ def _gather_worker(rank: int, port: int, images, texts, batch, out) -> None:
         local_centres = contrastive_and_affiliation(
             images[rows], texts[rows], local, 14.0, 10.0, True, 1.0, centres="sample", local_centres=True
         )
-        grads = {}
-        for name, switches in (("class", {}), ("local", {"centres": "sample", "local_centres": True})):
+        grads, totals = {}, {}
+        cases = (
+            ("class", {}),
+            ("local", {"centres": "sample", "local_centres": True}),
+            ("release", {"gather_gradient": "mean_over_workers"}),
+        )
+        for name, switches in cases:
             leaf_images, leaf_texts = images[rows].clone().requires_grad_(), texts[rows].clone().requires_grad_()
-            contrastive_and_affiliation(leaf_images, leaf_texts, local, 14.0, 10.0, True, 1.0, **switches)[
-                "total"
-            ].backward()
-            grads[name] = (leaf_images.grad, leaf_texts.grad)
+            total = contrastive_and_affiliation(leaf_images, leaf_texts, local, 14.0, 10.0, True, 1.0, **switches)
+            total["total"].backward()
+            grads[name], totals[name] = (leaf_images.grad, leaf_texts.grad), float(total["total"])
+        assert totals["release"] == totals["class"]  # the switch scales the gradient, not the loss
         out[rank] = (
             {k: float(v) for k, v in gathered.items()},
             {k: float(v) for k, v in alone.items()},
@@ -406,6 +425,7 @@ def test_gathered_loss_on_two_workers_is_the_loss_of_the_whole_batch():
             affiliation = affiliation_loss(leaf_images, leaf_texts, batch["scene_ids"], 10.0, "sample", False, centres)
         (contrastive + affiliation).backward()
         whole_grads[name] = (leaf_images.grad, leaf_texts.grad)
+    whole_grads["release"] = whole_grads["class"]
     for rank in range(WORLD):
         gathered, alone, local_centres, grads = out[rank]
         assert gathered["affiliation"] == pytest.approx(float(whole["affiliation"]), rel=1e-5)  # over all rows
@@ -415,6 +435,9 @@ def test_gathered_loss_on_two_workers_is_the_loss_of_the_whole_batch():
         for name in ("class", "local"):
             for worker, single in zip(grads[name], whole_grads[name], strict=True):
                 torch.testing.assert_close(worker, WORLD * single[rows], msg=f"{name} centres, rank {rank}")
+        # the releases' gathers: after DDP's average 1/W of the whole batch's, so here 1x, not Wx
+        for worker, single in zip(grads["release"], whole_grads["release"], strict=True):
+            torch.testing.assert_close(worker, single[rows], msg=f"mean_over_workers, rank {rank}")
 
 
 # ----------------------------------------------------------------------------- optimizer and schedule
@@ -549,7 +572,7 @@ def test_open_release_switches_reach_the_loss_and_the_text_tower():
 def test_the_open_release_preset_sets_each_documented_difference_and_trains_a_step():
     release = model_config(load_config("model/priorclip_open-release"))
     switches = {
-        "belief": "token_norm",
+        "belief": "token_norm_index",
         "freeze_text": False,
         "shared_logit_scale": True,
         "affiliation_centres": "sample",
@@ -561,8 +584,12 @@ def test_the_open_release_preset_sets_each_documented_difference_and_trains_a_st
         "schedule": "cosine_warmup",
         "warmup_steps": 10000,
         "decay_exempt": "open_clip",
+        "logit_scale_clamp": "after_step",
+        "gather_gradient": "mean_over_workers",
+        "clip_checkpoint": None,
     }
     assert {key: getattr(release, key) for key in switches} == switches
+    assert release.clip.activation == "gelu" and release.clip.checkpoint is None
     augment = release.augment
     assert (augment.random_resized_crop, augment.hflip, augment.rand_augment) == ([0.9, 1.0], False, [])
     paper = model_config(load_config("model/priorclip_open"))
@@ -571,6 +598,9 @@ def test_the_open_release_preset_sets_each_documented_difference_and_trains_a_st
     cfg = load_config("model/priorclip_open-release-tiny")
     torch.manual_seed(0)
     model = build_model(cfg, vocab_size=VOCAB).train()
+    # the switches reach the model: stage 1's towers built with exact GELU, its scale clamped after steps
+    assert model.clip.visual.model.config.hidden_act == model.clip.text.model.config.hidden_act == "gelu"
+    assert model.clip.logit_scale.clamp == "after_step" and model.affiliation_scale is None
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     optimizer, schedule = make_optimizer(model, model_config(cfg), total_steps=20)
     optimizer.step()  # step 0 of the warm-up has lr 0
@@ -629,7 +659,8 @@ def test_the_release_preset_sets_each_documented_difference_and_trains_a_step():
     typed = model_config(release)
     switches = ("belief", "pae_ffn_norm", "affiliation_centres", "affiliation_t2i_transposed", "instruction_bn")
     assert [getattr(typed, key) for key in switches] == ["hard", True, "sample", True, "train"]
-    assert (typed.decay_exempt, typed.filter_size) == ("pir", 40)
+    assert (typed.decay_exempt, typed.filter_size, typed.gather_gradient) == ("pir", 40, "mean_over_workers")
+    assert model_config(load_config("model/priorclip")).gather_gradient == "whole_batch"
     assert (release.train.batch_size, release.train.num_workers, release.train.epochs) == (128, 2, 50)
     paper = model_config(load_config("model/priorclip"))
     assert [getattr(paper, key) for key in switches] == ["soft", False, "class", False, "eval"]

@@ -97,3 +97,31 @@ def test_a_split_is_scored_whole(sample):
     images = tables["val"].num_rows
     assert split.scores.shape == (images, len(split.caption_image))
     assert split.caption_image.max().item() == images - 1
+
+
+class _ScaleOnly(torch.nn.Module):
+    """A loss that only pushes a LogitScale up (what a confident contrastive loss does)."""
+
+    def __init__(self, clamp: str):
+        super().__init__()
+        from rsray.losses import LogitScale
+
+        self.scale = LogitScale(1 / 90.0, clamp=clamp)
+
+    def loss(self, batch):
+        return {"total": -self.scale()}
+
+
+@pytest.mark.parametrize("clamp", ["forward", "after_step"])
+def test_an_epoch_runs_each_modules_after_step_hook(clamp):
+    """The loop clamps open_clip's way after every optimizer step (`after_optimizer_step`)."""
+    import math
+
+    model = _ScaleOnly(clamp)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    train_epoch(model, [{"images": torch.zeros(1, 1)}] * 2, optimizer, grad_clip=None)
+    stored = float(model.scale.log_scale.detach())
+    if clamp == "after_step":
+        assert stored == pytest.approx(math.log(100.0), abs=1e-6)
+    else:
+        assert stored > math.log(100.0) + 50  # one step of lr 1 past it, then stuck
