@@ -249,6 +249,20 @@ MUTATIONS = [
         PRIORCLIP_TESTS,
     ),
     (
+        PRIORCLIP,
+        "tokens = tokens[:, : self.config.ranked_tokens]",
+        "tokens = tokens[:, 1 : self.config.ranked_tokens]",
+        "ranked_tokens drops the pooled token",
+        PRIORCLIP_TESTS,
+    ),
+    (
+        PRIORCLIP,
+        'model_kwargs = {"zero_init_last": False} if init == "torchvision" else None',
+        "model_kwargs = None",
+        "instruction_init: torchvision ignored",
+        PRIORCLIP_TESTS,
+    ),
+    (
         GSWIN,
         "pooled = F.adaptive_avg_pool2d(x.permute(0, 3, 1, 2), self.window)",
         "pooled = F.adaptive_max_pool2d(x.permute(0, 3, 1, 2), self.window)",

@@ -62,7 +62,7 @@ class TimmBackbone(FrozenParts, nn.Module):
     the batch's statistics and updates its running ones (the SWAN and PIR releases).
     `checkpoint`: a local file of the full model's weights (`torch.save(model.state_dict())`, or
     a dict holding it under `state_dict` / `model`, or .safetensors); the classifier is dropped,
-    every other weight must be present.
+    every other weight must be present. `model_kwargs` go to `timm.create_model` as they are.
     """
 
     def __init__(
@@ -73,13 +73,14 @@ class TimmBackbone(FrozenParts, nn.Module):
         checkpoint: str | Path | None = None,
         pool_stem: bool = False,
         frozen_bn: str = "eval",
+        model_kwargs: dict | None = None,
     ):
         super().__init__()
         if frozen_bn not in ("eval", "train"):
             raise ValueError(f"frozen_bn must be eval or train, got {frozen_bn!r}")
         self.name, self.frozen, self.pool_stem = name, freeze, pool_stem
         self.out_indices = tuple(out_indices)
-        kwargs = dict(features_only=True, out_indices=self.out_indices)
+        kwargs = dict(features_only=True, out_indices=self.out_indices, **(model_kwargs or {}))
         if checkpoint is not None:
             state = load_backbone_state_dict(name, checkpoint)
             kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(state_dict=state))

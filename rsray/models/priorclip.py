@@ -21,14 +21,19 @@ hard belief (`belief`), a LayerNorm inside every PAE feed-forward (`pae_ffn_norm
 affiliation centres computed per GPU with a transposed text->image term (`affiliation_centres`,
 `affiliation_local_centres`, `affiliation_t2i_transposed`), the frozen prior's BatchNorm in train
 mode (`instruction_bn`), narrower AdamW decay exemptions (`decay_exempt: pir`), BLIP's
-RandomAugment (`augment.rand_augment_impl`) and no gradient clipping (`train.grad_clip: 0`). Not
+RandomAugment (`augment.rand_augment_impl`), no gradient clipping (`train.grad_clip: 0`), 1/W of
+the whole batch's gradient (its AllGather's backward keeps only the local slice:
+`gather_gradient`), the belief ranking only the first 50 Swin tokens (`ranked_tokens`; the same
+at 224 px) and a random frozen prior: its ResNet-50 file is loaded with strict=False into an
+nn.Sequential whose keys (0.*, 1.*, 4.*-7.*) match none of a ResNet's (conv1.*, layer1.*, ...),
+so no tensor loads (`instruction_checkpoint: null` with `instruction_init: torchvision`). Not
 reproduced: BERT without an attention mask, temperatures as unclamped, weight-decayed divisors
 (ours: clamped log-scales), checkpoint selection on the test split.
 
 The instruction encoder's weights come from a scene-prior checkpoint folder
 (`instruction_checkpoint`, loaded with weights_only=True), or are trained first by the same
-command when it says `train` (see `rsray train --help`); null leaves a random frozen CNN, which is
-only good for tests. Open-domain PriorCLIP (stage 2 on a CLIP dual encoder) is
+command when it says `train` (see `rsray train --help`); null leaves a random frozen CNN (tests,
+and the release preset, which reproduces the release's random prior). Open-domain PriorCLIP (stage 2 on a CLIP dual encoder) is
 `rsray.models.priorclip_open`.
 """
 
@@ -133,8 +138,15 @@ class PriorClipConfig(PriorClipLossConfig):
     instruction_backbone: str = "resnet50"  # must be the scene prior's backbone
     instruction_checkpoint: str | None = None  # scene-prior checkpoint folder | "train" | null (random, tests)
     instruction_stage: str = "model/scene_prior"  # the config trained first when instruction_checkpoint: train
+    # a random prior's initialisation (instruction_checkpoint: null): timm (its ResNets zero each
+    # block's last BatchNorm) | torchvision (kaiming fan-out, every BatchNorm 1/0: what PIR's release
+    # trains with, since its checkpoint loads 0 of 318 tensors into its nn.Sequential)
+    instruction_init: str = "timm"
     belief: str = "soft"  # soft (PriorCLIP) | hard (PIR: keep the filter_size most believed tokens)
     filter_size: int = 40
+    # the Swin tokens the belief ranks: null = all of them (ours) | N = the first N (PIR: 50, the
+    # pooled token and 49 patches of Swin-T at 224 px; more tokens at larger sizes are dropped)
+    ranked_tokens: int | None = None
     instru_num: int = 2
     # the frozen scene prior's BatchNorm: eval = its running statistics (ours; the paper is silent) |
     # train = batch statistics, running ones updated (PIR's release only turns off requires_grad)
@@ -174,6 +186,23 @@ class PriorClipConfig(PriorClipLossConfig):
             yield "cycle_num", f"must not be negative, got {self.cycle_num}"
         if self.instruction_bn not in ("eval", "train"):
             yield "instruction_bn", f"must be eval or train, got {self.instruction_bn!r}"
+        if self.instruction_init not in ("timm", "torchvision"):
+            yield "instruction_init", f"must be timm or torchvision, got {self.instruction_init!r}"
+        if self.instruction_init == "torchvision" and self.instruction_checkpoint is not None:
+            yield "instruction_init", "initialises a random prior: needs instruction_checkpoint: null"
+        if self.instruction_init == "torchvision" and not _is_timm_resnet(self.instruction_backbone):
+            yield "instruction_init", f"torchvision's init is a ResNet's; {self.instruction_backbone!r} is not one"
+        if self.ranked_tokens is not None and self.ranked_tokens < 1:
+            yield "ranked_tokens", f"must be positive or null, got {self.ranked_tokens}"
+        if self.ranked_tokens is not None and self.belief == "hard" and self.filter_size > self.ranked_tokens:
+            yield "filter_size", f"keeps {self.filter_size} of only {self.ranked_tokens} ranked tokens"
+
+
+def _is_timm_resnet(name: str) -> bool:
+    """A model of timm's resnet module (the one whose blocks take `zero_init_last`)."""
+    from timm.models import model_entrypoint
+
+    return timm.is_model(name) and model_entrypoint(name).__module__ == "timm.models.resnet"
 
 
 def check_pae(cfg) -> Iterator[tuple[str, str]]:
@@ -257,10 +286,17 @@ class InstructionEncoder(nn.Module):
     """The frozen scene-prior CNN -> global average pool -> trainable linear to `dim` (the instruction)."""
 
     def __init__(
-        self, backbone: str, checkpoint: str | None, dim: int, key: str = "instruction_checkpoint", bn: str = "eval"
+        self,
+        backbone: str,
+        checkpoint: str | None,
+        dim: int,
+        key: str = "instruction_checkpoint",
+        bn: str = "eval",
+        init: str = "timm",
     ):
         super().__init__()
-        self.backbone = TimmBackbone(backbone, out_indices=(-1,), freeze=True, frozen_bn=bn)
+        model_kwargs = {"zero_init_last": False} if init == "torchvision" else None
+        self.backbone = TimmBackbone(backbone, out_indices=(-1,), freeze=True, frozen_bn=bn, model_kwargs=model_kwargs)
         if checkpoint:
             self.backbone.body.load_state_dict(load_instruction_backbone(checkpoint, backbone, key))
         self.proj = nn.Linear(self.backbone.channels[-1], dim)
@@ -363,7 +399,11 @@ class PriorCLIP(RetrievalModel):
         )
         self.vision_proj = nn.Linear(self.visual.width, d)
         self.instruction = InstructionEncoder(
-            config.instruction_backbone, config.instruction_checkpoint, d, bn=config.instruction_bn
+            config.instruction_backbone,
+            config.instruction_checkpoint,
+            d,
+            bn=config.instruction_bn,
+            init=config.instruction_init,
         )
         self.spatial_pae = SpatialPAE(
             d,
@@ -395,6 +435,8 @@ class PriorCLIP(RetrievalModel):
     def encode_images(self, batch: Batch) -> torch.Tensor:
         images = batch["images"]
         tokens = self.vision_proj(self.visual(images))
+        if self.config.ranked_tokens is not None:
+            tokens = tokens[:, : self.config.ranked_tokens]
         return F.normalize(self.spatial_pae(tokens, self.instruction(images)), dim=-1)
 
     def encode_texts(self, batch: Batch) -> torch.Tensor:

@@ -14,6 +14,7 @@ import timm
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from rsray.checkpoint import CONFIG_FILE, STATE_FILE
 from rsray.config import ConfigError, load_config
@@ -135,6 +136,45 @@ def test_temporal_pae_rounds_are_their_formula():
 # ----------------------------------------------------------------------------- switches
 
 
+def test_ranked_tokens_keeps_the_first_swin_tokens_for_the_belief():
+    """PIR ranks swin_feat[:, 0:50]: the image embedding is the Spatial-PAE of the first N tokens."""
+    model = build("priorclip", "model.ranked_tokens=20", "model.belief=hard", "model.filter_size=12")
+    everything = build("priorclip", "model.belief=hard", "model.filter_size=12")
+    images = word_batch()["images"]
+    with torch.no_grad():
+        tokens = model.vision_proj(model.visual(images))
+        assert tokens.shape[1] == 65  # 64 px: the pooled token and an 8 x 8 map
+        expected = F.normalize(model.spatial_pae(tokens[:, :20], model.instruction(images)), dim=-1)
+        torch.testing.assert_close(model.encode_images({"images": images}), expected)
+        assert not torch.allclose(everything.encode_images({"images": images}), expected, atol=1e-4)
+    with pytest.raises(ConfigError, match="model.filter_size: keeps 30 of only 20 ranked tokens"):
+        model_config(tiny("priorclip", "model.ranked_tokens=20", "model.belief=hard", "model.filter_size=30"))
+
+
+def _last_block_norms(model) -> list[torch.Tensor]:
+    """Each residual block's last BatchNorm weight in the instruction CNN (timm zero-inits them)."""
+    from timm.models.resnet import BasicBlock, Bottleneck
+
+    blocks = [m for m in model.instruction.backbone.body.modules() if isinstance(m, (BasicBlock, Bottleneck))]
+    assert blocks
+    return [(b.bn3 if isinstance(b, Bottleneck) else b.bn2).weight for b in blocks]
+
+
+def test_instruction_init_torchvision_is_the_releases_random_prior():
+    """PIR's release loads no tensor into its prior: a torchvision-initialised ResNet (every
+    BatchNorm weight 1, bias 0; convs kaiming fan-out), not timm's (each block's last BN zeroed)."""
+    timm_init = build("priorclip")
+    torchvision_init = build("priorclip", "model.instruction_init=torchvision")
+    assert all(torch.equal(w, torch.zeros_like(w)) for w in _last_block_norms(timm_init))
+    assert all(torch.equal(w, torch.ones_like(w)) for w in _last_block_norms(torchvision_init))
+    body = torchvision_init.instruction.backbone.body
+    conv = max((m.weight for m in body.modules() if isinstance(m, torch.nn.Conv2d)), key=lambda w: w.numel())
+    fan_out = conv.shape[0] * conv.shape[2] * conv.shape[3]
+    assert float(conv.std()) == pytest.approx((2.0 / fan_out) ** 0.5, rel=0.25)  # kaiming_normal_, fan_out
+    with pytest.raises(ConfigError, match="model.instruction_init: initialises a random prior"):
+        model_config(tiny("priorclip", "model.instruction_init=torchvision", "model.instruction_checkpoint=train"))
+
+
 def test_belief_and_filter_size_switches_change_image_embeddings():
     batch = word_batch()
     with torch.no_grad():
@@ -200,6 +240,9 @@ def test_frozen_swin_gets_no_grad_and_instruction_backbone_is_always_frozen():
         ("model.text_config.hiden_size=3", "model.text_config.hiden_size: not a bert config field"),
         ("model.schedule=cosine", "model.schedule: must be one of step, linear_warmup, cosine_warmup"),
         ("model.betas=[0.9]", "model.betas: expected [beta1, beta2]"),
+        ("model.gather_gradient=half", "model.gather_gradient: must be one of whole_batch, mean_over_workers"),
+        ("model.ranked_tokens=0", "model.ranked_tokens: must be positive or null"),
+        ("model.instruction_init=xavier", "model.instruction_init: must be timm or torchvision"),
     ],
 )
 def test_bad_values_name_the_key(override, needle):
