@@ -33,8 +33,8 @@ reproduced: BERT without an attention mask, temperatures as unclamped, weight-de
 The instruction encoder's weights come from a scene-prior checkpoint folder
 (`instruction_checkpoint`, loaded with weights_only=True), or are trained first by the same
 command when it says `train` (see `rsray train --help`); null leaves a random frozen CNN (tests,
-and the release preset, which reproduces the release's random prior). Open-domain PriorCLIP (stage 2 on a CLIP dual encoder) is
-`rsray.models.priorclip_open`.
+and the release preset, which reproduces the release's random prior). Open-domain PriorCLIP
+(stage 2 on a CLIP dual encoder) is `rsray.models.priorclip_open`.
 """
 
 from __future__ import annotations
