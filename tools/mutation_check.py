@@ -23,6 +23,7 @@ BLOCK_TESTS, LOSS_TESTS = "tests/unit/test_blocks.py", "tests/unit/test_losses.p
 PRIORCLIP_TESTS, DOVE_TESTS = "tests/unit/test_priorclip.py", "tests/unit/test_dove.py"
 GSWIN, MOMENTUM = "rsray/models/gswin.py", "rsray/models/momentum.py"
 CMPAGL_TESTS = "tests/unit/test_cmpagl_losses.py"
+CMPAGL, CMPAGL_MODEL_TESTS = "rsray/models/cmpagl.py", "tests/unit/test_cmpagl_model.py"
 
 # (file, original text, mutated text, what it breaks, the tests that must notice)
 MUTATIONS = [
@@ -261,6 +262,80 @@ MUTATIONS = [
         "model_kwargs = None",
         "instruction_init: torchvision ignored",
         PRIORCLIP_TESTS,
+    ),
+    # CMPAGL's wiring: what Cmpagl.loss feeds each helper (the helpers' own formulas are above)
+    (CMPAGL, "labels[: len(image_ids)] = 1", "labels[len(image_ids) :] = 1", "ITM labels flipped", CMPAGL_MODEL_TESTS),
+    (
+        CMPAGL,
+        "return logits[:, 1] - logits[:, 0]",
+        "return logits[:, 0] - logits[:, 1]",
+        "ITM pair score's sign flipped",
+        CMPAGL_MODEL_TESTS,
+    ),
+    (
+        CMPAGL,
+        "self.queue.enqueue(momentum_image, momentum_text, image_ids)",
+        "self.queue.enqueue(image.embedding, text.embedding, image_ids)",
+        "the queue takes the online features",
+        CMPAGL_MODEL_TESTS,
+    ),
+    (
+        CMPAGL,
+        "        self.momentum.update(self._online())  # ALBEF: the teacher moves first, then encodes\n"
+        "        image = self.encode_images(batch)\n",
+        "        image = self.encode_images(batch)\n",
+        "the momentum encoder never moves",
+        CMPAGL_MODEL_TESTS,
+    ),
+    (
+        CMPAGL,
+        'momentum_image, momentum_text = self._momentum_embeddings(batch["images"], ids, mask)\n',
+        'momentum_image, momentum_text = self._momentum_embeddings(batch["images"], ids, mask)\n'
+        "        self.momentum.update(self._online())\n",
+        "the momentum encoder moves twice, after encoding",
+        CMPAGL_MODEL_TESTS,
+    ),
+    (
+        CMPAGL,
+        "fused = self.bert.fuse(self.bert.encode_text(masked, mask), mask, image_tokens)",
+        "fused = self.bert.encode_text(masked, mask)",
+        "MLM skips the fusion half",
+        CMPAGL_MODEL_TESTS,
+    ),
+    (
+        CMPAGL,
+        "min(1.0, float(self.step) / c.distill_warmup_steps)",
+        "min(1.0, float(self.step + 1) / c.distill_warmup_steps)",
+        "distillation alpha ramp a step ahead",
+        CMPAGL_MODEL_TESTS,
+    ),
+    (
+        CMPAGL,
+        "return self.w_triplet * self.lambda_intra",
+        "return self.lambda_intra",
+        "intra term not weighed by w_triplet",
+        CMPAGL_MODEL_TESTS,
+    ),
+    (
+        CMPAGL,
+        "itm_i2t = full_precision_scores(image.embedding, momentum_text) / temperature",
+        "itm_i2t = full_precision_scores(image.embedding, momentum_text)",
+        "ITM negatives drawn from plain cosines",
+        CMPAGL_MODEL_TESTS,
+    ),
+    (
+        CMPAGL,
+        "triplet = triplet / batch_size",
+        "triplet = triplet",
+        "triplet_reduction: mean ignored",
+        CMPAGL_MODEL_TESTS,
+    ),
+    (
+        GSWIN,
+        "x = x + self.drop_path1(self.global_attn(x))",
+        "x = x + self.drop_path1(self.global_attn(self.norm1(x)))",
+        "global branch fed the window branch's LN1(x)",
+        "tests/unit/test_gswin.py",
     ),
     (
         GSWIN,

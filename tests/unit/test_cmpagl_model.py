@@ -4,6 +4,7 @@ queue holds both workers' features in rank order and the momentum weights stay b
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 
@@ -248,3 +249,131 @@ def test_the_global_branch_takes_its_blocks_drop_path():
         torch.nn.init.normal_(block.global_attn.proj.weight)  # zero-initialised: make the branch count
         x = torch.randn(2, 8, 8, 32)
         assert torch.equal(block(x), x)  # every branch dropped (timm's DropPath with rate 1 zeroes it)
+
+
+def test_itm_labels_and_pair_scores_follow_the_head_match_column():
+    """Column 1 of the ITM head is "match": a head rigged to it gives pair_scores of +10 and an ITM
+    loss of ~10 on the 2 B negatives only (labels 1 for the B pairs, 0 for the drawn negatives)."""
+    model = tiny().train()
+    with torch.no_grad():
+        model.itm_head.weight.zero_()
+        model.itm_head.bias.copy_(torch.tensor([0.0, 10.0]))
+    batch = batch_for(0, 0)  # four different images: every image and caption has a negative
+    losses = model.loss(batch)
+    wrong, right = 10.0 + math.log1p(math.exp(-10.0)), math.log1p(math.exp(-10.0))
+    assert float(losses["itm"]) == pytest.approx((2 * BATCH * wrong + BATCH * right) / (3 * BATCH), rel=1e-5)
+    model.eval()
+    with torch.no_grad():
+        scores = model.pair_scores(model.encode_images(batch), model.encode_texts(batch))
+    torch.testing.assert_close(scores, torch.full((BATCH,), 10.0))
+
+
+def test_the_momentum_encoder_moves_first_and_the_queue_takes_its_new_outputs():
+    """ALBEF's order in one step: momentum weights = m * old + (1 - m) * online, then the momentum
+    encoder's embeddings of the batch (with the moved weights) are what the queue receives."""
+    model = tiny().train()
+    m = model.config.momentum
+    with torch.no_grad():  # as after some optimizer steps: the online weights have left the momentum copy
+        for module in model._online().values():
+            for parameter in module.parameters():
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    online = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(("momentum.", "queue."))}
+    before = {k: v.detach().clone() for k, v in model.momentum.copies.state_dict().items()}
+    batch = batch_for(0, 1)
+    model.loss(batch)
+    moved = model.momentum.copies.state_dict()
+    checked = 0
+    for key, value in before.items():
+        part, rest = key.split(".", 1)
+        source = {
+            "visual": "visual.",
+            "vision_proj": "vision_proj.",
+            "text_proj": "text_proj.",
+            "embeddings": "bert.embeddings.",
+            "text_layers": "bert.text_layers.",
+        }.get(part)
+        if source is None or not value.is_floating_point():
+            continue
+        torch.testing.assert_close(moved[key], m * value + (1 - m) * online[source + rest])
+        checked += 1
+    assert {key.split(".", 1)[0] for key in before} == {
+        "visual",
+        "vision_proj",
+        "text_proj",
+        "embeddings",
+        "text_layers",
+    }
+    assert checked > 10
+    ids, mask = model.text_inputs(batch)
+    image, text = model._momentum_embeddings(batch["images"], ids, mask)
+    queued_image, queued_text, queued_ids = model.queue.contents()
+    torch.testing.assert_close(queued_image[-BATCH:], image)
+    torch.testing.assert_close(queued_text[-BATCH:], text)
+    assert torch.equal(queued_ids[-BATCH:], batch["image_ids"])
+
+
+def test_mlm_is_predicted_through_the_fusion_half_from_the_image():
+    """MLM reads the fused states: with the same masking draw, other images give another MLM loss
+    (a text-half-only prediction would not see the image)."""
+    model = tiny().train()
+    batch = batch_for(0, 2)
+    other = dict(batch, images=torch.randn_like(batch["images"]))
+    ids, mask = model.text_inputs(batch)
+    torch.manual_seed(7)
+    one = model._mlm_loss(ids, mask, model.encode_images(batch).tokens)
+    torch.manual_seed(7)
+    same = model._mlm_loss(ids, mask, model.encode_images(batch).tokens)
+    torch.manual_seed(7)
+    two = model._mlm_loss(ids, mask, model.encode_images(other).tokens)
+    assert float(one) == pytest.approx(float(same), rel=1e-6) and float(one) != pytest.approx(float(two), rel=1e-4)
+
+
+def test_distillation_alpha_ramps_linearly_over_the_warmup_steps(monkeypatch):
+    """ALBEF's alpha: alpha x min(1, step / warm-up), the step counting losses taken; the model
+    hands the ITC loss that value."""
+    import rsray.models.cmpagl as cmpagl
+
+    torch.manual_seed(0)
+    model = build_model(
+        load_config("model/cmpagl-tiny", ["model.distill_warmup_steps=4", "model.distill_alpha=0.4"]), vocab_size=VOCAB
+    ).train()
+    handed, real = [], cmpagl.queue_itc_loss
+
+    def recording(*args):
+        handed.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(cmpagl, "queue_itc_loss", recording)
+    for step in range(6):
+        model.loss(batch_for(0, step))
+    assert handed == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.4])
+
+
+def test_the_total_weighs_intra_by_lambda_times_the_triplet_weight(monkeypatch):
+    """The optimized triplet = hinge + lambda_intra x mean(1 - cos) of matched pairs: the intra term
+    is that mean of the ITC embeddings, weighed w_triplet x lambda_intra in the total."""
+    import rsray.models.cmpagl as cmpagl
+
+    seen, real = {}, cmpagl.queue_itc_loss
+
+    def recording(image, text, *rest):
+        seen["features"] = (image.detach(), text.detach())
+        return real(image, text, *rest)
+
+    monkeypatch.setattr(cmpagl, "queue_itc_loss", recording)
+    overrides = [
+        "model.w_triplet=2.0",
+        "model.lambda_intra=0.3",
+        "model.w_itc=0.5",
+        "model.w_itm=0.7",
+        "model.w_mlm=0.9",
+    ]
+    torch.manual_seed(0)
+    model = build_model(load_config("model/cmpagl-tiny", overrides), vocab_size=VOCAB).train()
+    losses = model.loss(batch_for(0, 3))
+    image, text = seen["features"]
+    torch.testing.assert_close(losses["intra"].detach(), (1 - (image * text).sum(dim=1)).mean())
+    expected = (
+        0.5 * losses["itc"] + 2.0 * losses["triplet"] + 2.0 * 0.3 * losses["intra"] + 0.7 * losses["itm"]
+    ) + 0.9 * losses["mlm"]
+    torch.testing.assert_close(losses["total"].detach(), expected.detach())

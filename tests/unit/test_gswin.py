@@ -123,3 +123,17 @@ def test_global_window_attention_runs_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = attention(x)
     assert low.dtype == torch.bfloat16 and torch.allclose(low.float(), attention(x), atol=0.1)
+
+
+def test_the_global_branch_sits_between_window_attention_and_the_mlp():
+    """x1 = x + W-MSA(LN1(x)); x2 = x1 + GlobalAttn(x1) (the branch normalises its own inputs);
+    out = x2 + MLP(LN2(x2)), in eval mode (no drop path), with a non-zero global projection."""
+    block = GswinBlock.adopt(copy.deepcopy(tiny_swin().layers[0].blocks[1])).eval()  # a shifted block
+    with torch.no_grad():
+        torch.nn.init.normal_(block.global_attn.proj.weight, std=0.5)
+        x = torch.randn(2, 16, 16, 16)
+        x1 = x + block._attn(block.norm1(x))
+        x2 = x1 + block.global_attn(x1)
+        expected = x2 + block.mlp(block.norm2(x2))
+        torch.testing.assert_close(block(x), expected)
+        assert not torch.allclose(expected, x1 + block.mlp(block.norm2(x1)), atol=1e-3)  # the branch counts
