@@ -109,6 +109,9 @@ class PrepareConfig:
     parallelism: int | None = None  # Ray Data tasks for decoding; None = one per CPU
     # Larger images are rejected from their header (never decoded); at most Pillow's own bomb limit.
     max_image_pixels: int = 64_000_000
+    # Longer captions are rejected (a record, with the reason): the longest real RSICD, RSITMD, UCM or
+    # Sydney caption is a few hundred characters, and a runaway one would become that many tokens.
+    max_caption_chars: int = 2000
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.image_size < 16:
@@ -123,6 +126,8 @@ class PrepareConfig:
             yield "max_reject_fraction", f"must be in [0, 1], got {self.max_reject_fraction}"
         if self.parallelism is not None and self.parallelism < 1:
             yield "parallelism", f"must be positive, got {self.parallelism}"
+        if self.max_caption_chars < 1:
+            yield "max_caption_chars", f"must be positive, got {self.max_caption_chars}"
         from PIL import Image
 
         if not 1 <= self.max_image_pixels <= (Image.MAX_IMAGE_PIXELS or 0):

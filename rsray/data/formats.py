@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from rsray.config import DataConfig, ValidationConfig
+from rsray.data.text import words
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "restval": "train", "val": "val", "test": "test"}
@@ -265,9 +266,10 @@ def path_problem(name: str) -> str | None:
     return None
 
 
-def check_record(record: Record, captions_per_image: int) -> str | None:
-    """Why a record is unusable (its file name, or its captions: wrong count, empty, not UTF-8),
-    or None if usable."""
+def check_record(record: Record, captions_per_image: int, max_caption_chars: int | None = None) -> str | None:
+    """Why a record is unusable (its file name, or its captions: wrong count, empty, without a
+    word (only symbols or invisible characters), longer than `max_caption_chars`
+    (`prepare.max_caption_chars`), not UTF-8), or None if usable."""
     problem = path_problem(record.image_id)
     if problem is not None:
         return problem
@@ -280,6 +282,10 @@ def check_record(record: Record, captions_per_image: int) -> str | None:
             caption.encode("utf-8")
         except UnicodeEncodeError:
             return f"caption {i} is not valid UTF-8"
+        if max_caption_chars is not None and len(caption) > max_caption_chars:
+            return f"caption {i} has {len(caption):,} characters, over prepare.max_caption_chars ({max_caption_chars:,})"
+        if not words(caption):
+            return f"caption {i} has no words (only symbols or invisible characters)"
     return None
 
 

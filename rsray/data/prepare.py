@@ -185,7 +185,7 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
         records = read_records(data_cfg)
         if not records:
             raise cfg.error("data.root", f"no records found in {data_cfg.root}")
-        accepted, rejected = _check_captions(records, data_cfg.captions_per_image)
+        accepted, rejected = _check_captions(records, data_cfg.captions_per_image, prep.max_caption_chars)
         try:
             state = output.inspect_output(out)
         except output.NotAnRsrayOutput as exc:
@@ -324,7 +324,7 @@ def prepare_in_process(cfg: Config, batch_size: int = 32) -> tuple[dict[str, pa.
     For the prepare benchmark's baseline and for single-process tests; rejected records are
     simply left out here (the Ray stage is the one that reports them)."""
     records = read_records(cfg.data)
-    accepted, _ = _check_captions(records, cfg.data.captions_per_image)
+    accepted, _ = _check_captions(records, cfg.data.captions_per_image, cfg.prepare.max_caption_chars)
     vocab = build_vocabulary(accepted, tuple(cfg.data.vocab_splits), cfg.data.vocab_min_count, cfg.data.stopwords)
     process = ImageBatchProcessor(
         cfg.prepare.image_size,
@@ -350,11 +350,13 @@ def check_input_paths(cfg: Config) -> None:
         raise cfg.error("data.images", f"folder {images} does not exist")
 
 
-def _check_captions(records: list[Record], per_image: int) -> tuple[list[Record], list[dict]]:
+def _check_captions(
+    records: list[Record], per_image: int, max_caption_chars: int | None = None
+) -> tuple[list[Record], list[dict]]:
     """Split records into usable ones and rejections (bad captions, duplicate image ids)."""
     accepted, rejected, seen = [], [], set()
     for record in records:
-        reason = check_record(record, per_image)
+        reason = check_record(record, per_image, max_caption_chars)
         if reason is None and record.image_id in seen:
             reason = f"duplicate image_id {record.image_id!r}"
         if reason is None:

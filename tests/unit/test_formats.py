@@ -339,6 +339,21 @@ def test_missing_file_and_bad_counts(tmp_path):
         read_precomp(folder, tmp_path)
 
 
+@pytest.mark.parametrize(
+    "caption, reason",
+    [
+        ("\U0001f6f0\ufe0f \U0001f30a", "caption 2 has no words (only symbols or invisible characters)"),  # emoji
+        ("\u200b\u200c\u2060", "caption 2 has no words (only symbols or invisible characters)"),  # zero-width
+        (" .", "caption 2 has no words (only symbols or invisible characters)"),  # 3 such lines in RSICD train
+        ("sea " * 600, "caption 2 has 2,400 characters, over prepare.max_caption_chars (2,000)"),
+        ("a beach \U0001f30a", None),  # a word is enough
+    ],
+)
+def test_captions_without_words_or_too_long_reject_their_record(caption, reason):
+    record = Record("beach_2.jpg", "images/beach_2.jpg", "train", "beach", ("a beach", caption, "sand", "sea", "waves"))
+    assert check_record(record, 5, max_caption_chars=2000) == reason
+
+
 def test_bad_captions_survive_reading_and_are_flagged(tmp_path):
     data = dict(DATA)
     data["beach_4.jpg"] = ("test", DATA["beach_4.jpg"][1][:4])  # 4 caption lines for this name

@@ -50,7 +50,7 @@ UCM_SCENES = [
 
 # folder: ((train images, captions), (test images, captions), scene rule, scene count range, unusable images)
 EXPECTED = {
-    "rsicd": ((9828, 49140), (1093, 5465), "filename", (30, 31), 0),
+    "rsicd": ((9828, 49140), (1093, 5465), "filename", (30, 31), 3),  # 3 train images with a " ." caption
     "rsitmd": ((4291, 21455), (452, 2260), "filename", (32, 33), 4),  # 4 images with 5 blank caption lines
     "ucm": ((1680, 8400), (210, 1050), "index", (21, 21), 0),
     "sydney": ((497, 2485), (58, 290), "none", (0, 0), 0),
