@@ -283,7 +283,8 @@ def check_record(record: Record, captions_per_image: int, max_caption_chars: int
         except UnicodeEncodeError:
             return f"caption {i} is not valid UTF-8"
         if max_caption_chars is not None and len(caption) > max_caption_chars:
-            return f"caption {i} has {len(caption):,} characters, over prepare.max_caption_chars ({max_caption_chars:,})"
+            limit = f"prepare.max_caption_chars ({max_caption_chars:,})"
+            return f"caption {i} has {len(caption):,} characters, over {limit}"
         if not words(caption):
             return f"caption {i} has no words (only symbols or invisible characters)"
     return None
