@@ -37,12 +37,18 @@ def main(argv=None) -> int:
         "resumes an interrupted one. Examples: `rsray study train/cpu-tiny --seeds 0 1`, "
         "`rsray study train/cpu-tiny --folds 3 --seeds 0` (folds need the raw data: data.root).",
     )
-    parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="same as study.seeds=[...]")
+    parser.add_argument("--seeds", nargs="+", metavar="SEED", help="same as study.seeds=[...]")
     parser.add_argument("--folds", type=int, metavar="K", help="same as study.folds=K")
     ns = parser.parse_intermixed_args(argv)
     overrides = list(ns.args)
     if ns.seeds:
-        overrides.append(f"study.seeds=[{','.join(str(s) for s in ns.seeds)}]")
+        # argparse's nargs="+" also takes the key=value overrides that follow the seeds: give them back
+        seeds = [value for value in ns.seeds if "=" not in value]
+        overrides += [value for value in ns.seeds if "=" in value]
+        bad = [value for value in seeds if not value.lstrip("-").isdigit()]
+        if bad or not seeds:
+            parser.error(f"argument --seeds: {bad[0] if bad else 'no seed'!r} is not a seed (an integer)")
+        overrides.append(f"study.seeds=[{','.join(str(int(s)) for s in seeds)}]")
     if ns.folds is not None:
         overrides.append(f"study.folds={ns.folds}")
     setup_logging(ns.verbose, "study")

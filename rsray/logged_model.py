@@ -88,13 +88,13 @@ with warnings.catch_warnings():  # MLflow asks for type hints at class creation;
                     positions = [i for i, (k, _) in enumerate(rows) if k == kind]
                     for start in range(0, len(positions), ROW_BATCH):
                         chunk = positions[start : start + ROW_BATCH]
-                        for i, embedding in zip(chunk, encode([rows[i][1] for i in chunk]), strict=True):
+                        for i, embedding in zip(chunk, encode([rows[i][1] for i in chunk], chunk), strict=True):
                             out[i] = embedding
             if not rows:
                 return np.zeros((0, 0), np.float32)
             return torch.stack(out).float().numpy()
 
-        def _captions(self, captions: list[str]):
+        def _captions(self, captions: list[str], numbers: list[int]):
             from rsray.data.loader import collate_pairs
 
             samples = []
@@ -105,14 +105,19 @@ with warnings.catch_warnings():  # MLflow asks for type hints at class creation;
                 samples.append(sample)
             return self.model.encode_texts(collate_pairs(samples))
 
-        def _images(self, files: list[bytes]):
-            from rsray.data.images import decode_image, process_image
+        def _images(self, files: list[bytes], numbers: list[int]):
+            from rsray.data.images import ImageRejected, decode_image, process_image
             from rsray.data.loader import collate_images
 
             s = self.settings
             samples = []
-            for data in files:
-                prepared = process_image(data, s["image_size"], s["image_encoding"], s["jpeg_quality"], s["max_pixels"])
+            for number, data in zip(numbers, files, strict=True):
+                try:
+                    prepared = process_image(
+                        data, s["image_size"], s["image_encoding"], s["jpeg_quality"], s["max_pixels"]
+                    )
+                except ImageRejected as exc:  # the row, so a caller of a 500-row frame can find it
+                    raise ValueError(f"input row {number}: {exc}") from None
                 samples.append({"image": self.transform(decode_image(prepared)), "image_index": 0, "scene_id": -1})
             return self.model.encode_images(collate_images(samples))
 

@@ -362,6 +362,8 @@ def _read_json(path: str | Path) -> Any:
         return json.loads(_read_text(Path(path)))
     except json.JSONDecodeError as exc:
         raise AnnotationError(f"{path}: line {exc.lineno} column {exc.colno}: invalid JSON: {exc.msg}") from None
+    except RecursionError:  # Python's parser recurses once per nesting level: no annotation file nests this deep
+        raise AnnotationError(f"{path}: JSON nested too deeply to be an annotation file") from None
 
 
 def _read_lines(path: Path) -> list[str]:

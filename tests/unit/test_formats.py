@@ -308,6 +308,14 @@ def test_malformed_json_names_file_and_line(tmp_path):
         read_karpathy(path, tmp_path)
 
 
+def test_deeply_nested_json_names_the_file(tmp_path):
+    """A hostile annotation file nested 100,000 deep: one line naming it, not a RecursionError."""
+    path = tmp_path / "dataset_deep.json"
+    path.write_text('{"images": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(AnnotationError, match=r"dataset_deep.json: JSON nested too deeply"):
+        read_karpathy(path, tmp_path)
+
+
 @pytest.mark.parametrize(
     "content, match",
     [

@@ -90,6 +90,9 @@ def test_rows_need_exactly_one_of_caption_or_image(trained):
         served.predict(None, pd.DataFrame({"caption": ["a river"], "image": [b"x"]}))
     with pytest.raises(ValueError, match="expected `caption`"):
         served.predict(None, pd.DataFrame({"text": ["a river"]}))
+    frame = pd.DataFrame({"caption": ["a river"] * 3 + [None], "image": [None] * 3 + [b"not an image file"]})
+    with pytest.raises(ValueError, match=r"input row 3: "):  # a corrupt file names its row among many
+        served.predict(None, frame)
 
 
 def test_folders_that_define_the_model_travel_but_initial_weights_do_not(tmp_path):

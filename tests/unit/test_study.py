@@ -107,3 +107,19 @@ def test_a_study_run_again_reuses_finished_members_and_opens_no_second_parent(tm
 def test_a_study_needs_tracking():
     with pytest.raises(ConfigError, match="tracking.enabled"):
         run_study(load_config("model/vsepp-tiny", ["tracking.enabled=false"]))
+
+
+def test_seeds_given_before_overrides_leave_the_overrides_alone(monkeypatch, tmp_path, capsys):
+    """`rsray study CONFIG --seeds 0 1 key=value`: argparse's nargs="+" takes key=value too; the
+    command gives it back as an override; a word that is not a seed is refused in one line."""
+    import pipelines.study as study
+
+    monkeypatch.setenv("RSRAY_LOG_DIR", str(tmp_path))
+    seen = []
+    monkeypatch.setattr(study, "run", lambda cfg: seen.append(cfg) or 0)
+    assert study.main(["train/cpu-tiny", "--seeds", "0", "1", "train.epochs=1", "study.name=s"]) == 0
+    (cfg,) = seen
+    assert list(cfg.study.seeds) == [0, 1] and cfg.train.epochs == 1 and cfg.study.name == "s"
+    with pytest.raises(SystemExit) as exit_:
+        study.main(["train/cpu-tiny", "--seeds", "0", "one"])
+    assert exit_.value.code == 2 and "argument --seeds: 'one' is not a seed (an integer)" in capsys.readouterr().err
