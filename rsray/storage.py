@@ -159,6 +159,52 @@ def write_bytes(loc: Location, data: bytes) -> None:
         stream.write(data)
 
 
+def create_new(loc: Location, data: bytes) -> bool:
+    """Write `data` to `loc` only if nothing is there, as one atomic step (a lock's creation):
+    `O_CREAT | O_EXCL` on a local disk, a conditional PUT (`If-None-Match: *`, boto3; pyarrow's S3
+    filesystem cannot send it) on S3. True when this call created it, False when it existed."""
+    if isinstance(loc.fs, pafs.S3FileSystem):
+        return _s3_create_new(loc, data)
+    parent = loc.path.rsplit("/", 1)[0]
+    if parent:
+        loc.fs.create_dir(parent, recursive=True)
+    try:
+        descriptor = os.open(loc.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(data)
+    return True
+
+
+def _s3_create_new(loc: Location, data: bytes) -> bool:
+    import boto3
+    from botocore.config import Config as BotoConfig
+    from botocore.exceptions import ClientError
+
+    _, (settings,) = loc.fs.__reduce__()  # the filesystem's own endpoint and region
+    endpoint = settings.get("endpoint_override")
+    if endpoint and "://" not in endpoint:
+        endpoint = f"{settings.get('scheme') or 'https'}://{endpoint}"
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint or None,
+        region_name=settings.get("region") or None,
+        aws_access_key_id=settings.get("access_key") or None,  # None: boto3's own chain (the environment)
+        aws_secret_access_key=settings.get("secret_key") or None,
+        aws_session_token=settings.get("session_token") or None,
+        config=BotoConfig(retries={"max_attempts": s3_attempts(), "mode": "standard"}),
+    )
+    bucket, key = loc.path.split("/", 1)
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+            return False  # there already, or another writer's conditional PUT is in flight
+        raise OSError(f"{loc.uri}: {exc}") from None
+    return True
+
+
 def exists(loc: Location) -> bool:
     return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
 

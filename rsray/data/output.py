@@ -2,7 +2,8 @@
 
 A folder is rsray's when it holds an rsray manifest (`producer: rsray prepare`; manifests from
 before that field are recognised by their schema) or the marker an unfinished prepare leaves
-(`prepare-in-progress.json`, written before the first shard and removed after the manifest). Any
+(`prepare-in-progress.json`, written before the first shard and removed after the manifest; the
+lock of the prepare writing there, `prepare-lock.json`, is never counted). Any
 other folder with files in it is refused with one line: a file that happens to be called
 `manifest.json` proves nothing. In an rsray folder only rsray's files are replaced: the shards the
 manifest lists and any other file named as rsray names shards (`part-NNNNN-K.parquet`) in a split
@@ -29,6 +30,7 @@ from rsray.data.manifest import IN_PROGRESS_FILE, MANIFEST_FILE, PRODUCER, SPLIT
 log = logging.getLogger("rsray.prepare")
 
 STAGING = "_staging"
+LOCK_FILE = "prepare-lock.json"  # held by the prepare writing here (rsray.locks); never an output file
 SHARD_NAME = re.compile(r"^part-\d{5}(-\d+)?\.parquet$")
 
 
@@ -48,7 +50,7 @@ class OutputState:
 
 def inspect_output(out: storage.Location) -> OutputState:
     """The state of `out`; raises NotAnRsrayOutput when it holds files and is not rsray's."""
-    files = storage.list_files(out)
+    files = [path for path in storage.list_files(out) if path != out.join(LOCK_FILE).path]
     if not files:
         return OutputState()
     manifest = _read_json(out.join(MANIFEST_FILE)) if out.join(MANIFEST_FILE).path in files else None

@@ -34,6 +34,7 @@ from rsray.data.formats import Record, check_record, read_records
 from rsray.data.images import MAX_PIXELS, ImageRejected, process_image
 from rsray.data.manifest import MANIFEST_FILE, SCHEMA_VERSION, SPLITS, build_manifest
 from rsray.data.text import Vocabulary, build_vocabulary, load_tokenizer
+from rsray.locks import HeldElsewhere, HolderLock
 from rsray.runtime import configure_data_context, ensure_ray
 
 log = logging.getLogger("rsray.prepare")
@@ -171,15 +172,32 @@ class BatchLedger:
 
 def prepare(cfg: Config, force: bool = False) -> PrepareResult:
     """Run the prepare stage for `cfg.data` into `cfg.prepare.output`; idempotent unless `force`."""
-    import ray
 
     check_input_paths(cfg)
     ensure_ray()
     configure_data_context()
     started = time.perf_counter()
-    data_cfg, prep = cfg.data, cfg.prepare
-    out = storage.resolve(prep.output, prep.s3_endpoint)
+    out = storage.resolve(cfg.prepare.output, cfg.prepare.s3_endpoint)
+    lock = HolderLock(out.join(output.LOCK_FILE), "rsray-prepare-heartbeat")
+    try:
+        lock.__enter__()  # one prepare per output at a time: two would delete each other's shards
+    except HeldElsewhere as held:
+        raise cfg.error(
+            "prepare.output",
+            f"{out.uri} is being written by another prepare ({held.who()}); wait for it to end or choose "
+            "another prepare.output",
+        ) from None
+    try:
+        return _prepare_into(cfg, out, force, started)
+    finally:
+        lock.__exit__(None, None, None)
 
+
+def _prepare_into(cfg: Config, out: storage.Location, force: bool, started: float) -> PrepareResult:
+    """The stage itself, while this command holds `out`'s prepare lock."""
+    import ray
+
+    data_cfg, prep = cfg.data, cfg.prepare
     ledger = ray.remote(num_cpus=0)(BatchLedger).remote()  # its process starts while we read
     try:
         records = read_records(data_cfg)

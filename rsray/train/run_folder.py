@@ -8,8 +8,8 @@ an address and a promise. Two guards keep it:
   line while the first one lives; a lock whose heartbeat is older than STALE_S, or whose process is
   gone (same host), or whose Ray node the cluster has declared dead (a lost machine: a sweep's
   trial restarted elsewhere must not wait STALE_S for it), or that names this very process, is
-  stale and taken over. The lock is written, not created atomically (locally or on S3), so two
-  runs started within the same second could both win: the guard is for people, not for a scheduler.
+  stale and taken over. The lock is created atomically (`rsray.locks`: an exclusive create locally,
+  a conditional PUT on S3), so of two runs started in the same instant exactly one trains.
 - `check_resume`: the config a rerun would resume with is compared to the config of the checkpoint
   Ray Train will resume from (the latest one it registered). Resuming restores weights, optimizer,
   scheduler and RNG states, so a change to anything that shapes them (the model section, learning
@@ -22,10 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
-import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,13 +30,12 @@ import yaml
 from rsray import storage
 from rsray.checkpoint import CONFIG_FILE
 from rsray.config import Config, config_from_dict
+from rsray.locks import HeldElsewhere, HolderLock
 
 log = logging.getLogger("rsray.train")
 
 LOCK_FILE = "rsray-run.json"
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it registered
-HEARTBEAT_S = 30.0
-STALE_S = 120.0
 RESUME_MAY_CHANGE = (
     "train.epochs",
     "train.max_failures",
@@ -69,95 +64,27 @@ def run_folder(cfg: Config) -> storage.Location:
 
 
 class RunLock:
-    """Held while a run trains (a context manager); refuses a name a live run holds."""
+    """Held while a run trains (a context manager); refuses a name a live run holds
+    (`rsray.locks.HolderLock`: created atomically, heartbeat, stale holders taken over)."""
 
     def __init__(self, cfg: Config):
         self.cfg, self.folder = cfg, run_folder(cfg)
         self.lock = self.folder.join(LOCK_FILE)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
-        if node := _this_ray_node():
-            self.record["ray_node"] = node
+        self._held = HolderLock(self.lock, "rsray-run-heartbeat")
 
     def __enter__(self) -> RunLock:
-        holder = self._holder()
-        if holder is not None and _alive(holder):
+        try:
+            self._held.__enter__()
+        except HeldElsewhere as held:
             raise self.cfg.error(
                 "train.run_name",
-                f"{self.cfg.train.run_name!r} is in use by a live run (pid {holder.get('pid')} on "
-                f"{holder.get('host')}, {self.lock.uri}); choose another train.run_name or wait for it to end",
-            )
-        self._write()
-        self._thread = threading.Thread(target=self._beat, name="rsray-run-heartbeat", daemon=True)
-        self._thread.start()
+                f"{self.cfg.train.run_name!r} is in use by a live run ({held.who()}, {self.lock.uri}); "
+                "choose another train.run_name or wait for it to end",
+            ) from None
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        holder = self._holder()
-        if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == self.record["host"]:
-            try:
-                self.lock.fs.delete_file(self.lock.path)
-            except OSError as exc:  # the run has ended; a stale lock is taken over by the next run
-                log.warning("could not remove %s: %s", self.lock.uri, exc)
-
-    def _holder(self) -> dict | None:
-        try:
-            return json.loads(storage.read_bytes(self.lock))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            return None  # unreadable: treated as stale
-
-    def _write(self) -> None:
-        storage.write_bytes(self.lock, json.dumps({**self.record, "heartbeat": time.time()}).encode())
-
-    def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            try:
-                self._write()
-            except OSError as exc:  # storage hiccup: the next beat tries again
-                log.debug("heartbeat to %s failed: %s", self.lock.uri, exc)
-
-
-def _this_ray_node() -> str | None:
-    import ray
-
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-
-
-def _on_a_dead_ray_node(holder: dict) -> bool:
-    """The holder ran on a node of this Ray cluster that the cluster has declared dead."""
-    import ray
-
-    node = holder.get("ray_node")
-    if not node or not ray.is_initialized():
-        return False
-    return any(n["NodeID"] == node and not n["Alive"] for n in ray.nodes())
-
-
-def _alive(holder: dict) -> bool:
-    if _on_a_dead_ray_node(holder):
-        return False
-    try:
-        fresh = time.time() - float(holder.get("heartbeat", 0)) < STALE_S
-        pid = int(holder.get("pid", -1))
-    except (TypeError, ValueError):
-        return False
-    if not fresh or holder.get("host") != socket.gethostname():
-        return fresh
-    if pid == os.getpid():  # this process: an earlier run in it that did not end cleanly
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
+        self._held.__exit__(*exc)
 
 
 # ----------------------------------------------------------------------------- resuming

@@ -205,11 +205,28 @@ def test_cli_joins_the_cluster_and_exits_non_zero_on_rejections(ray_cluster, dat
     assert proc.returncode == 1, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("rsray: error: 6 of 66 records rejected")
-    proc = subprocess.run(
-        args[:-1] + ["prepare.max_reject_fraction=0.2"], env=env, capture_output=True, text=True, timeout=300
+    # again, and while it runs a second prepare into the same folder is refused in one line
+    first = subprocess.Popen(
+        args[:-1] + ["prepare.max_reject_fraction=0.2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "prepared" in proc.stdout and "60 images" in proc.stdout
+    lock = tmp_path / "cli" / "prepare-lock.json"
+    deadline = time.monotonic() + 120
+    while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert lock.exists(), "the first prepare never held the output's lock"
+    from rsray.config import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        prepare(config(dataset, tmp_path / "cli"))
+    message = str(refused.value)
+    assert "\n" not in message and f"is being written by another prepare (pid {first.pid} on " in message
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
+    assert "prepared" in out and "60 images" in out and not lock.exists()
 
 
 def test_bert_tokenizer_ids_are_attached_when_configured(ray_cluster, dataset, tmp_path, tiny_tokenizer):
