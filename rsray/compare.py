@@ -1,6 +1,9 @@
 """The paper-style comparison table, from what MLflow recorded: one row per model (or per any tag's
 value), the test split's i2t/t2i R@1/5/10, mR and mR with SMR, as mean ± standard deviation where
-a group holds repeated runs (seeds, folds).
+a group holds repeated runs (seeds, folds). A row never averages runs trained on different data:
+when the runs' datasets differ (the digest of their prepared shards), each row is per model and
+dataset, named `<model> on <dataset>` from the manifest's name (with the digest where two datasets
+share a name).
 
 The numbers are the runs' own `test/*` and `test_smr/mR` metrics (logged when training ends, or by
 `rsray evaluate`): the table is never recomputed, so it says exactly what the runs table says.
@@ -30,6 +33,7 @@ COLUMNS = (
     ("test_smr/mR", "mR+SMR"),
 )
 FORMATS = ("md", "csv", "latex")
+TAG_DIGEST = "dataset_digest"  # the prepared data's digest (rsray.data.verify.data_digest), set by training
 # A model with a second retrieval stage (CMPAGL's ITM) gets a row per stage after its own:
 # (row suffix, prefix of the stage's numbers, the stage's mR+SMR metric or None)
 STAGE_ROWS = ((" +ITM", "test_itm/", "test_itm_smr/mR"), (" +ITM+SMR", "test_itm_smr/", None))
@@ -83,9 +87,13 @@ def collect(client: Any, experiment: str, run_ids: Sequence[str] = (), group_by:
     )  # a study's parent holds its members' means: the members are the repeats
     if not runs:
         raise NothingToCompare(f"no finished run of experiment {experiment!r} has test numbers (test/mR)")
+    datasets = {run.info.run_id: run_dataset(run) for run in runs}
+    several = len({digest for _, digest in datasets.values()}) > 1
     groups: dict[str, Group] = {}
     for run in runs:
         name = run.data.tags.get(group_by) or run.info.run_name or run.info.run_id
+        if several:  # a row never averages runs on different data: each dataset gets its own rows
+            name = f"{name} on {dataset_label(datasets[run.info.run_id], datasets.values())}"
         metrics = run.data.metrics
         _add(groups, name, run.info.run_id, {key: metrics.get(key) for key, _ in COLUMNS})
         for suffix, prefix, smr_key in STAGE_ROWS:
@@ -94,6 +102,25 @@ def collect(client: Any, experiment: str, run_ids: Sequence[str] = (), group_by:
                 stage[COLUMNS[-1][0]] = metrics.get(smr_key) if smr_key else None
                 _add(groups, name + suffix, run.info.run_id, stage)
     return list(groups.values())
+
+
+def run_dataset(run: Any) -> tuple[str, str]:
+    """(name, digest) of the data a run trained on: its `dataset` and `dataset_digest` tags, or its
+    MLflow dataset input (runs from before the digest tag); ("?", "") when it recorded neither."""
+    tags = run.data.tags
+    if tags.get(TAG_DIGEST):
+        return tags.get("dataset") or "?", tags[TAG_DIGEST]
+    inputs = getattr(getattr(run, "inputs", None), "dataset_inputs", None) or []
+    for item in inputs:
+        return item.dataset.name or tags.get("dataset") or "?", item.dataset.digest or ""
+    return tags.get("dataset") or "?", ""
+
+
+def dataset_label(dataset: tuple[str, str], every: Any) -> str:
+    """The dataset's name, with its digest's first 8 characters where two datasets share the name."""
+    name, digest = dataset
+    shared = len({d for n, d in set(every) if n == name}) > 1
+    return f"{name} ({digest[:8] or 'no digest'})" if shared else name
 
 
 def _add(groups: dict[str, Group], name: str, run_id: str, values: dict[str, float | None]) -> None:

@@ -61,7 +61,13 @@ def preflight(cfg: Config) -> RunPlan:
 
 
 def default_run_name(cfg: Config) -> str:
-    return f"{cfg.model.get('name', 'model')}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """<model>-<dataset>-<time>, the dataset named by the prepared data's manifest (the data the run
+    reads), or `data.name` when the manifest cannot be read yet (preflight then says why)."""
+    try:
+        dataset = read_manifest(cfg.train.data).get("dataset") or cfg.data.name
+    except Exception:  # preflight reports the real problem in one line
+        dataset = cfg.data.name
+    return f"{cfg.model.get('name', 'model')}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def absolute_paths(cfg: Config) -> Config:

@@ -59,6 +59,18 @@ class EpochLogger(UserCallback):
         self._tracker.log_metrics(metrics[0], step=int(metrics[0]["epoch"]))
 
 
+def run_tags(cfg: Config, manifest: Manifest) -> dict[str, str]:
+    """The run's `model`, `dataset` (the prepared data's own name, from its manifest) and
+    `dataset_digest` tags: what `rsray compare` groups by, so a row never mixes datasets."""
+    from rsray.data.verify import data_digest
+
+    return {
+        "model": cfg.model.get("name", ""),
+        "dataset": manifest.get("dataset") or cfg.data.name,
+        "dataset_digest": data_digest(manifest),
+    }
+
+
 def log_data_input(tracker, cfg: Config, manifest: Manifest) -> None:
     """The prepared data as the run's MLflow dataset input: its name, URI, a digest of its shards'
     checksums (`rsray.data.verify.data_digest`) and its split counts, so runs can be filtered by

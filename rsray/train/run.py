@@ -46,7 +46,7 @@ def train(cfg: Config, tracker=None, callbacks: Sequence[Any] = (), score_test: 
 
     from rsray.runtime import configure_data_context, ensure_ray
     from rsray.tracking import NullTracker, Tracker
-    from rsray.train.records import log_data_input, log_earlier_epochs, log_run_artifacts
+    from rsray.train.records import log_data_input, log_earlier_epochs, log_run_artifacts, run_tags
     from rsray.train.run_folder import RunLock
 
     check_every_node_sees_the_paths(cfg)  # before the run lock writes into train.storage_path
@@ -68,7 +68,7 @@ def train(cfg: Config, tracker=None, callbacks: Sequence[Any] = (), score_test: 
                     cfg.tracking,
                     cfg.train.run_name,
                     params=cfg.to_dict(),
-                    tags={"model": cfg.model.get("name", ""), "dataset": cfg.data.name},
+                    tags=run_tags(cfg, plan.manifest),
                 )
         name = cfg.train.run_name
         log_data_input(tracker, plan.cfg, plan.manifest)

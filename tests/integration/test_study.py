@@ -28,6 +28,7 @@ def test_a_study_over_two_seeds_logs_two_children_and_their_spread_in_the_parent
             f"train.data={prepared}",
             f"train.storage_path={tmp_path}",
             "train.epochs=1",
+            "train.num_workers=1",  # a member is an ordinary training (2 workers: test_train's); one starts faster
             "tracking.log_model=false",  # a member is an ordinary training: its model is tested in test_train
             "study.name=vsepp-seeds",
             f"tracking.uri={mlflow_server}",

@@ -80,3 +80,44 @@ def test_a_model_with_an_itm_stage_gets_a_row_per_stage_from_a_real_store(tmp_pa
     assert rows[1].endswith("| 16.00 | 17.00 |")  # ITC's mR and mR+SMR
     assert rows[2].endswith("| 26.00 | 36.00 |")  # +ITM's mR, and +ITM+SMR's mR in the SMR column
     assert rows[3].startswith("| cmpagl +ITM+SMR | 1 | 30.00 |") and rows[3].endswith("| 36.00 | - |")
+
+
+def test_runs_on_different_data_never_share_a_row(tmp_path):
+    """Three VSE++ runs on three prepared outputs (two share the manifest's name): three rows named
+    by dataset (and digest where names clash), never one mean; runs on one dataset keep one row.
+    Runs without the digest tag (sweep trials, older runs) are told apart by their dataset input."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Dataset, DatasetInput
+
+    from rsray.compare import collect
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("datasets")
+
+    def run(dataset: str, digest: str, mR: float, tagged: bool = True) -> None:
+        tags = {"model": "vsepp", "dataset": "rsray_sample"}  # what runs used to say, whatever they read
+        if tagged:
+            tags.update(dataset=dataset, dataset_digest=digest)
+        created = client.create_run(experiment, tags=tags)
+        if not tagged:
+            source = Dataset(dataset, digest, "local", '{"uri": "/data"}')
+            client.log_inputs(created.info.run_id, datasets=[DatasetInput(source)])
+        client.log_metric(created.info.run_id, "test/mR", mR)
+        client.set_terminated(created.info.run_id)
+
+    run("rsray_sample", "aaaaaaaa11", 50.0)
+    run("rsray_sample", "bbbbbbbb22", 60.0, tagged=False)
+    run("ucm_like", "cccccccc33", 70.0)
+    rows = {g.name: g.values["test/mR"] for g in collect(client, "datasets")}
+    assert rows == {
+        "vsepp on rsray_sample (aaaaaaaa)": [50.0],
+        "vsepp on rsray_sample (bbbbbbbb)": [60.0],
+        "vsepp on ucm_like": [70.0],
+    }
+    same = client.create_experiment("one-dataset")
+    for value in (50.0, 52.0):
+        created = client.create_run(same, tags={"model": "vsepp", "dataset": "d", "dataset_digest": "x"})
+        client.log_metric(created.info.run_id, "test/mR", value)
+        client.set_terminated(created.info.run_id)
+    ((group),) = collect(client, "one-dataset")
+    assert group.name == "vsepp" and group.values["test/mR"] == [50.0, 52.0]
