@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -17,8 +18,8 @@ from rsray.config import Config, ConfigError, load_config
 
 EPILOG = """config: a YAML file or a shipped preset (e.g. presets/cpu-tiny; `conf/` in the source), then
 key=value overrides such as data.root=/data/rsitmd prepare.image_size=256. Run `rsray STAGE --help`.
-exit codes: 0 done, 1 the work failed, 2 bad input or config, 3 storage (S3, a shard missing or
-changed), 130 interrupted; errors are one line."""
+exit codes: 0 done, 1 the work failed, 2 bad input or config, 3 storage (S3, a full disk, a shard
+missing or changed; also inside a Ray worker), 130 interrupted; errors are one line."""
 
 
 def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -60,6 +61,15 @@ def setup_logging(verbose: bool = False, stage: str = "rsray") -> None:
     route(verbose, stage)
 
 
+def describe_os_error(exc: OSError) -> str:
+    """`<path>: no space left on device ([Errno 28])` for an error that names its file; else its
+    message's last line (pyarrow's own messages name the path and the errno)."""
+    if exc.filename and exc.strerror:
+        return f"{exc.filename}: {exc.strerror[0].lower()}{exc.strerror[1:]} ([Errno {exc.errno}])"
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
 def print_error(exc: BaseException | str, prefix: str = "error: ") -> None:
     """The one-line error every command ends with, credentials redacted."""
     from rsray.redact import redact
@@ -67,8 +77,68 @@ def print_error(exc: BaseException | str, prefix: str = "error: ") -> None:
     print(f"rsray: {prefix}{' '.join(redact(exc).split())}", file=sys.stderr)
 
 
+def underlying_error(exc: BaseException) -> BaseException:
+    """The error a Ray task, actor or Train worker raised, out of the wrappers that carried it to
+    the driver (Ray's RayTaskError `.cause`, Ray Data's UserCodeException, Ray Train's worker and
+    controller failures, rsray's TrainingFailed): a full disk inside a worker is then the same
+    OSError, one line and exit code, as on the driver. `exc` itself when it wraps nothing."""
+    seen: set[int] = set()
+    outer = exc  # a RayTaskError's message also holds its cause's traceback
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None)  # RayTaskError (also the class Ray mixes into the cause's)
+        if not isinstance(inner, BaseException):
+            failures = getattr(exc, "worker_failures", None)  # Ray Train's WorkerGroupError
+            inner = next(iter(failures.values()), None) if isinstance(failures, dict) else None
+        if not isinstance(inner, BaseException):
+            inner = getattr(exc, "controller_failure", None)  # Ray Train's ControllerError
+        if not isinstance(inner, BaseException) and type(exc).__name__ in _WRAPPERS:
+            inner = exc.__cause__ or _os_error_in_message(exc) or _os_error_in_message(outer)
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    return exc
+
+
+_OS_ERROR_LINE = re.compile(r"^(?:\w+\.)*\w*(?:OSError|IOError|Error): \[Errno (\d+)\] (.+?)(?:: '(.+)')?$")
+
+
+def _os_error_in_message(exc: BaseException) -> OSError | None:
+    """Ray Data's UserCodeException reaches the driver without its __cause__ (not pickled), but its
+    message holds the cause's last line, `OSError: [Errno 28] No space left on device: '/x'`:
+    rebuilt into that OSError (the errno picks the subclass); None for any other cause."""
+    for line in reversed(str(exc).splitlines()):
+        match = _OS_ERROR_LINE.match(line.strip())
+        if match:
+            number, reason, filename = match.groups()
+            return OSError(int(number), reason, filename) if filename else OSError(int(number), reason)
+    return None
+
+
+# Errors that only carry another one (their __cause__) to the driver.
+_WRAPPERS = ("UserCodeException", "TrainingFailed", "TrainingFailedError", "WorkerGroupError", "ControllerError")
+
+
 def run_cli(fn: Callable[[], int | None]) -> int:
-    """Run a stage, turning errors a user can fix into one line and a non-zero exit code."""
+    """Run a stage, turning errors a user can fix into one line and a non-zero exit code, the same
+    whether the error was raised on the driver or inside a Ray worker (`underlying_error`)."""
+
+    def storage_errors_unwrapped() -> int | None:
+        try:
+            return fn()
+        except Exception as exc:
+            inner = underlying_error(exc)
+            if inner is exc or not isinstance(inner, OSError):
+                raise
+            import logging
+
+            logging.getLogger("traceback").info("the error that ended this command", exc_info=exc)
+            raise inner from None  # a worker's storage error ends as the driver's would
+
+    return _dispatch(storage_errors_unwrapped)
+
+
+def _dispatch(fn: Callable[[], int | None]) -> int:
     from rsray.data.formats import AnnotationError
     from rsray.data.prepare import TooManyRejections
     from rsray.data.verify import ShardMismatch
@@ -87,10 +157,10 @@ def run_cli(fn: Callable[[], int | None]) -> int:
     except TooManyRejections as exc:
         print_error(exc)
         return 1
-    except OSError as exc:  # storage: S3 unreachable or refused
+    except OSError as exc:  # storage: S3 unreachable or refused, a full disk
         from rsray.storage import explain_unreachable
 
-        print_error(explain_unreachable(exc) or exc)
+        print_error(explain_unreachable(exc) or describe_os_error(exc))
         return 3
     except KeyboardInterrupt as exc:
         print_error(f"interrupted{': ' if str(exc) else ''}{exc}", prefix="")

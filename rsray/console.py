@@ -42,6 +42,20 @@ class RedactingFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
+class BriefLibraryErrors(RedactingFormatter):
+    """The console's format when not verbose: a library's error (Ray Train's controller reporting a
+    worker's failure, say) as its first line only, without the traceback, which the log file keeps:
+    the command's own one-line error follows it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name == OWN_LOGGER or record.name.startswith(OWN_LOGGER + "."):
+            return super().format(record)
+        lines = [line for line in record.getMessage().splitlines() if line.strip()]
+        brief = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None, "stack_info": None})
+        brief.msg, brief.args = (lines[0] if lines else "") + " (details in the log file)", None
+        return super().format(brief)
+
+
 class OwnLinesOnly(logging.Filter):
     """The console's rule when not verbose: rsray's records at their level, others' from ERROR up."""
 
@@ -89,7 +103,7 @@ def setup_logging(verbose: bool = False, stage: str = "rsray") -> Path | None:
             handler.close()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     console = CurrentStderrHandler()
-    console.setFormatter(RedactingFormatter("rsray: %(message)s"))
+    console.setFormatter((RedactingFormatter if verbose else BriefLibraryErrors)("rsray: %(message)s"))
     console.addFilter(RedactingFilter())
     if not verbose:
         console.addFilter(OwnLinesOnly())

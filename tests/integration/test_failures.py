@@ -332,3 +332,45 @@ def test_more_workers_than_the_cluster_can_place_is_one_line_after_the_wait(prep
         "the cluster's 1 node(s) hold 8 of them at most"
     ), err
     assert "waited 2 s (train.resource_wait_s) for more nodes" in last_line(err)
+
+
+# ----------------------------------------------------------------------------- errors from inside Ray
+
+
+FULL = "rsray: error: /full/out/part-00000.parquet: no space left on device ([Errno 28])"
+
+
+def _disk_full(*_args):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device", "/full/out/part-00000.parquet")
+
+
+def test_a_full_disk_inside_a_ray_task_a_data_job_or_a_train_worker_is_the_drivers_one_line(ray_cluster, capsys):
+    """The same cause, the same line and exit code (3, storage) wherever it was raised: a Ray task,
+    a Ray Data map task (wrapped in UserCodeException), or a Train worker (WorkerGroupError, then
+    rsray's TrainingFailed); the traceback goes to the log file, not the console."""
+    import ray
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from rsray.cli import run_cli
+    from rsray.train.errors import TrainingFailed
+
+    def train_failure():
+        try:
+            ray.get(ray.remote(_disk_full).remote())
+        except Exception as worker_error:
+            group = WorkerGroupError("Training failed due to worker errors", {0: worker_error})
+            raise TrainingFailed("training run x failed: ...") from group
+
+    failing = {
+        "task": lambda: ray.get(ray.remote(_disk_full).remote()),
+        "data": lambda: ray.data.range(8).map_batches(_disk_full).materialize(),
+        "train": train_failure,
+        "driver": _disk_full,
+    }
+    for where, fn in failing.items():
+        assert run_cli(fn) == 3, where
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines[-1] == FULL, (where, lines[-3:])
+        assert not any("Traceback" in line or "\x1b[" in line for line in lines), where

@@ -127,3 +127,17 @@ def test_the_console_follows_stderr_swapped_and_closed_after_setup(fresh_logging
     monkeypatch.setattr(sys, "stderr", second)
     logging.getLogger("rsray.prepare").info("wrote 400 records")
     assert second.getvalue() == "rsray: wrote 400 records\n"
+
+
+def test_a_library_error_is_one_line_on_the_console_and_whole_in_the_log_file(fresh_logging, capsys):
+    """Ray Train's controller logs a worker's failure with its traceback: the console gets its first
+    line, the log file all of it; rsray's own errors keep their traceback on neither side cut."""
+    path = console.setup_logging(verbose=False, stage="train")
+    try:
+        raise OSError(28, "No space left on device", "/full/checkpoint_0/state.pt")
+    except OSError:
+        logging.getLogger("ray.train").error("Worker group failed:\nline two", exc_info=True)
+    err = capsys.readouterr().err
+    assert err == "rsray: Worker group failed: (details in the log file)\n"
+    written = path.read_text()
+    assert "line two" in written and "Traceback (most recent call last)" in written and "No space left" in written
