@@ -23,9 +23,13 @@ from rsray.data.manifest import Manifest, train_pairs
 SHUFFLE_BUFFER_BATCHES = 8  # local shuffle buffer per worker, in batches (at least 1000 pairs)
 
 
-def train_dataset(cfg: Any, manifest: Manifest):
+def train_dataset(cfg: Any, manifest: Manifest, first_epoch: int = 0):
     """The train split's shard files (listed in `manifest`, the manifest of `cfg.train.data`) as a
-    Ray Dataset of (image, caption) pair rows, in a block order fixed by `train.seed`."""
+    Ray Dataset of (image, caption) pair rows, in a block order fixed by `train.seed` and the epoch.
+
+    Ray Data reseeds the block order by its execution count (one execution per epoch); a run resumed
+    at `first_epoch` starts that count there, so its epochs read in the order the uninterrupted run's
+    did (otherwise its first epoch would repeat epoch 0's order)."""
     import ray
     import ray.data
 
@@ -74,6 +78,12 @@ def train_dataset(cfg: Any, manifest: Manifest):
     else:
         stream = dataset.randomize_block_order(**shuffle_blocks).map_batches(**explode)
     stream.context.enable_progress_bars = False  # runs every epoch; rank 0 logs one line per epoch instead
+    # RandomSeedConfig(reseed_after_execution) mixes the seed with the context's execution index, a
+    # counter Ray Data keeps privately (2.60: DataContext._execution_idx, +1 per finished execution);
+    # the resume test fails if a Ray release renames it
+    if not hasattr(stream.context, "_execution_idx"):
+        raise RuntimeError("this Ray Data has no DataContext._execution_idx: a resumed run could not keep its order")
+    stream.context._execution_idx = first_epoch
     return stream
 
 

@@ -30,6 +30,7 @@ class RunPlan:
     cfg: Config
     model: Any
     manifest: Manifest
+    start_epoch: int = 0  # the epoch training starts at: after the checkpoint a rerun resumes from
 
     @property
     def run_name(self) -> str:
@@ -57,7 +58,8 @@ def preflight(cfg: Config) -> RunPlan:
     if point is not None:
         check_resume(cfg, point)
     wait_for_resources(cfg)
-    return RunPlan(cfg=cfg, model=model_config(cfg), manifest=manifest)
+    start = point.epoch + 1 if point is not None else 0
+    return RunPlan(cfg=cfg, model=model_config(cfg), manifest=manifest, start_epoch=start)
 
 
 def default_run_name(cfg: Config) -> str:

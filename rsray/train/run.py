@@ -141,7 +141,7 @@ def build_trainer(plan: RunPlan, mlflow_run_id: str | None = None, callbacks: Se
             placement_strategy=tc.placement.upper(),
         ),
         run_config=run_config,
-        datasets={"train": train_dataset(cfg, plan.manifest)},
+        datasets={"train": train_dataset(cfg, plan.manifest, first_epoch=plan.start_epoch)},
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
 

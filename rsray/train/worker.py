@@ -131,6 +131,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
 
     with BatchDecoder(model_cfg.augment, tc.decode_workers) as decoder:  # forked once, reused every epoch
         for epoch in range(start_epoch, tc.epochs):
+            # every epoch draws from (seed, rank, epoch), whatever ran before it in this process: a
+            # resumed run (any rank, any number of restarts) draws what the uninterrupted one did
+            seed_everything(tc.seed, rank, epoch)
             lr = float(scheduler.get_last_lr()[0])
             batches = pair_batches(shard, tc.batch_size, decoder, tc.seed, epoch, rank)
             stats = train_epoch(

@@ -310,20 +310,34 @@ def test_rsray_evaluate_reads_a_registered_model_by_its_alias(trained, mlflow_se
     assert f"models:/{REGISTERED}@nowhere: cannot be read from {mlflow_server}" in capsys.readouterr().err
 
 
-def test_a_rerun_with_the_same_name_resumes_from_the_last_checkpoint(trained):
-    """Ray Train restores a run folder's checkpoints when a run of the same name starts again; the
-    worker loop resumes after the last checkpoint's epoch (the path a restarted worker group takes)."""
-    cfg, first = trained
-    cfg.train.epochs = EPOCHS + 1
-    result = train(cfg)
-    history = result.return_value
-    assert [int(m["epoch"]) for m in history] == list(range(EPOCHS + 1))
-    assert history[:EPOCHS] == first.return_value  # carried in the checkpoint, not trained again
-    assert load_checkpoint_state(result.checkpoint)["epoch"] == EPOCHS
-    assert len(result.best_checkpoints) == cfg.train.keep_checkpoints
-    # the new MLflow run shows the whole curve: epochs it trained, and the earlier ones from the checkpoint
+def test_a_run_stopped_after_epoch_0_and_resumed_trains_as_the_uninterrupted_run(trained):
+    """The shared run trained its epochs without a stop. The same config as a new run stopped after
+    epoch 0 (its only epoch), then run again with every epoch: Ray Train restores the run folder's
+    checkpoint, the worker resumes at epoch 1, the stream reads epoch 1's block order (not epoch 0's
+    again) and every rank draws epoch 1's seeds, so epoch 1's loss and val mR are the uninterrupted
+    run's, and the MLflow run of the rerun shows the whole curve. (The tiny VSE++ schedule is flat
+    over these epochs, so stopping by `train.epochs=1` changes nothing else.)"""
+    import copy
+
+    cfg, uninterrupted = trained
+    stopped = copy.deepcopy(cfg)
+    stopped.train.run_name, stopped.train.epochs = "stopped-after-epoch-0", 1
+    stopped.tracking.register_as, stopped.tracking.log_model = "", False
+    train(stopped)
+    resumed = copy.deepcopy(stopped)
+    resumed.train.epochs = EPOCHS
+    result = train(resumed)
+    history, reference = result.return_value, uninterrupted.return_value
+    assert [int(m["epoch"]) for m in history] == list(range(EPOCHS))
+    assert load_checkpoint_state(result.checkpoint)["epoch"] == EPOCHS - 1
+    for epoch in range(EPOCHS):
+        for key in ("train/loss", "val/mR"):
+            assert history[epoch][key] == pytest.approx(reference[epoch][key], rel=1e-6, abs=1e-6), (epoch, key)
+    print(
+        f"\nepoch 1 after a stop: loss {history[1]['train/loss']:.4f}, uninterrupted {reference[1]['train/loss']:.4f}"
+    )
     logged = metric_history(result.mlflow_run_id, "val/mR", tracking_uri=cfg.tracking.uri)
-    assert [step for step, _ in logged] == list(range(EPOCHS + 1))
+    assert [step for step, _ in logged] == list(range(EPOCHS))  # epoch 0 from the checkpoint, epoch 1 trained
 
 
 @pytest.mark.parametrize("cache", ["always", "never"])
