@@ -303,6 +303,27 @@ class Tracker:
     def log_text(self, text: str, name: str) -> None:
         self._call(f"log {name}", self.client.log_text, self.run_id, redact_config_text(text), name)
 
+    def end_orphans(self, run_name: str, storage_path: str) -> list[str]:
+        """Mark KILLED the runs of this experiment still RUNNING under `run_name` with this
+        `train.storage_path`, other than this one: their driver died without ending them (a SIGKILL,
+        a lost machine). Called by a run that holds the run folder's lock, which proves no live
+        driver has that folder. Returns their ids (none when the store cannot be searched)."""
+        quoted = run_name.replace("'", "\\'")
+        found = self._call(
+            "find runs left running",
+            self.client.search_runs,
+            [self.experiment_id],
+            filter_string=f"tags.mlflow.runName = '{quoted}' and attributes.status = 'RUNNING'",
+        )
+        orphans = [
+            run.info.run_id
+            for run in found or []
+            if run.info.run_id != self.run_id and run.data.params.get("train.storage_path") == storage_path
+        ]
+        for run_id in orphans:
+            self._call(f"end run {run_id} left running", self.client.set_terminated, run_id, "KILLED")
+        return orphans
+
     def end(self, status: str = "FINISHED") -> None:
         """Stop system metrics and mark the run FINISHED, FAILED or KILLED (once)."""
         if self._ended:
@@ -375,6 +396,9 @@ class NullTracker:
         return cls()
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
+    def end_orphans(self, run_name: str, storage_path: str) -> list[str]:
+        return []
+
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int, prefix: str = "", **links: Any) -> None: ...
     def log_dataset(self, name: str, digest: str, source: str, profile: Mapping[str, Any], context: str) -> None: ...

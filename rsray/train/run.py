@@ -71,6 +71,8 @@ def train(cfg: Config, tracker=None, callbacks: Sequence[Any] = (), score_test: 
                     tags=run_tags(cfg, plan.manifest),
                 )
         name = cfg.train.run_name
+        for orphan in tracker.end_orphans(name, plan.cfg.train.storage_path):  # we hold the run's lock
+            log.warning("MLflow run %s of %r was left RUNNING by a driver that died: marked KILLED", orphan, name)
         log_data_input(tracker, plan.cfg, plan.manifest)
         try:  # from here on, whatever stops the run ends its MLflow run too (never left RUNNING)
             ensure_ray()

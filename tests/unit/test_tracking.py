@@ -259,3 +259,19 @@ def test_the_ui_command_works_from_any_folder(tmp_path, monkeypatch):
     assert rest == f"--backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.chdir(Path(sys.executable).parent.parent)  # inside the venv: a short relative name
     assert ui_command("http://h:5000").startswith("bin/mlflow ui --backend-store-uri http://h:5000")
+
+
+def test_a_run_left_running_by_a_dead_driver_is_marked_killed_by_the_next_run_of_its_folder(local_cfg):
+    """A SIGKILLed driver never ends its MLflow run; the next run of that name and folder (which
+    holds the folder's lock, so no live driver has it) marks it KILLED. A RUNNING run of the same
+    name in another folder is someone else's and stays."""
+    from mlflow import MlflowClient
+
+    orphan = Tracker.start(local_cfg, "named", params={"train": {"storage_path": "/runs"}})
+    elsewhere = Tracker.start(local_cfg, "named", params={"train": {"storage_path": "/other"}})
+    again = Tracker.start(local_cfg, "named", params={"train": {"storage_path": "/runs"}})
+    assert again.end_orphans("named", "/runs") == [orphan.run_id]
+    client = MlflowClient(local_cfg.uri)
+    status = {t.run_id: client.get_run(t.run_id).info.status for t in (orphan, elsewhere, again)}
+    assert status == {orphan.run_id: "KILLED", elsewhere.run_id: "RUNNING", again.run_id: "RUNNING"}
+    assert NullTracker().end_orphans("named", "/runs") == []
