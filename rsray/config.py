@@ -193,6 +193,10 @@ class TrainConfig:
     amp: str = "auto"
     max_failures: int = 2  # worker-group restarts Ray Train may make, resuming from the last checkpoint
     keep_checkpoints: int = 2  # best by validation mR are kept
+    # async: rank 0 writes each epoch's checkpoint to a local folder and Ray Train uploads it to
+    # storage_path in a background thread while the next epoch trains (Ray's CheckpointUploadMode;
+    # the epoch's metrics reach the driver once it is uploaded) | sync: the upload ends the epoch
+    checkpoint_upload: str = "async"
     eval_batch_size: int = 64  # images per batch when rank 0 scores the validation split
     # Processes per worker that decode + augment training images (rsray.data.decode); 0 = in the
     # training process. One process manages about 420 pairs/s at 256 px: a GPU worker needs several
@@ -232,6 +236,8 @@ class TrainConfig:
         return self.num_workers[-1] if self.elastic else self.num_workers
 
     def check(self) -> Iterator[tuple[str, str]]:
+        if self.checkpoint_upload not in ("async", "sync"):
+            yield "checkpoint_upload", f"must be async or sync, got {self.checkpoint_upload!r}"
         for name in ("epochs", "batch_size", "keep_checkpoints", "eval_batch_size"):
             if getattr(self, name) < 1:
                 yield name, f"must be positive, got {getattr(self, name)}"

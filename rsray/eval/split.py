@@ -27,12 +27,48 @@ def encode_split(
     device: torch.device | str = "cpu",
     image_batch: int = 64,
     caption_batch: int = 256,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of every image (table order) and every caption (image 0's captions first, ...)."""
+    sharded: bool = False,
+) -> tuple[Any, Any]:
+    """Features of every image (table order) and every caption (image 0's captions first, ...).
+
+    `sharded` (inside a torch.distributed group, every rank calling with the same table): each rank
+    encodes its contiguous share of the images and their captions, and every rank gets the whole
+    split's features in table order (all_gather_object: tensors or a pairwise model's tuples), so
+    validation keeps every worker busy instead of one."""
     model.eval()
+    world, rank = _group()
+    if sharded and world > 1:
+        bounds = [len(table) * r // world for r in range(world + 1)]
+        share = table.slice(bounds[rank], bounds[rank + 1] - bounds[rank])
+        mine = encode_split(model, share, augment, device, image_batch, caption_batch) if len(share) else None
+        shares: list[Any] = [None] * world
+        torch.distributed.all_gather_object(shares, _moved(mine, "cpu"))
+        shares = [share for share in shares if share is not None]  # a split smaller than the group
+        return tuple(concat_rows([_moved(share[i], device) for share in shares]) for i in (0, 1))
     images = [model.encode_images(to_device(b, device)) for b in eval_images(table, augment, image_batch)]
     texts = [model.encode_texts(to_device(b, device)) for b in eval_captions(table, caption_batch)]
     return concat_rows(images), concat_rows(texts)  # tensors, or a pairwise model's feature tuples
+
+
+def _group() -> tuple[int, int]:
+    """(world size, rank) of the default process group; (1, 0) outside one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _moved(features: Any, device: torch.device | str) -> Any:
+    """Features on `device`: a tensor, or tuples (named ones too) and dicts of them."""
+    if torch.is_tensor(features):
+        return features.to(device)
+    if isinstance(features, dict):
+        return {key: _moved(value, device) for key, value in features.items()}
+    if isinstance(features, tuple):
+        moved = [_moved(value, device) for value in features]
+        return type(features)(*moved) if hasattr(features, "_fields") else tuple(moved)
+    return features
 
 
 @dataclass
@@ -48,10 +84,18 @@ class SplitScores:
 
 @torch.no_grad()
 def score_split(
-    model: RetrievalModel, table: pa.Table, augment: Any, device: torch.device | str = "cpu", image_batch: int = 64
-) -> SplitScores:
-    """Encode every image and caption of a split and score them all (blocked, bounded memory)."""
-    image_features, text_features = encode_split(model, table, augment, device, image_batch=image_batch)
+    model: RetrievalModel,
+    table: pa.Table,
+    augment: Any,
+    device: torch.device | str = "cpu",
+    image_batch: int = 64,
+    sharded: bool = False,
+) -> SplitScores | None:
+    """Encode every image and caption of a split and score them all (blocked, bounded memory).
+    `sharded`: every rank encodes its share (`encode_split`), rank 0 scores; None on the others."""
+    image_features, text_features = encode_split(model, table, augment, device, image_batch, sharded=sharded)
+    if sharded and _group()[1] != 0:
+        return None
     scores = score_matrix(model, image_features, text_features).float()
     scenes = image_scenes(table)
     return SplitScores(
@@ -71,13 +115,18 @@ def evaluate(
     device: torch.device | str = "cpu",
     smr: SMRConfig | None = None,
     image_batch: int = 64,
-) -> dict[str, float]:
+    sharded: bool = False,
+) -> dict[str, float] | None:
     """The protocol's numbers on one split's whole gallery (scene recall where scenes exist);
     with `smr`, the same again after SMR re-ranking under `smr_` names. A model that defines
     `validation_metrics(split, table) -> {name: value}` adds its own numbers, computed from the
     features already encoded here (the scene prior adds its classification accuracy); one that
-    defines `validation_rescore()` gets its second stage's numbers too (`rescore_metrics`)."""
-    split = score_split(model, table, augment, device, image_batch)
+    defines `validation_rescore()` gets its second stage's numbers too (`rescore_metrics`).
+    `sharded` (every rank of a torch.distributed group calls it): the ranks share the encoding,
+    rank 0 scores and returns the numbers, the others None (`score_split`)."""
+    split = score_split(model, table, augment, device, image_batch, sharded=sharded)
+    if split is None:
+        return None
     metrics = retrieval_metrics(split.scores, split.caption_image, split.scenes)
     own_metrics = getattr(model, "validation_metrics", None)
     if own_metrics is not None:

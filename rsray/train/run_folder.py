@@ -40,6 +40,7 @@ RESUME_MAY_CHANGE = (
     "train.epochs",
     "train.max_failures",
     "train.keep_checkpoints",
+    "train.checkpoint_upload",
     "train.eval_batch_size",
     "train.decode_workers",
     "train.cache_train_split",

@@ -125,7 +125,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     else:
         seed_everything(tc.seed, rank, start_epoch)
 
-    val = read_split(tc.data, "val", cfg.prepare.s3_endpoint) if rank == 0 else None
+    val = read_split(tc.data, "val", cfg.prepare.s3_endpoint)  # every rank encodes a share of it
     shard = ray.train.get_dataset_shard("train")
     placed = {"workers": context.get_world_size(), "worker_nodes": nodes_of_workers(context.get_world_size())}
 
@@ -161,29 +161,37 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
                 **placed,
             }
             metrics.update({f"train/{'loss' if k == 'total' else k}": v for k, v in losses.items()})
+            started = time.perf_counter()
+            # every worker encodes its share of the validation split, rank 0 scores it
+            scores = evaluate(
+                model, val, model_cfg.augment, device=device, image_batch=tc.eval_batch_size, sharded=True
+            )
             if rank != 0:
                 ray.train.report(metrics)
                 continue
-            started = time.perf_counter()
-            scores = evaluate(model, val, model_cfg.augment, device=device, image_batch=tc.eval_batch_size)
             metrics.update({f"val/{k}": v for k, v in scores.items()})
             metrics["val_seconds"] = time.perf_counter() - started
             history.append(dict(metrics))
             log.info(epoch_line(metrics, tc.epochs))  # not print(): Ray Train echoes a worker print to logging too
-            with tempfile.TemporaryDirectory(prefix="rsray-ckpt-") as folder:
-                write_checkpoint(
-                    folder,
-                    config_from_dict(config["config"]),
-                    model=model.state_dict(),
-                    optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict(),
-                    epoch=epoch,
-                    rng=rng_state(device),
-                    grad_scaler=scaler.state_dict() if scaler is not None else None,
-                    lr_scale=lr_scale,
-                    metrics=metrics,
-                    history=history,
-                    mlflow_run_id=config.get("mlflow_run_id"),
-                )
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            folder = tempfile.mkdtemp(prefix="rsray-ckpt-")  # Ray deletes it once uploaded
+            write_checkpoint(
+                folder,
+                config_from_dict(config["config"]),
+                model=model.state_dict(),
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                epoch=epoch,
+                rng=rng_state(device),
+                grad_scaler=scaler.state_dict() if scaler is not None else None,
+                lr_scale=lr_scale,
+                metrics=metrics,
+                history=history,
+                mlflow_run_id=config.get("mlflow_run_id"),
+            )
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(folder),
+                checkpoint_upload_mode=ray.train.CheckpointUploadMode[tc.checkpoint_upload.upper()],
+                delete_local_checkpoint_after_upload=True,
+            )
     return history

@@ -80,7 +80,32 @@ class _LossForward(torch.nn.Module):
         return self.model.loss(batch)["total"]
 
 
-def _ddp_worker(rank: int, port: int, out: dict) -> None:
+def _sharded_validation(rank: int, sample_root: str) -> dict:
+    """Validation with each rank encoding its share (`evaluate(sharded=True)`) against one process
+    encoding everything, for a two-tower model (VSE++) and a pairwise one (CMPAGL: feature tuples)."""
+    from rsray.data.prepare import prepare_in_process
+    from rsray.eval.split import encode_split, evaluate
+
+    tables, vocab = prepare_in_process(load_config("presets/cpu-tiny", [f"data.root={sample_root}"]))
+    results = {}
+    for name in ("vsepp-tiny", "cmpagl-tiny"):
+        cfg = load_config(f"model/{name}")
+        torch.manual_seed(0)
+        model = build_model(cfg, vocab_size=len(vocab))
+        augment = model_config(cfg).augment
+        table = tables["test"].slice(0, 7)  # 7 images: shares of 3 and 4
+        shared = encode_split(model, table, augment, sharded=True)
+        alone = encode_split(model, table, augment)
+        for ours, theirs in zip(shared, alone, strict=True):  # every rank gets the whole split in table order
+            if torch.is_tensor(ours):
+                torch.testing.assert_close(ours, theirs)
+            else:  # CMPAGL's tuples: the same embeddings; token states differ only where masks say padding
+                torch.testing.assert_close(ours.embedding, theirs.embedding)
+        results[name] = (evaluate(model, table, augment, sharded=True), evaluate(model, table, augment))
+    return results
+
+
+def _ddp_worker(rank: int, port: int, out: dict, sample_root: str | None = None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
@@ -101,14 +126,23 @@ def _ddp_worker(rank: int, port: int, out: dict) -> None:
             "momentum": [p.detach().clone() for p in model.momentum.parameters()],
             "queue": model.queue.image[: int(model.queue.filled)].clone(),
             "filled": int(model.queue.filled),
+            "validation": _sharded_validation(rank, sample_root) if sample_root else None,
         }
     finally:
         dist.destroy_process_group()
 
 
-def test_two_workers_share_one_queue_in_rank_order_and_identical_momentum_weights():
+def test_two_workers_share_one_queue_in_rank_order_and_identical_momentum_weights(tmp_path):
+    from rsray.data.synthetic import generate_sample
+
+    generate_sample(tmp_path / "sample", n_images=30, image_size=64, seed=0, progress=False)
     out = mp.Manager().dict()
-    mp.spawn(_ddp_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    mp.spawn(_ddp_worker, args=(_free_port(), out, str(tmp_path / "sample")), nprocs=WORLD, join=True)
+    for name in ("vsepp-tiny", "cmpagl-tiny"):  # validation shared by the two workers, scored by rank 0
+        (sharded, alone), (other, _) = out[0]["validation"][name], out[1]["validation"][name]
+        numbers = {key for key in alone if not key.endswith("_seconds")}  # timings differ
+        assert {k: sharded[k] for k in numbers} == pytest.approx({k: alone[k] for k in numbers}, abs=1e-9), name
+        assert other is None, name
     expected = list(range(BATCH)) + list(range(100, 100 + BATCH))  # rank 0's batch, then rank 1's
     for rank in range(WORLD):
         assert out[rank]["first_ids"].tolist() == expected
