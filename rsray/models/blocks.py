@@ -135,7 +135,7 @@ class GatedSelfAttention(nn.Module):
             return t.view(b, length, self.heads, self.head_dim).transpose(1, 2)
 
         q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
-        mask_k, mask_q = torch.sigmoid(self.gate(self.gate_q(q) * self.gate_k(k))).chunk(2, dim=-1)
+        mask_q, mask_k = torch.sigmoid(self.gate(self.gate_q(q) * self.gate_k(k))).chunk(2, dim=-1)
         q, k = q * mask_q, k * mask_k
         scores = torch.div(
             q @ k.transpose(-2, -1), math.sqrt(self.head_dim), rounding_mode="floor" if self.floor_divide else None
