@@ -87,11 +87,12 @@ def run_args(prepared: str, runs: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def outage(prepared, ray_cluster, tmp_path_factory):
-    """`rsray train` (3 epochs) tracked on its own MLflow server. Once epoch 0 is logged, a second
-    run with the same name is started in this process (it must be refused while the first lives),
-    then the server is SIGKILLed; the first run goes on without it."""
-
+    """`rsray train` (3 epochs) tracked on its own MLflow server. As soon as it holds its run lock, a
+    second run with the same name is started in this process (it must be refused while the first
+    lives: checked then, because a tiny run can be done before a later check); once epoch 0 is
+    logged the server is SIGKILLed, and the first run goes on without it."""
     from rsray.train.run import train
+    from rsray.train.run_folder import LOCK_FILE
 
     folder = tmp_path_factory.mktemp("outage")
     (folder / "mlflow").mkdir()
@@ -110,9 +111,13 @@ def outage(prepared, ray_cluster, tmp_path_factory):
             log,
             MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
         )
-        wait_for_epoch_0(server.uri, "outage", proc, log)
+        deadline = time.monotonic() + 300
+        while not (runs / RUN / LOCK_FILE).exists():
+            assert proc.poll() is None and time.monotonic() < deadline, f"no run lock:\n{log.read_text()[-3000:]}"
+            time.sleep(0.05)
         with pytest.raises(ConfigError) as second:
             train(load_config(run_args(prepared, runs)[0], run_args(prepared, runs, "tracking.enabled=false")[1:]))
+        wait_for_epoch_0(server.uri, "outage", proc, log)
         server.kill()
         code = proc.wait(timeout=300)
     finally:
