@@ -31,13 +31,18 @@ def encode_split(
 ) -> tuple[Any, Any]:
     """Features of every image (table order) and every caption (image 0's captions first, ...).
 
-    `sharded` (inside a torch.distributed group, every rank calling with the same table): each rank
-    encodes its contiguous share of the images and their captions, and every rank gets the whole
-    split's features in table order (all_gather_object: tensors or a pairwise model's tuples), so
-    validation keeps every worker busy instead of one."""
+    `sharded` (inside a torch.distributed group, every rank calling with the same table): rank 0's
+    buffers are broadcast first, each rank encodes its contiguous share of the images and their
+    captions, and every rank gets the whole split's features in table order (all_gather_object:
+    tensors or a pairwise model's tuples), so validation keeps every worker busy instead of one."""
     model.eval()
     world, rank = _group()
     if sharded and world > 1:
+        # rank 0's buffers on every rank (BatchNorm's running statistics: DDP re-sends them at each
+        # forward, so after the last step each rank holds its own batch's update), so every share
+        # is encoded by the model rank 0 scores and checkpoints
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
         bounds = [len(table) * r // world for r in range(world + 1)]
         share = table.slice(bounds[rank], bounds[rank + 1] - bounds[rank])
         mine = encode_split(model, share, augment, device, image_batch, caption_batch) if len(share) else None
