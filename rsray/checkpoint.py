@@ -19,6 +19,11 @@ import yaml
 from rsray import storage
 
 STATE_FILE, CONFIG_FILE = "state.pt", "config.yaml"
+# A checkpoint's parent is its run's folder (`train.storage_path/train.run_name`), beside Ray Train's
+# record of the checkpoints it registered and, while a driver runs it, the run lock
+# (`rsray.train.run_folder.RunLock`, written with `rsray.locks`).
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+RUN_LOCK_FILE = "rsray-run.json"
 
 
 class UnreadableCheckpoint(ValueError):

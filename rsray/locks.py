@@ -105,6 +105,13 @@ class HolderLock:
                 log.debug("heartbeat to %s failed: %s", self.lock.uri, exc)
 
 
+def live_holder(lock: storage.Location) -> dict | None:
+    """The record of the live holder of `lock`, or None when nobody alive holds it (no file, an
+    unreadable one, or a holder that is gone by the rules above). Takes nothing."""
+    holder = HolderLock(lock).holder()
+    return holder if holder is not None and holder_alive(holder) else None
+
+
 def _this_ray_node() -> str | None:
     import sys
 

@@ -19,8 +19,10 @@ log = logging.getLogger("rsray.runtime")
 
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Initialise Ray once per process; a no-op when it is already running."""
+    import psutil
     import ray
 
+    from rsray import ray_reaper
     from rsray.console import log_file, route_library_logs
 
     if ray.is_initialized():
@@ -35,6 +37,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     cpus = num_cpus or max(4, 2 * (os.cpu_count() or 1))
     if os.path.exists(ray_address_file()):
         log.info("not joining the Ray cluster recorded in %s: set RAY_ADDRESS to join one", ray_address_file())
+    children_before = {child.pid for child in psutil.Process().children()}
     ray.init(
         address="local",
         num_cpus=cpus,
@@ -43,6 +46,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         runtime_env={"worker_process_setup_hook": "rsray.runtime.local_worker_setup"},
     )
     route_library_logs()
+    ray_reaper.watch(children_before)  # the local Ray goes down with this command, even on a SIGKILL
     _wait_for_cpus(cpus)
     log.info("started a local Ray with %d logical CPUs%s", cpus, logs)
 

@@ -324,6 +324,15 @@ class Tracker:
             self._call(f"end run {run_id} left running", self.client.set_terminated, run_id, "KILLED")
         return orphans
 
+    def end_if_running(self, status: str = "KILLED") -> bool:
+        """Mark this run `status` if the store still has it RUNNING; for a run whose driver the
+        caller knows to be dead (an attached run is otherwise never ended here). Whether it did."""
+        run = self._call("read the run's status", self.client.get_run, self.run_id)
+        if run is None or run.info.status != "RUNNING":
+            return False
+        self._call(f"end run ({status})", self.client.set_terminated, self.run_id, status)
+        return True
+
     def end(self, status: str = "FINISHED") -> None:
         """Stop system metrics and mark the run FINISHED, FAILED or KILLED (once)."""
         if self._ended:
@@ -398,6 +407,9 @@ class NullTracker:
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def end_orphans(self, run_name: str, storage_path: str) -> list[str]:
         return []
+
+    def end_if_running(self, status: str = "KILLED") -> bool:
+        return False
 
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int, prefix: str = "", **links: Any) -> None: ...

@@ -68,9 +68,30 @@ def log_to_checkpoint_run(cfg: Any, report: dict[str, Any], figures: dict[str, A
             )
         log_evaluation(tracker, report, figures)
         tracker.end("FINISHED")
+        attached = tracker.run_id == run_id
+        ended = attached and left_by_a_dead_driver(cfg, report["checkpoint"]) and tracker.end_if_running()
     except TrackingUnavailable as exc:
         return f"warning: not logged to MLflow: {redact(exc)}"
     if tracker.not_logged:
         return f"warning: MLflow did not take: {', '.join(tracker.not_logged)}"
     where = "its run" if tracker.run_id == run_id else f"run {tracker.run_id}, a child of"
-    return f"logged to MLflow: {where} {run_id} ({report['split']}/*, {report['split']}_smr/*)"
+    line = f"logged to MLflow: {where} {run_id} ({report['split']}/*, {report['split']}_smr/*)"
+    return line + ("; it was left RUNNING by a driver that died: marked KILLED" if ended else "")
+
+
+def left_by_a_dead_driver(cfg: Any, checkpoint: str) -> bool:
+    """Whether `checkpoint` sits in its run's folder (`train.run_name`, beside Ray Train's snapshot)
+    and no live driver holds that folder's run lock: a driver holds it until it has ended its MLflow
+    run, so a run still RUNNING then was left by one that died. A checkpoint elsewhere (copied out,
+    inside a logged model) says nothing about its run's driver."""
+    from rsray import storage
+    from rsray.checkpoint import RUN_LOCK_FILE, SNAPSHOT_FILE
+    from rsray.locks import live_holder
+
+    if "://" in checkpoint and not storage.is_s3(checkpoint):  # models:/, runs:/: not a run folder
+        return False
+    folder_uri = checkpoint.rstrip("/").rsplit("/", 1)[0]
+    folder = storage.resolve(folder_uri)
+    if folder_uri.rsplit("/", 1)[-1] != cfg.train.run_name or not storage.exists(folder.join(SNAPSHOT_FILE)):
+        return False
+    return live_holder(folder.join(RUN_LOCK_FILE)) is None

@@ -92,16 +92,18 @@ def train(cfg: Config, tracker=None, callbacks: Sequence[Any] = (), score_test: 
         except BaseException:
             tracker.end("FAILED")
             raise
-    # Training is done and its checkpoints are registered: nothing below may fail the run. A tracking
-    # outage is collected by the tracker and reported once (`result.tracking_outage`).
-    try:
-        log_earlier_epochs(tracker, result.return_value or [])
-        log_run_artifacts(tracker, cfg, plan.manifest, result, score_test)
-    except Exception as exc:  # e.g. the best checkpoint cannot be fetched from storage just now
-        log.warning("the run's artifacts were not logged to MLflow: %s", error_summary(exc))
-        tracker.not_logged.append("run artifacts")
-    finally:  # even a Ctrl-C here: the training itself finished
-        tracker.end("FINISHED")
+        # Training is done and its checkpoints are registered: nothing below may fail the run. A
+        # tracking outage is collected by the tracker and reported once (`result.tracking_outage`).
+        # The run lock is held until the MLflow run has ended: a RUNNING run whose folder nobody
+        # holds was left by a dead driver, which the next command on the folder ends as KILLED.
+        try:
+            log_earlier_epochs(tracker, result.return_value or [])
+            log_run_artifacts(tracker, cfg, plan.manifest, result, score_test)
+        except Exception as exc:  # e.g. the best checkpoint cannot be fetched from storage just now
+            log.warning("the run's artifacts were not logged to MLflow: %s", error_summary(exc))
+            tracker.not_logged.append("run artifacts")
+        finally:  # even a Ctrl-C here: the training itself finished
+            tracker.end("FINISHED")
     result.mlflow_run_id, result.mlflow_link = tracker.run_id, tracker.ui_link()
     result.tracking_outage = tracker.outage()
     return result

@@ -28,14 +28,13 @@ from typing import Any
 import yaml
 
 from rsray import storage
-from rsray.checkpoint import CONFIG_FILE
+from rsray.checkpoint import CONFIG_FILE, RUN_LOCK_FILE, SNAPSHOT_FILE
 from rsray.config import Config, config_from_dict
 from rsray.locks import HeldElsewhere, HolderLock
 
 log = logging.getLogger("rsray.train")
 
-LOCK_FILE = "rsray-run.json"
-SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it registered
+LOCK_FILE = RUN_LOCK_FILE
 RESUME_MAY_CHANGE = (
     "train.epochs",
     "train.max_failures",

@@ -318,6 +318,63 @@ def test_the_first_ctrl_c_stops_the_workers_and_marks_the_run_killed(prepared, r
     assert not _still_training(workers)
 
 
+def _running(pids: set[int]) -> set[int]:
+    """Those of `pids` that still run (a zombie has stopped; init reaps it)."""
+    import psutil
+
+    running = set()
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                running.add(pid)
+        except psutil.NoSuchProcess:
+            continue
+    return running
+
+
+def test_a_sigkilled_driver_takes_its_local_ray_down_and_evaluate_ends_its_run_as_killed(
+    prepared, tmp_path, mlflow_server, capsys
+):
+    """`rsray train` with a local Ray of its own (no RAY_ADDRESS), SIGKILLed once epoch 0 is logged:
+    every process of that Ray stops within seconds (without rsray's reaper the dashboard and
+    runtime-env agents lived on, re-parented to init, and the workers trained on for a moment), and
+    `rsray evaluate` of its checkpoint, finding the run RUNNING with no live driver holding its
+    folder, marks it KILLED."""
+    import psutil
+    from mlflow import MlflowClient
+
+    log, runs = tmp_path / "train.log", tmp_path / "runs"
+    environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    tracked = [f"tracking.uri={mlflow_server}", "tracking.experiment=sigkill", "tracking.system_metrics=false"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rsray.pipelines.train", *run_args(prepared, runs, "train.epochs=50", *tracked)],
+            env=environment,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        run = wait_for_epoch_0(mlflow_server, "sigkill", proc, log)
+        local_ray = {child.pid for child in psutil.Process(proc.pid).children(recursive=True)}
+        assert len(local_ray) > 5, log.read_text()[-3000:]  # GCS, raylet, agents, the Train workers, ...
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 15
+    while _running(local_ray) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = {pid: " ".join(psutil.Process(pid).cmdline())[:80] for pid in _running(local_ray)}
+    assert not left, f"still running after the driver's SIGKILL: {left}"
+
+    snapshot = json.loads((runs / RUN / "checkpoint_manager_snapshot.json").read_text())
+    checkpoint = runs / RUN / snapshot["checkpoint_results"][-1]["checkpoint_dir_name"]
+    client = MlflowClient(mlflow_server)
+    assert client.get_run(run.info.run_id).info.status == "RUNNING"  # its driver never ended it
+    assert main(["evaluate", str(checkpoint), "--split", "val"]) == 0
+    assert "it was left RUNNING by a driver that died: marked KILLED" in capsys.readouterr().out
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
+
+
 def test_more_workers_than_the_cluster_can_place_is_one_line_after_the_wait(prepared, ray_cluster, tmp_path, capsys):
     """Ray Train would retry starting the worker group forever; rsray waits train.resource_wait_s
     for an autoscaler and then says what does not fit."""

@@ -103,6 +103,59 @@ def test_an_unreachable_tracking_server_is_a_warning_at_once():
     assert time.monotonic() - started < 10
 
 
+def test_rsray_evaluate_ends_a_run_left_running_by_a_dead_driver_and_no_other(tmp_path, monkeypatch):
+    """Evaluating a checkpoint in its run's folder logs into that run; when the run is still RUNNING
+    and no live driver holds the folder's lock, its driver died (a driver holds the lock until it
+    has ended the run), so the run is marked KILLED. A live holder, or a checkpoint copied out of
+    its run folder, leaves the run as it is."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from mlflow import MlflowClient
+
+    from rsray.checkpoint import RUN_LOCK_FILE, SNAPSHOT_FILE
+    from rsray.config import load_config
+    from rsray.eval.record import log_to_checkpoint_run
+    from rsray.tracking import Tracker
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = load_config("model/vsepp-tiny", [f"tracking.uri={uri}", "tracking.system_metrics=false", "train.run_name=r"])
+    client = MlflowClient(uri)
+    run_folder = tmp_path / "runs" / "r"
+    checkpoint = run_folder / "checkpoint_2026-12-06_00-00-00.000000"
+    checkpoint.mkdir(parents=True)
+    (run_folder / SNAPSHOT_FILE).write_text("{}")
+    copied_out = tmp_path / "elsewhere" / "r" / checkpoint.name  # named like its run, no snapshot beside it
+    copied_out.mkdir(parents=True)
+
+    def evaluate(folder) -> tuple[str, str]:
+        run_id = Tracker.start(cfg.tracking, "r").run_id  # RUNNING: its driver never ends it
+        report = {"mlflow_run_id": run_id, "checkpoint": str(folder), "data": cfg.train.data, "split": "test"}
+        report.update(epoch=1, metrics={"mR": 50.0}, smr_metrics={}, smr={}, ranks={}, image_ids=[])
+        line = log_to_checkpoint_run(cfg, report)
+        return line, client.get_run(run_id).info.status
+
+    line, status = evaluate(checkpoint)
+    assert status == "KILLED" and line.endswith("; it was left RUNNING by a driver that died: marked KILLED"), line
+    assert evaluate(copied_out)[1] == "RUNNING"
+
+    driver = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a live driver's process
+    try:
+        record = {"host": socket.gethostname(), "pid": driver.pid, "started": time.time(), "heartbeat": time.time()}
+        (run_folder / RUN_LOCK_FILE).write_text(json.dumps(record))
+        line, status = evaluate(checkpoint)
+        assert status == "RUNNING" and "KILLED" not in line, line
+    finally:
+        driver.kill()
+        driver.wait()
+    line, status = evaluate(checkpoint)  # the lock's process is gone now
+    assert status == "KILLED", line
+
+
 def test_write_checkpoint_writes_what_read_checkpoint_reads(tmp_path):
     """The layout both ways in one module: a training checkpoint written by `write_checkpoint` loads
     with weights_only (tensors and plain data) and its config.yaml names the run's settings."""
