@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from rsray.cli import config_from_args, print_error, run_cli, setup_logging, stage_parser
+from rsray.ray_errors import underlying_error
 
 
 def run(cfg):
@@ -14,6 +15,8 @@ def run(cfg):
     try:
         result = train(cfg)
     except (TrainingFailed, TrackingUnavailable) as exc:
+        if isinstance(underlying_error(exc), OSError):
+            raise  # storage (a full disk in a worker): run_cli's one line and exit code 3
         print_error(exc)
         return 1
     print_summary(cfg, result)

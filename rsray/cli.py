@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from collections.abc import Callable, Sequence
 
 from rsray.config import Config, ConfigError, load_config
+from rsray.ray_errors import underlying_error
 
 EPILOG = """config: a YAML file or a shipped preset (e.g. presets/cpu-tiny; `conf/` in the source), then
 key=value overrides such as data.root=/data/rsitmd prepare.image_size=256. Run `rsray STAGE --help`.
@@ -75,48 +75,6 @@ def print_error(exc: BaseException | str, prefix: str = "error: ") -> None:
     from rsray.redact import redact
 
     print(f"rsray: {prefix}{' '.join(redact(exc).split())}", file=sys.stderr)
-
-
-def underlying_error(exc: BaseException) -> BaseException:
-    """The error a Ray task, actor or Train worker raised, out of the wrappers that carried it to
-    the driver (Ray's RayTaskError `.cause`, Ray Data's UserCodeException, Ray Train's worker and
-    controller failures, rsray's TrainingFailed): a full disk inside a worker is then the same
-    OSError, one line and exit code, as on the driver. `exc` itself when it wraps nothing."""
-    seen: set[int] = set()
-    outer = exc  # a RayTaskError's message also holds its cause's traceback
-    while id(exc) not in seen:
-        seen.add(id(exc))
-        inner = getattr(exc, "cause", None)  # RayTaskError (also the class Ray mixes into the cause's)
-        if not isinstance(inner, BaseException):
-            failures = getattr(exc, "worker_failures", None)  # Ray Train's WorkerGroupError
-            inner = next(iter(failures.values()), None) if isinstance(failures, dict) else None
-        if not isinstance(inner, BaseException):
-            inner = getattr(exc, "controller_failure", None)  # Ray Train's ControllerError
-        if not isinstance(inner, BaseException) and type(exc).__name__ in _WRAPPERS:
-            inner = exc.__cause__ or _os_error_in_message(exc) or _os_error_in_message(outer)
-        if not isinstance(inner, BaseException):
-            break
-        exc = inner
-    return exc
-
-
-_OS_ERROR_LINE = re.compile(r"^(?:\w+\.)*\w*(?:OSError|IOError|Error): \[Errno (\d+)\] (.+?)(?:: '(.+)')?$")
-
-
-def _os_error_in_message(exc: BaseException) -> OSError | None:
-    """Ray Data's UserCodeException reaches the driver without its __cause__ (not pickled), but its
-    message holds the cause's last line, `OSError: [Errno 28] No space left on device: '/x'`:
-    rebuilt into that OSError (the errno picks the subclass); None for any other cause."""
-    for line in reversed(str(exc).splitlines()):
-        match = _OS_ERROR_LINE.match(line.strip())
-        if match:
-            number, reason, filename = match.groups()
-            return OSError(int(number), reason, filename) if filename else OSError(int(number), reason)
-    return None
-
-
-# Errors that only carry another one (their __cause__) to the driver.
-_WRAPPERS = ("UserCodeException", "TrainingFailed", "TrainingFailedError", "WorkerGroupError", "ControllerError")
 
 
 def run_cli(fn: Callable[[], int | None]) -> int:

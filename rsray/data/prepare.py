@@ -35,6 +35,7 @@ from rsray.data.images import MAX_PIXELS, ImageRejected, process_image
 from rsray.data.manifest import MANIFEST_FILE, SCHEMA_VERSION, SPLITS, build_manifest
 from rsray.data.text import Vocabulary, build_vocabulary, load_tokenizer
 from rsray.locks import HeldElsewhere, HolderLock
+from rsray.ray_errors import errors_name
 from rsray.runtime import configure_data_context, ensure_ray
 
 log = logging.getLogger("rsray.prepare")
@@ -241,7 +242,8 @@ def _prepare_into(cfg: Config, out: storage.Location, force: bool, started: floa
                     max_pixels=prep.max_image_pixels,
                 )
             )
-            _process_and_write([record_row(r) for r in accepted], staging, settings, ledger, prep)
+            with errors_name(staging.uri):  # pyarrow's write errors do not name the file
+                _process_and_write([record_row(r) for r in accepted], staging, settings, ledger, prep)
             image_rejections, workers = ray.get(ledger.summary.remote())
             shards = output.publish(out)
             split_info = {split: describe_split(out, split, shards[split]) for split in SPLITS}

@@ -18,6 +18,7 @@ from torch import nn
 
 from rsray.checkpoint import load_checkpoint_state, write_checkpoint
 from rsray.config import config_from_dict
+from rsray.ray_errors import errors_name
 from rsray.train.precision import choose_precision
 from rsray.train.records import epoch_line
 from rsray.train.reduce import mean_across_workers, nodes_of_workers, reduce_across_workers
@@ -188,10 +189,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
                 history=history,
                 mlflow_run_id=config.get("mlflow_run_id"),
             )
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(folder),
-                checkpoint_upload_mode=ray.train.CheckpointUploadMode[tc.checkpoint_upload.upper()],
-                delete_local_checkpoint_after_upload=True,
-            )
+            with errors_name(f"{tc.storage_path.rstrip('/')}/{tc.run_name}"):  # pyarrow's copy names no file
+                ray.train.report(
+                    metrics,
+                    checkpoint=ray.train.Checkpoint.from_directory(folder),
+                    checkpoint_upload_mode=ray.train.CheckpointUploadMode[tc.checkpoint_upload.upper()],
+                    delete_local_checkpoint_after_upload=True,
+                )
     return history

@@ -408,6 +408,48 @@ def _disk_full(*_args):
     raise OSError(errno.ENOSPC, "No space left on device", "/full/out/part-00000.parquet")
 
 
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 1 MiB tmpfs, mounted for the test (skipped where it cannot be mounted): writes past 1 MiB
+    fail with ENOSPC from the kernel, in whichever process makes them."""
+    mounted = []
+
+    def mount(name: str) -> Path:
+        point = tmp_path / name
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(point)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def test_a_real_full_disk_ends_prepare_and_train_in_one_line_with_exit_3(prepared, ray_cluster, full_disk, capsys):
+    """On a real full filesystem: `rsray prepare` whose Ray Data tasks write the shards, and `rsray
+    train` whose worker writes the checkpoint, each end in one line naming the path, exit 3, with no
+    traceback on the console (a 4,384-character line holding a Ray worker traceback before)."""
+    root = read_manifest(prepared)["config"]["data"]["root"]
+    shards = full_disk("shards")
+    code = main(
+        ["prepare", "presets/cpu-tiny", f"data.root={root}", f"prepare.output={shards}", "prepare.image_size=256"]
+    )
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 3, lines[-5:]
+    assert re.fullmatch(rf"rsray: error: {shards}/\S+: no space left on device \(\[Errno 28\]\)", lines[-1]), lines[-1]
+    assert not any("Traceback" in line or "\x1b[" in line for line in lines), lines[-5:]
+
+    runs = full_disk("runs")  # the run lock fits, a 4.6 MB checkpoint does not
+    code = main(["train", *run_args(prepared, runs, "train.epochs=1", "tracking.enabled=false")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 3, lines[-5:]
+    assert re.fullmatch(rf"rsray: error: {runs}/\S+: no space left on device \(\[Errno 28\]\)", lines[-1]), lines[-1]
+    assert not any("Traceback" in line or "\x1b[" in line for line in lines), lines[-5:]
+
+
 def test_a_full_disk_inside_a_ray_task_a_data_job_or_a_train_worker_is_the_drivers_one_line(ray_cluster, capsys):
     """The same cause, the same line and exit code (3, storage) wherever it was raised: a Ray task,
     a Ray Data map task (wrapped in UserCodeException), or a Train worker (WorkerGroupError, then
