@@ -4,6 +4,8 @@ Batches are dicts of tensors made by `rsray.data.loader`:
   images        float [B, 3, H, W], normalised as the model's config says
   tokens        long  [B, L] word ids (0 = <pad>, 1 = <unk>), one caption per row
   lengths       long  [B] valid tokens per row (at least 1)
+  lengths_host  long  [B] `lengths` left on the host by `to_device` (a GRU's packing wants them
+                there; copying them back from a GPU would make every step wait for it)
   input_ids, attention_mask   long [B, L'] when a BERT-family tokenizer is configured
   image_ids     long  [B] which image a row's caption belongs to (captions of one image are
                 positives of each other: losses must not treat them as negatives)
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 Batch = dict[str, torch.Tensor]
+HOST_LENGTHS = "lengths_host"
 
 
 def to_device(batch: Batch, device: torch.device | str) -> Batch:
@@ -27,9 +30,19 @@ def to_device(batch: Batch, device: torch.device | str) -> Batch:
     they go from pinned memory, so the copy is asynchronous (`non_blocking` from pageable memory
     waits for it); the decode processes hand over pageable tensors."""
     device = torch.device(device)
+    host_lengths = batch.get(HOST_LENGTHS, batch.get("lengths"))
     if device.type == "cuda":
         batch = {k: v.pin_memory() if torch.is_tensor(v) and v.device.type == "cpu" else v for k, v in batch.items()}
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if torch.is_tensor(host_lengths) and host_lengths.device.type == "cpu":
+        moved[HOST_LENGTHS] = host_lengths
+    return moved
+
+
+def lengths_on_host(batch: Batch) -> torch.Tensor:
+    """The batch's caption lengths on the host, without a copy back from the device when
+    `to_device` kept them (`lengths_host`); `lengths` otherwise (a batch built on its device)."""
+    return batch.get(HOST_LENGTHS, batch["lengths"])
 
 
 def full_precision_scores(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

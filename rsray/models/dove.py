@@ -44,7 +44,7 @@ from torchvision.ops import roi_align
 
 from rsray.data.augment import AugmentConfig
 from rsray.losses import at_least_fp32, triplet_loss
-from rsray.models.base import Batch, RetrievalModel, full_precision_scores
+from rsray.models.base import Batch, RetrievalModel, full_precision_scores, lengths_on_host
 from rsray.models.encoders import BiGRU, WordEmbedding, length_mask, masked_mean
 from rsray.models.registry import register_model
 from rsray.models.swan import SwanVisualEncoder
@@ -284,7 +284,7 @@ class DOVE(RetrievalModel):
         """(DTGA word features [M, L, D], zero at padding; valid [M, L])."""
         tokens, lengths = batch["tokens"], batch["lengths"]
         valid = length_mask(lengths.to(tokens.device), tokens.shape[1])
-        forward, backward = self.gru(self.word_dropout(self.embed(tokens)), lengths)
+        forward, backward = self.gru(self.word_dropout(self.embed(tokens)), lengths_on_host(batch))
         return self.dtga(forward, backward, valid), valid
 
     def encode_texts(self, batch: Batch) -> DoveTextFeatures:

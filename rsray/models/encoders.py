@@ -233,6 +233,8 @@ class BiGRU(nn.Module):
         self.rnn = nn.GRU(input_dim, hidden, num_layers=1, batch_first=True, bidirectional=True)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor):
+        """`lengths` on the host (`rsray.models.base.lengths_on_host`): packing reads them there, and
+        a device copy would make each step wait for the GPU to catch up."""
         packed = pack_padded_sequence(at_least_fp32(x), lengths.cpu(), batch_first=True, enforce_sorted=False)
         with torch.autocast(x.device.type, enabled=False):
             out, _ = self.rnn(packed)

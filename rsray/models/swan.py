@@ -37,7 +37,7 @@ from torch import nn
 
 from rsray.data.augment import AugmentConfig
 from rsray.losses import triplet_loss
-from rsray.models.base import Batch, RetrievalModel
+from rsray.models.base import Batch, RetrievalModel, lengths_on_host
 from rsray.models.blocks import GSA, JRU, MLP, WSA
 from rsray.models.encoders import BiGRU, TimmBackbone, WordEmbedding, last_valid, length_mask, masked_mean
 from rsray.models.registry import register_model
@@ -373,7 +373,7 @@ class SWAN(RetrievalModel):
 
     def encode_texts(self, batch: Batch) -> torch.Tensor:
         tokens, lengths = batch["tokens"], batch["lengths"]
-        h = self.gru(self.word_dropout(self.embed(tokens)), lengths)
+        h = self.gru(self.word_dropout(self.embed(tokens)), lengths_on_host(batch))
         return F.normalize(self.tcge(h, lengths), dim=-1)
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from torch import nn
 
 from rsray.data.augment import AugmentConfig
 from rsray.losses import triplet_loss
-from rsray.models.base import Batch, RetrievalModel
+from rsray.models.base import Batch, RetrievalModel, lengths_on_host
 from rsray.models.encoders import BiGRU, TimmBackbone, WordEmbedding, length_mask, masked_mean
 from rsray.models.registry import register_model
 from rsray.optim import OptimiserConfig
@@ -108,7 +108,7 @@ class VSEPP(RetrievalModel):
 
     def encode_texts(self, batch: Batch) -> torch.Tensor:
         tokens, lengths = batch["tokens"], batch["lengths"]
-        words = self.gru(self.word_dropout(self.embed(tokens)), lengths)
+        words = self.gru(self.word_dropout(self.embed(tokens)), lengths_on_host(batch))
         return F.normalize(masked_mean(words, length_mask(lengths, tokens.shape[1])), dim=-1)
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:

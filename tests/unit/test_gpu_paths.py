@@ -320,3 +320,36 @@ def test_evaluation_runs_on_the_gpu_when_there_is_one(monkeypatch):
     assert eval_device("auto") == "cuda" and eval_device("cpu") == "cpu"
     with pytest.raises(ValueError, match="--device must be one of auto, cuda, cpu"):
         eval_device("tpu")
+
+
+class _OnTheDevice(torch.Tensor):
+    """Stands for a tensor on a GPU: reading its values on the host is what makes a training step
+    wait for the device to catch up, so here it raises."""
+
+    def cpu(self, *args, **kwargs):
+        raise AssertionError("lengths copied back to the host: a GPU sync every step")
+
+    def tolist(self):
+        raise AssertionError("lengths read on the host: a GPU sync every step")
+
+    def item(self):
+        raise AssertionError("a length read on the host: a GPU sync every step")
+
+
+@pytest.mark.parametrize("name", ["vsepp", "swan", "dove"])
+def test_the_gru_text_encoders_never_read_lengths_back_from_the_device(name):
+    """`to_device` keeps the host's lengths beside the moved ones; the BiGRU packs with those, so a
+    batch whose `lengths` live on the device encodes without copying them back, to the same result."""
+    from rsray.models.base import to_device
+    from tests.unit.test_models import build_tiny, random_batch
+
+    model = build_tiny(name).eval()
+    batch = to_device(random_batch(), "cpu")
+    with torch.no_grad():
+        expected = model.encode_texts(batch)
+        batch["lengths"] = batch["lengths"].as_subclass(_OnTheDevice)
+        encoded = model.encode_texts(batch)
+        with pytest.raises(AssertionError, match="GPU sync"):  # without the host copy, packing reads them
+            model.encode_texts({k: v for k, v in batch.items() if k != "lengths_host"})
+    plain = lambda out: [t.as_subclass(torch.Tensor) for t in (out if isinstance(out, tuple) else (out,))]  # noqa: E731
+    torch.testing.assert_close(plain(encoded), plain(expected))  # DOVE's features are a tuple
