@@ -89,11 +89,13 @@ def write_checkpoint(
     history: list[dict[str, float]],
     mlflow_run_id: str | None,
     grad_scaler: dict[str, Any] | None = None,
+    initial_weights: dict[str, str] | None = None,
 ) -> None:
     """Write a training checkpoint into `folder`: `state.pt` (state dicts, the epoch just trained, the
     RNG states, the elastic lr factor already in the optimizer's and scheduler's state, this epoch's
     metrics, the run's history, the MLflow run it was logged to, where `rsray evaluate` adds its
-    numbers, and under fp16 the GradScaler's state) and `config.yaml` (the resolved `rsray.config.Config`)."""
+    numbers, under fp16 the GradScaler's state, and what each initial-weights key resolved to:
+    name, Hub revision, sha256) and `config.yaml` (the resolved `rsray.config.Config`)."""
     folder = Path(folder)
     state = {
         "model": model,
@@ -106,6 +108,8 @@ def write_checkpoint(
         "history": history,
         "mlflow_run_id": mlflow_run_id,
     }
+    if initial_weights:
+        state["initial_weights"] = dict(initial_weights)
     if grad_scaler is not None:  # fp16's loss scale, so a resumed run does not search for it again
         state["grad_scaler"] = grad_scaler
     torch.save(state, folder / STATE_FILE)

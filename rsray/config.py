@@ -73,7 +73,7 @@ class DataConfig:
     vocab_min_count: int = 5
     # a stop word in a caption: drop (the protocol's recipe) | unk (kept as <unk>: SWAN's release)
     stopwords: str = "drop"
-    tokenizer: str | None = None  # local path of a BERT-family tokenizer (nothing downloads)
+    tokenizer: str | None = None  # a BERT-family tokenizer: folder, alias or Hub name (rsray.weights)
 
     def check(self) -> Iterator[tuple[str, str]]:
         if self.format not in ("karpathy", "precomp", "pir", "table"):

@@ -368,6 +368,13 @@ def check_input_paths(cfg: Config) -> None:
     images = Path(cfg.data.images) if Path(cfg.data.images).is_absolute() else root / cfg.data.images
     if not images.is_dir():
         raise cfg.error("data.images", f"folder {images} does not exist")
+    if cfg.data.tokenizer:  # a Hub name is fetched here, once; the map tasks read the cache
+        from rsray.weights import WeightsError, resolve
+
+        try:
+            resolve(cfg.data.tokenizer, fetch=True)
+        except WeightsError as exc:
+            raise cfg.error("data.tokenizer", str(exc)) from None
 
 
 def _check_captions(

@@ -17,8 +17,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from rsray.pretrained import PACKAGED, packaged_path
-
 PAD, UNK = "<pad>", "<unk>"
 PAD_ID, UNK_ID = 0, 1
 
@@ -143,12 +141,17 @@ def build_vocabulary(
 
 
 def load_tokenizer(path: str | Path):
-    """A BERT-family tokenizer from a local folder, or a packaged model's name (`minilm`);
-    never downloads (missing folder -> ValueError)."""
-    if path in PACKAGED:
-        path = packaged_path(path)
-    if not path or not Path(path).exists():
-        raise ValueError(f"tokenizer folder {path!s} does not exist (data.tokenizer must be a local path)")
+    """A BERT-family tokenizer from a local folder, a packaged model's name (`minilm`) or a
+    transformers Hub name already in the Hugging Face cache (`rsray.weights`); never downloads
+    (not found -> ValueError naming it)."""
+    from rsray.weights import WeightsError, resolve
+
+    if not path:
+        raise ValueError("data.tokenizer is empty: name a tokenizer folder, alias or Hub model")
+    try:
+        path = resolve(str(path)).path
+    except WeightsError as exc:
+        raise ValueError(f"tokenizer {exc}") from None
     from transformers import AutoTokenizer  # slow import: only when a BERT-family model needs it
 
     try:

@@ -37,7 +37,7 @@ from rsray.models.base import Batch, RetrievalModel
 from rsray.models.encoders import TransformerTextEncoder, length_mask, masked_mean
 from rsray.models.registry import register_model
 from rsray.optim import WarmupAdamWConfig
-from rsray.pretrained import resolve_local
+from rsray.weights import resolve
 
 ACTIVATIONS = ("quick_gelu", "gelu")  # transformers' names (ACT2FN), the towers' hidden_act
 
@@ -250,7 +250,7 @@ def load_clip_model(config: ClipConfig, vocab_size: int | None = None):
     from transformers import CLIPConfig, CLIPModel
 
     if config.checkpoint:
-        folder = resolve_local(config.checkpoint)
+        folder = resolve(config.checkpoint).path
         saved = CLIPConfig.from_pretrained(str(folder), local_files_only=True)
         if config.activation:
             saved.text_config.hidden_act = saved.vision_config.hidden_act = config.activation

@@ -52,7 +52,7 @@ from rsray.models.momentum import FeatureQueue, MomentumCopy
 from rsray.models.priorclip import text_inputs
 from rsray.models.registry import register_model
 from rsray.optim import WarmupAdamWConfig
-from rsray.pretrained import resolve_local
+from rsray.weights import resolve
 
 
 def cmpagl_augment() -> AugmentConfig:
@@ -72,7 +72,7 @@ class CmpaglConfig(WarmupAdamWConfig):
     augment: AugmentConfig = field(default_factory=cmpagl_augment)
     embed_dim: int = 256  # ITC projection (ALBEF)
     backbone: str = "swin_tiny_patch4_window7_224"
-    backbone_checkpoint: str | None = None  # local file of the Swin's weights; null = random init
+    backbone_checkpoint: str | None = None  # the Swin's weights (file or Hub name, rsray.weights); null = random
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # timm Swin sizes (the tiny preset)
     global_stages: list[int] = field(default_factory=lambda: [0, 1, 2])  # stages with the global window
     global_window: int | None = None  # global window side; null = the stage's window size
@@ -179,7 +179,7 @@ class Cmpagl(RetrievalModel):
                 raise ValueError("text_input: tokens needs vocab_size (the word vocabulary)")
             text_config.update(vocab_size=vocab_size + 2, pad_token_id=0)
             self.special = (vocab_size, -1, 0, vocab_size + 1)
-        checkpoint = resolve_local(config.text_checkpoint) if config.text_checkpoint else None
+        checkpoint = resolve(config.text_checkpoint).path if config.text_checkpoint else None
         self.bert = BertHalves(checkpoint, text_config, config.fusion_layers, self.visual.width)
         self.vision_proj = nn.Linear(self.visual.width, config.embed_dim)
         self.text_proj = nn.Linear(self.bert.width, config.embed_dim)

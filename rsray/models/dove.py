@@ -66,7 +66,7 @@ class DoveConfig(OptimiserConfig):
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # SWAN's pipeline
     embed_dim: int = 512
     backbone: str = "resnet50"  # a ResNet-style timm model (SWAN's encoder)
-    backbone_checkpoint: str | None = None  # local weights file; null = random init
+    backbone_checkpoint: str | None = None  # weights file or Hub name (rsray.weights); null = random init
     freeze_backbone: bool = True
     # A frozen backbone with no backbone_checkpoint stays random and never learns: refused unless this
     # says it is meant (timing runs, tests of the plumbing).

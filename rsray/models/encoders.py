@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from rsray.losses import at_least_fp32
-from rsray.pretrained import resolve_local
+from rsray.weights import resolve
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,9 @@ class TimmBackbone(FrozenParts, nn.Module):
     `frozen_bn="eval"` it stays in eval mode (BatchNorm uses its running statistics whatever
     `model.train()` says); with "train" it follows `model.train()`, so BatchNorm normalises with
     the batch's statistics and updates its running ones (the SWAN and PIR releases).
-    `checkpoint`: a local file of the full model's weights (`torch.save(model.state_dict())`, or
-    a dict holding it under `state_dict` / `model`, or .safetensors); the classifier is dropped,
+    `checkpoint`: the full model's weights (`torch.save(model.state_dict())`, or a dict holding it
+    under `state_dict` / `model`, or .safetensors), a local file or a Hub name such as
+    `hf-hub:timm/resnet50.a1_in1k` (`rsray.weights`: read from the cache); the classifier is dropped,
     every other weight must be present. `model_kwargs` go to `timm.create_model` as they are.
     """
 
@@ -82,7 +83,7 @@ class TimmBackbone(FrozenParts, nn.Module):
         self.out_indices = tuple(out_indices)
         kwargs = dict(features_only=True, out_indices=self.out_indices, **(model_kwargs or {}))
         if checkpoint is not None:
-            state = load_backbone_state_dict(name, checkpoint)
+            state = load_backbone_state_dict(name, resolve(checkpoint, want_file=True).path)
             kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(state_dict=state))
         self.body = timm.create_model(name, **kwargs)
         info = self.body.feature_info
@@ -273,7 +274,7 @@ class TransformerTextEncoder(FrozenParts, nn.Module):
             raise ValueError("give a text checkpoint folder or a text config, not both")
         if checkpoint:
             self.model = AutoModel.from_pretrained(
-                str(resolve_local(checkpoint)), local_files_only=True, dtype=torch.float32
+                str(resolve(checkpoint).path), local_files_only=True, dtype=torch.float32
             )
         else:
             fields = dict(config or {})

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 from torch import nn
 
+from rsray.weights import resolve
+
 
 class GlobalWindowAttention(nn.Module):
     """Every token of a [B, H, W, C] map attends to the map average-pooled to `window` x `window`."""
@@ -118,11 +120,10 @@ class Gswin(nn.Module):
 
 
 def load_swin_weights(swin: nn.Module, path: str | Path) -> None:
-    """A local file of the Swin's weights (timm's state dict; a classifier head is ignored); every
-    weight the model has must be in it, checked by name and shape."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone checkpoint not found: {path}")
+    """The Swin's weights file (timm's state dict; a classifier head is ignored), local or a Hub
+    name in the cache (`rsray.weights`); every weight the model has must be in it, checked by name
+    and shape."""
+    path = resolve(str(path), want_file=True).path
     state = timm.models.load_state_dict(str(path), weights_only=True)
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
     own = swin.state_dict()

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import timm
@@ -60,6 +59,7 @@ from rsray.models.registry import register_model
 from rsray.models.scene_prior import backbone_state_dict, priorclip_augment
 from rsray.models.stages import check_stage_checkpoint, read_stage_checkpoint
 from rsray.optim import WarmupAdamWConfig
+from rsray.weights import resolve
 
 GATHER_GRADIENTS = ("whole_batch", "mean_over_workers")
 
@@ -132,7 +132,7 @@ class PriorClipConfig(PriorClipLossConfig):
     # vision
     backbone: str = "swin_tiny_patch4_window7_224"  # a timm model whose forward_features is a map
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
-    backbone_checkpoint: str | None = None  # local weights file (timm or the Swin release); null = random
+    backbone_checkpoint: str | None = None  # weights (timm or the Swin release; file or Hub name); null = random
     freeze_backbone: bool = False  # the paper fine-tunes Swin-T
     # instruction (Spatial-PAE)
     instruction_backbone: str = "resnet50"  # must be the scene prior's backbone
@@ -248,8 +248,9 @@ class SwinTokens(FrozenParts, nn.Module):
     """A timm model's final feature map (normalised, as its head would see it) as tokens:
     [mean of the map, then every position] -> [B, 1 + h*w, C] (Swin-T at 224 px: 1 + 7x7 = 50).
 
-    `checkpoint`: a local weights file given to timm (state dict, or the original Swin release's
-    layout, which timm's filter converts); the classifier is dropped. `freeze` as TimmBackbone."""
+    `checkpoint`: a weights file given to timm (state dict, or the original Swin release's
+    layout, which timm's filter converts), local or a Hub name in the cache (`rsray.weights`); the
+    classifier is dropped. `freeze` as TimmBackbone."""
 
     def __init__(
         self, name: str, kwargs: dict[str, Any] | None = None, checkpoint: str | None = None, freeze: bool = False
@@ -257,9 +258,8 @@ class SwinTokens(FrozenParts, nn.Module):
         super().__init__()
         create = dict(kwargs or {}, num_classes=0)
         if checkpoint:
-            if not Path(checkpoint).is_file():
-                raise FileNotFoundError(f"model.backbone_checkpoint: no such file: {checkpoint}")
-            create.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint)))
+            weights = resolve(checkpoint, want_file=True).path
+            create.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)))
         try:
             self.model = timm.create_model(name, **create)
         except TypeError as exc:

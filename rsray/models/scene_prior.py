@@ -72,7 +72,7 @@ class ScenePriorConfig(OptimiserConfig):
 
     augment: AugmentConfig = field(default_factory=priorclip_augment)
     backbone: str = "resnet50"  # the paper's instruction encoder; any timm CNN works
-    backbone_checkpoint: str | None = None  # local weights file (e.g. ImageNet ResNet-50); null = random init
+    backbone_checkpoint: str | None = None  # weights file or Hub name (rsray.weights); null = random init
     freeze_backbone: bool = False  # a prior is learned by fine-tuning the backbone
     num_classes: int | None = None  # scene classes; null = the prepared data's scenes (rsray train fills it)
     embed_dim: int = 512

@@ -39,7 +39,7 @@ class VseppConfig(OptimiserConfig):
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # SWAN's pipeline, to compare like with like
     embed_dim: int = 512
     backbone: str = "resnet50"  # any timm model name
-    backbone_checkpoint: str | None = None  # local weights file; null = random init (nothing downloads)
+    backbone_checkpoint: str | None = None  # weights file or Hub name (rsray.weights); null = random init
     freeze_backbone: bool = False  # VSE++'s best results fine-tune the CNN
     # A frozen backbone with no backbone_checkpoint stays random and never learns: refused unless this
     # says it is meant (timing runs, tests of the plumbing).

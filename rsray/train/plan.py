@@ -2,7 +2,8 @@
 starts, checked once and handed to what needs it (`rsray.train.run`, the worker loop, the MLflow
 records), so nothing reads the manifest again or re-types the model section.
 
-`preflight(cfg)` refuses, each in one line: a bad model section, a local folder the other nodes
+`preflight(cfg)` refuses, each in one line: a bad model section, initial weights that cannot be
+resolved or fail their sha256 (`rsray.weights`; Hub names are fetched here), a local folder the other nodes
 cannot see, prepared data that differs from its manifest (`rsray.data.verify`), data prepared with
 another caption rule than the config names, a resume that would ignore a changed setting
 (`run_folder`), and workers the cluster cannot place.
@@ -11,14 +12,17 @@ another caption rule than the config names, a resume that would ignore a changed
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from rsray import storage
 from rsray.config import Config
 from rsray.data.manifest import Manifest, read_manifest
+
+log = logging.getLogger("rsray.train")
 
 
 @dataclass
@@ -31,6 +35,7 @@ class RunPlan:
     model: Any
     manifest: Manifest
     start_epoch: int = 0  # the epoch training starts at: after the checkpoint a rerun resumes from
+    weights: dict[str, str] = field(default_factory=dict)  # what each initial-weights key resolved to
 
     @property
     def run_name(self) -> str:
@@ -45,6 +50,7 @@ def preflight(cfg: Config) -> RunPlan:
     from rsray.train.scaling import check_every_node_sees_the_paths, wait_for_resources
 
     model_config(cfg)
+    weights = fetch_initial_weights(cfg)  # Hub names into this machine's cache, digests checked
     check_every_node_sees_the_paths(cfg)
     manifest = read_manifest(cfg.train.data, cfg.prepare.s3_endpoint)
     verify_prepared(cfg.train.data, cfg.prepare.s3_endpoint, tuple(cfg.train.verify_checksums), manifest=manifest)
@@ -59,7 +65,22 @@ def preflight(cfg: Config) -> RunPlan:
         check_resume(cfg, point)
     wait_for_resources(cfg)
     start = point.epoch + 1 if point is not None else 0
-    return RunPlan(cfg=cfg, model=model_config(cfg), manifest=manifest, start_epoch=start)
+    return RunPlan(cfg=cfg, model=model_config(cfg), manifest=manifest, start_epoch=start, weights=weights)
+
+
+def fetch_initial_weights(cfg: Config) -> dict[str, str]:
+    """Every initial-weights value of the model section resolved on the driver (`rsray.weights`),
+    before any worker starts: Hub names are downloaded once into this machine's cache (workers read
+    it), a wrong sha256 is refused naming the key. {key: what it resolved to (name, revision, digest)}."""
+    from rsray.weights import WeightsError, fetch_all
+
+    try:
+        found = fetch_all(cfg.model)
+    except WeightsError as exc:
+        raise cfg.error(exc.key or "model", str(exc)) from None
+    for key, resolved in found.items():
+        log.info("initial weights %s: %s (%s)", key, resolved.record(), resolved.path)
+    return {key: resolved.record() for key, resolved in found.items()}
 
 
 def default_run_name(cfg: Config) -> str:

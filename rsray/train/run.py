@@ -71,6 +71,7 @@ def train(cfg: Config, tracker=None, callbacks: Sequence[Any] = (), score_test: 
                     tags=run_tags(cfg, plan.manifest),
                 )
         name = cfg.train.run_name
+        tracker.log_params({f"weights.{key}": found for key, found in plan.weights.items()})
         for orphan in tracker.end_orphans(name, plan.cfg.train.storage_path):  # we hold the run's lock
             log.warning("MLflow run %s of %r was left RUNNING by a driver that died: marked KILLED", orphan, name)
         log_data_input(tracker, plan.cfg, plan.manifest)
@@ -136,7 +137,12 @@ def build_trainer(plan: RunPlan, mlflow_run_id: str | None = None, callbacks: Se
     )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "manifest": plan.manifest, "mlflow_run_id": mlflow_run_id},
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "manifest": plan.manifest,
+            "mlflow_run_id": mlflow_run_id,
+            "weights": plan.weights,
+        },
         scaling_config=ScalingConfig(
             num_workers=tuple(tc.num_workers) if tc.elastic else tc.num_workers,
             elastic_resize_monitor_interval_s=tc.elastic_resize_s,

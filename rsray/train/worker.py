@@ -188,6 +188,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
                 metrics=metrics,
                 history=history,
                 mlflow_run_id=config.get("mlflow_run_id"),
+                initial_weights=config.get("weights"),
             )
             with errors_name(f"{tc.storage_path.rstrip('/')}/{tc.run_name}"):  # pyarrow's copy names no file
                 ray.train.report(

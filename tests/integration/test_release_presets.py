@@ -21,7 +21,7 @@ from tests.unit.test_swan_release import SWITCHES
 pytestmark = pytest.mark.integration
 
 
-def train_preset(name: str, prepared: str, storage: Path) -> tuple[dict, dict]:
+def train_preset(name: str, prepared: str, storage: Path, *extra: str) -> tuple[dict, dict]:
     """`rsray train model/<name>` on 2 workers; (the last checkpoint's saved config, its state)."""
     code = main(
         [
@@ -33,6 +33,7 @@ def train_preset(name: str, prepared: str, storage: Path) -> tuple[dict, dict]:
             "train.num_workers=2",
             "train.cpus_per_worker=0.5",
             "tracking.enabled=false",
+            *extra,
         ]
     )
     assert code == 0
@@ -76,10 +77,26 @@ def test_swan_release_refuses_data_prepared_with_stop_words_dropped(prepared, tm
 
 
 def test_swan_release_tiny_trains_with_every_release_switch(prepared_keeping_stopwords, tmp_path):
-    model, saved = train_preset("swan-release-tiny", prepared_keeping_stopwords, tmp_path)
+    """Also starts from a backbone weights file named with its sha256 (`rsray.weights`): the frozen
+    weights in the checkpoint are the file's, and the checkpoint records what it started from."""
+    import timm
+
+    from rsray.weights import sha256_of
+
+    weights = tmp_path / "test_resnet.pth"
+    torch.manual_seed(7)
+    torch.save(timm.create_model("test_resnet").state_dict(), weights)
+    digest = sha256_of(weights)
+    named = f"model.backbone_checkpoint={weights}#sha256={digest}"
+    model, saved = train_preset("swan-release-tiny", prepared_keeping_stopwords, tmp_path, named)
     state = saved["model"]
     expected = {**SWITCHES, "wsa_activation": "gelu", "freeze_backbone": True}
     assert {k: model[k] for k in expected} == expected
+    assert saved["initial_weights"] == {"model.backbone_checkpoint": f"{weights}; sha256 {digest}"}
+    started_from = torch.load(weights, weights_only=True)
+    frozen = {k: v for k, v in state.items() if k.startswith("visual.backbone.") and k.endswith("conv1.weight")}
+    assert frozen
+    assert all(torch.equal(v, started_from[k.split("visual.backbone.body.", 1)[1]]) for k, v in frozen.items())
     # timm starts BatchNorm at mean 0: batch statistics moved it although the backbone is frozen
     stats = frozen_bn_statistics(state, "visual.backbone.")
     assert all(v.abs().max() > 0 for v in stats.values())

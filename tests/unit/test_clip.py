@@ -21,6 +21,7 @@ from rsray.models import build_model, model_config
 from rsray.models.clip import BertTextTower, ClipTextTower, fit_positions
 from rsray.optim import make_optimizer
 from rsray.pretrained import PACKAGED, minilm_path, resolve_local
+from rsray.weights import WeightsError
 
 VOCAB = 40
 BOS, EOS = 98, 99  # ids of a tiny CLIP vocabulary of 100
@@ -146,7 +147,7 @@ def test_clip_checkpoint_loads_with_equal_weights_and_outputs(tmp_path):
 
     with pytest.raises(ValueError, match="model.embed_dim: 32, but checkpoint .* projects to 16"):
         build_model(load_config("model/clip", [f"model.checkpoint={tmp_path / 'clip'}", "model.embed_dim=32"]))
-    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+    with pytest.raises(WeightsError, match="nope: no such local file or folder, and not a Hub name"):
         build_model(load_config("model/clip", [f"model.checkpoint={tmp_path / 'nope'}"]))
 
 

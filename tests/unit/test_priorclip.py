@@ -24,6 +24,7 @@ from rsray.models.pae import SpatialPAE, TemporalPAE, belief_tokens
 from rsray.models.priorclip import contrastive_and_affiliation
 from rsray.optim import make_optimizer, steps_per_batch
 from rsray.train.loop import selection_metric
+from rsray.weights import WeightsError
 from tests.unit.transcriptions import post_ln_block
 
 VOCAB = 40
@@ -303,7 +304,7 @@ def test_swin_weights_load_from_a_timm_file(tmp_path):
     model = build("priorclip", f"model.backbone_checkpoint={tmp_path / 'swin.pth'}")
     loaded = model.visual.model.state_dict()
     assert loaded and all(torch.equal(v, source.state_dict()[k]) for k, v in loaded.items())
-    with pytest.raises(FileNotFoundError, match="model.backbone_checkpoint"):
+    with pytest.raises(WeightsError, match="nope.pth: no such local file or folder"):  # `rsray train` names the key
         build("priorclip", f"model.backbone_checkpoint={tmp_path / 'nope.pth'}")
 
 
