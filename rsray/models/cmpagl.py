@@ -188,6 +188,17 @@ class Cmpagl(RetrievalModel):
         self.momentum = MomentumCopy(self._online(), config.momentum)
         self.queue = FeatureQueue(config.queue_size, config.embed_dim)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self._steps: int | None = None  # `step` mirrored on the host: reading the buffer each step syncs a GPU
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._steps = None  # a loaded `step` (a resumed run) is read once, at the next step
+
+    def steps_taken(self) -> int:
+        """Losses taken so far, from the host's count (the buffer is read once, after a load)."""
+        if self._steps is None:
+            self._steps = int(self.step)
+        return self._steps
 
     def _online(self) -> dict[str, nn.Module]:
         """The modules the momentum encoder copies: the image side and the text half."""
@@ -246,7 +257,7 @@ class Cmpagl(RetrievalModel):
         c = self.config
         if c.distill_warmup_steps <= 0:
             return c.distill_alpha
-        return c.distill_alpha * min(1.0, float(self.step) / c.distill_warmup_steps)
+        return c.distill_alpha * min(1.0, self.steps_taken() / c.distill_warmup_steps)
 
     @torch.no_grad()
     def _momentum_embeddings(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor):
@@ -288,6 +299,7 @@ class Cmpagl(RetrievalModel):
         itm = self._itm_loss(image, text, itm_i2t, itm_t2i, image_ids)
         mlm = self._mlm_loss(ids, mask, image.tokens)
         self.queue.enqueue(momentum_image, momentum_text, image_ids)
+        self._steps = self.steps_taken() + 1
         self.step += 1
         total = c.w_itc * itc + c.w_triplet * triplet + c.w_intra * intra + c.w_itm * itm + c.w_mlm * mlm
         return {"total": total, "itc": itc, "triplet": triplet, "intra": intra, "itm": itm, "mlm": mlm}

@@ -385,6 +385,45 @@ def test_distillation_alpha_ramps_linearly_over_the_warmup_steps(monkeypatch):
     for step in range(6):
         model.loss(batch_for(0, step))
     assert handed == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.4])
+    assert int(model.step) == 6
+
+
+class _StepOnTheDevice(torch.Tensor):
+    """Stands for the step buffer on a GPU: reading it on the host would sync every step."""
+
+    def __int__(self):
+        raise AssertionError("step read on the host: a GPU sync every step")
+
+    __float__ = __index__ = item = __int__
+
+
+def test_the_distillation_ramp_reads_the_step_buffer_once_after_a_load(monkeypatch):
+    """The ramp counts steps on the host; the buffer (saved in checkpoints) is read once after a
+    load_state_dict, so a resumed run goes on from its saved step without a GPU sync per step."""
+    import rsray.models.cmpagl as cmpagl
+
+    cfg = load_config("model/cmpagl-tiny", ["model.distill_warmup_steps=4", "model.distill_alpha=0.4"])
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab_size=VOCAB).train()
+    handed, real = [], cmpagl.queue_itc_loss
+
+    def recording(*args):
+        handed.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(cmpagl, "queue_itc_loss", recording)
+    model.loss(batch_for(0, 0))  # reads the fresh buffer (0) once
+    model.step = model.step.as_subclass(_StepOnTheDevice)
+    model.loss(batch_for(0, 1))
+    assert handed == pytest.approx([0.0, 0.1])
+    resumed = build_model(cfg, vocab_size=VOCAB).train()
+    state = {k: v.as_subclass(torch.Tensor) for k, v in model.state_dict().items()}
+    state["step"] = torch.tensor(3)  # a checkpoint saved after 3 steps
+    resumed.load_state_dict(state)
+    handed.clear()
+    resumed.loss(batch_for(0, 2))
+    resumed.loss(batch_for(0, 3))
+    assert handed == pytest.approx([0.3, 0.4]) and int(resumed.step) == 5
 
 
 def test_the_total_weighs_intra_by_lambda_times_the_triplet_weight(monkeypatch):
