@@ -15,6 +15,7 @@ import os
 import time
 
 log = logging.getLogger("rsray.runtime")
+_REAPERS: list = []  # `rsray.ray_reaper` processes of the local Rays this process started
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -46,7 +47,9 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         runtime_env={"worker_process_setup_hook": "rsray.runtime.local_worker_setup"},
     )
     route_library_logs()
-    ray_reaper.watch(children_before)  # the local Ray goes down with this command, even on a SIGKILL
+    # the local Ray goes down with this command, even on a SIGKILL; the reaper's pipe must stay open
+    # as long as this process lives (a collected Popen would close it), so it is kept here
+    _REAPERS.append(ray_reaper.watch(children_before))
     _wait_for_cpus(cpus)
     log.info("started a local Ray with %d logical CPUs%s", cpus, logs)
 
