@@ -304,8 +304,8 @@ MUTATIONS = [
     ),
     (
         CMPAGL,
-        "min(1.0, float(self.step) / c.distill_warmup_steps)",
-        "min(1.0, float(self.step + 1) / c.distill_warmup_steps)",
+        "min(1.0, self.steps_taken() / c.distill_warmup_steps)",
+        "min(1.0, (self.steps_taken() + 1) / c.distill_warmup_steps)",
         "distillation alpha ramp a step ahead",
         CMPAGL_MODEL_TESTS,
     ),
