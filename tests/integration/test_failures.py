@@ -341,11 +341,16 @@ def test_a_sigkilled_driver_takes_its_local_ray_down_and_evaluate_ends_its_run_a
     `rsray evaluate` of its checkpoint, finding the run RUNNING with no live driver holding its
     folder, marks it KILLED."""
     import psutil
+    import timm
     from mlflow import MlflowClient
 
-    log, runs = tmp_path / "train.log", tmp_path / "runs"
+    from rsray.weights import sha256_of
+
+    log, runs, weights = tmp_path / "train.log", tmp_path / "runs", tmp_path / "test_resnet.pth"
     environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     tracked = [f"tracking.uri={mlflow_server}", "tracking.experiment=sigkill", "tracking.system_metrics=false"]
+    torch.save(timm.create_model("test_resnet").state_dict(), weights)  # its record is checked in MLflow too
+    tracked.append(f"model.backbone_checkpoint={weights}#sha256={sha256_of(weights)}")
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "rsray.pipelines.train", *run_args(prepared, runs, "train.epochs=50", *tracked)],
@@ -370,6 +375,8 @@ def test_a_sigkilled_driver_takes_its_local_ray_down_and_evaluate_ends_its_run_a
     checkpoint = runs / RUN / snapshot["checkpoint_results"][-1]["checkpoint_dir_name"]
     client = MlflowClient(mlflow_server)
     assert client.get_run(run.info.run_id).info.status == "RUNNING"  # its driver never ended it
+    params = client.get_run(run.info.run_id).data.params
+    assert params["weights.model.backbone_checkpoint"] == f"{weights}; sha256 {sha256_of(weights)}"
     assert main(["evaluate", str(checkpoint), "--split", "val"]) == 0
     assert "it was left RUNNING by a driver that died: marked KILLED" in capsys.readouterr().out
     assert client.get_run(run.info.run_id).info.status == "KILLED"
