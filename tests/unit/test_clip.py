@@ -20,8 +20,8 @@ from rsray.config import ConfigError, load_config
 from rsray.models import build_model, model_config
 from rsray.models.clip import BertTextTower, ClipTextTower, fit_positions
 from rsray.optim import make_optimizer
-from rsray.pretrained import PACKAGED, minilm_path, resolve_local
-from rsray.weights import WeightsError
+from rsray.pretrained import PACKAGED, minilm_path
+from rsray.weights import WeightsError, resolve
 
 VOCAB = 40
 BOS, EOS = 98, 99  # ids of a tiny CLIP vocabulary of 100
@@ -207,7 +207,7 @@ MINILM_MISSING = importlib.util.find_spec(PACKAGED["minilm"][0]) is None
 def test_packaged_minilm_weights_are_real():
     from rsray.data.text import load_tokenizer
 
-    assert resolve_local("minilm") == minilm_path() and (minilm_path() / "config.json").is_file()
+    assert resolve("minilm").path == minilm_path() and (minilm_path() / "config.json").is_file()
     tokenizer = load_tokenizer(minilm_path())
     tower = BertTextTower("minilm", embed_dim=8).eval()
     assert tower.model.config.hidden_size == 384 and tower.model.config.num_hidden_layers == 6
@@ -235,8 +235,8 @@ def test_packaged_minilm_weights_are_real():
 
 
 def test_unknown_local_path_is_refused():
-    with pytest.raises(FileNotFoundError, match="not one of the aliases minilm"):
-        resolve_local("/no/such/clip")
+    with pytest.raises(WeightsError, match=r"^/no/such/clip: no such local file or folder.*packaged alias \(minilm\)"):
+        resolve("/no/such/clip")
 
 
 # ----------------------------------------------------------------------------- loss
@@ -351,7 +351,7 @@ def test_minilm_demo_preset_names_one_folder_for_weights_and_tokenizer():
     assert (model_cfg.text_checkpoint, model_cfg.text_input, cfg.data.tokenizer) == ("minilm", "input_ids", "minilm")
     assert cfg.train.data == cfg.prepare.output  # trains on the MiniLM-tokenized shards it prepares
     if not MINILM_MISSING:
-        assert resolve_local(cfg.data.tokenizer) == resolve_local(model_cfg.text_checkpoint) == minilm_path()
+        assert resolve(cfg.data.tokenizer).path == resolve(model_cfg.text_checkpoint).path == minilm_path()
 
 
 @pytest.mark.parametrize(

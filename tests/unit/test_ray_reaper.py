@@ -11,17 +11,7 @@ import time
 import psutil
 
 from rsray.ray_reaper import kill_all, ray_processes
-
-
-def _running(pids) -> set[int]:
-    alive = set()
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                alive.add(pid)
-        except psutil.NoSuchProcess:
-            continue
-    return alive
+from tests.conftest import still_running
 
 
 def _a_tree() -> tuple[subprocess.Popen, set[int]]:
@@ -40,13 +30,13 @@ def test_the_tree_is_killed_when_the_command_ends_and_not_before():
     reaper = subprocess.Popen([sys.executable, "-m", "rsray.ray_reaper", str(shell.pid)], stdin=subprocess.PIPE)
     try:
         time.sleep(1.5)  # the command lives: nothing is touched
-        assert _running(tree) == tree and reaper.poll() is None
+        assert still_running(tree) == tree and reaper.poll() is None
         reaper.stdin.close()  # what the kernel does when the command dies, however it dies
         assert reaper.wait(timeout=10) == 0
         deadline = time.monotonic() + 5
-        while _running(tree) and time.monotonic() < deadline:
+        while still_running(tree) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _running(tree)
+        assert not still_running(tree)
     finally:
         reaper.kill()
         shell.kill()
@@ -58,7 +48,7 @@ def test_a_pid_noted_with_another_start_time_is_never_killed():
     try:
         noted = {pid: psutil.Process(pid).create_time() - 5.0 for pid in tree}  # as if the pids were reused
         assert kill_all(noted) == []
-        assert _running(tree) == tree
+        assert still_running(tree) == tree
         assert sorted(kill_all(ray_processes([shell.pid]))) == sorted(tree)
     finally:
         shell.kill()
