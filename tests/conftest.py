@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,7 +21,17 @@ from tests.credentials import ADMIN, PASSWORD, RAY_TOKEN, S3_SECRET_KEY, USER
 # anything imports Ray: a process reads RAY_AUTH_MODE once, when Ray's config first loads.
 os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": RAY_TOKEN})
 # Each command's log file (rsray.console) goes to one folder of this session, which the secret scan reads.
-os.environ.setdefault("RSRAY_LOG_DIR", tempfile.mkdtemp(prefix="rsray-test-logs-"))
+if "RSRAY_LOG_DIR" not in os.environ:
+    os.environ["RSRAY_LOG_DIR"] = _SESSION_LOGS = tempfile.mkdtemp(prefix="rsray-test-logs-")
+else:
+    _SESSION_LOGS = None
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The session's log folder is removed when every test passed and kept to read when one failed."""
+    if exitstatus == 0 and _SESSION_LOGS and not hasattr(session.config, "workerinput"):
+        shutil.rmtree(_SESSION_LOGS, ignore_errors=True)
+
 
 START_MLFLOW = Path(__file__).resolve().parents[1] / "cluster" / "mlflow" / "start-mlflow.sh"
 SHARED_DATASETS = Path(
@@ -35,15 +46,14 @@ NO_PACKAGE_FIXTURES = ("tests/integration/test_learning.py",)
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """`make test PARALLEL="-n 2"` runs two pytest-xdist workers (off by default: see the Makefile).
-    Each Ray package goes whole to one worker, so its package-scoped Ray, sample and trained runs
-    are made once. The other worker takes the other
-    package, then the modules that need no Ray, then the unit tests one by one. Most of the suite
-    waits on subprocesses, servers and Ray's start-up (one core was idle about half the time), so
-    the halves overlap instead of queueing. This is xdist's own extension point: its
-    LoadScopeScheduling with the scope split the way its loadfile and loadgroup modes do it.
-    (`--dist loadgroup` marks do not work with pytest 9.2: xdist 3.8 renames items through an
-    attribute pytest no longer reads.)"""
+    """`make test PARALLEL="-n 2"`: two pytest-xdist workers. Both Ray packages go, whole and one
+    after the other, to one worker (one scope), so each package-scoped Ray, sample and trained runs
+    are made once and no two Ray clusters ever share the 2 cores (a Ray package on each worker took
+    24 min 51 s against about 19 in one process). The other worker takes the modules that need no
+    Ray and the unit tests one by one, while the first is still starting its Ray. This is xdist's
+    own extension point: its LoadScopeScheduling with the scope split the way its loadfile and
+    loadgroup modes do it. (`--dist loadgroup` marks do not work with pytest 9.2: xdist 3.8 renames
+    items through an attribute pytest no longer reads.)"""
     from xdist.scheduler import LoadScopeScheduling
 
     class RayPackagesWhole(LoadScopeScheduling):
@@ -51,7 +61,7 @@ def pytest_xdist_make_scheduler(config, log):
             module, parts = nodeid.split("::")[0], nodeid.split("/")
             if module in NO_PACKAGE_FIXTURES:
                 return module
-            return parts[1] if len(parts) > 2 and parts[1] in RAY_PACKAGES else nodeid
+            return "ray packages" if len(parts) > 2 and parts[1] in RAY_PACKAGES else nodeid
 
     return RayPackagesWhole(config, log)
 
@@ -295,6 +305,7 @@ def _basic_auth_environment(folder: Path, user: str, password: str) -> dict[str,
         "MLFLOW_AUTH_ADMIN_PASSWORD": password,
         "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
         "MLFLOW_AUTH_DB_URI": f"sqlite:///{folder}/auth.db",
+        "TMPDIR": str(folder),  # the script's auth settings file goes with the server's folder, not /tmp
     }
 
 

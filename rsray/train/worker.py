@@ -9,6 +9,7 @@ controller imports this module to unpickle the function, and starts without them
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 import time
 from typing import Any
@@ -174,27 +175,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
             metrics["val_seconds"] = time.perf_counter() - started
             history.append(dict(metrics))
             log.info(epoch_line(metrics, tc.epochs))  # not print(): Ray Train echoes a worker print to logging too
-            folder = tempfile.mkdtemp(prefix="rsray-ckpt-")  # Ray deletes it once uploaded
-            write_checkpoint(
-                folder,
-                config_from_dict(config["config"]),
-                model=model.state_dict(),
-                optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(),
-                epoch=epoch,
-                rng=rng_state(device),
-                grad_scaler=scaler.state_dict() if scaler is not None else None,
-                lr_scale=lr_scale,
-                metrics=metrics,
-                history=history,
-                mlflow_run_id=config.get("mlflow_run_id"),
-                initial_weights=config.get("weights"),
-            )
-            with errors_name(f"{tc.storage_path.rstrip('/')}/{tc.run_name}"):  # pyarrow's copy names no file
-                ray.train.report(
-                    metrics,
-                    checkpoint=ray.train.Checkpoint.from_directory(folder),
-                    checkpoint_upload_mode=ray.train.CheckpointUploadMode[tc.checkpoint_upload.upper()],
-                    delete_local_checkpoint_after_upload=True,
+            folder = tempfile.mkdtemp(prefix="rsray-ckpt-")  # Ray deletes it once uploaded,
+            try:  # and only then: a failed write or upload (a full disk) would leave it in /tmp
+                write_checkpoint(
+                    folder,
+                    config_from_dict(config["config"]),
+                    model=model.state_dict(),
+                    optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(),
+                    epoch=epoch,
+                    rng=rng_state(device),
+                    grad_scaler=scaler.state_dict() if scaler is not None else None,
+                    lr_scale=lr_scale,
+                    metrics=metrics,
+                    history=history,
+                    mlflow_run_id=config.get("mlflow_run_id"),
+                    initial_weights=config.get("weights"),
                 )
+                with errors_name(f"{tc.storage_path.rstrip('/')}/{tc.run_name}"):  # pyarrow's copy names no file
+                    ray.train.report(
+                        metrics,
+                        checkpoint=ray.train.Checkpoint.from_directory(folder),
+                        checkpoint_upload_mode=ray.train.CheckpointUploadMode[tc.checkpoint_upload.upper()],
+                        delete_local_checkpoint_after_upload=True,
+                    )
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
     return history

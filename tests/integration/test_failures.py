@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -436,11 +437,14 @@ def test_a_real_full_disk_ends_prepare_and_train_in_one_line_with_exit_3(prepare
     assert not any("Traceback" in line or "\x1b[" in line for line in lines), lines[-5:]
 
     runs = full_disk("runs")  # the run lock fits, a 4.6 MB checkpoint does not
+    staged_before = set(Path(tempfile.gettempdir()).glob("rsray-ckpt-*"))
     code = main(["train", *run_args(prepared, runs, "train.epochs=1", "tracking.enabled=false")])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 3, lines[-5:]
     assert re.fullmatch(rf"rsray: error: {runs}/\S+: no space left on device \(\[Errno 28\]\)", lines[-1]), lines[-1]
     assert not any("Traceback" in line or "\x1b[" in line for line in lines), lines[-5:]
+    # the worker's local copy of the checkpoint that could not be uploaded is gone too (left in /tmp before)
+    assert set(Path(tempfile.gettempdir()).glob("rsray-ckpt-*")) <= staged_before
 
 
 def test_a_full_disk_inside_a_ray_task_a_data_job_or_a_train_worker_is_the_drivers_one_line(ray_cluster, capsys):
