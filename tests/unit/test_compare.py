@@ -121,3 +121,66 @@ def test_runs_on_different_data_never_share_a_row(tmp_path):
         client.set_terminated(created.info.run_id)
     ((group),) = collect(client, "one-dataset")
     assert group.name == "vsepp" and group.values["test/mR"] == [50.0, 52.0]
+
+
+def test_published_rows_follow_the_runs_of_their_model_and_dataset_with_the_difference_in_mr(tmp_path):
+    """SWAN runs on RSITMD (two seeds) and RSICD, CMPAGL with its ITM stage and VSE++ on RSITMD: two
+    dataset groups; each SWAN row is followed by the paper's row for its dataset, with its mean mR
+    minus the paper's; CMPAGL and VSE++ have no published row, so no row and no difference."""
+    from mlflow import MlflowClient
+
+    from rsray.compare import collect
+    from rsray.published import PUBLISHED
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("papers")
+
+    def run(model: str, dataset: str, mr: float, **extra: float) -> None:
+        tags = {"model": model, "dataset": dataset, "dataset_digest": f"{dataset}-digest"}
+        created = client.create_run(experiment, tags=tags)
+        for key, value in {"test/mR": mr, "test/i2t_R1": mr / 2, **extra}.items():
+            client.log_metric(created.info.run_id, key, value)
+        client.set_terminated(created.info.run_id)
+
+    run("swan", "rsitmd", 30.0)
+    run("cmpagl", "rsitmd", 40.0, **{"test_itm/mR": 41.0})
+    run("swan", "rsitmd", 32.0)
+    run("vsepp", "rsitmd", 20.0)
+    run("swan", "rsicd", 21.0)
+    groups = collect(client, "papers")
+    assert [g.name for g in groups] == [
+        "swan on rsitmd",
+        "SWAN, ICMR 2023 (published) on rsitmd",
+        "cmpagl on rsitmd",
+        "cmpagl on rsitmd +ITM",
+        "vsepp on rsitmd",
+        "swan on rsicd",
+        "SWAN, ICMR 2023 (published) on rsicd",
+    ]
+    paper = {row.dataset: row for row in PUBLISHED if row.model == "swan"}
+    assert groups[1].values == {k: [v] for k, v in paper["rsitmd"].metrics.items()} and groups[1].run_ids == []
+    assert groups[0].delta_mr() == pytest.approx(31.0 - 34.11) and groups[5].delta_mr() == pytest.approx(21.0 - 20.61)
+    lines = table(groups, "md").splitlines()
+    assert lines[0].endswith("| mR | mR+SMR | Δ mR |")
+    assert lines[2] == "| swan on rsitmd | 2 | 15.50 ± 0.71 | - | - | - | - | - | 31.00 ± 1.41 | - | -3.11 |"
+    paper_line = "| SWAN, ICMR 2023 (published) on rsitmd | paper | 13.35 | 32.15 | 46.90 | 11.24 | 40.40 | 60.60 |"
+    assert lines[3] == paper_line + " 34.11 | - | - |"
+    assert lines[4].endswith("| 40.00 | - | - |") and lines[7].endswith("| 21.00 | - | +0.39 |")
+    rows = list(csv.reader(io.StringIO(table(groups, "csv"))))
+    assert rows[0][-2:] == ["delta mR", "published in"] and rows[2][-1] == "SWAN, ICMR 2023"
+    assert rows[1][-2:] == ["-3.1100", ""]
+    assert collect(client, "papers", published=False)[1].name == "cmpagl on rsitmd"
+    assert "+ITM" not in [g.name for g in collect(client, "papers", group_by="dataset")][0]
+
+
+def test_each_published_row_s_mr_is_the_mean_of_its_six_recalls():
+    """A typo in a copied number shows: a paper's mR is the mean of its six R@K (to its rounding)."""
+    import statistics
+
+    from rsray.published import PUBLISHED, RECALLS
+
+    full = [row for row in PUBLISHED if len(row.metrics) == 7]
+    assert len(full) == 4
+    for row in full:
+        recalls = [row.metrics[f"test/{name}"] for name in RECALLS]
+        assert row.metrics["test/mR"] == pytest.approx(statistics.fmean(recalls), abs=0.006), row

@@ -185,3 +185,24 @@ def test_the_tree_helpers_other_config_files_build_on(tmp_path):
     cfg = build_section(Config, tree, prefix="", origins=origins)
     assert cfg.train.epochs == 7 and origins["train.epochs"] == "here"
     assert origins["train.batch_size"].endswith("cpu-tiny.yaml")
+
+
+def test_every_paper_recipe_has_its_published_row_and_names_its_weights_by_hub_name():
+    """A recipe (conf/recipes/) trains one published row: its model and data have a row in
+    rsray.published, its typed model config checks, and its initial weights are Hub names a run
+    resolves through rsray.weights (no local paths that exist only on someone's machine)."""
+    import re
+
+    from rsray.models import model_config
+    from rsray.published import published_rows
+
+    recipes = sorted((CONF_DIR / "recipes").glob("*.yaml"))
+    assert [r.stem for r in recipes] == ["clip-rsitmd", "pir-rsicd", "pir-rsitmd", "swan-rsicd", "swan-rsitmd"]
+    hub_name = re.compile(r"^(hf-hub:)?[\w.-]+/[\w.-]+$")
+    for recipe in recipes:
+        cfg = load_config(f"recipes/{recipe.stem}")
+        assert published_rows(cfg.model["name"], cfg.data.name), recipe.stem
+        model_config(cfg)
+        weights = {k: v for k, v in cfg.model.items() if k.endswith("checkpoint") and v and v != "train"}
+        assert weights and all(hub_name.match(v) for v in weights.values()), (recipe.stem, weights)
+        assert cfg.train.use_gpu and cfg.train.data == cfg.prepare.output, recipe.stem
