@@ -27,6 +27,10 @@ STAGES: dict[str, tuple[str, str]] = {
     "compare": ("compare", "the paper-style table of an experiment's runs (md, csv, LaTeX) from MLflow"),
     "demo": ("demo", "run the whole pipeline on the embedded sample"),
     "metrics": ("metrics", "R@K, mR, ranks, SR@K (and SMR) from a saved similarity matrix (.npy)"),
+    "weights": (
+        "weights",
+        "initial weights: `list` what each paper starts from, `fetch` one to a folder or S3, `verify`",
+    ),
 }
 
 

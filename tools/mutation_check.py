@@ -344,6 +344,20 @@ MUTATIONS = [
         "global window max- instead of average-pooled",
         "tests/unit/test_gswin.py",
     ),
+    (
+        "rsray/compare.py",
+        'return self.mean("test/mR") - self.reference.mean("test/mR") if self.reference else math.nan',
+        'return self.reference.mean("test/mR") - self.mean("test/mR") if self.reference else math.nan',
+        "difference from the published mR with its sign flipped",
+        "tests/unit/test_compare.py",
+    ),
+    (
+        "rsray/weights_fetch.py",
+        'with open(part, "ab" if resumed else "wb") as out:',
+        'with open(part, "wb") as out:',
+        "a resumed download overwrites what arrived before the cut",
+        "tests/unit/test_weights_fetch.py",
+    ),
 ]
 
 

@@ -154,3 +154,19 @@ def test_a_wrong_sha256_refuses_the_run_in_one_line_naming_the_key_exit_2(tmp_pa
     assert capsys.readouterr().err.strip() == f"rsray: error: {message}"
     named = load_config("train/cpu-tiny", [f"model.backbone_checkpoint={weights}#sha256={sha256_of(weights)}"])
     assert fetch_initial_weights(named) == {"model.backbone_checkpoint": f"{weights}; sha256 {sha256_of(weights)}"}
+
+
+def test_rsray_weights_fetch_places_a_hub_folder_from_the_cache(hub_cache, tmp_path):
+    """`rsray weights fetch minilm` (a catalog name whose source is a Hub name) goes through the Hub
+    cache, offline here, and writes the model's folder under its own name with a .json record."""
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "rsray.pipelines.weights", "fetch", "minilm", "--to", str(out)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    placed = out / "all-MiniLM-L6-v2"
+    packaged = minilm_path()
+    assert sorted(p.name for p in placed.iterdir()) == sorted(p.name for p in packaged.iterdir() if p.is_file())
+    assert (placed / "model.safetensors").read_bytes() == (packaged / "model.safetensors").read_bytes()
+    record = json.loads((out / "all-MiniLM-L6-v2.json").read_text())
+    assert record["source"] == MINILM and record["bytes"] == sum(p.stat().st_size for p in placed.iterdir())
