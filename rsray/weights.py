@@ -8,6 +8,8 @@ A config value that names initial weights (`model.backbone_checkpoint`, `model.t
   hf-hub:ORG/NAME[@REV]     a timm model on the Hugging Face Hub: its weights file, as timm's own
                             hub loader reads it (model.safetensors, else pytorch_model.bin)
   ORG/NAME[@REV]            a transformers model on the Hub: its folder (config, weights, tokenizer)
+  s3://BUCKET/KEY.pth       a weights file on S3 (or an S3-compatible store: AWS_ENDPOINT_URL_S3),
+                            for clusters without internet (`rsray weights fetch ... --to s3://...`)
 
 and any of them may end in `#sha256=<64 hex digits>`: the weights file's digest must match (for a
 folder, its model.safetensors or pytorch_model.bin), else the run is refused in one line.
@@ -19,11 +21,18 @@ workers and model builders resolve with `fetch=False` and read the cache the dri
 run downloads once per machine, never once per worker. Each resolution records what it found
 (`Resolved`: the name, the Hub revision it got, the file's sha256), which a run logs as MLflow
 params (`weights/<key>`).
+
+An s3:// file is the cluster's own storage, so whoever needs it first on a machine (the driver, or
+a worker on another node) copies it into `download_cache()/s3/BUCKET/KEY` under a file lock
+(filelock), and every other process on that machine reads that copy: one download per machine,
+however many workers it runs. A copy whose size differs from the object's is fetched again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,7 +41,11 @@ from typing import Any
 
 from rsray.pretrained import PACKAGED, packaged_path
 
+log = logging.getLogger(__name__)
+
 HF_HUB = "hf-hub:"
+S3 = "s3://"
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")  # an s3:// value naming one file
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm's and transformers' hub loaders read
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -51,7 +64,7 @@ class Resolved:
 
     path: Path
     name: str  # the value without its #sha256 part
-    source: str  # local | package | timm-hub | transformers-hub
+    source: str  # local | package | timm-hub | transformers-hub | s3
     revision: str | None = None  # the Hub commit the cache holds
     sha256: str | None = None  # of the weights file, when checked or asked for
 
@@ -86,6 +99,8 @@ def resolve(value: str | Path, fetch: bool = False, want_file: bool = False) -> 
         found = Resolved(packaged_path(name), name, "package")
     elif local.exists():
         found = Resolved(local, name, "local")
+    elif name.startswith(S3):
+        found = _from_s3(name)
     elif name.startswith(HF_HUB):
         found = _from_hub(name, name[len(HF_HUB) :], "timm-hub", fetch)
     elif _HUB_ID.match(name.split("@", 1)[0]):
@@ -119,6 +134,39 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def download_cache() -> Path:
+    """Where downloaded weights land (and resume from): RSRAY_WEIGHTS_CACHE, else ~/.cache/rsray/weights."""
+    folder = Path(os.environ.get("RSRAY_WEIGHTS_CACHE") or Path.home() / ".cache" / "rsray" / "weights")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _from_s3(value: str) -> Resolved:
+    """An s3:// weights file, copied once per machine into the download cache (module docstring)."""
+    import shutil
+
+    from filelock import FileLock
+
+    from rsray import storage
+
+    if not value.endswith(WEIGHT_SUFFIXES):
+        raise WeightsError(f"{value}: an s3:// weights value names one file ({', '.join(WEIGHT_SUFFIXES)})")
+    loc = storage.resolve(value)
+    info = storage.reading(lambda: loc.fs.get_file_info(loc.path), f"read {value}")
+    if info.size is None:
+        raise WeightsError(f"{value}: no such object")
+    local = download_cache() / "s3" / loc.path
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{local}.lock"):
+        if not (local.is_file() and local.stat().st_size == info.size):
+            log.info("%s: copying %.1f MB to %s", value, info.size / 1e6, local)
+            part = local.with_name(local.name + ".part")
+            with loc.fs.open_input_stream(loc.path) as source, open(part, "wb") as out:
+                shutil.copyfileobj(source, out, 1 << 20)
+            part.replace(local)
+    return Resolved(local, value, "s3")
 
 
 def _from_hub(value: str, repo: str, source: str, fetch: bool) -> Resolved:
@@ -155,14 +203,15 @@ def fetch_all(section: Mapping[str, Any], prefix: str = "model") -> dict[str, Re
     """The driver's call before any worker starts: every initial-weights value of a model config
     section (keys ending in `checkpoint`, nested sections too) resolved with `fetch=True`, so Hub
     names are in this machine's cache and digests are checked once. {'model.text_checkpoint':
-    Resolved}. `train` (an earlier stage rsray trains first) and URIs are left to their own code."""
+    Resolved}. `train` (an earlier stage rsray trains first) and URIs other than an s3:// weights
+    file (an s3:// checkpoint folder of an earlier stage) are left to their own code."""
     found: dict[str, Resolved] = {}
     for key, value in section.items():
         where = f"{prefix}.{key}"
         if isinstance(value, Mapping):
             found.update(fetch_all(value, where))
         elif key.endswith("checkpoint") and isinstance(value, str) and value and value != "train":
-            if "://" not in value:
+            if "://" not in value or (value.startswith(S3) and split_digest(value)[0].endswith(WEIGHT_SUFFIXES)):
                 try:
                     found[where] = resolve(value, fetch=True, want_file=key == "backbone_checkpoint")
                 except WeightsError as exc:

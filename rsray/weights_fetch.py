@@ -16,15 +16,17 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import os
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from tqdm import tqdm
+
 from rsray import storage
-from rsray.weights import WeightsError, resolve, sha256_of
+from rsray.weights import WeightsError, download_cache, resolve, sha256_of
 from rsray.weights_catalog import known
 
 log = logging.getLogger(__name__)
@@ -75,13 +77,6 @@ def fetch(source: str, to: str, sha256: str | None = None, convert: str | None =
         return _place(local, to, record)
 
 
-def download_cache() -> Path:
-    """Where URL downloads land first and resume from: RSRAY_WEIGHTS_CACHE, else ~/.cache/rsray/weights."""
-    folder = Path(os.environ.get("RSRAY_WEIGHTS_CACHE") or Path.home() / ".cache" / "rsray" / "weights")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
 def download(url: str, target: Path, sha256: str | None = None, sha256_prefix: str = "") -> Path:
     """`url` into `target`, resuming `target.part` with a Range request, checked against `sha256`
     (or its first digits) before it gets its name. A wrong digest removes the .part."""
@@ -89,6 +84,9 @@ def download(url: str, target: Path, sha256: str | None = None, sha256_prefix: s
     from requests.adapters import HTTPAdapter
     from urllib3.util.retry import Retry
 
+    if target.exists() and (sha256 or sha256_prefix) and _matches(sha256_of(target), sha256, sha256_prefix):
+        log.info("%s: already in %s with its sha256", url, target)
+        return target
     part = target.with_name(target.name + ".part")
     session = requests.Session()
     retry = Retry(total=5, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504), allowed_methods=["GET"])
@@ -106,9 +104,20 @@ def download(url: str, target: Path, sha256: str | None = None, sha256_prefix: s
                 if have and not resumed:
                     log.info("%s: the server ignored the range request; downloading again", url)
                 total = int(response.headers.get("Content-Length", 0)) + (have if resumed else 0)
-                with open(part, "ab" if resumed else "wb") as out:
+                bar = tqdm(  # on a terminal; in a log, nothing (the start and the end are logged)
+                    total=total or None,
+                    initial=have if resumed else 0,
+                    unit="B",
+                    unit_scale=True,
+                    desc=target.name,
+                    file=sys.stderr,
+                    disable=not sys.stderr.isatty(),
+                )
+                log.info("%s: downloading %s", url, f"{total / 1e6:.1f} MB" if total else "(size not given)")
+                with bar, open(part, "ab" if resumed else "wb") as out:
                     for block in response.iter_content(CHUNK):
                         out.write(block)
+                        bar.update(len(block))
             if not total or part.stat().st_size >= total:
                 break
         except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
@@ -118,12 +127,16 @@ def download(url: str, target: Path, sha256: str | None = None, sha256_prefix: s
     else:
         raise WeightsError(f"{url}: the download did not complete after 5 attempts ({_size(part)} bytes)")
     actual = sha256_of(part)
-    if (sha256 and actual != sha256.lower()) or not actual.startswith(sha256_prefix.lower()):
+    if not _matches(actual, sha256, sha256_prefix):
         part.unlink()
         wanted = sha256 or f"{sha256_prefix}..."
         raise WeightsError(f"{url}: sha256 {actual}, but {wanted} was asked for; the download is removed")
     part.replace(target)
     return target
+
+
+def _matches(actual: str, sha256: str | None, prefix: str) -> bool:
+    return (not sha256 or actual == sha256.lower()) and actual.startswith(prefix.lower())
 
 
 def _size(path: Path) -> int:

@@ -130,7 +130,7 @@ def test_the_driver_resolves_every_initial_weights_value_of_a_model_section_once
         "instruction_checkpoint": "train",  # an earlier stage rsray trains first
         "text_checkpoint": None,
         "glove_path": str(weights),  # word vectors: not a checkpoint key
-        "remote_checkpoint": "s3://bucket/w.pth",  # a URI: its own code reads it
+        "remote_checkpoint": "s3://bucket/stage-1/checkpoint_000",  # a checkpoint folder: its own code reads it
     }
     found = {key: resolved.record() for key, resolved in fetch_all(section).items()}
     assert found == {"model.backbone_checkpoint": f"{weights}; sha256 {digest}", "model.clip.checkpoint": str(folder)}
@@ -170,3 +170,53 @@ def test_rsray_weights_fetch_places_a_hub_folder_from_the_cache(hub_cache, tmp_p
     assert (placed / "model.safetensors").read_bytes() == (packaged / "model.safetensors").read_bytes()
     record = json.loads((out / "all-MiniLM-L6-v2.json").read_text())
     assert record["source"] == MINILM and record["bytes"] == sum(p.stat().st_size for p in placed.iterdir())
+
+
+def test_an_s3_weights_file_is_copied_once_per_machine_and_builds_the_model(
+    s3_bucket, s3_endpoint, tmp_path, monkeypatch
+):
+    """Two processes (as two Train workers on one node) resolve the same s3:// weights file at
+    once: one copies it into the shared cache under the file lock, the other reads that copy; the
+    digest is checked, the driver's record names it, and the backbone built from it holds its weights."""
+    import boto3
+    import timm
+    from safetensors.torch import save_file
+
+    from rsray.models.encoders import TimmBackbone
+    from rsray.weights import fetch_all
+
+    torch.manual_seed(3)
+    state = {k: v.contiguous() for k, v in timm.create_model("resnet10t").state_dict().items()}
+    local = tmp_path / "resnet10t.safetensors"
+    save_file(state, str(local))
+    digest = sha256_of(local)
+    boto3.client("s3", endpoint_url=s3_endpoint).upload_file(str(local), s3_bucket, "weights/resnet10t.safetensors")
+    value = f"s3://{s3_bucket}/weights/resnet10t.safetensors#sha256={digest}"
+    env = {**os.environ, "RSRAY_WEIGHTS_CACHE": str(tmp_path / "cache")}
+    script = f"""
+import logging, sys
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s %(message)s")
+from rsray.weights import resolve
+print(resolve({value!r}, want_file=True).path)
+"""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), [err[-2000:] for _, err in outputs]
+    cached = tmp_path / "cache" / "s3" / s3_bucket / "weights" / "resnet10t.safetensors"
+    assert {out.strip() for out, _ in outputs} == {str(cached)} and cached.read_bytes() == local.read_bytes()
+    assert sum(err.count("rsray.weights " + f"s3://{s3_bucket}") for _, err in outputs) == 1  # one copy
+    monkeypatch.setenv("RSRAY_WEIGHTS_CACHE", str(tmp_path / "cache"))
+    found = fetch_all({"backbone": "resnet10t", "backbone_checkpoint": value})
+    backbone = TimmBackbone("resnet10t", checkpoint=value)
+    assert (
+        found["model.backbone_checkpoint"].record()
+        == f"s3://{s3_bucket}/weights/resnet10t.safetensors; sha256 {digest}"
+    )
+    assert torch.equal(backbone.body.conv1[0].weight, state["conv1.0.weight"])
+    with pytest.raises(WeightsError, match="an s3:// weights value names one file"):
+        resolve(f"s3://{s3_bucket}/weights/")

@@ -89,6 +89,9 @@ def test_an_interrupted_download_resumes_with_a_range_request_and_is_checked(ser
     record = json.loads((tmp_path / "out" / "weights.pth.json").read_text())
     assert record["sha256"] == digest == done.sha256 and record["bytes"] == len(data) and record["source"] == url
     assert record["path"] == str(tmp_path / "out" / "weights.pth") and not list(weights_cache.glob("*.part"))
+    again = fetch(url, str(tmp_path / "again"), sha256=digest)  # the cached, checked copy: no request
+    assert len(server.ranges) == 2 and (tmp_path / "again" / "weights.pth").read_bytes() == data
+    assert again.sha256 == digest
 
 
 def test_a_wrong_sha256_is_refused_in_one_line_and_nothing_is_kept(serve, tmp_path, weights_cache, capsys):
