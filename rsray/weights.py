@@ -8,6 +8,9 @@ A config value that names initial weights (`model.backbone_checkpoint`, `model.t
   hf-hub:ORG/NAME[@REV]     a timm model on the Hugging Face Hub: its weights file, as timm's own
                             hub loader reads it (model.safetensors, else pytorch_model.bin)
   ORG/NAME[@REV]            a transformers model on the Hub: its folder (config, weights, tokenizer)
+  torchvision:ENUM.NAME     a torchvision weights enum member (torchvision:ResNet50_Weights.IMAGENET1K_V1):
+                            its file in torch's hub cache ($TORCH_HOME), downloaded as torchvision does
+                            it (torch.hub, checked against the digest prefix in its file name)
   s3://BUCKET/KEY.pth       a weights file on S3 (or an S3-compatible store: AWS_ENDPOINT_URL_S3),
                             for clusters without internet (`rsray weights fetch ... --to s3://...`)
 
@@ -45,6 +48,7 @@ log = logging.getLogger(__name__)
 
 HF_HUB = "hf-hub:"
 S3 = "s3://"
+TORCHVISION = "torchvision:"
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")  # an s3:// value naming one file
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm's and transformers' hub loaders read
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -64,7 +68,7 @@ class Resolved:
 
     path: Path
     name: str  # the value without its #sha256 part
-    source: str  # local | package | timm-hub | transformers-hub | s3
+    source: str  # local | package | timm-hub | transformers-hub | torchvision | s3
     revision: str | None = None  # the Hub commit the cache holds
     sha256: str | None = None  # of the weights file, when checked or asked for
 
@@ -101,6 +105,8 @@ def resolve(value: str | Path, fetch: bool = False, want_file: bool = False) -> 
         found = Resolved(local, name, "local")
     elif name.startswith(S3):
         found = _from_s3(name)
+    elif name.startswith(TORCHVISION):
+        found = _from_torchvision(name, fetch)
     elif name.startswith(HF_HUB):
         found = _from_hub(name, name[len(HF_HUB) :], "timm-hub", fetch)
     elif _HUB_ID.match(name.split("@", 1)[0]):
@@ -167,6 +173,34 @@ def _from_s3(value: str) -> Resolved:
                 shutil.copyfileobj(source, out, 1 << 20)
             part.replace(local)
     return Resolved(local, value, "s3")
+
+
+def _from_torchvision(value: str, fetch: bool) -> Resolved:
+    """A torchvision weights enum member's file, where torch.hub keeps it (a timm ResNet has
+    torchvision's parameter names, so its file loads as a timm backbone's)."""
+    from urllib.parse import urlparse
+
+    import torch.hub
+    from torchvision.models import get_weight
+
+    try:
+        weights = get_weight(value[len(TORCHVISION) :])
+    except (ValueError, KeyError) as exc:
+        raise WeightsError(
+            f"{value}: not a torchvision weights name, e.g. torchvision:ResNet50_Weights.IMAGENET1K_V1 ({exc})"
+        ) from None
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+    if not path.is_file():
+        if not fetch:
+            raise WeightsError(f"{value}: not in torch's hub cache ({path.parent}) and not fetched on this machine")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        found = torch.hub.HASH_REGEX.search(path.name)
+        log.info("%s: downloading %s", value, weights.url)
+        try:
+            torch.hub.download_url_to_file(weights.url, str(path), hash_prefix=found.group(1) if found else None)
+        except (OSError, RuntimeError) as exc:  # unreachable, or the digest prefix did not match
+            raise WeightsError(f"{value}: {weights.url}: {str(exc).splitlines()[0]}") from None
+    return Resolved(path, value, "torchvision")
 
 
 def _from_hub(value: str, repo: str, source: str, fetch: bool) -> Resolved:

@@ -28,7 +28,7 @@ class KnownWeights:
 CATALOG: tuple[KnownWeights, ...] = (
     KnownWeights(
         "resnet50-imagenet",
-        "ResNet-50, ImageNet-1k (torchvision's IMAGENET1K_V1)",
+        "ResNet-50, ImageNet-1k (torchvision's; also named torchvision:ResNet50_Weights.IMAGENET1K_V1)",
         "swan, dove, vsepp: model.backbone_checkpoint; recipes/swan-*: the default in place of the AID weights",
         "hf-hub:timm/resnet50.tv_in1k",
         "https://download.pytorch.org/models/resnet50-0676ba61.pth",

@@ -220,3 +220,28 @@ print(resolve({value!r}, want_file=True).path)
     assert torch.equal(backbone.body.conv1[0].weight, state["conv1.0.weight"])
     with pytest.raises(WeightsError, match="an s3:// weights value names one file"):
         resolve(f"s3://{s3_bucket}/weights/")
+
+
+def test_a_torchvision_weights_name_resolves_from_torchs_cache_and_builds_a_timm_backbone(tmp_path, monkeypatch):
+    """`torchvision:ResNet18_Weights.IMAGENET1K_V1` is the file torch.hub keeps for that enum member
+    (written here as a timm ResNet-18's weights, which share torchvision's names): the backbone
+    built from the name holds them. Without it in the cache and without fetch, one line naming it."""
+    import timm
+
+    from rsray.models.encoders import TimmBackbone
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    name = "torchvision:ResNet18_Weights.IMAGENET1K_V1"
+    with pytest.raises(WeightsError, match=f"{name}: not in torch's hub cache .* not fetched on this machine"):
+        resolve(name)
+    torch.manual_seed(5)
+    state = timm.create_model("resnet18").state_dict()
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"  # the enum's URL's file name
+    cached.parent.mkdir(parents=True)
+    torch.save(state, cached)
+    found = resolve(name, fetch=True)  # in the cache: nothing to download
+    assert found.path == cached and found.source == "torchvision"
+    backbone = TimmBackbone("resnet18", checkpoint=name)
+    assert torch.equal(backbone.body.conv1.weight, state["conv1.weight"])
+    with pytest.raises(WeightsError, match="torchvision:ResNet18_Weights.NOPE: not a torchvision weights name"):
+        resolve("torchvision:ResNet18_Weights.NOPE")
