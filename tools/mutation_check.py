@@ -353,8 +353,8 @@ MUTATIONS = [
     ),
     (
         "rsray/weights_fetch.py",
-        'with open(part, "ab" if resumed else "wb") as out:',
-        'with open(part, "wb") as out:',
+        'with bar, open(part, "ab" if resumed else "wb") as out:',
+        'with bar, open(part, "wb") as out:',
         "a resumed download overwrites what arrived before the cut",
         "tests/unit/test_weights_fetch.py",
     ),
