@@ -38,7 +38,8 @@ def run(cfg, ns) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def build_parser():
+    """`rsray compare`'s arguments (the demo parses its own compare through it too)."""
     parser = stage_parser(
         "rsray compare",
         "Print the paper-style table of an experiment's finished runs from MLflow: one row per "
@@ -58,7 +59,11 @@ def main(argv=None) -> int:
     parser.add_argument("--output", "-o", metavar="FILE", help="also write the printed table here")
     parser.add_argument("--no-published", action="store_true", help="leave out the papers' published rows")
     parser.add_argument("--no-log", action="store_true", help="print only; log no compare run to MLflow")
-    ns = parser.parse_intermixed_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    ns = build_parser().parse_intermixed_args(argv)
     setup_logging(ns.verbose, "compare")
     return run_cli(lambda: run(config_from_args(ns.args), ns))
 

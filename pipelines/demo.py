@@ -30,9 +30,16 @@ DEMO_RUNS = (
 )
 
 
+def compare_runs(cfg, run_ids: list[str]) -> int:
+    """The demo's table: `rsray compare --runs ...` on its runs in its experiment (cfg.tracking),
+    every other option as the command's parser sets it."""
+    from . import compare
+
+    return compare.run(cfg, compare.build_parser().parse_intermixed_args(["--runs", *run_ids]))
+
+
 def run(cfg, epochs: int) -> int:
     import time
-    from types import SimpleNamespace
 
     from rsray.config import load_config
     from rsray.console import hide_on_console
@@ -41,7 +48,7 @@ def run(cfg, epochs: int) -> int:
     from rsray.train.records import best_checkpoint
     from rsray.train.run import train
 
-    from . import compare, prepare, sample
+    from . import prepare, sample
 
     # one line per step and model here; what prepare and each run narrate is in the log file
     hide_on_console("rsray.prepare", "rsray.train", "rsray.tracking", "rsray.logged_model")
@@ -79,8 +86,7 @@ def run(cfg, epochs: int) -> int:
         )
 
     print("test split (best checkpoint by validation mR), from the runs' MLflow records")
-    options = SimpleNamespace(runs=run_ids, format="md", group_by="model", output=None, no_log=False)
-    compare.run(cfg, options)  # the demo's runs in its experiment (cfg.tracking), as `rsray compare --runs`
+    compare_runs(cfg, run_ids)
     if n_images:
         chance = chance_metrics(n_images, cfg.train.seed)
         print(f"{table_row(chance)}   (random scores: what an untrained model gets)")

@@ -32,3 +32,26 @@ def test_the_demo_data_is_as_large_as_every_tiny_model_reads():
         augment = model_config(load_config(f"model/{name}-tiny")).augment
         assert augment.crop <= demo.prepare.image_size, name
         assert augment.eval_resize <= demo.prepare.image_size, name
+
+
+def test_the_demos_table_is_rsray_compare_on_its_runs(tmp_path, capsys):
+    """The demo's last step through `rsray compare`'s own parser and run, on a real MLflow store:
+    the table of its runs, and a compare run logged beside them (the step once broke when compare
+    gained an option the demo's hand-made options lacked)."""
+    from mlflow import MlflowClient
+
+    from pipelines.demo import compare_runs
+    from rsray.compare import COLUMNS
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config("presets/demo", [f"tracking.uri={uri}", "tracking.experiment=demo-test"])
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("demo-test")
+    run = client.create_run(experiment, tags={"model": "vsepp", "dataset": "rsray_sample"})
+    for i, (key, _) in enumerate(COLUMNS):
+        client.log_metric(run.info.run_id, key, 10.0 + i)
+    client.set_terminated(run.info.run_id)
+    assert compare_runs(cfg, [run.info.run_id]) == 0
+    assert "| vsepp | 1 | 10.00 | 11.00 |" in capsys.readouterr().out
+    kinds = [r.data.tags.get("rsray.kind") for r in client.search_runs([experiment])]
+    assert sorted(kinds, key=str) == [None, "compare"]
