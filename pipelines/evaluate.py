@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 import sys
 import tempfile
 
-from rsray.cli import add_verbose_flag, run_cli, setup_logging
+from rsray.cli import command_parser, run_cli, setup_logging
 
 
 def run(ns) -> int:
@@ -60,9 +59,9 @@ def tracking_uri(ns) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="rsray evaluate",
-        description="Score a checkpoint folder (state.pt + config.yaml, local or "
+    parser = command_parser(
+        "rsray evaluate",
+        "Score a checkpoint folder (state.pt + config.yaml, local or "
         "s3://) on a split of the prepared data it was trained on: i2t/t2i R@1/5/10, mR, median/mean "
         "rank and SR@1/5/10 where scenes exist, without and with SMR re-ranking. Weights load with "
         "torch.load(weights_only=True): no arbitrary pickles.",
@@ -102,7 +101,6 @@ def main(argv=None) -> int:
     parser.add_argument("--smr-k", type=int, default=30, help="SMR top-K (default 30)")
     parser.add_argument("--smr-w", type=float, default=1.0, help="SMR boost weight (default 1)")
     parser.add_argument("--smr-beta", type=float, default=0.1, help="SMR rank decay (default 0.1)")
-    add_verbose_flag(parser)
     ns = parser.parse_args(argv)
     setup_logging(ns.verbose, "evaluate")
     return run_cli(lambda: run(ns))

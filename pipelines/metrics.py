@@ -9,14 +9,13 @@ numbers from elsewhere against the same evaluator.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from rsray.cli import add_verbose_flag, run_cli, setup_logging
+from rsray.cli import EXIT_CODES, command_parser, run_cli, setup_logging
 
 EPILOG = """This stage reads no config file and takes no key=value overrides: the options above are all
 it uses. Example: rsray metrics scores.npy --scenes test_scenes.txt --smr --json"""
@@ -82,13 +81,12 @@ def format_table(metrics: dict[str, float], title: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="rsray metrics",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Compute R@1/5/10, mR, median/mean rank and, with "
+    parser = command_parser(
+        "rsray metrics",
+        "Compute R@1/5/10, mR, median/mean rank and, with "
         "--scenes, SR@1/5/10 from a saved images x captions similarity "
         "matrix (caption j belongs to image j // captions-per-image).",
+        epilog=f"{EPILOG}\n{EXIT_CODES}",
     )
     parser.add_argument("scores", metavar="SCORES.npy", help="similarity matrix saved with numpy.save")
     parser.add_argument("--captions-per-image", type=int, default=5, metavar="N", help="default 5")
@@ -98,7 +96,6 @@ def main(argv=None) -> int:
     parser.add_argument("--smr-w", type=float, default=1.0, metavar="W", help="SMR boost weight (default 1)")
     parser.add_argument("--smr-beta", type=float, default=0.1, metavar="BETA", help="SMR rank decay (default 0.1)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    add_verbose_flag(parser)
     ns = parser.parse_intermixed_args(argv)
     setup_logging(ns.verbose, "metrics")
 

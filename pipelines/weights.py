@@ -3,12 +3,11 @@ getting them to a cluster that cannot download (rsray.weights_catalog, rsray.wei
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import asdict
 
-from rsray.cli import EPILOG, add_verbose_flag, run_cli, setup_logging
+from rsray.cli import command_parser, run_cli, setup_logging
 
 
 def list_weights(as_json: bool) -> int:
@@ -58,17 +57,14 @@ def fetch(source: str, to: str, sha256: str | None, convert: str | None) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="rsray weights",
-        description="The initial weights each model, paper and release starts from. `list` shows them "
+    parser = command_parser(
+        "rsray weights",
+        "The initial weights each model, paper and release starts from. `list` shows them "
         "with their Hub names, downloads and the facts behind them; `fetch SOURCE --to DIR|s3://...` "
         "downloads one (a catalog name, an http(s) URL or a Hub name) with resume, checks its sha256, "
         "converts it if asked and writes it with a .json record where a cluster reads it; `verify "
         "VALUE` resolves a config value on this machine without downloading and prints its sha256.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_verbose_flag(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("list", help="what each model and paper starts from")
     listing.add_argument("--json", action="store_true", help="one JSON list instead of text")

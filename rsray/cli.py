@@ -16,24 +16,43 @@ from collections.abc import Callable, Sequence
 from rsray.config import Config, ConfigError, load_config
 from rsray.ray_errors import underlying_error
 
-EPILOG = """config: a YAML file or a shipped preset (e.g. presets/cpu-tiny; `conf/` in the source), then
-key=value overrides such as data.root=/data/rsitmd prepare.image_size=256. Run `rsray STAGE --help`.
-exit codes: 0 done, 1 the work failed, 2 bad input or config, 3 storage (S3, a full disk, a shard
+EXIT_CODES = """exit codes: 0 done, 1 the work failed, 2 bad input or config, 3 storage (S3, a full disk, a shard
 missing or changed; also inside a Ray worker), 130 interrupted; errors are one line."""
+EPILOG = (
+    """config: a YAML file or a shipped preset (e.g. presets/cpu-tiny; `conf/` in the source), then
+key=value overrides such as data.root=/data/rsitmd prepare.image_size=256. Run `rsray STAGE --help`.
+"""
+    + EXIT_CODES
+)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps a one-paragraph description to the terminal as argparse does, and keeps the lines of a
+    text written in lines (the epilogs: config syntax, exit codes) as they are."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def command_parser(prog: str, description: str, epilog: str = EXIT_CODES) -> argparse.ArgumentParser:
+    """An `rsray` command's argument parser: its description, an epilog (the exit codes by default)
+    and `-v`."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog, formatter_class=_HelpFormatter)
+    add_verbose_flag(parser)
+    return parser
 
 
 def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """An argument parser with the shared `[config] [key=value ...]` positional arguments."""
-    parser = argparse.ArgumentParser(
-        prog=prog, description=description, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    """A command's parser with the shared `[config] [key=value ...]` positional arguments."""
+    parser = command_parser(prog, description, EPILOG)
     parser.add_argument(
         "args",
         nargs="*",
         metavar="[config.yaml] [key=value ...]",
         help="optional config file, then overrides (dotted keys)",
     )
-    add_verbose_flag(parser)
     return parser
 
 
