@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 from tqdm import tqdm
 
 from rsray import storage
+from rsray.redact import redact
 from rsray.weights import WeightsError, download_cache, resolve, sha256_of
 from rsray.weights_catalog import known
 
@@ -68,7 +69,7 @@ def fetch(source: str, to: str, sha256: str | None = None, convert: str | None =
         files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else [local]
         record = Fetched(
             "",
-            url,
+            redact(url),  # a presigned URL's signature or a ?token= never reaches the record or the console
             sha256_of(local) if local.is_file() else "",
             sum(f.stat().st_size for f in files),
             convert,
@@ -85,8 +86,9 @@ def download(url: str, target: Path, sha256: str | None = None, sha256_prefix: s
     from urllib3.util.retry import Retry
 
     if target.exists() and (sha256 or sha256_prefix) and _matches(sha256_of(target), sha256, sha256_prefix):
-        log.info("%s: already in %s with its sha256", url, target)
+        log.info("%s: already in %s with its sha256", redact(url), target)
         return target
+    shown = redact(url)
     part = target.with_name(target.name + ".part")
     session = requests.Session()
     retry = Retry(total=5, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504), allowed_methods=["GET"])
@@ -102,7 +104,7 @@ def download(url: str, target: Path, sha256: str | None = None, sha256_prefix: s
                 response.raise_for_status()
                 resumed = response.status_code == 206
                 if have and not resumed:
-                    log.info("%s: the server ignored the range request; downloading again", url)
+                    log.info("%s: the server ignored the range request; downloading again", shown)
                 total = int(response.headers.get("Content-Length", 0)) + (have if resumed else 0)
                 bar = tqdm(  # on a terminal; in a log, nothing (the start and the end are logged)
                     total=total or None,
@@ -113,7 +115,7 @@ def download(url: str, target: Path, sha256: str | None = None, sha256_prefix: s
                     file=sys.stderr,
                     disable=not sys.stderr.isatty(),
                 )
-                log.info("%s: downloading %s", url, f"{total / 1e6:.1f} MB" if total else "(size not given)")
+                log.info("%s: downloading %s", shown, f"{total / 1e6:.1f} MB" if total else "(size not given)")
                 with bar, open(part, "ab" if resumed else "wb") as out:
                     for block in response.iter_content(CHUNK):
                         out.write(block)
@@ -121,16 +123,16 @@ def download(url: str, target: Path, sha256: str | None = None, sha256_prefix: s
             if not total or part.stat().st_size >= total:
                 break
         except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
-            log.info("%s: connection lost after %d bytes (%s); resuming", url, _size(part), exc)
+            log.info("%s: connection lost after %d bytes (%s); resuming", shown, _size(part), exc)
         except requests.HTTPError as exc:
-            raise WeightsError(f"{url}: {exc}") from None
+            raise WeightsError(redact(f"{shown}: {exc}")) from None
     else:
-        raise WeightsError(f"{url}: the download did not complete after 5 attempts ({_size(part)} bytes)")
+        raise WeightsError(f"{shown}: the download did not complete after 5 attempts ({_size(part)} bytes)")
     actual = sha256_of(part)
     if not _matches(actual, sha256, sha256_prefix):
         part.unlink()
         wanted = sha256 or f"{sha256_prefix}..."
-        raise WeightsError(f"{url}: sha256 {actual}, but {wanted} was asked for; the download is removed")
+        raise WeightsError(f"{shown}: sha256 {actual}, but {wanted} was asked for; the download is removed")
     part.replace(target)
     return target
 

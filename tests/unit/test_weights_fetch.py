@@ -205,3 +205,18 @@ def test_list_and_verify(capsys, tmp_path):
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"rsray: error: {other}: sha256 ")
     assert main(["weights", "fetch", "resnet50-aid", "--to", str(tmp_path)]) == 2
     assert "resnet50-aid: no public download is known" in capsys.readouterr().err
+
+
+def test_a_token_in_the_url_reaches_neither_the_record_nor_the_console(serve, tmp_path, capsys):
+    """A presigned or token URL downloads with its token; what is written and printed hides it."""
+    data, digest = random_bytes(10_000)
+    url, _ = serve(data)
+    secret_url = f"{url}?token=s3cr3t-value&X-Amz-Signature=f00ba4"
+    assert main(["weights", "fetch", secret_url, "--to", str(tmp_path / "out"), "--sha256", digest]) == 0
+    record = (tmp_path / "out" / "weights.pth.json").read_text()
+    printed = capsys.readouterr()
+    for text in (record, printed.out, printed.err):
+        assert "s3cr3t-value" not in text and "f00ba4" not in text
+    assert json.loads(record)["source"] == f"{url}?token=***&X-Amz-Signature=***"
+    assert main(["weights", "fetch", secret_url, "--to", str(tmp_path / "out2"), "--sha256", "0" * 64]) == 2
+    assert "s3cr3t-value" not in capsys.readouterr().err
