@@ -8,9 +8,10 @@ locally, a conditional PUT (`If-None-Match: *`) on S3, so of two commands starte
 instant exactly one gets it. A holder is gone when its heartbeat is older than STALE_S, when its
 process no longer exists (same host), when its Ray node has been declared dead by the cluster (a
 lost machine: a restarted trial must not wait STALE_S), or when it names this very process (an
-earlier command in it that did not end cleanly). A gone holder's file is deleted and the atomic
-create tried again; two commands taking over one stale lock at the same moment can still both
-win (the delete is not conditional), a case that needs a crash and a simultaneous double start.
+earlier command in it that did not end cleanly). A gone holder's file is replaced only if it is
+still the file that was judged (`storage.replace_if_unchanged`: `If-Match` on its ETag on S3, a
+compare under a folder `flock` locally), so of two commands taking over one stale lock at the
+same moment exactly one gets it, and a heartbeat written meanwhile keeps its holder's lock.
 """
 
 from __future__ import annotations
@@ -60,14 +61,16 @@ class HolderLock:
         for _ in range(TAKEOVER_ATTEMPTS):
             if storage.create_new(self.lock, self._payload()):
                 break
-            holder = self.holder()
+            seen = storage.read_seen(self.lock)
+            if seen is None:
+                continue  # released meanwhile: create again
+            holder = _record(seen.data)
             if holder is not None and holder_alive(holder):
                 raise HeldElsewhere(self.lock.uri, holder)
             log.debug("taking over %s from a holder that is gone: %s", self.lock.uri, holder)
-            try:
-                self.lock.fs.delete_file(self.lock.path)
-            except FileNotFoundError:
-                pass  # another command took it over first: the next create decides
+            if storage.replace_if_unchanged(self.lock, seen, self._payload()):
+                break
+            # changed since it was read (another command took it over first, or a heartbeat): again
         else:
             holder = self.holder() or {}
             raise HeldElsewhere(self.lock.uri, holder)
@@ -89,10 +92,9 @@ class HolderLock:
     def holder(self) -> dict | None:
         """The record in the lock file; None when there is none or it cannot be read (stale)."""
         try:
-            holder = json.loads(storage.read_bytes(self.lock))
-        except (OSError, ValueError):
+            return _record(storage.read_bytes(self.lock))
+        except OSError:
             return None
-        return holder if isinstance(holder, dict) else None
 
     def _payload(self) -> bytes:
         return json.dumps({**self.record, "heartbeat": time.time()}).encode()
@@ -103,6 +105,15 @@ class HolderLock:
                 storage.write_bytes(self.lock, self._payload())
             except OSError as exc:  # storage hiccup: the next beat tries again
                 log.debug("heartbeat to %s failed: %s", self.lock.uri, exc)
+
+
+def _record(data: bytes) -> dict | None:
+    """A lock file's holder record; None for bytes that are not one (a stale lock)."""
+    try:
+        holder = json.loads(data)
+    except ValueError:
+        return None
+    return holder if isinstance(holder, dict) else None
 
 
 def live_holder(lock: storage.Location) -> dict | None:

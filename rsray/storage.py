@@ -152,9 +152,16 @@ def read_bytes(loc: Location) -> bytes:
 
 
 def write_bytes(loc: Location, data: bytes) -> None:
+    """Write the whole file; a reader sees the old bytes or the new, never a part (an S3 PUT is
+    atomic; locally a staged file renamed over the old one)."""
     parent = loc.path.rsplit("/", 1)[0]
     if parent:
         loc.fs.create_dir(parent, recursive=True)
+    if isinstance(loc.fs, pafs.LocalFileSystem):
+        staged = f"{loc.path}.{os.getpid()}.tmp"
+        Path(staged).write_bytes(data)
+        os.replace(staged, loc.path)
+        return
     with loc.fs.open_output_stream(loc.path) as stream:
         stream.write(data)
 
@@ -177,16 +184,17 @@ def create_new(loc: Location, data: bytes) -> bool:
     return True
 
 
-def _s3_create_new(loc: Location, data: bytes) -> bool:
+def _s3_client(loc: Location):
+    """A boto3 client for `loc`'s endpoint, region and keys (pyarrow's S3 filesystem cannot send
+    conditional headers)."""
     import boto3
     from botocore.config import Config as BotoConfig
-    from botocore.exceptions import ClientError
 
     _, (settings,) = loc.fs.__reduce__()  # the filesystem's own endpoint and region
     endpoint = settings.get("endpoint_override")
     if endpoint and "://" not in endpoint:
         endpoint = f"{settings.get('scheme') or 'https'}://{endpoint}"
-    client = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=endpoint or None,
         region_name=settings.get("region") or None,
@@ -195,14 +203,81 @@ def _s3_create_new(loc: Location, data: bytes) -> bool:
         aws_session_token=settings.get("session_token") or None,
         config=BotoConfig(retries={"max_attempts": s3_attempts(), "mode": "standard"}),
     )
+
+
+def _s3_conditional_put(loc: Location, data: bytes, **condition: str) -> bool:
+    """PUT with one condition (IfNoneMatch or IfMatch); False when S3 refused it on the condition."""
+    from botocore.exceptions import ClientError
+
     bucket, key = loc.path.split("/", 1)
     try:
-        client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        _s3_client(loc).put_object(Bucket=bucket, Key=key, Body=data, **condition)
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
-            return False  # there already, or another writer's conditional PUT is in flight
+            return False  # the condition failed, or another writer's conditional PUT is in flight
         raise OSError(f"{loc.uri}: {exc}") from None
     return True
+
+
+def _s3_create_new(loc: Location, data: bytes) -> bool:
+    return _s3_conditional_put(loc, data, IfNoneMatch="*")
+
+
+@dataclass(frozen=True)
+class Seen:
+    """A file's bytes as one read saw them, and what `replace_if_unchanged` compares: the S3 ETag
+    of that very read, or (locally) the bytes themselves."""
+
+    data: bytes
+    etag: str | None = None
+
+
+def read_seen(loc: Location) -> Seen | None:
+    """The file's bytes with their version (S3's ETag from the same GET); None when it is absent."""
+    if isinstance(loc.fs, pafs.S3FileSystem):
+        from botocore.exceptions import ClientError
+
+        bucket, key = loc.path.split("/", 1)
+        try:
+            response = _s3_client(loc).get_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise OSError(f"{loc.uri}: {exc}") from None
+        return Seen(response["Body"].read(), response["ETag"])
+    try:
+        return Seen(Path(loc.path).read_bytes())
+    except FileNotFoundError:
+        return None
+
+
+def replace_if_unchanged(loc: Location, seen: Seen, data: bytes) -> bool:
+    """Replace the file with `data` only if it still is what `seen` read, as one atomic step (a
+    stale lock's takeover: of two commands taking it over together exactly one wins). On S3 a PUT
+    with `If-Match: <seen's ETag>`; locally, under an exclusive `flock` on the parent folder (held
+    by takeovers only, released by the kernel if the process dies), a compare and an atomic
+    rename. True when this call replaced it."""
+    if isinstance(loc.fs, pafs.S3FileSystem):
+        return _s3_conditional_put(loc, data, IfMatch=seen.etag or "")
+    import fcntl
+
+    folder = os.open(os.path.dirname(loc.path) or ".", os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+        except OSError:  # a filesystem without flock (some NFS mounts): compare and rename unguarded
+            pass
+        try:
+            if Path(loc.path).read_bytes() != seen.data:
+                return False
+        except FileNotFoundError:
+            return False  # released meanwhile: the caller's next create decides
+        staged = f"{loc.path}.{os.getpid()}.tmp"
+        Path(staged).write_bytes(data)
+        os.replace(staged, loc.path)
+        return True
+    finally:
+        os.close(folder)  # releases the flock
 
 
 def exists(loc: Location) -> bool:

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
+import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +16,7 @@ from rsray import storage
 from rsray.locks import HeldElsewhere, HolderLock
 
 CONTENDERS = 8
+TAKEOVER_ROUNDS = 6
 
 
 def _contend(path: str, start, done, results) -> None:
@@ -87,3 +90,44 @@ def test_a_live_s3_holder_refuses_another_process_and_a_killed_one_is_taken_over
     with HolderLock(loc):  # its process is gone: the lock is taken over
         assert storage.exists(loc)
     assert not storage.exists(loc)
+
+
+def _stale_record() -> bytes:
+    """The lock of a command that died on this host: a pid that exists no more, an old heartbeat."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    return json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started": 0, "heartbeat": 0}).encode()
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_of_processes_taking_over_one_stale_lock_together_exactly_one_holds_it(where, tmp_path, request):
+    """The takeover is conditional (If-Match on S3, a compare under a folder flock locally): a
+    command that deleted the stale file unconditionally could delete the first taker's lock. The
+    race is run a few times: an unconditional delete lost it in about half of single rounds."""
+    bucket = request.getfixturevalue("s3_bucket") if where == "s3" else None
+    context = multiprocessing.get_context("fork")
+    for round_number in range(TAKEOVER_ROUNDS):
+        local = tmp_path / f"run{round_number}" / "lock.json"
+        path = f"s3://{bucket}/locks/stale-{round_number}.json" if bucket else str(local)
+        assert storage.create_new(storage.resolve(path), _stale_record())
+        start, done, results = context.Barrier(CONTENDERS), context.Event(), context.Queue()
+        processes = [context.Process(target=_contend, args=(path, start, done, results)) for _ in range(CONTENDERS)]
+        for process in processes:
+            process.start()
+        outcomes = [results.get(timeout=60) for _ in processes]
+        done.set()
+        for process in processes:
+            process.join(timeout=30)
+        assert sorted(outcomes) == ["held"] + ["refused"] * (CONTENDERS - 1), f"round {round_number}"
+
+
+def test_a_heartbeat_rewrites_the_lock_whole(tmp_path):
+    """A reader never sees a half-written lock (it would judge the holder gone): a staged file is
+    renamed over the old one, so the file's inode changes and no staged file stays behind."""
+    loc = storage.resolve(str(tmp_path / "lock.json"))
+    storage.write_bytes(loc, b'{"pid": 1}')
+    before = (tmp_path / "lock.json").stat().st_ino
+    storage.write_bytes(loc, b'{"pid": 2}')
+    assert (tmp_path / "lock.json").stat().st_ino != before
+    assert storage.read_bytes(loc) == b'{"pid": 2}'
+    assert [p.name for p in tmp_path.iterdir()] == ["lock.json"]
