@@ -158,12 +158,22 @@ def write_bytes(loc: Location, data: bytes) -> None:
     if parent:
         loc.fs.create_dir(parent, recursive=True)
     if isinstance(loc.fs, pafs.LocalFileSystem):
-        staged = f"{loc.path}.{os.getpid()}.tmp"
-        Path(staged).write_bytes(data)
-        os.replace(staged, loc.path)
+        _write_whole(loc.path, data)
         return
     with loc.fs.open_output_stream(loc.path) as stream:
         stream.write(data)
+
+
+def _write_whole(path: str, data: bytes) -> None:
+    """A local file written beside its place and renamed over it; a failed write (a full disk)
+    leaves neither a part nor the staged file."""
+    staged = f"{path}.{os.getpid()}.tmp"
+    try:
+        Path(staged).write_bytes(data)
+        os.replace(staged, path)
+    except BaseException:
+        Path(staged).unlink(missing_ok=True)
+        raise
 
 
 def create_new(loc: Location, data: bytes) -> bool:
@@ -272,9 +282,7 @@ def replace_if_unchanged(loc: Location, seen: Seen, data: bytes) -> bool:
                 return False
         except FileNotFoundError:
             return False  # released meanwhile: the caller's next create decides
-        staged = f"{loc.path}.{os.getpid()}.tmp"
-        Path(staged).write_bytes(data)
-        os.replace(staged, loc.path)
+        _write_whole(loc.path, data)
         return True
     finally:
         os.close(folder)  # releases the flock
