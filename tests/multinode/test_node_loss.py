@@ -37,6 +37,7 @@ from tests.multinode.conftest import SLOT, STORE
 
 pytestmark = pytest.mark.integration
 
+ELASTIC_EPOCHS = 6
 LR = 1e-3  # vsepp-tiny's learning rate, flat over these epochs (its step decay comes every 15)
 
 
@@ -130,6 +131,22 @@ def add_a_node(cluster) -> None:
     cluster.wait_for_nodes()
 
 
+def tick_the_coordinator(expect_nodes: int) -> None:
+    """Once the cluster shows `expect_nodes` live nodes, have Ray's AutoscalingCoordinator (where an
+    elastic group's resource view comes from) refresh its node list now: it does so every 20 s on
+    its own (`TICK_INTERVAL_S`, docs/deploy/node-loss.md), and without this nudge the run needed
+    14 epochs to outlast that wait. Its public method `get_reserved_resources(recompute=True)` runs
+    the tick; the timing is the only thing this changes."""
+    import ray
+
+    deadline = time.monotonic() + 60
+    while sum(node["Alive"] for node in ray.nodes()) != expect_nodes:
+        assert time.monotonic() < deadline, f"the cluster never showed {expect_nodes} live nodes"
+        time.sleep(0.5)
+    coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    ray.get(coordinator.get_reserved_resources.remote("rsray-node-loss-test", recompute=True), timeout=30)
+
+
 def _mlflow_epochs(mlflow_server: str, name: str) -> tuple[dict[int, float], dict[int, float], dict[int, float]]:
     """val/mR, workers and lr per epoch as the MLflow run holds them (each epoch must be there once)."""
     from mlflow import MlflowClient
@@ -183,22 +200,23 @@ def test_fixed_workers_wait_for_a_replacement_node_and_resume_from_the_last_chec
 def test_an_elastic_run_goes_on_with_fewer_workers_and_grows_back(
     ray_nodes, prepared_on_nodes, mlflow_server, tmp_path
 ):
-    # enough epochs for Ray Train to see the returned node: its resource view comes from Ray's
-    # AutoscalingCoordinator, which refreshes the nodes every 20 s (docs/deploy/node-loss.md), so it
-    # lags 0-20 s plus the restart. 10 epochs (about 20 s left after the node returned) ended on one
-    # worker twice under load; 14 leave about 30 s.
-    name, runs, log, epochs = "elastic", tmp_path / "runs", tmp_path / "elastic.log", 14
+    # Ray Train's view of the nodes comes from Ray's AutoscalingCoordinator, refreshed here as soon as
+    # the cluster changes (tick_the_coordinator); the epochs left after the node returns must still
+    # outlast one resize poll (train.elastic_resize_s=1) and the restart.
+    name, runs, log, epochs = "elastic", tmp_path / "runs", tmp_path / "elastic.log", ELASTIC_EPOCHS
     extra = [f"train.epochs={epochs}", "train.num_workers=[1,2]", "train.elastic_resize_s=1"]
     extra += ["train.worker_resources={train_slot: 1}", "train.placement=pack"]  # one per node, counted by Ray
     proc = _train(prepared_on_nodes, runs, name, mlflow_server, ray_nodes, log, *extra)
     try:
         wait_until(lambda: _logged_epochs(mlflow_server, name) >= 1, proc, log, "a registered epoch")
         lose_the_worker_node(ray_nodes)
+        tick_the_coordinator(expect_nodes=1)
         before = _logged_epochs(mlflow_server, name)
         wait_until(
             lambda: _logged_epochs(mlflow_server, name) > before, proc, log, "an epoch on one worker", timeout=120
         )
         add_a_node(ray_nodes)
+        tick_the_coordinator(expect_nodes=2)
         code = proc.wait(timeout=300)
     finally:
         proc.kill()
