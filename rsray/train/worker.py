@@ -9,6 +9,7 @@ controller imports this module to unpickle the function, and starts without them
 from __future__ import annotations
 
 import logging
+import resource
 import shutil
 import tempfile
 import time
@@ -152,13 +153,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
                 scheduler.step()
             losses = mean_across_workers(stats.losses, device)
             (pairs,) = reduce_across_workers([float(stats.pairs)], device)
-            seconds, data_seconds = reduce_across_workers([stats.seconds, stats.data_seconds], device, op="max")
+            seconds, data_seconds, peak_rss = reduce_across_workers(
+                [stats.seconds, stats.data_seconds, peak_rss_mib()], device, op="max"
+            )
             metrics: dict[str, float] = {
                 "epoch": epoch,
                 "lr": lr,
                 "pairs_per_s": pairs / max(seconds, 1e-9),
                 "train_seconds": seconds,
                 "data_wait_seconds": data_seconds,
+                "worker_peak_rss_mib": peak_rss,  # the largest worker process's high-water mark so far
                 "lr_scale": lr_scale,
                 **placed,
             }
@@ -203,3 +207,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
                 shutil.rmtree(folder, ignore_errors=True)
                 raise
     return history
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB), in MiB: what a
+    worker needs at this model size, logged every epoch beside the step times."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -39,3 +39,32 @@ def test_the_checkpoint_upload_benchmark_runs_both_modes_at_its_smoke_size(tmp_p
     assert "a 12 MiB checkpoint each epoch" in printed
     assert " sync: rank 0 writes and reports in" in printed and "async: rank 0 writes and reports in" in printed
     assert "(mean of 2)" in printed
+
+
+def test_the_paper_size_rehearsal_runs_at_its_smoke_size(ray_cluster, prepared, s3_bucket, mlflow_server, tmp_path):
+    """`python -m benchmarks.paper_size --smoke` on the package's Ray, moto's S3 and the MLflow
+    server, training on the shared sample: its `rsray train` and `rsray evaluate` runs, the numbers
+    it reads back from MLflow, S3 and the processes, and its table."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    command = [sys.executable, "-m", "benchmarks.paper_size", "--smoke", "--data", prepared]
+    command += ["--s3", f"s3://{s3_bucket}/paper-size", "--tracking-uri", mlflow_server]
+    command += ["--out", str(tmp_path / "rows.json")]
+    done = subprocess.run(
+        command, cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    (row,) = json.loads((tmp_path / "rows.json").read_text())
+    print("\n" + "\n".join(done.stdout.splitlines()[-3:]))
+    assert row["model"] == "model/vsepp-tiny" and row["gallery_images"] > 0
+    assert row["step_s"] > 0 and row["evaluate_s"] > 0 and row["train_command_s"] > row["step_s"]
+    for process in ("worker_peak_mib", "train_driver_peak_mib", "evaluate_peak_mib"):  # torch alone is ~300 MiB
+        assert 200 < row[process] < 16384, process
+    assert 0 < row["model_mib"] and 0 < row["checkpoint_mib"] < 64  # the tiny VSE++ with Adam: a few MiB
+    assert "| model/vsepp-tiny |" in done.stdout.splitlines()[-1]
+    assert row["train_scored_test"] is False  # train.evaluate_test=false left the gallery to rsray evaluate

@@ -44,6 +44,8 @@ def test_every_epoch_reports_metrics_and_a_checkpoint(trained):
             assert math.isfinite(m[key]), key
         assert m["pairs_per_s"] > 0
         assert 0 <= m["data_wait_seconds"] <= m["train_seconds"]
+        # the largest worker's high-water mark: torch, Ray Train and the model are well over 100 MiB
+        assert 100 < m["worker_peak_rss_mib"] < 8192
     assert len(result.best_checkpoints) == EPOCHS  # keep_checkpoints = 2
     assert result.metrics["epoch"] == EPOCHS - 1
     assert result.metrics["val/mR"] == pytest.approx(history[-1]["val/mR"])
