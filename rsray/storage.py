@@ -12,7 +12,7 @@ import functools
 import hashlib
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -143,12 +143,27 @@ def resolve(uri: str | Path, endpoint: str | None = None) -> Location:
     return Location(pafs.LocalFileSystem(), path, path)
 
 
+# One GET per read on S3: pyarrow's input *stream* fetches 256 KiB per request whatever is asked of
+# it (a 40 MiB read: 161 requests, 6.4 s against moto; as a file: 2 requests, 0.18 s), so whole
+# files are read as random-access files, and long ones in chunks of this many bytes.
+READ_CHUNK = 8 << 20
+
+
 def read_bytes(loc: Location) -> bytes:
+    """The whole file, in one request on S3 (plus the size lookup)."""
+
     def read() -> bytes:
-        with loc.fs.open_input_stream(loc.path) as stream:
-            return stream.read()
+        with loc.fs.open_input_file(loc.path) as file:
+            return file.read()
 
     return reading(read, f"read {loc.uri}")
+
+
+def read_chunks(fs: pafs.FileSystem, path: str, chunk: int = READ_CHUNK) -> Iterator[bytes]:
+    """The file in pieces of `chunk` bytes, each one request on S3: for files too large to hold."""
+    with fs.open_input_file(path) as file:
+        while block := file.read(chunk):
+            yield block
 
 
 def write_bytes(loc: Location, data: bytes) -> None:
@@ -309,12 +324,11 @@ def list_files(loc: Location, suffix: str = "") -> list[str]:
     return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
 
 
-def sha256_of(fs: pafs.FileSystem, path: str, chunk: int = 1 << 20) -> str:
+def sha256_of(fs: pafs.FileSystem, path: str, chunk: int = READ_CHUNK) -> str:
     def hash_it() -> str:
         digest = hashlib.sha256()
-        with fs.open_input_stream(path) as stream:
-            while block := stream.read(chunk):
-                digest.update(block)
+        for block in read_chunks(fs, path, chunk):
+            digest.update(block)
         return digest.hexdigest()
 
     return reading(hash_it, f"hash {path}")

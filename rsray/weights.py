@@ -151,7 +151,6 @@ def download_cache() -> Path:
 
 def _from_s3(value: str) -> Resolved:
     """An s3:// weights file, copied once per machine into the download cache (module docstring)."""
-    import shutil
 
     from filelock import FileLock
 
@@ -169,8 +168,9 @@ def _from_s3(value: str) -> Resolved:
         if not (local.is_file() and local.stat().st_size == info.size):
             log.info("%s: copying %.1f MB to %s", value, info.size / 1e6, local)
             part = local.with_name(local.name + ".part")
-            with loc.fs.open_input_stream(loc.path) as source, open(part, "wb") as out:
-                shutil.copyfileobj(source, out, 1 << 20)
+            with open(part, "wb") as out:
+                for block in storage.read_chunks(loc.fs, loc.path):  # a request per 8 MiB, not per 256 KiB
+                    out.write(block)
             part.replace(local)
     return Resolved(local, value, "s3")
 

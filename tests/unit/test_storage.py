@@ -87,3 +87,25 @@ def test_s3_attempts_follow_the_aws_sdks_variable(monkeypatch):
         monkeypatch.setenv("AWS_MAX_ATTEMPTS", bad)
         assert storage.s3_attempts() == storage.DEFAULT_S3_ATTEMPTS
     assert storage.explain_unreachable(OSError("Access Denied")) is None  # other errors pass as they are
+
+
+def test_s3_reads_ask_for_whole_files_or_8_mib_chunks_not_256_kib(s3_endpoint, s3_bucket):
+    """pyarrow's S3 input stream fetches 256 KiB per request whatever it is asked: a 251 MiB SWAN
+    checkpoint took 200 s to read from moto that way. Counted through a proxy that passes every
+    request: a whole-file read is the size lookup and one GET, a hash one GET per 8 MiB."""
+    import os
+
+    import boto3
+
+    from tests.faulty_proxy import FaultyProxy
+
+    data = os.urandom(20 << 20)
+    boto3.client("s3", endpoint_url=s3_endpoint).put_object(Bucket=s3_bucket, Key="reads/state.pt", Body=data)
+    with FaultyProxy(s3_endpoint, limit=0) as proxy:
+        loc = storage.resolve(f"s3://{s3_bucket}/reads/state.pt", proxy.url)
+        assert storage.read_bytes(loc) == data
+        whole = proxy.requests
+        assert storage.sha256_of(loc.fs, loc.path) == hashlib.sha256(data).hexdigest()
+        hashed = proxy.requests - whole
+    assert whole <= 2, whole  # was 81
+    assert hashed <= 1 + 3, hashed  # the size and three 8 MiB GETs (was 81)
