@@ -30,14 +30,14 @@ def print_summary(cfg, result) -> None:
     from rsray.models import model_config
     from rsray.tracking import ui_command
     from rsray.train.loop import selection_metric
-    from rsray.train.records import best_checkpoint, epoch_line
+    from rsray.train.records import best_checkpoint, checkpoint_uri, epoch_line
 
     history = result.return_value or ([m for _, m in result.best_checkpoints or []])
     for m in history:
         print(epoch_line(m, cfg.train.epochs))
     best = best_checkpoint(result, cfg)
     print(f"run folder: {result.path}")
-    print(f"best checkpoint ({selection_metric(model_config(cfg))}): {best.path if best else 'none'}")
+    print(f"best checkpoint ({selection_metric(model_config(cfg))}): {checkpoint_uri(best) if best else 'none'}")
     test = getattr(result, "test_report", None)
     if test:  # logged into the MLflow run as test/* and test_smr/*
         m, smr = test["metrics"], test["smr_metrics"]

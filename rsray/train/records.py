@@ -113,8 +113,10 @@ def log_run_artifacts(tracker, cfg: Config, manifest: Manifest, result, score_te
         tracker.log_figure(loss_and_mr_curves(history), "figures/loss_and_mr.png")
     if result.best_checkpoints:
         best = best_checkpoint(result, cfg)
+        tracker.set_tags({"best_checkpoint": checkpoint_uri(best)})
         with best.as_directory() as folder:
-            tracker.log_artifact(folder, "best_checkpoint")
+            if copies_checkpoint(cfg):
+                tracker.log_artifact(folder, "best_checkpoint")
             for name, figure in validation_figures(folder, cfg).items():
                 tracker.log_figure(figure, f"figures/{name}")
             result.test_report = result.model_id = result.registered_model = None
@@ -171,6 +173,22 @@ def log_test_evaluation(
         report["smr_metrics"]["mR"],
     )
     return report
+
+
+def checkpoint_uri(checkpoint) -> str:
+    """A Ray Train checkpoint's folder as rsray commands take it (s3://bucket/... on S3: Ray keeps
+    the path without its scheme)."""
+    import pyarrow.fs as pafs
+
+    return f"s3://{checkpoint.path}" if isinstance(checkpoint.filesystem, pafs.S3FileSystem) else checkpoint.path
+
+
+def copies_checkpoint(cfg: Config) -> bool:
+    """Whether the best checkpoint is copied into the run's MLflow artifacts (`tracking.log_checkpoint`)."""
+    from rsray import storage
+
+    setting = cfg.tracking.log_checkpoint
+    return setting == "always" or (setting == "auto" and not storage.is_s3(cfg.train.storage_path))
 
 
 def best_checkpoint(result, cfg: Config):

@@ -22,6 +22,7 @@ from rsray.data.manifest import read_manifest, vocab_size
 from rsray.eval.split import evaluate
 from rsray.models import build_model, model_config
 from rsray.tracking import metric_history
+from rsray.train.records import best_checkpoint
 from rsray.train.run import train
 from tests.credentials import PASSWORD, RAY_TOKEN, S3_SECRET_KEY
 from tests.integration.conftest import ALIAS, EPOCHS, REGISTERED, RUNS_PREFIX
@@ -101,8 +102,10 @@ def test_mlflow_holds_params_per_epoch_metrics_and_artifacts(trained, mlflow_ser
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert sorted(steps) == list(range(EPOCHS)), key  # one value per epoch: no gaps, no duplicates
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "metrics.json", "figures", "best_checkpoint"} <= artifacts
-    assert "best_checkpoint/state.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "best_checkpoint")}
+    assert {"config.yaml", "metrics.json", "figures"} <= artifacts
+    # on S3 the checkpoint is not uploaded again (tracking.log_checkpoint: auto): the run names it
+    best = best_checkpoint(result, cfg)
+    assert "best_checkpoint" not in artifacts and run.data.tags["best_checkpoint"] == f"s3://{best.path}"
     figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
     assert {
         f"figures/{name}"
@@ -129,7 +132,6 @@ def test_the_best_checkpoints_test_numbers_are_in_its_mlflow_run(trained, mlflow
     from mlflow import MlflowClient
 
     from rsray.eval.checkpoint import evaluate_checkpoint
-    from rsray.train.records import best_checkpoint
 
     cfg, result = trained
     best = best_checkpoint(result, cfg)
@@ -166,10 +168,12 @@ def test_neither_the_mlflow_password_nor_the_s3_secret_is_printed_logged_or_writ
     import ray
     from mlflow import MlflowClient
 
-    _, result = trained
+    cfg, result = trained
     printed = "\n".join(result.log_lines) + result.summary
     assert f"MLflow run {result.mlflow_run_id}: {mlflow_server}/#/experiments/" in result.summary
-    assert "best checkpoint (val/mR): " in result.summary
+    assert (
+        f"best checkpoint (val/mR): s3://{best_checkpoint(result, cfg).path}" in result.summary
+    )  # rsray evaluate takes it
     run = MlflowClient(mlflow_server).get_run(result.mlflow_run_id)
     assert run.data.params["tracking.uri"] == mlflow_server
     recorded = [printed, json.dumps(run.data.params), json.dumps(run.data.tags)]
@@ -260,7 +264,6 @@ def test_the_best_checkpoint_is_a_logged_model_that_embeds_as_the_checkpoint_doe
 
     from rsray.eval.checkpoint import load_checkpoint
     from rsray.eval.split import encode_split
-    from rsray.train.records import best_checkpoint
 
     cfg, result = trained
     client = MlflowClient(mlflow_server)

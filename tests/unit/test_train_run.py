@@ -158,3 +158,25 @@ def test_sync_batchnorm_keeps_weights_modes_and_checkpoint_keys():
     assert all(not m.training for m in converted.visual.backbone.body.modules())  # frozen: eval mode kept
     with pytest.raises(ConfigError, match="train.sync_batchnorm: needs use_gpu"):
         load_config("model/swan-tiny", ["train.sync_batchnorm=true"])
+
+
+@pytest.mark.parametrize(
+    "setting, storage_path, copied",
+    [
+        ("auto", "/data/runs", True),  # a local folder may not outlive its machine
+        ("auto", "s3://bucket/runs", False),  # already durable and shared: the tag names it
+        ("always", "s3://bucket/runs", True),
+        ("never", "/data/runs", False),
+    ],
+)
+def test_the_best_checkpoint_is_copied_into_mlflow_only_where_asked(setting, storage_path, copied):
+    from rsray.train.records import copies_checkpoint
+
+    cfg = load_config("train/cpu-tiny", [f"tracking.log_checkpoint={setting}", f"train.storage_path={storage_path}"])
+    assert copies_checkpoint(cfg) is copied
+
+
+def test_tracking_log_checkpoint_is_one_of_its_settings():
+    expected = "tracking.log_checkpoint: must be one of auto, always, never, got 'sometimes'"
+    with pytest.raises(ConfigError, match=expected):
+        load_config("train/cpu-tiny", ["tracking.log_checkpoint=sometimes"])
