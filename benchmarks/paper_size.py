@@ -100,17 +100,16 @@ def _free_port() -> int:
 
 
 @contextmanager
-def moto_s3():
-    """moto's S3 server in this process (127.0.0.1), its test credentials set for every child."""
-    import logging
-
+def moto_s3(folder: Path):
+    """moto's S3 server as its own process on 127.0.0.1 (in this one it held GBs of checkpoints in
+    the measuring process), its test credentials set for every child."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request
     port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
+    log = open(folder / "moto.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+    )
     endpoint = f"http://127.0.0.1:{port}"
     os.environ.update(
         {
@@ -121,34 +120,41 @@ def moto_s3():
             "MLFLOW_S3_ENDPOINT_URL": endpoint,
         }
     )
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="paper-size")
     try:
+        _wait_for(f"{endpoint}/moto-api/", proc, folder / "moto.log")
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="paper-size")
         yield "s3://paper-size"
     finally:
-        server.stop()
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def _wait_for(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"{url} did not answer; see {log}") from None
+            time.sleep(0.5)
 
 
 @contextmanager
 def mlflow_server(folder: Path, artifacts: str):
     """`mlflow server` on 127.0.0.1: a SQLite store in `folder`, artifacts proxied to `artifacts`."""
-    import urllib.request
-
     port = _free_port()
     log = open(folder / "mlflow-server.log", "w")
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db"]
     command += ["--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=folder)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"mlflow server did not start; see {folder / 'mlflow-server.log'}") from None
-            time.sleep(0.5)
+    _wait_for(f"{uri}/health", proc, folder / "mlflow-server.log")
     try:
         yield uri
     finally:
@@ -318,6 +324,13 @@ def gallery_images(data: str) -> int:
     return int(read_manifest(data)["splits"]["test"]["images"])
 
 
+def _remove(prefix: str) -> None:
+    """Every object under `prefix`: a model's run folder, its rewritten checkpoint inside it."""
+    from rsray import storage
+
+    storage.remove_tree(storage.resolve(prefix))
+
+
 def _folders(location) -> list[str]:
     import pyarrow.fs as pafs
 
@@ -344,10 +357,18 @@ COLUMNS = [
 ]
 
 
+def _cell(value, fmt: str) -> str:
+    """A number as `fmt` says; "-" for what was not measured (no logged model: DOVE scores pairs)."""
+    return "-" if isinstance(value, float) and value != value else fmt.format(value)
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
-        lines.append("| " + " | ".join(fmt.format(row[key]) for key, _, fmt in COLUMNS) + " |")
+        if "failed" in row:
+            lines.append(f"| {row['model']} | failed: {row['failed']} |")
+            continue
+        lines.append("| " + " | ".join(_cell(row[key], fmt) for key, _, fmt in COLUMNS) + " |")
     return "\n".join(lines)
 
 
@@ -356,7 +377,7 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="rsray-paper-size-") as tmp:
         scratch = Path(tmp)
-        s3 = args.s3 or stack.enter_context(moto_s3())
+        s3 = args.s3 or stack.enter_context(moto_s3(scratch))
         tracking_uri = args.tracking_uri or stack.enter_context(mlflow_server(scratch, f"{s3}/mlflow"))
         if not os.environ.get("RAY_ADDRESS"):
             import ray
@@ -377,7 +398,15 @@ def main(argv=None) -> int:
         for preset in args.presets:
             folder = scratch / preset.replace("/", "-")
             folder.mkdir()
-            rows.append(rehearse(preset, args, data, f"{s3}/runs", tracking_uri, folder))
+            try:
+                rows.append(rehearse(preset, args, data, f"{s3}/runs", tracking_uri, folder))
+            except RuntimeError as exc:  # one model's failure (out of memory) is its row, not the end
+                reason = str(exc).splitlines()[-1][:300]
+                print(f"{preset}: FAILED: {reason}", flush=True)
+                rows.append({"model": preset, "failed": reason})
+            finally:
+                if not args.s3:  # moto holds what it is sent in memory: the next model needs it
+                    _remove(f"{s3}/runs/paper-{preset.split('/', 1)[1]}")
             print(table(rows[-1:]), flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\n{args.workers} workers, batch {args.batch}, {args.steps} steps; this process's peak {peak:.0f} MiB")
