@@ -19,7 +19,7 @@ model's bytes and upload seconds (`rsray.logged_model.log_embedding_model` into 
 the evaluation's seconds.
 
     python -m benchmarks.paper_size --model swan                 # one model (repeat --model)
-    python -m benchmarks.paper_size --model all --batch 100      # every model at the paper batch
+    python -m benchmarks.paper_size --model all --batch 100 --gpu  # every model at a paper batch, GPUs
     python -m benchmarks.paper_size --smoke                      # vsepp-tiny, tiny data (make test)
 
 Without `--s3`/`--tracking-uri` it starts moto's S3 server and an MLflow server on 127.0.0.1 (and
@@ -64,6 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--gallery", type=int, default=1093, help="test images (x5 captions); RSICD: 1,093")
     parser.add_argument("--val", type=int, default=40, help="validation images (scored every epoch)")
     parser.add_argument("--image-size", type=int, default=PAPER_IMAGE_SIZE, help="prepared image size")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per Train worker (train.use_gpu, amp auto)")
     parser.add_argument("--itm-topk", type=int, default=None, help="CMPAGL's ITM re-scoring depth (default: 16)")
     parser.add_argument("--data", default=None, help="a prepared output to reuse (skips drawing and prepare)")
     parser.add_argument("--s3", default=None, help="s3://bucket/prefix for data and runs (default: a moto server)")
@@ -277,6 +278,8 @@ def rehearse(preset: str, args: argparse.Namespace, data: str, runs: str, tracki
     train_argv = ["train", preset, f"train.data={data}", f"train.storage_path={runs}", f"train.run_name={run_name}"]
     train_argv += ["train.epochs=1", f"train.batch_size={args.batch}", f"train.num_workers={args.workers}"]
     train_argv += [f"train.cpus_per_worker={cpus}", "train.shared_fs_ok=true", *RANDOM_START.get(name, [])]
+    if args.gpu:
+        train_argv.append("train.use_gpu=true")  # rsray evaluate scores on the GPU by itself (--device auto)
     train_argv += [f"tracking.uri={tracking_uri}", "tracking.experiment=paper-size", "tracking.system_metrics=false"]
     # the gallery is scored by `rsray evaluate` and the model logged by logged_model_costs, once each
     train_argv += ["train.evaluate_test=false", "tracking.log_model=false"]
