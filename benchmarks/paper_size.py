@@ -227,6 +227,7 @@ def checkpoint_costs(checkpoint_uri: str, scratch: Path) -> dict:
     keys = ("model", "optimizer", "scheduler", "epoch", "rng", "lr_scale", "metrics", "history", "mlflow_run_id")
     write_checkpoint(folder, config_from_dict(config), **{key: state.get(key) for key in keys})
     target = f"{source.path.rstrip('/')}-rewritten"
+    source.fs.create_dir(target, recursive=True)  # a local destination must exist (on S3 a no-op)
     pafs.copy_files(str(folder), target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=source.fs)
     save_s = time.perf_counter() - started
     return {"checkpoint_mib": size / 2**20, "load_s": load_s, "save_upload_s": save_s}
@@ -410,8 +411,8 @@ def main(argv=None) -> int:
             folder.mkdir()
             try:
                 rows.append(rehearse(preset, args, data, runs, tracking_uri, folder))
-            except RuntimeError as exc:  # one model's failure (out of memory) is its row, not the end
-                reason = str(exc).splitlines()[-1][:300]
+            except Exception as exc:  # one model's failure (out of memory) is its row, not the end
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
                 print(f"{preset}: FAILED: {reason}", flush=True)
                 rows.append({"model": preset, "failed": reason})
             finally:

@@ -114,6 +114,35 @@ def test_a_worker_traceback_is_summarised_in_its_last_line():
     assert error_summary(RuntimeError("")) == "RuntimeError"
 
 
+# Ray 2.60's memory monitor report as Ray Train's WorkerGroupError carried it to the driver
+# (a CMPAGL paper-size run on 2 workers, trimmed); its last line only points at Ray's docs
+RAY_OOM_REPORT = """ray.train.WorkerGroupError: Training failed due to worker errors:
+[Rank 1 Error Snippet]:
+A worker health check failed.
+7 worker(s) were killed due to the node running low on memory. Memory on the node (IP: 192.0.2.2, \
+ID: 1977553b2e9bcc6d7b5e5361482890a8d1e41566563b19312c48bffa) was 22.92GB used / 23.54GB limit (0.973812)
+OOM kill reason: Memory usage 24249257984B exceeded threshold of 24012374016B (95.0% of 25276182528B limit)
+To see more information about memory usage on this node, use `ray logs raylet.out -ip 192.0.2.2`
+Top 10 memory users: PID\tMEM(GB)\tCOMMAND
+28597\t7.60\tray::RayTrainWorker
+26584\t6.23\t/work/main/.venv/bin/python -m moto.server -H 127.0.0.1 -p 40833
+28567\t4.14\tray::RayTrainWorker
+28243\t0.55\t/work/main/.venv/bin/python -m rsray.pipelines.cli train model/cmpagl train.data=s3://x
+Refer to the documentation on how to address the out of memory issue: https://docs.ray.io/en/latest/ray-\
+observability/user-guides/debug-apps/debug-memory.html. Consider provisioning more memory on this node.
+"""
+
+
+def test_rays_out_of_memory_report_is_one_line_with_the_node_and_its_largest_processes():
+    line = error_summary(RuntimeError(RAY_OOM_REPORT))
+    assert line == (
+        "out of memory: Ray stopped the run's workers with node 192.0.2.2 at 22.92GB used of 23.54GB; "
+        "largest: ray::RayTrainWorker 7.6 GB, python -m moto.server 6.2 GB, ray::RayTrainWorker 4.1 GB; "
+        "use fewer workers per node (train.num_workers, train.cpus_per_worker), a smaller "
+        "train.batch_size, or nodes with more memory"
+    )
+
+
 def test_an_epoch_line_names_losses_speed_data_wait_and_validation():
     metrics = {
         "epoch": 2,
