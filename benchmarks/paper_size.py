@@ -13,7 +13,7 @@ one Train run.
 
 Printed per model: seconds per training step (the slowest worker), the largest worker's peak RSS
 (`worker_peak_rss_mib`, reported by the workers), the `rsray train` and `rsray evaluate` processes'
-peak RSS (their own, from wait4), checkpoint bytes, save+upload and download+load seconds
+peak RSS (their own VmHWM, read while they run), checkpoint bytes, save+upload and download+load seconds
 (rsray's `write_checkpoint` + pyarrow's copy to S3, `read_checkpoint` from S3), the logged
 model's bytes and upload seconds (`rsray.logged_model.log_embedding_model` into the same run), and
 the evaluation's seconds.
@@ -190,19 +190,34 @@ def draw_data(root: Path, args: argparse.Namespace) -> Path:
 
 
 def run_command(argv: list[str], log: Path) -> tuple[float, float]:
-    """`rsray ...` as its own process, output to `log`: (seconds, its peak RSS in MiB, from wait4).
-    Raises with the log's tail when it fails."""
+    """`rsray ...` as its own process, output to `log`: (seconds, its peak RSS in MiB). Raises with
+    the log's tail when it fails. The peak is the process's own high-water mark (VmHWM), read
+    while it runs: wait4's ru_maxrss starts from this process's peak (the exec'd child inherits
+    it), which made every row after the largest one report that one's size."""
     started = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "rsray.pipelines.cli", *argv], stdout=out, stderr=subprocess.STDOUT
         )
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    peak_kib = 0
+    while proc.poll() is None:
+        peak_kib = max(peak_kib, _high_water_kib(proc.pid))
+        time.sleep(0.2)
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(f"rsray {argv[0]} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-    return seconds, usage.ru_maxrss / 1024
+    return seconds, peak_kib / 1024
+
+
+def _high_water_kib(pid: int) -> int:
+    """The process's peak resident memory so far (/proc/PID/status VmHWM), 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def checkpoint_costs(checkpoint_uri: str, scratch: Path) -> dict:

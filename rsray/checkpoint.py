@@ -10,9 +10,11 @@ history; and `config.yaml`, the resolved config it was trained with.
 from __future__ import annotations
 
 import io
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 import yaml
 
@@ -31,17 +33,19 @@ class UnreadableCheckpoint(ValueError):
     checkpoint at all (truncated, another format); the message is one line naming it."""
 
 
-def load_state(source: str | Path | bytes, where: str = "") -> dict[str, Any]:
+def load_state(source: str | Path | bytes, where: str = "", mmap: bool = False) -> dict[str, Any]:
     """A `state.pt` (path or its bytes) on the CPU, with `weights_only=True`. `where` names it in
-    errors (defaults to the path)."""
+    errors (defaults to the path). `mmap` (a path only): tensors stay in the file's pages until
+    touched, so what a caller never reads (the optimizer's moments, when it only scores) costs no
+    memory."""
     import pickle
     import struct
 
     where = where or str(source if not isinstance(source, bytes) else STATE_FILE)
     try:
-        return torch.load(
-            io.BytesIO(source) if isinstance(source, bytes) else source, map_location="cpu", weights_only=True
-        )
+        if isinstance(source, bytes):
+            return torch.load(io.BytesIO(source), map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         raise UnreadableCheckpoint(
             f"{where}: refused for safety: it holds Python objects other than tensors and plain data, "
@@ -64,9 +68,22 @@ def read_checkpoint(uri: str, s3_endpoint: str | None = None, context: str = "")
             raise FileNotFoundError(
                 f"{context}{source.join(name).uri}: not found (is {uri} an rsray checkpoint folder?)"
             )
-    state = load_state(storage.read_bytes(source.join(STATE_FILE)), where=f"{context}{source.join(STATE_FILE).uri}")
+    where = f"{context}{source.join(STATE_FILE).uri}"
+    if isinstance(source.fs, pafs.LocalFileSystem):
+        state = load_state(Path(source.join(STATE_FILE).path), where=where, mmap=True)
+    else:  # downloaded to a file first: held as bytes and as tensors, it took twice its size in memory
+        with tempfile.TemporaryDirectory(prefix="rsray-state-") as folder:
+            local = Path(folder) / STATE_FILE
+            storage.reading(lambda: _download(source.join(STATE_FILE), local), f"read {source.join(STATE_FILE).uri}")
+            state = load_state(local, where=where, mmap=True)  # the mapping outlives the file's name
     config = yaml.safe_load(storage.read_bytes(source.join(CONFIG_FILE)))
     return state, config
+
+
+def _download(loc: storage.Location, local: Path) -> None:
+    with open(local, "wb") as out:
+        for block in storage.read_chunks(loc.fs, loc.path):
+            out.write(block)
 
 
 def load_checkpoint_state(checkpoint) -> dict[str, Any]:
