@@ -74,16 +74,12 @@ def read_checkpoint(uri: str, s3_endpoint: str | None = None, context: str = "")
     else:  # downloaded to a file first: held as bytes and as tensors, it took twice its size in memory
         with tempfile.TemporaryDirectory(prefix="rsray-state-") as folder:
             local = Path(folder) / STATE_FILE
-            storage.reading(lambda: _download(source.join(STATE_FILE), local), f"read {source.join(STATE_FILE).uri}")
+            storage.reading(
+                lambda: storage.download(source.join(STATE_FILE), local), f"read {source.join(STATE_FILE).uri}"
+            )
             state = load_state(local, where=where, mmap=True)  # the mapping outlives the file's name
     config = yaml.safe_load(storage.read_bytes(source.join(CONFIG_FILE)))
     return state, config
-
-
-def _download(loc: storage.Location, local: Path) -> None:
-    with open(local, "wb") as out:
-        for block in storage.read_chunks(loc.fs, loc.path):
-            out.write(block)
 
 
 def load_checkpoint_state(checkpoint) -> dict[str, Any]:

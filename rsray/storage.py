@@ -166,6 +166,13 @@ def read_chunks(fs: pafs.FileSystem, path: str, chunk: int = READ_CHUNK) -> Iter
             yield block
 
 
+def download(loc: Location, local: Path) -> None:
+    """Copy the file to the local path `local`, 8 MiB per request, never whole in memory."""
+    with open(local, "wb") as out:
+        for block in read_chunks(loc.fs, loc.path):
+            out.write(block)
+
+
 def write_bytes(loc: Location, data: bytes) -> None:
     """Write the whole file; a reader sees the old bytes or the new, never a part (an S3 PUT is
     atomic; locally a staged file renamed over the old one)."""

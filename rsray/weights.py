@@ -168,9 +168,7 @@ def _from_s3(value: str) -> Resolved:
         if not (local.is_file() and local.stat().st_size == info.size):
             log.info("%s: copying %.1f MB to %s", value, info.size / 1e6, local)
             part = local.with_name(local.name + ".part")
-            with open(part, "wb") as out:
-                for block in storage.read_chunks(loc.fs, loc.path):  # a request per 8 MiB, not per 256 KiB
-                    out.write(block)
+            storage.download(loc, part)
             part.replace(local)
     return Resolved(local, value, "s3")
 

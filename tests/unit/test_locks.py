@@ -33,10 +33,10 @@ def _contend(path: str, start, done, results) -> None:
     lock.__exit__(None, None, None)
 
 
-def test_of_processes_started_together_exactly_one_holds_a_local_lock(tmp_path):
+def _race(path: str) -> list[str]:
+    """CONTENDERS processes try the lock at `path` at once; their outcomes, sorted."""
     context = multiprocessing.get_context("fork")
     start, done, results = context.Barrier(CONTENDERS), context.Event(), context.Queue()
-    path = str(tmp_path / "run" / "rsray-run.json")
     processes = [context.Process(target=_contend, args=(path, start, done, results)) for _ in range(CONTENDERS)]
     for process in processes:
         process.start()
@@ -44,7 +44,11 @@ def test_of_processes_started_together_exactly_one_holds_a_local_lock(tmp_path):
     done.set()
     for process in processes:
         process.join(timeout=30)
-    assert sorted(outcomes) == ["held"] + ["refused"] * (CONTENDERS - 1)
+    return sorted(outcomes)
+
+
+def test_of_processes_started_together_exactly_one_holds_a_local_lock(tmp_path):
+    assert _race(str(tmp_path / "run" / "rsray-run.json")) == ["held"] + ["refused"] * (CONTENDERS - 1)
     assert not (tmp_path / "run" / "rsray-run.json").exists()  # the holder removed it on the way out
 
 
@@ -105,20 +109,11 @@ def test_of_processes_taking_over_one_stale_lock_together_exactly_one_holds_it(w
     command that deleted the stale file unconditionally could delete the first taker's lock. The
     race is run a few times: an unconditional delete lost it in about half of single rounds."""
     bucket = request.getfixturevalue("s3_bucket") if where == "s3" else None
-    context = multiprocessing.get_context("fork")
     for round_number in range(TAKEOVER_ROUNDS):
         local = tmp_path / f"run{round_number}" / "lock.json"
         path = f"s3://{bucket}/locks/stale-{round_number}.json" if bucket else str(local)
         assert storage.create_new(storage.resolve(path), _stale_record())
-        start, done, results = context.Barrier(CONTENDERS), context.Event(), context.Queue()
-        processes = [context.Process(target=_contend, args=(path, start, done, results)) for _ in range(CONTENDERS)]
-        for process in processes:
-            process.start()
-        outcomes = [results.get(timeout=60) for _ in processes]
-        done.set()
-        for process in processes:
-            process.join(timeout=30)
-        assert sorted(outcomes) == ["held"] + ["refused"] * (CONTENDERS - 1), f"round {round_number}"
+        assert _race(path) == ["held"] + ["refused"] * (CONTENDERS - 1), f"round {round_number}"
 
 
 def test_a_heartbeat_rewrites_the_lock_whole(tmp_path):
