@@ -257,10 +257,14 @@ class MlflowServer:
         self.folder, self.port = folder, free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.log = open(folder / "mlflow-server.log", "w")
+        # No MLflow job runner (rsray uses none of its jobs): its eight processes cost about 16 s
+        # of CPU and 1.9 GB per server here. start-mlflow.sh turns it off by itself.
         command = [sys.executable, "-m", "mlflow", "server"]
+        env = {**(env or os.environ), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         if admin:
             command = ["sh", str(START_MLFLOW)]
-            env = {**(env or os.environ), **_basic_auth_environment(folder, *admin)}
+            env = {**env, **_basic_auth_environment(folder, *admin)}
+            del env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"]
         command += ["--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination", artifacts]
         command += ["--host", "127.0.0.1", "--port", str(self.port)]
         self.proc = subprocess.Popen(
@@ -274,6 +278,14 @@ class MlflowServer:
 
     def log_text(self) -> str:
         return (self.folder / "mlflow-server.log").read_text()
+
+    def commands(self) -> list[str]:
+        """The command line of the server and of every process it started."""
+        lines = []
+        for pid in [self.proc.pid] + _descendants(self.proc.pid):
+            with contextlib.suppress(FileNotFoundError):
+                lines.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+        return lines
 
     def kill(self) -> None:
         """SIGKILL the server and every process it started (gunicorn/uvicorn workers)."""
@@ -326,15 +338,21 @@ def _descendants(pid: int) -> list[int]:
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory, s3_endpoint, s3_bucket):
+def mlflow_server_process(tmp_path_factory, s3_endpoint, s3_bucket) -> MlflowServer:
+    """The session's MLflow server (see `mlflow_server`), as its process."""
+    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), f"s3://{s3_bucket}/mlflow", env, admin=ADMIN)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_server_process):
     """A real `mlflow server` on 127.0.0.1 with MLflow's basic-auth app: runs in a SQLite file,
     artifacts proxied to s3://<bucket>/mlflow on the moto server. rsray and the tests log in as an
     ordinary user through MLflow's own variables (MLFLOW_TRACKING_USERNAME / _PASSWORD), set here
     for this process and every child (start Ray after this fixture). Yields the tracking URI
     (http://127.0.0.1:PORT)."""
-    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), f"s3://{s3_bucket}/mlflow", env, admin=ADMIN)
-    create_mlflow_user(server.uri, ADMIN, USER, PASSWORD)
+    create_mlflow_user(mlflow_server_process.uri, ADMIN, USER, PASSWORD)
     with environment({"MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": PASSWORD}):
-        yield server.uri
-    server.stop()
+        yield mlflow_server_process.uri

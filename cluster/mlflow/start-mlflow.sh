@@ -16,6 +16,10 @@ set -eu
 : "${MLFLOW_FLASK_SERVER_SECRET_KEY:?set MLFLOW_FLASK_SERVER_SECRET_KEY (any long random string, the same for every replica)}"
 : "${MLFLOW_AUTH_DB_URI:?set MLFLOW_AUTH_DB_URI (the database of MLflow users, e.g. postgresql://.../mlflow_auth)}"
 export MLFLOW_AUTH_ADMIN_USERNAME="${MLFLOW_AUTH_ADMIN_USERNAME:-admin}"
+# MLflow's job runner (GenAI judges, trace rollups) is on by default and starts eight more processes
+# (a runner and seven huey consumers, about 235 MB and 2 s of CPU each, measured here); rsray uses
+# none of its jobs. Set MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true to have them.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 
 umask 077
 settings="$(mktemp "${TMPDIR:-/tmp}/mlflow-basic-auth.XXXXXX")"

@@ -78,3 +78,11 @@ def test_the_basic_auth_server_refuses_anyone_without_a_valid_login(mlflow_serve
     monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
     with pytest.raises(MlflowException, match="401"):
         MlflowClient(mlflow_server).search_experiments(max_results=1)
+
+
+def test_the_image_entrypoint_starts_the_server_without_mlflows_job_runner(mlflow_server, mlflow_server_process):
+    """start-mlflow.sh turns MLflow's job runner off (rsray runs none of its jobs): with it on, the
+    server starts eight more processes, a runner and seven huey consumers."""
+    commands = mlflow_server_process.commands()
+    assert any("mlflow" in line and "server" in line for line in commands), commands
+    assert not [line for line in commands if "huey" in line or "_job_runner" in line], commands
