@@ -58,8 +58,8 @@ class DataConfig:
     """A dataset as the user has it on disk: annotation format, where files are, scene rule."""
 
     name: str = "rsray_sample"
-    format: str = "karpathy"  # karpathy | precomp | pir | table
-    root: str = "data/sample"  # folder holding the annotations
+    format: str = "karpathy"  # karpathy | precomp | pir | table | webdataset
+    root: str = "data/sample"  # folder (or s3:// prefix: webdataset) holding the annotations or shards
     annotations: str = "dataset_rsray_sample.json"  # file in root (karpathy, table); pir: train file
     eval_annotations: str = ""  # pir: the eval/test JSON list, in root
     images: str = "images"  # image folder, relative to root unless absolute
@@ -74,10 +74,17 @@ class DataConfig:
     # a stop word in a caption: drop (the protocol's recipe) | unk (kept as <unk>: SWAN's release)
     stopwords: str = "drop"
     tokenizer: str | None = None  # a BERT-family tokenizer: folder, alias or Hub name (rsray.weights)
+    shards: str = "*.tar"  # webdataset: the tar files under root (a glob; ** reaches into folders)
+    caption_field: str = "captions"  # webdataset: a sample's .json field with its caption(s), when no .txt
+    scene_field: str = "scene"  # webdataset: the .json field the "column" scene rule reads
 
     def check(self) -> Iterator[tuple[str, str]]:
-        if self.format not in ("karpathy", "precomp", "pir", "table"):
-            yield "format", f"must be karpathy, precomp, pir or table, got {self.format!r}"
+        if self.format not in ("karpathy", "precomp", "pir", "table", "webdataset"):
+            yield "format", f"must be karpathy, precomp, pir, table or webdataset, got {self.format!r}"
+        if self.format == "webdataset" and self.validation.mode != "folds":
+            yield "validation.mode", "a webdataset corpus has no val split of its own: use folds"
+        if self.format == "webdataset" and not self.shards:
+            yield "shards", "name the tar files under data.root, e.g. '*.tar'"
         if self.scenes not in ("filename", "index", "column", "none"):
             yield "scenes", f"must be filename, index, column or none, got {self.scenes!r}"
         if self.scenes == "index" and not self.scene_names:

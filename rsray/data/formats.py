@@ -58,6 +58,11 @@ def read_records(cfg: DataConfig) -> list[Record]:
         records = read_pir(root / cfg.annotations, eval_json, images)
     elif cfg.format == "table":
         records = read_table(root / cfg.annotations, images)
+    elif cfg.format == "webdataset":
+        raise ValueError(
+            "a webdataset corpus is read by rsray prepare's Ray Data tasks, not into a list of records; "
+            "inspect its prepared output instead"
+        )
     else:
         raise ValueError(f"unknown data format {cfg.format!r}")
     return assign_validation(assign_scenes(records, cfg), cfg.validation)

@@ -44,7 +44,9 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise ImageRejected(f"image too large: {exc}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:  # Pillow's message names the buffer's address: a new reason each run
+        raise ImageRejected("cannot decode image: not a format Pillow can identify") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageRejected(f"cannot decode image: {exc}") from None
     if image.mode == "RGB":
         return image

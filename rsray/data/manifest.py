@@ -64,24 +64,36 @@ class LostRecords(RuntimeError):
     """A manifest whose counts do not add up: prepare would have lost a record silently."""
 
 
-def build_manifest(
-    cfg: Any, records: list, rejected: list[dict], split_info: dict[str, SplitInfo], vocab: Any, fingerprint: str
-) -> Manifest:
-    """The manifest of one prepare: `records` read, `rejected` with reasons, the splits' shards as
-    written (`split_info`), the vocabulary and the input fingerprint. Raises LostRecords unless
-    every record read is written or rejected (the no-silent-loss invariant)."""
-    written = sum(info["images"] for info in split_info.values())
+def scene_counts(records: list) -> dict[str, int]:
+    """Images per scene label among `records` (those without a scene are not counted)."""
     scenes: dict[str, int] = {}
     for r in records:
         if r.scene is not None:
             scenes[r.scene] = scenes.get(r.scene, 0) + 1
+    return scenes
+
+
+def build_manifest(
+    cfg: Any,
+    read: int,
+    scenes: dict[str, int],
+    rejected: list[dict],
+    split_info: dict[str, SplitInfo],
+    vocab: Any,
+    fingerprint: str,
+) -> Manifest:
+    """The manifest of one prepare: `read` records (images per scene among them: `scenes`),
+    `rejected` with reasons, the splits' shards as written (`split_info`), the vocabulary and the
+    input fingerprint. Raises LostRecords unless every record read is written or rejected (the
+    no-silent-loss invariant)."""
+    written = sum(info["images"] for info in split_info.values())
     manifest: Manifest = {
         "producer": PRODUCER,
         "schema_version": SCHEMA_VERSION,
         "dataset": cfg.data.name,
         "format": cfg.data.format,
         "input_fingerprint": fingerprint,
-        "counts": {"read": len(records), "written": written, "rejected": len(rejected)},
+        "counts": {"read": read, "written": written, "rejected": len(rejected)},
         "splits": split_info,
         "validation": {
             "mode": cfg.data.validation.mode,
@@ -98,8 +110,8 @@ def build_manifest(
         "rejected": sorted(rejected, key=lambda r: (r["split"], r["image_id"])),
         "config": cfg.public_dict(),
     }
-    if len(records) != written + len(rejected):
-        raise LostRecords(f"prepare lost records: read {len(records)}, written {written}, rejected {len(rejected)}")
+    if read != written + len(rejected):
+        raise LostRecords(f"prepare lost records: read {read}, written {written}, rejected {len(rejected)}")
     return manifest
 
 

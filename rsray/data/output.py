@@ -7,8 +7,8 @@ lock of the prepare writing there, `prepare-lock.json`, is never counted). Any
 other folder with files in it is refused with one line: a file that happens to be called
 `manifest.json` proves nothing. In an rsray folder only rsray's files are replaced: the shards the
 manifest lists and any other file named as rsray names shards (`part-NNNNN-K.parquet`) in a split
-folder, the manifest, the marker and the staging folder. A user's notes or other files next to
-them are left alone.
+folder, the manifest, the marker and the staging folders (`_staging/`, `_candidates/`). A user's
+notes or other files next to them are left alone.
 
 Shards are written into `_staging/` first (Ray Data's overwrite mode empties the folder it
 writes to, so it may only ever write into a folder that is wholly rsray's) and moved into
@@ -30,6 +30,7 @@ from rsray.data.manifest import IN_PROGRESS_FILE, MANIFEST_FILE, PRODUCER, SPLIT
 log = logging.getLogger("rsray.prepare")
 
 STAGING = "_staging"
+CANDIDATES = "_candidates"  # a streamed corpus's first pass (rsray.data.corpus): checked, resized samples
 LOCK_FILE = "prepare-lock.json"  # held by the prepare writing here (rsray.locks); never an output file
 SHARD_NAME = re.compile(r"^part-\d{5}(-\d+)?\.parquet$")
 
@@ -91,6 +92,7 @@ def begin(out: storage.Location, state: OutputState) -> storage.Location:
             _relative(out, state.foreign[0]),
         )
     storage.remove_tree(out.join(STAGING))
+    storage.remove_tree(out.join(CANDIDATES))
     return out.join(STAGING)
 
 
@@ -105,6 +107,7 @@ def publish(out: storage.Location) -> dict[str, list[str]]:
             out.fs.move(path, target)
             published[split].append(target)
     storage.remove_tree(staging)
+    storage.remove_tree(out.join(CANDIDATES))
     return published
 
 
@@ -116,7 +119,7 @@ def finish(out: storage.Location, manifest: dict) -> None:
 
 def _is_ours(out: storage.Location, path: str) -> bool:
     relative = _relative(out, path)
-    if relative in (MANIFEST_FILE, IN_PROGRESS_FILE) or relative.startswith(f"{STAGING}/"):
+    if relative in (MANIFEST_FILE, IN_PROGRESS_FILE) or relative.startswith((f"{STAGING}/", f"{CANDIDATES}/")):
         return True
     folder, _, name = relative.rpartition("/")
     return folder in SPLITS and bool(SHARD_NAME.match(name))

@@ -14,25 +14,31 @@ import functools
 import hashlib
 import json
 import logging
-import math
 import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from rsray import storage
 from rsray.config import Config
 from rsray.data import output
 from rsray.data.formats import Record, check_record, read_records
 from rsray.data.images import MAX_PIXELS, ImageRejected, process_image
-from rsray.data.manifest import MANIFEST_FILE, SCHEMA_VERSION, SPLITS, build_manifest
+from rsray.data.manifest import MANIFEST_FILE, SCHEMA_VERSION, SPLITS, build_manifest, scene_counts
+from rsray.data.shards import (
+    FOLDER,
+    SHARD_COMPRESSION,  # noqa: F401  (the prepare benchmark's name for it)
+    PrepareResult,
+    describe_split,
+    files_intact,
+    rows_per_task,
+    shard_schema,
+    write_shards,
+)
 from rsray.data.text import Vocabulary, build_vocabulary, load_tokenizer
 from rsray.locks import HeldElsewhere, HolderLock
 from rsray.ray_errors import errors_name
@@ -43,32 +49,6 @@ log = logging.getLogger("rsray.prepare")
 
 class TooManyRejections(RuntimeError):
     """More records were rejected than `prepare.max_reject_fraction` allows (output is written)."""
-
-
-def shard_schema(with_input_ids: bool) -> pa.Schema:
-    """Columns of every shard; `caption_input_ids` only when a BERT-family tokenizer is set."""
-    fields = [
-        pa.field("image_id", pa.string(), nullable=False),
-        pa.field("split", pa.string(), nullable=False),
-        pa.field("scene", pa.string()),
-        pa.field("source_path", pa.string(), nullable=False),
-        pa.field("captions", pa.list_(pa.string()), nullable=False),
-        pa.field("caption_tokens", pa.list_(pa.list_(pa.int32())), nullable=False),
-        pa.field("image", pa.binary(), nullable=False),
-        pa.field("image_format", pa.string(), nullable=False),
-    ]
-    if with_input_ids:
-        fields.append(pa.field("caption_input_ids", pa.list_(pa.list_(pa.int32()))))
-    return pa.schema(fields)
-
-
-@dataclass
-class PrepareResult:
-    manifest: dict[str, Any]
-    output: str
-    skipped: bool  # True when the output was already up to date
-    seconds: float
-    workers: list[str] = field(default_factory=list)  # host:pid of the processes that did the work
 
 
 # ----------------------------------------------------------------------------- per-batch work
@@ -141,7 +121,7 @@ def _process_batch(batch: pa.Table, settings: str, ledger) -> pa.Table:
 
     processor = _processor_for(settings)
     table, rejected = processor(batch)
-    table = table.append_column(_FOLDER, table["split"])
+    table = table.append_column(FOLDER, table["split"])
     first_batch_here = ledger not in _REPORTED_TO
     if rejected or first_batch_here:
         ray.get(ledger.record.remote(processor.worker, rejected))
@@ -174,7 +154,11 @@ class BatchLedger:
 def prepare(cfg: Config, force: bool = False) -> PrepareResult:
     """Run the prepare stage for `cfg.data` into `cfg.prepare.output`; idempotent unless `force`."""
 
-    check_input_paths(cfg)
+    corpus = cfg.data.format == "webdataset"  # a streamed corpus: rsray.data.corpus
+    if not corpus:
+        check_input_paths(cfg)
+    elif cfg.data.tokenizer:
+        fetch_tokenizer(cfg)
     ensure_ray()
     configure_data_context()
     started = time.perf_counter()
@@ -189,6 +173,10 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
             "another prepare.output",
         ) from None
     try:
+        if corpus:
+            from rsray.data.corpus import prepare_corpus
+
+            return _checked(cfg, out, prepare_corpus(cfg, out, force, started))
         return _prepare_into(cfg, out, force, started)
     finally:
         lock.__exit__(None, None, None)
@@ -216,7 +204,7 @@ def _prepare_into(cfg: Config, out: storage.Location, force: bool, started: floa
                 not force
                 and previous
                 and previous.get("input_fingerprint") == fingerprint.result()
-                and _files_intact(out, previous)
+                and files_intact(out, previous)
             ):
                 log.info("%s is up to date (same input and config); nothing to do", out.uri)
                 return PrepareResult(previous, out.uri, skipped=True, seconds=time.perf_counter() - started)
@@ -248,25 +236,30 @@ def _prepare_into(cfg: Config, out: storage.Location, force: bool, started: floa
             shards = output.publish(out)
             split_info = {split: describe_split(out, split, shards[split]) for split in SPLITS}
             rejected = rejected + image_rejections
-            manifest = build_manifest(cfg, records, rejected, split_info, vocab, fingerprint.result())
+            manifest = build_manifest(
+                cfg, len(records), scene_counts(records), rejected, split_info, vocab, fingerprint.result()
+            )
     finally:
         ray.kill(ledger)
 
     output.finish(out, manifest)
-    counts = manifest["counts"]
-    log.info(
-        "wrote %d images to %s (%d rejected; images processed by %d Ray worker processes)",
-        counts["written"],
-        out.uri,
-        counts["rejected"],
-        len(workers),
-    )
     result = PrepareResult(manifest, out.uri, skipped=False, seconds=time.perf_counter() - started, workers=workers)
+    return _checked(cfg, out, result)
+
+
+def _checked(cfg: Config, out: storage.Location, result: PrepareResult) -> PrepareResult:
+    """Say what a prepare wrote; raise TooManyRejections above `prepare.max_reject_fraction`."""
+    if result.skipped:
+        return result
+    counts = result.manifest["counts"]
+    processes = f"; images processed by {len(result.workers)} Ray worker processes" if result.workers else ""
+    log.info("wrote %d images to %s (%d rejected%s)", counts["written"], out.uri, counts["rejected"], processes)
     fraction = counts["rejected"] / max(1, counts["read"])
-    if fraction > prep.max_reject_fraction:
+    if fraction > cfg.prepare.max_reject_fraction:
         raise TooManyRejections(
             f"{counts['rejected']} of {counts['read']} records rejected ({fraction:.1%}), above "
-            f"prepare.max_reject_fraction={prep.max_reject_fraction}; reasons in {out.join(MANIFEST_FILE).uri}"
+            f"prepare.max_reject_fraction={cfg.prepare.max_reject_fraction}; reasons in "
+            f"{out.join(MANIFEST_FILE).uri}"
         )
     return result
 
@@ -280,62 +273,21 @@ def _process_and_write(items: list[dict], out: storage.Location, settings: str, 
     copy of the split column used as a directory partition; the `split` column stays in the file."""
     import ray
 
-    per_task = _rows_per_task(len(items), prep)
+    per_task = rows_per_task(len(items), prep)
     parts = []
     for split in SPLITS:
         table = pa.Table.from_pylist([item for item in items if item["split"] == split], schema=RECORD_SCHEMA)
         if table.num_rows:
             parts.append(ray.data.from_arrow([table.slice(i, per_task) for i in range(0, table.num_rows, per_task)]))
     dataset = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    (
-        dataset.map_batches(
-            _process_batch,
-            fn_kwargs=dict(settings=settings, ledger=ledger),
-            batch_format="pyarrow",
-            batch_size=min(32, per_task),
-            concurrency=prep.parallelism,
-        ).write_parquet(
-            out.path,
-            filesystem=out.fs,
-            partition_cols=[_FOLDER],
-            partitioning_flavor=None,
-            filename_provider=_shard_names(),
-            max_rows_per_file=prep.rows_per_file,
-            mode=_overwrite(),
-            compression=SHARD_COMPRESSION,
-        )
+    rows = dataset.map_batches(
+        _process_batch,
+        fn_kwargs=dict(settings=settings, ledger=ledger),
+        batch_format="pyarrow",
+        batch_size=min(32, per_task),
+        concurrency=prep.parallelism,
     )
-
-
-def _rows_per_task(n_rows: int, prep) -> int:
-    """Enough tasks to keep every CPU busy (x8: short tasks leave little idle tail), none larger
-    than one shard file."""
-    tasks = (prep.parallelism or _cluster_cpus()) * 8
-    return max(1, min(prep.rows_per_file, math.ceil(n_rows / tasks)))
-
-
-_FOLDER = "_folder"  # a copy of `split` naming the output folder; not stored in the files
-
-
-# Encoded JPEG/PNG bytes do not compress: spend no CPU on the image column.
-SHARD_COMPRESSION = {"image": "none", "captions": "snappy", "caption_tokens": "snappy"}
-
-
-def _overwrite():
-    from ray.data import SaveMode
-
-    return SaveMode.OVERWRITE  # empties the folder written to: only ever the staging folder, wholly ours
-
-
-def _shard_names():
-    """Deterministic shard names (part-00000-0.parquet, ...) so a rewrite gives the same files."""
-    from ray.data.datasource import FilenameProvider
-
-    class ShardNames(FilenameProvider):
-        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-            return f"part-{task_index:05d}"
-
-    return ShardNames()
+    write_shards(rows, out, prep)
 
 
 def prepare_in_process(cfg: Config, batch_size: int = 32) -> tuple[dict[str, pa.Table], Vocabulary]:
@@ -368,13 +320,18 @@ def check_input_paths(cfg: Config) -> None:
     images = Path(cfg.data.images) if Path(cfg.data.images).is_absolute() else root / cfg.data.images
     if not images.is_dir():
         raise cfg.error("data.images", f"folder {images} does not exist")
-    if cfg.data.tokenizer:  # a Hub name is fetched here, once; the map tasks read the cache
-        from rsray.weights import WeightsError, resolve
+    if cfg.data.tokenizer:
+        fetch_tokenizer(cfg)
 
-        try:
-            resolve(cfg.data.tokenizer, fetch=True)
-        except WeightsError as exc:
-            raise cfg.error("data.tokenizer", str(exc)) from None
+
+def fetch_tokenizer(cfg: Config) -> None:
+    """A Hub name is fetched here, once; the map tasks read the cache."""
+    from rsray.weights import WeightsError, resolve
+
+    try:
+        resolve(cfg.data.tokenizer, fetch=True)
+    except WeightsError as exc:
+        raise cfg.error("data.tokenizer", str(exc)) from None
 
 
 def _check_captions(
@@ -427,30 +384,6 @@ def record_row(record: Record) -> dict:
     }
 
 
-def describe_split(out: storage.Location, split: str, paths: list[str]) -> dict:
-    """Counts, image ids and per-file checksums of one split's shards (`paths`: the files this
-    prepare wrote), read back from storage."""
-    loc = out.join(split)
-    tables = [
-        storage.reading(lambda p=path: pq.read_table(p, filesystem=loc.fs, columns=["image_id", "captions"]), path)
-        for path in paths
-    ]
-    with ThreadPoolExecutor(max_workers=8) as pool:  # hashing releases the GIL; S3 reads overlap
-        digests = list(pool.map(lambda path: storage.sha256_of(loc.fs, path), paths))
-    files = [
-        {
-            "path": f"{split}/{path.rsplit('/', 1)[1]}",
-            "rows": table.num_rows,
-            "sha256": digest,
-            "bytes": loc.fs.get_file_info(path).size,
-        }
-        for path, table, digest in zip(paths, tables, digests, strict=True)
-    ]
-    image_ids = sorted(i for table in tables for i in table["image_id"].to_pylist())
-    captions = sum(int(pc.sum(pc.list_value_length(t["captions"])).as_py() or 0) for t in tables)
-    return {"images": len(image_ids), "captions": captions, "image_ids": image_ids, "files": files}
-
-
 def input_fingerprint(cfg: Config, records: list[Record], accepted: list[Record]) -> str:
     """Hash of everything the output depends on: config, records, and each accepted image file's
     size+mtime (rejected records' paths are never touched: they may point outside the dataset)."""
@@ -470,18 +403,3 @@ def input_fingerprint(cfg: Config, records: list[Record], accepted: list[Record]
         for info in fs.get_file_info(paths):
             digest.update(f"{info.path}:{info.size}:{info.mtime_ns}".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
-
-
-def _files_intact(out: storage.Location, manifest: dict) -> bool:
-    expected = {f["path"]: f["bytes"] for info in manifest.get("splits", {}).values() for f in info["files"]}
-    for rel, size in expected.items():
-        info = out.fs.get_file_info(out.join(*rel.split("/")).path)
-        if info.size != size:
-            return False
-    return True
-
-
-def _cluster_cpus() -> int:
-    import ray
-
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,12 @@ class Vocabulary:
 
     @classmethod
     def build(cls, captions: Iterable[str], min_count: int = 5, stopwords: str = "drop") -> Vocabulary:
-        counts = Counter(w for caption in captions for w in content_words(caption))
+        return cls.from_counts(word_counts(captions), min_count=min_count, stopwords=stopwords)
+
+    @classmethod
+    def from_counts(cls, counts: Mapping[str, int], min_count: int = 5, stopwords: str = "drop") -> Vocabulary:
+        """From content-word counts (`word_counts` of the captions; summed across Ray tasks for a
+        corpus): the words seen at least `min_count` times."""
         kept = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
         return cls([PAD, UNK, *kept], min_count=min_count, stopwords=stopwords)
 
@@ -129,6 +134,11 @@ class Vocabulary:
     @classmethod
     def load(cls, path: str | Path) -> Vocabulary:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def word_counts(captions: Iterable[str]) -> Counter:
+    """Content-word counts of `captions`: what `Vocabulary.build` counts."""
+    return Counter(w for caption in captions for w in content_words(caption))
 
 
 def build_vocabulary(

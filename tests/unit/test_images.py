@@ -51,6 +51,16 @@ def test_garbage_is_rejected(data, reason):
         decode_image(data)
 
 
+def test_the_reason_for_an_unidentified_file_is_the_same_every_time():
+    """Pillow's own message names the address of the in-memory buffer; a manifest must not."""
+    reasons = set()
+    for _ in range(2):
+        with pytest.raises(ImageRejected) as caught:
+            decode_image(b"not an image at all" + bytes(64))
+        reasons.add(str(caught.value))
+    assert reasons == {"cannot decode image: not a format Pillow can identify"}
+
+
 def test_truncated_jpeg_is_rejected():
     data = encoded(rgb(64, 64), "JPEG")
     with pytest.raises(ImageRejected, match="cannot decode image"):

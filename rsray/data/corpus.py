@@ -1,0 +1,244 @@
+"""The prepare stage for a streamed corpus (`data.format: webdataset`), in Ray Data passes.
+
+The record formats are read into a list of records in the driver; a corpus of millions of pairs
+is not. Every pass here is a Ray Data job on the cluster's nodes, reading the shards where they
+are (a local folder or s3://), and the driver holds only what is small whatever the corpus size:
+
+1. candidates: each sample checked and its image resized (`rsray.data.webdataset`), written with
+   its reason when refused to `<output>/_candidates/`;
+2. duplicates: a key in more than one shard (among samples whose captions passed) is kept from the
+   first shard by name, as the record readers keep a key's first record; the others are refused;
+3. vocabulary: content words of the kept samples of `data.vocab_splits`, counted in the tasks and
+   summed by a Ray Data aggregation (`Vocabulary.from_counts`: the record formats' rule);
+4. shards: the kept samples tokenized and written by split, as every format's are (`write_shards`);
+   the refusals, with their reasons, go into the manifest.
+
+The input fingerprint comes from one listing of the shards (path, size, modification time), not a
+request per image; an unchanged corpus prepares again as nothing to do.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+
+from rsray import storage
+from rsray.config import Config
+from rsray.data import output
+from rsray.data.manifest import SCHEMA_VERSION, SPLITS, build_manifest
+from rsray.data.shards import (
+    FOLDER,
+    PrepareResult,
+    cluster_cpus,
+    describe_split,
+    files_intact,
+    overwrite,
+    shard_names,
+    shard_schema,
+    write_shards,
+)
+from rsray.data.text import Vocabulary, load_tokenizer, word_counts
+from rsray.data.webdataset import (
+    CANDIDATE_SCHEMA,
+    CAPTIONS,
+    CandidateRows,
+    candidate_settings,
+    listing_lines,
+    shard_files,
+)
+
+log = logging.getLogger("rsray.prepare")
+
+BATCH = 32  # samples per map batch in the first pass: a few MB of raw images
+
+
+def prepare_corpus(cfg: Config, out: storage.Location, force: bool, started: float) -> PrepareResult:
+    """Prepare `cfg.data` (a webdataset corpus) into `out`, while this command holds its lock."""
+    import ray
+
+    root, shards = shard_files(cfg.data, cfg.prepare.s3_endpoint)
+    if not shards:
+        raise cfg.error("data.shards", f"no file under {root.uri} matches {cfg.data.shards!r}")
+    try:
+        state = output.inspect_output(out)
+    except output.NotAnRsrayOutput as exc:
+        raise cfg.error("prepare.output", str(exc)) from None
+    fingerprint = corpus_fingerprint(cfg, listing_lines(root, shards))
+    previous = state.previous
+    if not force and previous and previous.get("input_fingerprint") == fingerprint and files_intact(out, previous):
+        log.info("%s is up to date (same corpus and config); nothing to do", out.uri)
+        return PrepareResult(previous, out.uri, skipped=True, seconds=time.perf_counter() - started)
+    log.info("%d shard(s) under %s", len(shards), root.uri)
+    staging = output.begin(out, state)
+    candidates_at = out.join(output.CANDIDATES)
+    settings = json.dumps(candidate_settings(cfg, root))
+    # One read task per shard and one candidates file per block, named in order: the same corpus
+    # gives the same files and rows in the same order, wherever it is read from.
+    (
+        ray.data.read_webdataset(
+            [info.path for info in shards], filesystem=root.fs, decoder=None, override_num_blocks=len(shards)
+        )
+        .map_batches(_candidate_batch, fn_kwargs=dict(settings=settings), batch_format="pyarrow", batch_size=BATCH)
+        .write_parquet(
+            candidates_at.path, filesystem=candidates_at.fs, mode=overwrite(), filename_provider=shard_names()
+        )
+    )
+    files = storage.list_files(candidates_at, ".parquet")
+    candidates = ray.data.read_parquet(
+        files, filesystem=candidates_at.fs, schema=CANDIDATE_SCHEMA, override_num_blocks=len(files)
+    )
+    partitions = max(1, min(len(files), cluster_cpus()))  # Ray Data's default, 200, is for large joins
+    kept_from = duplicated_keys(candidates, partitions)
+    vocab = corpus_vocabulary(candidates, kept_from, cfg, partitions)
+    log.info("vocabulary: %d entries; %d key(s) in more than one shard", len(vocab), len(kept_from))
+    shard_settings = json.dumps(
+        dict(
+            vocab=vocab.to_dict(),
+            tokenizer=cfg.data.tokenizer,
+            encoding=cfg.prepare.image_encoding,
+            kept_from=kept_from,
+        )
+    )
+    rows = candidates.map_batches(
+        _shard_batch, fn_kwargs=dict(settings=shard_settings), batch_format="pyarrow", batch_size=None
+    )
+    write_shards(rows, staging, cfg.prepare)
+    rejected, read, scenes = refusals_and_counts(candidates, kept_from, partitions)
+    shard_paths = output.publish(out)
+    split_info = {split: describe_split(out, split, shard_paths[split]) for split in SPLITS}
+    manifest = build_manifest(cfg, read, scenes, rejected, split_info, vocab, fingerprint)
+    output.finish(out, manifest)
+    return PrepareResult(manifest, out.uri, skipped=False, seconds=time.perf_counter() - started)
+
+
+def corpus_fingerprint(cfg: Config, listing: list[str]) -> str:
+    """Hash of the config the output depends on and the shards' listing (names, sizes, times)."""
+    settings = {k: v for k, v in cfg.to_dict().items() if k in ("data", "prepare")}
+    settings["prepare"] = {k: v for k, v in settings["prepare"].items() if k not in ("output", "parallelism")}
+    digest = hashlib.sha256(json.dumps([SCHEMA_VERSION, settings], sort_keys=True).encode())
+    for line in listing:
+        digest.update(line.encode("utf-8", "surrogateescape") + b"\n")
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- Ray Data task bodies
+
+
+@functools.lru_cache(maxsize=4)
+def _candidates_for(settings: str) -> CandidateRows:
+    return CandidateRows(**json.loads(settings))
+
+
+def _candidate_batch(batch: pa.Table, settings: str) -> pa.Table:
+    return _candidates_for(settings)(batch)
+
+
+def _counted(row_or_batch: dict[str, Any]) -> bool:
+    """A sample that takes part in the duplicate rule: its captions (and files) passed."""
+    return row_or_batch["rejected_at"] != CAPTIONS
+
+
+def _is_duplicate(image_id: str, shard: str, rejected_at: str | None, kept_from: dict[str, str]) -> bool:
+    return rejected_at != CAPTIONS and image_id in kept_from and kept_from[image_id] != shard
+
+
+def duplicated_keys(candidates: Any, partitions: int) -> dict[str, str]:
+    """{key: the shard it is kept from} for each key in more than one shard; small, whatever the
+    corpus (a Ray Data group-by over the keys, never a list of them in the driver)."""
+    from ray.data.aggregate import Count, Min
+
+    counted = candidates.select_columns(["image_id", "shard", "rejected_at"]).filter(_counted)
+    groups = counted.groupby("image_id", num_partitions=partitions).aggregate(
+        Count(alias_name="n"), Min("shard", alias_name="first")
+    )
+    return {row["image_id"]: row["first"] for row in groups.filter(lambda row: row["n"] > 1).take_all()}
+
+
+def _count_words(batch: pa.Table, splits: list[str], kept_from: dict[str, str]) -> pa.Table:
+    counts: Counter = Counter()
+    for row in batch.to_pylist():
+        if row["split"] in splits and row["rejected_at"] != CAPTIONS:
+            if not _is_duplicate(row["image_id"], row["shard"], row["rejected_at"], kept_from):
+                counts.update(word_counts(row["captions"]))
+    return pa.table({"word": list(counts), "count": pa.array(list(counts.values()), pa.int64())})
+
+
+def corpus_vocabulary(candidates: Any, kept_from: dict[str, str], cfg: Config, partitions: int) -> Vocabulary:
+    """The word vocabulary of the samples whose captions passed and that are not a duplicate, in
+    `data.vocab_splits` (image refusals count, as in the record formats: the vocabulary is drawn
+    before images are read there)."""
+    from ray.data.aggregate import Sum
+
+    words = candidates.select_columns(["image_id", "shard", "split", "captions", "rejected_at"]).map_batches(
+        _count_words,
+        fn_kwargs=dict(splits=list(cfg.data.vocab_splits), kept_from=kept_from),
+        batch_format="pyarrow",
+    )
+    min_count = cfg.data.vocab_min_count
+    totals = words.groupby("word", num_partitions=partitions).aggregate(Sum("count", alias_name="n"))
+    totals = totals.filter(lambda row: row["n"] >= min_count)
+    counts = {row["word"]: row["n"] for row in totals.take_all()}
+    return Vocabulary.from_counts(counts, min_count=min_count, stopwords=cfg.data.stopwords)
+
+
+class _Tokens:
+    def __init__(self, vocab: dict, tokenizer: str | None, encoding: str, kept_from: dict[str, str]):
+        self.vocab, self.encoding = Vocabulary.from_dict(vocab), encoding
+        self.tokenizer = load_tokenizer(tokenizer) if tokenizer else None
+        self.kept_from = kept_from
+        self.schema = shard_schema(self.tokenizer is not None).append(pa.field(FOLDER, pa.string()))
+
+
+@functools.lru_cache(maxsize=4)
+def _tokens_for(settings: str) -> _Tokens:
+    return _Tokens(**json.loads(settings))
+
+
+def _shard_batch(batch: pa.Table, settings: str) -> pa.Table:
+    """Kept samples of a candidates batch as shard rows, tokenized; refusals leave the stream."""
+    tokens = _tokens_for(settings)
+    out: dict[str, list] = {name: [] for name in tokens.schema.names}
+    for row in batch.to_pylist():
+        if row["reason"] is not None or _is_duplicate(row["image_id"], row["shard"], None, tokens.kept_from):
+            continue
+        for name in ("image_id", "split", "scene", "source_path", "captions", "image"):
+            out[name].append(row[name])
+        out["caption_tokens"].append([tokens.vocab.encode(c) for c in row["captions"]])
+        out["image_format"].append(tokens.encoding)
+        if tokens.tokenizer is not None:
+            out["caption_input_ids"].append(tokens.tokenizer(row["captions"])["input_ids"])
+        out[FOLDER].append(row["split"])
+    return pa.Table.from_pydict(out, schema=tokens.schema)
+
+
+def refusals_and_counts(
+    candidates: Any, kept_from: dict[str, str], partitions: int
+) -> tuple[list[dict], int, dict[str, int]]:
+    """(the refused samples with their reasons, samples read, samples read per scene)."""
+    from ray.data.aggregate import Count
+
+    columns = ["image_id", "split", "source_path", "shard", "reason", "rejected_at", "scene"]
+    summary = candidates.select_columns(columns)
+    read = summary.count()
+    rejected = []
+    for row in summary.filter(lambda row: row["reason"] is not None or row["image_id"] in kept_from).take_all():
+        reason = row["reason"]
+        if _is_duplicate(row["image_id"], row["shard"], row["rejected_at"], kept_from):
+            reason = f"duplicate image_id {row['image_id']!r} (kept from {kept_from[row['image_id']]})"
+        if reason is not None:
+            rejected.append(
+                {"image_id": row["image_id"], "split": row["split"], "path": row["source_path"], "reason": reason}
+            )
+    with_scene = summary.filter(lambda row: row["scene"] is not None)
+    by_scene = with_scene.groupby("scene", num_partitions=partitions).aggregate(Count())
+    scenes = {row["scene"]: row["count()"] for row in by_scene.take_all()}
+    return rejected, read, scenes
+
+

@@ -1,0 +1,129 @@
+"""Shards of a prepared output, for every input format: their schema, how a Ray Data stream of
+shard rows is written into the staging folder (one folder per split, deterministic file names),
+and how the written files are described in the manifest."""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from rsray import storage
+
+
+def shard_schema(with_input_ids: bool) -> pa.Schema:
+    """Columns of every shard; `caption_input_ids` only when a BERT-family tokenizer is set."""
+    fields = [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("scene", pa.string()),
+        pa.field("source_path", pa.string(), nullable=False),
+        pa.field("captions", pa.list_(pa.string()), nullable=False),
+        pa.field("caption_tokens", pa.list_(pa.list_(pa.int32())), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("image_format", pa.string(), nullable=False),
+    ]
+    if with_input_ids:
+        fields.append(pa.field("caption_input_ids", pa.list_(pa.list_(pa.int32()))))
+    return pa.schema(fields)
+
+
+@dataclass
+class PrepareResult:
+    manifest: dict[str, Any]
+    output: str
+    skipped: bool  # True when the output was already up to date
+    seconds: float
+    workers: list[str] = field(default_factory=list)  # host:pid of the processes that did the work
+
+
+def rows_per_task(n_rows: int, prep) -> int:
+    """Enough tasks to keep every CPU busy (x8: short tasks leave little idle tail), none larger
+    than one shard file."""
+    tasks = (prep.parallelism or cluster_cpus()) * 8
+    return max(1, min(prep.rows_per_file, math.ceil(n_rows / tasks)))
+
+
+FOLDER = "_folder"  # a copy of `split` naming the output folder; not stored in the files
+
+
+# Encoded JPEG/PNG bytes do not compress: spend no CPU on the image column.
+SHARD_COMPRESSION = {"image": "none", "captions": "snappy", "caption_tokens": "snappy"}
+
+
+def overwrite():
+    from ray.data import SaveMode
+
+    return SaveMode.OVERWRITE  # empties the folder written to: only ever the staging folder, wholly ours
+
+
+def shard_names():
+    """Deterministic shard names (part-00000-0.parquet, ...) so a rewrite gives the same files."""
+    from ray.data.datasource import FilenameProvider
+
+    class ShardNames(FilenameProvider):
+        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+            return f"part-{task_index:05d}"
+
+    return ShardNames()
+
+
+def write_shards(dataset: Any, staging: storage.Location, prep: Any) -> None:
+    """Write a Ray Data stream of shard rows (with the FOLDER column naming each row's split) into
+    <staging>/<split>/: at most `prep.rows_per_file` rows per file. Blocks must not mix splits, so
+    each map task writes one file into one split's folder; the folder comes from FOLDER used as a
+    directory partition, and the `split` column stays in the file."""
+    dataset.write_parquet(
+        staging.path,
+        filesystem=staging.fs,
+        partition_cols=[FOLDER],
+        partitioning_flavor=None,
+        filename_provider=shard_names(),
+        max_rows_per_file=prep.rows_per_file,
+        mode=overwrite(),
+        compression=SHARD_COMPRESSION,
+    )
+
+
+def describe_split(out: storage.Location, split: str, paths: list[str]) -> dict:
+    """Counts, image ids and per-file checksums of one split's shards (`paths`: the files this
+    prepare wrote), read back from storage."""
+    loc = out.join(split)
+    tables = [
+        storage.reading(lambda p=path: pq.read_table(p, filesystem=loc.fs, columns=["image_id", "captions"]), path)
+        for path in paths
+    ]
+    with ThreadPoolExecutor(max_workers=8) as pool:  # hashing releases the GIL; S3 reads overlap
+        digests = list(pool.map(lambda path: storage.sha256_of(loc.fs, path), paths))
+    files = [
+        {
+            "path": f"{split}/{path.rsplit('/', 1)[1]}",
+            "rows": table.num_rows,
+            "sha256": digest,
+            "bytes": loc.fs.get_file_info(path).size,
+        }
+        for path, table, digest in zip(paths, tables, digests, strict=True)
+    ]
+    image_ids = sorted(i for table in tables for i in table["image_id"].to_pylist())
+    captions = sum(int(pc.sum(pc.list_value_length(t["captions"])).as_py() or 0) for t in tables)
+    return {"images": len(image_ids), "captions": captions, "image_ids": image_ids, "files": files}
+
+
+def files_intact(out: storage.Location, manifest: dict) -> bool:
+    expected = {f["path"]: f["bytes"] for info in manifest.get("splits", {}).values() for f in info["files"]}
+    for rel, size in expected.items():
+        info = out.fs.get_file_info(out.join(*rel.split("/")).path)
+        if info.size != size:
+            return False
+    return True
+
+
+def cluster_cpus() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
