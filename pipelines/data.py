@@ -17,7 +17,8 @@ from rsray.config import CONF_DIR, load_config
 
 
 def inspect_target(target: str, overrides: list[str]) -> dict:
-    from rsray.data.formats import detect_data_config, read_records
+    from rsray.data.detect import detect_data_config
+    from rsray.data.formats import read_records
     from rsray.data.stats import dataset_statistics
 
     if target.startswith("s3://") or (Path(target) / "manifest.json").is_file():
@@ -40,7 +41,7 @@ def inspect_target(target: str, overrides: list[str]) -> dict:
         cfg = load_config(None, [*detected, *overrides])
     else:
         cfg = load_config(target, overrides)
-    records = read_records(cfg.data)
+    records = read_records(cfg.data, cfg.prepare.s3_endpoint)
     stats = dataset_statistics(
         records, vocab_splits=tuple(cfg.data.vocab_splits), vocab_min_count=cfg.data.vocab_min_count
     )
@@ -55,7 +56,7 @@ def _has_val_split(detected: list[str]) -> bool:
 
     cfg = load_config(None, [*detected, "data.validation.mode=fixed"])
     try:
-        read_records(cfg.data)
+        read_records(cfg.data, cfg.prepare.s3_endpoint)
     except ValueError:  # fixed mode without a val split
         return False
     return True

@@ -240,5 +240,3 @@ def refusals_and_counts(
     by_scene = with_scene.groupby("scene", num_partitions=partitions).aggregate(Count())
     scenes = {row["scene"]: row["count()"] for row in by_scene.take_all()}
     return rejected, read, scenes
-
-

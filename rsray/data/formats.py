@@ -14,14 +14,18 @@ import json
 import posixpath
 import re
 from collections.abc import Iterable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 
+from rsray import storage
 from rsray.config import DataConfig, ValidationConfig
 from rsray.data.text import words
+from rsray.storage import is_s3
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "restval": "train", "val": "val", "test": "test"}
@@ -45,27 +49,39 @@ class AnnotationError(ValueError):
 # ----------------------------------------------------------------------------- entry point
 
 
-def read_records(cfg: DataConfig) -> list[Record]:
-    """Read the dataset `cfg` describes, then apply its scene rule and its validation split."""
-    root = Path(cfg.root)
-    images = Path(cfg.images) if Path(cfg.images).is_absolute() else root / cfg.images
+# prepare.s3_endpoint while read_records runs (else AWS_ENDPOINT_URL_S3): annotation files on S3 use it
+_S3_ENDPOINT: ContextVar[str | None] = ContextVar("annotations_s3_endpoint", default=None)
+
+
+def read_records(cfg: DataConfig, s3_endpoint: str | None = None) -> list[Record]:
+    """Read the dataset `cfg` describes, then apply its scene rule and its validation split.
+    `data.root` (and `data.images`) may be a local folder or an s3:// prefix."""
+    root = cfg.root
+    images = _under(root, cfg.images)
+    token = _S3_ENDPOINT.set(s3_endpoint)
+    try:
+        records = _read_format(cfg, root, images)
+    finally:
+        _S3_ENDPOINT.reset(token)
+    return assign_validation(assign_scenes(records, cfg), cfg.validation)
+
+
+def _read_format(cfg: DataConfig, root: str, images: str) -> list[Record]:
     if cfg.format == "karpathy":
-        records = read_karpathy(root / cfg.annotations, images)
-    elif cfg.format == "precomp":
-        records = read_precomp(root, images, captions_per_image=cfg.captions_per_image)
-    elif cfg.format == "pir":
-        eval_json = root / cfg.eval_annotations if cfg.eval_annotations else None
-        records = read_pir(root / cfg.annotations, eval_json, images)
-    elif cfg.format == "table":
-        records = read_table(root / cfg.annotations, images)
-    elif cfg.format == "webdataset":
+        return read_karpathy(_under(root, cfg.annotations), images)
+    if cfg.format == "precomp":
+        return read_precomp(root, images, captions_per_image=cfg.captions_per_image)
+    if cfg.format == "pir":
+        eval_json = _under(root, cfg.eval_annotations) if cfg.eval_annotations else None
+        return read_pir(_under(root, cfg.annotations), eval_json, images)
+    if cfg.format == "table":
+        return read_table(_under(root, cfg.annotations), images)
+    if cfg.format == "webdataset":
         raise ValueError(
             "a webdataset corpus is read by rsray prepare's Ray Data tasks, not into a list of records; "
             "inspect its prepared output instead"
         )
-    else:
-        raise ValueError(f"unknown data format {cfg.format!r}")
-    return assign_validation(assign_scenes(records, cfg), cfg.validation)
+    raise ValueError(f"unknown data format {cfg.format!r}")
 
 
 # ----------------------------------------------------------------------------- readers
@@ -73,7 +89,7 @@ def read_records(cfg: DataConfig) -> list[Record]:
 
 def read_karpathy(json_path: str | Path, images_dir: str | Path) -> list[Record]:
     """Karpathy JSON: {"images": [{"filename", "split", "sentences": [{"raw", "tokens"}]}]}."""
-    data = _read_json(json_path)
+    data = read_json(json_path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise AnnotationError(f'{json_path}: expected an object with an "images" list')
     records = []
@@ -98,16 +114,15 @@ def read_precomp(root: str | Path, images_dir: str | Path, captions_per_image: i
     Two layouts are told apart by the line counts: one name per image with `captions_per_image`
     consecutive caption lines each (train), or one name per caption line (test, val).
     """
-    root = Path(root)
     records = _read_caption_pair(
-        root / "train_caps.txt", root / "train_filename.txt", "train", images_dir, captions_per_image
+        _join(root, "train_caps.txt"), _join(root, "train_filename.txt"), "train", images_dir, captions_per_image
     )
     records += _read_caption_pair(
-        root / "test_caps.txt", root / "test_filename.txt", "test", images_dir, captions_per_image
+        _join(root, "test_caps.txt"), _join(root, "test_filename.txt"), "test", images_dir, captions_per_image
     )
     for caps, names in (("val_caps.txt", "val_filename.txt"), ("val_caps_verify.txt", "val_filename_verify.txt")):
-        if (root / caps).exists() or (root / names).exists():
-            records += _read_caption_pair(root / caps, root / names, "val", images_dir, captions_per_image)
+        if _exists(_join(root, caps)) or _exists(_join(root, names)):
+            records += _read_caption_pair(_join(root, caps), _join(root, names), "val", images_dir, captions_per_image)
             break
     _check_unique(records, root)
     return records
@@ -119,7 +134,7 @@ def read_pir(train_json: str | Path, eval_json: str | Path | None, images_dir: s
     groups: dict[str, tuple[str, str | None, list[str]]] = {}
     sources = [(train_json, "train")] + ([(eval_json, "test")] if eval_json else [])
     for path, split in sources:
-        data = _read_json(path)
+        data = read_json(path)
         if not isinstance(data, list):
             raise AnnotationError(f"{path}: expected a list of entries, got {type(data).__name__}")
         for i, entry in enumerate(data):
@@ -145,10 +160,9 @@ def read_pir(train_json: str | Path, eval_json: str | Path | None, images_dir: s
 
 def read_table(path: str | Path, images_dir: str | Path) -> list[Record]:
     """A CSV or Parquet table, one row per caption: image, caption, split, optional scene."""
-    path = Path(path)
-    if not path.is_file():
+    if not _exists(path):
         raise AnnotationError(f"{path}: annotation file not found")
-    if path.suffix.lower() == ".parquet":
+    if str(path).lower().endswith(".parquet"):
         rows, header = _parquet_rows(path)
     else:
         rows, header = _csv_rows(path)
@@ -295,83 +309,49 @@ def check_record(record: Record, captions_per_image: int, max_caption_chars: int
     return None
 
 
-# ----------------------------------------------------------------------------- format detection
-
-
-def detect_format(folder: str | Path) -> tuple[str, str]:
-    """Guess the format of a folder for `rsray data inspect`: (format, annotation file name).
-    For pir the file is the train list; `detect_data_config` also finds the eval list."""
-    fmt, annotations, _ = _detect(Path(folder))
-    return fmt, annotations
-
-
-def detect_data_config(folder: str | Path, **overrides: Any) -> DataConfig:
-    """A DataConfig for a folder whose format is detected (root, format, annotation files)."""
-    fmt, annotations, eval_annotations = _detect(Path(folder))
-    fields = dict(root=str(folder), format=fmt, annotations=annotations, eval_annotations=eval_annotations)
-    return DataConfig(**{**fields, **overrides})
-
-
-def _detect(folder: Path) -> tuple[str, str, str]:
-    if not folder.is_dir():
-        raise AnnotationError(f"{folder}: no such folder")
-    for path in sorted(folder.glob("dataset_*.json")):
-        try:
-            data = _read_json(path)
-        except AnnotationError:
-            continue
-        if isinstance(data, dict) and "images" in data:
-            return "karpathy", path.name, ""
-    if (folder / "train_caps.txt").is_file():
-        return "precomp", "", ""
-    train, evals = [], []
-    for path in sorted(folder.glob("*.json")):
-        try:
-            data = _read_json(path)
-        except AnnotationError:
-            continue
-        if isinstance(data, list) and data and isinstance(data[0], dict) and "image" in data[0]:
-            (evals if isinstance(data[0].get("caption"), list) else train).append(path.name)
-    if len(train) == 1 and len(evals) <= 1:
-        return "pir", train[0], (evals[0] if evals else "")
-    if train:
-        raise AnnotationError(
-            f"{folder}: several PIR-style JSON lists ({', '.join(train + evals)}): name the files in the config"
-        )
-    tables = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in (".csv", ".parquet"))
-    if len(tables) == 1:
-        return "table", tables[0], ""
-    if tables:
-        raise AnnotationError(f"{folder}: several tables ({', '.join(tables)}): name one in the config")
-    raise AnnotationError(
-        f"{folder}: no annotations found (expected dataset_*.json, train_caps.txt, "
-        "PIR JSON lists or one .csv/.parquet table)"
-    )
-
-
 # ----------------------------------------------------------------------------- helpers
 
 
-def _read_text(path: Path) -> str:
+def _read_bytes(path: str | Path) -> bytes:
+    if is_s3(str(path)):
+        return storage.read_bytes(storage.resolve(path, _S3_ENDPOINT.get()))
+    return Path(path).read_bytes()
+
+
+def _exists(path: str | Path) -> bool:
+    """Whether an annotation file is there (a local file, or an object on S3)."""
+    if is_s3(str(path)):
+        loc = storage.resolve(path, _S3_ENDPOINT.get())
+        return loc.fs.get_file_info(loc.path).type == pafs.FileType.File
+    return Path(path).is_file()
+
+
+def _under(root: str | Path, name: str) -> str:
+    """`name` inside the dataset folder, unless it is absolute or an s3:// URI of its own."""
+    return name if is_s3(name) or Path(name).is_absolute() else _join(root, name)
+
+
+def _read_text(path: str | Path) -> str:
     """Whole file as str; bad bytes survive as surrogates (flagged later by check_record)."""
     try:
-        return Path(path).read_bytes().decode("utf-8-sig", errors="surrogateescape")
+        return _read_bytes(path).decode("utf-8-sig", errors="surrogateescape")
     except FileNotFoundError:
         raise AnnotationError(f"{path}: annotation file not found") from None
     except IsADirectoryError:
         raise AnnotationError(f"{path}: expected an annotation file, found a folder") from None
 
 
-def _read_json(path: str | Path) -> Any:
+def read_json(path: str | Path) -> Any:
+    """An annotation file's JSON; AnnotationError names the file and the position."""
     try:
-        return json.loads(_read_text(Path(path)))
+        return json.loads(_read_text(path))
     except json.JSONDecodeError as exc:
         raise AnnotationError(f"{path}: line {exc.lineno} column {exc.colno}: invalid JSON: {exc.msg}") from None
     except RecursionError:  # Python's parser recurses once per nesting level: no annotation file nests this deep
         raise AnnotationError(f"{path}: JSON nested too deeply to be an annotation file") from None
 
 
-def _read_lines(path: Path) -> list[str]:
+def _read_lines(path: str | Path) -> list[str]:
     """Lines split on "\\n" only (captions may hold odd characters that str.splitlines splits on)."""
     lines = _read_text(path).split("\n")
     if lines and lines[-1] == "":
@@ -380,7 +360,7 @@ def _read_lines(path: Path) -> list[str]:
 
 
 def _read_caption_pair(
-    caps_path: Path, names_path: Path, split: str, images_dir: str | Path, per_image: int
+    caps_path: str, names_path: str, split: str, images_dir: str | Path, per_image: int
 ) -> list[Record]:
     caps = _read_lines(caps_path)
     names = [image_name(n.strip()) for n in _read_lines(names_path)]
@@ -405,14 +385,15 @@ def _read_caption_pair(
         for name, caption in zip(names, caps, strict=True):
             groups.setdefault(name, []).append(caption)
     else:
+        names_file = posixpath.basename(str(names_path))
         raise AnnotationError(
-            f"{caps_path}: {len(caps)} caption lines do not fit the {len(names)} names in {names_path.name} "
+            f"{caps_path}: {len(caps)} caption lines do not fit the {len(names)} names in {names_file} "
             f"(expected {len(names) * per_image}: {per_image} per image, or {len(names)}: one name per line)"
         )
     return [Record(n, _join(images_dir, n), split, None, tuple(c.strip() for c in cs)) for n, cs in groups.items()]
 
 
-def _csv_rows(path: Path) -> tuple[list[tuple[str, dict]], list[str]]:
+def _csv_rows(path: str | Path) -> tuple[list[tuple[str, dict]], list[str]]:
     reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
     header = [h.strip() for h in (reader.fieldnames or [])]
     reader.fieldnames = header
@@ -423,11 +404,12 @@ def _csv_rows(path: Path) -> tuple[list[tuple[str, dict]], list[str]]:
     return rows, header
 
 
-def _parquet_rows(path: Path) -> tuple[list[tuple[str, dict]], list[str]]:
+def _parquet_rows(path: str | Path) -> tuple[list[tuple[str, dict]], list[str]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(pa.BufferReader(_read_bytes(path)))
     except Exception as exc:  # pyarrow raises several types for a corrupt file
         raise AnnotationError(f"{path}: cannot read Parquet: {exc}") from None
     return [(f"row {i}", row) for i, row in enumerate(table.to_pylist())], table.column_names
@@ -472,8 +454,11 @@ def _sentence_text(sentence: Any, where: str) -> str:
     raise AnnotationError(f'{where}: a sentence needs "raw" text or "tokens"')
 
 
-def _join(images_dir: str | Path, name: str) -> str:
-    return str(Path(images_dir) / name)
+def _join(folder: str | Path, name: str) -> str:
+    """A file in a folder: a local path, or a key under an s3:// prefix."""
+    if is_s3(str(folder)):
+        return f"{str(folder).rstrip('/')}/{name}"
+    return str(Path(folder) / name)
 
 
 def _check_unique(records: Sequence[Record], source: str | Path) -> None:

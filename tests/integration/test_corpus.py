@@ -5,6 +5,7 @@ and an unchanged corpus prepared again as nothing to do."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import boto3
 import pyarrow.parquet as pq
@@ -130,3 +131,30 @@ def test_an_unchanged_corpus_prepares_again_as_nothing_to_do(on_s3):
     cfg, first = on_s3
     again = prepare(cfg)
     assert again.skipped and again.manifest == first.manifest
+
+
+def test_a_karpathy_dataset_whose_files_are_on_s3_prepares_as_from_a_local_folder(
+    prepared, s3_endpoint, s3_bucket, tmp_path
+):
+    """The session's tiny sample (annotations and images) uploaded to S3 and prepared from there:
+    the same records, splits, vocabulary and shard rows as from the local folder; only each row's
+    source path says where its image was read."""
+    from rsray.data.manifest import read_manifest
+
+    local = read_manifest(prepared)
+    folder = local["config"]["data"]["root"]
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), s3_bucket, f"sample-src/{path.relative_to(folder).as_posix()}")
+    root = f"s3://{s3_bucket}/sample-src"
+    cfg = load_config("presets/cpu-tiny", [f"data.root={root}", f"prepare.output={tmp_path / 'from-s3'}"])
+    from_s3 = prepare(cfg).manifest
+    for key in ("counts", "vocab", "rejected", "scenes"):
+        assert from_s3[key] == local[key], key
+    for split, info in local["splits"].items():
+        assert from_s3["splits"][split]["image_ids"] == info["image_ids"]
+    first = local["splits"]["train"]["files"][0]["path"]
+    a, b = pq.read_table(Path(prepared) / first), pq.read_table(tmp_path / "from-s3" / first)
+    assert a.drop_columns(["source_path"]).equals(b.drop_columns(["source_path"]))
+    assert b["source_path"][0].as_py() == f"{root}/images/{b['image_id'][0].as_py()}"

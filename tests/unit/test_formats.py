@@ -11,14 +11,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from rsray.config import DataConfig, ValidationConfig
+from rsray.data.detect import detect_data_config, detect_format
 from rsray.data.formats import (
     AnnotationError,
     Record,
     assign_scenes,
     assign_validation,
     check_record,
-    detect_data_config,
-    detect_format,
     read_karpathy,
     read_pir,
     read_precomp,

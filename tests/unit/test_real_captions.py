@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from rsray.config import DataConfig, ValidationConfig
-from rsray.data.formats import Record, check_record, detect_format, read_karpathy, read_records
+from rsray.data.detect import detect_format
+from rsray.data.formats import Record, check_record, read_karpathy, read_records
 from rsray.data.text import build_vocabulary
 
 DATASETS = Path(os.environ.get("RSRAY_SHARED_DATASETS", Path(__file__).resolve().parents[3] / "shared" / "datasets"))
