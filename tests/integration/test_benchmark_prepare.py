@@ -68,3 +68,29 @@ def test_the_paper_size_rehearsal_runs_at_its_smoke_size(ray_cluster, prepared, 
     assert 0 < row["model_mib"] and 0 < row["checkpoint_mib"] < 64  # the tiny VSE++ with Adam: a few MiB
     assert "| model/vsepp-tiny |" in done.stdout.splitlines()[-1]
     assert row["train_scored_test"] is False  # train.evaluate_test=false left the gallery to rsray evaluate
+
+
+def test_the_corpus_benchmark_runs_at_its_smoke_size(ray_cluster, s3_bucket, tmp_path):
+    """`python -m benchmarks.corpus_scale --smoke` on the package's Ray and moto's S3: a corpus of
+    100 samples prepared as WebDataset shards from S3 and as a Karpathy folder, with its table."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    command = [sys.executable, "-m", "benchmarks.corpus_scale", "--smoke", "--s3", f"s3://{s3_bucket}/corpus-bench"]
+    command += ["--workdir", str(tmp_path), "--out", str(tmp_path / "rows.json")]
+    done = subprocess.run(
+        command, cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [(r["path"], r["images"], r["nodes"]) for r in rows] == [
+        ("webdataset on S3", 100, 1),
+        ("Karpathy, local (before)", 100, 1),
+    ]
+    for row in rows:
+        assert row["seconds"] > 0 and row["driver_mib"] > 50 and row["workers_mib"] > 0 and row["manifest_kib"] > 1
+    assert "| webdataset on S3 | 100 | 1 |" in done.stdout
