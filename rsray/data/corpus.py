@@ -87,7 +87,13 @@ def prepare_corpus(cfg: Config, out: storage.Location, force: bool, started: flo
         ray.data.read_webdataset(
             [info.path for info in shards], filesystem=root.fs, decoder=None, override_num_blocks=len(shards)
         )
-        .map_batches(_candidate_batch, fn_kwargs=dict(settings=settings), batch_format="pyarrow", batch_size=BATCH)
+        .map_batches(
+            _candidate_batch,
+            fn_kwargs=dict(settings=settings),
+            batch_format="pyarrow",
+            batch_size=BATCH,
+            concurrency=cfg.prepare.parallelism,
+        )
         .write_parquet(
             candidates_at.path, filesystem=candidates_at.fs, mode=overwrite(), filename_provider=shard_names()
         )
@@ -101,7 +107,13 @@ def prepare_corpus(cfg: Config, out: storage.Location, force: bool, started: flo
     summary = summarize(candidates, kept_from, cfg)
     min_count = cfg.data.vocab_min_count
     vocab = Vocabulary.from_counts(summary.words, min_count=min_count, stopwords=cfg.data.stopwords)
-    log.info("vocabulary: %d entries; %d key(s) in more than one shard", len(vocab), len(kept_from))
+    log.info(
+        "checked %d samples (%d refused, %d key(s) in more than one shard); vocabulary: %d entries",
+        summary.read,
+        len(summary.rejected),
+        len(kept_from),
+        len(vocab),
+    )
     shard_settings = json.dumps(
         dict(
             vocab=vocab.to_dict(),

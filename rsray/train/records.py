@@ -122,8 +122,15 @@ def log_run_artifacts(tracker, cfg: Config, manifest: Manifest, result, score_te
             result.test_report = result.model_id = result.registered_model = None
             if score_test:
                 result.model_id, result.registered_model = log_model(tracker, folder, cfg, manifest)
-            if score_test and cfg.train.evaluate_test:
+            if score_test and cfg.train.evaluate_test and has_test_split(manifest):
                 result.test_report = log_test_evaluation(tracker, folder, cfg, manifest, result.model_id)
+            elif score_test and cfg.train.evaluate_test:
+                log.info("no test split in %s (a corpus has none): the best checkpoint is not scored", cfg.train.data)
+
+
+def has_test_split(manifest: Manifest) -> bool:
+    """Whether the prepared data has test images to score (a WebDataset corpus has none)."""
+    return bool(manifest.get("splits", {}).get("test", {}).get("images"))
 
 
 def log_model(tracker, checkpoint_folder: str, cfg: Config, manifest: Manifest) -> tuple[str | None, str | None]:

@@ -206,3 +206,16 @@ def test_every_paper_recipe_has_its_published_row_and_names_its_weights_by_hub_n
         weights = {k: v for k, v in cfg.model.items() if k.endswith("checkpoint") and v and v != "train"}
         assert weights and all(hub_name.match(v) for v in weights.values()), (recipe.stem, weights)
         assert cfg.train.use_gpu and cfg.train.data == cfg.prepare.output, recipe.stem
+
+
+def test_the_corpus_stages_chain_a_webdataset_stage_1_into_priorclip_open_on_rsitmd():
+    """conf/corpus: stage 1 (CLIP on a WebDataset corpus) and stage 2 (PriorCLIP open domain on
+    RSITMD from stage 1's checkpoint) check as configs and share one tokenizer, as stage 2 needs."""
+    from rsray.models import model_config
+
+    stage1, stage2 = load_config("corpus/stage1-clip"), load_config("corpus/stage2-priorclip-open-rsitmd")
+    assert stage1.data.format == "webdataset" and stage1.model["name"] == "clip"
+    assert stage1.train.data == stage1.prepare.output
+    assert stage2.model["name"] == "priorclip_open" and stage2.model["clip_checkpoint"].startswith("s3://")
+    assert stage1.data.tokenizer == stage2.data.tokenizer == stage1.model["checkpoint"]
+    model_config(stage1), model_config(stage2)

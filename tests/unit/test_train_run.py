@@ -209,3 +209,11 @@ def test_tracking_log_checkpoint_is_one_of_its_settings():
     expected = "tracking.log_checkpoint: must be one of auto, always, never, got 'sometimes'"
     with pytest.raises(ConfigError, match=expected):
         load_config("train/cpu-tiny", ["tracking.log_checkpoint=sometimes"])
+
+
+def test_only_data_with_test_images_has_its_best_checkpoint_scored_on_test():
+    from rsray.train.records import has_test_split
+
+    assert has_test_split({"splits": {"test": {"images": 3}}})
+    assert not has_test_split({"splits": {"train": {"images": 9}, "test": {"images": 0}}})
+    assert not has_test_split({"splits": {}})
