@@ -42,6 +42,7 @@ from rsray.data.shards import (
     describe_split,
     files_intact,
     overwrite,
+    read_parquet_files,
     shard_names,
     shard_schema,
     write_shards,
@@ -99,9 +100,7 @@ def prepare_corpus(cfg: Config, out: storage.Location, force: bool, started: flo
         )
     )
     files = storage.list_files(candidates_at, ".parquet")
-    candidates = ray.data.read_parquet(
-        files, filesystem=candidates_at.fs, schema=CANDIDATE_SCHEMA, override_num_blocks=len(files)
-    )
+    candidates = read_parquet_files(files, candidates_at.fs, schema=CANDIDATE_SCHEMA)
     partitions = max(1, min(len(files), cluster_cpus()))  # Ray Data's default, 200, is for large joins
     kept_from = duplicated_keys(candidates, partitions)
     summary = summarize(candidates, kept_from, cfg)
