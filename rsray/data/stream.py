@@ -34,6 +34,7 @@ def train_dataset(cfg: Any, manifest: Manifest, first_epoch: int = 0):
     import ray.data
 
     from rsray.data.pairs import explode_pairs, image_numbers, scene_index  # no torch: fast task start
+    from rsray.data.shards import read_parquet_files
 
     files = manifest["splits"].get("train", {}).get("files")
     if not files:
@@ -49,19 +50,11 @@ def train_dataset(cfg: Any, manifest: Manifest, first_epoch: int = 0):
     columns = ["image_id", "scene", "caption_tokens", "image"]
     if manifest.get("tokenizer"):
         columns.append("caption_input_ids")
-    # Ray Data's Parquet reader V2 (the default in Ray 2.60) starts 32 footer-reader actors for every
-    # read: new processes that cost 3 s of each run on an idle 2-core machine and 10 s inside a sweep
-    # trial. The files to read are listed in the manifest, so V1 (no actors) loses nothing: 0.3-1.6 s
-    # (measured). Our choice, scoped to this read. One block per shard file: V1 otherwise sizes its
-    # blocks by the CPUs free at the moment, and the shuffled pair order (so a seed's run) would change.
-    context = ray.data.DataContext.get_current()
-    use_v2, context.use_datasource_v2 = context.use_datasource_v2, False
-    try:
-        dataset = ray.data.read_parquet(
-            [root.join(*f["path"].split("/")).path for f in files], filesystem=root.fs, override_num_blocks=len(files)
-        ).select_columns(columns)
-    finally:
-        context.use_datasource_v2 = use_v2
+    # Ray Data's Parquet reader V1, one block per shard file (`read_parquet_files`: V2 starts 32
+    # footer-reader actors per read, 10 s inside a sweep trial). One block per file also keeps the
+    # shuffled pair order (so a seed's run) independent of the CPUs free at the moment.
+    paths = [root.join(*f["path"].split("/")).path for f in files]
+    dataset = read_parquet_files(paths, root.fs).select_columns(columns)
     explode = {
         "fn": explode_pairs,
         "batch_format": "pyarrow",
