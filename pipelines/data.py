@@ -74,7 +74,7 @@ def manifest_statistics(uri: str, s3_endpoint: str | None) -> dict:
         "scenes": m["scenes"],
         "vocab_size": len(m["vocab"]["words"]) if "words" in m["vocab"] else None,
         "counts": m["counts"],
-        "rejected": len(m["rejected"]),
+        "rejected": m["counts"]["rejected"],
         "image_size": m["image_size"],
     }
 

@@ -34,7 +34,7 @@ import pyarrow as pa
 from rsray import storage
 from rsray.config import Config
 from rsray.data import output
-from rsray.data.manifest import SCHEMA_VERSION, SPLITS, build_manifest
+from rsray.data.manifest import SCHEMA_VERSION, SPLITS, build_manifest, write_rejections
 from rsray.data.shards import (
     FOLDER,
     PrepareResult,
@@ -127,7 +127,10 @@ def prepare_corpus(cfg: Config, out: storage.Location, force: bool, started: flo
     write_shards(rows, staging, cfg.prepare)
     shard_paths = output.publish(out)
     split_info = {split: describe_split(out, split, shard_paths[split]) for split in SPLITS}
-    manifest = build_manifest(cfg, summary.read, dict(summary.scenes), summary.rejected, split_info, vocab, fingerprint)
+    rejected_file = write_rejections(out, summary.rejected)
+    manifest = build_manifest(
+        cfg, summary.read, dict(summary.scenes), summary.rejected, rejected_file, split_info, vocab, fingerprint
+    )
     output.finish(out, manifest)
     return PrepareResult(manifest, out.uri, skipped=False, seconds=time.perf_counter() - started)
 

@@ -8,15 +8,23 @@ on disk it stays plain JSON, so a manifest from before these types still reads.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from typing import Any, TypedDict
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from rsray import storage
 
 MANIFEST_FILE = "manifest.json"
 IN_PROGRESS_FILE = "prepare-in-progress.json"  # the marker an unfinished prepare leaves
 PRODUCER = "rsray prepare"
-SCHEMA_VERSION = 1
+# 2: the refused records moved from the manifest into REJECTED_FILE, summarised by reason ("rejections")
+SCHEMA_VERSION = 2
+REJECTED_FILE = "rejected.parquet"  # every refused record with its reason, next to the manifest
+EXAMPLES_PER_REASON = 3
 SPLITS = ("train", "val", "test")
 _LEGACY_KEYS = {"schema_version", "input_fingerprint", "counts", "splits"}  # manifests before `producer`
 
@@ -41,6 +49,18 @@ class Counts(TypedDict):
     rejected: int
 
 
+class ReasonCount(TypedDict):
+    reason: str  # the reason with its names and numbers left out, e.g. "image file not found"
+    count: int
+    examples: list[str]  # image ids, the first few
+
+
+class Rejections(TypedDict):
+    count: int
+    by_reason: list[ReasonCount]  # most frequent first
+    file: ShardFile  # REJECTED_FILE: {image_id, split, path, reason} per record, by (split, image_id)
+
+
 class Manifest(TypedDict, total=False):
     producer: str
     schema_version: int
@@ -56,7 +76,7 @@ class Manifest(TypedDict, total=False):
     vocab: dict[str, Any]  # `rsray.data.text.Vocabulary.to_dict()`: words, min_count, stopwords, ...
     vocab_splits: list[str]
     tokenizer: str | None
-    rejected: list[dict[str, Any]]  # {image_id, path, split, reason}, sorted by (split, image_id)
+    rejections: Rejections  # the refused records: counts by reason; every one in REJECTED_FILE
     config: dict[str, Any]  # the prepare's config, credentials redacted
 
 
@@ -78,14 +98,15 @@ def build_manifest(
     read: int,
     scenes: dict[str, int],
     rejected: list[dict],
+    rejected_file: ShardFile,
     split_info: dict[str, SplitInfo],
     vocab: Any,
     fingerprint: str,
 ) -> Manifest:
     """The manifest of one prepare: `read` records (images per scene among them: `scenes`),
-    `rejected` with reasons, the splits' shards as written (`split_info`), the vocabulary and the
-    input fingerprint. Raises LostRecords unless every record read is written or rejected (the
-    no-silent-loss invariant)."""
+    `rejected` with reasons (as written to `rejected_file`), the splits' shards as written
+    (`split_info`), the vocabulary and the input fingerprint. Raises LostRecords unless every
+    record read is written or rejected (the no-silent-loss invariant)."""
     written = sum(info["images"] for info in split_info.values())
     manifest: Manifest = {
         "producer": PRODUCER,
@@ -107,12 +128,55 @@ def build_manifest(
         "vocab": vocab.to_dict(),
         "vocab_splits": list(cfg.data.vocab_splits),
         "tokenizer": cfg.data.tokenizer,
-        "rejected": sorted(rejected, key=lambda r: (r["split"], r["image_id"])),
+        "rejections": {"count": len(rejected), "by_reason": reasons_summary(rejected), "file": rejected_file},
         "config": cfg.public_dict(),
     }
     if read != written + len(rejected):
         raise LostRecords(f"prepare lost records: read {read}, written {written}, rejected {len(rejected)}")
     return manifest
+
+
+REJECTION_SCHEMA = pa.schema(
+    [("image_id", pa.string()), ("split", pa.string()), ("path", pa.string()), ("reason", pa.string())]
+)
+
+
+def write_rejections(out: storage.Location, rejected: list[dict]) -> ShardFile:
+    """Every refused record, sorted by (split, image_id), as REJECTED_FILE in `out`; its file entry."""
+    rows = sorted(rejected, key=lambda r: (r["split"], r["image_id"]))
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows, schema=REJECTION_SCHEMA), sink)
+    data = sink.getvalue().to_pybytes()
+    storage.write_bytes(out.join(REJECTED_FILE), data)
+    return {"path": REJECTED_FILE, "rows": len(rows), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def read_rejections(uri: str, s3_endpoint: str | None = None) -> list[dict[str, Any]]:
+    """The refused records of the prepared output `uri`: {image_id, split, path, reason} each."""
+    data = storage.read_bytes(storage.resolve(uri, s3_endpoint).join(REJECTED_FILE))
+    return pq.read_table(pa.BufferReader(data)).to_pylist()
+
+
+def reasons_summary(rejected: list[dict]) -> list[ReasonCount]:
+    """The refusals counted by reason (names, paths and numbers left out of the reason), most
+    frequent first, with the first few image ids of each."""
+    groups: dict[str, ReasonCount] = {}
+    for record in sorted(rejected, key=lambda r: (r["split"], r["image_id"])):
+        kind = reason_kind(record["reason"])
+        group = groups.setdefault(kind, {"reason": kind, "count": 0, "examples": []})
+        group["count"] += 1
+        if len(group["examples"]) < EXAMPLES_PER_REASON:
+            group["examples"].append(record["image_id"])
+    return sorted(groups.values(), key=lambda g: (-g["count"], g["reason"]))
+
+
+def reason_kind(reason: str) -> str:
+    """A reason without what is particular to one record: "image file not found: /d/a.jpg" ->
+    "image file not found"; "expected 5 captions, got 4" -> "expected N captions, got N";
+    "duplicate image_id 'a' (kept from s.tar)" -> "duplicate image_id '…'"."""
+    text = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", reason.split(": ", 1)[0])
+    text = re.sub(r"\s*\([^)]*\)", "", text)  # "(kept from shard-7.tar)"
+    return re.sub(r"\d+(?:[,.]\d+)*", "N", text).strip()
 
 
 def write_manifest(out: storage.Location, manifest: Manifest) -> None:

@@ -7,8 +7,8 @@ lock of the prepare writing there, `prepare-lock.json`, is never counted). Any
 other folder with files in it is refused with one line: a file that happens to be called
 `manifest.json` proves nothing. In an rsray folder only rsray's files are replaced: the shards the
 manifest lists and any other file named as rsray names shards (`part-NNNNN-K.parquet`) in a split
-folder, the manifest, the marker and the staging folders (`_staging/`, `_candidates/`). A user's
-notes or other files next to them are left alone.
+folder, the manifest, the list of rejected records, the marker and the staging folders (`_staging/`,
+`_candidates/`). A user's notes or other files next to them are left alone.
 
 Shards are written into `_staging/` first (Ray Data's overwrite mode empties the folder it
 writes to, so it may only ever write into a folder that is wholly rsray's) and moved into
@@ -25,7 +25,15 @@ import time
 from dataclasses import dataclass, field
 
 from rsray import storage
-from rsray.data.manifest import IN_PROGRESS_FILE, MANIFEST_FILE, PRODUCER, SPLITS, is_rsray_manifest, write_manifest
+from rsray.data.manifest import (
+    IN_PROGRESS_FILE,
+    MANIFEST_FILE,
+    PRODUCER,
+    REJECTED_FILE,
+    SPLITS,
+    is_rsray_manifest,
+    write_manifest,
+)
 
 log = logging.getLogger("rsray.prepare")
 
@@ -119,7 +127,9 @@ def finish(out: storage.Location, manifest: dict) -> None:
 
 def _is_ours(out: storage.Location, path: str) -> bool:
     relative = _relative(out, path)
-    if relative in (MANIFEST_FILE, IN_PROGRESS_FILE) or relative.startswith((f"{STAGING}/", f"{CANDIDATES}/")):
+    if relative in (MANIFEST_FILE, IN_PROGRESS_FILE, REJECTED_FILE) or relative.startswith(
+        (f"{STAGING}/", f"{CANDIDATES}/")
+    ):
         return True
     folder, _, name = relative.rpartition("/")
     return folder in SPLITS and bool(SHARD_NAME.match(name))

@@ -29,7 +29,15 @@ from rsray.config import Config
 from rsray.data import output
 from rsray.data.formats import Record, check_record, read_records
 from rsray.data.images import MAX_PIXELS, ImageRejected, process_image
-from rsray.data.manifest import MANIFEST_FILE, SCHEMA_VERSION, SPLITS, build_manifest, scene_counts
+from rsray.data.manifest import (
+    MANIFEST_FILE,
+    REJECTED_FILE,
+    SCHEMA_VERSION,
+    SPLITS,
+    build_manifest,
+    scene_counts,
+    write_rejections,
+)
 from rsray.data.shards import (
     FOLDER,
     SHARD_COMPRESSION,  # noqa: F401  (the prepare benchmark's name for it)
@@ -237,8 +245,16 @@ def _prepare_into(cfg: Config, out: storage.Location, force: bool, started: floa
             shards = output.publish(out)
             split_info = {split: describe_split(out, split, shards[split]) for split in SPLITS}
             rejected = rejected + image_rejections
+            rejected_file = write_rejections(out, rejected)
             manifest = build_manifest(
-                cfg, len(records), scene_counts(records), rejected, split_info, vocab, fingerprint.result()
+                cfg,
+                len(records),
+                scene_counts(records),
+                rejected,
+                rejected_file,
+                split_info,
+                vocab,
+                fingerprint.result(),
             )
     finally:
         ray.kill(ledger)
@@ -260,7 +276,7 @@ def _checked(cfg: Config, out: storage.Location, result: PrepareResult) -> Prepa
         raise TooManyRejections(
             f"{counts['rejected']} of {counts['read']} records rejected ({fraction:.1%}), above "
             f"prepare.max_reject_fraction={cfg.prepare.max_reject_fraction}; reasons in "
-            f"{out.join(MANIFEST_FILE).uri}"
+            f"{out.join(MANIFEST_FILE).uri} (by reason) and {out.join(REJECTED_FILE).uri} (every record)"
         )
     return result
 

@@ -37,6 +37,8 @@ def verify_prepared(
     manifest = manifest if manifest is not None else read_manifest(uri, s3_endpoint)
     root = storage.resolve(uri, s3_endpoint)
     listed = [(split, f) for split in SPLITS for f in manifest.get("splits", {}).get(split, {}).get("files", [])]
+    if "rejections" in manifest:  # schema 2: the rejected records' file, checksummed with the train split
+        listed.append(("train", manifest["rejections"]["file"]))
     locations = [root.join(*f["path"].split("/")) for _, f in listed]
     infos = root.fs.get_file_info([loc.path for loc in locations]) if locations else []
     for (_, entry), loc, info in zip(listed, locations, infos, strict=True):

@@ -14,6 +14,7 @@ from PIL import Image
 
 from rsray import storage
 from rsray.config import load_config
+from rsray.data.manifest import read_rejections
 from rsray.data.prepare import prepare
 from rsray.data.synthetic.webdataset import corpus_shards, sample_files, tar_bytes
 from rsray.data.text import Vocabulary
@@ -89,11 +90,14 @@ def test_a_corpus_on_s3_is_prepared_with_every_refusal_and_its_reason(on_s3):
     cfg, result = on_s3
     manifest = result.manifest
     assert manifest["counts"] == {"read": GOOD + 4, "written": GOOD, "rejected": 4}
-    reasons = {r["image_id"]: r["reason"] for r in manifest["rejected"]}
+    rejected = read_rejections(result.output)
+    reasons = {r["image_id"]: r["reason"] for r in rejected}
     assert set(reasons) == set(EXPECTED_REASONS)
     for key, words in EXPECTED_REASONS.items():
         assert reasons[key].startswith(words), (key, reasons[key])
-    paths = {r["image_id"]: r["path"] for r in manifest["rejected"]}
+    paths = {r["image_id"]: r["path"] for r in rejected}
+    kinds = {g["reason"]: g["count"] for g in manifest["rejections"]["by_reason"]}
+    assert kinds == {"cannot decode image": 1, "duplicate image_id '…'": 1, "image too large": 1, "no captions": 1}
     assert paths["huge"] == "corpus-000099.tar#huge"
     splits = manifest["splits"]
     assert splits["test"]["images"] == 0
@@ -124,7 +128,7 @@ def test_the_same_corpus_as_local_tar_files_gives_byte_identical_shards(on_s3, t
     files = {split: info["files"] for split, info in local.manifest["splits"].items()}
     assert files == {split: info["files"] for split, info in from_s3.manifest["splits"].items()}
     assert local.manifest["vocab"] == from_s3.manifest["vocab"]
-    assert local.manifest["rejected"] == from_s3.manifest["rejected"]
+    assert local.manifest["rejections"] == from_s3.manifest["rejections"]  # the file's checksum too
 
 
 def test_an_unchanged_corpus_prepares_again_as_nothing_to_do(on_s3):
@@ -150,7 +154,7 @@ def test_a_karpathy_dataset_whose_files_are_on_s3_prepares_as_from_a_local_folde
     root = f"s3://{s3_bucket}/sample-src"
     cfg = load_config("presets/cpu-tiny", [f"data.root={root}", f"prepare.output={tmp_path / 'from-s3'}"])
     from_s3 = prepare(cfg).manifest
-    for key in ("counts", "vocab", "rejected", "scenes"):
+    for key in ("counts", "vocab", "rejections", "scenes"):
         assert from_s3[key] == local[key], key
     for split, info in local["splits"].items():
         assert from_s3["splits"][split]["image_ids"] == info["image_ids"]

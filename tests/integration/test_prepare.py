@@ -17,7 +17,7 @@ from PIL import Image
 
 from rsray import storage
 from rsray.config import load_config
-from rsray.data.manifest import read_manifest
+from rsray.data.manifest import read_manifest, read_rejections
 from rsray.data.prepare import TooManyRejections, prepare
 from rsray.data.synthetic import ANNOTATION_FILE, generate_sample
 
@@ -83,10 +83,16 @@ def test_every_record_is_written_or_rejected_with_reason(local_run, dataset):
     m = local_run.manifest
     counts = m["counts"]
     assert counts == {"read": 66, "written": 60, "rejected": 6}
-    reasons = {r["image_id"]: r["reason"] for r in m["rejected"]}
+    reasons = {r["image_id"]: r["reason"] for r in read_rejections(local_run.output)}
     assert set(reasons) == set(BAD_RECORDS)
     for name, needle in BAD_RECORDS.items():
         assert needle in reasons[name], (name, reasons[name])
+    # the manifest holds them counted by reason, with examples; the file holds each one
+    by_reason = {g["reason"]: (g["count"], g["examples"]) for g in m["rejections"]["by_reason"]}
+    assert by_reason["cannot decode image"] == (1, ["corrupt_1.jpg"])
+    assert by_reason["expected N captions, got N"] == (1, ["fourcaps_1.png"])
+    assert sum(count for count, _ in by_reason.values()) == m["rejections"]["count"] == 6
+    assert m["rejections"]["file"]["rows"] == 6 and "rejected" not in m
     assert sum(info["images"] for info in m["splits"].values()) == 60
     assert m["splits"]["train"]["images"] == 48 and m["splits"]["test"]["images"] == 6
 
@@ -113,7 +119,7 @@ def test_shards_hold_resized_images_and_the_annotation_captions(local_run, datas
 
 def test_manifest_records_split_files_and_checksums(local_run):
     m = read_manifest(local_run.output)
-    assert m["schema_version"] == 1 and m["dataset"] == "rsray_sample" and m["image_size"] == 48
+    assert m["schema_version"] == 2 and m["dataset"] == "rsray_sample" and m["image_size"] == 48
     assert m["validation"]["mode"] == "fixed"
     train_files = m["splits"]["train"]["files"]
     assert all(0 < f["rows"] <= 20 for f in train_files) and len(train_files) >= 3  # rows_per_file=20
@@ -285,7 +291,7 @@ def test_an_interrupted_prepare_is_never_read_as_complete_and_is_redone(ray_clus
         read_manifest(str(folder))
     redone = prepare(config(dataset, folder))
     assert not redone.skipped and redone.manifest["splits"] == done.manifest["splits"]
-    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "test", "train", "val"]
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "rejected.parquet", "test", "train", "val"]
 
 
 def test_file_names_outside_the_images_folder_or_unreadable_are_rejected_per_record(ray_cluster, tmp_path):
@@ -316,8 +322,8 @@ def test_file_names_outside_the_images_folder_or_unreadable_are_rejected_per_rec
     assert "pw-in-a-manifest" not in (tmp_path / "out" / "manifest.json").read_text()
     assert result.manifest["config"]["tracking"]["uri"] == "http://rsray-user:***@127.0.0.1:5000"
     assert result.manifest["counts"] == {"read": 25, "written": 20, "rejected": 5}
-    reasons = {r["image_id"]: r["reason"] for r in result.manifest["rejected"]}
-    reasons["BADNAME_1.png"] = reasons.pop("caf\\udce9_1.png")  # the manifest shows the bad byte escaped
+    reasons = {r["image_id"]: r["reason"] for r in read_rejections(result.output)}
+    reasons["BADNAME_1.png"] = reasons.pop("caf\\udce9_1.png")  # the record shows the bad byte escaped
     assert set(reasons) == set(expected)
     for name, reason in expected.items():
         assert reason in reasons[name], (name, reasons[name])
