@@ -12,7 +12,7 @@ are (a local folder or s3://), and the driver holds only what is small whatever 
    samples per scene and refusals, made in its task and summed by the driver as they stream in
    (the vocabulary by the record formats' rule: `Vocabulary.from_counts`);
 4. shards: the kept samples tokenized and written by split, as every format's are (`write_shards`);
-   the refusals, with their reasons, go into the manifest.
+   the refusals, with their reasons, go to `rejected.parquet`, counted by reason in the manifest.
 
 The input fingerprint comes from one listing of the shards (path, size, modification time), not a
 request per image; an unchanged corpus prepares again as nothing to do.

@@ -25,7 +25,6 @@ import pyarrow.fs as pafs
 from rsray import storage
 from rsray.config import DataConfig, ValidationConfig
 from rsray.data.text import words
-from rsray.storage import is_s3
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "restval": "train", "val": "val", "test": "test"}
@@ -313,14 +312,14 @@ def check_record(record: Record, captions_per_image: int, max_caption_chars: int
 
 
 def _read_bytes(path: str | Path) -> bytes:
-    if is_s3(str(path)):
+    if storage.is_s3(str(path)):
         return storage.read_bytes(storage.resolve(path, _S3_ENDPOINT.get()))
     return Path(path).read_bytes()
 
 
 def _exists(path: str | Path) -> bool:
     """Whether an annotation file is there (a local file, or an object on S3)."""
-    if is_s3(str(path)):
+    if storage.is_s3(str(path)):
         loc = storage.resolve(path, _S3_ENDPOINT.get())
         return loc.fs.get_file_info(loc.path).type == pafs.FileType.File
     return Path(path).is_file()
@@ -328,7 +327,7 @@ def _exists(path: str | Path) -> bool:
 
 def _under(root: str | Path, name: str) -> str:
     """`name` inside the dataset folder, unless it is absolute or an s3:// URI of its own."""
-    return name if is_s3(name) or Path(name).is_absolute() else _join(root, name)
+    return name if storage.is_s3(name) or Path(name).is_absolute() else _join(root, name)
 
 
 def _read_text(path: str | Path) -> str:
@@ -456,7 +455,7 @@ def _sentence_text(sentence: Any, where: str) -> str:
 
 def _join(folder: str | Path, name: str) -> str:
     """A file in a folder: a local path, or a key under an s3:// prefix."""
-    if is_s3(str(folder)):
+    if storage.is_s3(str(folder)):
         return f"{str(folder).rstrip('/')}/{name}"
     return str(Path(folder) / name)
 

@@ -131,7 +131,11 @@ def describe_split(out: storage.Location, split: str, paths: list[str]) -> dict:
 
 
 def files_intact(out: storage.Location, manifest: dict) -> bool:
+    """Whether every file the manifest lists (shards, and the rejected records' file) is there at
+    its size: an unchanged input with a damaged output is prepared again."""
     expected = {f["path"]: f["bytes"] for info in manifest.get("splits", {}).values() for f in info["files"]}
+    if "rejections" in manifest:
+        expected[manifest["rejections"]["file"]["path"]] = manifest["rejections"]["file"]["bytes"]
     for rel, size in expected.items():
         info = out.fs.get_file_info(out.join(*rel.split("/")).path)
         if info.size != size:
