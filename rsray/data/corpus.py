@@ -20,10 +20,12 @@ request per image; an unchanged corpus prepares again as nothing to do.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import logging
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -64,7 +66,6 @@ BATCH = 32  # samples per map batch in the first pass: a few MB of raw images
 
 def prepare_corpus(cfg: Config, out: storage.Location, force: bool, started: float) -> PrepareResult:
     """Prepare `cfg.data` (a webdataset corpus) into `out`, while this command holds its lock."""
-    import ray
 
     root, shards = shard_files(cfg.data, cfg.prepare.s3_endpoint)
     if not shards:
@@ -82,23 +83,8 @@ def prepare_corpus(cfg: Config, out: storage.Location, force: bool, started: flo
     staging = output.begin(out, state)
     candidates_at = out.join(output.CANDIDATES)
     settings = json.dumps(candidate_settings(cfg, root))
-    # One read task per shard and one candidates file per block, named in order: the same corpus
-    # gives the same files and rows in the same order, wherever it is read from.
-    (
-        ray.data.read_webdataset(
-            [info.path for info in shards], filesystem=root.fs, decoder=None, override_num_blocks=len(shards)
-        )
-        .map_batches(
-            _candidate_batch,
-            fn_kwargs=dict(settings=settings),
-            batch_format="pyarrow",
-            batch_size=BATCH,
-            concurrency=cfg.prepare.parallelism,
-        )
-        .write_parquet(
-            candidates_at.path, filesystem=candidates_at.fs, mode=overwrite(), filename_provider=shard_names()
-        )
-    )
+    with _tar_problems_named(cfg):
+        _check_samples(cfg, root, shards, settings, candidates_at)
     files = storage.list_files(candidates_at, ".parquet")
     candidates = read_parquet_files(files, candidates_at.fs, schema=CANDIDATE_SCHEMA)
     partitions = max(1, min(len(files), cluster_cpus()))  # Ray Data's default, 200, is for large joins
@@ -133,6 +119,54 @@ def prepare_corpus(cfg: Config, out: storage.Location, force: bool, started: flo
     )
     output.finish(out, manifest)
     return PrepareResult(manifest, out.uri, skipped=False, seconds=time.perf_counter() - started)
+
+
+def _check_samples(cfg: Config, root: storage.Location, shards: list, settings: str, into: storage.Location) -> None:
+    """The first pass: every sample of every shard checked and resized in the task that reads its
+    shard, written with its reason to `into`. One read task per shard and one file per block, named
+    in order: the same corpus gives the same files and rows in the same order, wherever it is read
+    from."""
+    import ray
+
+    (
+        ray.data.read_webdataset(
+            [info.path for info in shards], filesystem=root.fs, decoder=None, override_num_blocks=len(shards)
+        )
+        .map_batches(
+            _candidate_batch,
+            fn_kwargs=dict(settings=settings),
+            batch_format="pyarrow",
+            batch_size=BATCH,
+            concurrency=cfg.prepare.parallelism,
+        )
+        .write_parquet(into.path, filesystem=into.fs, mode=overwrite(), filename_provider=shard_names())
+    )
+
+
+# Ray Data's reader refuses a tar whose samples it cannot tell apart, with a long trace
+_NOT_ADJACENT = re.compile(r"tar entries for key '([^']*)' are not contiguous in the archive \(tar is ([^)]*)\)")
+_TWICE = re.compile(r"(\S+): duplicate file name in tar file")
+
+
+@contextlib.contextmanager
+def _tar_problems_named(cfg: Config):
+    """A shard Ray Data's WebDataset reader cannot split into samples is one line naming it."""
+    try:
+        yield
+    except Exception as exc:
+        text = str(exc)
+        if found := _NOT_ADJACENT.search(text):
+            key, tar = found.groups()
+            raise cfg.error(
+                "data.shards",
+                f"{tar}: the files of sample {key!r} are not next to each other; write the tar with its "
+                "entries sorted by name (tar --sort=name)",
+            ) from None
+        if found := _TWICE.search(text):
+            raise cfg.error(
+                "data.shards", f"{found.group(1)} is in its tar twice, so its sample cannot be told apart"
+            ) from None
+        raise
 
 
 def corpus_fingerprint(cfg: Config, listing: list[str]) -> str:

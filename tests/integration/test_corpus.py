@@ -162,3 +162,18 @@ def test_a_karpathy_dataset_whose_files_are_on_s3_prepares_as_from_a_local_folde
     a, b = pq.read_table(Path(prepared) / first), pq.read_table(tmp_path / "from-s3" / first)
     assert a.drop_columns(["source_path"]).equals(b.drop_columns(["source_path"]))
     assert b["source_path"][0].as_py() == f"{root}/images/{b['image_id'][0].as_py()}"
+
+
+def test_a_tar_whose_sample_files_are_apart_is_one_line_naming_it(ray_cluster, tmp_path):
+    """Ray Data's reader cannot tell such samples apart and stops with a long trace: prepare says
+    which tar and which key, in one line."""
+    from rsray.config_tree import ConfigError
+
+    first, second = sample_files(0, 0, SIZE), sample_files(1, 0, SIZE)
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "apart.tar").write_bytes(tar_bytes([first[0], second[0], first[1], second[1]]))
+    with pytest.raises(ConfigError) as refused:
+        prepare(corpus_config(str(tmp_path / "shards"), str(tmp_path / "out")))
+    message = str(refused.value)
+    assert "\n" not in message
+    assert f"data.shards: {tmp_path / 'shards' / 'apart.tar'}: the files of sample '00000000' are not next" in message
