@@ -110,8 +110,9 @@ def test_refused_samples_carry_the_record_readers_reasons_and_where_they_were_re
 
 
 def test_the_fold_is_a_hash_of_seed_and_key_so_any_machine_and_order_agree():
-    digest = hashlib.blake2b(b"3\x00key-17", digest_size=8).digest()
-    assert fold_of("key-17", 5, 3) == int.from_bytes(digest, "big") % 5
+    for key in ("key-17", "00000003", "a/b/c", "x"):
+        digest = hashlib.blake2b(b"3\x00" + key.encode(), digest_size=8).digest()
+        assert fold_of(key, 7, 3) == int.from_bytes(digest, "big") % 7, key
     folds = Counter(fold_of(f"{i:08d}", 5, 0) for i in range(5000))
     assert sorted(folds) == [0, 1, 2, 3, 4] and min(folds.values()) > 900  # near 1/5 each
     assert split_of("key-17", ValidationConfig(folds=5, fold=fold_of("key-17", 5, 3), seed=3)) == "val"
