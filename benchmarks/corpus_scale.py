@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.paper_size import moto_s3
+from benchmarks.paper_size import moto_s3, status_kib
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -90,16 +90,6 @@ def write_karpathy(folder: Path, n_images: int, args: argparse.Namespace) -> Pat
     return folder
 
 
-def _status_kib(pid: int, field: str) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def _ray_workers_kib() -> int:
     """Resident memory of every Ray worker process on this machine together (`ray::...`)."""
     total = 0
@@ -107,7 +97,7 @@ def _ray_workers_kib() -> int:
         if entry.name.isdigit():
             try:
                 if (entry / "cmdline").read_bytes().startswith(b"ray::"):
-                    total += _status_kib(int(entry.name), "VmRSS:")
+                    total += status_kib(int(entry.name), "VmRSS:")
             except OSError:
                 continue
     return total
@@ -125,7 +115,7 @@ def run_prepare(overrides: list[str], log: Path, env: dict) -> dict:
         )
     driver = workers = 0
     while proc.poll() is None:
-        driver = max(driver, _status_kib(proc.pid, "VmHWM:"))
+        driver = max(driver, status_kib(proc.pid, "VmHWM:"))
         workers = max(workers, _ray_workers_kib())
         time.sleep(0.25)
     if proc.returncode != 0:

@@ -203,7 +203,7 @@ def run_command(argv: list[str], log: Path) -> tuple[float, float]:
         )
     peak_kib = 0
     while proc.poll() is None:
-        peak_kib = max(peak_kib, _high_water_kib(proc.pid))
+        peak_kib = max(peak_kib, status_kib(proc.pid, "VmHWM:"))
         time.sleep(0.2)
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
@@ -211,11 +211,12 @@ def run_command(argv: list[str], log: Path) -> tuple[float, float]:
     return seconds, peak_kib / 1024
 
 
-def _high_water_kib(pid: int) -> int:
-    """The process's peak resident memory so far (/proc/PID/status VmHWM), 0 once it is gone."""
+def status_kib(pid: int, field: str) -> int:
+    """A memory field of /proc/PID/status in KiB (VmHWM: the peak resident memory so far), 0 once
+    the process is gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field):
                 return int(line.split()[1])
     except OSError:
         pass

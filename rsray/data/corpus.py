@@ -36,7 +36,7 @@ import pyarrow as pa
 from rsray import storage
 from rsray.config import Config
 from rsray.data import output
-from rsray.data.manifest import SCHEMA_VERSION, SPLITS, build_manifest, write_rejections
+from rsray.data.manifest import SPLITS, build_manifest, fingerprint_settings, write_rejections
 from rsray.data.shards import (
     FOLDER,
     PrepareResult,
@@ -171,9 +171,7 @@ def _tar_problems_named(cfg: Config):
 
 def corpus_fingerprint(cfg: Config, listing: list[str]) -> str:
     """Hash of the config the output depends on and the shards' listing (names, sizes, times)."""
-    settings = {k: v for k, v in cfg.to_dict().items() if k in ("data", "prepare")}
-    settings["prepare"] = {k: v for k, v in settings["prepare"].items() if k not in ("output", "parallelism")}
-    digest = hashlib.sha256(json.dumps([SCHEMA_VERSION, settings], sort_keys=True).encode())
+    digest = hashlib.sha256(fingerprint_settings(cfg))
     for line in listing:
         digest.update(line.encode("utf-8", "surrogateescape") + b"\n")
     return digest.hexdigest()

@@ -179,6 +179,16 @@ def reason_kind(reason: str) -> str:
     return re.sub(r"\d+(?:[,.]\d+)*", "N", text).strip()
 
 
+def fingerprint_settings(cfg: Any) -> bytes:
+    """The start of every input fingerprint: the schema version and the `data` and `prepare`
+    settings an output depends on (not where it is written or how many tasks wrote it)."""
+    settings = {k: v for k, v in cfg.to_dict().items() if k in ("data", "prepare")}
+    settings["prepare"] = {k: v for k, v in settings["prepare"].items() if k not in ("output", "parallelism")}
+    if settings["data"].get("stopwords") == "drop":  # the recipe before the switch: earlier outputs stay current
+        del settings["data"]["stopwords"]
+    return json.dumps([SCHEMA_VERSION, settings], sort_keys=True).encode()
+
+
 def write_manifest(out: storage.Location, manifest: Manifest) -> None:
     storage.write_bytes(out.join(MANIFEST_FILE), json.dumps(manifest, indent=1).encode())
 

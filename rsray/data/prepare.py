@@ -32,9 +32,9 @@ from rsray.data.images import MAX_PIXELS, ImageRejected, process_image
 from rsray.data.manifest import (
     MANIFEST_FILE,
     REJECTED_FILE,
-    SCHEMA_VERSION,
     SPLITS,
     build_manifest,
+    fingerprint_settings,
     scene_counts,
     write_rejections,
 )
@@ -418,12 +418,7 @@ def record_row(record: Record) -> dict:
 def input_fingerprint(cfg: Config, records: list[Record], accepted: list[Record]) -> str:
     """Hash of everything the output depends on: config, records, and each accepted image file's
     size+mtime (rejected records' paths are never touched: they may point outside the dataset)."""
-    digest = hashlib.sha256()
-    settings = {k: v for k, v in cfg.to_dict().items() if k in ("data", "prepare")}
-    settings["prepare"] = {k: v for k, v in settings["prepare"].items() if k not in ("output", "parallelism")}
-    if settings["data"].get("stopwords") == "drop":  # the recipe before the switch: earlier outputs stay current
-        del settings["data"]["stopwords"]
-    digest.update(json.dumps([SCHEMA_VERSION, settings], sort_keys=True).encode())
+    digest = hashlib.sha256(fingerprint_settings(cfg))
     for r in records:
         digest.update(repr((r.image_id, r.path, r.split, r.scene, r.captions)).encode("utf-8", "surrogateescape"))
     by_fs: dict[int, tuple] = {}

@@ -17,6 +17,7 @@ the driver's whole memory). A corpus has no test split of its own.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 from dataclasses import asdict
@@ -55,8 +56,6 @@ def shard_files(cfg: DataConfig, endpoint: str | None) -> tuple[storage.Location
     root = storage.resolve(cfg.root, endpoint)
     base = root.path.rstrip("/")
     infos = root.fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-    import fnmatch
-
     pattern = cfg.shards.replace("**/", "*")  # fnmatch's * crosses folders already
     files = [i for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path[len(base) + 1 :], pattern)]
     return root, sorted(files, key=lambda i: i.path)
