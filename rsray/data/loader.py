@@ -54,12 +54,13 @@ from rsray.data.augment import AugmentConfig, eval_transform, reseed, seeded_rng
 from rsray.data.images import decode_image
 from rsray.data.manifest import read_manifest
 from rsray.data.pairs import (  # noqa: F401 - the Arrow half of this module's contract, re-exported
+    BY_IMAGE_ID,
     SCENES_KEY,
     SPLIT_KEY,
     caption_counts,
     explode_pairs,
     flat_lists,
-    image_numbers,
+    image_number,
     image_scenes,
     pairs_from_arrow,
     scene_ids,

@@ -22,7 +22,8 @@ MANIFEST_FILE = "manifest.json"
 IN_PROGRESS_FILE = "prepare-in-progress.json"  # the marker an unfinished prepare leaves
 PRODUCER = "rsray prepare"
 # 2: the refused records moved from the manifest into REJECTED_FILE, summarised by reason ("rejections")
-SCHEMA_VERSION = 2
+# 3: the splits list no image ids (the shards hold them; a manifest's size no longer grows per image)
+SCHEMA_VERSION = 3
 REJECTED_FILE = "rejected.parquet"  # every refused record with its reason, next to the manifest
 EXAMPLES_PER_REASON = 3
 SPLITS = ("train", "val", "test")
@@ -39,7 +40,6 @@ class ShardFile(TypedDict):
 class SplitInfo(TypedDict):
     images: int
     captions: int
-    image_ids: list[str]  # sorted
     files: list[ShardFile]
 
 

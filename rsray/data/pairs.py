@@ -12,13 +12,16 @@ as Python dicts) returns one row per (image, caption) pair, with columns
   input_ids    list<int32>  its BERT-family ids, only when the shard has `caption_input_ids`
 A Ray Data pipeline can `map_batches(explode_pairs, batch_format="pyarrow", fn_kwargs=...)` over
 the image dataset and shuffle the pairs. Ray batches do not know their rows' position in the
-split, so pass `image_index=image_numbers(manifest, split)` there: a map from the string image_id
-to the image's position in the manifest's (sorted) id list. Only equality matters to the losses
-(captions of one image are positives of each other), and that holds either way.
+split, so pass `image_index=BY_IMAGE_ID` there: each image is numbered by a 64-bit hash of its
+image_id (`image_number`), the same in every task, on every node and in every epoch, with no list
+of the split's ids to send to the tasks (a corpus of millions would send it to each). Only equality
+matters to the losses (captions of one image are positives of each other), and that holds either
+way; two ids share a number with probability about n²/2⁶⁴ (3e-8 at a million images).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -29,6 +32,7 @@ import pyarrow.compute as pc
 
 SCENES_KEY = b"rsray.scenes"  # schema metadata read_split adds: the manifest's sorted scene names
 SPLIT_KEY = b"rsray.split"
+BY_IMAGE_ID = "image_id"  # explode_pairs(image_index=BY_IMAGE_ID): number images by `image_number`
 
 
 def scene_index(source: Any) -> dict[str, int]:
@@ -53,9 +57,11 @@ def scene_index(source: Any) -> dict[str, int]:
     return {name: i for i, name in enumerate(sorted(set(names)))}
 
 
-def image_numbers(manifest: dict, split: str) -> dict[str, int]:
-    """image_id -> its position in the manifest's sorted id list of `split` (for Ray batches)."""
-    return {image_id: i for i, image_id in enumerate(manifest["splits"][split]["image_ids"])}
+def image_number(image_id: str) -> int:
+    """The image's number in Ray batches: the first 8 bytes of blake2b(image_id), a signed int64
+    (torch's long), so it needs nothing but the id."""
+    digest = hashlib.blake2b(image_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
 
 
 def image_scenes(table: pa.Table) -> list[str | None]:
@@ -85,12 +91,10 @@ def flat_lists(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarr
 def _image_index(table: pa.Table, image_index: Any, first_row: int) -> np.ndarray:
     if image_index is None:
         return np.arange(first_row, first_row + table.num_rows, dtype=np.int64)
-    if isinstance(image_index, Mapping):
-        ids = table.column("image_id").to_pylist()
-        missing = [i for i in ids if i not in image_index]
-        if missing:
-            raise KeyError(f"image_id {missing[0]!r} is not in the image_index map ({len(missing)} missing)")
-        return np.array([image_index[i] for i in ids], dtype=np.int64)
+    if isinstance(image_index, str):
+        if image_index != BY_IMAGE_ID:
+            raise ValueError(f"image_index must be {BY_IMAGE_ID!r}, a sequence or None, got {image_index!r}")
+        return np.array([image_number(i) for i in table.column("image_id").to_pylist()], dtype=np.int64)
     out = np.asarray(image_index, dtype=np.int64)
     if out.shape != (table.num_rows,):
         raise ValueError(f"image_index has shape {out.shape}, expected ({table.num_rows},)")
@@ -101,7 +105,8 @@ def explode_pairs(table: pa.Table, scenes: Any = None, image_index: Any = None, 
     """Image rows (shard schema) -> one row per (image, caption); columns in the module docstring.
 
     `scenes`: a scene map or anything `scene_index` takes (default: the table's own). `image_index`:
-    None (row position + `first_row`), a sequence with one number per row, or a map image_id -> number."""
+    None (row position + `first_row`), a sequence with one number per row, or BY_IMAGE_ID
+    (`image_number` of each row's image_id, for Ray batches)."""
     scenes = scene_index(table if scenes is None else scenes)
     counts = caption_counts(table)
     parents = np.repeat(np.arange(table.num_rows, dtype=np.int64), counts)

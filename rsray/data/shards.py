@@ -107,27 +107,25 @@ def write_shards(dataset: Any, staging: storage.Location, prep: Any) -> None:
 
 
 def describe_split(out: storage.Location, split: str, paths: list[str]) -> dict:
-    """Counts, image ids and per-file checksums of one split's shards (`paths`: the files this
-    prepare wrote), read back from storage."""
+    """Counts and per-file checksums of one split's shards (`paths`: the files this prepare wrote),
+    read back from storage one file at a time: only the captions column, never the image ids (the
+    driver's memory stays flat however large the split)."""
     loc = out.join(split)
-    tables = [
-        storage.reading(lambda p=path: pq.read_table(p, filesystem=loc.fs, columns=["image_id", "captions"]), path)
-        for path in paths
-    ]
-    with ThreadPoolExecutor(max_workers=8) as pool:  # hashing releases the GIL; S3 reads overlap
-        digests = list(pool.map(lambda path: storage.sha256_of(loc.fs, path), paths))
-    files = [
-        {
+
+    def describe(path: str) -> dict:
+        captions = storage.reading(lambda: pq.read_table(path, filesystem=loc.fs, columns=["captions"]), path)
+        return {
             "path": f"{split}/{path.rsplit('/', 1)[1]}",
-            "rows": table.num_rows,
-            "sha256": digest,
+            "rows": captions.num_rows,
+            "sha256": storage.sha256_of(loc.fs, path),
             "bytes": loc.fs.get_file_info(path).size,
+            "captions": int(pc.sum(pc.list_value_length(captions["captions"])).as_py() or 0),
         }
-        for path, table, digest in zip(paths, tables, digests, strict=True)
-    ]
-    image_ids = sorted(i for table in tables for i in table["image_id"].to_pylist())
-    captions = sum(int(pc.sum(pc.list_value_length(t["captions"])).as_py() or 0) for t in tables)
-    return {"images": len(image_ids), "captions": captions, "image_ids": image_ids, "files": files}
+
+    with ThreadPoolExecutor(max_workers=8) as pool:  # hashing releases the GIL; S3 reads overlap
+        described = list(pool.map(describe, paths))
+    captions = sum(f.pop("captions") for f in described)
+    return {"images": sum(f["rows"] for f in described), "captions": captions, "files": described}
 
 
 def files_intact(out: storage.Location, manifest: dict) -> bool:

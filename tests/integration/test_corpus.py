@@ -76,6 +76,14 @@ def corpus_config(root: str, output: str):
     )
 
 
+def shard_image_ids(output: str, split: dict) -> list[str]:
+    """The image ids in a split's shards, in file order (the manifest lists only the files)."""
+    out = storage.resolve(output)
+    paths = [out.join(*f["path"].split("/")).path for f in split["files"]]
+    tables = [pq.read_table(path, filesystem=out.fs, columns=["image_id"]) for path in paths]
+    return [image_id for table in tables for image_id in table["image_id"].to_pylist()]
+
+
 @pytest.fixture(scope="module")
 def on_s3(ray_cluster, s3_endpoint, s3_bucket):
     """The corpus uploaded to moto's S3, prepared from there into S3."""
@@ -103,7 +111,8 @@ def test_a_corpus_on_s3_is_prepared_with_every_refusal_and_its_reason(on_s3):
     assert splits["test"]["images"] == 0
     assert splits["train"]["images"] + splits["val"]["images"] == GOOD
     assert 0 < splits["val"]["images"] < GOOD / 2  # fold 0 of 5, drawn by key
-    assert "00000003" in splits["train"]["image_ids"] + splits["val"]["image_ids"]  # kept from its first shard
+    kept = shard_image_ids(result.output, splits["train"]) + shard_image_ids(result.output, splits["val"])
+    assert "00000003" in kept and len(kept) == len(set(kept)) == GOOD  # the duplicate kept from its first shard
 
 
 def test_shard_rows_hold_the_resized_images_and_the_corpus_vocabulary_tokens(on_s3):
@@ -156,8 +165,11 @@ def test_a_karpathy_dataset_whose_files_are_on_s3_prepares_as_from_a_local_folde
     from_s3 = prepare(cfg).manifest
     for key in ("counts", "vocab", "rejections", "scenes"):
         assert from_s3[key] == local[key], key
-    for split, info in local["splits"].items():
-        assert from_s3["splits"][split]["image_ids"] == info["image_ids"]
+    for split, info in local["splits"].items():  # the same files, rows and captions (source_path differs)
+        got = from_s3["splits"][split]
+        assert (got["images"], got["captions"]) == (info["images"], info["captions"])
+        assert [(f["path"], f["rows"]) for f in got["files"]] == [(f["path"], f["rows"]) for f in info["files"]]
+        assert shard_image_ids(str(tmp_path / "from-s3"), got) == shard_image_ids(prepared, info)
     first = local["splits"]["train"]["files"][0]["path"]
     a, b = pq.read_table(Path(prepared) / first), pq.read_table(tmp_path / "from-s3" / first)
     assert a.drop_columns(["source_path"]).equals(b.drop_columns(["source_path"]))

@@ -16,6 +16,7 @@ from PIL import Image
 from rsray import storage
 from rsray.data.augment import AugmentConfig, train_transform
 from rsray.data.loader import (
+    BY_IMAGE_ID,
     PairDataset,
     PairSampler,
     ShardMismatch,
@@ -28,7 +29,7 @@ from rsray.data.loader import (
     eval_captions,
     eval_images,
     explode_pairs,
-    image_numbers,
+    image_number,
     image_scenes,
     make_train_loader,
     pairs_from_arrow,
@@ -299,10 +300,10 @@ def test_ray_path_builds_the_same_batches(train):
     picked = [rows[i] for i, _ in keys]
     got = collate_pairs(decode_pairs(picked, train_transform(AUG), [s for _, s in keys]))
     assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in got)
-    # a Ray batch: a slice of images, ids from the manifest's id list, scenes from the manifest
-    numbers = image_numbers({"splits": {"train": {"image_ids": sorted(train.column("image_id").to_pylist())}}}, "train")
-    part = explode_pairs(train.slice(4, 3).replace_schema_metadata(), scenes=SCENES, image_index=numbers)
-    assert part.column("image_index").to_pylist() == [4] * 5 + [5] * 5 + [6] * 5
+    # a Ray batch: a slice of images, numbered by their ids' hash, scenes from the manifest
+    part = explode_pairs(train.slice(4, 3).replace_schema_metadata(), scenes=SCENES, image_index=BY_IMAGE_ID)
+    ids = train.column("image_id").to_pylist()[4:7]
+    assert part.column("image_index").to_pylist() == [image_number(i) for i in ids for _ in range(5)]
     assert part.column("scene_id").to_pylist() == [1] * 5 + [-1] * 5 + [0] * 5
     assert part.column("caption").to_pylist() == list(range(5)) * 3
     b1, b2 = batch_from_arrow(part, AUG, rng=7), batch_from_rows(part.to_pylist(), AUG, np.random.default_rng(7))
