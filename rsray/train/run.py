@@ -16,6 +16,7 @@ worker group resumes from `ray.train.get_checkpoint()` at the next epoch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -114,7 +115,6 @@ def build_trainer(plan: RunPlan, mlflow_run_id: str | None = None, callbacks: Se
     """The TorchTrainer of a checked run (does not start training). `callbacks`: Ray Train
     UserCallbacks, e.g. the one a sweep trial uses to pass each epoch's metrics on to Ray Tune."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from rsray.data.stream import train_dataset
     from rsray.train.loop import selection_metric
@@ -135,7 +135,7 @@ def build_trainer(plan: RunPlan, mlflow_run_id: str | None = None, callbacks: Se
         ),
         callbacks=([EpochLogger(cfg.tracking, mlflow_run_id)] if mlflow_run_id else []) + list(callbacks) or None,
     )
-    return TorchTrainer(
+    return interruptible_trainer_class()(
         train_loop_per_worker,
         train_loop_config={
             "config": cfg.to_dict(),
@@ -157,35 +157,39 @@ def build_trainer(plan: RunPlan, mlflow_run_id: str | None = None, callbacks: Se
 
 
 def fit_stopping_on_ctrl_c(trainer):
-    """`trainer.fit()` in a helper thread, so that the first Ctrl-C reaches this thread at once.
-
-    On the main thread Ray Train installs its own SIGINT handler, which asks the controller to wind
-    down and returns; measured with Ray 2.60: one Ctrl-C ended `rsray train` with exit 1 and no
-    message, the MLflow run FAILED. Here the KeyboardInterrupt is ours: the caller marks the run
-    KILLED and `stop_ray_work` ends this driver's Ray work, which stops the controller and the
-    workers it owns. (In a sweep, trials already run off the main thread.)"""
-    import threading
-
-    outcome: dict[str, Any] = {}
-
-    def fit() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as exc:  # handed to the caller below
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=fit, name="rsray-fit", daemon=True)
-    thread.start()
+    """`trainer.fit()`; the first Ctrl-C raises KeyboardInterrupt here, and `stop_ray_work` ends
+    this driver's Ray work, which stops the controller and the workers it owns. The caller marks
+    the run KILLED. The trainer is `interruptible_trainer_class()`'s, so Ray Train leaves Python's
+    SIGINT handler in place (in a sweep, trials run off the main thread, where it installs none)."""
     try:
-        while thread.is_alive():
-            thread.join(timeout=0.5)
+        return trainer.fit()
     except KeyboardInterrupt:
         stop_ray_work()
-        thread.join(timeout=30)  # its ray.get fails at once now; a thread left inside Ray crashes the exit
         raise
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
+
+
+@functools.cache
+def interruptible_trainer_class():
+    """TorchTrainer without Ray Train's own SIGINT handler.
+
+    On the main thread Ray Train 2.60 installs a handler that asks the controller to wind down and
+    returns; measured: one Ctrl-C ended `rsray train` with exit 1 and no message, the MLflow run
+    FAILED. Running fit() in a helper thread instead (rsray until 2026-12-07) raced: `ray.shutdown()`
+    while that thread was still inside `ray.get` let Ray's core worker end the process with exit 1
+    ("The core worker has already been shutdown"; one fresh-clone test run in three hit it). With
+    Python's handler a Ctrl-C interrupts fit()'s `ray.get` on the main thread and unwinds it
+    before Ray is shut down. The hook is private: if a Ray release drops it, this refuses to train
+    rather than lose Ctrl-C (the Ctrl-C test fails too)."""
+    from ray.train.torch import TorchTrainer
+
+    if not callable(getattr(TorchTrainer, "_register_sigint_handler", None)):
+        raise RuntimeError("this Ray Train has no _register_sigint_handler: rsray cannot keep Ctrl-C its own")
+
+    class InterruptibleTorchTrainer(TorchTrainer):
+        def _register_sigint_handler(self, controller) -> None:
+            """Keep Python's handler: Ctrl-C raises KeyboardInterrupt inside fit()."""
+
+    return InterruptibleTorchTrainer
 
 
 def stop_ray_work() -> None:

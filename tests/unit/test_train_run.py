@@ -217,3 +217,23 @@ def test_only_data_with_test_images_has_its_best_checkpoint_scored_on_test():
     assert has_test_split({"splits": {"test": {"images": 3}}})
     assert not has_test_split({"splits": {"train": {"images": 9}, "test": {"images": 0}}})
     assert not has_test_split({"splits": {}})
+
+
+def test_the_trainer_leaves_pythons_sigint_handler_in_place():
+    """Ray Train would install its own SIGINT handler around fit() on the main thread (one Ctrl-C
+    then ended `rsray train` with exit 1, the run FAILED); rsray's trainer keeps Python's, so a
+    Ctrl-C raises KeyboardInterrupt in fit()."""
+    import signal
+
+    from ray.train.torch import TorchTrainer
+
+    from rsray.train.run import interruptible_trainer_class
+
+    trainer_class = interruptible_trainer_class()
+    assert issubclass(trainer_class, TorchTrainer)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        trainer_class._register_sigint_handler(object.__new__(trainer_class), controller=None)
+        assert signal.getsignal(signal.SIGINT) is before
+    finally:
+        signal.signal(signal.SIGINT, before)
