@@ -16,7 +16,7 @@ split, so pass `image_index=BY_IMAGE_ID` there: each image is numbered by a 64-b
 image_id (`image_number`), the same in every task, on every node and in every epoch, with no list
 of the split's ids to send to the tasks (a corpus of millions would send it to each). Only equality
 matters to the losses (captions of one image are positives of each other), and that holds either
-way; two ids share a number with probability about n²/2⁶⁴ (3e-8 at a million images).
+way; two ids share a number with probability about n²/2⁶⁴ (5e-8 at a million images).
 """
 
 from __future__ import annotations
@@ -58,10 +58,11 @@ def scene_index(source: Any) -> dict[str, int]:
 
 
 def image_number(image_id: str) -> int:
-    """The image's number in Ray batches: the first 8 bytes of blake2b(image_id), a signed int64
-    (torch's long), so it needs nothing but the id."""
+    """The image's number in Ray batches: blake2b(image_id)'s first 8 bytes with the top bit
+    dropped, so it needs nothing but the id and, like a row number, is never negative (-1 stays
+    free for "no image", as in CMPAGL's empty queue slots)."""
     digest = hashlib.blake2b(image_id.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
+    return int.from_bytes(digest, "little") >> 1
 
 
 def image_scenes(table: pa.Table) -> list[str | None]:

@@ -351,6 +351,8 @@ def test_a_cached_train_split_is_read_once_and_replayed(prepared, tmp_path, cach
     The shards are read by Ray Data's Parquet reader V1 (V2 lists files with 32 actors)."""
     import shutil
 
+    from rsray.data.loader import read_split
+    from rsray.data.pairs import image_number
     from rsray.data.stream import train_dataset
     from rsray.runtime import configure_data_context
 
@@ -362,6 +364,8 @@ def test_a_cached_train_split_is_read_once_and_replayed(prepared, tmp_path, cach
     pairs = train_dataset(cfg, manifest)
     expected = manifest["splits"]["train"]["captions"]
     assert pairs.count() == expected
+    numbers = {row["image_index"] for row in pairs.select_columns(["image_index"]).take_all()}
+    assert numbers == {image_number(i) for i in read_split(str(copy), "train")["image_id"].to_pylist()}
     if cache == "always":  # the read ran when the split was cached: its stats name the reader
         assert "ReadParquet" in pairs.stats() and "ListFiles" not in pairs.stats()
     shutil.rmtree(copy / "train")  # the shard files go away between epochs

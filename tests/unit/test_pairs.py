@@ -19,7 +19,8 @@ def test_the_module_ray_data_tasks_import_does_not_import_torch():
 
 
 def test_image_numbers_in_ray_batches_are_the_id_hash():
-    """Every task numbers an image the same with nothing but its id: blake2b-64 of it, as int64."""
+    """Every task numbers an image the same with nothing but its id: blake2b-64 of it, top bit
+    dropped (an int64 >= 0, as a row number is)."""
     manifest = {"splits": {"train": {}}, "scenes": {"port": 1, "farm": 2}}
     batch = pa.table(
         {
@@ -29,9 +30,9 @@ def test_image_numbers_in_ray_batches_are_the_id_hash():
         }
     )
     pairs = explode_pairs(batch, scene_index(manifest), BY_IMAGE_ID)
-    c, a = (int.from_bytes(hashlib.blake2b(i, digest_size=8).digest(), "little", signed=True) for i in (b"c", b"a"))
+    c, a = (int.from_bytes(hashlib.blake2b(i, digest_size=8).digest(), "little") >> 1 for i in (b"c", b"a"))
     assert pairs.column("image_index").to_pylist() == [c, a, a]
-    assert image_number("c") == c and image_number("00000001") == -4138197496470142542
+    assert image_number("c") == c and image_number("00000001") == 7154273288619704537
     assert pairs.column("scene_id").to_pylist() == [1, -1, -1]  # farm=0, port=1; unknown -1
     assert pairs.column("caption").to_pylist() == [0, 0, 1]
     assert pairs.column("tokens").to_pylist() == [[5, 6], [7], [8, 9]]
