@@ -36,12 +36,11 @@ import pyarrow as pa
 from rsray import storage
 from rsray.config import Config
 from rsray.data import output
-from rsray.data.manifest import SPLITS, build_manifest, fingerprint_settings, write_rejections
+from rsray.data.manifest import fingerprint_settings
 from rsray.data.shards import (
     FOLDER,
     PrepareResult,
     cluster_cpus,
-    describe_split,
     files_intact,
     overwrite,
     read_parquet_files,
@@ -111,13 +110,7 @@ def prepare_corpus(cfg: Config, out: storage.Location, force: bool, started: flo
         _shard_batch, fn_kwargs=dict(settings=shard_settings), batch_format="pyarrow", batch_size=None
     )
     write_shards(rows, staging, cfg.prepare)
-    shard_paths = output.publish(out)
-    split_info = {split: describe_split(out, split, shard_paths[split]) for split in SPLITS}
-    rejected_file = write_rejections(out, summary.rejected)
-    manifest = build_manifest(
-        cfg, summary.read, dict(summary.scenes), summary.rejected, rejected_file, split_info, vocab, fingerprint
-    )
-    output.finish(out, manifest)
+    manifest = output.complete(out, cfg, summary.read, dict(summary.scenes), summary.rejected, vocab, fingerprint)
     return PrepareResult(manifest, out.uri, skipped=False, seconds=time.perf_counter() - started)
 
 

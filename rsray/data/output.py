@@ -31,9 +31,13 @@ from rsray.data.manifest import (
     PRODUCER,
     REJECTED_FILE,
     SPLITS,
+    Manifest,
+    build_manifest,
     is_rsray_manifest,
     write_manifest,
+    write_rejections,
 )
+from rsray.data.shards import describe_split
 
 log = logging.getLogger("rsray.prepare")
 
@@ -123,6 +127,19 @@ def finish(out: storage.Location, manifest: dict) -> None:
     """Write the manifest (last: it means complete), then drop the in-progress marker."""
     write_manifest(out, manifest)
     out.fs.delete_file(out.join(IN_PROGRESS_FILE).path)
+
+
+def complete(
+    out: storage.Location, cfg, read: int, scenes: dict, rejected: list[dict], vocab, fingerprint: str
+) -> Manifest:
+    """The end of every prepare, once its shards are staged: publish them, record each split's
+    files as read back, write the refused records (REJECTED_FILE), then the manifest, last."""
+    shards = publish(out)
+    split_info = {split: describe_split(out, split, shards[split]) for split in SPLITS}
+    rejected_file = write_rejections(out, rejected)
+    manifest = build_manifest(cfg, read, scenes, rejected, rejected_file, split_info, vocab, fingerprint)
+    finish(out, manifest)
+    return manifest
 
 
 def _is_ours(out: storage.Location, path: str) -> bool:

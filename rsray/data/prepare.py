@@ -33,16 +33,13 @@ from rsray.data.manifest import (
     MANIFEST_FILE,
     REJECTED_FILE,
     SPLITS,
-    build_manifest,
     fingerprint_settings,
     scene_counts,
-    write_rejections,
 )
 from rsray.data.shards import (
     FOLDER,
     SHARD_COMPRESSION,  # noqa: F401  (the prepare benchmark's name for it)
     PrepareResult,
-    describe_split,
     files_intact,
     rows_per_task,
     shard_schema,
@@ -242,24 +239,13 @@ def _prepare_into(cfg: Config, out: storage.Location, force: bool, started: floa
             with errors_name(staging.uri):  # pyarrow's write errors do not name the file
                 _process_and_write([record_row(r) for r in accepted], staging, settings, ledger, prep)
             image_rejections, workers = ray.get(ledger.summary.remote())
-            shards = output.publish(out)
-            split_info = {split: describe_split(out, split, shards[split]) for split in SPLITS}
             rejected = rejected + image_rejections
-            rejected_file = write_rejections(out, rejected)
-            manifest = build_manifest(
-                cfg,
-                len(records),
-                scene_counts(records),
-                rejected,
-                rejected_file,
-                split_info,
-                vocab,
-                fingerprint.result(),
+            manifest = output.complete(
+                out, cfg, len(records), scene_counts(records), rejected, vocab, fingerprint.result()
             )
     finally:
         ray.kill(ledger)
 
-    output.finish(out, manifest)
     result = PrepareResult(manifest, out.uri, skipped=False, seconds=time.perf_counter() - started, workers=workers)
     return _checked(cfg, out, result)
 

@@ -37,7 +37,7 @@ from rsray.data.loader import (
     scene_index,
 )
 from rsray.data.manifest import MANIFEST_FILE, SPLITS, vocab_size
-from rsray.data.prepare import describe_split, shard_schema
+from rsray.data.shards import describe_split, shard_schema
 
 AUG = AugmentConfig(train_resize=36, crop=32, rotation=90.0, eval_resize=24)
 WORDS = ["<pad>", "<unk>", "plane", "airport", "beach", "sea", "tree", "road"]
