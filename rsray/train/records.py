@@ -8,6 +8,7 @@ failure here is a warning and a line in `tracker.not_logged`.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from ray.train import UserCallback
@@ -43,8 +44,17 @@ class EpochLogger(UserCallback):
     so nothing is logged by a worker and nothing needs filling in afterwards."""
 
     def __init__(self, tracking_cfg: Any, run_id: str):
+        from rsray.tracking_store import MLFLOW_HTTP_DEFAULTS
+
         self.tracking_cfg, self.run_id = tracking_cfg, run_id
         self._tracker = None
+        # this command's MLflow HTTP settings (retries, timeout; no secret): the controller runs
+        # with the cluster's environment, which a setting made for one command does not reach
+        self.http_settings = {name: os.environ[name] for name in MLFLOW_HTTP_DEFAULTS if name in os.environ}
+
+    def apply_http_settings(self) -> None:
+        """In the controller: the driver's MLflow HTTP settings, before the first request."""
+        os.environ.update(self.http_settings)
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         from rsray.tracking import Tracker
@@ -55,6 +65,7 @@ class EpochLogger(UserCallback):
             from rsray.console import own_lines_in_workers
 
             own_lines_in_workers()  # a tracking warning here reaches the driver's console on a cluster too
+            self.apply_http_settings()
             self._tracker = Tracker.attach(self.tracking_cfg, self.run_id)
         self._tracker.log_metrics(metrics[0], step=int(metrics[0]["epoch"]))
 

@@ -237,3 +237,22 @@ def test_the_trainer_leaves_pythons_sigint_handler_in_place():
         assert signal.getsignal(signal.SIGINT) is before
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_the_epoch_logger_takes_the_commands_mlflow_http_settings_to_the_controller(monkeypatch):
+    """The controller logs the epochs with the cluster's environment: a user's
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES / _TIMEOUT for this command travel in the callback (as Ray
+    pickles it) and are set there before the first request; nothing else of the environment does."""
+    import pickle
+
+    from rsray.train.records import EpochLogger
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-carried")
+    logger = pickle.loads(pickle.dumps(EpochLogger(None, "run")))
+    assert logger.http_settings == {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "7"}
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES")  # the controller's environment
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    logger.apply_http_settings()
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0" and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
