@@ -66,6 +66,25 @@ def pytest_xdist_make_scheduler(config, log):
     return RayPackagesWhole(config, log)
 
 
+# How much the xdist worker without Ray yields the CPU (os.nice): the Ray packages are the critical
+# path and leave about a quarter of the two cores idle while they wait on timers and processes
+# starting; the unit tests beside them, at the same priority, slowed them more than they saved.
+NO_RAY_WORKER_NICENESS = 10
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """An xdist worker whose first test is outside the Ray packages never gets them (they are one
+    scope, given out first: `pytest_xdist_make_scheduler`), so it lowers its priority for good."""
+    config = item.config
+    if not hasattr(config, "workerinput") or hasattr(config, "_rsray_priority_set"):
+        return
+    config._rsray_priority_set = True
+    parts = item.nodeid.split("/")
+    if not (len(parts) > 2 and parts[1] in RAY_PACKAGES) or item.nodeid.split("::")[0] in NO_PACKAGE_FIXTURES:
+        os.nice(NO_RAY_WORKER_NICENESS)
+
+
 # Ray Train's settings for the tests' tiny runs (about 30 in the suite), passed by Ray Train from the
 # driver to its controller and workers:
 QUICK_TRAIN = {
