@@ -385,3 +385,19 @@ def mlflow_server(mlflow_server_process):
     create_mlflow_user(mlflow_server_process.uri, ADMIN, USER, PASSWORD)
     with environment({"MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": PASSWORD}):
         yield mlflow_server_process.uri
+
+
+def _in_one_thread(rank: int, worker, *args) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # as a DataLoader worker does: a forked child must not reuse the parent's OpenMP team
+    worker(rank, *args)
+
+
+def run_forked(worker, args: tuple, nprocs: int = 2) -> None:
+    """`worker(rank, *args)` in `nprocs` processes, waited for; an exception in one fails the test.
+    Forked, not spawned: each inherits the imported torch, timm and rsray instead of importing them
+    again (about 3 s of CPU a process here; five such tests)."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_in_one_thread, args=(worker, *args), nprocs=nprocs, join=True, start_method="fork")

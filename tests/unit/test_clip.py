@@ -22,6 +22,7 @@ from rsray.models.clip import BertTextTower, ClipTextTower, fit_positions
 from rsray.optim import make_optimizer
 from rsray.pretrained import PACKAGED, minilm_path
 from rsray.weights import WeightsError, resolve
+from tests.conftest import run_forked
 
 VOCAB = 40
 BOS, EOS = 98, 99  # ids of a tiny CLIP vocabulary of 100
@@ -320,10 +321,7 @@ def test_gathering_gives_each_worker_the_whole_global_batch():
             for r in range(WORLD)
         ]
     out = mp.Manager().dict()
-    # fork: the workers inherit the imported modules instead of importing transformers again
-    mp.start_processes(
-        _worker, args=(_free_port(), model.state_dict(), batch, out), nprocs=WORLD, join=True, start_method="fork"
-    )
+    run_forked(_worker, (_free_port(), model.state_dict(), batch, out), WORLD)
     # each worker scores its 4 rows against all 8 pairs (open_clip's local loss): the mean is the whole loss
     assert sum(out[rank][True] for rank in range(WORLD)) / WORLD == pytest.approx(whole, rel=1e-5)
     for rank in range(WORLD):

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from rsray.config import load_config
 from rsray.models import build_model, model_config
 from rsray.optim import make_optimizer
+from tests.conftest import run_forked
 
 VOCAB, WORLD, BATCH = 40, 2, 4
 
@@ -141,7 +142,7 @@ def test_two_workers_share_one_queue_in_rank_order_and_identical_momentum_weight
 
     generate_sample(tmp_path / "sample", n_images=30, image_size=64, seed=0, progress=False)
     out = mp.Manager().dict()
-    mp.spawn(_ddp_worker, args=(_free_port(), out, str(tmp_path / "sample")), nprocs=WORLD, join=True)
+    run_forked(_ddp_worker, (_free_port(), out, str(tmp_path / "sample")), WORLD)
     for name in ("vsepp-tiny", "cmpagl-tiny"):  # validation shared by the two workers, scored by rank 0
         (sharded, alone), (other, _) = out[0]["validation"][name], out[1]["validation"][name]
         numbers = {key for key in alone if not key.endswith("_seconds")}  # timings differ

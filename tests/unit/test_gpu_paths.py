@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rsray.train.rng import rng_state, set_rng_state
+from tests.conftest import run_forked
 
 
 class FakeGPUs:
@@ -301,7 +302,7 @@ def test_the_scene_prior_trains_under_ddp_with_unlabelled_batches_and_without_ca
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = mp.Manager().dict()
-    mp.spawn(_ddp_worker, args=(port, overrides, out), nprocs=2, join=True)
+    run_forked(_ddp_worker, (port, overrides, out), 2)
     assert out[0][0] == out[1][0] == 16  # both workers took both steps
     for ours, theirs in zip(out[0][1], out[1][1], strict=True):
         assert torch.equal(ours, theirs)  # and stayed in step: every gradient was all-reduced

@@ -25,6 +25,7 @@ from rsray.models.priorclip import contrastive_and_affiliation
 from rsray.optim import make_optimizer, steps_per_batch
 from rsray.train.loop import selection_metric
 from rsray.weights import WeightsError
+from tests.conftest import run_forked
 from tests.unit.transcriptions import post_ln_block
 
 VOCAB = 40
@@ -444,7 +445,7 @@ def test_gathered_loss_on_two_workers_is_the_loss_of_the_whole_batch():
     whole = contrastive_and_affiliation(images, texts, batch, 14.0, 10.0, True, 1.0)  # one process: nothing to gather
 
     out = mp.Manager().dict()
-    mp.spawn(_gather_worker, args=(_free_port(), images, texts, batch, out), nprocs=WORLD, join=True)
+    run_forked(_gather_worker, (_free_port(), images, texts, batch, out), WORLD)
     for term in ("total", "info_nce"):  # InfoNCE: each worker its own rows against all; their mean is the whole
         mean = sum(out[rank][0][term] for rank in range(WORLD)) / WORLD
         assert mean == pytest.approx(float(whole[term]), rel=1e-5), term
