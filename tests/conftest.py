@@ -40,48 +40,64 @@ SHARED_DATASETS = Path(
 
 
 RAY_PACKAGES = ("integration", "multinode")  # each owns one Ray, its prepared sample and trained runs
-# Modules of those packages that use none of the package's fixtures (no Ray): scheduled on their own
-NO_PACKAGE_FIXTURES = ("tests/integration/test_learning.py",)
+# Modules and tests of those packages that use none of the package's fixtures: no Ray, or a Ray of
+# their own in a subprocess (the wheel's `rsray prepare`, the prepare spread over worker processes,
+# the checkpoint benchmark). With -n 2 they run on the worker without the package's Ray.
+OWN_RAY_OR_NONE = (
+    "tests/integration/test_learning.py",
+    "tests/integration/test_wheel.py",
+    "tests/integration/test_prepare.py::test_work_is_spread_over_several_ray_worker_processes",
+    "tests/integration/test_benchmark_prepare.py::test_the_checkpoint_upload_benchmark_runs_both_modes_at_its_smoke_size",
+)
+RAY_SCOPE = "ray packages"
+
+
+def xdist_scope(nodeid: str) -> str:
+    """The unit xdist gives out whole: both Ray packages are one; anything else is its own."""
+    module, parts = nodeid.split("::")[0], nodeid.split("/")
+    if module in OWN_RAY_OR_NONE:
+        return module
+    if nodeid in OWN_RAY_OR_NONE or len(parts) < 3 or parts[1] not in RAY_PACKAGES:
+        return nodeid
+    return RAY_SCOPE
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """`make test PARALLEL="-n 2"`: two pytest-xdist workers. Both Ray packages go, whole and one
-    after the other, to one worker (one scope), so each package-scoped Ray, sample and trained runs
-    are made once and no two Ray clusters ever share the 2 cores (a Ray package on each worker took
-    24 min 51 s against about 19 in one process). The other worker takes the modules that need no
-    Ray and the unit tests one by one, while the first is still starting its Ray. This is xdist's
-    own extension point: its LoadScopeScheduling with the scope split the way its loadfile and
-    loadgroup modes do it. (`--dist loadgroup` marks do not work with pytest 9.2: xdist 3.8 renames
-    items through an attribute pytest no longer reads.)"""
+    """`make test` runs two pytest-xdist workers (`-n 2`). Both Ray packages go, whole and one after
+    the other, to one worker (one scope, the first given out), so each package-scoped Ray, sample
+    and trained runs are made once and no two shared Ray clusters ever run at once (a Ray package on
+    each worker took 24 min 51 s against about 19 in one process). The other worker takes the rest
+    one by one at a lower priority (`pytest_runtest_setup`). This is xdist's own extension point:
+    its LoadScopeScheduling with the scope split the way its loadfile and loadgroup modes do it.
+    (`--dist loadgroup` marks do not work with pytest 9.2: xdist 3.8 renames items through an
+    attribute pytest no longer reads.)"""
     from xdist.scheduler import LoadScopeScheduling
 
     class RayPackagesWhole(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            module, parts = nodeid.split("::")[0], nodeid.split("/")
-            if module in NO_PACKAGE_FIXTURES:
-                return module
-            return "ray packages" if len(parts) > 2 and parts[1] in RAY_PACKAGES else nodeid
+            return xdist_scope(nodeid)
 
     return RayPackagesWhole(config, log)
 
 
-# How much the xdist worker without Ray yields the CPU (os.nice): the Ray packages are the critical
-# path and leave about a quarter of the two cores idle while they wait on timers and processes
-# starting; the unit tests beside them, at the same priority, slowed them more than they saved.
+# How much the xdist worker without the Ray packages yields the CPU (os.nice): those packages are
+# the critical path and leave about a quarter of the two cores idle while they wait on timers and
+# processes starting; the unit tests beside them at the same priority slowed them more than they
+# saved (pytest 19:35 with two workers against 18:24 in one process). At niceness 10, measured from
+# fresh clones: 19:38 against 22:30 in one process, the Ray packages' tests as fast as alone.
 NO_RAY_WORKER_NICENESS = 10
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
-    """An xdist worker whose first test is outside the Ray packages never gets them (they are one
-    scope, given out first: `pytest_xdist_make_scheduler`), so it lowers its priority for good."""
+    """An xdist worker whose first test is not in the Ray packages' scope never gets that scope (it
+    is given out first, whole: `pytest_xdist_make_scheduler`), so it lowers its priority for good."""
     config = item.config
     if not hasattr(config, "workerinput") or hasattr(config, "_rsray_priority_set"):
         return
     config._rsray_priority_set = True
-    parts = item.nodeid.split("/")
-    if not (len(parts) > 2 and parts[1] in RAY_PACKAGES) or item.nodeid.split("::")[0] in NO_PACKAGE_FIXTURES:
+    if xdist_scope(item.nodeid) != RAY_SCOPE:
         os.nice(NO_RAY_WORKER_NICENESS)
 
 

@@ -1,5 +1,6 @@
 """A node lost mid-training on the two-node cluster (`Cluster.remove_node`: its raylet, object
-store and the Train worker on it are gone, as when a machine dies).
+store and the Train workers on it are gone, as when a machine dies), with two runs training on it
+at once (`one_node_loss`):
 
 - Fixed workers (2, one per node, `strict_spread`): the run cannot go on with one, waits, and
   once a replacement node joins (what an autoscaler provides) resumes from its last checkpoint and
@@ -12,7 +13,7 @@ store and the Train worker on it are gone, as when a machine dies).
 
 In both, MLflow holds each epoch exactly once with its worker count, and the final checkpoint
 re-evaluates to the val mR it reported. While the fixed run waits, a run lock that names the lost
-node is shown to be stale at once. Each test leaves the cluster with two nodes again.
+node is shown to be stale at once. The cluster is left with two nodes again.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -38,6 +40,9 @@ from tests.multinode.conftest import SLOT, STORE
 pytestmark = pytest.mark.integration
 
 ELASTIC_EPOCHS = 6
+# Four, not two: the fixed run starts beside the elastic one and must still be training when both
+# have registered an epoch and the node goes.
+FIXED_EPOCHS = 4
 LR = 1e-3  # vsepp-tiny's learning rate, flat over these epochs (its step decay comes every 15)
 
 
@@ -174,59 +179,89 @@ def _final_checkpoint_reevaluates(runs: Path, name: str, prepared: str, reported
     assert scores["mR"] == pytest.approx(reported, abs=1e-6) == pytest.approx(state["metrics"]["val/mR"], abs=1e-6)
 
 
-def test_fixed_workers_wait_for_a_replacement_node_and_resume_from_the_last_checkpoint(
-    ray_nodes, prepared_on_nodes, mlflow_server, tmp_path
-):
-    name, runs, log, epochs = "fixed", tmp_path / "runs", tmp_path / "fixed.log", 2
-    proc = _train(prepared_on_nodes, runs, name, mlflow_server, ray_nodes, log, f"train.epochs={epochs}")
+class _Run:
+    """One `rsray train` of the shared node loss, started at once (`_train`)."""
+
+    def __init__(self, name: str, folder: Path, prepared: str, mlflow_server: str, cluster, *extra: str):
+        self.name, self.runs, self.log = name, folder / name / "runs", folder / f"{name}.log"
+        self.runs.mkdir(parents=True)
+        self.proc = _train(prepared, self.runs, name, mlflow_server, cluster, self.log, *extra)
+
+    def alive(self) -> None:
+        assert self.proc.poll() is None, f"{self.name}: training ended early:\n{self.log.read_text()[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def one_node_loss(ray_nodes, prepared_on_nodes, mlflow_server, tmp_path_factory):
+    """A fixed run and an elastic run trained at once on the two nodes, through one loss of the
+    worker node and its return: one start-up, one loss and one replacement serve both (they took
+    about 60 s and 80 s one after the other). The fixed run has 2 workers spread one per node and
+    waits; the elastic one (`[1, 2]` workers, one `train_slot` each) goes on with one and grows back.
+    Ray Train's view of the nodes for the elastic run comes from Ray's AutoscalingCoordinator,
+    refreshed here as soon as the cluster changes (tick_the_coordinator); the epochs left after the
+    node returns must still outlast one resize poll (train.elastic_resize_s=1) and the restart."""
+    folder = tmp_path_factory.mktemp("node-loss")
+    started = time.monotonic()
+    fixed = _Run("fixed", folder, prepared_on_nodes, mlflow_server, ray_nodes, f"train.epochs={FIXED_EPOCHS}")
+    elastic_extra = [f"train.epochs={ELASTIC_EPOCHS}", "train.num_workers=[1,2]", "train.elastic_resize_s=1"]
+    elastic_extra += ["train.worker_resources={train_slot: 1}", "train.placement=pack"]  # one per node, counted by Ray
+    elastic = _Run("elastic", folder, prepared_on_nodes, mlflow_server, ray_nodes, *elastic_extra)
+    runs = (fixed, elastic)
     try:
-        wait_until(lambda: _logged_epochs(mlflow_server, name) >= 1, proc, log, "a registered epoch")
+
+        def each_registered_an_epoch() -> bool:
+            elastic.alive()
+            return all(_logged_epochs(mlflow_server, run.name) >= 1 for run in runs)
+
+        wait_until(each_registered_an_epoch, fixed.proc, fixed.log, "a registered epoch in both runs")
         lost = lose_the_worker_node(ray_nodes)
-        lost_at = _logged_epochs(mlflow_server, name)
-        time.sleep(5)  # one node cannot hold two strict_spread workers: nothing may move on
-        assert proc.poll() is None and _logged_epochs(mlflow_server, name) == lost_at, log.read_text()[-3000:]
-        _a_run_lock_from_a_dead_node_is_taken_over(lost, ray_nodes.head_node.node_id, tmp_path, proc, log)
-        add_a_node(ray_nodes)
-        code = proc.wait(timeout=300)
-    finally:
-        proc.kill()
-    assert code == 0, log.read_text()[-4000:]
-    mr, workers, _ = _mlflow_epochs(mlflow_server, name)
-    assert sorted(mr) == list(range(epochs)) and set(workers.values()) == {2}
-    assert _epochs_trained(log, 0) == 1  # the restart went on from epoch 0's checkpoint
-    _final_checkpoint_reevaluates(runs, name, prepared_on_nodes, mr[epochs - 1])
-
-
-def test_an_elastic_run_goes_on_with_fewer_workers_and_grows_back(
-    ray_nodes, prepared_on_nodes, mlflow_server, tmp_path
-):
-    # Ray Train's view of the nodes comes from Ray's AutoscalingCoordinator, refreshed here as soon as
-    # the cluster changes (tick_the_coordinator); the epochs left after the node returns must still
-    # outlast one resize poll (train.elastic_resize_s=1) and the restart.
-    name, runs, log, epochs = "elastic", tmp_path / "runs", tmp_path / "elastic.log", ELASTIC_EPOCHS
-    extra = [f"train.epochs={epochs}", "train.num_workers=[1,2]", "train.elastic_resize_s=1"]
-    extra += ["train.worker_resources={train_slot: 1}", "train.placement=pack"]  # one per node, counted by Ray
-    proc = _train(prepared_on_nodes, runs, name, mlflow_server, ray_nodes, log, *extra)
-    try:
-        wait_until(lambda: _logged_epochs(mlflow_server, name) >= 1, proc, log, "a registered epoch")
-        lose_the_worker_node(ray_nodes)
+        lost_at = time.monotonic()
+        fixed_at_loss = _logged_epochs(mlflow_server, "fixed")
+        assert fixed_at_loss < FIXED_EPOCHS, "the fixed run finished before the node loss"
         tick_the_coordinator(expect_nodes=1)
-        before = _logged_epochs(mlflow_server, name)
+        before = _logged_epochs(mlflow_server, "elastic")
         wait_until(
-            lambda: _logged_epochs(mlflow_server, name) > before, proc, log, "an epoch on one worker", timeout=120
+            lambda: _logged_epochs(mlflow_server, "elastic") > before,
+            elastic.proc,
+            elastic.log,
+            "an epoch on one worker",
+            timeout=120,
         )
+        time.sleep(max(0.0, lost_at + 5 - time.monotonic()))  # 5 s at least: the fixed run may not move on
+        fixed.alive()  # one node cannot hold two strict_spread workers
+        assert _logged_epochs(mlflow_server, "fixed") == fixed_at_loss, fixed.log.read_text()[-3000:]
+        _a_run_lock_from_a_dead_node_is_taken_over(lost, ray_nodes.head_node.node_id, folder, fixed.proc, fixed.log)
         add_a_node(ray_nodes)
         tick_the_coordinator(expect_nodes=2)
-        code = proc.wait(timeout=300)
+        codes = {run.name: run.proc.wait(timeout=300) for run in runs}
     finally:
-        proc.kill()
-    assert code == 0, log.read_text()[-4000:]
-    mr, workers, lr = _mlflow_epochs(mlflow_server, name)
+        for run in runs:
+            run.proc.kill()
+    print(f"\nfixed and elastic runs through one node loss: {time.monotonic() - started:.0f} s")
+    return {run.name: SimpleNamespace(code=codes[run.name], runs=run.runs, log=run.log) for run in runs}
+
+
+def test_fixed_workers_wait_for_a_replacement_node_and_resume_from_the_last_checkpoint(
+    one_node_loss, prepared_on_nodes, mlflow_server
+):
+    fixed = one_node_loss["fixed"]
+    assert fixed.code == 0, fixed.log.read_text()[-4000:]
+    mr, workers, _ = _mlflow_epochs(mlflow_server, "fixed")
+    assert sorted(mr) == list(range(FIXED_EPOCHS)) and set(workers.values()) == {2}
+    assert _epochs_trained(fixed.log, 0) == 1  # the restart went on from the last checkpoint
+    _final_checkpoint_reevaluates(fixed.runs, "fixed", prepared_on_nodes, mr[FIXED_EPOCHS - 1])
+
+
+def test_an_elastic_run_goes_on_with_fewer_workers_and_grows_back(one_node_loss, prepared_on_nodes, mlflow_server):
+    elastic = one_node_loss["elastic"]
+    assert elastic.code == 0, elastic.log.read_text()[-4000:]
+    mr, workers, lr = _mlflow_epochs(mlflow_server, "elastic")
+    epochs = ELASTIC_EPOCHS
     assert sorted(mr) == list(range(epochs))
     counts = [int(workers[epoch]) for epoch in range(epochs)]
     assert counts[0] == 2 and 1 in counts and counts[-1] == 2, counts  # shrank without waiting, grew back
-    assert _epochs_trained(log, 0) == 1  # each restart went on from the last checkpoint
+    assert _epochs_trained(elastic.log, 0) == 1  # each restart went on from the last checkpoint
     print(f"\nworkers per epoch: {counts}")
     for epoch in range(epochs):  # the linear rule: lr x workers / max (the tiny preset's schedule is flat)
         assert lr[epoch] == pytest.approx(LR * counts[epoch] / 2, rel=1e-9), (epoch, counts)
-    _final_checkpoint_reevaluates(runs, name, prepared_on_nodes, mr[epochs - 1])
+    _final_checkpoint_reevaluates(elastic.runs, "elastic", prepared_on_nodes, mr[epochs - 1])
