@@ -74,7 +74,7 @@ test-fast: venv
 	$(PY) -m pytest tests/unit
 
 test-integration: venv
-	$(PY) -m pytest $(PARALLEL) tests/integration tests/multinode
+	$(PY) -m pytest $(PARALLEL) tests/integration tests/multinode tests/standalone
 
 bench-prepare: venv
 	$(PY) -m benchmarks.prepare_throughput --images 5000 --size 256

@@ -39,36 +39,29 @@ SHARED_DATASETS = Path(
 )
 
 
-RAY_PACKAGES = ("integration", "multinode")  # each owns one Ray, its prepared sample and trained runs
-# Modules and tests of those packages that use none of the package's fixtures: no Ray, or a Ray of
-# their own in a subprocess (the wheel's `rsray prepare`, the prepare spread over worker processes,
-# the checkpoint benchmark). With -n 2 they run on the worker without the package's Ray.
-OWN_RAY_OR_NONE = (
-    "tests/integration/test_learning.py",
-    "tests/integration/test_wheel.py",
-    "tests/integration/test_prepare.py::test_work_is_spread_over_several_ray_worker_processes",
-    "tests/integration/test_benchmark_prepare.py::test_the_checkpoint_upload_benchmark_runs_both_modes_at_its_smoke_size",
-)
-RAY_SCOPE = "ray packages"
+# The packages that start a Ray of their own, for all their modules (package-scoped fixtures): with
+# `-n 2` (make test) the first two are one scope, run on one xdist worker at normal priority; the
+# third is another, run on the other worker beside them at a lower priority. Everything else is
+# scheduled test by test.
+RAY_SCOPE, BESIDE_SCOPE = "integration and multinode", "standalone"
+SCOPE_OF_PACKAGE = {"integration": RAY_SCOPE, "multinode": RAY_SCOPE, "standalone": BESIDE_SCOPE}
 
 
 def xdist_scope(nodeid: str) -> str:
-    """The unit xdist gives out whole: both Ray packages are one; anything else is its own."""
-    module, parts = nodeid.split("::")[0], nodeid.split("/")
-    if module in OWN_RAY_OR_NONE:
-        return module
-    if nodeid in OWN_RAY_OR_NONE or len(parts) < 3 or parts[1] not in RAY_PACKAGES:
-        return nodeid
-    return RAY_SCOPE
+    """The unit xdist gives out whole: a package with its own Ray, or else the test alone."""
+    parts = nodeid.split("/")
+    return SCOPE_OF_PACKAGE.get(parts[1], nodeid) if len(parts) > 2 else nodeid
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """`make test` runs two pytest-xdist workers (`-n 2`). Both Ray packages go, whole and one after
-    the other, to one worker (one scope, the first given out), so each package-scoped Ray, sample
-    and trained runs are made once and no two shared Ray clusters ever run at once (a Ray package on
-    each worker took 24 min 51 s against about 19 in one process). The other worker takes the rest
-    one by one at a lower priority (`pytest_runtest_setup`). This is xdist's own extension point:
+    """`make test` runs two pytest-xdist workers (`-n 2`). tests/integration and tests/multinode go,
+    whole and one after the other, to one worker (one scope, given out first: collection order, not
+    xdist's reordering by size), so each package-scoped Ray, sample and trained runs are made once
+    and those two clusters never run at once. The other worker takes tests/standalone (its own
+    Ray and sample) and then the unit tests, at a lower priority (`pytest_runtest_setup`): at the
+    same priority two Ray packages starved each other (24 min 51 s against about 19 in one process).
+    This is xdist's own extension point:
     its LoadScopeScheduling with the scope split the way its loadfile and loadgroup modes do it.
     (`--dist loadgroup` marks do not work with pytest 9.2: xdist 3.8 renames items through an
     attribute pytest no longer reads.)"""
@@ -78,21 +71,24 @@ def pytest_xdist_make_scheduler(config, log):
         def _split_scope(self, nodeid: str) -> str:
             return xdist_scope(nodeid)
 
+    config.option.loadscopereorder = False  # the critical path first, whatever its size
+
     return RayPackagesWhole(config, log)
 
 
-# How much the xdist worker without the Ray packages yields the CPU (os.nice): those packages are
-# the critical path and leave about a quarter of the two cores idle while they wait on timers and
-# processes starting; the unit tests beside them at the same priority slowed them more than they
-# saved (pytest 19:35 with two workers against 18:24 in one process). At niceness 10, measured from
-# fresh clones: 19:38 against 22:30 in one process, the Ray packages' tests as fast as alone.
+# How much the xdist worker without tests/integration and tests/multinode yields the CPU (os.nice):
+# those packages are the critical path and leave about a quarter of the two cores idle while they
+# wait on timers and processes starting; the unit tests beside them at the same priority slowed them
+# more than they saved (pytest 19:35 with two workers against 18:24 in one process). At niceness 10,
+# measured from fresh clones: 19:38 against 22:30 in one process, the Ray packages' tests as fast
+# as alone. Every process it starts (tests/standalone's Ray included) inherits the niceness.
 NO_RAY_WORKER_NICENESS = 10
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
-    """An xdist worker whose first test is not in the Ray packages' scope never gets that scope (it
-    is given out first, whole: `pytest_xdist_make_scheduler`), so it lowers its priority for good."""
+    """An xdist worker whose first test is not in the critical scope never gets it (it is given out
+    first, whole: `pytest_xdist_make_scheduler`), so it lowers its priority for good."""
     config = item.config
     if not hasattr(config, "workerinput") or hasattr(config, "_rsray_priority_set"):
         return
@@ -111,6 +107,27 @@ QUICK_TRAIN = {
     # imports Ray Train (about 2.5 s of CPU here); no test node is ever preempted
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
+
+
+@contextlib.contextmanager
+def local_test_ray(**env: str):
+    """A real local Ray (separate worker processes) for one test package, with more logical CPUs
+    than cores so Ray Data and Train don't starve each other, and QUICK_TRAIN and `env` in
+    os.environ while it runs (Ray Train passes RAY_TRAIN_* on to its controllers and workers)."""
+    import ray
+
+    with quick_train_polling(), environment(env):
+        ray.init(
+            address="local",
+            num_cpus=4,
+            object_store_memory=300 * 1024 * 1024,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ import pytest
 from rsray.config import load_config
 from rsray.console import setup_logging
 from rsray.train.run import train
-from tests.conftest import prepare_tiny_sample, quick_train_polling
+from tests.conftest import local_test_ray, prepare_tiny_sample
 
 
 @pytest.fixture(scope="package")
@@ -23,24 +23,14 @@ def ray_cluster(s3_endpoint, mlflow_server):
     """A real local Ray (separate worker processes) for every integration module; it stops when
     the last one ends, so the unit tests run without Ray as they would alone. It starts after the S3 and
     MLflow fixtures have put the test credentials in os.environ, so the raylet and every worker inherit them."""
-    import ray
-
-    with quick_train_polling():
-        ray.init(
-            address="local",
-            num_cpus=4,
-            object_store_memory=300 * 1024 * 1024,
-            include_dashboard=False,
-            log_to_driver=False,
-        )
+    with local_test_ray() as ray:
         yield ray
-        ray.shutdown()
 
 
 @pytest.fixture(scope="package")
 def prepared(ray_cluster, tmp_path_factory):
     """The tiny sample (120 images at 64 px) prepared by the real Ray Data stage: the train,
-    sweep and PriorCLIP modules all train on it. Returns the prepared folder."""
+    sweep and failure modules all train on it. Returns the prepared folder."""
     return prepare_tiny_sample(tmp_path_factory)
 
 

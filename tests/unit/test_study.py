@@ -1,7 +1,7 @@
 """rsray.study: members over folds and seeds, the parent's mean and sample spread, the report line,
 and a study run again reusing what finished (against a real MLflow store in a SQLite file; the
 training itself is replaced here by a function that logs given numbers: the Ray path is in
-tests/integration/test_study.py)."""
+tests/standalone/test_study.py)."""
 
 from __future__ import annotations
 

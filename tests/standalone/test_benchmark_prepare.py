@@ -26,9 +26,6 @@ def test_the_checkpoint_upload_benchmark_runs_both_modes_at_its_smoke_size(tmp_p
     from pathlib import Path
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    # With -n 2 it runs beside the package's Ray at a lower priority (tests/conftest.py): its workers
-    # may take longer than Ray Train's 60 s to start
-    env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "600"
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.checkpoint_upload", "--smoke", "--storage", str(tmp_path / "runs")],
         cwd=Path(__file__).resolve().parents[2],
