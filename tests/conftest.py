@@ -61,10 +61,9 @@ def pytest_xdist_make_scheduler(config, log):
     and those two clusters never run at once. The other worker takes tests/standalone (its own
     Ray and sample) and then the unit tests, at a lower priority (`pytest_runtest_setup`): at the
     same priority two Ray packages starved each other (24 min 51 s against about 19 in one process).
-    This is xdist's own extension point:
-    its LoadScopeScheduling with the scope split the way its loadfile and loadgroup modes do it.
-    (`--dist loadgroup` marks do not work with pytest 9.2: xdist 3.8 renames items through an
-    attribute pytest no longer reads.)"""
+    This is xdist's own extension point: its LoadScopeScheduling with the scope split the way its
+    loadfile and loadgroup modes do it. (`--dist loadgroup` marks do not work with pytest 9.2:
+    xdist 3.8 renames items through an attribute pytest no longer reads.)"""
     from xdist.scheduler import LoadScopeScheduling
 
     class RayPackagesWhole(LoadScopeScheduling):
