@@ -80,7 +80,9 @@ def pytest_xdist_make_scheduler(config, log):
 # wait on timers and processes starting; the unit tests beside them at the same priority slowed them
 # more than they saved (pytest 19:35 with two workers against 18:24 in one process). At niceness 10,
 # measured from fresh clones: 19:38 against 22:30 in one process, the Ray packages' tests as fast
-# as alone. Every process it starts (tests/standalone's Ray included) inherits the niceness.
+# as alone. Every process it starts (tests/standalone's Ray included) inherits the niceness. Ray
+# itself starts its worker processes 15 above their raylet (its `worker_niceness`): the first
+# worker's Ray workers run at 15, the second's at 19, the second worker's own test process at 10.
 NO_RAY_WORKER_NICENESS = 10
 
 
