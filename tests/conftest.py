@@ -430,9 +430,10 @@ def _in_one_thread(rank: int, worker, *args) -> None:
 
 
 def run_forked(worker, args: tuple, nprocs: int = 2) -> None:
-    """`worker(rank, *args)` in `nprocs` processes, waited for; an exception in one fails the test.
-    Forked, not spawned: each inherits the imported torch, timm and rsray instead of importing them
-    again (about 3 s of CPU a process here; five such tests)."""
+    """`worker(rank, port, *args)` in `nprocs` processes, `port` a free one for their process
+    group, waited for; an exception in one fails the test. Forked, not spawned: each inherits the
+    imported torch, timm and rsray instead of importing them again (about 3 s of CPU a process
+    here; six such tests)."""
     import torch.multiprocessing as mp
 
-    mp.start_processes(_in_one_thread, args=(worker, *args), nprocs=nprocs, join=True, start_method="fork")
+    mp.start_processes(_in_one_thread, args=(worker, free_port(), *args), nprocs=nprocs, join=True, start_method="fork")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -288,12 +287,6 @@ def test_missing_input_ids_say_what_to_configure():
 WORLD, LOCAL = 2, 4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, port: int, state: dict, batch: dict, out: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -321,7 +314,7 @@ def test_gathering_gives_each_worker_the_whole_global_batch():
             for r in range(WORLD)
         ]
     out = mp.Manager().dict()
-    run_forked(_worker, (_free_port(), model.state_dict(), batch, out), WORLD)
+    run_forked(_worker, (model.state_dict(), batch, out), WORLD)
     # each worker scores its 4 rows against all 8 pairs (open_clip's local loss): the mean is the whole loss
     assert sum(out[rank][True] for rank in range(WORLD)) / WORLD == pytest.approx(whole, rel=1e-5)
     for rank in range(WORLD):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -64,12 +63,6 @@ def test_momentum_weights_get_no_gradient_and_are_not_optimised():
     optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert not optimised & momentum
     assert id(model.bert.mlm_head.predictions.decoder.weight) == id(model.bert.embeddings.word_embeddings.weight)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _LossForward(torch.nn.Module):
@@ -142,7 +135,7 @@ def test_two_workers_share_one_queue_in_rank_order_and_identical_momentum_weight
 
     generate_sample(tmp_path / "sample", n_images=30, image_size=64, seed=0, progress=False)
     out = mp.Manager().dict()
-    run_forked(_ddp_worker, (_free_port(), out, str(tmp_path / "sample")), WORLD)
+    run_forked(_ddp_worker, (out, str(tmp_path / "sample")), WORLD)
     for name in ("vsepp-tiny", "cmpagl-tiny"):  # validation shared by the two workers, scored by rank 0
         (sharded, alone), (other, _) = out[0]["validation"][name], out[1]["validation"][name]
         numbers = {key for key in alone if not key.endswith("_seconds")}  # timings differ

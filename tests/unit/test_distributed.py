@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 
 import pytest
@@ -16,12 +15,6 @@ from rsray.losses import gathered_info_nce_loss, info_nce_loss
 from tests.conftest import run_forked
 
 WORLD, LOCAL, DIM = 2, 4, 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, images: torch.Tensor, texts: torch.Tensor, ids: torch.Tensor, out: dict) -> None:
@@ -67,7 +60,7 @@ def test_local_rows_loss_gives_the_whole_matrix_gradients():
     texts = torch.nn.functional.normalize(torch.randn(WORLD * LOCAL, DIM), dim=1)
     ids = torch.tensor([0, 0, 1, 2, 3, 4, 4, 5])
     out = mp.Manager().dict()
-    run_forked(_local_loss_worker, (_free_port(), images, texts, ids, out), WORLD)
+    run_forked(_local_loss_worker, (images, texts, ids, out), WORLD)
     for name, whole_ids in (("ids", ids), ("no ids", None)):
         whole_images, whole_texts = images.clone().requires_grad_(True), texts.clone().requires_grad_(True)
         whole = info_nce_loss(whole_images @ whole_texts.t(), 10.0, whole_ids)
@@ -98,7 +91,7 @@ def test_two_workers_see_all_negatives_and_get_full_batch_gradients():
     whole.backward()
 
     out = mp.Manager().dict()
-    run_forked(_worker, (_free_port(), images, texts, ids, out), WORLD)
+    run_forked(_worker, (images, texts, ids, out), WORLD)
 
     for rank in range(WORLD):
         loss, image_grad, text_grad, gathered_ids = out[rank]

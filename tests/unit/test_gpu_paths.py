@@ -294,15 +294,10 @@ def _ddp_worker(rank: int, port: int, overrides: list[str], out: dict) -> None:
 
 @pytest.mark.parametrize("overrides", [[], ["model.caption_weight=0"]])
 def test_the_scene_prior_trains_under_ddp_with_unlabelled_batches_and_without_captions(overrides):
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = mp.Manager().dict()
-    run_forked(_ddp_worker, (port, overrides, out), 2)
+    run_forked(_ddp_worker, (overrides, out), 2)
     assert out[0][0] == out[1][0] == 16  # both workers took both steps
     for ours, theirs in zip(out[0][1], out[1][1], strict=True):
         assert torch.equal(ours, theirs)  # and stayed in step: every gradient was all-reduced

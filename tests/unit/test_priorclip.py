@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import timm
@@ -398,12 +397,6 @@ def test_max_text_tokens_keeps_the_final_separator(tiny_bert):
 WORLD, LOCAL, DIM = 2, 3, 8
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _gather_worker(rank: int, port: int, images, texts, batch, out) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -445,7 +438,7 @@ def test_gathered_loss_on_two_workers_is_the_loss_of_the_whole_batch():
     whole = contrastive_and_affiliation(images, texts, batch, 14.0, 10.0, True, 1.0)  # one process: nothing to gather
 
     out = mp.Manager().dict()
-    run_forked(_gather_worker, (_free_port(), images, texts, batch, out), WORLD)
+    run_forked(_gather_worker, (images, texts, batch, out), WORLD)
     for term in ("total", "info_nce"):  # InfoNCE: each worker its own rows against all; their mean is the whole
         mean = sum(out[rank][0][term] for rank in range(WORLD)) / WORLD
         assert mean == pytest.approx(float(whole[term]), rel=1e-5), term
