@@ -218,12 +218,12 @@ def environment(values: dict[str, str]):
 
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
-    """moto's S3 server as a separate process on 127.0.0.1; credentials set for every child."""
+    """moto's S3 server as a separate process on 127.0.0.1, its writes atomic as S3's are
+    (tests/s3_server.py); credentials set for every child."""
     port = free_port()
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
-    )
+    server = Path(__file__).with_name("s3_server.py")
+    proc = subprocess.Popen([sys.executable, str(server), str(port)], stdout=log, stderr=subprocess.STDOUT)
     wait_for_port(port, proc)
     endpoint = f"http://127.0.0.1:{port}"
     env = {

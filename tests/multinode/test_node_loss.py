@@ -46,8 +46,9 @@ FIXED_EPOCHS = 4
 LR = 1e-3  # vsepp-tiny's learning rate, flat over these epochs (its step decay comes every 15)
 
 
-def _train(prepared, runs: Path, name: str, mlflow_server: str, cluster, log: Path, *extra: str):
-    """`rsray train` VSE++ tiny joined to the two-node cluster, output to `log`."""
+def _train(prepared, runs: Path, name: str, mlflow_server: str, cluster, log: Path, start_timeout_s: int, *extra: str):
+    """`rsray train` VSE++ tiny joined to the two-node cluster, output to `log`; Ray Train gives up
+    on one worker-group start after `start_timeout_s` (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S)."""
     args = [
         "train/cpu-tiny",
         f"train.data={prepared}",
@@ -63,10 +64,8 @@ def _train(prepared, runs: Path, name: str, mlflow_server: str, cluster, log: Pa
         "tracking.log_model=false",
         *extra,
     ]
-    # After a node is lost Ray Train may first try the old size again, from a resource view that
-    # still counts the dead node, and waits out its worker-group start timeout (60 s by default)
-    # before going on with fewer; Ray Train passes RAY_TRAIN_* variables on to its controller.
-    env = {**os.environ, "RAY_ADDRESS": cluster.address, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}
+    # Ray Train passes RAY_TRAIN_* variables on to its controller.
+    env = {**os.environ, "RAY_ADDRESS": cluster.address, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(start_timeout_s)}
     with open(log, "w") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "rsray.pipelines.train", *args], env=env, stdout=out, stderr=subprocess.STDOUT
@@ -182,10 +181,10 @@ def _final_checkpoint_reevaluates(runs: Path, name: str, prepared: str, reported
 class _Run:
     """One `rsray train` of the shared node loss, started at once (`_train`)."""
 
-    def __init__(self, name: str, folder: Path, prepared: str, mlflow_server: str, cluster, *extra: str):
+    def __init__(self, name: str, folder: Path, prepared: str, mlflow_server: str, cluster, start_timeout_s, *extra):
         self.name, self.runs, self.log = name, folder / name / "runs", folder / f"{name}.log"
         self.runs.mkdir(parents=True)
-        self.proc = _train(prepared, self.runs, name, mlflow_server, cluster, self.log, *extra)
+        self.proc = _train(prepared, self.runs, name, mlflow_server, cluster, self.log, start_timeout_s, *extra)
 
     def alive(self) -> None:
         assert self.proc.poll() is None, f"{self.name}: training ended early:\n{self.log.read_text()[-4000:]}"
@@ -202,10 +201,16 @@ def one_node_loss(ray_nodes, prepared_on_nodes, mlflow_server, tmp_path_factory)
     node returns must still outlast one resize poll (train.elastic_resize_s=1) and the restart."""
     folder = tmp_path_factory.mktemp("node-loss")
     started = time.monotonic()
-    fixed = _Run("fixed", folder, prepared_on_nodes, mlflow_server, ray_nodes, f"train.epochs={FIXED_EPOCHS}")
+    # The fixed run waits for the replacement node through its worker-group starts: Ray's default
+    # timeout (60 s) each, three tries (rsray.train.run.WORKER_GROUP_START_RETRIES), so 3 min, as
+    # on a cluster. With 10 s it once gave up after 30 s, before the node came back: the elastic
+    # run's epoch on one worker comes first, and under load it took that long. The elastic run
+    # keeps 10 s: after the loss Ray Train may first try the old size again, from a resource view
+    # that still counts the dead node, and waits out that timeout before going on with fewer.
+    fixed = _Run("fixed", folder, prepared_on_nodes, mlflow_server, ray_nodes, 60, f"train.epochs={FIXED_EPOCHS}")
     elastic_extra = [f"train.epochs={ELASTIC_EPOCHS}", "train.num_workers=[1,2]", "train.elastic_resize_s=1"]
     elastic_extra += ["train.worker_resources={train_slot: 1}", "train.placement=pack"]  # one per node, counted by Ray
-    elastic = _Run("elastic", folder, prepared_on_nodes, mlflow_server, ray_nodes, *elastic_extra)
+    elastic = _Run("elastic", folder, prepared_on_nodes, mlflow_server, ray_nodes, 10, *elastic_extra)
     runs = (fixed, elastic)
     try:
 
