@@ -6,12 +6,14 @@ networks do (503 SlowDown, a connection dropped before the answer).
   attempt the same faults fail, so the setting is what carries them.
 - The pipeline: the shared fault-free run (conftest `trained`) repeated through the proxy. A
   prepare killed while it writes is refused by `rsray train` in one line and completed by a
-  rerun; the rerun's shards, the training's numbers and `rsray evaluate`'s are the fault-free ones.
+  rerun; the training is stopped after epoch 0 and resumed; the rerun's shards, the training's
+  numbers and `rsray evaluate`'s are the fault-free ones.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -25,10 +27,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from rsray import storage
+from rsray.checkpoint import load_checkpoint_state
 from rsray.config import load_config
 from rsray.data.manifest import read_manifest
 from rsray.data.prepare import prepare
 from rsray.data.verify import verify_prepared
+from rsray.tracking import metric_history
 from rsray.train.records import best_checkpoint
 from rsray.train.run import train
 from tests.faulty_proxy import FaultyProxy
@@ -115,10 +119,12 @@ def _read_parquet(fs, path: str):
 
 
 @pytest.fixture(scope="module")
-def through_faults(prepared, trained, ray_cluster, s3_endpoint, s3_bucket, tmp_path_factory):
+def through_faults(prepared, trained, ray_cluster, s3_endpoint, s3_bucket, mlflow_server, tmp_path_factory):
     """The shared run's pipeline again, every S3 request through the faulty proxy: `rsray prepare`
     of the same input killed while it writes shards, `rsray train` on what it left, the prepare
-    rerun, training with the shared run's settings, and `rsray evaluate` of the best checkpoint."""
+    rerun, training with the shared run's settings (stopped after epoch 0, then run again with
+    every epoch: one run resumed, where two would each train from the start), and `rsray evaluate`
+    of the best checkpoint."""
     folder = tmp_path_factory.mktemp("through-faults")
     data_root = read_manifest(prepared)["config"]["data"]["root"]  # the input the fault-free sample came from
     output_uri = f"s3://{s3_bucket}/{FAULTY_PREFIX}/prepared"
@@ -139,10 +145,16 @@ def through_faults(prepared, trained, ray_cluster, s3_endpoint, s3_bucket, tmp_p
                 f"train.epochs={cfg.train.epochs}",
                 f"train.run_name={cfg.train.run_name}",
                 f"prepare.s3_endpoint={proxy.url}",
-                "tracking.enabled=false",
+                f"tracking.uri={mlflow_server}",
+                "tracking.experiment=through-faults",
+                "tracking.log_model=false",
             ],
         )
+        stopped = copy.deepcopy(train_cfg)
+        stopped.train.epochs = 1
+        stopped_history = train(stopped).return_value
         result = train(train_cfg)
+        resumed_epoch = load_checkpoint_state(result.checkpoint)["epoch"]
         evaluated = _evaluate(best_checkpoint(result, train_cfg), folder / "through-faults.json")
         print(
             f"\n{proxy.requests} S3 requests, {proxy.faults} answered with a fault, {proxy.retries} retries; "
@@ -153,7 +165,9 @@ def through_faults(prepared, trained, ray_cluster, s3_endpoint, s3_bucket, tmp_p
         left=left,
         refused=refused,
         prepared=redone,
+        stopped_history=stopped_history,
         result=result,
+        resumed_epoch=resumed_epoch,
         evaluated=evaluated,
         faults=faults,
         reference=reference,
@@ -245,6 +259,28 @@ def test_training_through_faults_reports_the_fault_free_numbers_and_checkpoints(
         for key in ("train/loss", "val/mR", "val/i2t_R1", "val/t2i_R1"):
             assert ours[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-6), key
     assert len(through_faults.result.best_checkpoints) == len(reference)
+
+
+def test_a_run_stopped_after_epoch_0_and_resumed_trains_as_the_uninterrupted_run(through_faults, mlflow_server):
+    """The shared run trained its epochs without a stop. The run through faults was stopped after
+    epoch 0 (its only epoch), then run again with every epoch: Ray Train restores the run folder's
+    checkpoint, the worker resumes at epoch 1, the stream reads epoch 1's block order (not epoch 0's
+    again) and every rank draws epoch 1's seeds, so epoch 1's loss and val mR are the uninterrupted
+    run's (test_training_through_faults_reports_the_fault_free_numbers_and_checkpoints compares
+    them), and the MLflow run of the rerun shows the whole curve. (The tiny VSE++ schedule is flat
+    over these epochs, so stopping by `train.epochs=1` changes nothing else.)"""
+    history, reference = through_faults.result.return_value, through_faults.reference.return_value
+    assert [int(m["epoch"]) for m in through_faults.stopped_history] == [0]
+    assert [int(m["epoch"]) for m in history] == list(range(len(reference)))
+    assert through_faults.resumed_epoch == len(reference) - 1
+    for epoch, (ours, theirs) in enumerate(zip(history, reference, strict=True)):
+        for key in ("train/loss", "val/mR"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-6), (epoch, key)
+    print(
+        f"\nepoch 1 after a stop: loss {history[1]['train/loss']:.4f}, uninterrupted {reference[1]['train/loss']:.4f}"
+    )
+    logged = metric_history(through_faults.result.mlflow_run_id, "val/mR", tracking_uri=mlflow_server)
+    assert [step for step, _ in logged] == list(range(len(reference)))  # epoch 0 from the checkpoint, 1 trained
 
 
 def test_evaluate_through_faults_ranks_as_the_fault_free_checkpoint_does(through_faults):

@@ -3,8 +3,9 @@ S3 (moto's server), VSE++ tiny on 2 DDP workers for 2 epochs, recorded on the ML
 
 One run serves every test that only reads what it left: the reported metrics, the checkpoint
 (loaded with `weights_only=True`, re-scored to the mR reported for it, evaluated from S3 by
-`rsray evaluate`), its MLflow record, and a rerun that resumes it. The cached train split needs a
-run of its own; workers lost mid-run (with their node) are tests/multinode/test_node_loss.py's.
+`rsray evaluate`), and its MLflow record. A run stopped and resumed is test_storage_faults'; the
+cached train split needs a run of its own; workers lost mid-run (with their node) are
+tests/multinode/test_node_loss.py's.
 """
 
 from __future__ import annotations
@@ -21,9 +22,7 @@ from rsray.data.loader import read_split
 from rsray.data.manifest import read_manifest, vocab_size
 from rsray.eval.split import evaluate
 from rsray.models import build_model, model_config
-from rsray.tracking import metric_history
 from rsray.train.records import best_checkpoint
-from rsray.train.run import train
 from tests.credentials import PASSWORD, RAY_TOKEN, S3_SECRET_KEY
 from tests.integration.conftest import ALIAS, EPOCHS, REGISTERED, RUNS_PREFIX
 
@@ -313,36 +312,6 @@ def test_rsray_evaluate_reads_a_registered_model_by_its_alias(trained, mlflow_se
     assert f"{result.test_report['metrics']['mR']:.2f}" in capsys.readouterr().out
     assert main(["evaluate", f"models:/{REGISTERED}@nowhere", "--tracking-uri", mlflow_server]) == 2
     assert f"models:/{REGISTERED}@nowhere: cannot be read from {mlflow_server}" in capsys.readouterr().err
-
-
-def test_a_run_stopped_after_epoch_0_and_resumed_trains_as_the_uninterrupted_run(trained):
-    """The shared run trained its epochs without a stop. The same config as a new run stopped after
-    epoch 0 (its only epoch), then run again with every epoch: Ray Train restores the run folder's
-    checkpoint, the worker resumes at epoch 1, the stream reads epoch 1's block order (not epoch 0's
-    again) and every rank draws epoch 1's seeds, so epoch 1's loss and val mR are the uninterrupted
-    run's, and the MLflow run of the rerun shows the whole curve. (The tiny VSE++ schedule is flat
-    over these epochs, so stopping by `train.epochs=1` changes nothing else.)"""
-    import copy
-
-    cfg, uninterrupted = trained
-    stopped = copy.deepcopy(cfg)
-    stopped.train.run_name, stopped.train.epochs = "stopped-after-epoch-0", 1
-    stopped.tracking.register_as, stopped.tracking.log_model = "", False
-    train(stopped)
-    resumed = copy.deepcopy(stopped)
-    resumed.train.epochs = EPOCHS
-    result = train(resumed)
-    history, reference = result.return_value, uninterrupted.return_value
-    assert [int(m["epoch"]) for m in history] == list(range(EPOCHS))
-    assert load_checkpoint_state(result.checkpoint)["epoch"] == EPOCHS - 1
-    for epoch in range(EPOCHS):
-        for key in ("train/loss", "val/mR"):
-            assert history[epoch][key] == pytest.approx(reference[epoch][key], rel=1e-6, abs=1e-6), (epoch, key)
-    print(
-        f"\nepoch 1 after a stop: loss {history[1]['train/loss']:.4f}, uninterrupted {reference[1]['train/loss']:.4f}"
-    )
-    logged = metric_history(result.mlflow_run_id, "val/mR", tracking_uri=cfg.tracking.uri)
-    assert [step for step, _ in logged] == list(range(EPOCHS))  # epoch 0 from the checkpoint, epoch 1 trained
 
 
 @pytest.mark.parametrize("cache", ["always", "never"])
