@@ -20,6 +20,13 @@ from tests.credentials import ADMIN, PASSWORD, RAY_TOKEN, S3_SECRET_KEY, USER
 # (`RAY_TOKEN`, from the environment, which Ray reads first), never ~/.ray/auth_token. Set before
 # anything imports Ray: a process reads RAY_AUTH_MODE once, when Ray's config first loads.
 os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": RAY_TOKEN})
+# One OpenMP thread for torch in the test processes and every process they start (Ray keeps a value
+# that is set; its Train workers here get 1 anyway, from their fractional CPUs). The suite keeps both
+# cores busy, and a team of two threads spins while its other thread waits for a core: measured,
+# test_learning[swan] beside one busy process took 48.8 s (59 s of CPU) with torch's default two
+# threads and 24.4 s (24 s of CPU) with one; alone, 21 s (32 s of CPU) against 24 s. Set before
+# anything imports torch, which reads it once; a value the user set stays.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Each command's log file (rsray.console) goes to one folder of this session, which the secret scan reads.
 if "RSRAY_LOG_DIR" not in os.environ:
     os.environ["RSRAY_LOG_DIR"] = _SESSION_LOGS = tempfile.mkdtemp(prefix="rsray-test-logs-")
