@@ -8,6 +8,7 @@ S3 itself answers exactly one of them. Reads stay concurrent.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -32,6 +33,7 @@ class WritesInTurn:
 
 
 def main(port: int) -> None:
+    os.environ.setdefault("MOTO_PORT", str(port))  # as `python -m moto.server` does
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     app = WritesInTurn(DomainDispatcherApplication(create_backend_app))
     run_simple("127.0.0.1", port, app, threaded=True, request_handler=MotoRequestHandler)
