@@ -56,11 +56,11 @@ def wait_for_epoch_0(uri: str, experiment: str, proc: subprocess.Popen, log: Pat
     """The MLflow run of `rsray train` running in `proc`, once it has logged epoch 0."""
     from mlflow import MlflowClient
 
-    client, deadline = MlflowClient(uri), time.monotonic() + 300
+    client, deadline, found = MlflowClient(uri), time.monotonic() + 300, None
     while True:
         assert proc.poll() is None, f"training ended early:\n{log.read_text()[-3000:]}"
         assert time.monotonic() < deadline, f"epoch 0 never logged:\n{log.read_text()[-3000:]}"
-        found = client.get_experiment_by_name(experiment)
+        found = found or client.get_experiment_by_name(experiment)  # then one request a poll
         runs = client.search_runs([found.experiment_id]) if found else []
         if runs and "epoch" in runs[0].data.metrics:
             return runs[0]
