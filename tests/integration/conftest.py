@@ -37,6 +37,7 @@ def prepared(ray_cluster, tmp_path_factory):
 EPOCHS = 2
 RUNS_PREFIX = "on-s3/runs"
 REGISTERED, ALIAS = "vsepp-test", "vsepp-rsray_sample"  # alias: <model>-<data.name>
+WORD_DROPOUT = 0.2
 
 
 @pytest.fixture(scope="package")
@@ -79,6 +80,9 @@ def trained(prepared_on_s3, s3_bucket, mlflow_server):
             f"train.epochs={EPOCHS}",
             "train.run_name=vsepp-tiny-test",
             "train.decode_workers=1",  # each worker forks a decode process
+            # dropout draws from torch's global RNG: test_storage_faults' stopped-and-resumed run only
+            # matches this one if the worker seeds every epoch from (seed, rank, epoch) on resume too
+            f"model.word_dropout={WORD_DROPOUT}",
             f"tracking.uri={mlflow_server}",  # the login comes from MLFLOW_TRACKING_USERNAME/_PASSWORD
             "tracking.experiment=train-test",
             f"tracking.register_as={REGISTERED}",
