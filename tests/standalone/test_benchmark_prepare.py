@@ -25,6 +25,7 @@ def test_the_checkpoint_upload_benchmark_runs_both_modes_at_its_smoke_size(ray_c
     import os
     import subprocess
     import sys
+    import time
     from pathlib import Path
 
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
@@ -43,8 +44,6 @@ def test_the_checkpoint_upload_benchmark_runs_both_modes_at_its_smoke_size(ray_c
     assert "(mean of 2)" in printed
     # what its runs held is free again for the package's next run (Ray frees an exited driver's
     # actors and placement groups; it updates its resource view within a few seconds)
-    import time
-
     deadline = time.monotonic() + 60
     while ray_cluster.available_resources().get("CPU") != ray_cluster.cluster_resources()["CPU"]:
         assert time.monotonic() < deadline, f"CPU still held: {ray_cluster.available_resources()}"
